@@ -1,0 +1,41 @@
+# One entry point per task. Each target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The default install: the package, the converter (torch CPU) and the sample photos.
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[convert,samples]'
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[convert,samples,test]'
+	touch $@
+
+demo: $(VENV)/.demo
+	$(BIN)/ics models prepare
+	$(BIN)/python -m ics_service.samples demo/photos
+	@echo
+	@echo "ics classify demo/photos --table --tolerated-failure-percentage 100"
+	@$(BIN)/ics classify demo/photos --table --tolerated-failure-percentage 100
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: $(VENV)/.test
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache

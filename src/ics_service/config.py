@@ -1,0 +1,190 @@
+"""One typed settings object, read once from `ics.toml` < `ICS_*` environment < flags.
+
+`load_settings` builds it and records where each value came from; the rest of the code
+receives the `Settings` object and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "ICS_"
+DEFAULT_CONFIG_FILE = "ics.toml"
+# Environment variables with the prefix that are not settings.
+_ENV_NOT_SETTINGS = {"ICS_CONFIG"}
+
+
+class Settings(BaseModel):
+    """Every setting ICS has, with its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    home: Path = Field(
+        default=Path("~/.cache/ics"),
+        description="Folder for the model cache, the default store and default result files.",
+    )
+    store: str | None = Field(
+        default=None,
+        description="Execution store URL (sqlite:///PATH or postgresql://...); "
+        "default sqlite:///HOME/ics.db.",
+    )
+    model: str = Field(default="efficientnet-lite0", description="Model name (`ics models list`).")
+    threshold: float = Field(
+        default=0.94,
+        ge=0.0,
+        le=1.0,
+        description="Top confidence at or above which an item SUCCEEDS.",
+    )
+    top_k: int = Field(default=5, ge=1, le=1000, description="Predictions kept per item.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Images per inference batch.")
+    decode_workers: int = Field(
+        default=0, ge=0, le=256, description="Threads reading and decoding images (0: automatic)."
+    )
+    inference_threads: int = Field(
+        default=0, ge=0, le=256, description="onnxruntime intra-op threads (0: automatic)."
+    )
+    max_pixels: int = Field(
+        default=64_000_000, ge=1, description="Images with more pixels are refused before decoding."
+    )
+    max_bytes: int = Field(
+        default=50_000_000, ge=1, description="Files larger than this are refused before reading."
+    )
+    tolerated_failure_percentage: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="Percentage of LOW_CONFIDENCE or FAILED items an execution tolerates "
+        "(unset, with no count either: none).",
+    )
+    tolerated_failure_count: int | None = Field(
+        default=None,
+        ge=0,
+        description="Number of LOW_CONFIDENCE or FAILED items an execution tolerates.",
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="WARNING", description="Lowest level of log lines written to stderr."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.home / 'ics.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home / "results"
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    settings: Settings
+    #: For each setting: "default", "file PATH", "env ICS_NAME" or "flag".
+    sources: dict[str, str]
+    config_file: Path | None
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    # Accept both a flat file and one with an [ics] table.
+    if set(data) == {"ics"} and isinstance(data["ics"], dict):
+        data = data["ics"]
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LoadedSettings:
+    """Build the settings: defaults < config file < ICS_* environment < `overrides` (flags)."""
+    env = os.environ if environ is None else environ
+    fields = Settings.model_fields
+    values: dict[str, Any] = {}
+    sources = {name: "default" for name in fields}
+
+    path: Path | None = None
+    if config_file is not None:
+        path = Path(config_file)
+    elif env.get("ICS_CONFIG"):
+        path = Path(env["ICS_CONFIG"])
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        path = Path(DEFAULT_CONFIG_FILE)
+    if path is not None:
+        for key, value in _read_file(path).items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown setting {key!r} in {path}; known settings: {', '.join(fields)}"
+                )
+            values[key] = value
+            sources[key] = f"file {path}"
+
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var in _ENV_NOT_SETTINGS:
+            continue
+        key = var[len(ENV_PREFIX) :].lower()
+        if key in fields:
+            values[key] = value
+            sources[key] = f"env {var}"
+        elif not key.startswith("test_"):
+            log.warning("ignoring environment variable %s: no setting %r", var, key)
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = value
+        sources[key] = "flag"
+
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, sources)) from None
+    return LoadedSettings(settings=settings, sources=sources, config_file=path)
+
+
+def _explain(error: ValidationError, sources: Mapping[str, str]) -> str:
+    problems = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "settings"
+        where = sources.get(key.split(".")[0], "")
+        origin = {"flag": "flag --" + key.replace("_", "-")}.get(where, where)
+        origin = origin.replace("env ", "environment variable ")
+        problems.append(f"bad value {err.get('input')!r} for {key} ({origin}): {err['msg']}")
+    return "; ".join(problems)

@@ -1,0 +1,7 @@
+"""Model registry, model cards and runtimes."""
+
+from .card import ModelCard
+from .registry import MODELS, get_card
+from .runtime import ModelRuntime, OnnxRuntime, load_runtime
+
+__all__ = ["MODELS", "ModelCard", "ModelRuntime", "OnnxRuntime", "get_card", "load_runtime"]

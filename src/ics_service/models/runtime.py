@@ -1,0 +1,87 @@
+"""Model runtimes: one small contract, and the onnxruntime implementation behind it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import ModelNotPrepared
+from .card import ModelCard
+from .prepare import CONVERT_HINT, is_prepared, onnx_path, prepare
+
+log = logging.getLogger(__name__)
+
+
+class ModelRuntime(Protocol):
+    """Runs a model on a batch of preprocessed inputs (N, 3, H, W) float32."""
+
+    card: ModelCard
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (N, num_classes), float32."""
+        ...
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z: np.ndarray = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxRuntime:
+    """A model card's ONNX file run by onnxruntime on the CPU."""
+
+    def __init__(self, card: ModelCard, path: Path, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.card = card
+        self.path = path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or available_cpus()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Decode threads share the cores with inference: idle inference threads must sleep,
+        # not spin, or they steal the time decoding needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self._logits = card.outputs == "logits"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(None, {self.input_name: batch})
+        out = np.asarray(out, dtype=np.float32)
+        return softmax(out) if self._logits else out
+
+
+def load_runtime(
+    card: ModelCard, models_dir: Path, *, threads: int = 0, auto_prepare: bool = True
+) -> OnnxRuntime:
+    """Open the card's ONNX file, preparing it first when it is missing and torch is here."""
+    if not is_prepared(card, models_dir):
+        if not auto_prepare:
+            raise ModelNotPrepared(
+                f"model {card.name} is not prepared; run `ics models prepare {card.name}`"
+            )
+        log.warning("model %s is not prepared yet: preparing it once (a few seconds)", card.name)
+        try:
+            prepare(card, models_dir)
+        except ModelNotPrepared as e:
+            raise ModelNotPrepared(
+                f"{e}. Run `ics models prepare {card.name}` on a machine with {CONVERT_HINT}, "
+                f"or copy its model.onnx to {onnx_path(card, models_dir)}"
+            ) from None
+    return OnnxRuntime(card, onnx_path(card, models_dir), threads=threads)

@@ -1,0 +1,90 @@
+"""Tables of the execution store and their versioned migrations.
+
+A migration is a function that takes a connection inside a transaction; the store applies
+every one newer than the recorded version, in order, so an upgrade never needs a wipe.
+Add a migration; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+schema_version = Table(
+    "ics_schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+executions = Table(
+    "ics_executions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), unique=True, nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("params", Text, nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("total", Integer, nullable=False, default=0),
+    Column("succeeded", Integer, nullable=False, default=0),
+    Column("low_confidence", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("error_type", String(128), nullable=True),
+    Column("error_message", Text, nullable=True),
+)
+Index("ix_ics_executions_started", executions.c.started_at)
+
+items = Table(
+    "ics_items",
+    metadata,
+    Column("execution_id", String(64), ForeignKey("ics_executions.id"), primary_key=True),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("uri", Text, nullable=False),
+    # NULL until the item has its one final result.
+    Column("status", String(16), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("result", Text, nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
+
+events = Table(
+    "ics_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("execution_id", String(64), ForeignKey("ics_executions.id"), nullable=False),
+    Column("ts", DateTime(timezone=True), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("item_seq", Integer, nullable=True),
+    Column("details", Text, nullable=True),
+)
+Index("ix_ics_events_execution", events.c.execution_id, events.c.id)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[executions, items, events])
+
+
+#: (version, migration) in order. The last version is the schema this code expects.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1)]
+LATEST = MIGRATIONS[-1][0]
