@@ -218,7 +218,8 @@ def _open(data: bytes) -> Image.Image:
 
 def _describe(e: BaseException) -> str:
     msg = str(e) or type(e).__name__
-    if "truncated" in msg or "premature end" in msg.lower() or isinstance(e, EOFError):
+    lowered = msg.lower()
+    if "truncated" in lowered or "premature end" in lowered or isinstance(e, EOFError):
         return f"truncated or damaged file ({msg})"
     return msg
 

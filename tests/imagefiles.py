@@ -1,0 +1,87 @@
+"""Builders of image files in every shape a user may have, good and broken."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from ics_service.samples import load_photo
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def coffee() -> Image.Image:
+    return Image.fromarray(load_photo("coffee"))
+
+
+def jpeg(img: Image.Image | None = None, **kw: object) -> bytes:
+    return encode(img or coffee(), "JPEG", quality=kw.pop("quality", 92), **kw)
+
+
+def rotated_exif_jpeg() -> bytes:
+    """Coffee stored rotated 90° with EXIF orientation 6 saying how to show it upright."""
+    img = coffee().transpose(Image.Transpose.ROTATE_90)  # stored sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    return jpeg(img, exif=exif.tobytes())
+
+
+def cmyk_jpeg() -> bytes:
+    return jpeg(coffee().convert("CMYK"))
+
+
+def grey16_png() -> bytes:
+    arr = np.asarray(coffee().convert("L"), dtype=np.uint16) * 257
+    return encode(Image.fromarray(arr), "PNG")
+
+
+def palette_gif() -> bytes:
+    return encode(coffee().convert("P", palette=Image.Palette.ADAPTIVE), "GIF")
+
+
+def rgba_png() -> bytes:
+    img = coffee().convert("RGBA")
+    img.putalpha(200)
+    return encode(img, "PNG")
+
+
+def multiframe_gif() -> bytes:
+    first = coffee().convert("P", palette=Image.Palette.ADAPTIVE)
+    second = Image.new("P", first.size, 0)
+    buf = io.BytesIO()
+    first.save(buf, "GIF", save_all=True, append_images=[second], duration=100)
+    return buf.getvalue()
+
+
+def big_jpeg(size: tuple[int, int] = (4000, 3000)) -> bytes:
+    return jpeg(coffee().resize(size, Image.Resampling.BILINEAR), quality=90)
+
+
+def truncated_jpeg() -> bytes:
+    data = jpeg()
+    return data[: len(data) // 3]
+
+
+def png_bomb(side: int = 30_000) -> bytes:
+    """A tiny PNG file that claims side×side pixels (900 megapixels for the default)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\x00" + b"\x00" * (side // 8 + 1)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'

@@ -1,0 +1,260 @@
+"""`ics classify` end to end: results, formats, statuses, exit codes, the store."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+import imagefiles as f
+from ics_service.cli import main
+from ics_service.config import load_settings
+from ics_service.engine import ExecutionRunner
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.store import Store
+from ics_service.types import ExecutionStatus
+
+RESULT_FIELDS = {
+    "execution_id",
+    "item_id",
+    "uri",
+    "status",
+    "label",
+    "label_index",
+    "confidence",
+    "top_k",
+    "threshold",
+    "model",
+    "error",
+    "image",
+    "attempts",
+    "started_at",
+    "finished_at",
+    "timings_ms",
+}
+
+
+def ics(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def mixed(tmp_path: Path, photos: Path) -> Path:
+    """Real photos plus one of every broken kind."""
+    folder = tmp_path / "mixed"
+    shutil.copytree(photos, folder)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(f.truncated_jpeg())
+    (folder / "text.png").write_bytes(b"not an image at all")
+    (folder / "big.png").write_bytes(f.png_bomb())
+    (folder / "photo.heic").write_bytes(f.HEIC_HEAD)
+    return folder
+
+
+def test_classify_folder_writes_one_result_per_item(ics_home: Path, mixed: Path) -> None:
+    out = ics_home / "out.jsonl"
+    res = ics("classify", str(mixed), str(mixed / "missing.jpg"), "-o", str(out), "--json")
+    assert res.exit_code == 1, res.output  # low confidence and failed items fail it by default
+    assert "Traceback" not in res.output
+    summary = json.loads(res.stdout)
+    rows = read_jsonl(out)
+    n_photos = len(list(mixed.glob("*.jpg"))) - 2  # empty.jpg and truncated.jpg
+    assert len(rows) == n_photos + 6 == summary["counts"]["total"]
+    assert {r["item_id"] for r in rows} == {str(i) for i in range(len(rows))}
+    for r in rows:
+        assert set(r) >= RESULT_FIELDS
+        assert r["execution_id"] == summary["execution_id"]
+        assert r["model"] == {"name": "efficientnet-lite0", "version": "1"}
+    by_name = {Path(r["uri"]).name: r for r in rows}
+    espresso = by_name["coffee.jpg"]
+    assert espresso["status"] == "SUCCEEDED" and espresso["label"] == "espresso"
+    assert espresso["confidence"] > 0.94 and len(espresso["top_k"]) == 5
+    assert espresso["image"]["width"] == 600 and espresso["image"]["format"] == "JPEG"
+    assert by_name["chelsea.jpg"]["status"] == "LOW_CONFIDENCE"
+    assert 281 <= by_name["chelsea.jpg"]["label_index"] <= 285
+    errors = {n: by_name[n]["error"]["type"] for n in by_name if by_name[n]["status"] == "FAILED"}
+    assert errors == {
+        "empty.jpg": "InvalidImage",
+        "truncated.jpg": "InvalidImage",
+        "text.png": "InvalidImage",
+        "big.png": "ImageTooLarge",
+        "photo.heic": "UnsupportedFormat",
+        "missing.jpg": "SourceNotFound",
+    }
+    for n in errors:
+        assert by_name[n]["label"] is None and by_name[n]["error"]["message"]
+    assert summary["status"] == "FAILED"
+    assert summary["error"]["type"] == "States.ExceedToleratedFailureThreshold"
+    assert summary["counts"]["FAILED"] == 6
+    assert summary["results"] == str(out)
+
+
+def test_threshold_boundary_is_inclusive(ics_home: Path, photos: Path) -> None:
+    coffee = str(photos / "coffee.jpg")
+    first = ics("classify", coffee, "-o", "-")
+    confidence = json.loads(first.stdout.splitlines()[0])["confidence"]
+    at = ics("classify", coffee, "-o", "-", "--threshold", repr(confidence))
+    assert at.exit_code == 0, at.output
+    assert json.loads(at.stdout.splitlines()[0])["status"] == "SUCCEEDED"
+    above = ics("classify", coffee, "-o", "-", "--threshold", repr(math.nextafter(confidence, 1)))
+    assert above.exit_code == 1
+    assert json.loads(above.stdout.splitlines()[0])["status"] == "LOW_CONFIDENCE"
+
+
+def test_exit_codes_and_tolerated_failures(ics_home: Path, photos: Path) -> None:
+    assert ics("classify", str(photos / "coffee.jpg")).exit_code == 0
+    assert ics("classify", str(photos)).exit_code == 1
+    assert ics("classify", str(photos), "--tolerated-failure-percentage", "100").exit_code == 0
+    assert ics("classify", str(photos), "--tolerated-failure-count", "1").exit_code == 1
+    assert ics("classify", str(photos), "--tolerated-failure-count", "100").exit_code == 0
+    assert ics("classify", str(photos), "--threshold", "0").exit_code == 0
+    empty = ics_home / "empty"
+    empty.mkdir()
+    res = ics("classify", str(empty))
+    assert res.exit_code == 2 and "no images found" in res.output
+    assert ics("classify").exit_code == 2
+    res = ics("classify", str(photos), "-o", "results.xlsx")
+    assert res.exit_code == 2 and ".jsonl, .csv or .parquet" in res.output
+    res = ics("classify", str(photos), "--model", "nope")
+    assert res.exit_code == 2 and "unknown model" in res.output
+
+
+def test_csv_and_parquet_outputs(ics_home: Path, photos: Path) -> None:
+    ics("classify", str(photos), "-o", "r.csv")
+    with open("r.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(list(photos.iterdir()))
+    coffee = next(r for r in rows if r["uri"].endswith("coffee.jpg"))
+    assert coffee["label"] == "espresso" and json.loads(coffee["top_k"])[0]["index"] == 967
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    ics("classify", str(photos), "-o", "r.parquet")
+    table = pq.read_table("r.parquet").to_pylist()
+    assert len(table) == len(rows)
+    assert {r["label"] for r in table} == {r["label"] for r in rows}
+
+    res = ics("classify", str(photos / "coffee.jpg"), "-o", "x.data", "--output-format", "csv")
+    assert res.exit_code == 0 and Path("x.data").read_text().startswith("execution_id,")
+
+
+def test_stdout_output_keeps_summary_off_stdout(ics_home: Path, photos: Path) -> None:
+    res = ics("classify", str(photos), "-o", "-", "--tolerated-failure-percentage", "100")
+    lines = res.stdout.splitlines()
+    assert len(lines) == len(list(photos.iterdir()))
+    assert all(json.loads(line)["status"] for line in lines)
+    assert "execution" in res.stderr
+
+
+def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> None:
+    res = ics("classify", str(photos), "--json", "--name", "nightly")
+    summary = json.loads(res.stdout)
+    eid = summary["execution_id"]
+    assert Path(summary["results"]).is_file()
+
+    listed = json.loads(ics("executions", "list", "--json").stdout)
+    assert [e["execution_id"] for e in listed] == [eid]
+    assert listed[0]["name"] == "nightly" and listed[0]["status"] == "FAILED"
+
+    shown = json.loads(ics("executions", "show", eid[:15], "--json", "--results").stdout)
+    assert shown["execution_id"] == eid
+    assert len(shown["results"]) == shown["counts"]["total"] == len(list(photos.iterdir()))
+    assert shown["params"]["threshold"] == 0.94
+
+    text = ics("executions", "show", eid, "--results")
+    assert text.exit_code == 0 and "espresso" in text.stdout
+    assert ics("executions", "show", "nope").exit_code == 2
+
+    again = ics("classify", str(photos), "--json", "--name", "nightly")
+    assert json.loads(again.stdout)["execution_id"] == eid  # a used name returns that one
+    assert "already exists" in again.stderr
+    assert len(json.loads(ics("executions", "list", "--json").stdout)) == 1
+
+
+def test_json_logs_carry_execution_and_item(ics_home: Path, mixed: Path) -> None:
+    res = ics("classify", str(mixed), "--log-format", "json", "--log-level", "INFO", "--json")
+    docs = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
+    assert docs and len(docs) == len([ln for ln in res.stderr.splitlines() if ln.strip()])
+    eid = json.loads(res.stdout)["execution_id"]
+    failed = [d for d in docs if d.get("item_id") is not None]
+    assert len(failed) >= 5
+    assert all(d["execution_id"] == eid for d in failed)
+
+
+def test_stopped_execution_keeps_exactly_its_finished_items(
+    ics_home: Path, tmp_path: Path, runtime: OnnxRuntime
+) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = f.jpeg()
+    for i in range(120):
+        (folder / f"{i:03d}.jpg").write_bytes(data)
+    settings = load_settings(None, {"batch_size": 4, "decode_workers": 2}).settings
+    store = Store(settings.store_url)
+    runner = ExecutionRunner(settings, store, runtime)
+    execution, _ = runner.start([str(folder)])
+    stop = threading.Event()
+    seen = 0
+
+    def on_results(results: object) -> None:
+        nonlocal seen
+        seen += len(results)  # type: ignore[arg-type]
+        if seen >= 20:
+            stop.set()
+
+    finished = runner.run(execution, on_results=on_results, stop=stop)
+    assert finished.status is ExecutionStatus.ABORTED
+    recorded = list(store.results(execution.id))
+    assert len(recorded) == seen == finished.counts.done
+    assert 20 <= seen < 120
+    assert len({r.item_id for r in recorded}) == seen
+    assert sum(1 for _ in store.pending_items(execution.id)) == 120 - seen
+    store.close()
+
+
+@pytest.mark.slow
+def test_real_process_sigint_aborts_and_keeps_results(ics_home: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    data = f.big_jpeg((2000, 1500))
+    for i in range(400):
+        (folder / f"{i:03d}.jpg").write_bytes(data)
+    ics_bin = Path(sys.executable).parent / "ics"
+    proc = subprocess.Popen(
+        [str(ics_bin), "classify", str(folder), "--json", "--batch-size", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    store = Store(load_settings(None, {}).settings.store_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        running = store.list_executions(limit=1)
+        if running and running[0].counts.done >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["status"] == "ABORTED"
+    execution = store.get_execution(summary["execution_id"])
+    assert 10 <= execution.counts.done < 400
+    assert len(list(store.results(execution.id))) == execution.counts.done
+    store.close()
