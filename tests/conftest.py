@@ -54,3 +54,7 @@ def ics_home(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("ICS_HOME", str(home))
     monkeypatch.chdir(tmp_path)
     yield home
+
+
+# The execution store's backends (SQLite and PostgreSQL): the `store_url` fixture.
+from store_backends import postgres_admin, store_backend, store_url  # noqa: E402, F401

@@ -74,7 +74,9 @@ def png_bomb(side: int = 30_000) -> bytes:
     """A tiny PNG file that claims side×side pixels (900 megapixels for the default)."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     row = b"\x00" + b"\x00" * (side // 8 + 1)
     comp = zlib.compressobj(9)

@@ -70,7 +70,7 @@ def test_image_modes_decode_to_the_model_input(
     data = make()  # type: ignore[operator]
     x, info = pre(data)
     assert x.shape == (3, 224, 224) and x.dtype == np.float32
-    assert -1.0 <= x.min() and x.max() <= 1.0
+    assert x.min() >= -1.0 and x.max() <= 1.0
     assert len(info.sha256) == 64
     if make is not f.grey16_png:  # a grey espresso is still a cup of something
         assert top1(runtime, pre, data) == "espresso"

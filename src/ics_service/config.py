@@ -6,6 +6,7 @@ receives the `Settings` object and never reads the environment itself.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tomllib
@@ -24,6 +25,31 @@ ENV_PREFIX = "ICS_"
 DEFAULT_CONFIG_FILE = "ics.toml"
 # Environment variables with the prefix that are not settings.
 _ENV_NOT_SETTINGS = {"ICS_CONFIG"}
+
+
+STEPS = ("SerializeImageData", "ClassifyImage", "Notify")
+
+
+class RetryPolicy(BaseModel):
+    """Retry fields of one step, as in a Step Functions Retrier."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error_equals: tuple[str, ...] = ("States.Transient",)
+    interval_seconds: float = Field(default=1.0, ge=0.0)
+    #: Retries after the first attempt (Step Functions' MaxAttempts); 0 disables retrying.
+    max_attempts: int = Field(default=3, ge=0, le=99)
+    backoff_rate: float = Field(default=2.0, ge=1.0)
+    max_delay_seconds: float | None = Field(default=None, gt=0.0)
+    jitter: Literal["FULL", "NONE"] = "FULL"
+
+
+def _default_retry() -> dict[str, RetryPolicy]:
+    return {
+        "SerializeImageData": RetryPolicy(),
+        "ClassifyImage": RetryPolicy(max_attempts=2),
+        "Notify": RetryPolicy(interval_seconds=2.0, max_attempts=5, max_delay_seconds=60.0),
+    }
 
 
 class Settings(BaseModel):
@@ -73,6 +99,16 @@ class Settings(BaseModel):
         ge=0,
         description="Number of LOW_CONFIDENCE or FAILED items an execution tolerates.",
     )
+    retry: dict[str, RetryPolicy] = Field(
+        default_factory=_default_retry,
+        description="Retry policy per step (SerializeImageData, ClassifyImage, Notify); "
+        "a [retry.STEP] table in ics.toml, or JSON in ICS_RETRY.",
+    )
+    history: Literal["failures", "full"] = Field(
+        default="failures",
+        description="Execution history detail: 'failures' records execution events and "
+        "failed, low-confidence and retried items; 'full' adds every item's steps.",
+    )
     log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="Lowest level of log lines written to stderr."
@@ -82,6 +118,14 @@ class Settings(BaseModel):
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("retry", mode="after")
+    @classmethod
+    def _steps(cls, v: dict[str, RetryPolicy]) -> dict[str, RetryPolicy]:
+        unknown = set(v) - set(STEPS)
+        if unknown:
+            raise ValueError(f"unknown step {sorted(unknown)}; steps: {', '.join(STEPS)}")
+        return {**_default_retry(), **v}
 
     @field_validator("home", mode="after")
     @classmethod
@@ -159,7 +203,7 @@ def load_settings(
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key in fields:
-            values[key] = value
+            values[key] = _parse_env(var, value) if key == "retry" else value
             sources[key] = f"env {var}"
         elif not key.startswith("test_"):
             log.warning("ignoring environment variable %s: no setting %r", var, key)
@@ -177,6 +221,13 @@ def load_settings(
     except ValidationError as e:
         raise ConfigError(_explain(e, sources)) from None
     return LoadedSettings(settings=settings, sources=sources, config_file=path)
+
+
+def _parse_env(var: str, value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"environment variable {var} must be JSON: {e}") from None
 
 
 def _explain(error: ValidationError, sources: Mapping[str, str]) -> str:

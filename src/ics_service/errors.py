@@ -96,6 +96,13 @@ class ImageTooLarge(ItemError):
     http_status = 413
 
 
+class ModelUnavailable(ItemError):
+    """A transient failure of a model endpoint (timeout, throttling, 5xx)."""
+
+    http_status = 503
+    retryable = True
+
+
 class InferenceError(ItemError):
     """The model runtime failed on this item's batch."""
 

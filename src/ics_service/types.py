@@ -173,6 +173,11 @@ class Execution:
     started_at: dt.datetime
     finished_at: dt.datetime | None = None
     error: ErrorInfo | None = None
+    #: "host:pid" of the process running it, and when that process last reported.
+    owner: str | None = None
+    heartbeat_at: dt.datetime | None = None
+    cancel_requested: bool = False
+    items_listed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -184,4 +189,6 @@ class Execution:
             "started_at": isoformat(self.started_at),
             "finished_at": isoformat(self.finished_at),
             "error": None if self.error is None else asdict(self.error),
+            "owner": self.owner,
+            "heartbeat_at": isoformat(self.heartbeat_at),
         }

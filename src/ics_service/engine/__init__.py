@@ -1,6 +1,8 @@
 """Executions, the Map fan-out and the executors that run them."""
 
-from .execution import ExecutionRunner, ResultSink, final_status
+from .execution import ExecutionRunner
+from .lifecycle import cancel_execution, final_status
 from .pipeline import Pipeline
+from .recording import ResultSink
 
-__all__ = ["ExecutionRunner", "Pipeline", "ResultSink", "final_status"]
+__all__ = ["ExecutionRunner", "Pipeline", "ResultSink", "cancel_execution", "final_status"]

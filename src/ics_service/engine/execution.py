@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from .. import sources
 from ..config import Settings
@@ -21,45 +19,18 @@ from ..errors import UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..store import Store
-from ..types import Counts, ErrorInfo, Execution, ExecutionStatus, ItemResult, ItemStatus, ModelRef
-from .pipeline import Pipeline
+from ..types import (
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    ItemResult,
+    ModelRef,
+)
+from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
+from .pipeline import CLASSIFY, SERIALIZE, Pipeline
+from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
-
-
-class ResultSink(Protocol):
-    """Receives every finished batch of results (results file, capture, alerts...)."""
-
-    def write(self, results: Sequence[ItemResult]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def final_status(counts: Counts, settings: Settings) -> tuple[ExecutionStatus, ErrorInfo | None]:
-    """SUCCEEDED unless the failures (LOW_CONFIDENCE or FAILED) exceed the tolerated ones.
-
-    As in Step Functions: with neither tolerance set, no failure is tolerated; with one or
-    both set, exceeding either fails the execution.
-    """
-    failures = counts.low_confidence + counts.failed
-    pct = settings.tolerated_failure_percentage
-    cnt = settings.tolerated_failure_count
-    exceeded = []
-    if pct is None and cnt is None:
-        if failures:
-            exceeded.append("no failures tolerated")
-    else:
-        if cnt is not None and failures > cnt:
-            exceeded.append(f"more than {cnt} tolerated")
-        if pct is not None and counts.total and failures * 100.0 / counts.total > pct:
-            exceeded.append(f"more than {pct:g}% tolerated")
-    if not exceeded:
-        return ExecutionStatus.SUCCEEDED, None
-    return ExecutionStatus.FAILED, ErrorInfo(
-        type="States.ExceedToleratedFailureThreshold",
-        message=f"{failures} of {counts.total} items LOW_CONFIDENCE or FAILED "
-        f"({counts.low_confidence} low confidence, {counts.failed} failed): " + ", ".join(exceeded),
-    )
 
 
 def execution_params(
@@ -80,82 +51,27 @@ def execution_params(
     }
 
 
-@dataclass
-class StoreSink:
-    store: Store
-    execution_id: str
-
-    def write(self, results: Sequence[ItemResult]) -> None:
-        self.store.record_results(self.execution_id, results)
-        failed = [r for r in results if r.status is not ItemStatus.SUCCEEDED]
-        if failed:
-            self.store.append_events(
-                self.execution_id,
-                (
-                    (
-                        "MapIterationFailed"
-                        if r.status is ItemStatus.FAILED
-                        else "MapIterationLowConfidence",
-                        int(r.item_id),
-                        {
-                            "uri": r.uri,
-                            "error": None if r.error is None else r.error.type,
-                            "cause": None if r.error is None else r.error.message,
-                            "confidence": r.confidence,
-                        },
-                    )
-                    for r in failed
-                ),
-            )
-
-    def close(self) -> None:
-        pass
+def settings_for(execution: Execution, settings: Settings) -> Settings:
+    """The settings an execution was started with (for resume), over the current ones."""
+    keep = {k: v for k, v in execution.params.items() if k in RECORDED_SETTINGS}
+    return settings.model_copy(update=keep)
 
 
-class _Recorder:
-    """Hands finished batches to the sinks on its own thread, off the inference path."""
-
-    def __init__(self, sinks: Sequence[ResultSink], on_error: Callable[[BaseException], None]):
-        self.sinks = sinks
-        self.on_error = on_error
-        self.q: queue.Queue[list[ItemResult] | None] = queue.Queue(maxsize=256)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="ics-recorder", daemon=True)
-        self.thread.start()
-
-    def put(self, results: list[ItemResult]) -> None:
-        if self.error is None:
-            self.q.put(results)
-
-    def _loop(self) -> None:
-        while (batch := self.q.get()) is not None:
-            if self.error is not None:
-                continue
-            # Coalesce what is waiting into one write (one store transaction).
-            while True:
-                try:
-                    more = self.q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.q.put(None)
-                    break
-                batch.extend(more)
-            try:
-                for sink in self.sinks:
-                    sink.write(batch)
-            except BaseException as e:
-                log.exception("recording results failed")
-                self.error = e
-                self.on_error(e)
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+#: Settings recorded in an execution's params: a resume runs with the same ones.
+RECORDED_SETTINGS = (
+    "model",
+    "threshold",
+    "top_k",
+    "batch_size",
+    "max_pixels",
+    "max_bytes",
+    "tolerated_failure_percentage",
+    "tolerated_failure_count",
+)
 
 
 class ExecutionRunner:
-    """Starts and runs executions against one store with one model runtime."""
+    """Starts, runs and resumes executions against one store with one model runtime."""
 
     def __init__(self, settings: Settings, store: Store, runtime: ModelRuntime) -> None:
         self.settings = settings
@@ -163,6 +79,7 @@ class ExecutionRunner:
         self.runtime = runtime
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
+        self.owner = owner_id()
 
     def start(
         self, source_specs: Sequence[str], *, name: str | None = None, **params: Any
@@ -181,12 +98,37 @@ class ExecutionRunner:
             name=name,
         )
         if created:
-            self.store.add_items(execution.id, itertools.chain([first], uris))
+            self.store.claim(execution.id, self.owner)
             self.store.append_events(
                 execution.id, [("ExecutionStarted", None, {"params": execution.params})]
             )
+            self.store.add_items(execution.id, itertools.chain([first], uris))
+            self.store.mark_listed(execution.id)
             execution = self.store.get_execution(execution.id)
         return execution, created
+
+    def prepare_resume(self, execution_id: str) -> Execution:
+        """Take over an interrupted (or aborted) execution so that `run` finishes it."""
+        execution = self.store.get_execution(execution_id)
+        if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
+            raise UsageError(
+                f"execution {execution.id} is still running (in {execution.owner}); "
+                "cancel it first or wait"
+            )
+        pending = next(iter(self.store.pending_items(execution.id, page_size=1)), None)
+        if execution.items_listed and pending is None and execution.status.finished:
+            raise UsageError(
+                f"execution {execution.id} is {execution.status}: every item has its result"
+            )
+        self.store.claim(execution.id, self.owner)
+        self.store.append_events(execution.id, [("ExecutionResumed", None, {"owner": self.owner})])
+        if not execution.items_listed:
+            # The process died while listing: list again and register what is missing.
+            uris = sources.expand(execution.params["sources"])
+            skipped = itertools.islice(uris, execution.counts.total, None)
+            self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
+            self.store.mark_listed(execution.id)
+        return self.store.get_execution(execution.id)
 
     def run(
         self,
@@ -199,8 +141,9 @@ class ExecutionRunner:
         """Process the execution's pending items, then record its final status."""
         stop = stop or threading.Event()
         s = self.settings
-        all_sinks: list[ResultSink] = [StoreSink(self.store, execution.id), *sinks]
-        recorder = _Recorder(all_sinks, on_error=lambda _e: stop.set())
+        history = History(self.store, execution.id, full=s.history == "full")
+        all_sinks: list[ResultSink] = [StoreSink(self.store, execution.id, history), *sinks]
+        recorder = Recorder(all_sinks, on_error=lambda _e: stop.set())
         pipeline = Pipeline(
             runtime=self.runtime,
             preprocess=Preprocessor(
@@ -212,6 +155,9 @@ class ExecutionRunner:
             top_k=s.top_k,
             batch_size=s.batch_size,
             workers=s.decode_workers,
+            retry_read=s.retry[SERIALIZE],
+            retry_classify=s.retry[CLASSIFY],
+            on_event=history.add,
         )
 
         def emit(results: list[ItemResult]) -> None:
@@ -221,22 +167,32 @@ class ExecutionRunner:
 
         started = time.perf_counter()
         log.info("execution %s running", execution.id, extra={"execution_id": execution.id})
+        cancelled = threading.Event()
+        beating = threading.Event()
+        heart = threading.Thread(
+            target=self._heartbeat,
+            args=(execution.id, stop, cancelled, beating),
+            name="ics-heartbeat",
+            daemon=True,
+        )
+        heart.start()
         try:
             pipeline.run(self.store.pending_items(execution.id), emit, stop)
         finally:
+            beating.set()
+            heart.join()
             recorder.close()
             for sink in all_sinks:
                 sink.close()
         if recorder.error is not None:
-            self.store.finish_execution(
+            record_end(
+                self.store,
                 execution.id,
                 ExecutionStatus.FAILED,
-                ErrorInfo(
-                    type="States.Runtime", message=f"recording results failed: {recorder.error}"
-                ),
+                ErrorInfo("States.Runtime", f"recording results failed: {recorder.error}"),
             )
             raise recorder.error
-        finished = self._finish(execution.id, aborted=stop.is_set())
+        finished = self._finish(execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set())
         log.info(
             "execution %s %s in %.2f s",
             execution.id,
@@ -246,26 +202,31 @@ class ExecutionRunner:
         )
         return finished
 
-    def _finish(self, execution_id: str, *, aborted: bool) -> Execution:
+    def _heartbeat(
+        self,
+        execution_id: str,
+        stop: threading.Event,
+        cancelled: threading.Event,
+        done: threading.Event,
+    ) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                if self.store.heartbeat(execution_id):
+                    log.warning(
+                        "execution %s: cancel requested, stopping",
+                        execution_id,
+                        extra={"execution_id": execution_id},
+                    )
+                    cancelled.set()
+                    stop.set()
+            except Exception as e:  # a busy store must not kill the run
+                log.warning("heartbeat failed: %s", e, extra={"execution_id": execution_id})
+
+    def _finish(self, execution_id: str, *, aborted: bool, cancelled: bool) -> Execution:
         counts = self.store.counts(execution_id)
         status, error = final_status(counts, self.settings)
         if aborted and counts.done < counts.total:
             status = ExecutionStatus.ABORTED
-            error = ErrorInfo("States.Aborted", "stopped by request")
-        finished = self.store.finish_execution(execution_id, status, error)
-        event = {
-            ExecutionStatus.SUCCEEDED: "ExecutionSucceeded",
-            ExecutionStatus.FAILED: "ExecutionFailed",
-            ExecutionStatus.ABORTED: "ExecutionAborted",
-        }[status]
-        self.store.append_events(
-            execution_id,
-            [
-                (
-                    event,
-                    None,
-                    {"counts": finished.counts.to_dict(), "error": error and error.message},
-                )
-            ],
-        )
-        return finished
+            why = "cancelled by request" if cancelled else "stopped by a signal"
+            error = ErrorInfo("States.Aborted", f"{why}; {counts.total - counts.done} items left")
+        return record_end(self.store, execution_id, status, error)

@@ -17,19 +17,27 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from ..config import RetryPolicy
 from ..errors import InferenceError, ItemError
 from ..imaging import Preprocessor
 from ..models.runtime import ModelRuntime, available_cpus
 from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, utcnow
 from .decide import decide
+from .retry import call_with_retry
 
 log = logging.getLogger(__name__)
 
 Reader = Callable[[str, int], bytes]
 Emit = Callable[[list[ItemResult]], None]
+#: History events: (type, item seq or None, details).
+OnEvent = Callable[[str, int | None, dict[str, Any]], None]
+
+SERIALIZE = "SerializeImageData"
+CLASSIFY = "ClassifyImage"
 
 
 @dataclass(slots=True)
@@ -46,9 +54,15 @@ class _Decoded:
 _DONE = object()
 
 
-def default_workers(inference_threads: int) -> int:
+def default_workers() -> int:
     """Decode threads: enough to keep inference fed; the OS shares the cores between them."""
     return max(2, available_cpus())
+
+
+def _error_info(e: BaseException) -> ErrorInfo:
+    if isinstance(e, ItemError):
+        return e.info()
+    return ErrorInfo(type="InternalError", message=f"{type(e).__name__}: {e}")
 
 
 @dataclass
@@ -63,16 +77,20 @@ class Pipeline:
     top_k: int
     batch_size: int = 8
     workers: int = 0
+    retry_read: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_classify: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=2))
+    on_event: OnEvent | None = None
 
     def __post_init__(self) -> None:
         card = self.runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
         self.labels = card.labels
-        self.workers = self.workers or default_workers(0)
+        self.workers = self.workers or default_workers()
+        self._stop = threading.Event()
 
     def run(self, items: Iterable[Item], emit: Emit, stop: threading.Event | None = None) -> None:
         """Process every item (until stop is set), calling emit with each finished batch."""
-        stop = stop or threading.Event()
+        stop = self._stop = stop or threading.Event()
         it = iter(items)
         lock = threading.Lock()
         q: queue.Queue[object] = queue.Queue(maxsize=self.batch_size * 2 + self.workers)
@@ -111,21 +129,59 @@ class Pipeline:
             for t in threads:
                 t.join()
 
+    def _retried(self, step: str, item: Item | None) -> Callable[[BaseException, int, float], None]:
+        def on_retry(e: BaseException, attempt: int, delay: float) -> None:
+            err = _error_info(e)
+            log.info(
+                "%s retry %d after %s: %s (in %.2f s)",
+                step,
+                attempt,
+                err.type,
+                err.message,
+                delay,
+                extra={
+                    "execution_id": self.execution_id,
+                    "item_id": None if item is None else item.item_id,
+                },
+            )
+            if self.on_event is not None:
+                self.on_event(
+                    "TaskRetried",
+                    None if item is None else item.seq,
+                    {
+                        "step": step,
+                        "error": err.type,
+                        "cause": err.message,
+                        "attempt": attempt,
+                        "delay_s": round(delay, 3),
+                    },
+                )
+
+        return on_retry
+
     def _decode(self, item: Item) -> _Decoded:
-        started = utcnow()
-        d = _Decoded(item=item, started_at=started)
-        t0 = time.perf_counter()
-        try:
+        d = _Decoded(item=item, started_at=utcnow())
+        timings: dict[str, float] = {}
+
+        def attempt() -> tuple[np.ndarray, ImageInfo]:
+            t0 = time.perf_counter()
             data = self.reader(item.uri, self.preprocess.limits.max_bytes)
             t1 = time.perf_counter()
-            d.tensor, d.image = self.preprocess(data)
-            t2 = time.perf_counter()
-            d.timings_ms = {"read": (t1 - t0) * 1e3, "decode": (t2 - t1) * 1e3}
-        except ItemError as e:
-            d.error = e.info()
-        except Exception as e:  # a bug or an unexpected library error: fail the item only
-            log.exception("unexpected error on %s", item.uri)
-            d.error = ErrorInfo(type="InternalError", message=f"{type(e).__name__}: {e}")
+            out = self.preprocess(data)
+            timings["read"] = (t1 - t0) * 1e3
+            timings["decode"] = (time.perf_counter() - t1) * 1e3
+            return out
+
+        try:
+            (d.tensor, d.image), d.attempts = call_with_retry(
+                attempt, self.retry_read, stop=self._stop, on_retry=self._retried(SERIALIZE, item)
+            )
+        except Exception as e:
+            if not isinstance(e, ItemError):  # a bug or an unexpected library error
+                log.exception("unexpected error on %s", item.uri)
+            d.error = _error_info(e)
+            d.attempts = getattr(e, "attempts", 1)
+        d.timings_ms = timings
         return d
 
     def _infer_loop(self, q: queue.Queue[object], emit: Emit) -> None:
@@ -151,6 +207,19 @@ class Pipeline:
             if ready:
                 emit(self._classify(ready, buf))
 
+    def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
+        def attempt() -> np.ndarray:
+            try:
+                return self.runtime.predict(batch)
+            except ItemError:
+                raise
+            except Exception as e:
+                raise InferenceError(f"model {self.model_ref.name} failed: {e}") from e
+
+        return call_with_retry(
+            attempt, self.retry_classify, stop=self._stop, on_retry=self._retried(CLASSIFY, None)
+        )
+
     def _classify(self, ready: list[_Decoded], buf: np.ndarray) -> list[ItemResult]:
         results: list[ItemResult] = []
         ok = [d for d in ready if d.error is None]
@@ -160,12 +229,12 @@ class Pipeline:
         if ok:
             t0 = time.perf_counter()
             try:
-                probs = self.runtime.predict(buf[: len(ok)])
+                probs, attempts = self._predict(buf[: len(ok)])
             except Exception as e:
-                log.exception("inference failed on a batch of %d", len(ok))
-                err = InferenceError(f"model {self.model_ref.name} failed: {e}").info()
+                log.error("inference failed on a batch of %d: %s", len(ok), e)
                 for d in ok:
-                    d.error = err
+                    d.error = _error_info(e)
+                    d.attempts = max(d.attempts, getattr(e, "attempts", 1))
                 ok = []
             else:
                 per_item = (time.perf_counter() - t0) * 1e3 / len(ok)
@@ -174,6 +243,7 @@ class Pipeline:
                 )
                 for d, dec in zip(ok, decisions, strict=True):
                     d.timings_ms["inference"] = per_item
+                    d.attempts = max(d.attempts, attempts)
                     results.append(
                         self._result(
                             d,
@@ -196,7 +266,7 @@ class Pipeline:
                 results.append(self._result(d, ItemStatus.FAILED, error=d.error))
         return results
 
-    def _result(self, d: _Decoded, status: ItemStatus, **fields: object) -> ItemResult:
+    def _result(self, d: _Decoded, status: ItemStatus, **fields: Any) -> ItemResult:
         return ItemResult(
             execution_id=self.execution_id,
             item_id=d.item.item_id,
@@ -209,5 +279,5 @@ class Pipeline:
             image=d.image,
             attempts=d.attempts,
             timings_ms={k: round(v, 3) for k, v in d.timings_ms.items()},
-            **fields,  # type: ignore[arg-type]
+            **fields,
         )

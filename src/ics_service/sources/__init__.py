@@ -23,7 +23,16 @@ class Source(Protocol):
         ...
 
 
-_LOCAL = LocalSource()
+_SOURCES: dict[str, Source] = {"file": LocalSource()}
+
+
+def register(scheme: str, source: Source) -> None:
+    """Make `source` read and list SCHEME:// URIs (storage back ends, tests' fault injection)."""
+    _SOURCES[scheme.lower()] = source
+
+
+def unregister(scheme: str) -> None:
+    _SOURCES.pop(scheme.lower(), None)
 
 
 def scheme_of(uri: str) -> str:
@@ -33,9 +42,13 @@ def scheme_of(uri: str) -> str:
 
 def source_for(uri: str) -> Source:
     scheme = scheme_of(uri)
-    if scheme == "file":
-        return _LOCAL
-    raise UsageError(f"no source can read {scheme}:// URIs yet ({uri}); use a local path")
+    try:
+        return _SOURCES[scheme]
+    except KeyError:
+        raise UsageError(
+            f"no source can read {scheme}:// URIs ({uri}); "
+            f"supported: {', '.join(s + '://' for s in _SOURCES)} and local paths"
+        ) from None
 
 
 def expand(specs: Iterable[str]) -> Iterator[str]:
@@ -62,4 +75,13 @@ def read(uri: str, max_bytes: int) -> bytes:
     return source_for(uri).read(uri, max_bytes)
 
 
-__all__ = ["LocalSource", "Source", "expand", "read", "scheme_of", "source_for"]
+__all__ = [
+    "LocalSource",
+    "Source",
+    "expand",
+    "read",
+    "register",
+    "scheme_of",
+    "source_for",
+    "unregister",
+]

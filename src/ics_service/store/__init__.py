@@ -8,21 +8,28 @@ transaction, and an item's final result is written at most once.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import secrets
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
+    bindparam,
     create_engine,
     event,
     func,
     insert,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -69,6 +76,23 @@ class Event:
         }
 
 
+#: One item's final result, written only while it has none (executemany; built once).
+_RECORD_RESULT = (
+    update(items)
+    .where(
+        items.c.execution_id == bindparam("r_execution_id"),
+        items.c.seq == bindparam("r_seq"),
+        items.c.status.is_(None),
+    )
+    .values(
+        status=bindparam("r_status"),
+        attempts=bindparam("r_attempts"),
+        result=bindparam("r_result"),
+        finished_at=bindparam("r_finished_at"),
+    )
+)
+
+
 def new_execution_id() -> str:
     return f"{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
@@ -87,8 +111,13 @@ class Store:
         self.engine = _make_engine(url)
         try:
             self._migrate()
-        except OperationalError as e:
-            raise StoreError(f"cannot open the execution store {self.safe_url}: {e.orig}") from None
+        except BaseException as e:
+            self.engine.dispose()  # a refused store leaves no connection behind
+            if isinstance(e, OperationalError):
+                raise StoreError(
+                    f"cannot open the execution store {self.safe_url}: {e.orig}"
+                ) from None
+            raise
 
     @property
     def safe_url(self) -> str:
@@ -100,28 +129,49 @@ class Store:
     # --- schema ---------------------------------------------------------------------
 
     def _migrate(self) -> None:
+        """Apply the migrations newer than the store's version, all in one transaction.
+
+        The usual case (up to date) only reads. Otherwise the migrating transaction first
+        takes a lock, so stores opened at once on a new database queue instead of racing on
+        the DDL, and a migration that fails leaves the store exactly as it was.
+        """
+        current = self._stored_version()
+        if current == schema.LATEST:
+            return
+        self._refuse_newer(current)
+        applied = []
         with self.engine.begin() as conn:
+            _lock_for_migration(conn)
             schema.schema_version.create(conn, checkfirst=True)
-            current = conn.execute(select(func.max(schema.schema_version.c.version))).scalar()
-        current = current or 0
+            current = int(
+                conn.execute(select(func.max(schema.schema_version.c.version))).scalar() or 0
+            )
+            self._refuse_newer(current)
+            for version, migration in schema.MIGRATIONS:
+                if version <= current:
+                    continue
+                migration(conn)
+                conn.execute(
+                    insert(schema.schema_version).values(version=version, applied_at=utcnow())
+                )
+                applied.append(version)
+        for version in applied:
+            log.info("store %s migrated to schema version %d", self.safe_url, version)
+
+    def _stored_version(self) -> int:
+        with self.engine.connect() as conn:
+            if not inspect(conn).has_table(schema.schema_version.name):
+                return 0
+            return int(
+                conn.execute(select(func.max(schema.schema_version.c.version))).scalar() or 0
+            )
+
+    def _refuse_newer(self, current: int) -> None:
         if current > schema.LATEST:
             raise StoreError(
                 f"the store {self.safe_url} has schema version {current}, newer than this "
                 f"ICS understands ({schema.LATEST}); upgrade ICS"
             )
-        for version, migration in schema.MIGRATIONS:
-            if version <= current:
-                continue
-            try:
-                with self.engine.begin() as conn:
-                    migration(conn)
-                    conn.execute(
-                        insert(schema.schema_version).values(version=version, applied_at=utcnow())
-                    )
-                log.info("store %s migrated to schema version %d", self.safe_url, version)
-            except IntegrityError:
-                # Another process applied the same migration first.
-                log.debug("schema version %d already applied", version)
 
     def schema_version(self) -> int:
         with self.engine.connect() as conn:
@@ -160,6 +210,8 @@ class Store:
             "failed": 0,
             "started_at": now,
             "updated_at": now,
+            "cancel_requested": False,
+            "items_listed": False,
         }
         try:
             with self.engine.begin() as conn:
@@ -178,11 +230,12 @@ class Store:
     def get_execution(self, execution_id: str) -> Execution:
         with self.engine.connect() as conn:
             row = conn.execute(select(executions).where(executions.c.id == execution_id)).first()
-            if row is None:
-                # Accept a unique prefix, as people copy the start of an id.
-                rows = conn.execute(
-                    select(executions).where(executions.c.id.startswith(execution_id)).limit(2)
-                ).all()
+            if row is None and execution_id:
+                # Accept a unique prefix, as people copy the start of an id. Compared with
+                # substr, not LIKE: `_` and `%` are plain characters, and case matters on
+                # SQLite (whose LIKE ignores it) as on PostgreSQL.
+                prefix = func.substr(executions.c.id, 1, len(execution_id))
+                rows = conn.execute(select(executions).where(prefix == execution_id).limit(2)).all()
                 if len(rows) == 1:
                     row = rows[0]
         if row is None:
@@ -227,18 +280,52 @@ class Store:
             c = _count_items(conn, execution_id)
         return Counts(c["total"], c["succeeded"], c["low_confidence"], c["failed"])
 
-    def set_running(self, execution_id: str) -> None:
+    def claim(self, execution_id: str, owner: str) -> None:
+        """Mark the execution RUNNING in this process (a start or a resume)."""
+        now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(
                 update(executions)
                 .where(executions.c.id == execution_id)
                 .values(
                     status=ExecutionStatus.RUNNING.value,
+                    owner=owner,
+                    heartbeat_at=now,
+                    updated_at=now,
+                    cancel_requested=False,
                     finished_at=None,
                     error_type=None,
                     error_message=None,
-                    updated_at=utcnow(),
                 )
+            )
+
+    def heartbeat(self, execution_id: str) -> bool:
+        """Say the owner is alive; returns whether a cancel was requested."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(executions)
+                .where(executions.c.id == execution_id)
+                .values(heartbeat_at=utcnow())
+            )
+            requested = conn.execute(
+                select(executions.c.cancel_requested).where(executions.c.id == execution_id)
+            ).scalar()
+        return bool(requested)
+
+    def request_cancel(self, execution_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(executions)
+                .where(executions.c.id == execution_id)
+                .values(cancel_requested=True, updated_at=utcnow())
+            )
+
+    def mark_listed(self, execution_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(executions)
+                .where(executions.c.id == execution_id)
+                .values(items_listed=True, updated_at=utcnow())
             )
 
     # --- items ----------------------------------------------------------------------
@@ -290,30 +377,57 @@ class Store:
             after = rows[-1][0]
 
     def record_results(self, execution_id: str, results: Sequence[ItemResult]) -> int:
-        """Write final results in one transaction; an item that already has one keeps it."""
+        """Write final results in one transaction; an item that already has one keeps it.
+
+        Returns how many were written. The same item twice in `results`: the first wins.
+        """
         if not results:
             return 0
+        first: dict[int, ItemResult] = {}
+        for r in results:
+            first.setdefault(int(r.item_id), r)
         counts = Counts()
         with self.engine.begin() as conn:
-            for r in results:
-                res = conn.execute(
-                    update(items)
-                    .where(
-                        items.c.execution_id == execution_id,
-                        items.c.seq == int(r.item_id),
-                        items.c.status.is_(None),
-                    )
-                    .values(
-                        status=r.status.value,
-                        attempts=r.attempts,
-                        result=json.dumps(r.to_dict(), separators=(",", ":")),
-                        finished_at=r.finished_at,
-                    )
+            # Lock first: the execution's row (PostgreSQL), the database (SQLite, whose
+            # transaction starts at the first write). Which items still lack a result is
+            # then settled until commit; one batched UPDATE writes them.
+            conn.execute(
+                update(executions)
+                .where(executions.c.id == execution_id)
+                .values(updated_at=utcnow())
+            )
+            seqs = list(first)
+            pending: set[int] = set()
+            for i in range(0, len(seqs), _INSERT_CHUNK):
+                pending.update(
+                    conn.execute(
+                        select(items.c.seq)
+                        .where(
+                            items.c.execution_id == execution_id,
+                            items.c.seq.in_(seqs[i : i + _INSERT_CHUNK]),
+                            items.c.status.is_(None),
+                        )
+                        .with_for_update()
+                    ).scalars()
                 )
-                if res.rowcount == 1:
-                    counts.add(r.status)
-                else:
-                    log.warning("item %s of %s already had a result", r.item_id, execution_id)
+            todo = [r for seq, r in first.items() if seq in pending]
+            if todo:
+                conn.execute(
+                    _RECORD_RESULT,
+                    [
+                        {
+                            "r_execution_id": execution_id,
+                            "r_seq": int(r.item_id),
+                            "r_status": r.status.value,
+                            "r_attempts": r.attempts,
+                            "r_result": json.dumps(r.to_dict(), separators=(",", ":")),
+                            "r_finished_at": _utc(r.finished_at),
+                        }
+                        for r in todo
+                    ],
+                )
+            for r in todo:
+                counts.add(r.status)
             conn.execute(
                 update(executions)
                 .where(executions.c.id == execution_id)
@@ -321,8 +435,15 @@ class Store:
                     succeeded=executions.c.succeeded + counts.succeeded,
                     low_confidence=executions.c.low_confidence + counts.low_confidence,
                     failed=executions.c.failed + counts.failed,
-                    updated_at=utcnow(),
                 )
+            )
+        if len(todo) < len(results):
+            log.warning(
+                "%d of %d results for %s not recorded: their items already had one (or do "
+                "not exist)",
+                len(results) - len(todo),
+                len(results),
+                execution_id,
             )
         return counts.done
 
@@ -438,6 +559,10 @@ def _execution(m: Any) -> Execution:
         started_at=_utc(m["started_at"]) or utcnow(),
         finished_at=_utc(m["finished_at"]),
         error=error,
+        owner=m["owner"],
+        heartbeat_at=_utc(m["heartbeat_at"]),
+        cancel_requested=bool(m["cancel_requested"]),
+        items_listed=bool(m["items_listed"]),
     )
 
 
@@ -451,7 +576,11 @@ def _make_engine(url: str) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot open the execution store {url}: {e}") from None
         engine = create_engine(parsed, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -467,9 +596,33 @@ def _make_engine(url: str) -> Engine:
     raise StoreError(f"unsupported store {backend!r} in {url!r}; use sqlite:/// or postgresql://")
 
 
+#: The PostgreSQL advisory lock that serializes migrations (any constant; per database).
+_MIGRATION_LOCK = 0x1C5_5C4E
+
+
+def _lock_for_migration(conn: Connection) -> None:
+    """Serialize migrations, and make SQLite's DDL part of the migrating transaction."""
+    if conn.dialect.name == "sqlite":
+        # pysqlite opens a transaction only before INSERT/UPDATE/DELETE, so DDL would
+        # otherwise commit on its own. BEGIN IMMEDIATE also takes the write lock now
+        # (waiting up to busy_timeout for another migrating store).
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # Connections switching a new file to WAL at once can deadlock on the lock upgrade;
+    # SQLite then fails one of them at once, without a busy wait: try again.
+    for attempt in itertools.count(1):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt >= 100:
+                raise
+            time.sleep(min(0.01 * attempt, 0.2))
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Connection,
     DateTime,
@@ -51,6 +52,13 @@ executions = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("error_type", String(128), nullable=True),
     Column("error_message", Text, nullable=True),
+    # Which process runs it ("host:pid") and when it last said so; resume and cancel use
+    # these to tell a live execution from one whose process died.
+    Column("owner", String(255), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    # True once every item of the sources is registered (a crash while listing is resumable).
+    Column("items_listed", Boolean, nullable=False, default=False),
 )
 Index("ix_ics_executions_started", executions.c.started_at)
 
@@ -67,6 +75,14 @@ items = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
+# Pending items and recorded results, each in seq order: PostgreSQL cannot read
+# ix_ics_items_status in seq order under `status IS NULL` (or IS NOT NULL), and with
+# statistics lagging behind a big batch it sorted every remaining row for each page.
+for _name, _where in [
+    ("ix_ics_items_pending", items.c.status.is_(None)),
+    ("ix_ics_items_done", items.c.status.is_not(None)),
+]:
+    Index(_name, items.c.execution_id, items.c.seq, postgresql_where=_where, sqlite_where=_where)
 
 events = Table(
     "ics_events",
@@ -82,9 +98,13 @@ Index("ix_ics_events_execution", events.c.execution_id, events.c.id)
 
 
 def _v1(conn: Connection) -> None:
+    # Built from the definitions above while they are still the first schema. The first
+    # change to them must freeze this migration first (copy its DDL here, as it is), then
+    # add the change as migration 2: a shipped migration keeps building what it built.
     metadata.create_all(conn, tables=[executions, items, events])
 
 
 #: (version, migration) in order. The last version is the schema this code expects.
+#: A shipped migration is never edited: a later one changes what it built.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1)]
 LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,149 @@
+"""The `ics` command group: shared options, settings, error mapping and the entry point."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from .. import __version__
+from ..config import LoadedSettings, Settings, load_settings
+from ..errors import IcsError
+from ..logs import configure_logging
+from ..types import ExecutionStatus
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes: 0 the execution SUCCEEDED, 1 it FAILED, 2 usage or configuration error,
+#: 130 ABORTED (interrupted), 3 an internal error (a bug: please report it).
+EXIT_ABORTED = 130
+EXIT_INTERNAL = 3
+EXIT_BY_STATUS = {
+    ExecutionStatus.SUCCEEDED: 0,
+    ExecutionStatus.FAILED: 1,
+    ExecutionStatus.ABORTED: EXIT_ABORTED,
+    ExecutionStatus.RUNNING: 1,
+}
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance
+
+
+class IcsGroup(click.Group):
+    """Maps ICS errors to their exit codes and one-line messages (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except IcsError as e:
+            raise CliError(str(e), e.exit_code) from None
+
+
+def common_options(f: F) -> F:
+    """--config, --store, --home and the logging options, on every command."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="Settings file (default: ./ics.toml if present, or $ICS_CONFIG).",
+        ),
+        click.option("--store", help="Execution store URL (sqlite:///PATH or postgresql://...)."),
+        click.option("--home", help="ICS home folder: model cache, default store and results."),
+        click.option(
+            "--log-format", type=click.Choice(["text", "json"]), help="Log line format on stderr."
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+            help="Lowest level of log lines shown (default WARNING).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_cli_settings(kwargs: dict[str, Any]) -> LoadedSettings:
+    """Build the settings from --config and the flags that are settings; set up logging."""
+    overrides = dict(kwargs)
+    config_file = overrides.pop("config_file", None)
+    loaded = load_settings(config_file, overrides)
+    configure_logging(loaded.settings.log_level, loaded.settings.log_format)
+    return loaded
+
+
+def json_out(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr, highlight=False)
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+
+
+@click.group(cls=IcsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ics")
+def main() -> None:
+    """ICS, the Image Classification Service.
+
+    Classify images from files, folders, globs and lists through a fixed workflow:
+    read and decode, classify, compare the top confidence with a threshold, record
+    every result. Every run is an execution recorded in a store (SQLite by default).
+
+    \b
+    Start with:
+      ics classify photos/            classify a folder (recursive)
+      ics executions list             past executions
+      ics models list                 models and whether they are prepared
+      ics config show                 the effective settings and where each came from
+    """
+
+
+@contextmanager
+def open_runner(settings: Settings) -> Iterator[Any]:
+    from ..engine import ExecutionRunner
+    from ..models import get_card, load_runtime
+    from ..store import Store
+
+    card = get_card(settings.model)
+    runtime = load_runtime(card, settings.models_dir, threads=settings.inference_threads)
+    store = Store(settings.store_url)
+    try:
+        yield ExecutionRunner(settings, store, runtime)
+    finally:
+        store.close()
+
+
+@contextmanager
+def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
+    from ..store import Store
+
+    settings = load_cli_settings(kwargs).settings
+    store = Store(settings.store_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def run() -> None:
+    """Entry point that also turns unexpected errors into one line and exit code 3."""
+    try:
+        main(standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as e:
+        click.echo(f"internal error: {type(e).__name__}: {e} (please report it)", err=True)
+        sys.exit(EXIT_INTERNAL)

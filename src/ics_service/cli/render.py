@@ -1,0 +1,148 @@
+"""What the commands print: summaries, result tables, progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ..types import Execution, ItemResult
+from .app import stderr_console, stdout_console
+
+
+@contextmanager
+def progress_bar(
+    enabled: bool | None, total: int, done: int = 0
+) -> Iterator[Callable[[int], None]]:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield lambda _n: None
+        return
+    bar = Progress(
+        TextColumn("classifying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=stderr_console(),
+        transient=False,
+    )
+    task = bar.add_task("classify", total=total, completed=done, rate="")
+    started = time.perf_counter()
+    processed = 0
+
+    def advance(n: int) -> None:
+        nonlocal processed
+        processed += n
+        rate = processed / max(time.perf_counter() - started, 1e-9)
+        bar.update(task, advance=n, rate=f"{rate:,.0f} img/s")
+
+    with bar:
+        yield advance
+
+
+def summary_doc(
+    execution: Execution,
+    elapsed: float | None,
+    results_path: str | None,
+    processed: int | None = None,
+) -> dict[str, Any]:
+    doc = execution.to_dict()
+    doc.pop("params", None)
+    if elapsed is not None:
+        n = execution.counts.done if processed is None else processed
+        doc["elapsed_s"] = round(elapsed, 3)
+        doc["images_per_s"] = round(n / elapsed, 2) if elapsed > 0 else None
+    doc["results"] = results_path
+    return doc
+
+
+def print_summary(
+    execution: Execution,
+    elapsed: float | None,
+    results_path: str | None,
+    *,
+    as_json: bool,
+    to_stderr: bool = False,
+    processed: int | None = None,
+) -> None:
+    doc = summary_doc(execution, elapsed, results_path, processed)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2), err=to_stderr)
+        return
+    console = stderr_console() if to_stderr else stdout_console()
+    c = execution.counts
+    t = Table(show_header=False, box=None, padding=(0, 2))
+    t.add_row("execution", execution.id + (f"  ({execution.name})" if execution.name else ""))
+    t.add_row("status", styled_status(execution.status.value))
+    t.add_row(
+        "items",
+        f"{c.total} total: {c.succeeded} SUCCEEDED, {c.low_confidence} LOW_CONFIDENCE, "
+        f"{c.failed} FAILED",
+    )
+    if elapsed is not None:
+        t.add_row("elapsed", f"{elapsed:.2f} s ({doc['images_per_s'] or 0:,.1f} images/s)")
+    if execution.error is not None:
+        t.add_row("reason", f"{execution.error.type}: {execution.error.message}")
+    if results_path:
+        t.add_row("results", results_path)
+    console.print(t)
+
+
+def styled_status(status: str) -> str:
+    style = {
+        "SUCCEEDED": "green",
+        "LOW_CONFIDENCE": "yellow",
+        "FAILED": "red",
+        "ABORTED": "magenta",
+        "RUNNING": "cyan",
+    }.get(status, "")
+    return f"[{style}]{status}[/{style}]" if style else status
+
+
+def print_results_table(results: Sequence[ItemResult], to_stderr: bool = False) -> None:
+    console = stderr_console() if to_stderr else stdout_console()
+    t = Table(title="results", title_justify="left")
+    t.add_column("item", justify="right")
+    t.add_column("image")
+    t.add_column("status")
+    t.add_column("label")
+    t.add_column("confidence", justify="right")
+    t.add_column("error")
+    for r in results:
+        t.add_row(
+            r.item_id,
+            short_uri(r.uri),
+            styled_status(r.status.value),
+            r.label or "",
+            "" if r.confidence is None else f"{r.confidence:.3f}",
+            "" if r.error is None else f"{r.error.type}: {r.error.message}",
+        )
+    console.print(t)
+
+
+def short_uri(uri: str) -> str:
+    try:
+        return str(Path(uri).relative_to(Path.cwd()))
+    except ValueError:
+        return uri

@@ -1,0 +1,75 @@
+"""Step retry policies, as Step Functions' Retry fields (ErrorEquals, IntervalSeconds, ...).
+
+`States.ALL` matches every error; `States.Transient` matches the errors ICS knows to be
+transient (timeouts, connection errors, throttling, 5xx from a remote source or endpoint)
+and never deterministic ones such as InvalidImage or ImageTooLarge.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from ..config import RetryPolicy
+from ..errors import IcsError
+
+T = TypeVar("T")
+
+ALL = "States.ALL"
+TRANSIENT = "States.Transient"
+
+
+def matches(policy: RetryPolicy, error: BaseException) -> bool:
+    name = error.type if isinstance(error, IcsError) else type(error).__name__
+    for pattern in policy.error_equals:
+        if pattern in (ALL, name):
+            return True
+        if pattern == TRANSIENT and getattr(error, "retryable", False):
+            return True
+    return False
+
+
+def delay_seconds(policy: RetryPolicy, retry_number: int, rng: random.Random) -> float:
+    """Wait before retry number n (1-based): interval × backoff^(n-1), capped, jittered."""
+    delay = policy.interval_seconds * policy.backoff_rate ** (retry_number - 1)
+    if policy.max_delay_seconds is not None:
+        delay = min(delay, policy.max_delay_seconds)
+    if policy.jitter == "FULL":
+        delay = rng.uniform(0, delay)
+    return delay
+
+
+OnRetry = Callable[[BaseException, int, float], None]
+
+
+def call_with_retry(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    stop: threading.Event,
+    on_retry: OnRetry | None = None,
+    rng: random.Random | None = None,
+) -> tuple[T, int]:
+    """Call fn, retrying matching errors per the policy; returns (value, attempts).
+
+    The last error is raised with an `attempts` attribute. A set `stop` ends the waiting
+    (and the retrying) at once.
+    """
+    rng = rng or random.Random()
+    attempt = 1
+    while True:
+        try:
+            return fn(), attempt
+        except Exception as e:
+            if attempt > policy.max_attempts or stop.is_set() or not matches(policy, e):
+                e.attempts = attempt  # type: ignore[attr-defined]
+                raise
+            delay = delay_seconds(policy, attempt, rng)
+            if on_retry is not None:
+                on_retry(e, attempt, delay)
+            if stop.wait(delay):
+                e.attempts = attempt  # type: ignore[attr-defined]
+                raise
+            attempt += 1
