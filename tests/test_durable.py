@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,15 +69,35 @@ def flaky() -> Iterator[FlakySource]:
     sources.unregister("flaky")
 
 
-def make_runner(runtime: OnnxRuntime, **overrides: object) -> ExecutionRunner:
-    settings = load_settings(None, overrides).settings
-    return ExecutionRunner(settings, Store(settings.store_url), runtime)
+@pytest.fixture
+def open_store() -> Iterator[Callable[[str], Store]]:
+    """Opens stores that are closed after the test (PostgreSQL connections included)."""
+    opened: list[Store] = []
+
+    def open_(url: str) -> Store:
+        opened.append(Store(url))
+        return opened[-1]
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def make_runner(
+    runtime: OnnxRuntime, open_store: Callable[[str], Store]
+) -> Callable[..., ExecutionRunner]:
+    def make(model: object = None, **overrides: object) -> ExecutionRunner:
+        settings = load_settings(None, overrides).settings
+        return ExecutionRunner(settings, open_store(settings.store_url), model or runtime)  # type: ignore[arg-type]
+
+    return make
 
 
 def test_transient_read_errors_are_retried(
-    ics_home: Path, runtime: OnnxRuntime, flaky: FlakySource
+    ics_home: Path, flaky: FlakySource, store_url: str, make_runner: Callable[..., ExecutionRunner]
 ) -> None:
-    runner = make_runner(runtime, retry={"SerializeImageData": FAST_RETRY})
+    runner = make_runner(retry={"SerializeImageData": FAST_RETRY}, store=store_url)
     execution, _ = runner.start([f"flaky://photo/{i}.jpg" for i in range(5)])
     finished = runner.run(execution)
     assert finished.status is ExecutionStatus.SUCCEEDED
@@ -92,10 +112,10 @@ def test_transient_read_errors_are_retried(
 
 
 def test_retries_give_up_after_max_attempts(
-    ics_home: Path, runtime: OnnxRuntime, flaky: FlakySource
+    ics_home: Path, flaky: FlakySource, make_runner: Callable[..., ExecutionRunner]
 ) -> None:
     flaky.failures = 10
-    runner = make_runner(runtime, retry={"SerializeImageData": FAST_RETRY})
+    runner = make_runner(retry={"SerializeImageData": FAST_RETRY})
     execution, _ = runner.start(["flaky://photo/a.jpg"])
     runner.run(execution)
     (result,) = runner.store.results(execution.id)
@@ -106,10 +126,10 @@ def test_retries_give_up_after_max_attempts(
 
 
 def test_deterministic_errors_are_not_retried(
-    ics_home: Path, runtime: OnnxRuntime, flaky: FlakySource
+    ics_home: Path, flaky: FlakySource, make_runner: Callable[..., ExecutionRunner]
 ) -> None:
     flaky.error = InvalidImage
-    runner = make_runner(runtime, retry={"SerializeImageData": FAST_RETRY})
+    runner = make_runner(retry={"SerializeImageData": FAST_RETRY})
     execution, _ = runner.start(["flaky://photo/a.jpg"])
     runner.run(execution)
     (result,) = runner.store.results(execution.id)
@@ -118,11 +138,11 @@ def test_deterministic_errors_are_not_retried(
 
 
 def test_states_all_retries_everything(
-    ics_home: Path, runtime: OnnxRuntime, flaky: FlakySource
+    ics_home: Path, flaky: FlakySource, make_runner: Callable[..., ExecutionRunner]
 ) -> None:
     flaky.error = InvalidImage
     policy = {**FAST_RETRY, "error_equals": ["States.ALL"]}
-    runner = make_runner(runtime, retry={"SerializeImageData": policy})
+    runner = make_runner(retry={"SerializeImageData": policy})
     execution, _ = runner.start(["flaky://photo/a.jpg"])
     runner.run(execution)
     (result,) = runner.store.results(execution.id)
@@ -144,10 +164,11 @@ class FlakyModel:
         return self.inner.predict(batch)
 
 
-def test_transient_inference_errors_are_retried(ics_home: Path, runtime: OnnxRuntime) -> None:
-    settings = load_settings(None, {"retry": {"ClassifyImage": FAST_RETRY}}).settings
+def test_transient_inference_errors_are_retried(
+    ics_home: Path, runtime: OnnxRuntime, make_runner: Callable[..., ExecutionRunner]
+) -> None:
     model = FlakyModel(runtime)
-    runner = ExecutionRunner(settings, Store(settings.store_url), model)
+    runner = make_runner(model, retry={"ClassifyImage": FAST_RETRY})
     photo = ics_home / "coffee.jpg"
     photo.write_bytes(f.jpeg())
     execution, _ = runner.start([str(photo)])
@@ -241,17 +262,21 @@ def _slow_folder(folder: Path, n: int, size: tuple[int, int] = (1600, 1200)) -> 
 
 
 def test_cancel_stops_a_running_execution(
-    ics_home: Path, tmp_path: Path, runtime: OnnxRuntime
+    ics_home: Path,
+    tmp_path: Path,
+    store_url: str,
+    make_runner: Callable[..., ExecutionRunner],
+    open_store: Callable[[str], Store],
 ) -> None:
     folder = _slow_folder(tmp_path / "slow", 400)
-    runner = make_runner(runtime, batch_size=2)
+    runner = make_runner(batch_size=2, store=store_url)
     execution, _ = runner.start([str(folder)])
     box: dict[str, object] = {}
     thread = threading.Thread(target=lambda: box.update(done=runner.run(execution)))
     thread.start()
     while runner.store.counts(execution.id).done < 5:
         time.sleep(0.05)
-    other = Store(runner.settings.store_url)  # as another process would
+    other = open_store(runner.settings.store_url)  # as another process would
     stopped = cancel_execution(other, execution.id, wait_s=20)
     thread.join(timeout=30)
     assert stopped.status is ExecutionStatus.ABORTED
@@ -262,10 +287,15 @@ def test_cancel_stops_a_running_execution(
 
 
 def test_cancel_and_resume_an_orphaned_execution(
-    ics_home: Path, tmp_path: Path, runtime: OnnxRuntime
+    ics_home: Path,
+    tmp_path: Path,
+    store_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    make_runner: Callable[..., ExecutionRunner],
 ) -> None:
+    monkeypatch.setenv("ICS_STORE", store_url)  # the CLI below uses it too
     folder = _slow_folder(tmp_path / "few", 6, (640, 480))
-    runner = make_runner(runtime)
+    runner = make_runner()
     store = runner.store
     execution, _ = store.create_execution(
         params={"sources": [str(folder)], "threshold": 0.5},
@@ -295,8 +325,10 @@ def test_cancel_and_resume_an_orphaned_execution(
     assert json.loads(res.stdout)["status"] == "ABORTED"
 
 
-def test_resume_refuses_a_live_execution(ics_home: Path, runtime: OnnxRuntime) -> None:
-    runner = make_runner(runtime)
+def test_resume_refuses_a_live_execution(
+    ics_home: Path, make_runner: Callable[..., ExecutionRunner]
+) -> None:
+    runner = make_runner()
     execution, _ = runner.store.create_execution(
         params={"sources": []}, model=ModelRef("efficientnet-lite0", "1"), threshold=0.5
     )
