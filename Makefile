@@ -14,8 +14,13 @@ $(VENV)/.demo: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[convert,samples]'
 	touch $@
 
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[convert,samples,bench]'
+	touch $@
+
+# The tests include a smoke run of every benchmark runner, Ray Data's among them.
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[convert,samples,test]'
+	$(PIP) -e '.[convert,samples,test,bench]'
 	touch $@
 
 demo: $(VENV)/.demo
@@ -27,6 +32,13 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every benchmark runner, interleaved; writes benchmarks/RESULTS.md. Knobs (environment or
+# make variables): BENCH_N (small photos, 1500), BENCH_N_LARGE (100), BENCH_REPEATS (2),
+# BENCH_MEM_N (20000; 0 skips), BENCH_RUNNERS (subset), BENCH_SEED; see BENCH_ARGS=--help.
+# A quick run: make bench BENCH_N=200 BENCH_N_LARGE=10 BENCH_REPEATS=1 BENCH_MEM_N=0
+bench: $(VENV)/.bench
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks

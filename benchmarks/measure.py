@@ -1,0 +1,219 @@
+"""Time a command as a whole process and record its peak memory.
+
+Wall time runs from just before the process is started to just after it is reaped, so
+interpreter start-up, imports and model loading count, as a user feels them. Memory is
+sampled every `poll_s` from /proc, two ways: the process's own high-water mark (VmHWM,
+exact up to the last sample) and the sum of the RSS of the process and all its
+descendants (what a multi-process runner such as Ray or the HTTP design holds at once;
+shared pages are counted once per process that maps them).
+
+wait4's `ru_maxrss` is not used: a child forked from a large parent starts with the
+parent's RSS as its maximum, so it reports the orchestrator's size, not the runner's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Measurement:
+    cmd: list[str]
+    rc: int
+    wall_s: float
+    #: Peak of the summed RSS of the process tree (sampled).
+    tree_peak_rss_mb: float
+    #: VmHWM of the process itself (its own peak; sampled, so the last poll_s may be missed).
+    hwm_mb: float
+    cpu_s: float
+    timed_out: bool = False
+    report: dict[str, Any] | None = None
+    stdout: str = ""
+    stderr_tail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(self.tree_peak_rss_mb, self.hwm_mb)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["peak_rss_mb"] = self.peak_rss_mb
+        d["stdout"] = self.stdout[-2000:]
+        return d
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _descendants(pid: int) -> list[int]:
+    """The pid and every process below it, from /proc (Linux); just the pid elsewhere."""
+    parent: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [pid]
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields follow the last ')'.
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        parent.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parent.get(p, ()))
+    return out
+
+
+def _hwm(pid: int) -> int:
+    """VmHWM: the process's own peak RSS since its exec (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _TreeSampler(threading.Thread):
+    def __init__(self, pid: int, poll_s: float) -> None:
+        super().__init__(daemon=True, name="bench-rss")
+        self.pid = pid
+        self.poll_s = poll_s
+        self.peak = 0
+        self.hwm = 0
+        self.cpu: dict[int, float] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        procs = [self.pid]
+        refreshed = 0.0
+        while not self.done.is_set():
+            now = time.monotonic()
+            # Listing descendants walks /proc: do it less often than reading the RSS.
+            if now - refreshed > max(0.25, self.poll_s * 3):
+                procs = _descendants(self.pid)
+                refreshed = now
+            self.peak = max(self.peak, sum(_rss(p) for p in procs))
+            self.hwm = max(self.hwm, _hwm(self.pid))
+            for p in procs:
+                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_s(p))
+            self.done.wait(self.poll_s)
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout_s: float = 900.0,
+    poll_s: float = 0.1,
+    log_path: Path | None = None,
+    report_path: Path | None = None,
+) -> Measurement:
+    """Run cmd to the end; stdout is kept, stderr goes to log_path (its tail is kept)."""
+    full_env = dict(os.environ if env is None else env)
+    if report_path is not None:
+        report_path.unlink(missing_ok=True)
+        full_env["BENCH_REPORT"] = str(report_path)
+    log_path = log_path or Path(os.devnull)
+    with open(log_path, "wb") as err, tempfile.TemporaryFile() as out:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,  # its own process group, so a timeout ends all of it
+        )
+        sampler = _TreeSampler(proc.pid, poll_s)
+        sampler.start()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _kill_group(proc.pid)
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.done.set()
+        sampler.join()
+        _kill_group(proc.pid)  # leftovers (a server the runner failed to stop)
+        out.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+    stderr_tail = ""
+    if log_path != Path(os.devnull):
+        stderr_tail = log_path.read_text("utf-8", "replace")[-3000:]
+    report = None
+    if report_path is not None and report_path.exists():
+        report = json.loads(report_path.read_text())
+    return Measurement(
+        cmd=list(cmd),
+        rc=proc.returncode,
+        wall_s=wall,
+        tree_peak_rss_mb=sampler.peak / MB,
+        hwm_mb=sampler.hwm / MB,
+        # Reaped children's CPU time misses processes nobody waited for (Ray's workers):
+        # the tree's sampled CPU time covers those, up to the last sample.
+        cpu_s=max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values())),
+        timed_out=expired.is_set(),
+        report=report,
+        stdout=stdout,
+        stderr_tail=stderr_tail,
+    )
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
