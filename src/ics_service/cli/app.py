@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,12 +86,21 @@ def json_out(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 
 
+#: Width of tables written to a file or a pipe, where no terminal says how wide to be.
+PIPE_WIDTH = 160
+
+
+def _console(file: Any) -> Console:
+    width = None if file.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
+    return Console(file=file, highlight=False, width=width)
+
+
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False)
+    return _console(sys.stderr)
 
 
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    return _console(sys.stdout)
 
 
 @click.group(cls=IcsGroup, context_settings={"help_option_names": ["-h", "--help"]})
