@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ics_service.models.runtime import available_cpus, onnx_session
+
 #: Where a runner writes its own view of the run (count, steady-state rate...).
 REPORT_ENV = "BENCH_REPORT"
 
@@ -49,31 +51,12 @@ class ModelInfo:
 
 
 def cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return available_cpus()
 
 
 def session(model_path: str, threads: int = 0) -> Any:
-    """An onnxruntime session with ICS's settings (see ics_service.models.runtime)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or cpus()
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
+    """An onnxruntime session with exactly ICS's settings, for every runner."""
+    return onnx_session(model_path, threads=threads)
 
 
 def plain_preprocess(img: Any, info: ModelInfo) -> np.ndarray:

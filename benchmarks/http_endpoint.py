@@ -19,7 +19,9 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .common import ModelInfo, plain_preprocess, session, softmax
+from ics_service.models.runtime import softmax
+
+from .common import ModelInfo, plain_preprocess, session
 
 
 def make_handler(info: ModelInfo, sess: Any) -> type[BaseHTTPRequestHandler]:

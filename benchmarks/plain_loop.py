@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import ModelInfo, Report, list_images, plain_preprocess, result_line, session, softmax
+from ics_service.models.runtime import softmax
+
+from .common import ModelInfo, Report, list_images, plain_preprocess, result_line, session
 
 
 def main(argv: list[str] | None = None) -> None:

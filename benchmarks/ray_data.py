@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import ModelInfo, Report, cpus, plain_preprocess, result_line, session, softmax
+from ics_service.models.runtime import softmax
+
+from .common import ModelInfo, Report, cpus, plain_preprocess, result_line, session
 
 
 class Classifier:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,24 +40,29 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
+    """An onnxruntime CPU session with ICS's settings (the benchmarks' peers use it too)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or available_cpus()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Decode threads share the cores with inference: idle inference threads must sleep,
+    # not spin, or they steal the time decoding needs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 class OnnxRuntime:
     """A model card's ONNX file run by onnxruntime on the CPU."""
 
     def __init__(self, card: ModelCard, path: Path, *, threads: int = 0) -> None:
-        import onnxruntime as ort
-
         self.card = card
         self.path = path
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or available_cpus()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Decode threads share the cores with inference: idle inference threads must sleep,
-        # not spin, or they steal the time decoding needs.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
         self._logits = card.outputs == "logits"
 
