@@ -24,7 +24,7 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.demo
-	$(BIN)/ics models prepare
+	$(BIN)/ics models prepare efficientnet-lite0
 	$(BIN)/python -m ics_service.samples demo/photos
 	@echo
 	@echo "ics classify demo/photos --table --tolerated-failure-percentage 100"

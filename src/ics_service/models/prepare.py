@@ -108,4 +108,10 @@ def _build_efficientnet_lite(card: ModelCard, out: Path, models_dir: Path) -> No
         )
 
 
-_BUILDERS = {"efficientnet-lite": _build_efficientnet_lite}
+def _build_quantized(card: ModelCard, out: Path, models_dir: Path) -> None:
+    from .quantize import build_quantized
+
+    build_quantized(card, out, models_dir)
+
+
+_BUILDERS = {"efficientnet-lite": _build_efficientnet_lite, "quantize": _build_quantized}

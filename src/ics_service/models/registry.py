@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..errors import ModelNotFound
 from .card import ModelCard
 
@@ -14,7 +16,29 @@ EFFICIENTNET_LITE0 = ModelCard(
     build={"kind": "efficientnet-lite", "variant": "efficientnet-lite0"},
 )
 
-MODELS: dict[str, ModelCard] = {card.name: card for card in (EFFICIENTNET_LITE0,)}
+#: The same network quantized to INT8 by `ics models prepare` (see models/quantize.py for
+#: each option, and why). Preprocessing is the FP32 card's, unchanged.
+EFFICIENTNET_LITE0_INT8 = replace(
+    EFFICIENTNET_LITE0,
+    name="efficientnet-lite0-int8",
+    description="EfficientNet-Lite0 quantized to INT8 (onnxruntime static QDQ, per-channel "
+    "weights), calibrated on varied real photos; built from efficientnet-lite0.",
+    build={
+        "kind": "quantize",
+        "base": "efficientnet-lite0",
+        "method": "minmax",
+        "calibration_images": 256,
+        "seed": 0,
+        "float_prefix": 3,
+        "gptq": True,
+        "gptq_act_order": True,
+        "reduce_range_gemm": True,
+    },
+)
+
+MODELS: dict[str, ModelCard] = {
+    card.name: card for card in (EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_INT8)
+}
 
 
 def get_card(name: str) -> ModelCard:
