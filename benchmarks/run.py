@@ -54,6 +54,10 @@ def _env(name: str, default: Any) -> Any:
     return type(default)(raw) if not isinstance(default, bool) else raw not in ("0", "no", "")
 
 
+#: Hand-written analysis of the missed targets, appended to RESULTS.md on every render.
+LIMITS = Path(__file__).resolve().parent / "LIMITS.md"
+
+
 @dataclass
 class Config:
     n: int = 1500
@@ -752,13 +756,15 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
         "",
         *(
             [
-                f"**Taken on a busy machine**: the load average exceeded half the "
+                f"**Taken on a busy machine**: the load average before the run exceeded half the "
                 f"{cpus()} cores, so other work shared the CPUs with every runner (see the "
                 "'cores used' column: CPU seconds ÷ wall seconds). Rates and ratios are "
                 "indicative only; CPU ms/image is the steadier comparison.",
                 "",
             ]
-            if max(lb[0], la[0]) > cpus() / 2
+            # The load after the run is mostly the run's own: only the load before it
+            # says whether other work was sharing the cores.
+            if lb[0] > cpus() / 2
             else []
         ),
         "## Machine",
@@ -826,6 +832,9 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
     lines += render_method(b)
     if b.notes:
         lines += ["## Notes from this run", "", *(f"- {n}" for n in b.notes), ""]
+    if LIMITS.is_file():
+        # Written by hand after reading a run: what limits each missed target.
+        lines += [LIMITS.read_text(encoding="utf-8").rstrip(), ""]
     return "\n".join(lines)
 
 
