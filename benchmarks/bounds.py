@@ -123,17 +123,15 @@ def model_sweep(path: str, tensors: np.ndarray, min_s: float) -> dict[str, Any]:
     }
 
 
-def agreement(fp32: str, int8: str, tensors: np.ndarray, batch: int = 8) -> dict[str, Any]:
-    """Top-1 agreement of two models on the same inputs."""
-    a, b = session(fp32), session(int8)
-    na, nb = a.get_inputs()[0].name, b.get_inputs()[0].name
-    same = 0
-    for i in range(0, len(tensors), batch):
-        x = np.ascontiguousarray(tensors[i : i + batch])
-        (la,) = a.run(None, {na: x})
-        (lb,) = b.run(None, {nb: x})
-        same += int((la.argmax(axis=1) == lb.argmax(axis=1)).sum())
-    return {"images": len(tensors), "top1_agreement": same / len(tensors)}
+def agreement(fp32: ModelInfo, int8: ModelInfo, files: list[Path]) -> dict[str, Any]:
+    """Top-1 agreement of the INT8 model with FP32, by ICS's own measure (models/quantize.py)."""
+    from ics_service.models import OnnxRuntime, get_card
+    from ics_service.models.quantize import agreement_on_files
+
+    reference = OnnxRuntime(get_card(fp32.name), Path(fp32.path))
+    candidate = OnnxRuntime(get_card(int8.name), Path(int8.path))
+    a = agreement_on_files(reference, candidate, files)
+    return {"images": a.images, "top1_agreement": a.top1_rate, "top5_agreement": a.top5_rate}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,9 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.int8_json:
         int8 = ModelInfo.load(args.int8_json)
         doc["int8"] = {"model": model_sweep(int8.path, tensors, args.min_s)}
-        agree_files = small[: args.agree_n]
-        agree_tensors = np.stack([pre(Path(f).read_bytes()) for f in agree_files])
-        doc["int8"]["agreement"] = agreement(info.path, int8.path, agree_tensors)
+        agree_files = [Path(f) for f in small[: args.agree_n]]
+        doc["int8"]["agreement"] = agreement(info, int8, agree_files)
     report.finish(len(small), **doc)
 
 
