@@ -258,3 +258,14 @@ def test_real_process_sigint_aborts_and_keeps_results(ics_home: Path, tmp_path: 
     assert 10 <= execution.counts.done < 400
     assert len(list(store.results(execution.id))) == execution.counts.done
     store.close()
+
+
+def test_inference_plan() -> None:
+    from ics_service.engine.pipeline import plan_inference
+    from ics_service.models.runtime import available_cpus
+
+    cpus = available_cpus()
+    assert plan_inference(0, 0) == (1, cpus)  # one single-thread batch per core
+    assert plan_inference(cpus, 0) == (cpus, 1)
+    assert plan_inference(0, 1) == (cpus, 1)
+    assert plan_inference(3, 5) == (3, 5)

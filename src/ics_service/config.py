@@ -79,7 +79,17 @@ class Settings(BaseModel):
         default=0, ge=0, le=256, description="Threads reading and decoding images (0: automatic)."
     )
     inference_threads: int = Field(
-        default=0, ge=0, le=256, description="onnxruntime intra-op threads (0: automatic)."
+        default=0,
+        ge=0,
+        le=256,
+        description="onnxruntime intra-op threads per batch (0: automatic, 1 per inference "
+        "worker).",
+    )
+    inference_workers: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="Batches run at once on the one model session (0: automatic, one per core).",
     )
     max_pixels: int = Field(
         default=64_000_000, ge=1, description="Images with more pixels are refused before decoding."

@@ -124,11 +124,13 @@ def main() -> None:
 @contextmanager
 def open_runner(settings: Settings) -> Iterator[Any]:
     from ..engine import ExecutionRunner
+    from ..engine.pipeline import plan_inference
     from ..models import get_card, load_runtime
     from ..store import Store
 
     card = get_card(settings.model)
-    runtime = load_runtime(card, settings.models_dir, threads=settings.inference_threads)
+    threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
+    runtime = load_runtime(card, settings.models_dir, threads=threads)
     store = Store(settings.store_url)
     try:
         yield ExecutionRunner(settings, store, runtime)

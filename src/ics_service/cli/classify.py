@@ -43,7 +43,15 @@ from .render import print_results_table, print_summary, progress_bar
 @click.option("--batch-size", type=int, help="Images per inference batch (default 8).")
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
 @click.option(
-    "--threads", "inference_threads", type=int, help="Inference threads (default: all cores)."
+    "--threads",
+    "inference_threads",
+    type=int,
+    help="onnxruntime threads per batch (default: 1 per inference worker).",
+)
+@click.option(
+    "--inference-workers",
+    type=int,
+    help="Batches run at once on the model (default: one per core).",
 )
 @click.option("--max-pixels", type=int, help="Refuse images with more pixels (default 64,000,000).")
 @click.option("--max-bytes", type=int, help="Refuse files larger than this (default 50,000,000).")

@@ -172,7 +172,8 @@ def executions_cancel(execution_id: str, wait: float, as_json: bool, **kwargs: A
 @click.option("--table", is_flag=True, help="Also print a table of the items run now.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
 @click.option("--workers", "decode_workers", type=int, help="Decode threads.")
-@click.option("--threads", "inference_threads", type=int, help="Inference threads.")
+@click.option("--threads", "inference_threads", type=int, help="onnxruntime threads per batch.")
+@click.option("--inference-workers", type=int, help="Batches run at once on the model.")
 @common_options
 def executions_resume(
     execution_id: str, as_json: bool, table: bool, progress: bool | None, **kwargs: Any

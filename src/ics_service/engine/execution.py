@@ -27,7 +27,7 @@ from ..types import (
     ModelRef,
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
-from .pipeline import CLASSIFY, SERIALIZE, Pipeline
+from .pipeline import CLASSIFY, SERIALIZE, Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ class ExecutionRunner:
             top_k=s.top_k,
             batch_size=s.batch_size,
             workers=s.decode_workers,
+            inference_workers=plan_inference(s.inference_threads, s.inference_workers)[1],
             retry_read=s.retry[SERIALIZE],
             retry_classify=s.retry[CLASSIFY],
             on_event=history.add,

@@ -9,7 +9,6 @@ items.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import queue
@@ -59,6 +58,22 @@ def default_workers() -> int:
     return max(2, available_cpus())
 
 
+def plan_inference(threads: int, workers: int) -> tuple[int, int]:
+    """(intra-op threads, inference workers), 0 meaning automatic for either.
+
+    By default one single-thread batch runs per core: measured on 2 cores, that is about
+    1.2 times one two-thread session, which shares the cores with decoding less well.
+    """
+    cpus = available_cpus()
+    if not threads and not workers:
+        return 1, cpus
+    if not workers:
+        return threads, max(1, cpus // threads)
+    if not threads:
+        return max(1, cpus // workers), workers
+    return threads, workers
+
+
 def _error_info(e: BaseException) -> ErrorInfo:
     if isinstance(e, ItemError):
         return e.info()
@@ -77,6 +92,8 @@ class Pipeline:
     top_k: int
     batch_size: int = 8
     workers: int = 0
+    #: Threads running the model at once, each on its own batches (the session is shared).
+    inference_workers: int = 1
     retry_read: RetryPolicy = field(default_factory=RetryPolicy)
     retry_classify: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=2))
     on_event: OnEvent | None = None
@@ -94,6 +111,17 @@ class Pipeline:
         it = iter(items)
         lock = threading.Lock()
         q: queue.Queue[object] = queue.Queue(maxsize=self.batch_size * 2 + self.workers)
+        failed = threading.Event()
+        errors: list[BaseException] = []
+
+        def put(msg: object) -> None:
+            # Never block for ever: if inference died, nobody drains the queue.
+            while not failed.is_set():
+                try:
+                    q.put(msg, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
         def next_item() -> Item | None:
             if stop.is_set():
@@ -101,33 +129,45 @@ class Pipeline:
             with lock:
                 return next(it, None)
 
-        def worker() -> None:
+        def decoder() -> None:
             try:
                 while (item := next_item()) is not None:
-                    q.put(self._decode(item))
-            except BaseException:  # an item iterator that fails must not hang the loop
+                    put(self._decode(item))
+            except BaseException as e:  # an item iterator that fails must not hang the run
                 log.exception("decode worker crashed")
+                errors.append(e)
                 stop.set()
-                raise
-            finally:
-                q.put(_DONE)
 
-        threads = [
-            threading.Thread(target=worker, name=f"ics-decode-{i}", daemon=True)
+        def inferer() -> None:
+            try:
+                self._infer_loop(q, emit)
+            except BaseException as e:
+                errors.append(e)
+                failed.set()
+                stop.set()
+
+        decoders = [
+            threading.Thread(target=decoder, name=f"ics-decode-{i}", daemon=True)
             for i in range(self.workers)
         ]
-        for t in threads:
+        inferers = [
+            threading.Thread(target=inferer, name=f"ics-infer-{i}", daemon=True)
+            for i in range(self.inference_workers)
+        ]
+        for t in (*decoders, *inferers):
             t.start()
         try:
-            self._infer_loop(q, emit)
+            for t in decoders:
+                t.join()
+            for _ in inferers:
+                put(_DONE)
+            for t in inferers:
+                t.join()
         finally:
             stop.set()
-            # Unblock workers waiting on a full queue, then wait for them.
-            while any(t.is_alive() for t in threads):
-                with contextlib.suppress(queue.Empty):
-                    q.get(timeout=0.05)
-            for t in threads:
-                t.join()
+            failed.set()
+        if errors:
+            raise errors[0]
 
     def _retried(self, step: str, item: Item | None) -> Callable[[BaseException, int, float], None]:
         def on_retry(e: BaseException, attempt: int, delay: float) -> None:
@@ -185,20 +225,21 @@ class Pipeline:
         return d
 
     def _infer_loop(self, q: queue.Queue[object], emit: Emit) -> None:
+        """Take what is ready (up to batch_size), classify it, emit; until a _DONE arrives."""
         card = self.runtime.card
         size = card.input_size
         buf = np.empty((self.batch_size, 3, size, size), dtype=np.float32)
-        live = self.workers
-        while live:
+        done = False
+        while not done:
             ready: list[_Decoded] = []
             msg = q.get()
             while True:
                 if msg is _DONE:
-                    live -= 1
-                else:
-                    assert isinstance(msg, _Decoded)
-                    ready.append(msg)
-                if len(ready) >= self.batch_size or not live:
+                    done = True
+                    break
+                assert isinstance(msg, _Decoded)
+                ready.append(msg)
+                if len(ready) >= self.batch_size:
                     break
                 try:
                     msg = q.get_nowait()
