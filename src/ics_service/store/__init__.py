@@ -261,9 +261,7 @@ class Store:
         with self.engine.begin() as conn:
             counts = _count_items(conn, execution_id)
             conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(
+                _update_execution(execution_id).values(
                     status=status.value,
                     finished_at=now,
                     updated_at=now,
@@ -285,9 +283,7 @@ class Store:
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(
+                _update_execution(execution_id).values(
                     status=ExecutionStatus.RUNNING.value,
                     owner=owner,
                     heartbeat_at=now,
@@ -302,11 +298,7 @@ class Store:
     def heartbeat(self, execution_id: str) -> bool:
         """Say the owner is alive; returns whether a cancel was requested."""
         with self.engine.begin() as conn:
-            conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(heartbeat_at=utcnow())
-            )
+            conn.execute(_update_execution(execution_id).values(heartbeat_at=utcnow()))
             requested = conn.execute(
                 select(executions.c.cancel_requested).where(executions.c.id == execution_id)
             ).scalar()
@@ -315,17 +307,13 @@ class Store:
     def request_cancel(self, execution_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(cancel_requested=True, updated_at=utcnow())
+                _update_execution(execution_id).values(cancel_requested=True, updated_at=utcnow())
             )
 
     def mark_listed(self, execution_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(items_listed=True, updated_at=utcnow())
+                _update_execution(execution_id).values(items_listed=True, updated_at=utcnow())
             )
 
     # --- items ----------------------------------------------------------------------
@@ -341,9 +329,9 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(insert(items), chunk)
                 conn.execute(
-                    update(executions)
-                    .where(executions.c.id == execution_id)
-                    .values(total=executions.c.total + len(chunk), updated_at=utcnow())
+                    _update_execution(execution_id).values(
+                        total=executions.c.total + len(chunk), updated_at=utcnow()
+                    )
                 )
             chunk.clear()
 
@@ -391,11 +379,7 @@ class Store:
             # Lock first: the execution's row (PostgreSQL), the database (SQLite, whose
             # transaction starts at the first write). Which items still lack a result is
             # then settled until commit; one batched UPDATE writes them.
-            conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(updated_at=utcnow())
-            )
+            conn.execute(_update_execution(execution_id).values(updated_at=utcnow()))
             seqs = list(first)
             pending: set[int] = set()
             for i in range(0, len(seqs), _INSERT_CHUNK):
@@ -429,9 +413,7 @@ class Store:
             for r in todo:
                 counts.add(r.status)
             conn.execute(
-                update(executions)
-                .where(executions.c.id == execution_id)
-                .values(
+                _update_execution(execution_id).values(
                     succeeded=executions.c.succeeded + counts.succeeded,
                     low_confidence=executions.c.low_confidence + counts.low_confidence,
                     failed=executions.c.failed + counts.failed,
@@ -524,6 +506,11 @@ class Store:
             if len(rows) < 1000:
                 return
             after = rows[-1]._mapping["id"]
+
+
+def _update_execution(execution_id: str) -> Any:
+    """An UPDATE of one execution's row; the caller adds `.values(...)`."""
+    return update(executions).where(executions.c.id == execution_id)
 
 
 def _count_items(conn: Any, execution_id: str) -> dict[str, int]:
