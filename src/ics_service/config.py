@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .types import Step
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,32 @@ DEFAULT_CONFIG_FILE = "ics.toml"
 _ENV_NOT_SETTINGS = {"ICS_CONFIG"}
 
 
-STEPS = ("SerializeImageData", "ClassifyImage", "Notify")
+#: The steps that have a retry policy.
+RETRY_STEPS = (Step.SERIALIZE_IMAGE_DATA, Step.CLASSIFY_IMAGE, Step.NOTIFY)
+
+
+def _refuse_bools(model: type[BaseModel], data: Any) -> Any:
+    """Refuse `true`/`false` for a number or text setting instead of reading it as 1 or 0."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            info = model.model_fields.get(key)
+            if isinstance(value, bool) and info is not None and bool not in _types(info.annotation):
+                raise ValueError(f"{key} must be {_kind(info.annotation)}, not a boolean")
+    return data
+
+
+def _types(annotation: Any) -> set[Any]:
+    args = getattr(annotation, "__args__", None)
+    return set(args) if args and getattr(annotation, "__origin__", None) is None else {annotation}
+
+
+def _kind(annotation: Any) -> str:
+    types = _types(annotation) - {type(None)}
+    if types <= {int}:
+        return "a whole number"
+    if types <= {int, float}:
+        return "a number"
+    return "text" if types <= {str, Path} else "a value of its type"
 
 
 class RetryPolicy(BaseModel):
@@ -43,12 +69,17 @@ class RetryPolicy(BaseModel):
     max_delay_seconds: float | None = Field(default=None, gt=0.0)
     jitter: Literal["FULL", "NONE"] = "FULL"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools(cls, data: Any) -> Any:
+        return _refuse_bools(cls, data)
+
 
 def _default_retry() -> dict[str, RetryPolicy]:
     return {
-        "SerializeImageData": RetryPolicy(),
-        "ClassifyImage": RetryPolicy(max_attempts=2),
-        "Notify": RetryPolicy(interval_seconds=2.0, max_attempts=5, max_delay_seconds=60.0),
+        Step.SERIALIZE_IMAGE_DATA: RetryPolicy(),
+        Step.CLASSIFY_IMAGE: RetryPolicy(max_attempts=2),
+        Step.NOTIFY: RetryPolicy(interval_seconds=2.0, max_attempts=5, max_delay_seconds=60.0),
     }
 
 
@@ -97,6 +128,12 @@ class Settings(BaseModel):
     max_bytes: int = Field(
         default=50_000_000, ge=1, description="Files larger than this are refused before reading."
     )
+    decode_memory: int = Field(
+        default=1_000_000_000,
+        ge=1_000_000,
+        description="Bytes of memory that images being decoded may take at once, shared by "
+        "every decode thread; an image that alone needs more is ImageTooLarge.",
+    )
     tolerated_failure_percentage: float | None = Field(
         default=None,
         ge=0.0,
@@ -124,6 +161,11 @@ class Settings(BaseModel):
         default="WARNING", description="Lowest level of log lines written to stderr."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools(cls, data: Any) -> Any:
+        return _refuse_bools(cls, data)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
@@ -132,9 +174,9 @@ class Settings(BaseModel):
     @field_validator("retry", mode="after")
     @classmethod
     def _steps(cls, v: dict[str, RetryPolicy]) -> dict[str, RetryPolicy]:
-        unknown = set(v) - set(STEPS)
+        unknown = set(v) - set(RETRY_STEPS)
         if unknown:
-            raise ValueError(f"unknown step {sorted(unknown)}; steps: {', '.join(STEPS)}")
+            raise ValueError(f"unknown step {sorted(unknown)}; steps: {', '.join(RETRY_STEPS)}")
         return {**_default_retry(), **v}
 
     @field_validator("home", mode="after")
@@ -163,6 +205,11 @@ class LoadedSettings:
     config_file: Path | None
 
 
+def default(name: str) -> Any:
+    """A setting's default value: the one place defaults are written (help texts read it)."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)
+
+
 def _env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
@@ -173,6 +220,14 @@ def _read_file(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}); TOML files must be UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     # Accept both a flat file and one with an [ics] table.
@@ -185,8 +240,13 @@ def load_settings(
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> LoadedSettings:
-    """Build the settings: defaults < config file < ICS_* environment < `overrides` (flags)."""
+    """Build the settings: defaults < config file < ICS_* environment < `overrides` (flags).
+
+    `flag_names` maps a setting to the flag that set it (`decode_workers` → `--workers`),
+    so that an error names a flag that exists.
+    """
     env = os.environ if environ is None else environ
     fields = Settings.model_fields
     values: dict[str, Any] = {}
@@ -204,6 +264,12 @@ def load_settings(
             if key not in fields:
                 raise ConfigError(
                     f"unknown setting {key!r} in {path}; known settings: {', '.join(fields)}"
+                )
+            kind = _kind(fields[key].annotation)
+            if kind.endswith("number") and isinstance(value, bool | str):
+                raise ConfigError(
+                    f"bad value {json.dumps(value)} for {key} (file {path}): it must be "
+                    f"{kind}" + ("; write it without quotes" if isinstance(value, str) else "")
                 )
             values[key] = value
             sources[key] = f"file {path}"
@@ -229,7 +295,7 @@ def load_settings(
     try:
         settings = Settings.model_validate(values)
     except ValidationError as e:
-        raise ConfigError(_explain(e, sources)) from None
+        raise ConfigError(_explain(e, sources, flag_names or {})) from None
     return LoadedSettings(settings=settings, sources=sources, config_file=path)
 
 
@@ -240,12 +306,21 @@ def _parse_env(var: str, value: str) -> Any:
         raise ConfigError(f"environment variable {var} must be JSON: {e}") from None
 
 
-def _explain(error: ValidationError, sources: Mapping[str, str]) -> str:
+def _explain(
+    error: ValidationError, sources: Mapping[str, str], flag_names: Mapping[str, str]
+) -> str:
     problems = []
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"]) or "settings"
-        where = sources.get(key.split(".")[0], "")
-        origin = {"flag": "flag --" + key.replace("_", "-")}.get(where, where)
-        origin = origin.replace("env ", "environment variable ")
+        if err["type"] == "value_error" and not err["loc"]:
+            # A model-level check (e.g. a boolean for a number) names its key itself.
+            problems.append(str(err["ctx"].get("error", err["msg"])))
+            continue
+        top = key.split(".")[0]
+        where = sources.get(top, "")
+        if where == "flag":
+            origin = "flag " + flag_names.get(top, "--" + top.replace("_", "-"))
+        else:
+            origin = where.replace("env ", "environment variable ")
         problems.append(f"bad value {err.get('input')!r} for {key} ({origin}): {err['msg']}")
     return "; ".join(problems)

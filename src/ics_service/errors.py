@@ -2,18 +2,42 @@
 
 Per-item errors (`ItemError`) end one item FAILED with `error.type` set to the class
 name; they never stop an execution. `UsageError` and its kind end a command with exit
-code 2 and a message that says what to fix. Anything else is a bug.
+code 2 and a message that says what to fix; `EnvironmentUnavailable` (store, disk) with
+exit code 4. Anything else is a bug: exit code 3, or `InternalError` on one item.
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from .types import ErrorInfo
+
+
+class ExitCode(IntEnum):
+    """Every exit code of the `ics` command (documented in the README)."""
+
+    #: The execution SUCCEEDED (or the command did what it was asked).
+    OK = 0
+    #: The execution FAILED: more LOW_CONFIDENCE or FAILED items than tolerated.
+    FAILED = 1
+    #: A usage or configuration error: fix the command line or the settings.
+    USAGE = 2
+    #: A bug in ICS: the traceback is in the log at DEBUG level; please report it.
+    INTERNAL = 3
+    #: The environment is unavailable: the store cannot be reached, the disk is full...
+    ENVIRONMENT = 4
+    #: Interrupted by SIGINT or SIGTERM: the execution is ABORTED, finished items kept.
+    INTERRUPTED = 130
+
+
+#: The error type recorded on an item that failed through a bug, not a bad image.
+INTERNAL_ERROR = "InternalError"
 
 
 class IcsError(Exception):
     """Base class of every error ICS raises on purpose."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
     http_status = 500
 
     @property
@@ -27,7 +51,7 @@ class IcsError(Exception):
 class UsageError(IcsError):
     """A bad command line, setting or request: the user can fix it."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
     http_status = 400
 
 
@@ -47,11 +71,19 @@ class ExecutionNotFound(UsageError):
     http_status = 404
 
 
-class StoreError(IcsError):
-    """The execution store cannot be reached or is not an ICS store."""
+class EnvironmentUnavailable(IcsError):
+    """Something ICS needs from its host is missing or broken: the store, the disk."""
 
-    exit_code = 2
+    exit_code = ExitCode.ENVIRONMENT
     http_status = 503
+
+
+class StoreError(EnvironmentUnavailable):
+    """The execution store cannot be reached, written, or is not an ICS store."""
+
+
+class OutputError(EnvironmentUnavailable):
+    """A results file cannot be written (disk full, permissions, I/O error)."""
 
 
 # --- per-item errors --------------------------------------------------------------

@@ -8,6 +8,15 @@ from enum import StrEnum
 from typing import Any
 
 
+class Step(StrEnum):
+    """The workflow's states, named as in the original Step Functions definition."""
+
+    SERIALIZE_IMAGE_DATA = "SerializeImageData"
+    CLASSIFY_IMAGE = "ClassifyImage"
+    FILTER_LOW_CONFIDENCE = "FilterLowConfidence"
+    NOTIFY = "Notify"
+
+
 class ItemStatus(StrEnum):
     SUCCEEDED = "SUCCEEDED"
     LOW_CONFIDENCE = "LOW_CONFIDENCE"

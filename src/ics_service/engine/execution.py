@@ -25,9 +25,10 @@ from ..types import (
     ExecutionStatus,
     ItemResult,
     ModelRef,
+    Step,
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
-from .pipeline import CLASSIFY, SERIALIZE, Pipeline, plan_inference
+from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,8 @@ class ExecutionRunner:
             batch_size=s.batch_size,
             workers=s.decode_workers,
             inference_workers=plan_inference(s.inference_threads, s.inference_workers)[1],
-            retry_read=s.retry[SERIALIZE],
-            retry_classify=s.retry[CLASSIFY],
+            retry_read=s.retry[Step.SERIALIZE_IMAGE_DATA],
+            retry_classify=s.retry[Step.CLASSIFY_IMAGE],
             on_event=history.add,
         )
 

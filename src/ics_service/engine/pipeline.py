@@ -24,7 +24,7 @@ from ..config import RetryPolicy
 from ..errors import InferenceError, ItemError
 from ..imaging import Preprocessor
 from ..models.runtime import ModelRuntime, available_cpus
-from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, utcnow
+from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, Step, utcnow
 from .decide import decide
 from .retry import call_with_retry
 
@@ -34,9 +34,6 @@ Reader = Callable[[str, int], bytes]
 Emit = Callable[[list[ItemResult]], None]
 #: History events: (type, item seq or None, details).
 OnEvent = Callable[[str, int | None, dict[str, Any]], None]
-
-SERIALIZE = "SerializeImageData"
-CLASSIFY = "ClassifyImage"
 
 
 @dataclass(slots=True)
@@ -169,12 +166,14 @@ class Pipeline:
         if errors:
             raise errors[0]
 
-    def _retried(self, step: str, item: Item | None) -> Callable[[BaseException, int, float], None]:
+    def _retried(
+        self, step: Step, item: Item | None
+    ) -> Callable[[BaseException, int, float], None]:
         def on_retry(e: BaseException, attempt: int, delay: float) -> None:
             err = _error_info(e)
             log.info(
                 "%s retry %d after %s: %s (in %.2f s)",
-                step,
+                step.value,
                 attempt,
                 err.type,
                 err.message,
@@ -189,7 +188,7 @@ class Pipeline:
                     "TaskRetried",
                     None if item is None else item.seq,
                     {
-                        "step": step,
+                        "step": step.value,
                         "error": err.type,
                         "cause": err.message,
                         "attempt": attempt,
@@ -214,7 +213,10 @@ class Pipeline:
 
         try:
             (d.tensor, d.image), d.attempts = call_with_retry(
-                attempt, self.retry_read, stop=self._stop, on_retry=self._retried(SERIALIZE, item)
+                attempt,
+                self.retry_read,
+                stop=self._stop,
+                on_retry=self._retried(Step.SERIALIZE_IMAGE_DATA, item),
             )
         except Exception as e:
             if not isinstance(e, ItemError):  # a bug or an unexpected library error
@@ -258,7 +260,10 @@ class Pipeline:
                 raise InferenceError(f"model {self.model_ref.name} failed: {e}") from e
 
         return call_with_retry(
-            attempt, self.retry_classify, stop=self._stop, on_retry=self._retried(CLASSIFY, None)
+            attempt,
+            self.retry_classify,
+            stop=self._stop,
+            on_retry=self._retried(Step.CLASSIFY_IMAGE, None),
         )
 
     def _classify(self, ready: list[_Decoded], buf: np.ndarray) -> list[ItemResult]:

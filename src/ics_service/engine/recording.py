@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..store import Store
-from ..types import ItemResult, ItemStatus
-from .pipeline import CLASSIFY, SERIALIZE
+from ..types import ItemResult, ItemStatus, Step
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,15 @@ class History:
             seq = int(r.item_id)
             if self.full:
                 self.add("MapIterationStarted", seq, {"uri": r.uri})
-                for step in (SERIALIZE, CLASSIFY, "FilterLowConfidence"):
-                    if step == CLASSIFY and r.label is None:
+                for step in (
+                    Step.SERIALIZE_IMAGE_DATA,
+                    Step.CLASSIFY_IMAGE,
+                    Step.FILTER_LOW_CONFIDENCE,
+                ):
+                    if step is Step.CLASSIFY_IMAGE and r.label is None:
                         break
-                    self.add("TaskStateEntered", seq, {"step": step})
-                    self.add("TaskStateExited", seq, {"step": step})
+                    self.add("TaskStateEntered", seq, {"step": step.value})
+                    self.add("TaskStateExited", seq, {"step": step.value})
             if r.status is ItemStatus.SUCCEEDED:
                 if self.full:
                     self.add("MapIterationSucceeded", seq, {"label": r.label})
