@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .config import Settings, default
 from .errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from .models.card import ModelCard
 from .types import ImageInfo
@@ -103,8 +104,19 @@ def looks_like_image(head: bytes) -> bool:
 
 @dataclass(frozen=True)
 class Limits:
-    max_pixels: int = 64_000_000
-    max_bytes: int = 50_000_000
+    """What an image may cost; the defaults are the settings' (config.Settings)."""
+
+    max_pixels: int = default("max_pixels")
+    max_bytes: int = default("max_bytes")
+    decode_memory: int = default("decode_memory")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_pixels=settings.max_pixels,
+            max_bytes=settings.max_bytes,
+            decode_memory=settings.decode_memory,
+        )
 
 
 class Preprocessor:

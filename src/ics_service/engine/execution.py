@@ -147,9 +147,7 @@ class ExecutionRunner:
         recorder = Recorder(all_sinks, on_error=lambda _e: stop.set())
         pipeline = Pipeline(
             runtime=self.runtime,
-            preprocess=Preprocessor(
-                self.runtime.card, Limits(max_pixels=s.max_pixels, max_bytes=s.max_bytes)
-            ),
+            preprocess=Preprocessor(self.runtime.card, Limits.from_settings(s)),
             reader=sources.read,
             execution_id=execution.id,
             threshold=s.threshold,
