@@ -5,23 +5,29 @@ Every test takes `store_url` (tests/store_backends.py), so the same test runs on
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gc
 import itertools
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import (
+    Engine,
+    create_engine,
     event,
     insert,
     inspect,
@@ -31,8 +37,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
-from ics_service.errors import ExecutionNotFound, StoreError
-from ics_service.store import Store, schema
+from ics_service.errors import ExecutionNotFound, ExitCode, StoreError, UsageError
+from ics_service.store import Store, migrations, schema
 from ics_service.types import (
     Counts,
     ErrorInfo,
@@ -45,6 +51,7 @@ from ics_service.types import (
     Prediction,
     utcnow,
 )
+from store_backends import other_store_url_fixture  # noqa: F401  (the fixture other_store_url)
 
 MODEL = ModelRef(name="efficientnet-lite0", version="1")
 STATUSES = [ItemStatus.SUCCEEDED, ItemStatus.LOW_CONFIDENCE, ItemStatus.FAILED]
@@ -143,8 +150,8 @@ def assert_utc(ts: dt.datetime | None) -> None:
 
 def test_migrates_an_empty_store(store_url: str) -> None:
     with opened(store_url) as store:
-        assert store.schema_version() == schema.LATEST
-        assert [v for v, _ in version_rows(store)] == [v for v, _ in schema.MIGRATIONS]
+        assert store.schema_version() == migrations.LATEST
+        assert [v for v, _ in version_rows(store)] == [v for v, _ in migrations.MIGRATIONS]
         insp = inspect(store.engine)
         assert {"ics_schema_version", "ics_executions", "ics_items", "ics_events"} <= set(
             insp.get_table_names()
@@ -153,6 +160,163 @@ def test_migrates_an_empty_store(store_url: str) -> None:
             i["name"] for i in insp.get_indexes("ics_items")
         }
         assert "ix_ics_events_execution" in {i["name"] for i in insp.get_indexes("ics_events")}
+
+
+def describe_schema(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Tables, columns, keys and indexes of a database, as its dialect reflects them."""
+    insp = inspect(engine)
+
+    def where(index: Any) -> str | None:
+        options = index.get("dialect_options", {})
+        clause = options.get("sqlite_where", options.get("postgresql_where"))
+        return None if clause is None else re.sub(r"[()]", "", str(clause)).strip()
+
+    return {
+        table: {
+            "columns": [
+                (c["name"], c["type"].compile(dialect=engine.dialect), c["nullable"])
+                + (("default",) if c.get("default") else ())
+                for c in insp.get_columns(table)
+            ],
+            "primary_key": insp.get_pk_constraint(table)["constrained_columns"],
+            "foreign_keys": sorted(
+                (
+                    tuple(fk["constrained_columns"]),
+                    fk["referred_table"],
+                    tuple(fk["referred_columns"]),
+                )
+                for fk in insp.get_foreign_keys(table)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            "indexes": sorted(
+                (i["name"], tuple(i["column_names"]), bool(i["unique"]), where(i))
+                for i in insp.get_indexes(table)
+                if not i.get("duplicates_constraint")  # PostgreSQL's UNIQUE (name)
+            ),
+        }
+        for table in sorted(insp.get_table_names())
+    }
+
+
+def golden_v1(backend: str) -> dict[str, dict[str, Any]]:
+    """The schema migration 1 builds, written out by hand: it must never change."""
+    ts = "DATETIME" if backend == "sqlite" else "TIMESTAMP WITH TIME ZONE"
+    double = "FLOAT" if backend == "sqlite" else "DOUBLE PRECISION"
+    serial: tuple[str, ...] = () if backend == "sqlite" else ("default",)  # SERIAL's nextval
+    by_execution = [(("execution_id",), "ics_executions", ("id",))]
+    return {
+        "ics_events": {
+            "columns": [
+                ("id", "INTEGER", False, *serial),
+                ("execution_id", "VARCHAR(64)", False),
+                ("ts", ts, False),
+                ("type", "VARCHAR(64)", False),
+                ("item_seq", "INTEGER", True),
+                ("details", "TEXT", True),
+            ],
+            "primary_key": ["id"],
+            "foreign_keys": by_execution,
+            "unique": [],
+            "indexes": [("ix_ics_events_execution", ("execution_id", "id"), False, None)],
+        },
+        "ics_executions": {
+            "columns": [
+                ("id", "VARCHAR(64)", False),
+                ("name", "VARCHAR(255)", True),
+                ("status", "VARCHAR(16)", False),
+                ("params", "TEXT", False),
+                ("model_name", "VARCHAR(128)", False),
+                ("model_version", "VARCHAR(64)", False),
+                ("threshold", double, False),
+                ("total", "INTEGER", False),
+                ("succeeded", "INTEGER", False),
+                ("low_confidence", "INTEGER", False),
+                ("failed", "INTEGER", False),
+                ("started_at", ts, False),
+                ("updated_at", ts, False),
+                ("finished_at", ts, True),
+                ("error_type", "VARCHAR(128)", True),
+                ("error_message", "TEXT", True),
+                ("owner", "VARCHAR(255)", True),
+                ("heartbeat_at", ts, True),
+                ("cancel_requested", "BOOLEAN", False),
+                ("items_listed", "BOOLEAN", False),
+            ],
+            "primary_key": ["id"],
+            "foreign_keys": [],
+            "unique": [("name",)],
+            "indexes": [("ix_ics_executions_started", ("started_at",), False, None)],
+        },
+        "ics_items": {
+            "columns": [
+                ("execution_id", "VARCHAR(64)", False),
+                ("seq", "INTEGER", False),
+                ("uri", "TEXT", False),
+                ("status", "VARCHAR(16)", True),
+                ("attempts", "INTEGER", False),
+                ("result", "TEXT", True),
+                ("finished_at", ts, True),
+            ],
+            "primary_key": ["execution_id", "seq"],
+            "foreign_keys": by_execution,
+            "unique": [],
+            "indexes": [
+                ("ix_ics_items_done", ("execution_id", "seq"), False, "status IS NOT NULL"),
+                ("ix_ics_items_pending", ("execution_id", "seq"), False, "status IS NULL"),
+                ("ix_ics_items_status", ("execution_id", "status", "seq"), False, None),
+            ],
+        },
+        "ics_schema_version": {
+            "columns": [("version", "INTEGER", False, *serial), ("applied_at", ts, False)],
+            "primary_key": ["version"],
+            "foreign_keys": [],
+            "unique": [],
+            "indexes": [],
+        },
+    }
+
+
+@contextmanager
+def shipped_up_to(version: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Within the block, ICS knows only the migrations up to version (an older ICS)."""
+    with monkeypatch.context() as m:
+        m.setattr(
+            migrations, "MIGRATIONS", [(v, f) for v, f in migrations.MIGRATIONS if v <= version]
+        )
+        m.setattr(migrations, "LATEST", version)
+        yield
+
+
+def test_migration_1_builds_the_same_schema_forever(
+    store_url: str, store_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Migration 1 runs fixed SQL: the tables of schema.py have changed since (migration 2
+    # added ics_items.error_type), and a new store at version 1 must not see that.
+    with shipped_up_to(1, monkeypatch), opened(store_url) as store:
+        assert store.schema_version() == 1
+        assert describe_schema(store.engine) == golden_v1(store_backend)
+
+
+def test_the_tables_the_queries_use_are_the_ones_the_migrations_build(
+    store_url: str, other_store_url: str
+) -> None:
+    # The queries see schema.py; the database is what the migrations built. Both must agree
+    # (columns in the same order, types, keys, indexes), or a query would drift from the DDL.
+    with opened(store_url) as store:
+        migrated = describe_schema(store.engine)
+    declared = create_engine(
+        make_url(other_store_url).set(
+            drivername="postgresql+psycopg"
+            if other_store_url.startswith("postgresql")
+            else "sqlite"
+        )
+    )
+    try:
+        with declared.begin() as conn:
+            schema.metadata.create_all(conn)
+        assert migrated == describe_schema(declared)
+    finally:
+        declared.dispose()
 
 
 def test_reopening_a_store_does_not_migrate_again(
@@ -166,10 +330,12 @@ def test_reopening_a_store_does_not_migrate_again(
     def must_not_run(conn: Any) -> None:
         raise AssertionError("a migration ran again on an up-to-date store")
 
-    monkeypatch.setattr(schema, "MIGRATIONS", [(v, must_not_run) for v, _ in schema.MIGRATIONS])
+    monkeypatch.setattr(
+        migrations, "MIGRATIONS", [(v, must_not_run) for v, _ in migrations.MIGRATIONS]
+    )
     for _ in range(2):
         with opened(store_url) as store:
-            assert store.schema_version() == schema.LATEST
+            assert store.schema_version() == migrations.LATEST
             assert version_rows(store) == applied
             again = store.get_execution(e.id)
             assert again.name == "kept"
@@ -190,9 +356,9 @@ def test_upgrades_an_older_store(store_url: str, monkeypatch: pytest.MonkeyPatch
         conn.execute(text("ALTER TABLE ics_executions ADD COLUMN note VARCHAR(64)"))
         conn.execute(text("CREATE INDEX ix_test_note ON ics_executions (note)"))
 
-    newer = schema.LATEST + 1
-    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, (newer, add_note)])
-    monkeypatch.setattr(schema, "LATEST", newer)
+    newer = migrations.LATEST + 1
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, (newer, add_note)])
+    monkeypatch.setattr(migrations, "LATEST", newer)
 
     with opened(store_url) as store:
         assert store.schema_version() == newer
@@ -218,8 +384,8 @@ def test_a_failed_migration_leaves_the_store_as_it_was(
 ) -> None:
     with opened(store_url) as store:
         e = new_execution(store)
-    newer = schema.LATEST + 1
-    shipped = list(schema.MIGRATIONS)
+    newer = migrations.LATEST + 1
+    shipped = list(migrations.MIGRATIONS)
 
     def half_done(conn: Any) -> None:
         conn.execute(text("ALTER TABLE ics_executions ADD COLUMN note VARCHAR(64)"))
@@ -228,14 +394,14 @@ def test_a_failed_migration_leaves_the_store_as_it_was(
     def whole(conn: Any) -> None:
         conn.execute(text("ALTER TABLE ics_executions ADD COLUMN note VARCHAR(64)"))
 
-    monkeypatch.setattr(schema, "LATEST", newer)
-    monkeypatch.setattr(schema, "MIGRATIONS", [*shipped, (newer, half_done)])
+    monkeypatch.setattr(migrations, "LATEST", newer)
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*shipped, (newer, half_done)])
     with pytest.raises(RuntimeError, match="power cut"):
         Store(store_url)
     gc.collect()  # a leaked connection would warn (warnings are errors) here
 
-    monkeypatch.setattr(schema, "MIGRATIONS", shipped)
-    monkeypatch.setattr(schema, "LATEST", shipped[-1][0])
+    monkeypatch.setattr(migrations, "MIGRATIONS", shipped)
+    monkeypatch.setattr(migrations, "LATEST", shipped[-1][0])
     with opened(store_url) as store:
         assert store.schema_version() == shipped[-1][0]
         assert "note" not in {
@@ -243,15 +409,15 @@ def test_a_failed_migration_leaves_the_store_as_it_was(
         }
 
     # The same migration, fixed, then applies cleanly: no wipe, no manual repair.
-    monkeypatch.setattr(schema, "LATEST", newer)
-    monkeypatch.setattr(schema, "MIGRATIONS", [*shipped, (newer, whole)])
+    monkeypatch.setattr(migrations, "LATEST", newer)
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*shipped, (newer, whole)])
     with opened(store_url) as store:
         assert store.schema_version() == newer
         assert store.get_execution(e.id).id == e.id
 
 
 def test_refuses_a_store_with_a_newer_schema(store_url: str) -> None:
-    newer = schema.LATEST + 1
+    newer = migrations.LATEST + 1
     with opened(store_url) as store, store.engine.begin() as conn:
         conn.execute(insert(schema.schema_version).values(version=newer, applied_at=utcnow()))
     with pytest.raises(StoreError, match=rf"schema version {newer}, newer than .*upgrade ICS"):
@@ -292,9 +458,9 @@ def test_stores_opened_at_once_on_a_new_database_migrate_once(
     for url in urls:
         versions, errors = open_at_once(url, 4)
         assert not errors, errors
-        assert versions == [schema.LATEST] * 4
+        assert versions == [migrations.LATEST] * 4
         with opened(url) as store:
-            assert [v for v, _ in version_rows(store)] == [v for v, _ in schema.MIGRATIONS]
+            assert [v for v, _ in version_rows(store)] == [v for v, _ in migrations.MIGRATIONS]
 
 
 def test_bad_store_urls_are_store_errors(tmp_path: Path) -> None:
@@ -307,6 +473,185 @@ def test_bad_store_urls_are_store_errors(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(StoreError, match="cannot open"):
         Store(f"sqlite:///{tmp_path / 'a-file' / 'store.db'}")
+
+
+# --- stores that cannot be used ---------------------------------------------------------
+
+
+def assert_for_people(e: StoreError, *, names: str) -> None:
+    """A StoreError's message: names the store, hides its password, quotes no SQL."""
+    message = str(e)
+    assert names in message, message
+    assert "secret" not in message, message
+    for sql in ("SELECT", "INSERT", "UPDATE", "PRAGMA", "CREATE", "[SQL", "[parameters"):
+        assert sql not in message, message
+    assert e.exit_code == ExitCode.ENVIRONMENT
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite://", "a store must be a file, sqlite:///PATH"),
+        ("sqlite:///:memory:", "a store must be a file, sqlite:///PATH"),
+        ("sqlite:", "bad store URL 'sqlite:'"),
+        ("notaurl", "bad store URL 'notaurl'"),
+        ("postgresql://ics:secret@localhost:notaport/ics", "bad store URL"),
+        ("mysql://x", "unsupported store 'mysql'"),
+    ],
+)
+def test_a_bad_store_url_says_how_to_name_a_store(url: str, says: str) -> None:
+    with pytest.raises(StoreError) as caught:
+        Store(url)
+    assert_for_people(caught.value, names=says)
+
+
+def test_a_file_that_is_not_a_database_is_not_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    garbage = bytes(range(256)) * 64
+    path.write_bytes(garbage)
+    with pytest.raises(StoreError, match="is not a usable execution store") as caught:
+        Store(f"sqlite:///{path}")
+    assert_for_people(caught.value, names=str(path))
+    assert "file is not a database" in str(caught.value)
+    assert path.read_bytes() == garbage
+    gc.collect()  # the refused store closed its connections (no ResourceWarning)
+
+
+def test_a_folder_is_not_a_store(tmp_path: Path) -> None:
+    for create in (True, False):
+        with pytest.raises(StoreError, match="is a folder: a store must be a file") as caught:
+            Store(f"sqlite:///{tmp_path}", create=create)
+        assert_for_people(caught.value, names=f"sqlite:///{tmp_path / 'ics.db'}")
+
+
+def test_a_read_only_store_is_read_but_never_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ics.db"
+    with opened(f"sqlite:///{path}") as store:
+        e = new_execution(store)
+        store.add_items(e.id, uris(3))
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    with opened(read_only) as store:
+        assert store.get_execution(e.id).counts.total == 3
+        assert [i.seq for i in store.pending_items(e.id)] == [0, 1, 2]
+        writes: list[Callable[[], object]] = [
+            lambda: new_execution(store),
+            lambda: store.add_items(e.id, uris(1)),
+            lambda: store.record_results(e.id, [make_result(e.id, 0)]),
+            lambda: store.request_cancel(e.id),
+        ]
+        for write in writes:
+            with pytest.raises(StoreError, match="is read-only") as caught:
+                write()
+            assert_for_people(caught.value, names=read_only)
+        assert store.counts(e.id) == Counts(total=3)
+    # SQLite's URI is not a path: nothing named "file:" appears in the working folder.
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ics.db")) == []
+
+
+def test_a_read_only_store_that_needs_a_migration_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ics.db"
+    with shipped_up_to(1, monkeypatch), opened(f"sqlite:///{path}"):
+        pass
+    with pytest.raises(StoreError, match="is read-only") as caught:
+        Store(f"sqlite:///file:{path}?mode=ro&uri=true")
+    assert_for_people(caught.value, names=str(path))
+
+
+def test_a_full_disk_is_a_store_error_and_loses_nothing_written(tmp_path: Path) -> None:
+    with opened(f"sqlite:///{tmp_path / 'ics.db'}") as store:
+        e = new_execution(store)
+        store.add_items(e.id, uris(10))
+        with store.engine.connect() as conn:
+            pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+
+        # SQLite's own cap on the file's size fails writes with its real "database or disk
+        # is full" (SQLITE_FULL), as a full disk does.
+        def cap(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute(f"PRAGMA max_page_count = {pages + 1}")
+
+        event.listen(store.engine, "connect", cap)
+        store.engine.dispose()  # the pooled connections predate the cap
+        with pytest.raises(StoreError, match="is full") as caught:
+            store.add_items(e.id, uris(20_000, start=10), start_seq=10)
+        assert_for_people(caught.value, names=store.safe_url)
+        assert "database or disk is full" in str(caught.value)
+        event.remove(store.engine, "connect", cap)
+        store.engine.dispose()
+        assert store.counts(e.id).total == store.get_execution(e.id).counts.total >= 10
+
+
+def test_an_unreachable_postgresql_is_a_store_error_within_seconds() -> None:
+    with pytest.raises(StoreError, match="cannot open the execution store") as caught:
+        Store("postgresql://ics:secret@127.0.0.1:1/ics")
+    assert_for_people(caught.value, names="postgresql://ics:***@127.0.0.1:1/ics")
+
+    # A server that accepts the connection and never answers (a hung host, a firewall):
+    # the store gives up after its connect timeout instead of waiting forever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"postgresql://ics:secret@127.0.0.1:{silent.getsockname()[1]}/ics"
+        outcome: list[BaseException] = []
+
+        def open_store() -> None:
+            try:
+                Store(url).close()
+            except BaseException as e:  # checked below
+                outcome.append(e)
+
+        started = time.monotonic()
+        opener = threading.Thread(target=open_store, daemon=True)
+        opener.start()
+        opener.join(timeout=30)
+        assert not opener.is_alive(), "no connect timeout: still waiting for a silent server"
+        assert time.monotonic() - started < 20
+        assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
+        assert_for_people(outcome[0], names=make_url(url).render_as_string(hide_password=True))
+
+
+def test_a_store_that_does_not_exist_is_not_created_for_reading(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "yet" / "ics.db"
+    for url in (f"sqlite:///{path}", f"sqlite:///file:{path}?mode=ro&uri=true"):
+        with pytest.raises(StoreError) as caught:
+            Store(url, create=False)
+        assert str(caught.value) == (
+            f"no execution store at {path}: nothing has run with this store yet "
+            "(or --store/ICS_STORE points elsewhere)"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_opens_and_migrates_an_existing_store(
+    store_url: str, other_store_url: str, store_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if store_backend == "postgresql":
+        # The database exists, so there is a store to read: an empty one, migrated.
+        with opened_for_reading(other_store_url) as store:
+            assert store.schema_version() == migrations.LATEST
+            assert store.list_executions() == []
+    else:
+        with pytest.raises(StoreError, match="no execution store at"):
+            Store(store_url, create=False)
+        assert not Path(make_url(store_url).database or "").exists()
+    with shipped_up_to(1, monkeypatch), opened(store_url) as old:
+        e = new_execution(old)
+    with opened_for_reading(store_url) as store:
+        assert store.schema_version() == migrations.LATEST
+        assert store.get_execution(e.id) == e
+
+
+@contextmanager
+def opened_for_reading(url: str) -> Iterator[Store]:
+    store = Store(url, create=False)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 # --- executions -------------------------------------------------------------------------
@@ -347,7 +692,6 @@ def test_execution_prefix_lookup(store: Store) -> None:
     assert store.get_execution("20260101-120000-aa").id == a.id
     assert store.get_execution("20260101-120000-ab").id == b.id
     for not_one in [
-        "20260101-120000-a",  # ambiguous
         "20260101-120000-c",  # no such execution
         "20260101_120000-aa",  # LIKE wildcards are plain characters
         "%-aa",
@@ -356,6 +700,28 @@ def test_execution_prefix_lookup(store: Store) -> None:
     ]:
         with pytest.raises(ExecutionNotFound):
             store.get_execution(not_one)
+
+
+def test_an_ambiguous_id_prefix_names_its_matches(store: Store) -> None:
+    two = ["20260101-120000-b11111", "20260101-120000-b22222"]
+    seven = [f"20260101-120000-a{c * 5}" for c in "abcdefg"]
+    for execution_id in [*two, *seven]:
+        new_execution(store, execution_id=execution_id)
+
+    with pytest.raises(UsageError) as caught:
+        store.get_execution("20260101-120000-b")
+    assert not isinstance(caught.value, ExecutionNotFound)  # it exists, more than once
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert str(caught.value) == (
+        "execution id prefix '20260101-120000-b' is ambiguous: it matches "
+        "20260101-120000-b11111, 20260101-120000-b22222; give more characters"
+    )
+    # Many matches: the first five, then "...".
+    with pytest.raises(UsageError, match=r"ambiguous") as caught:
+        store.get_execution("20260101-120000-a")
+    assert f"it matches {', '.join(seven[:5])}, ...; give more characters" in str(caught.value)
+    assert seven[5] not in str(caught.value)
+    assert store.get_execution("20260101-120000-b2").id == two[1]
 
 
 def test_an_execution_name_is_used_once(store: Store) -> None:
@@ -510,6 +876,97 @@ def test_counts_and_finish_execution(store: Store) -> None:
     assert ok.status is ExecutionStatus.SUCCEEDED
     assert ok.error is None
     assert store.finish_execution(e.id, ExecutionStatus.ABORTED).status is ExecutionStatus.ABORTED
+
+
+def failed(execution_id: str, seq: int, error_type: str) -> ItemResult:
+    return dataclasses.replace(
+        make_result(execution_id, seq, ItemStatus.FAILED), error=ErrorInfo(error_type, "why")
+    )
+
+
+def error_types(store: Store, execution_id: str) -> dict[int, str | None]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(schema.items.c.seq, schema.items.c.error_type).where(
+                schema.items.c.execution_id == execution_id
+            )
+        ).all()
+    return {seq: etype for seq, etype in rows}
+
+
+def test_failure_types_count_failed_items_by_error_type(store: Store) -> None:
+    e = new_execution(store)
+    other = new_execution(store)
+    store.add_items(e.id, uris(12))
+    store.add_items(other.id, uris(2))
+    kinds = ["InvalidImage", "InternalError", "InvalidImage", "SourceNotFound", "InvalidImage"]
+    store.record_results(
+        e.id,
+        [failed(e.id, seq, kind) for seq, kind in enumerate(kinds)]
+        + [make_result(e.id, seq, ItemStatus.SUCCEEDED) for seq in (5, 6)]
+        + [make_result(e.id, 7, ItemStatus.LOW_CONFIDENCE)]
+        + [failed(e.id, 8, "X" * 200)],  # longer than the column: kept to its width
+    )
+    store.record_results(other.id, [failed(other.id, 0, "InternalError")])
+
+    expected = {"InvalidImage": 3, "InternalError": 1, "SourceNotFound": 1, "X" * 128: 1}
+    assert store.failure_types(e.id) == expected
+    assert next(iter(store.failure_types(e.id))) == "InvalidImage"  # most frequent first
+    assert error_types(store, e.id) == {
+        **{seq: kind for seq, kind in enumerate(kinds)},
+        5: None,
+        6: None,
+        7: None,
+        8: "X" * 128,
+        **{seq: None for seq in range(9, 12)},  # no result yet
+    }
+    # An item's first result stays, error type included.
+    assert store.record_results(e.id, [failed(e.id, 0, "InternalError")]) == 0
+    assert store.failure_types(e.id) == expected
+    assert store.failure_types(other.id) == {"InternalError": 1}
+    assert store.failure_types(new_execution(store).id) == {}
+
+
+def test_a_version_1_store_is_migrated_in_place_with_its_error_types(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with shipped_up_to(1, monkeypatch), opened(store_url) as old:
+        e = new_execution(old)
+        old.add_items(e.id, uris(4))
+        # Results as version 1 wrote them: the error only inside the JSON result.
+        written = [
+            make_result(e.id, 0, ItemStatus.SUCCEEDED),
+            failed(e.id, 1, "InvalidImage"),
+            failed(e.id, 2, "InternalError"),
+        ]
+        with old.engine.begin() as conn:
+            for r in written:
+                conn.execute(
+                    update(schema.items)
+                    .where(
+                        schema.items.c.execution_id == e.id,
+                        schema.items.c.seq == int(r.item_id),
+                    )
+                    .values(
+                        status=r.status.value,
+                        attempts=1,
+                        result=json.dumps(r.to_dict()),
+                        finished_at=r.finished_at,
+                    )
+                )
+        assert "error_type" not in {c["name"] for c in inspect(old.engine).get_columns("ics_items")}
+
+    with opened(store_url) as store:
+        assert [v for v, _ in version_rows(store)] == [1, 2]
+        columns = {c["name"]: c for c in inspect(store.engine).get_columns("ics_items")}
+        assert columns["error_type"]["nullable"]
+        # Migration 2 filled the new column from the results already there.
+        assert error_types(store, e.id) == {0: None, 1: "InvalidImage", 2: "InternalError", 3: None}
+        assert store.failure_types(e.id) == {"InternalError": 1, "InvalidImage": 1}
+        assert [r.to_dict() for r in store.results(e.id)] == [r.to_dict() for r in written]
+        store.record_results(e.id, [failed(e.id, 3, "InvalidImage")])
+        assert store.failure_types(e.id) == {"InvalidImage": 2, "InternalError": 1}
+        assert store.counts(e.id) == Counts(total=4, succeeded=1, failed=3)
 
 
 def test_results_paged_by_status_with_a_keyset(store: Store) -> None:

@@ -1,18 +1,14 @@
-"""Tables of the execution store and their versioned migrations.
+"""Tables of the execution store, as the queries see them (the latest schema version).
 
-A migration is a function that takes a connection inside a transaction; the store applies
-every one newer than the recorded version, in order, so an upgrade never needs a wipe.
-Add a migration; never edit one that has shipped.
+These definitions never create anything: migrations.py builds the schema with fixed SQL,
+and a test checks that these tables match what the migrations build. Change both at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from sqlalchemy import (
     Boolean,
     Column,
-    Connection,
     DateTime,
     Float,
     ForeignKey,
@@ -73,6 +69,8 @@ items = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("result", Text, nullable=True),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # Added by migration 2 (hence last): a FAILED item's error type, to count failures.
+    Column("error_type", String(128), nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
 # Pending items and recorded results, each in seq order: PostgreSQL cannot read
@@ -95,16 +93,3 @@ events = Table(
     Column("details", Text, nullable=True),
 )
 Index("ix_ics_events_execution", events.c.execution_id, events.c.id)
-
-
-def _v1(conn: Connection) -> None:
-    # Built from the definitions above while they are still the first schema. The first
-    # change to them must freeze this migration first (copy its DDL here, as it is), then
-    # add the change as migration 2: a shipped migration keeps building what it built.
-    metadata.create_all(conn, tables=[executions, items, events])
-
-
-#: (version, migration) in order. The last version is the schema this code expects.
-#: A shipped migration is never edited: a later one changes what it built.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1)]
-LATEST = MIGRATIONS[-1][0]

@@ -1,0 +1,172 @@
+"""Versioned migrations of the execution store, and applying them.
+
+Each migration is fixed SQL per dialect, never built from the live tables of schema.py: a
+shipped migration must keep building what it built, whatever the tables become later.
+Add a migration; never edit one that has shipped. The store applies every one newer than
+its recorded version, in order, so an upgrade never needs a wipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import Connection, Engine, func, insert, inspect, select
+
+from ..errors import StoreError
+from ..types import utcnow
+from . import schema
+from .connection import lock_for_migration
+
+log = logging.getLogger(__name__)
+
+#: The table recording applied versions: created before any migration, if missing.
+_VERSION_TABLE = {
+    "sqlite": """
+CREATE TABLE IF NOT EXISTS ics_schema_version (
+	version INTEGER NOT NULL,
+	applied_at DATETIME NOT NULL,
+	PRIMARY KEY (version)
+)""",
+    "postgresql": """
+CREATE TABLE IF NOT EXISTS ics_schema_version (
+	version SERIAL NOT NULL,
+	applied_at TIMESTAMP WITH TIME ZONE NOT NULL,
+	PRIMARY KEY (version)
+)""",
+}
+
+# Version 1, as SQLAlchemy 2.1's create_all emitted it from the first tables (frozen).
+_V1_EXECUTIONS = """
+CREATE TABLE ics_executions (
+	id VARCHAR(64) NOT NULL,
+	name VARCHAR(255),
+	status VARCHAR(16) NOT NULL,
+	params TEXT NOT NULL,
+	model_name VARCHAR(128) NOT NULL,
+	model_version VARCHAR(64) NOT NULL,
+	threshold FLOAT NOT NULL,
+	total INTEGER NOT NULL,
+	succeeded INTEGER NOT NULL,
+	low_confidence INTEGER NOT NULL,
+	failed INTEGER NOT NULL,
+	started_at {ts} NOT NULL,
+	updated_at {ts} NOT NULL,
+	finished_at {ts},
+	error_type VARCHAR(128),
+	error_message TEXT,
+	owner VARCHAR(255),
+	heartbeat_at {ts},
+	cancel_requested BOOLEAN NOT NULL,
+	items_listed BOOLEAN NOT NULL,
+	PRIMARY KEY (id),
+	UNIQUE (name)
+)"""
+_V1_ITEMS = """
+CREATE TABLE ics_items (
+	execution_id VARCHAR(64) NOT NULL,
+	seq INTEGER NOT NULL,
+	uri TEXT NOT NULL,
+	status VARCHAR(16),
+	attempts INTEGER NOT NULL,
+	result TEXT,
+	finished_at {ts},
+	PRIMARY KEY (execution_id, seq),
+	FOREIGN KEY(execution_id) REFERENCES ics_executions (id)
+)"""
+_V1_EVENTS = """
+CREATE TABLE ics_events (
+	id {serial} NOT NULL,
+	execution_id VARCHAR(64) NOT NULL,
+	ts {ts} NOT NULL,
+	type VARCHAR(64) NOT NULL,
+	item_seq INTEGER,
+	details TEXT,
+	PRIMARY KEY (id),
+	FOREIGN KEY(execution_id) REFERENCES ics_executions (id)
+)"""
+_V1_INDEXES = [
+    "CREATE INDEX ix_ics_executions_started ON ics_executions (started_at)",
+    "CREATE INDEX ix_ics_items_status ON ics_items (execution_id, status, seq)",
+    "CREATE INDEX ix_ics_items_pending ON ics_items (execution_id, seq) WHERE status IS NULL",
+    "CREATE INDEX ix_ics_items_done ON ics_items (execution_id, seq) WHERE status IS NOT NULL",
+    "CREATE INDEX ix_ics_events_execution ON ics_events (execution_id, id)",
+]
+#: The only words of version 1's DDL that differ between the dialects.
+_V1_TYPES = {
+    "sqlite": {"ts": "DATETIME", "serial": "INTEGER"},
+    "postgresql": {"ts": "TIMESTAMP WITH TIME ZONE", "serial": "SERIAL"},
+}
+
+
+def _v1(conn: Connection) -> None:
+    words = _V1_TYPES[conn.dialect.name]
+    for table in (_V1_EXECUTIONS, _V1_ITEMS, _V1_EVENTS):
+        conn.exec_driver_sql(table.format(**words))
+    for index in _V1_INDEXES:
+        conn.exec_driver_sql(index)
+
+
+#: A FAILED item's error type, read from its JSON result (the only place v1 kept it).
+_V2_BACKFILL = {
+    "sqlite": "substr(json_extract(result, '$.error.type'), 1, 128)",
+    "postgresql": "substr(CAST(result AS json) -> 'error' ->> 'type', 1, 128)",
+}
+
+
+def _v2(conn: Connection) -> None:
+    """ics_items.error_type, so failures can be counted by type without parsing results."""
+    conn.exec_driver_sql("ALTER TABLE ics_items ADD COLUMN error_type VARCHAR(128)")
+    # Only FAILED items carry an error; parsing their JSON alone keeps this cheap.
+    conn.exec_driver_sql(
+        f"UPDATE ics_items SET error_type = {_V2_BACKFILL[conn.dialect.name]} "
+        "WHERE status = 'FAILED'"
+    )
+
+
+#: (version, migration) in order. The last version is the schema this code expects.
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
+LATEST = MIGRATIONS[-1][0]
+
+
+def migrate(engine: Engine, shown_url: str) -> None:
+    """Apply the migrations newer than the store's version, all in one transaction.
+
+    The usual case (up to date) only reads. Otherwise the migrating transaction first
+    takes a lock, so stores opened at once on a new database queue instead of racing on
+    the DDL, and a migration that fails leaves the store exactly as it was.
+    """
+    with engine.connect() as conn:
+        current = stored_version(conn)
+    if current == LATEST:
+        return
+    _refuse_newer(current, shown_url)
+    applied = []
+    with engine.begin() as conn:
+        lock_for_migration(conn)
+        conn.exec_driver_sql(_VERSION_TABLE[conn.dialect.name])
+        current = stored_version(conn)
+        _refuse_newer(current, shown_url)
+        for version, migration in MIGRATIONS:
+            if version <= current:
+                continue
+            migration(conn)
+            conn.execute(insert(schema.schema_version).values(version=version, applied_at=utcnow()))
+            applied.append(version)
+    for version in applied:
+        log.info("store %s migrated to schema version %d", shown_url, version)
+
+
+def stored_version(conn: Connection) -> int:
+    """The store's schema version; 0 for a new database."""
+    if not inspect(conn).has_table(schema.schema_version.name):
+        return 0
+    return int(conn.execute(select(func.max(schema.schema_version.c.version))).scalar() or 0)
+
+
+def _refuse_newer(current: int, shown_url: str) -> None:
+    if current > LATEST:
+        raise StoreError(
+            f"the store {shown_url} has schema version {current}, newer than this "
+            f"ICS understands ({LATEST}); upgrade ICS"
+        )

@@ -1,0 +1,464 @@
+"""The Store: every read and write of executions, their items' results and their history.
+
+Results are written as items finish, a batch per transaction, and an item's final result is
+written at most once. Every method reaches the database through `_connect`/`_begin`, so any
+database failure surfaces as a StoreError naming the store, never as SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Row,
+    Select,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from ..errors import ExecutionNotFound, UsageError
+from ..types import (
+    Counts,
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    Item,
+    ItemResult,
+    ItemStatus,
+    ModelRef,
+    utcnow,
+)
+from . import migrations
+from .connection import open_engine, safe_url, store_errors
+from .rows import (
+    Event,
+    event_from_row,
+    event_to_row,
+    execution_from_row,
+    result_from_row,
+    result_to_row,
+)
+from .schema import events, executions, items
+
+log = logging.getLogger(__name__)
+
+_INSERT_CHUNK = 1000
+_PAGE = 1000
+#: How many matches an ambiguous id prefix names before "...".
+_AMBIGUOUS_SHOWN = 5
+
+#: One item's final result, written only while it has none (executemany; built once).
+_RECORD_RESULT = (
+    update(items)
+    .where(
+        items.c.execution_id == bindparam("r_execution_id"),
+        items.c.seq == bindparam("r_seq"),
+        items.c.status.is_(None),
+    )
+    .values(
+        status=bindparam("r_status"),
+        attempts=bindparam("r_attempts"),
+        result=bindparam("r_result"),
+        finished_at=bindparam("r_finished_at"),
+        error_type=bindparam("r_error_type"),
+    )
+)
+
+
+def new_execution_id() -> str:
+    return f"{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+class Store:
+    """Executions and results in a SQL database (`sqlite:///PATH` or `postgresql://...`).
+
+    With create=False a SQLite store that does not exist yet is a StoreError instead of a
+    new file (for commands that only read or change existing executions).
+    """
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.safe_url = safe_url(url)
+        with store_errors(self.safe_url):
+            self.engine = open_engine(url, create=create)
+        try:
+            with store_errors(self.safe_url):
+                migrations.migrate(self.engine, self.safe_url)
+        except BaseException:
+            self.engine.dispose()  # a refused store leaves no connection behind
+            raise
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        with store_errors(self.safe_url), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        with store_errors(self.safe_url), self.engine.begin() as conn:
+            yield conn
+
+    def _pages(
+        self,
+        query: Select[Any],
+        key: Column[int],
+        *,
+        after: int,
+        page_size: int = _PAGE,
+        limit: int | None = None,
+    ) -> Iterator[Row[Any]]:
+        """The query's rows in key order, a page per query (keyset: `key > last seen`).
+
+        Memory stays flat however many rows match, and each page reads an index from where
+        the last one ended instead of skipping rows (OFFSET would).
+        """
+        remaining = limit
+        while remaining is None or remaining > 0:
+            page = page_size if remaining is None else min(page_size, remaining)
+            with self._connect() as conn:
+                rows = conn.execute(query.where(key > after).order_by(key).limit(page)).all()
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1]._mapping[key]
+            if remaining is not None:
+                remaining -= len(rows)
+
+    def schema_version(self) -> int:
+        with self._connect() as conn:
+            return migrations.stored_version(conn)
+
+    # --- executions -----------------------------------------------------------------
+
+    def create_execution(
+        self,
+        *,
+        params: dict[str, Any],
+        model: ModelRef,
+        threshold: float,
+        name: str | None = None,
+        execution_id: str | None = None,
+    ) -> tuple[Execution, bool]:
+        """Start a RUNNING execution; with a name already used, return that one (created=False)."""
+        if name is not None:
+            existing = self.find_by_name(name)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        row = {
+            "id": execution_id or new_execution_id(),
+            "name": name,
+            "status": ExecutionStatus.RUNNING.value,
+            "params": json.dumps(params, default=str),
+            "model_name": model.name,
+            "model_version": model.version,
+            "threshold": threshold,
+            "total": 0,
+            "succeeded": 0,
+            "low_confidence": 0,
+            "failed": 0,
+            "started_at": now,
+            "updated_at": now,
+            "cancel_requested": False,
+            "items_listed": False,
+        }
+        # The unique name, not the check above, settles a race between two processes: the
+        # IntegrityError must reach this method before it becomes a StoreError.
+        with store_errors(self.safe_url):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(executions).values(**row))
+            except IntegrityError:
+                if name is not None and (existing := self.find_by_name(name)) is not None:
+                    return existing, False
+                raise
+        return self.get_execution(str(row["id"])), True
+
+    def find_by_name(self, name: str) -> Execution | None:
+        with self._connect() as conn:
+            row = conn.execute(select(executions).where(executions.c.name == name)).first()
+        return None if row is None else execution_from_row(row._mapping)
+
+    def get_execution(self, execution_id: str) -> Execution:
+        """The execution with this id, or the only one whose id starts with it."""
+        with self._connect() as conn:
+            row = conn.execute(select(executions).where(executions.c.id == execution_id)).first()
+            matches: list[Row[Any]] = []
+            if row is None and execution_id:
+                # Accept a unique prefix, as people copy the start of an id. Compared with
+                # substr, not LIKE: `_` and `%` are plain characters, and case matters on
+                # SQLite (whose LIKE ignores it) as on PostgreSQL.
+                prefix = func.substr(executions.c.id, 1, len(execution_id))
+                matches = list(
+                    conn.execute(
+                        select(executions)
+                        .where(prefix == execution_id)
+                        .order_by(executions.c.id)
+                        .limit(_AMBIGUOUS_SHOWN + 1)
+                    ).all()
+                )
+        if len(matches) > 1:
+            raise _ambiguous(execution_id, [m._mapping["id"] for m in matches])
+        row = row or (matches[0] if matches else None)
+        if row is None:
+            raise ExecutionNotFound(
+                f"no execution {execution_id!r} in {self.safe_url} (see `ics executions list`)"
+            )
+        return execution_from_row(row._mapping)
+
+    def list_executions(
+        self, *, limit: int = 50, status: ExecutionStatus | None = None
+    ) -> list[Execution]:
+        q = select(executions).order_by(executions.c.started_at.desc(), executions.c.id.desc())
+        if status is not None:
+            q = q.where(executions.c.status == status.value)
+        with self._connect() as conn:
+            return [execution_from_row(r._mapping) for r in conn.execute(q.limit(limit))]
+
+    def finish_execution(
+        self, execution_id: str, status: ExecutionStatus, error: ErrorInfo | None = None
+    ) -> Execution:
+        """Record the final status, with counts recomputed from the items themselves."""
+        now = utcnow()
+        with self._begin() as conn:
+            counts = _count_items(conn, execution_id)
+            conn.execute(
+                _update_execution(execution_id).values(
+                    status=status.value,
+                    finished_at=now,
+                    updated_at=now,
+                    error_type=None if error is None else error.type,
+                    error_message=None if error is None else error.message,
+                    **counts,
+                )
+            )
+        return self.get_execution(execution_id)
+
+    def counts(self, execution_id: str) -> Counts:
+        """Counts per status, recomputed from the items."""
+        with self._connect() as conn:
+            c = _count_items(conn, execution_id)
+        return Counts(c["total"], c["succeeded"], c["low_confidence"], c["failed"])
+
+    def failure_types(self, execution_id: str) -> dict[str, int]:
+        """How many items FAILED with each error type, most frequent first."""
+        n = func.count().label("n")
+        with self._connect() as conn:
+            rows = conn.execute(
+                select(items.c.error_type, n)
+                .where(
+                    items.c.execution_id == execution_id,
+                    items.c.status == ItemStatus.FAILED.value,
+                )
+                .group_by(items.c.error_type)
+                .order_by(n.desc(), items.c.error_type)
+            ).all()
+        # A FAILED item without a type can only come from a result written without one.
+        return {etype or "Unknown": count for etype, count in rows}
+
+    def claim(self, execution_id: str, owner: str) -> None:
+        """Mark the execution RUNNING in this process (a start or a resume)."""
+        now = utcnow()
+        with self._begin() as conn:
+            conn.execute(
+                _update_execution(execution_id).values(
+                    status=ExecutionStatus.RUNNING.value,
+                    owner=owner,
+                    heartbeat_at=now,
+                    updated_at=now,
+                    cancel_requested=False,
+                    finished_at=None,
+                    error_type=None,
+                    error_message=None,
+                )
+            )
+
+    def heartbeat(self, execution_id: str) -> bool:
+        """Say the owner is alive; returns whether a cancel was requested."""
+        with self._begin() as conn:
+            conn.execute(_update_execution(execution_id).values(heartbeat_at=utcnow()))
+            requested = conn.execute(
+                select(executions.c.cancel_requested).where(executions.c.id == execution_id)
+            ).scalar()
+        return bool(requested)
+
+    def request_cancel(self, execution_id: str) -> None:
+        with self._begin() as conn:
+            conn.execute(
+                _update_execution(execution_id).values(cancel_requested=True, updated_at=utcnow())
+            )
+
+    def mark_listed(self, execution_id: str) -> None:
+        with self._begin() as conn:
+            conn.execute(
+                _update_execution(execution_id).values(items_listed=True, updated_at=utcnow())
+            )
+
+    # --- items ----------------------------------------------------------------------
+
+    def add_items(self, execution_id: str, uris: Iterable[str], *, start_seq: int = 0) -> int:
+        """Register pending items (seq from start_seq) in chunks; returns how many were added."""
+        seq = start_seq
+        chunk: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            if not chunk:
+                return
+            with self._begin() as conn:
+                conn.execute(insert(items), chunk)
+                conn.execute(
+                    _update_execution(execution_id).values(
+                        total=executions.c.total + len(chunk), updated_at=utcnow()
+                    )
+                )
+            chunk.clear()
+
+        for uri in uris:
+            chunk.append({"execution_id": execution_id, "seq": seq, "uri": uri, "attempts": 0})
+            seq += 1
+            if len(chunk) >= _INSERT_CHUNK:
+                flush()
+        flush()
+        return seq - start_seq
+
+    def pending_items(self, execution_id: str, *, page_size: int = _PAGE) -> Iterator[Item]:
+        """Items without a final result, in order, read a page at a time (memory stays flat)."""
+        q = select(items.c.seq, items.c.uri).where(
+            items.c.execution_id == execution_id, items.c.status.is_(None)
+        )
+        for row in self._pages(q, items.c.seq, after=-1, page_size=page_size):
+            yield Item(seq=row.seq, uri=row.uri)
+
+    def record_results(self, execution_id: str, results: Sequence[ItemResult]) -> int:
+        """Write final results in one transaction; an item that already has one keeps it.
+
+        Returns how many were written. The same item twice in `results`: the first wins.
+        """
+        if not results:
+            return 0
+        first: dict[int, ItemResult] = {}
+        for r in results:
+            first.setdefault(int(r.item_id), r)
+        counts = Counts()
+        with self._begin() as conn:
+            # Lock first: the execution's row (PostgreSQL), the database (SQLite, whose
+            # transaction starts at the first write). Which items still lack a result is
+            # then settled until commit; one batched UPDATE writes them.
+            conn.execute(_update_execution(execution_id).values(updated_at=utcnow()))
+            pending = _still_pending(conn, execution_id, list(first))
+            todo = [r for seq, r in first.items() if seq in pending]
+            if todo:
+                conn.execute(
+                    _RECORD_RESULT,
+                    [{"r_execution_id": execution_id, **result_to_row(r)} for r in todo],
+                )
+            for r in todo:
+                counts.add(r.status)
+            conn.execute(
+                _update_execution(execution_id).values(
+                    succeeded=executions.c.succeeded + counts.succeeded,
+                    low_confidence=executions.c.low_confidence + counts.low_confidence,
+                    failed=executions.c.failed + counts.failed,
+                )
+            )
+        if len(todo) < len(results):
+            log.warning(
+                "%d of %d results for %s not recorded: their items already had one (or do "
+                "not exist)",
+                len(results) - len(todo),
+                len(results),
+                execution_id,
+            )
+        return counts.done
+
+    def results(
+        self,
+        execution_id: str,
+        *,
+        status: ItemStatus | None = None,
+        after_seq: int = -1,
+        limit: int | None = None,
+    ) -> Iterator[ItemResult]:
+        """Recorded results in item order, paged by seq (keyset), optionally of one status."""
+        q = select(items.c.seq, items.c.result).where(
+            items.c.execution_id == execution_id, items.c.status.is_not(None)
+        )
+        if status is not None:
+            q = q.where(items.c.status == status.value)
+        for row in self._pages(q, items.c.seq, after=after_seq, limit=limit):
+            yield result_from_row(row._mapping)
+
+    # --- history --------------------------------------------------------------------
+
+    def append_events(
+        self, execution_id: str, batch: Iterable[tuple[str, int | None, dict[str, Any] | None]]
+    ) -> None:
+        """Append (type, item_seq, details) events to the execution's history."""
+        rows = [event_to_row(execution_id, *e) for e in batch]
+        if rows:
+            with self._begin() as conn:
+                conn.execute(insert(events), rows)
+
+    def history(self, execution_id: str) -> Iterator[Event]:
+        q = select(events).where(events.c.execution_id == execution_id)
+        for row in self._pages(q, events.c.id, after=0):
+            yield event_from_row(row._mapping)
+
+
+def _update_execution(execution_id: str) -> Any:
+    """An UPDATE of one execution's row; the caller adds `.values(...)`."""
+    return update(executions).where(executions.c.id == execution_id)
+
+
+def _still_pending(conn: Connection, execution_id: str, seqs: list[int]) -> set[int]:
+    """Which of these items have no final result yet, locking their rows until commit."""
+    pending: set[int] = set()
+    for i in range(0, len(seqs), _INSERT_CHUNK):
+        pending.update(
+            conn.execute(
+                select(items.c.seq)
+                .where(
+                    items.c.execution_id == execution_id,
+                    items.c.seq.in_(seqs[i : i + _INSERT_CHUNK]),
+                    items.c.status.is_(None),
+                )
+                .with_for_update()
+            ).scalars()
+        )
+    return pending
+
+
+def _count_items(conn: Connection, execution_id: str) -> dict[str, int]:
+    rows = conn.execute(
+        select(items.c.status, func.count())
+        .where(items.c.execution_id == execution_id)
+        .group_by(items.c.status)
+    ).all()
+    by_status = {status: n for status, n in rows}
+    return {
+        "total": sum(by_status.values()),
+        "succeeded": by_status.get(ItemStatus.SUCCEEDED.value, 0),
+        "low_confidence": by_status.get(ItemStatus.LOW_CONFIDENCE.value, 0),
+        "failed": by_status.get(ItemStatus.FAILED.value, 0),
+    }
+
+
+def _ambiguous(prefix: str, ids: list[str]) -> UsageError:
+    shown = ", ".join(ids[:_AMBIGUOUS_SHOWN]) + (", ..." if len(ids) > _AMBIGUOUS_SHOWN else "")
+    return UsageError(
+        f"execution id prefix {prefix!r} is ambiguous: it matches {shown}; give more characters"
+    )
