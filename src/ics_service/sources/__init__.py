@@ -6,11 +6,12 @@ scheme and raises a clear error for a scheme no source handles.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from ..errors import UsageError
-from .local import LocalSource
+from .local import LocalSource, path_to_uri, uri_to_path
 
 
 class Source(Protocol):
@@ -52,23 +53,63 @@ def source_for(uri: str) -> Source:
 
 
 def expand(specs: Iterable[str]) -> Iterator[str]:
-    """Item URIs for SOURCE arguments: files, folders (recursive), globs and @list files."""
+    """Item URIs for SOURCE arguments: files, folders (recursive), globs and @list files.
+
+    Streams: items come out as they are found. A list file that includes itself, directly
+    or through other lists, is a UsageError; paths inside a list are relative to the
+    current folder, like SOURCE arguments.
+    """
+    return _expand(specs, ())
+
+
+#: The list files being read, outermost first: (real path, path as written).
+_Chain = tuple[tuple[str, str], ...]
+
+
+def _expand(specs: Iterable[str], chain: _Chain) -> Iterator[str]:
     for spec in specs:
         if spec.startswith("@"):
-            yield from expand(_read_list(spec[1:]))
+            yield from _expand_list(spec[1:], chain)
         else:
             yield from source_for(spec).list(spec)
 
 
-def _read_list(path: str) -> list[str]:
+def _expand_list(path: str, chain: _Chain) -> Iterator[str]:
+    real = os.path.realpath(path)
+    chain = (*chain, (real, path))
+    if any(real == seen for seen, _ in chain[:-1]):
+        names = " -> ".join(f"@{_show(written)}" for _, written in chain)
+        raise UsageError(f"list file {_show(path)} includes itself: {names}; remove the cycle")
+    yield from _expand(_list_lines(path), chain)
+
+
+def _list_lines(path: str) -> Iterator[str]:
+    """The entries of a list file, read lazily: one path per line, blank lines and # comments
+    skipped. Read as UTF-8 (a BOM is ignored) with surrogateescape: a name written in an old
+    encoding comes through as its exact bytes, so it still names its file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
     except OSError as e:
-        raise UsageError(f"cannot read list file {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"list file {path} is not UTF-8 text (one path per line)") from None
-    return [line for line in lines if line and not line.startswith("#")]
+        raise UsageError(f"cannot read list file {_show(path)}: {e.strerror or e}") from None
+    with f:
+        while True:
+            try:
+                line = f.readline()
+            except OSError as e:
+                raise UsageError(
+                    f"cannot read list file {_show(path)}: {e.strerror or e}"
+                ) from None
+            if not line:
+                return
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def _show(path: str) -> str:
+    """A path as messages show it: as written, or as its file:// URI when it is not UTF-8."""
+    shown = path_to_uri(os.path.abspath(path))
+    return path if shown.startswith("/") else shown
 
 
 def read(uri: str, max_bytes: int) -> bytes:
@@ -79,9 +120,11 @@ __all__ = [
     "LocalSource",
     "Source",
     "expand",
+    "path_to_uri",
     "read",
     "register",
     "scheme_of",
     "source_for",
     "unregister",
+    "uri_to_path",
 ]
