@@ -87,3 +87,51 @@ def png_bomb(side: int = 30_000) -> bytes:
 
 HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def flat_png(size: tuple[int, int], mode: str = "RGBA") -> bytes:
+    """A PNG of one colour built row by row: a large image in a small file, made in a moment."""
+    colour_type, pixel = {
+        "L": (0, b"\x80"),
+        "RGB": (2, b"\xc8\x78\x28"),
+        "RGBA": (6, b"\xc8\x78\x28\xb4"),
+    }[mode]
+    w, h = size
+    row = b"\x00" + pixel * w  # filter type 0, then the pixels
+    comp = zlib.compressobj(1)
+    idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def ico(image: bytes) -> bytes:
+    """An icon file holding one image (a PNG, or a BMP without its file header)."""
+    # The directory says 256×256 (0 means 256); readers take the size from the image itself.
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(image), 6 + 16)
+    return header + entry + image
+
+
+def webp_claiming(size: tuple[int, int]) -> bytes:
+    """A small RGBA WebP whose extended header (VP8X) claims a canvas of `size`."""
+    data = bytearray(encode(Image.new("RGBA", (16, 16), (10, 20, 30, 128)), "WEBP"))
+    assert data[12:16] == b"VP8X"
+    data[24:27] = (size[0] - 1).to_bytes(3, "little")
+    data[27:30] = (size[1] - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+def gif_frame_bigger_than_screen(frame: tuple[int, int]) -> bytes:
+    """A GIF whose 10×10 screen holds a first frame that claims `frame` (Pillow grows to it)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 10, 10, 0, 0, 0)
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, *frame, 0)
+    return screen + descriptor + b"\x02\x02\x44\x01\x00" + b";"

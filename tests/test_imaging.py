@@ -112,3 +112,20 @@ def test_signature_sniffing() -> None:
     assert looks_like_image(f.encode(f.coffee(), "PNG")[:16])
     assert looks_like_image(f.encode(f.coffee(), "WEBP")[:16])
     assert not looks_like_image(b"hello world12345")
+
+
+def test_alpha_compositing_matches_pillows_alpha_composite(pre: Preprocessor) -> None:
+    from PIL import Image
+
+    from ics_service.imaging import _to_rgb
+
+    # Every channel value against every alpha: ICS pastes through the alpha (fewer copies of
+    # the image); the pixels must be exactly those of compositing onto opaque white.
+    value, alpha = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    rgba = Image.fromarray(np.stack([value, 255 - value, value // 3, alpha], axis=-1), "RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    expected = Image.alpha_composite(white, rgba).convert("RGB")
+    for mode in ("RGBA", "LA"):
+        img = rgba.convert(mode)
+        want = expected if mode == "RGBA" else Image.alpha_composite(white, img.convert("RGBA"))
+        assert np.array_equal(np.asarray(_to_rgb(img)), np.asarray(want.convert("RGB"))), mode

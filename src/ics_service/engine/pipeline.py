@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..config import RetryPolicy
-from ..errors import InferenceError, ItemError
+from ..errors import DecodeCancelled, InferenceError, ItemError
 from ..imaging import Preprocessor
 from ..models.runtime import ModelRuntime, available_cpus
 from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, Step, utcnow
@@ -129,7 +129,9 @@ class Pipeline:
         def decoder() -> None:
             try:
                 while (item := next_item()) is not None:
-                    put(self._decode(item))
+                    decoded = self._decode(item)
+                    if decoded is not None:
+                        put(decoded)
             except BaseException as e:  # an item iterator that fails must not hang the run
                 log.exception("decode worker crashed")
                 errors.append(e)
@@ -198,7 +200,8 @@ class Pipeline:
 
         return on_retry
 
-    def _decode(self, item: Item) -> _Decoded:
+    def _decode(self, item: Item) -> _Decoded | None:
+        """The item read and decoded, or with its error; None when the run stopped first."""
         d = _Decoded(item=item, started_at=utcnow())
         timings: dict[str, float] = {}
 
@@ -206,7 +209,7 @@ class Pipeline:
             t0 = time.perf_counter()
             data = self.reader(item.uri, self.preprocess.limits.max_bytes)
             t1 = time.perf_counter()
-            out = self.preprocess(data)
+            out = self.preprocess(data, stop=self._stop)
             timings["read"] = (t1 - t0) * 1e3
             timings["decode"] = (time.perf_counter() - t1) * 1e3
             return out
@@ -218,6 +221,8 @@ class Pipeline:
                 stop=self._stop,
                 on_retry=self._retried(Step.SERIALIZE_IMAGE_DATA, item),
             )
+        except DecodeCancelled:
+            return None  # left pending: a resume decodes it
         except Exception as e:
             if not isinstance(e, ItemError):  # a bug or an unexpected library error
                 log.exception("unexpected error on %s", item.uri)
