@@ -124,9 +124,9 @@ def model_sweep(path: str, tensors: np.ndarray, min_s: float) -> dict[str, Any]:
 
 
 def agreement(fp32: ModelInfo, int8: ModelInfo, files: list[Path]) -> dict[str, Any]:
-    """Top-1 agreement of the INT8 model with FP32, by ICS's own measure (models/quantize.py)."""
+    """Top-1 agreement of the INT8 model with FP32, by ICS's own measure (models/agreement.py)."""
     from ics_service.models import OnnxRuntime, get_card
-    from ics_service.models.quantize import agreement_on_files
+    from ics_service.models.agreement import agreement_on_files
 
     reference = OnnxRuntime(get_card(fp32.name), Path(fp32.path))
     candidate = OnnxRuntime(get_card(int8.name), Path(int8.path))

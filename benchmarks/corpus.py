@@ -16,7 +16,6 @@ import functools
 import io
 import json
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -67,7 +66,8 @@ def make_image(seed: int, size_class: str, index: int) -> tuple[bytes, dict[str,
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         box = (w - box[2], box[1], w - box[0], box[3])
     # Colour jitter on the small source crop (cheap): brightness, contrast, saturation, tint.
-    crop = np.asarray(img.crop(tuple(round(v) for v in box)), dtype=np.float32)
+    x0, y0, x1, y1 = (round(v) for v in box)
+    crop = np.asarray(img.crop((x0, y0, x1, y1)), dtype=np.float32)
     brightness = rng.uniform(0.75, 1.25)
     contrast = rng.uniform(0.75, 1.25)
     saturation = rng.uniform(0.6, 1.4)
@@ -88,7 +88,12 @@ def make_image(seed: int, size_class: str, index: int) -> tuple[bytes, dict[str,
     quality = int(rng.integers(85, 96))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
-    meta = {"photo": which, "portrait": portrait, "quality": quality, "crop": frac}
+    meta: dict[str, object] = {
+        "photo": which,
+        "portrait": portrait,
+        "quality": quality,
+        "crop": frac,
+    }
     return buf.getvalue(), meta
 
 
@@ -179,4 +184,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,6 +11,7 @@ default 0.5), which leaves the read tasks at least one whole CPU.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from typing import Any
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         num_cpus=cpus(),
         include_dashboard=False,
         log_to_driver=False,
-        logging_level="ERROR",
+        logging_level=logging.ERROR,
     )
     try:
         ctx = ray.data.DataContext.get_current()

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not
 
 from benchmarks.corpus import SIZES, ensure_corpus, make_image  # noqa: E402
 from benchmarks.profiling import summarise  # noqa: E402
-from benchmarks.run import bound_summary  # noqa: E402
+from benchmarks.report import bound_summary  # noqa: E402
 
 #: Tiny runs: a few images, short bound measurements, no warm-up, no model preparation.
 SMOKE_ENV = {

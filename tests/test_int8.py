@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +14,15 @@ from click.testing import CliRunner
 
 from ics_service.cli import main
 from ics_service.models import get_card
-from ics_service.models.prepare import onnx_path
-from ics_service.models.quantize import (
+from ics_service.models.agreement import agreement_on_files, top1_agreement
+from ics_service.models.calibration import (
     CALIBRATION,
     EVALUATION,
-    agreement_on_files,
     photo_batches,
     preprocess_batches,
-    top1_agreement,
     varied_photos,
 )
+from ics_service.models.prepare import onnx_path
 from ics_service.models.runtime import OnnxRuntime
 
 FP32 = "efficientnet-lite0"
@@ -114,3 +115,14 @@ def test_a_model_agrees_with_itself(runtime: OnnxRuntime) -> None:
     agreement = top1_agreement(runtime, runtime, batches)
     assert (agreement.images, agreement.top1, agreement.top5) == (8, 8, 8)
     assert agreement.mean_max_prob_diff == 0.0
+
+
+def test_the_agreement_measure_runs_as_a_module() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ics_service.models.agreement", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "top-1 agreement" in r.stdout

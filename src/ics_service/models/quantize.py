@@ -6,15 +6,13 @@ ONNX file, preparing that first when it is missing: `quant_pre_process` (shape i
 graph optimisation), then `quantize_static` in QDQ format with per-channel weights and
 activation ranges calibrated on varied real photos, then (with `gptq`) better int8 weights.
 
-The photos are scikit-image's bundled ones (`ics_service.samples`), varied deterministically
-by crops, flips, scales, rotations, colour, brightness, blur and JPEG quality, and fed
-through the card's own `Preprocessor`, as the service feeds the model. Calibration and
-evaluation corpora come from separate random streams (`CALIBRATION`, `EVALUATION`), so a
-model is never judged on the photos it was calibrated on. `top1_agreement` compares two
+The photos are the calibration stream of `calibration.varied_photos` (scikit-image's
+bundled photos, varied deterministically, through the card's own preprocessing); models
+are judged on its separate evaluation stream. `agreement.top1_agreement` compares two
 runtimes on any corpus; the benchmarks print it.
 
 What was measured on a 2-core AMD EPYC with AVX2 and no VNNI (top-1 agreement with FP32
-on 1,000 evaluation photos; `python -m ics_service.models.quantize` measures it):
+on 1,000 evaluation photos; `python -m ics_service.models.agreement` measures it):
 
 * Plain `quantize_static` (QDQ, per-channel, MinMax on 256 varied photos): 63.5 %;
   Entropy or Percentile calibration: 63.5-64 %.
@@ -44,226 +42,29 @@ on 1,000 evaluation photos; `python -m ics_service.models.quantize` measures it)
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import io
 import logging
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
 
 from ..errors import ModelNotPrepared
+from .calibration import CALIBRATION, photo_batches
 from .card import ModelCard
-from .runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
-
-#: Streams of the photo corpora: the same seed never gives the same images to both.
-CALIBRATION = 0
-EVALUATION = 1
 
 #: Calibration runs the model on batches of this many images, a few batches at a time.
 CALIBRATION_BATCH = 8
 _CALIBRATION_SLICE = 4
 
-SAMPLES_HINT = "pip install 'ics-service[samples]'"
 CONVERT_HINT = "pip install 'ics-service[convert]'"
-
-
-@functools.cache
-def _source_photo(name: str) -> Image.Image:
-    from ..samples import load_photo
-
-    return Image.fromarray(load_photo(name))
-
-
-def _source_names(photos: Sequence[str] | None) -> tuple[str, ...]:
-    if photos is not None:
-        return tuple(photos)
-    try:
-        import skimage  # noqa: F401
-    except ImportError:
-        raise ModelNotPrepared(
-            f"calibrating a quantized model needs the sample photos: {SAMPLES_HINT}"
-        ) from None
-    from ..samples import PHOTOS
-
-    return PHOTOS
-
-
-def augment(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """One random variation of a photo: rotation, crop, flip, scale, colour, sharpness."""
-    img = photo
-    w, h = img.size
-    if rng.random() < 0.4:
-        # Rotate, then keep only the inner rectangle, so no corner is filled.
-        angle = float(rng.uniform(-25.0, 25.0))
-        img = img.rotate(angle, resample=Image.Resampling.BILINEAR)
-        a = abs(np.deg2rad(angle))
-        shrink = 1.0 / (np.cos(a) + np.sin(a) * max(w, h) / min(w, h))
-        cw, ch = w * shrink, h * shrink
-        img = img.crop(((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2))
-        w, h = img.size
-    # A random crop of 20–100 % of the area, aspect ratio 3:4 to 4:3 (as in Inception).
-    area = w * h * float(rng.uniform(0.2, 1.0))
-    aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-    cw = min(w, round(np.sqrt(area * aspect)))
-    ch = min(h, round(np.sqrt(area / aspect)))
-    left = int(rng.integers(0, w - cw + 1))
-    top = int(rng.integers(0, h - ch + 1))
-    img = img.crop((left, top, left + cw, top + ch))
-    if rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    # Scale: the shorter side from a thumbnail to a large photo.
-    side = float(rng.uniform(160, 720))
-    scale = side / min(cw, ch)
-    img = img.resize(
-        (max(1, round(cw * scale)), max(1, round(ch * scale))), Image.Resampling.BILINEAR
-    )
-    img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.6, 1.4)))
-    img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.6, 1.4)))
-    if rng.random() < 0.1:
-        img = img.convert("L").convert("RGB")
-    else:
-        img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.5, 1.5)))
-    if rng.random() < 0.3:
-        # A colour cast: scale one channel.
-        arr = np.asarray(img, dtype=np.float32)
-        arr[..., int(rng.integers(0, 3))] *= float(rng.uniform(0.8, 1.2))
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    r = rng.random()
-    if r < 0.15:
-        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
-    elif r < 0.3:
-        img = ImageEnhance.Sharpness(img).enhance(float(rng.uniform(1.5, 2.5)))
-    return img
-
-
-def varied_photos(
-    count: int, seed: int, *, stream: int = EVALUATION, photos: Sequence[str] | None = None
-) -> Iterator[bytes]:
-    """`count` JPEGs, each a different random variation of a real photo; deterministic.
-
-    `stream` (CALIBRATION or EVALUATION) separates the corpora drawn with one seed.
-    """
-    names = _source_names(photos)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
-    order = rng.permutation(len(names))
-    for i in range(count):
-        # Every photo equally often, in a shuffled order.
-        name = names[int(order[i % len(names)])]
-        img = augment(_source_photo(name), rng)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=int(rng.integers(60, 96)))
-        yield buf.getvalue()
-
-
-def photo_batches(
-    card: ModelCard,
-    count: int,
-    seed: int,
-    *,
-    stream: int = EVALUATION,
-    batch_size: int = 16,
-    photos: Sequence[str] | None = None,
-) -> Iterator[np.ndarray]:
-    """The model's inputs (N, 3, H, W) for `varied_photos`, in batches, via the card's
-    preprocessing."""
-    yield from preprocess_batches(
-        card, varied_photos(count, seed, stream=stream, photos=photos), batch_size=batch_size
-    )
-
-
-def preprocess_batches(
-    card: ModelCard, images: Iterable[bytes], *, batch_size: int = 16
-) -> Iterator[np.ndarray]:
-    """Encoded images → the model's normalised input, batch_size at a time."""
-    from ..imaging import Limits, Preprocessor
-
-    pre = Preprocessor(card, Limits())
-    batch: list[np.ndarray] = []
-    for data in images:
-        batch.append(pre(data)[0])
-        if len(batch) == batch_size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
-
-
-# --- agreement ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How often a candidate model gives the reference model's answer."""
-
-    images: int
-    #: Images on which both models' top-1 class is the same.
-    top1: int
-    #: Images on which the reference's top-1 class is in the candidate's top 5.
-    top5: int
-    #: Mean over images of the largest absolute difference between the two probability vectors.
-    mean_max_prob_diff: float
-
-    @property
-    def top1_rate(self) -> float:
-        return self.top1 / self.images if self.images else float("nan")
-
-    @property
-    def top5_rate(self) -> float:
-        return self.top5 / self.images if self.images else float("nan")
-
-    def __str__(self) -> str:
-        return (
-            f"top-1 agreement {self.top1_rate:.2%} ({self.top1}/{self.images}), "
-            f"reference top-1 in top-5 {self.top5_rate:.2%}, "
-            f"mean max |Δp| {self.mean_max_prob_diff:.4f}"
-        )
-
-
-def top1_agreement(
-    reference: ModelRuntime, candidate: ModelRuntime, batches: Iterable[np.ndarray]
-) -> Agreement:
-    """Run both runtimes on every batch of inputs (N, 3, H, W) and compare their answers."""
-    images = top1 = top5 = 0
-    diff = 0.0
-    for batch in batches:
-        ref = reference.predict(batch)
-        cand = candidate.predict(batch)
-        ref_top = ref.argmax(axis=1)
-        cand_top5 = np.argpartition(-cand, 5, axis=1)[:, :5]
-        images += len(batch)
-        top1 += int((cand.argmax(axis=1) == ref_top).sum())
-        top5 += int((cand_top5 == ref_top[:, None]).any(axis=1).sum())
-        diff += float(np.abs(ref - cand).max(axis=1).sum())
-    return Agreement(images, top1, top5, diff / images if images else float("nan"))
-
-
-def agreement_on_files(
-    reference: ModelRuntime,
-    candidate: ModelRuntime,
-    paths: Iterable[Path],
-    *,
-    batch_size: int = 16,
-) -> Agreement:
-    """`top1_agreement` on image files, preprocessed with the reference's card."""
-    images = (p.read_bytes() for p in paths)
-    return top1_agreement(
-        reference,
-        candidate,
-        preprocess_batches(reference.card, images, batch_size=batch_size),
-    )
-
-
-# --- building -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -689,97 +490,8 @@ def _input_name(model: Any) -> str:
     return next(str(i.name) for i in model.graph.input if i.name not in inits)
 
 
-def build_quantized(card: ModelCard, out: Path, models_dir: Path) -> None:
-    """The `quantize` builder: prepare the base model if needed, then quantize it to `out`."""
-    from .prepare import prepare
-    from .registry import get_card
-
-    base = get_card(card.build["base"])
-    fp32 = prepare(base, models_dir)
-    quantize_model(fp32, out, card, QuantizeOptions.from_build(card.build))
-
-
-# --- measuring ------------------------------------------------------------------------------
-
-
-def throughput_ratio(
-    reference: ModelRuntime,
-    candidate: ModelRuntime,
-    batch: np.ndarray,
-    *,
-    repeats: int = 7,
-    min_s: float = 0.5,
-) -> tuple[float, float, float]:
-    """Images/s of both runtimes on one batch, timed in turns so that drift of a shared
-    machine hits both alike; returns (reference median, candidate median, median of the
-    per-turn ratios candidate / reference)."""
-    for runtime in (reference, candidate):
-        runtime.predict(batch)
-    start = time.perf_counter()
-    runs = 0
-    while time.perf_counter() - start < min_s / 2 or runs < 2:
-        reference.predict(batch)
-        runs += 1
-    per_turn = max(2, round(runs * min_s / (time.perf_counter() - start)))
-    rates: dict[int, list[float]] = {0: [], 1: []}
-    for _ in range(repeats):
-        for which, runtime in enumerate((reference, candidate)):
-            t = time.perf_counter()
-            for _ in range(per_turn):
-                runtime.predict(batch)
-            rates[which].append(per_turn * len(batch) / (time.perf_counter() - t))
-    ref, cand = np.array(rates[0]), np.array(rates[1])
-    return float(np.median(ref)), float(np.median(cand)), float(np.median(cand / ref))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Measure a quantized model against its base: top-1 agreement on evaluation photos
-    (never used for calibration) and interleaved throughput on pre-decoded tensors.
-
-        python -m ics_service.models.quantize [--model efficientnet-lite0-int8] [-n 1000]
-    """
-    from ..config import load_settings
-    from .prepare import onnx_path, prepare
-    from .registry import get_card
-    from .runtime import OnnxRuntime
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", default="efficientnet-lite0-int8")
-    p.add_argument("--models-dir", type=Path, help="Default: the settings' models folder.")
-    p.add_argument("-n", "--images", type=int, default=1000, help="Evaluation photos.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of the evaluation photos.")
-    p.add_argument("--batch-sizes", default="1,4,8,16")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--files", type=Path, help="A folder of images to use instead.")
-    args = p.parse_args(argv)
-
-    models_dir = args.models_dir or load_settings().settings.models_dir
-    card = get_card(args.model)
-    base = get_card(card.build["base"])
-    prepare(card, models_dir)
-    reference = OnnxRuntime(base, onnx_path(base, models_dir))
-    candidate = OnnxRuntime(card, onnx_path(card, models_dir))
-    if args.files:
-        from ..imaging import IMAGE_EXTENSIONS
-
-        images = (f for f in args.files.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        paths = sorted(images)[: args.images]
-        tensors = list(preprocess_batches(base, (f.read_bytes() for f in paths)))
-        corpus = f"{len(paths)} files from {args.files}"
-    else:
-        tensors = list(photo_batches(base, args.images, args.seed, stream=EVALUATION))
-        corpus = f"{args.images} varied photos (evaluation stream, seed {args.seed})"
-    agreement = top1_agreement(reference, candidate, tensors)
-    print(f"{card.name} vs {base.name} on {corpus}: {agreement}")
-    pool = np.concatenate(tensors)
-    for size in (int(b) for b in args.batch_sizes.split(",")):
-        batch = np.ascontiguousarray(pool[:size])
-        ref, cand, ratio = throughput_ratio(reference, candidate, batch, repeats=args.repeats)
-        print(
-            f"batch {size:2d}: {base.name} {ref:6.1f} images/s, {card.name} {cand:6.1f} "
-            f"images/s, ratio {ratio:.2f} (median of {args.repeats} interleaved turns)"
-        )
-
-
-if __name__ == "__main__":
-    main()
+def build_quantized(card: ModelCard, out: Path, base: Path | None) -> None:
+    """The `quantize` builder: quantize the base model's ONNX file `base` to `out`."""
+    if base is None:
+        raise ValueError(f"model {card.name}: a quantized model's build names its base")
+    quantize_model(base, out, card, QuantizeOptions.from_build(card.build))

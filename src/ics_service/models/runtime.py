@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import ModelNotPrepared
 from .card import ModelCard
-from .prepare import CONVERT_HINT, is_prepared, onnx_path, prepare
-
-log = logging.getLogger(__name__)
 
 
 class ModelRuntime(Protocol):
@@ -70,23 +65,3 @@ class OnnxRuntime:
         (out,) = self.session.run(None, {self.input_name: batch})
         out = np.asarray(out, dtype=np.float32)
         return softmax(out) if self._logits else out
-
-
-def load_runtime(
-    card: ModelCard, models_dir: Path, *, threads: int = 0, auto_prepare: bool = True
-) -> OnnxRuntime:
-    """Open the card's ONNX file, preparing it first when it is missing and torch is here."""
-    if not is_prepared(card, models_dir):
-        if not auto_prepare:
-            raise ModelNotPrepared(
-                f"model {card.name} is not prepared; run `ics models prepare {card.name}`"
-            )
-        log.warning("model %s is not prepared yet: preparing it once (a few seconds)", card.name)
-        try:
-            prepare(card, models_dir)
-        except ModelNotPrepared as e:
-            raise ModelNotPrepared(
-                f"{e}. Run `ics models prepare {card.name}` on a machine with {CONVERT_HINT}, "
-                f"or copy its model.onnx to {onnx_path(card, models_dir)}"
-            ) from None
-    return OnnxRuntime(card, onnx_path(card, models_dir), threads=threads)

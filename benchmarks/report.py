@@ -1,0 +1,458 @@
+"""The report of a benchmark run: medians per runner and size, the bounds, RESULTS.md.
+
+Everything here reads a finished `Bench`, so a report can be written again from the raw
+results alone (`python -m benchmarks.run --rerender`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .common import cpus
+from .corpus import SIZES
+from .runners import DESCRIBE, ROOT, RUNNERS, Bench, Config
+
+#: Hand-written analysis of the missed targets, appended to RESULTS.md on every render.
+LIMITS = Path(__file__).resolve().parent / "LIMITS.md"
+
+
+def _med(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:,.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def summary(b: Bench) -> dict[str, Any]:
+    """Medians per (runner, size) over the rounds; max of the peak RSS."""
+    out: dict[str, Any] = {}
+    keys = sorted({(r.job.runner, r.job.size) for r in b.runs})
+    for key in keys:
+        runs = [r for r in b.runs if (r.job.runner, r.job.size) == key]
+        ok = [r for r in runs if r.ok]
+        out["/".join(key)] = {
+            "runs": len(runs),
+            "ok": len(ok),
+            "problems": sorted({r.problem for r in runs if not r.ok}),
+            "images_per_s": _med([r.ips for r in ok]),
+            "min": min((r.ips for r in ok), default=None),
+            "max": max((r.ips for r in ok), default=None),
+            "steady_images_per_s": _med([r.steady_ips for r in ok if r.steady_ips]),
+            "startup_s": _med(
+                [
+                    r.m.wall_s - r.job.n / r.steady_ips
+                    for r in ok
+                    if r.steady_ips and r.job.runner != "bounds"
+                ]
+            ),
+            "peak_rss_mb": max((r.m.peak_rss_mb for r in ok), default=None),
+            "cpu_ms_per_image": _med([r.m.cpu_s * 1e3 / r.job.n for r in ok]),
+            "cores_used": _med([r.m.cpu_s / r.m.wall_s for r in ok]),
+            "wall_s": _med([r.m.wall_s for r in ok]),
+        }
+    bounds = [r.m.report for r in b.runs if r.job.runner == "bounds" and r.ok and r.m.report]
+    if bounds:
+        out["bounds"] = bound_summary(bounds)
+    return out
+
+
+def bound_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    c = reports[0]["cpus"]
+    ips_c = _med([r["model"]["best_images_per_s"] for r in reports])
+    ips_1 = _med([r["model"]["one_thread_images_per_s"] for r in reports])
+    ips_p = _med([r["model"]["per_core_sessions_images_per_s"] for r in reports])
+    by_batch = {
+        bs: _med([r["model"]["images_per_s_by_batch"][bs] for r in reports])
+        for bs in reports[0]["model"]["images_per_s_by_batch"]
+    }
+    doc: dict[str, Any] = {
+        "cpus": c,
+        "model_best_images_per_s": ips_c,
+        "model_best_batch": max(by_batch, key=lambda k: by_batch[k] or 0),
+        "model_one_thread_images_per_s": ips_1,
+        "model_per_core_sessions_images_per_s": ips_p,
+        "model_per_core_sessions_best_batch": reports[0]["model"]["per_core_sessions_best_batch"],
+        "model_by_batch": by_batch,
+        "preprocessor": reports[0].get("preprocessor"),
+        "decode": {},
+        "pipelined": {},
+    }
+    for size in SIZES:
+        ms = _med([r["decode"][size]["ics_ms"] for r in reports if size in r.get("decode", {})])
+        plain = _med(
+            [r["decode"][size]["plain_ms"] for r in reports if size in r.get("decode", {})]
+        )
+        if ms is None or not ips_c or not ips_p:
+            continue
+        d = ms / 1e3
+        # Core-seconds per image: the model's (c / its throughput on all c cores) plus the
+        # decode's (d, on one core); the c cores share them. The model runs either as one
+        # session over all cores or as one single-thread session per core, whichever is
+        # faster: the better schedule is the bound.
+        shared = 1.0 / (1.0 / ips_c + d / c)
+        per_core = 1.0 / (1.0 / ips_p + d / c)
+        doc["decode"][size] = {"ics_ms": ms, "plain_ms": plain}
+        doc["pipelined"][size] = {
+            "bound": max(shared, per_core),
+            "shared_cores": shared,
+            "per_core": per_core,
+            "decode_only": c / d,
+        }
+    int8 = [r["int8"] for r in reports if "int8" in r]
+    if int8:
+        agreements = [x["agreement"] for x in int8 if x.get("agreement", {}).get("images")]
+        doc["int8"] = {
+            "model_best_images_per_s": _med([x["model"]["best_images_per_s"] for x in int8]),
+            "model_best_batch": int8[0]["model"]["best_batch"],
+            "agreement": agreements[0] if agreements else None,
+        }
+    return doc
+
+
+def write_outputs(b: Bench, mach: dict[str, Any]) -> None:
+    """Write OUT/results.json (every run, raw) and the Markdown results file."""
+    s = summary(b)
+    doc: dict[str, Any] = {
+        "config": {
+            k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+            for k, v in dataclasses.asdict(b.cfg).items()
+        },
+        "machine": mach,
+        "models": {"fp32": b.fp32, "int8": b.int8},
+        "summary": s,
+        "runs": [r.to_doc() for r in b.runs],
+        "extra": {k: v for k, v in b.extra.items() if k != "large_folder"},
+        "notes": b.notes,
+    }
+    b.cfg.out.mkdir(parents=True, exist_ok=True)
+    (b.cfg.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+    b.cfg.results.parent.mkdir(parents=True, exist_ok=True)
+    b.cfg.results.write_text(render(b, s, doc["machine"]))
+
+
+def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
+    cfg = b.cfg
+    today = dt.date.today().isoformat()
+    lb, la = b.extra["load_before"], b.extra["load_after"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {today} by `make bench` (`python -m benchmarks.run`) in "
+        f"{b.extra['total_s'] / 60:.1f} min: {cfg.n} small photos (~500×375), "
+        f"{cfg.n_large} large (~4000×3000), seed {cfg.seed}, {cfg.repeats} interleaved "
+        f"round(s); medians over the rounds, peak RSS is the largest seen. Every runner is "
+        f"timed as a whole process, start-up included. Raw data: "
+        f"`{_rel(cfg.out / 'results.json')}`.",
+        "",
+        f"Knobs changed from their defaults: {_changed(cfg) or 'none'}.",
+        "",
+        f"Load average (1, 5, 15 min) before: {lb[0]:.2f}, {lb[1]:.2f}, {lb[2]:.2f}; "
+        f"after: {la[0]:.2f}, {la[1]:.2f}, {la[2]:.2f}.",
+        "",
+        *(
+            [
+                f"**Taken on a busy machine**: the load average before the run exceeded half the "
+                f"{cpus()} cores, so other work shared the CPUs with every runner (see the "
+                "'cores used' column: CPU seconds ÷ wall seconds). Rates and ratios are "
+                "indicative only; CPU ms/image is the steadier comparison.",
+                "",
+            ]
+            # The load after the run is mostly the run's own: only the load before it
+            # says whether other work was sharing the cores.
+            if lb[0] > cpus() / 2
+            else []
+        ),
+        "## Machine",
+        "",
+        f"- CPU: {mach['cpu']} ({mach['simd']}); {mach['cpus']} cores usable; "
+        f"{mach['memory_gb']} GB memory",
+        f"- Linux {mach['kernel']}, Python {mach['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items()),
+        f"- ICS at commit {mach['commit']}; model `{cfg.model}` (`{_rel(Path(b.fp32['path']))}`)",
+        "",
+    ]
+    bounds = s.get("bounds")
+    for size in ("small", "large"):
+        if not any(k.endswith("/" + size) for k in s):
+            continue
+        n = cfg.n if size == "small" else cfg.n_large
+        label = "~500×375" if size == "small" else "~4000×3000"
+        lines += [
+            f"## {size.capitalize()} photos ({n:,} × {label})",
+            "",
+            "| runner | images/s | range | steady images/s | start-up s | peak RSS MB "
+            "| CPU ms/image | cores used | ICS ÷ runner |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        ics = (s.get(f"ics/{size}") or {}).get("images_per_s")
+        for r in RUNNERS:
+            row = s.get(f"{r}/{size}")
+            if row is None:
+                continue
+            what = DESCRIBE.get(r, r).format(int8=cfg.int8_model)
+            failed = (
+                f" ({row['runs'] - row['ok']} of {row['runs']} runs failed)"
+                if (row["ok"] < row["runs"])
+                else ""
+            )
+            lines.append(
+                f"| {what}{failed} | {_fmt(row['images_per_s'])} "
+                f"| {_fmt(row['min'])}–{_fmt(row['max'])} | {_fmt(row['steady_images_per_s'])} "
+                f"| {_fmt(row['startup_s'], 2)} | {_fmt(row['peak_rss_mb'], 0)} "
+                f"| {_fmt(row['cpu_ms_per_image'], 2)} | {_fmt(row.get('cores_used'), 2)} "
+                f"| {_fmt(_ratio(ics, row['images_per_s']), 2) if r != 'ics' else ''} |"
+            )
+        if bounds and size in bounds["pipelined"]:
+            pb = bounds["pipelined"][size]
+            lines.append(
+                f"| pipelined bound for {bounds['cpus']} cores (computed, no start-up) "
+                f"| {_fmt(pb['bound'])} | | | | | | | {_fmt(_ratio(ics, pb['bound']), 2)} |"
+            )
+        lines.append("")
+    if bounds:
+        lines += render_bounds(bounds)
+    lines += render_targets(b, s)
+    lines += render_other(b, s)
+    prof = b.extra.get("profile") or {}
+    if prof.get("lines"):
+        lines += [
+            "## Profile headline: `ics classify` on the small photos",
+            "",
+            f"One run of {cfg.n:,} small photos under py-spy ({prof['wall_s']:.1f} s "
+            f"with the profiler); raw stacks in `{_rel(Path(prof['raw']))}`.",
+            "",
+            *prof["lines"],
+            "",
+        ]
+    lines += render_method(b)
+    if b.notes:
+        lines += ["## Notes from this run", "", *(f"- {n}" for n in b.notes), ""]
+    if LIMITS.is_file():
+        # Written by hand after reading a run: what limits each missed target.
+        lines += [LIMITS.read_text(encoding="utf-8").rstrip(), ""]
+    return "\n".join(lines)
+
+
+def render_bounds(bd: dict[str, Any]) -> list[str]:
+    sweep = " · ".join(
+        f"{bs}: {_fmt(v)}" for bs, v in bd["model_by_batch"].items() if v is not None
+    )
+    lines = [
+        "## Bounds",
+        "",
+        f"- Bare model on pre-decoded tensors, {bd['cpus']} threads, images/s by batch size: "
+        f"{sweep}; best {_fmt(bd['model_best_images_per_s'])} at batch "
+        f"{bd['model_best_batch']}; one thread {_fmt(bd['model_one_thread_images_per_s'])}; "
+        f"{bd['cpus']} one-thread sessions side by side "
+        f"{_fmt(bd['model_per_core_sessions_images_per_s'])} in all (batch "
+        f"{bd['model_per_core_sessions_best_batch']}).",
+    ]
+    for size, d in bd["decode"].items():
+        pb = bd["pipelined"][size]
+        lines.append(
+            f"- Decode + preprocess on one core, {size} photos: {_fmt(d['ics_ms'], 2)} ms "
+            f"with ICS's preprocessor ({_fmt(d['plain_ms'], 2)} ms the plain PIL way). "
+            f"Pipelined bound {_fmt(pb['bound'])} images/s (one session on all cores: "
+            f"{_fmt(pb['shared_cores'])}; one single-thread session per core: "
+            f"{_fmt(pb['per_core'])}; decoding alone on every core: {_fmt(pb['decode_only'])})."
+        )
+    if bd.get("int8"):
+        i8 = bd["int8"]
+        lines.append(
+            f"- INT8 bare model: best {_fmt(i8['model_best_images_per_s'])} images/s at batch "
+            f"{i8['model_best_batch']}."
+        )
+    return [*lines, ""]
+
+
+def _target(ok: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[ok]
+
+
+def render_targets(b: Bench, s: dict[str, Any]) -> list[str]:
+    def ips(key: str) -> float | None:
+        return (s.get(key) or {}).get("images_per_s")
+
+    rows: list[tuple[str, str, bool | None]] = []
+    bounds = s.get("bounds") or {}
+    for size, peers in (
+        ("small", (("plain", 1.15), ("ray", 3.0), ("http", 2.0))),
+        ("large", (("plain", 5.0), ("ray", 5.0))),
+    ):
+        ics = ips(f"ics/{size}")
+        if size == "small":
+            bound = (bounds.get("pipelined", {}).get("small") or {}).get("bound")
+            r = _ratio(ics, bound)
+            rows.append(
+                (
+                    "small photos: ICS ≥ 0.85 × pipelined bound",
+                    f"{_fmt(r, 3)} ({_fmt(ics)} of {_fmt(bound)} images/s)",
+                    None if r is None else r >= 0.85,
+                )
+            )
+        for peer, want in peers:
+            r = _ratio(ics, ips(f"{peer}/{size}"))
+            rows.append(
+                (
+                    f"{size} photos: ICS ≥ {want:g} × {peer}",
+                    f"{_fmt(r, 3)} ×",
+                    None if r is None else r >= want,
+                )
+            )
+    mem = b.extra.get("memory") or []
+    if len(mem) == 2 and all(m["ok"] for m in mem):
+        grow = mem[1]["peak_rss_mb"] - mem[0]["peak_rss_mb"]
+        rows.append(
+            (
+                f"memory: {mem[1]['n']:,} images within 150 MB of {mem[0]['n']:,}",
+                f"{grow:+,.0f} MB ({mem[0]['peak_rss_mb']:,.0f} → {mem[1]['peak_rss_mb']:,.0f})",
+                grow <= 150 if mem[1]["n"] >= 20000 else None,
+            )
+        )
+    else:
+        rows.append(("memory: 20,000 images within 150 MB of 1,000", "not run", None))
+    i8 = bounds.get("int8")
+    if i8:
+        r = _ratio(i8["model_best_images_per_s"], bounds.get("model_best_images_per_s"))
+        rows.append(
+            ("INT8 bare model ≥ 1.8 × FP32", f"{_fmt(r, 3)} ×", None if r is None else r >= 1.8)
+        )
+        ag = i8.get("agreement")
+        if ag:
+            rows.append(
+                (
+                    f"INT8 top-1 agreement ≥ 98 % ({ag['images']:,} images)",
+                    f"{ag['top1_agreement']:.1%}",
+                    ag["top1_agreement"] >= 0.98 if ag["images"] >= 1000 else None,
+                )
+            )
+        r = _ratio(ips("ics-int8/small"), ips("plain/small"))
+        rows.append(
+            (
+                "INT8 end to end: ICS --model int8 ≥ 1.6 × FP32 plain loop",
+                f"{_fmt(r, 3)} ×",
+                None if r is None else r >= 1.6,
+            )
+        )
+    else:
+        rows.append(("INT8 targets", f"skipped: no `{b.cfg.int8_model}` model", None))
+    lean, full = ips("ics-lean/small"), ips("ics/small")
+    if lean and full:
+        cost = 1 - full / lean
+        rows.append(
+            (
+                "non-model work ≤ 10 % (default vs lean configuration)",
+                f"{cost:+.1%} ({_fmt(full)} vs {_fmt(lean)} images/s)"
+                + ("; below zero the lean run was the slower: noise" if cost < 0 else ""),
+                cost <= 0.10,
+            )
+        )
+    one = b.extra.get("one_image") or []
+    walls = [r["wall_s"] for r in one if r["ok"]]
+    if walls:
+        rows.append(
+            (
+                "`ics classify` on one image < 2 s (warm model cache)",
+                f"median {statistics.median(walls):.2f} s, max {max(walls):.2f} s",
+                max(walls) < 2.0,
+            )
+        )
+    lines = ["## Targets (issue 4)", "", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {_target(ok)} |" for t, m, ok in rows]
+    return [*lines, ""]
+
+
+def render_other(b: Bench, s: dict[str, Any]) -> list[str]:
+    lines = ["## Other measurements", ""]
+    for m in b.extra.get("memory") or []:
+        failed = "" if m["ok"] else f" (FAILED: {m['problem']})"
+        lines.append(
+            f"- Memory run: `ics classify` on {m['n']:,} images (the small corpus repeated "
+            f"by hard links): {m['wall_s']:.1f} s, {m['images_per_s']:.1f} images/s, "
+            f"peak RSS {m['peak_rss_mb']:,.0f} MB{failed}."
+        )
+    one = b.extra.get("one_image") or []
+    if one:
+        walls = ", ".join(f"{r['wall_s']:.2f}" for r in one)
+        lines.append(f"- `ics classify` on one image, warm model cache: {walls} s.")
+    lean = s.get("ics-lean/small")
+    if lean:
+        lines.append(
+            "- No `ics classify` flag turns the execution store off; the lean "
+            "configuration keeps the store on tmpfs (`--store sqlite:////dev/shm/...`) and "
+            "writes results to /dev/null, so its gap to the default bounds the cost of the "
+            "disk writes, not of the store itself. The profile below shows the rest."
+        )
+    return [*lines, ""] if len(lines) > 2 else []
+
+
+def render_method(b: Bench) -> list[str]:
+    cfg = b.cfg
+    return [
+        "## How it was measured",
+        "",
+        "- Corpus (`benchmarks/corpus.py`): scikit-image's bundled photos, each image a "
+        "random crop, flip and colour jitter, resized to its class and saved as JPEG "
+        "(quality 85-95); large ones get sensor-like grain so they compress like real "
+        "12-megapixel photos (about 3 MB each). Deterministic from the seed.",
+        "- images/s = images ÷ wall time of the whole process (start-up included). "
+        "Steady images/s is the runner's own clock from when it was ready (ICS: its "
+        "`elapsed_s`), and start-up is the difference.",
+        "- Peak RSS: the larger of the process's own high-water mark (VmHWM) and the "
+        "summed RSS of its whole process tree (Ray's workers and raylet, the HTTP design's "
+        "endpoint process), both sampled from /proc every 0.1 s; pages shared between "
+        "processes count once per process.",
+        "- Cores used = CPU seconds ÷ wall seconds of the run: how much of the machine the "
+        "runner actually got (at most the core count).",
+        "- CPU ms/image: user + system time of the whole process tree (the larger of what "
+        "wait4 reports for the process and its reaped children, and the CPU time of every "
+        "process of the tree sampled from /proc).",
+        "- Peers use the same ONNX file and onnxruntime settings as ICS (intra-op threads = "
+        "cores, no spinning, sequential, all graph optimisations). "
+        f"Ray: {cfg.ray_actors} actor(s) of {cfg.ray_actor_cpus:g} CPU, preprocessing "
+        f"fused into the read tasks, batch 8. HTTP design: stdlib endpoint in its own "
+        f"process, a new connection per image, {cfg.http_concurrency} requests at a time.",
+        "- Pipelined bound = 1 / (1/M + D/C): C cores share the model's core-seconds per "
+        "image (C/M) and the decode's (D). M is the bare model's best images/s on all C "
+        "cores, either one session with C threads or C single-thread sessions side by side "
+        "(whichever is faster, each at its best batch size); D the decode + preprocess "
+        "seconds per image on one core with ICS's preprocessor. The bound has no start-up; "
+        "ICS's images/s includes its start-up.",
+        "",
+    ]
+
+
+def _changed(cfg: Config) -> str:
+    default = Config()
+    return ", ".join(
+        f"BENCH_{f.name.upper()}={_knob(getattr(cfg, f.name))}"
+        for f in dataclasses.fields(Config)
+        if f.name not in ("large", "out", "results", "rerender")
+        and getattr(cfg, f.name) != getattr(default, f.name)
+    )
+
+
+def _knob(v: Any) -> str:
+    if isinstance(v, tuple):
+        return ",".join(v)
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)

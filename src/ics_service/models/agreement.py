@@ -1,0 +1,162 @@
+"""How closely a candidate model (an INT8 variant) answers like its reference, and how fast.
+
+`python -m ics_service.models.agreement` measures a quantized model against its base; the
+benchmarks report the same agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .calibration import EVALUATION, photo_batches, preprocess_batches
+from .runtime import ModelRuntime, OnnxRuntime
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How often a candidate model gives the reference model's answer."""
+
+    images: int
+    #: Images on which both models' top-1 class is the same.
+    top1: int
+    #: Images on which the reference's top-1 class is in the candidate's top 5.
+    top5: int
+    #: Mean over images of the largest absolute difference between the two probability vectors.
+    mean_max_prob_diff: float
+
+    @property
+    def top1_rate(self) -> float:
+        return self.top1 / self.images if self.images else float("nan")
+
+    @property
+    def top5_rate(self) -> float:
+        return self.top5 / self.images if self.images else float("nan")
+
+    def __str__(self) -> str:
+        return (
+            f"top-1 agreement {self.top1_rate:.2%} ({self.top1}/{self.images}), "
+            f"reference top-1 in top-5 {self.top5_rate:.2%}, "
+            f"mean max |Δp| {self.mean_max_prob_diff:.4f}"
+        )
+
+
+def top1_agreement(
+    reference: ModelRuntime, candidate: ModelRuntime, batches: Iterable[np.ndarray]
+) -> Agreement:
+    """Run both runtimes on every batch of inputs (N, 3, H, W) and compare their answers."""
+    images = top1 = top5 = 0
+    diff = 0.0
+    for batch in batches:
+        ref = reference.predict(batch)
+        cand = candidate.predict(batch)
+        ref_top = ref.argmax(axis=1)
+        cand_top5 = np.argpartition(-cand, 5, axis=1)[:, :5]
+        images += len(batch)
+        top1 += int((cand.argmax(axis=1) == ref_top).sum())
+        top5 += int((cand_top5 == ref_top[:, None]).any(axis=1).sum())
+        diff += float(np.abs(ref - cand).max(axis=1).sum())
+    return Agreement(images, top1, top5, diff / images if images else float("nan"))
+
+
+def agreement_on_files(
+    reference: ModelRuntime,
+    candidate: ModelRuntime,
+    paths: Iterable[Path],
+    *,
+    batch_size: int = 16,
+) -> Agreement:
+    """`top1_agreement` on image files, preprocessed with the reference's card."""
+    images = (p.read_bytes() for p in paths)
+    return top1_agreement(
+        reference,
+        candidate,
+        preprocess_batches(reference.card, images, batch_size=batch_size),
+    )
+
+
+def throughput_ratio(
+    reference: ModelRuntime,
+    candidate: ModelRuntime,
+    batch: np.ndarray,
+    *,
+    repeats: int = 7,
+    min_s: float = 0.5,
+) -> tuple[float, float, float]:
+    """Images/s of both runtimes on one batch, timed in turns so that drift of a shared
+    machine hits both alike; returns (reference median, candidate median, median of the
+    per-turn ratios candidate / reference)."""
+    for runtime in (reference, candidate):
+        runtime.predict(batch)
+    start = time.perf_counter()
+    runs = 0
+    while time.perf_counter() - start < min_s / 2 or runs < 2:
+        reference.predict(batch)
+        runs += 1
+    per_turn = max(2, round(runs * min_s / (time.perf_counter() - start)))
+    rates: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for which, runtime in enumerate((reference, candidate)):
+            t = time.perf_counter()
+            for _ in range(per_turn):
+                runtime.predict(batch)
+            rates[which].append(per_turn * len(batch) / (time.perf_counter() - t))
+    ref, cand = np.array(rates[0]), np.array(rates[1])
+    return float(np.median(ref)), float(np.median(cand)), float(np.median(cand / ref))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure a quantized model against its base: top-1 agreement on evaluation photos
+    (never used for calibration) and interleaved throughput on pre-decoded tensors.
+
+        python -m ics_service.models.agreement [--model efficientnet-lite0-int8] [-n 1000]
+    """
+    from ..config import load_settings
+    from .prepare import onnx_path, prepare
+    from .registry import get_card
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", default="efficientnet-lite0-int8")
+    p.add_argument("--models-dir", type=Path, help="Default: the settings' models folder.")
+    p.add_argument("-n", "--images", type=int, default=1000, help="Evaluation photos.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the evaluation photos.")
+    p.add_argument("--batch-sizes", default="1,4,8,16")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--files", type=Path, help="A folder of images to use instead.")
+    args = p.parse_args(argv)
+
+    models_dir = args.models_dir or load_settings().settings.models_dir
+    card = get_card(args.model)
+    base = get_card(card.build["base"])
+    prepare(card, models_dir)
+    reference = OnnxRuntime(base, onnx_path(base, models_dir))
+    candidate = OnnxRuntime(card, onnx_path(card, models_dir))
+    if args.files:
+        from ..imaging import IMAGE_EXTENSIONS
+
+        images = (f for f in args.files.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = sorted(images)[: args.images]
+        tensors = list(preprocess_batches(base, (f.read_bytes() for f in paths)))
+        corpus = f"{len(paths)} files from {args.files}"
+    else:
+        tensors = list(photo_batches(base, args.images, args.seed, stream=EVALUATION))
+        corpus = f"{args.images} varied photos (evaluation stream, seed {args.seed})"
+    agreement = top1_agreement(reference, candidate, tensors)
+    print(f"{card.name} vs {base.name} on {corpus}: {agreement}")
+    pool = np.concatenate(tensors)
+    for size in (int(b) for b in args.batch_sizes.split(",")):
+        batch = np.ascontiguousarray(pool[:size])
+        ref, cand, ratio = throughput_ratio(reference, candidate, batch, repeats=args.repeats)
+        print(
+            f"batch {size:2d}: {base.name} {ref:6.1f} images/s, {card.name} {cand:6.1f} "
+            f"images/s, ratio {ratio:.2f} (median of {args.repeats} interleaved turns)"
+        )
+
+
+if __name__ == "__main__":
+    main()
