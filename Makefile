@@ -30,7 +30,18 @@ demo: $(VENV)/.demo
 	@echo "ics classify demo/photos --table --tolerated-failure-percentage 100"
 	@$(BIN)/ics classify demo/photos --table --tolerated-failure-percentage 100
 
+# The store tests run on SQLite and on a real PostgreSQL: ICS_TEST_POSTGRES_URL names one, or
+# scripts/postgres.sh installs (Debian) and starts a local one. ICS_SKIP_POSTGRES=1 skips
+# those tests on purpose.
 test: $(VENV)/.test
+	@if [ -z "$$ICS_TEST_POSTGRES_URL" ] && [ "$$ICS_SKIP_POSTGRES" != 1 ]; then \
+	    url="$$(scripts/postgres.sh start)" || { \
+	        echo "make test: cannot start a local PostgreSQL for the store tests (see above)." >&2; \
+	        echo "  Set ICS_TEST_POSTGRES_URL=postgresql://USER:PASSWORD@HOST/DB (a role that may" >&2; \
+	        echo "  create databases), or ICS_SKIP_POSTGRES=1 to skip those tests on purpose." >&2; \
+	        exit 1; }; \
+	    export ICS_TEST_POSTGRES_URL="$$url"; \
+	fi; \
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark runner, interleaved; writes benchmarks/RESULTS.md. Knobs (environment or

@@ -30,15 +30,18 @@ def ics(*args: str, input: str | None = None, env: Mapping[str, str] | None = No
 
 
 def ics_process(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0, **kwargs: object
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120.0,
 ) -> subprocess.CompletedProcess[str]:
     """`ics ARGS` as a real process (the installed console script), with a deadline."""
     return subprocess.run(
         [str(ICS_BIN), *args],
         env={**os.environ, **(env or {})},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        **kwargs,  # type: ignore[arg-type]
     )

@@ -1,4 +1,4 @@
-"""Errors users can act on, and how each one maps to an exit code and an HTTP status.
+"""Errors users can act on, each with its exit code and the HTTP status it stands for.
 
 Per-item errors (`ItemError`) end one item FAILED with `error.type` set to the class
 name; they never stop an execution. `UsageError` and its kind end a command with exit
@@ -32,6 +32,12 @@ class ExitCode(IntEnum):
 
 #: The error type recorded on an item that failed through a bug, not a bad image.
 INTERNAL_ERROR = "InternalError"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: stop now (exit code 130); a KeyboardInterrupt, so nothing swallows it."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class IcsError(Exception):
@@ -106,7 +112,7 @@ class SourceUnreadable(ItemError):
 
 
 class SourceUnavailable(ItemError):
-    """A transient failure reaching the item (timeouts, throttling, connection errors, 5xx)."""
+    """A transient failure reaching the item (timeouts, throttling, connection errors)."""
 
     http_status = 503
     retryable = True
@@ -128,8 +134,15 @@ class ImageTooLarge(ItemError):
     http_status = 413
 
 
+class DecodeCancelled(ItemError):
+    """The run stopped while this image waited for decode memory: it was not decoded, and
+    the engine leaves its item pending instead of recording it."""
+
+    http_status = 503
+
+
 class ModelUnavailable(ItemError):
-    """A transient failure of a model endpoint (timeout, throttling, 5xx)."""
+    """A transient failure of the model runtime (retried by the ClassifyImage policy)."""
 
     http_status = 503
     retryable = True

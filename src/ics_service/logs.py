@@ -1,19 +1,38 @@
 """Logging setup: readable lines for people, or one JSON object per line for machines.
 
 Records may carry `execution_id` and `item_id` (pass them in `extra=`); both formats show
-them. Tracebacks are shown only at DEBUG level: user errors are not bugs.
+them. Tracebacks are shown only at DEBUG level: user errors are not bugs. Text lines are
+`printable`: a file name cannot move the cursor or recolour the terminal.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
 from .types import isoformat, utcnow
 
 _CONTEXT_KEYS = ("execution_id", "item_id", "uri")
+
+# C0 and C1 controls, DEL, bidirectional overrides and isolates (which reorder what a
+# terminal shows), and the lone surrogates that stand for undecodable bytes in file names.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: the original byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """Text from outside (file names, error messages) made safe to print on a terminal:
+    control characters and undecodable bytes are shown as backslash escapes."""
+    return _UNPRINTABLE.sub(_escape, text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,15 +63,17 @@ class TextFormatter(logging.Formatter):
             f"{k}={getattr(record, k)}" for k in _CONTEXT_KEYS if getattr(record, k, None)
         )
         saved = record.msg, record.args, record.exc_info, record.exc_text
+        message = record.getMessage()
         if not self.tracebacks and record.exc_info:
             exc = record.exc_info[1]
-            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
-            record.args, record.exc_info, record.exc_text = None, None, None
+            message = f"{message} ({type(exc).__name__}: {exc})"
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = printable(message), None
         try:
             line = super().format(record)
         finally:
             record.msg, record.args, record.exc_info, record.exc_text = saved
-        return f"{line} [{context}]" if context else line
+        return f"{line} [{printable(context)}]" if context else line
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]

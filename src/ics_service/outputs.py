@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import UsageError
+from .errors import OutputError, UsageError
 from .types import ItemResult
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -86,10 +88,58 @@ def format_for(path: str, explicit: str | None = None) -> str:
     return fmt
 
 
+def check_output(path: str | None, fmt: str | None, default_dir: Path) -> None:
+    """Refuse, before any work, a results path that cannot be written (UsageError).
+
+    `None` means the default file in `default_dir`, which is created if needed.
+    """
+    if path is None:
+        try:
+            default_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(
+                f"cannot create the results folder {default_dir}: {e.strerror or e}; "
+                "set --home or give --output"
+            ) from None
+        _check_folder(default_dir)
+        return
+    if path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(
+            f"results path {path} is a folder; give a file name, e.g. {target / 'results.jsonl'}"
+        )
+    format_for(path, fmt)
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"cannot write results to {path}: the folder {target.parent} does not exist; "
+            "create it first"
+        )
+    existed = target.exists()
+    try:
+        with open(target, "ab"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write results to {path}: {e.strerror or e}") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
+def _check_folder(folder: Path) -> None:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"cannot write results in {folder}: {e.strerror or e}; set --home or give --output"
+        ) from None
+
+
 class ResultsWriter:
     """A result sink writing one file; records are flushed as batches finish."""
 
-    def __init__(self, path: str, fmt: str | None = None, *, append: bool = False) -> None:
+    def __init__(self, path: str, fmt: str | None = None) -> None:
         self.path = path
         self.format = format_for(path, fmt)
         self.count = 0
@@ -103,26 +153,35 @@ class ResultsWriter:
                 raise UsageError(
                     "writing Parquet needs pyarrow: pip install 'ics-service[parquet]'"
                 ) from None
-            if append:
-                raise UsageError("Parquet results cannot be appended to; use .jsonl or .csv")
             return
         if path == "-":
             self._file = sys.stdout
-            needs_header = True
         else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            needs_header = not (append and Path(path).is_file() and Path(path).stat().st_size > 0)
-            self._file = open(  # noqa: SIM115 (closed by close(), the sink contract)
-                path, "a" if append else "w", encoding="utf-8", newline=""
-            )
+            with self._writing():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(  # noqa: SIM115 (closed by close(), the sink contract)
+                    path, "w", encoding="utf-8", newline=""
+                )
         if self.format == "csv":
             self._csv = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
-            if needs_header:
+            with self._writing():
                 self._csv.writeheader()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A failed write (disk full, I/O error) is an OutputError naming the file."""
+        try:
+            yield
+        except OSError as e:
+            raise OutputError(f"cannot write results to {self.path}: {e.strerror or e}") from None
 
     def write(self, results: Sequence[ItemResult]) -> None:
         if not results:
             return
+        with self._writing():
+            self._write(results)
+
+    def _write(self, results: Sequence[ItemResult]) -> None:
         self.count += len(results)
         if self.format == "parquet":
             self._write_parquet(results)
@@ -149,6 +208,10 @@ class ResultsWriter:
         self._parquet.write_table(table)
 
     def close(self) -> None:
+        with self._writing():
+            self._close()
+
+    def _close(self) -> None:
         if self._parquet is not None:
             self._parquet.close()
             self._parquet = None

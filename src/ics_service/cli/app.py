@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -14,22 +15,21 @@ from rich.console import Console
 
 from .. import __version__
 from ..config import LoadedSettings, Settings, load_settings
-from ..errors import IcsError
-from ..logs import configure_logging
+from ..errors import ExitCode, IcsError
+from ..logs import configure_logging, printable
 from ..types import ExecutionStatus
+from .signals import SignalGuard, guarded
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("ics_service.cli")
 
-#: Exit codes: 0 the execution SUCCEEDED, 1 it FAILED, 2 usage or configuration error,
-#: 130 ABORTED (interrupted), 3 an internal error (a bug: please report it).
-EXIT_ABORTED = 130
-EXIT_INTERNAL = 3
 EXIT_BY_STATUS = {
-    ExecutionStatus.SUCCEEDED: 0,
-    ExecutionStatus.FAILED: 1,
-    ExecutionStatus.ABORTED: EXIT_ABORTED,
-    ExecutionStatus.RUNNING: 1,
+    ExecutionStatus.SUCCEEDED: ExitCode.OK,
+    ExecutionStatus.FAILED: ExitCode.FAILED,
+    ExecutionStatus.ABORTED: ExitCode.INTERRUPTED,
+    ExecutionStatus.RUNNING: ExitCode.FAILED,
 }
+_GUARD = "ics.signals"
 
 
 class CliError(click.ClickException):
@@ -39,13 +39,23 @@ class CliError(click.ClickException):
 
 
 class IcsGroup(click.Group):
-    """Maps ICS errors to their exit codes and one-line messages (no traceback)."""
+    """Maps ICS errors and signals to their exit codes and one-line messages (no traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except IcsError as e:
-            raise CliError(str(e), e.exit_code) from None
+            raise CliError(printable(str(e)), e.exit_code) from None
+        except KeyboardInterrupt as e:  # SIGINT or SIGTERM (errors.Interrupted)
+            raise CliError(
+                printable(f"interrupted: {e or 'stopped by a signal'}"), ExitCode.INTERRUPTED
+            ) from None
+
+
+def signal_guard() -> SignalGuard:
+    """The running command's handler of SIGINT and SIGTERM (see signals.py)."""
+    guard = click.get_current_context().find_root().meta.get(_GUARD)
+    return guard if isinstance(guard, SignalGuard) else SignalGuard()
 
 
 def common_options(f: F) -> F:
@@ -77,9 +87,21 @@ def load_cli_settings(kwargs: dict[str, Any]) -> LoadedSettings:
     """Build the settings from --config and the flags that are settings; set up logging."""
     overrides = dict(kwargs)
     config_file = overrides.pop("config_file", None)
-    loaded = load_settings(config_file, overrides)
+    loaded = load_settings(config_file, overrides, flag_names=_flag_names())
     configure_logging(loaded.settings.log_level, loaded.settings.log_format)
     return loaded
+
+
+def _flag_names() -> dict[str, str]:
+    """Setting name → the flag of the running command that sets it (`--workers`)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    return {
+        p.name: max(p.opts, key=len)
+        for p in ctx.command.params
+        if isinstance(p, click.Option) and p.name
+    }
 
 
 def json_out(doc: Any) -> None:
@@ -105,7 +127,8 @@ def stdout_console() -> Console:
 
 @click.group(cls=IcsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ics")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """ICS, the Image Classification Service.
 
     Classify images from files, folders, globs and lists through a fixed workflow:
@@ -118,7 +141,17 @@ def main() -> None:
       ics executions list             past executions
       ics models list                 models and whether they are prepared
       ics config show                 the effective settings and where each came from
+
+    \b
+    Exit codes:
+      0    the execution SUCCEEDED (or the command did what was asked)
+      1    the execution FAILED: more LOW_CONFIDENCE or FAILED items than tolerated
+      2    usage or configuration error: fix the command line or the settings
+      3    internal error: a bug in ICS (see the message to report it)
+      4    environment unavailable: the store or the disk cannot be used
+      130  interrupted by SIGINT or SIGTERM (the execution is ABORTED)
     """
+    ctx.meta[_GUARD] = ctx.with_resource(guarded())
 
 
 @contextmanager
@@ -140,10 +173,11 @@ def open_runner(settings: Settings) -> Iterator[Any]:
 
 @contextmanager
 def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
+    """The store of the settings, for commands that only read it: it must exist already."""
     from ..store import Store
 
     settings = load_cli_settings(kwargs).settings
-    store = Store(settings.store_url)
+    store = Store(settings.store_url, create=False)
     try:
         yield store
     finally:
@@ -151,11 +185,19 @@ def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
 
 
 def run() -> None:
-    """Entry point that also turns unexpected errors into one line and exit code 3."""
+    """Entry point: a bug becomes one line and exit code 3, its traceback a DEBUG log line."""
     try:
         main(standalone_mode=True)
     except SystemExit:
         raise
+    except KeyboardInterrupt:  # a signal before the command installed its handlers
+        click.echo("interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
     except Exception as e:
-        click.echo(f"internal error: {type(e).__name__}: {e} (please report it)", err=True)
-        sys.exit(EXIT_INTERNAL)
+        log.debug("internal error", exc_info=True)
+        click.echo(
+            f"internal error: {printable(f'{type(e).__name__}: {e}')}\nThis is a bug in "
+            "ICS. Run the command again with --log-level DEBUG and report it with that output.",
+            err=True,
+        )
+        sys.exit(ExitCode.INTERNAL)

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..config import Settings
-from ..types import Execution, ItemResult
-from .app import EXIT_BY_STATUS, common_options, load_cli_settings, main, open_runner
+from ..config import Settings, default
+from ..logs import printable
+from ..types import Execution, ExecutionStatus, ItemResult
+from .app import (
+    EXIT_BY_STATUS,
+    common_options,
+    load_cli_settings,
+    main,
+    open_runner,
+    signal_guard,
+)
 from .render import print_results_table, print_summary, progress_bar
+
+if TYPE_CHECKING:
+    from ..engine import ExecutionRunner
 
 # --- classify -------------------------------------------------------------------------
 
@@ -34,13 +43,22 @@ from .render import print_results_table, print_summary, progress_bar
     help="Results format when the file name does not tell.",
 )
 @click.option(
-    "-t", "--threshold", type=float, help="Top confidence needed to SUCCEED (default 0.94)."
+    "-t",
+    "--threshold",
+    type=float,
+    help=f"Top confidence needed to SUCCEED (default {default('threshold')}).",
 )
-@click.option("-k", "--top-k", type=int, help="Predictions kept per image (default 5).")
 @click.option(
-    "-m", "--model", help="Model name (default efficientnet-lite0; see `ics models list`)."
+    "-k", "--top-k", type=int, help=f"Predictions kept per image (default {default('top_k')})."
 )
-@click.option("--batch-size", type=int, help="Images per inference batch (default 8).")
+@click.option(
+    "-m",
+    "--model",
+    help=f"Model name (default {default('model')}; see `ics models list`).",
+)
+@click.option(
+    "--batch-size", type=int, help=f"Images per inference batch (default {default('batch_size')})."
+)
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
 @click.option(
     "--threads",
@@ -53,8 +71,22 @@ from .render import print_results_table, print_summary, progress_bar
     type=int,
     help="Batches run at once on the model (default: one per core).",
 )
-@click.option("--max-pixels", type=int, help="Refuse images with more pixels (default 64,000,000).")
-@click.option("--max-bytes", type=int, help="Refuse files larger than this (default 50,000,000).")
+@click.option(
+    "--max-pixels",
+    type=int,
+    help=f"Refuse images with more pixels (default {default('max_pixels'):,}).",
+)
+@click.option(
+    "--max-bytes",
+    type=int,
+    help=f"Refuse files larger than this (default {default('max_bytes'):,}).",
+)
+@click.option(
+    "--decode-memory",
+    type=int,
+    help="Bytes that images being decoded may take at once, all decode threads together "
+    f"(default {default('decode_memory'):,}); bigger images wait their turn.",
+)
 @click.option(
     "--tolerated-failure-percentage",
     type=float,
@@ -92,31 +124,53 @@ def classify(
 
     \b
     Exit codes:
-      0  the execution SUCCEEDED
-      1  it FAILED: more LOW_CONFIDENCE or FAILED items than tolerated
-         (by default any at all)
-      2  usage or configuration error
+      0    the execution SUCCEEDED
+      1    it FAILED: more LOW_CONFIDENCE or FAILED items than tolerated
+           (by default any at all)
+      2    usage or configuration error (nothing was run)
+      3    internal error: a bug in ICS
+      4    environment unavailable: the store or the results disk cannot be used
       130  interrupted (the execution is ABORTED; finished items are kept)
     """
-    from ..outputs import format_for
+    from ..outputs import check_output
 
+    guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
-    if output is not None:
-        format_for(output, output_format)  # a bad name is a usage error before any work
+    # A results path that cannot be written is a usage error before any work is done.
+    check_output(output, output_format, settings.results_dir)
     with open_runner(settings) as runner:
         execution, created = runner.start(
-            list(sources), name=name, output=output, output_format=output_format
+            list(sources),
+            name=name,
+            cooperate=guard.cooperate,
+            output=output,
+            output_format=output_format,
         )
         if not created:
-            hint = "" if execution.status.finished else "; `ics executions resume` continues it"
             click.echo(
-                f"execution named {name!r} already exists: {execution.id} "
-                f"({execution.status}){hint}",
+                printable(f"execution named {name!r} already exists: {execution.id} ")
+                + f"({execution.status}){name_hint(execution)}",
                 err=True,
             )
             print_summary(execution, None, None, as_json=as_json)
             sys.exit(EXIT_BY_STATUS[execution.status])
-        run_and_report(runner, execution, as_json=as_json, table=table, progress=progress)
+        run_and_report(
+            runner, execution, as_json=as_json, table=table, progress=progress, stop=guard.stop
+        )
+
+
+def name_hint(execution: Execution) -> str:
+    """What to do about an execution that a reused --name returned."""
+    from ..engine.lifecycle import is_orphaned
+
+    if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
+        return (
+            f"; it is still running (in {execution.owner}): wait for it, or stop it with "
+            f"`ics executions cancel {execution.id}`"
+        )
+    if execution.status in (ExecutionStatus.RUNNING, ExecutionStatus.ABORTED):
+        return f"; `ics executions resume {execution.id}` continues it"
+    return "; choose another --name to start a new execution"
 
 
 def results_path_of(settings: Settings, execution: Execution) -> str:
@@ -125,35 +179,31 @@ def results_path_of(settings: Settings, execution: Execution) -> str:
 
 
 def run_and_report(
-    runner: Any,
+    runner: ExecutionRunner,
     execution: Execution,
     *,
     as_json: bool,
     table: bool,
     progress: bool | None,
+    stop: threading.Event,
     resumed: bool = False,
 ) -> None:
     """Run the execution with a progress bar and a results file, print the summary, exit."""
     from ..outputs import ResultsWriter
 
-    settings: Settings = runner.settings
+    settings = runner.settings
     results_path = results_path_of(settings, execution)
-    writer = ResultsWriter(results_path, execution.params.get("output_format"))
-    if resumed:
-        # The file is rebuilt from the store, the source of truth: a crash may have cut it.
-        batch: list[ItemResult] = []
-        for r in runner.store.results(execution.id):
-            batch.append(r)
-            if len(batch) >= 1000:
+    with runner.ending_on_error(execution.id):
+        writer = ResultsWriter(results_path, execution.params.get("output_format"))
+        if resumed:
+            # The file is rebuilt from the store, the source of truth: a crash may have cut it.
+            for batch in batched(runner.store.results(execution.id), 1000):
                 writer.write(batch)
-                batch = []
-        writer.write(batch)
     summary_to_stderr = results_path == "-"
     shown: list[ItemResult] = []
-    stop = threading.Event()
     started = time.perf_counter()
     total, done = execution.counts.total, execution.counts.done
-    with progress_bar(progress, total, done) as advance, stop_on_signals(stop):
+    with progress_bar(progress, total, done) as advance:
 
         def on_results(results: Sequence[ItemResult]) -> None:
             advance(len(results))
@@ -171,26 +221,17 @@ def run_and_report(
         as_json=as_json,
         to_stderr=summary_to_stderr,
         processed=finished.counts.done - done,
+        failure_types=runner.store.failure_types(finished.id),
     )
     sys.exit(EXIT_BY_STATUS[finished.status])
 
 
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGINT/SIGTERM stop the execution cleanly; a second SIGINT interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        click.echo(f"\n{signal.Signals(signum).name}: stopping; finished items are kept", err=True)
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+def batched(results: Iterable[ItemResult], n: int) -> Iterator[list[ItemResult]]:
+    batch: list[ItemResult] = []
+    for r in results:
+        batch.append(r)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -16,10 +16,11 @@ from .app import (
     main,
     open_runner,
     open_store,
+    signal_guard,
     stdout_console,
 )
 from .classify import run_and_report
-from .render import print_results_table, print_summary, styled_status, summary_doc
+from .render import outside, print_results_table, print_summary, styled_status, summary_doc
 
 # --- executions -----------------------------------------------------------------------
 
@@ -64,7 +65,7 @@ def executions_list(limit: int, status: str | None, as_json: bool, **kwargs: Any
         c = e.counts
         t.add_row(
             e.id,
-            e.name or "",
+            outside(e.name or ""),
             styled_status(e.status.value),
             str(c.total),
             str(c.succeeded),
@@ -108,7 +109,7 @@ def executions_show(
     t.add_row("started", isoformat(e.started_at) or "")
     t.add_row("finished", isoformat(e.finished_at) or "")
     for key, value in e.params.items():
-        t.add_row(key, json.dumps(value) if not isinstance(value, str) else value)
+        t.add_row(key, outside(json.dumps(value) if not isinstance(value, str) else value))
     stdout_console().print(t)
     if with_results:
         print_results_table(results)
@@ -140,7 +141,7 @@ def executions_history(execution_id: str, as_json: bool, **kwargs: Any) -> None:
             ev["timestamp"],
             ev["type"],
             ev["item_id"] or "",
-            json.dumps(ev["details"]) if ev["details"] else "",
+            outside(json.dumps(ev["details"]) if ev["details"] else ""),
         )
     stdout_console().print(t)
 
@@ -185,21 +186,33 @@ def executions_resume(
     results file is rebuilt from the store and completed.
     """
     from ..engine.execution import settings_for
+    from ..outputs import check_output
     from ..store import Store
 
+    guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
-    store = Store(settings.store_url)
+    store = Store(settings.store_url, create=False)
     try:
-        settings = settings_for(store.get_execution(execution_id), settings)
+        execution = store.get_execution(execution_id)
     finally:
         store.close()
+    settings = settings_for(execution, settings)
+    check_output(
+        execution.params.get("output"), execution.params.get("output_format"), settings.results_dir
+    )
     with open_runner(settings) as runner:
-        execution = runner.prepare_resume(execution_id)
+        execution = runner.prepare_resume(execution.id, cooperate=guard.cooperate)
         click.echo(
             f"resuming {execution.id}: {execution.counts.total - execution.counts.done} "
             f"of {execution.counts.total} items left",
             err=True,
         )
         run_and_report(
-            runner, execution, as_json=as_json, table=table, progress=progress, resumed=True
+            runner,
+            execution,
+            as_json=as_json,
+            table=table,
+            progress=progress,
+            stop=guard.stop,
+            resumed=True,
         )

@@ -21,9 +21,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
+from ..errors import INTERNAL_ERROR
+from ..logs import printable
 from ..types import Execution, ItemResult
 from .app import stderr_console, stdout_console
+
+
+def outside(text: str) -> Text:
+    """Text from outside (file names, messages, names) as Rich shows it: never markup."""
+    return Text(printable(text))
 
 
 @contextmanager
@@ -85,31 +93,46 @@ def print_summary(
     as_json: bool,
     to_stderr: bool = False,
     processed: int | None = None,
+    failure_types: dict[str, int] | None = None,
 ) -> None:
     doc = summary_doc(execution, elapsed, results_path, processed)
+    internal = (failure_types or {}).get(INTERNAL_ERROR, 0)
+    if failure_types is not None:
+        doc["failures_by_type"] = failure_types
     if as_json:
         click.echo(json.dumps(doc, indent=2), err=to_stderr)
         return
     console = stderr_console() if to_stderr else stdout_console()
     c = execution.counts
     t = Table(show_header=False, box=None, padding=(0, 2))
-    t.add_row("execution", execution.id + (f"  ({execution.name})" if execution.name else ""))
+    t.add_row(
+        "execution", outside(execution.id + (f"  ({execution.name})" if execution.name else ""))
+    )
     t.add_row("status", styled_status(execution.status.value))
     t.add_row(
         "items",
         f"{c.total} total: {c.succeeded} SUCCEEDED, {c.low_confidence} LOW_CONFIDENCE, "
         f"{c.failed} FAILED",
     )
+    if internal:
+        t.add_row(
+            "internal errors",
+            Text(
+                f"{internal} FAILED through a bug in ICS ({INTERNAL_ERROR}), not a bad image: "
+                "the log has the traceback at --log-level DEBUG; please report it",
+                style="red",
+            ),
+        )
     if elapsed is not None:
         t.add_row("elapsed", f"{elapsed:.2f} s ({doc['images_per_s'] or 0:,.1f} images/s)")
     if execution.error is not None:
-        t.add_row("reason", f"{execution.error.type}: {execution.error.message}")
+        t.add_row("reason", outside(f"{execution.error.type}: {execution.error.message}"))
     if results_path:
-        t.add_row("results", results_path)
+        t.add_row("results", outside(results_path))
     console.print(t)
 
 
-def styled_status(status: str) -> str:
+def styled_status(status: str) -> Text:
     style = {
         "SUCCEEDED": "green",
         "LOW_CONFIDENCE": "yellow",
@@ -117,7 +140,7 @@ def styled_status(status: str) -> str:
         "ABORTED": "magenta",
         "RUNNING": "cyan",
     }.get(status, "")
-    return f"[{style}]{status}[/{style}]" if style else status
+    return Text(status, style=style)
 
 
 def print_results_table(results: Sequence[ItemResult], to_stderr: bool = False) -> None:
@@ -132,11 +155,11 @@ def print_results_table(results: Sequence[ItemResult], to_stderr: bool = False) 
     for r in results:
         t.add_row(
             r.item_id,
-            short_uri(r.uri),
+            outside(short_uri(r.uri)),
             styled_status(r.status.value),
-            r.label or "",
+            outside(r.label or ""),
             "" if r.confidence is None else f"{r.confidence:.3f}",
-            "" if r.error is None else f"{r.error.type}: {r.error.message}",
+            outside("" if r.error is None else f"{r.error.type}: {r.error.message}"),
         )
     console.print(t)
 

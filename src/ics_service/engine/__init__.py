@@ -1,4 +1,4 @@
-"""Executions, the Map fan-out and the executors that run them."""
+"""Executions, the Map fan-out and the local executor that runs them."""
 
 from .execution import ExecutionRunner
 from .lifecycle import cancel_execution, final_status

@@ -1,7 +1,7 @@
 """Executions: register the items, drive the pipeline, record results, decide the end status.
 
-The same runner serves the CLI, the HTTP server and the watcher; they differ only in
-where items come from and which result sinks are attached.
+The runner knows nothing of its caller: it gets the sources to list, the result sinks to
+feed and an event that stops it, so any front end can drive it.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .. import sources
 from ..config import Settings
-from ..errors import UsageError
+from ..errors import INTERNAL_ERROR, IcsError, Interrupted, UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..store import Store
@@ -32,6 +33,9 @@ from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
+
+#: Called once nothing may be interrupted by an exception any more; returns the stop event.
+Cooperate = Callable[[], threading.Event]
 
 
 def execution_params(
@@ -83,15 +87,28 @@ class ExecutionRunner:
         self.owner = owner_id()
 
     def start(
-        self, source_specs: Sequence[str], *, name: str | None = None, **params: Any
+        self,
+        source_specs: Sequence[str],
+        *,
+        name: str | None = None,
+        cooperate: Cooperate | None = None,
+        **params: Any,
     ) -> tuple[Execution, bool]:
-        """Create the execution and register its items; with a used name, return that one."""
+        """Create the execution and register its items; with a used name, return that one.
+
+        `cooperate` is called just before the execution is created and returns the event
+        that a signal sets from then on (see cli/signals.py). Until then a signal may
+        raise anywhere, as nothing is recorded yet; after, a set event ends the listing
+        with `Interrupted` and the execution ABORTED.
+        """
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
+        log.info("listing %s", " ".join(source_specs))
         uris = sources.expand(source_specs)
         first = next(uris, None)
         if first is None:
             raise UsageError(f"no images found in {' '.join(source_specs)}")
+        stop = cooperate() if cooperate is not None else None
         execution, created = self.store.create_execution(
             params=execution_params(self.settings, source_specs, **params),
             model=self.model_ref,
@@ -99,37 +116,82 @@ class ExecutionRunner:
             name=name,
         )
         if created:
-            self.store.claim(execution.id, self.owner)
-            self.store.append_events(
-                execution.id, [("ExecutionStarted", None, {"params": execution.params})]
-            )
-            self.store.add_items(execution.id, itertools.chain([first], uris))
-            self.store.mark_listed(execution.id)
-            execution = self.store.get_execution(execution.id)
+            log.info("execution %s created", execution.id, extra={"execution_id": execution.id})
+            with self.ending_on_error(execution.id):
+                self.store.claim(execution.id, self.owner)
+                self.store.append_events(
+                    execution.id, [("ExecutionStarted", None, {"params": execution.params})]
+                )
+                self.store.add_items(execution.id, _until(stop, itertools.chain([first], uris)))
+                self.store.mark_listed(execution.id)
+                execution = self.store.get_execution(execution.id)
         return execution, created
 
-    def prepare_resume(self, execution_id: str) -> Execution:
+    def prepare_resume(self, execution_id: str, *, cooperate: Cooperate | None = None) -> Execution:
         """Take over an interrupted (or aborted) execution so that `run` finishes it."""
         execution = self.store.get_execution(execution_id)
         if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
             raise UsageError(
                 f"execution {execution.id} is still running (in {execution.owner}); "
-                "cancel it first or wait"
+                f"wait for it, or stop it with `ics executions cancel {execution.id}`"
             )
         pending = next(iter(self.store.pending_items(execution.id, page_size=1)), None)
         if execution.items_listed and pending is None and execution.status.finished:
             raise UsageError(
                 f"execution {execution.id} is {execution.status}: every item has its result"
             )
+        stop = cooperate() if cooperate is not None else None
         self.store.claim(execution.id, self.owner)
-        self.store.append_events(execution.id, [("ExecutionResumed", None, {"owner": self.owner})])
-        if not execution.items_listed:
-            # The process died while listing: list again and register what is missing.
-            uris = sources.expand(execution.params["sources"])
-            skipped = itertools.islice(uris, execution.counts.total, None)
-            self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
-            self.store.mark_listed(execution.id)
-        return self.store.get_execution(execution.id)
+        with self.ending_on_error(execution.id):
+            self.store.append_events(
+                execution.id, [("ExecutionResumed", None, {"owner": self.owner})]
+            )
+            if not execution.items_listed:
+                # The process died while listing: list again and register what is missing.
+                uris = _until(stop, sources.expand(execution.params["sources"]))
+                skipped = itertools.islice(uris, execution.counts.total, None)
+                self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
+                self.store.mark_listed(execution.id)
+            return self.store.get_execution(execution.id)
+
+    @contextmanager
+    def ending_on_error(self, execution_id: str) -> Iterator[None]:
+        """Whatever escapes the block (a signal, a bug, a lost store, a full disk) ends the
+        execution ABORTED or FAILED with the reason, then goes on up."""
+        try:
+            yield
+        except BaseException as e:
+            self.abandon(execution_id, e)
+            raise
+
+    def abandon(self, execution_id: str, error: BaseException) -> None:
+        """Record the execution ABORTED (a signal) or FAILED (anything else) because of error."""
+        if isinstance(error, KeyboardInterrupt):
+            status, info = ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", _why(error))
+        elif isinstance(error, IcsError):
+            status, info = ExecutionStatus.FAILED, ErrorInfo("States.Runtime", str(error))
+        else:
+            status = ExecutionStatus.FAILED
+            info = ErrorInfo(INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+        log.error(
+            "execution %s %s: %s",
+            execution_id,
+            status.value,
+            info.message,
+            extra={"execution_id": execution_id},
+        )
+        try:
+            record_end(self.store, execution_id, status, info)
+        except Exception as e:
+            # The store itself is gone: the execution stays RUNNING with a dead owner,
+            # which `ics executions resume` recognises.
+            log.error(
+                "could not record execution %s as %s: %s",
+                execution_id,
+                status.value,
+                e,
+                extra={"execution_id": execution_id},
+            )
 
     def run(
         self,
@@ -175,24 +237,21 @@ class ExecutionRunner:
             name="ics-heartbeat",
             daemon=True,
         )
-        heart.start()
-        try:
-            pipeline.run(self.store.pending_items(execution.id), emit, stop)
-        finally:
-            beating.set()
-            heart.join()
-            recorder.close()
-            for sink in all_sinks:
-                sink.close()
-        if recorder.error is not None:
-            record_end(
-                self.store,
-                execution.id,
-                ExecutionStatus.FAILED,
-                ErrorInfo("States.Runtime", f"recording results failed: {recorder.error}"),
+        with self.ending_on_error(execution.id):
+            heart.start()
+            try:
+                pipeline.run(self.store.pending_items(execution.id), emit, stop)
+            finally:
+                beating.set()
+                heart.join()
+                recorder.close()
+                for sink in all_sinks:
+                    sink.close()
+            if recorder.error is not None:
+                raise recorder.error
+            finished = self._finish(
+                execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set()
             )
-            raise recorder.error
-        finished = self._finish(execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set())
         log.info(
             "execution %s %s in %.2f s",
             execution.id,
@@ -230,3 +289,17 @@ class ExecutionRunner:
             why = "cancelled by request" if cancelled else "stopped by a signal"
             error = ErrorInfo("States.Aborted", f"{why}; {counts.total - counts.done} items left")
         return record_end(self.store, execution_id, status, error)
+
+
+def _until(stop: threading.Event | None, uris: Iterator[str]) -> Iterator[str]:
+    """The URIs, until `stop` is set: then `Interrupted`."""
+    for uri in uris:
+        if stop is not None and stop.is_set():
+            raise Interrupted("stopped by a signal while listing the sources")
+        yield uri
+    if stop is not None and stop.is_set():
+        raise Interrupted("stopped by a signal while listing the sources")
+
+
+def _why(error: BaseException) -> str:
+    return str(error) or "stopped by a signal"

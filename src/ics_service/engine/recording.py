@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class ResultSink(Protocol):
-    """Receives every finished batch of results (results file, capture, alerts...)."""
+    """Receives every finished batch of results (the store, a results file...)."""
 
     def write(self, results: Sequence[ItemResult]) -> None: ...
 

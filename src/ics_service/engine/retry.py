@@ -1,8 +1,8 @@
 """Step retry policies, as Step Functions' Retry fields (ErrorEquals, IntervalSeconds, ...).
 
-`States.ALL` matches every error; `States.Transient` matches the errors ICS knows to be
-transient (timeouts, connection errors, throttling, 5xx from a remote source or endpoint)
-and never deterministic ones such as InvalidImage or ImageTooLarge.
+`States.ALL` matches every error; `States.Transient` matches the errors marked retryable
+(`SourceUnavailable`, `ModelUnavailable`: timeouts, connection errors, throttling) and
+never deterministic ones such as InvalidImage or ImageTooLarge.
 """
 
 from __future__ import annotations
