@@ -5,25 +5,26 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner, Result
 
 import imagefiles as f
-from ics_service.cli import main
+from cli import ICS_BIN, ics
 from ics_service.config import load_settings
 from ics_service.engine import ExecutionRunner
+from ics_service.errors import ExitCode
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.store import Store
-from ics_service.types import ExecutionStatus
+from ics_service.types import ExecutionStatus, ItemResult, ItemStatus
 
 RESULT_FIELDS = {
     "execution_id",
@@ -45,11 +46,10 @@ RESULT_FIELDS = {
 }
 
 
-def ics(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
+ITEM_STATUSES = {s.value for s in ItemStatus}
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -69,8 +69,8 @@ def mixed(tmp_path: Path, photos: Path) -> Path:
 def test_classify_folder_writes_one_result_per_item(ics_home: Path, mixed: Path) -> None:
     out = ics_home / "out.jsonl"
     res = ics("classify", str(mixed), str(mixed / "missing.jpg"), "-o", str(out), "--json")
-    assert res.exit_code == 1, res.output  # low confidence and failed items fail it by default
-    assert "Traceback" not in res.output
+    # Low confidence and failed items fail it by default (a crash fails in `ics` itself).
+    assert res.exit_code == ExitCode.FAILED, res.output
     summary = json.loads(res.stdout)
     rows = read_jsonl(out)
     n_photos = len(list(mixed.glob("*.jpg"))) - 2  # empty.jpg and truncated.jpg
@@ -107,86 +107,108 @@ def test_classify_folder_writes_one_result_per_item(ics_home: Path, mixed: Path)
 def test_threshold_boundary_is_inclusive(ics_home: Path, photos: Path) -> None:
     coffee = str(photos / "coffee.jpg")
     first = ics("classify", coffee, "-o", "-")
+    assert first.exit_code == ExitCode.OK, first.output
     confidence = json.loads(first.stdout.splitlines()[0])["confidence"]
     at = ics("classify", coffee, "-o", "-", "--threshold", repr(confidence))
-    assert at.exit_code == 0, at.output
+    assert at.exit_code == ExitCode.OK, at.output
     assert json.loads(at.stdout.splitlines()[0])["status"] == "SUCCEEDED"
     above = ics("classify", coffee, "-o", "-", "--threshold", repr(math.nextafter(confidence, 1)))
-    assert above.exit_code == 1
+    assert above.exit_code == ExitCode.FAILED, above.output
     assert json.loads(above.stdout.splitlines()[0])["status"] == "LOW_CONFIDENCE"
 
 
 def test_exit_codes_and_tolerated_failures(ics_home: Path, photos: Path) -> None:
-    assert ics("classify", str(photos / "coffee.jpg")).exit_code == 0
-    assert ics("classify", str(photos)).exit_code == 1
-    assert ics("classify", str(photos), "--tolerated-failure-percentage", "100").exit_code == 0
-    assert ics("classify", str(photos), "--tolerated-failure-count", "1").exit_code == 1
-    assert ics("classify", str(photos), "--tolerated-failure-count", "100").exit_code == 0
-    assert ics("classify", str(photos), "--threshold", "0").exit_code == 0
+    ok, failed = ExitCode.OK, ExitCode.FAILED
+    assert ics("classify", str(photos / "coffee.jpg")).exit_code == ok
+    assert ics("classify", str(photos)).exit_code == failed
+    assert ics("classify", str(photos), "--tolerated-failure-percentage", "100").exit_code == ok
+    assert ics("classify", str(photos), "--tolerated-failure-count", "1").exit_code == failed
+    assert ics("classify", str(photos), "--tolerated-failure-count", "100").exit_code == ok
+    assert ics("classify", str(photos), "--threshold", "0").exit_code == ok
     empty = ics_home / "empty"
     empty.mkdir()
     res = ics("classify", str(empty))
-    assert res.exit_code == 2 and "no images found" in res.output
-    assert ics("classify").exit_code == 2
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert f"Error: no images found in {empty}" in res.output
+    res = ics("classify")
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert "Error: Missing argument 'SOURCES...'." in res.output
     res = ics("classify", str(photos), "-o", "results.xlsx")
-    assert res.exit_code == 2 and ".jsonl, .csv or .parquet" in res.output
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert ".jsonl, .csv or .parquet" in res.output
     res = ics("classify", str(photos), "--model", "nope")
-    assert res.exit_code == 2 and "unknown model" in res.output
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert "Error: unknown model 'nope'" in res.output
 
 
 def test_csv_and_parquet_outputs(ics_home: Path, photos: Path) -> None:
-    ics("classify", str(photos), "-o", "r.csv")
+    res = ics("classify", str(photos), "-o", "r.csv")
+    assert res.exit_code == ExitCode.FAILED, res.output  # low-confidence photos, as by default
     with open("r.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == len(list(photos.iterdir()))
+    assert rows and len(rows) == len(list(photos.iterdir()))
     coffee = next(r for r in rows if r["uri"].endswith("coffee.jpg"))
     assert coffee["label"] == "espresso" and json.loads(coffee["top_k"])[0]["index"] == 967
 
-    pq = pytest.importorskip("pyarrow.parquet")
-    ics("classify", str(photos), "-o", "r.parquet")
+    res = ics("classify", str(photos), "-o", "r.parquet")
+    assert res.exit_code == ExitCode.FAILED, res.output
     table = pq.read_table("r.parquet").to_pylist()
     assert len(table) == len(rows)
     assert {r["label"] for r in table} == {r["label"] for r in rows}
 
     res = ics("classify", str(photos / "coffee.jpg"), "-o", "x.data", "--output-format", "csv")
-    assert res.exit_code == 0 and Path("x.data").read_text().startswith("execution_id,")
+    assert res.exit_code == ExitCode.OK, res.output
+    assert Path("x.data").read_text().startswith("execution_id,")
 
 
 def test_stdout_output_keeps_summary_off_stdout(ics_home: Path, photos: Path) -> None:
     res = ics("classify", str(photos), "-o", "-", "--tolerated-failure-percentage", "100")
+    assert res.exit_code == ExitCode.OK, res.output
     lines = res.stdout.splitlines()
-    assert len(lines) == len(list(photos.iterdir()))
-    assert all(json.loads(line)["status"] for line in lines)
+    assert lines and len(lines) == len(list(photos.iterdir()))
+    assert {json.loads(line)["status"] for line in lines} <= ITEM_STATUSES
     assert "execution" in res.stderr
 
 
 def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> None:
     res = ics("classify", str(photos), "--json", "--name", "nightly")
+    assert res.exit_code == ExitCode.FAILED, res.output
     summary = json.loads(res.stdout)
     eid = summary["execution_id"]
     assert Path(summary["results"]).is_file()
 
-    listed = json.loads(ics("executions", "list", "--json").stdout)
+    res = ics("executions", "list", "--json")
+    assert res.exit_code == ExitCode.OK, res.output
+    listed = json.loads(res.stdout)
     assert [e["execution_id"] for e in listed] == [eid]
     assert listed[0]["name"] == "nightly" and listed[0]["status"] == "FAILED"
 
-    shown = json.loads(ics("executions", "show", eid[:15], "--json", "--results").stdout)
+    res = ics("executions", "show", eid[:15], "--json", "--results")
+    assert res.exit_code == ExitCode.OK, res.output
+    shown = json.loads(res.stdout)
     assert shown["execution_id"] == eid
     assert len(shown["results"]) == shown["counts"]["total"] == len(list(photos.iterdir()))
     assert shown["params"]["threshold"] == 0.94
 
     text = ics("executions", "show", eid, "--results")
-    assert text.exit_code == 0 and "espresso" in text.stdout
-    assert ics("executions", "show", "nope").exit_code == 2
+    assert text.exit_code == ExitCode.OK, text.output
+    assert "espresso" in text.stdout
+    res = ics("executions", "show", "nope")
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert "Error: no execution 'nope' in " in res.output
 
     again = ics("classify", str(photos), "--json", "--name", "nightly")
+    assert again.exit_code == ExitCode.FAILED, again.output  # that execution's outcome
     assert json.loads(again.stdout)["execution_id"] == eid  # a used name returns that one
     assert "already exists" in again.stderr
-    assert len(json.loads(ics("executions", "list", "--json").stdout)) == 1
+    res = ics("executions", "list", "--json")
+    assert res.exit_code == ExitCode.OK, res.output
+    assert len(json.loads(res.stdout)) == 1
 
 
 def test_json_logs_carry_execution_and_item(ics_home: Path, mixed: Path) -> None:
     res = ics("classify", str(mixed), "--log-format", "json", "--log-level", "INFO", "--json")
+    assert res.exit_code == ExitCode.FAILED, res.output
     docs = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
     assert docs and len(docs) == len([ln for ln in res.stderr.splitlines() if ln.strip()])
     eid = json.loads(res.stdout)["execution_id"]
@@ -205,25 +227,27 @@ def test_stopped_execution_keeps_exactly_its_finished_items(
         (folder / f"{i:03d}.jpg").write_bytes(data)
     settings = load_settings(None, {"batch_size": 4, "decode_workers": 2}).settings
     store = Store(settings.store_url)
-    runner = ExecutionRunner(settings, store, runtime)
-    execution, _ = runner.start([str(folder)])
-    stop = threading.Event()
-    seen = 0
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start([str(folder)])
+        stop = threading.Event()
+        seen = 0
 
-    def on_results(results: object) -> None:
-        nonlocal seen
-        seen += len(results)  # type: ignore[arg-type]
-        if seen >= 20:
-            stop.set()
+        def on_results(results: Sequence[ItemResult]) -> None:
+            nonlocal seen
+            seen += len(results)
+            if seen >= 20:
+                stop.set()
 
-    finished = runner.run(execution, on_results=on_results, stop=stop)
-    assert finished.status is ExecutionStatus.ABORTED
-    recorded = list(store.results(execution.id))
-    assert len(recorded) == seen == finished.counts.done
-    assert 20 <= seen < 120
-    assert len({r.item_id for r in recorded}) == seen
-    assert sum(1 for _ in store.pending_items(execution.id)) == 120 - seen
-    store.close()
+        finished = runner.run(execution, on_results=on_results, stop=stop)
+        assert finished.status is ExecutionStatus.ABORTED
+        recorded = list(store.results(execution.id))
+        assert len(recorded) == seen == finished.counts.done
+        assert 20 <= seen < 120
+        assert len({r.item_id for r in recorded}) == seen
+        assert sum(1 for _ in store.pending_items(execution.id)) == 120 - seen
+    finally:
+        store.close()
 
 
 @pytest.mark.slow
@@ -233,31 +257,38 @@ def test_real_process_sigint_aborts_and_keeps_results(ics_home: Path, tmp_path: 
     data = f.big_jpeg((2000, 1500))
     for i in range(400):
         (folder / f"{i:03d}.jpg").write_bytes(data)
-    ics_bin = Path(sys.executable).parent / "ics"
     proc = subprocess.Popen(
-        [str(ics_bin), "classify", str(folder), "--json", "--batch-size", "2"],
+        [str(ICS_BIN), "classify", str(folder), "--json", "--batch-size", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ.copy(),
     )
     store = Store(load_settings(None, {}).settings.store_url)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        running = store.list_executions(limit=1)
-        if running and running[0].counts.done >= 10:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err
-    summary = json.loads(out)
-    assert summary["status"] == "ABORTED"
-    execution = store.get_execution(summary["execution_id"])
-    assert 10 <= execution.counts.done < 400
-    assert len(list(store.results(execution.id))) == execution.counts.done
-    store.close()
+    try:
+        deadline = time.monotonic() + 60
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            running = store.list_executions(limit=1)
+            done = store.counts(running[0].id).done if running else 0
+            if done >= 10:
+                break
+            time.sleep(0.05)
+        assert done >= 10, f"10 items not done within 60 s (done {done}, exit code {proc.poll()})"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == ExitCode.INTERRUPTED, err
+        assert "Traceback" not in err
+        assert "SIGINT: stopping; finished items are kept" in err
+        summary = json.loads(out)
+        assert summary["status"] == "ABORTED"
+        execution = store.get_execution(summary["execution_id"])
+        assert 10 <= execution.counts.done < 400
+        assert len(list(store.results(execution.id))) == execution.counts.done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+        store.close()
 
 
 def test_inference_plan() -> None:

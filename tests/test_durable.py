@@ -7,42 +7,43 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from PIL import Image
 
 import imagefiles as f
+from cli import ICS_BIN, ics, ics_process
 from ics_service import sources
-from ics_service.cli import main
 from ics_service.config import RetryPolicy, Settings, load_settings
 from ics_service.engine import ExecutionRunner, final_status
 from ics_service.engine.lifecycle import cancel_execution, is_orphaned
 from ics_service.engine.retry import delay_seconds
-from ics_service.errors import InvalidImage, ModelUnavailable, SourceUnavailable
-from ics_service.models.runtime import OnnxRuntime
+from ics_service.errors import (
+    ExitCode,
+    InvalidImage,
+    ItemError,
+    ModelUnavailable,
+    SourceUnavailable,
+)
+from ics_service.models.runtime import ModelRuntime, OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.store import Store
-from ics_service.types import Counts, ExecutionStatus, ItemStatus, ModelRef
+from ics_service.types import Counts, Execution, ExecutionStatus, ItemStatus, ModelRef
 
 FAST_RETRY = {"interval_seconds": 0.01, "max_attempts": 3, "jitter": "NONE"}
-
-
-def ics(*args: str) -> Result:
-    return CliRunner().invoke(main, list(args))
 
 
 class FlakySource:
     """Serves a real photo, failing the first `failures` reads of each item with `error`."""
 
-    def __init__(self, failures: int, error: type[Exception] = SourceUnavailable) -> None:
+    def __init__(self, failures: int, error: type[ItemError] = SourceUnavailable) -> None:
         self.failures = failures
         self.error = error
         self.reads: Counter[str] = Counter()
@@ -83,19 +84,25 @@ def open_store() -> Iterator[Callable[[str], Store]]:
         store.close()
 
 
+class MakeRunner(Protocol):
+    """`make_runner(model=None, **settings)`: a runner on the settings' store."""
+
+    def __call__(
+        self, model: ModelRuntime | None = None, **overrides: object
+    ) -> ExecutionRunner: ...
+
+
 @pytest.fixture
-def make_runner(
-    runtime: OnnxRuntime, open_store: Callable[[str], Store]
-) -> Callable[..., ExecutionRunner]:
-    def make(model: object = None, **overrides: object) -> ExecutionRunner:
+def make_runner(runtime: OnnxRuntime, open_store: Callable[[str], Store]) -> MakeRunner:
+    def make(model: ModelRuntime | None = None, **overrides: object) -> ExecutionRunner:
         settings = load_settings(None, overrides).settings
-        return ExecutionRunner(settings, open_store(settings.store_url), model or runtime)  # type: ignore[arg-type]
+        return ExecutionRunner(settings, open_store(settings.store_url), model or runtime)
 
     return make
 
 
 def test_transient_read_errors_are_retried(
-    ics_home: Path, flaky: FlakySource, store_url: str, make_runner: Callable[..., ExecutionRunner]
+    ics_home: Path, flaky: FlakySource, store_url: str, make_runner: MakeRunner
 ) -> None:
     runner = make_runner(retry={"SerializeImageData": FAST_RETRY}, store=store_url)
     execution, _ = runner.start([f"flaky://photo/{i}.jpg" for i in range(5)])
@@ -104,7 +111,7 @@ def test_transient_read_errors_are_retried(
     results = list(runner.store.results(execution.id))
     assert [r.attempts for r in results] == [3] * 5
     assert all(r.label == "espresso" for r in results)
-    assert all(n == 3 for n in flaky.reads.values())
+    assert flaky.reads == {f"flaky://photo/{i}.jpg": 3 for i in range(5)}
     retried = [e for e in runner.store.history(execution.id) if e.type == "TaskRetried"]
     assert len(retried) == 10
     assert retried[0].details["step"] == "SerializeImageData"
@@ -112,7 +119,7 @@ def test_transient_read_errors_are_retried(
 
 
 def test_retries_give_up_after_max_attempts(
-    ics_home: Path, flaky: FlakySource, make_runner: Callable[..., ExecutionRunner]
+    ics_home: Path, flaky: FlakySource, make_runner: MakeRunner
 ) -> None:
     flaky.failures = 10
     runner = make_runner(retry={"SerializeImageData": FAST_RETRY})
@@ -126,7 +133,7 @@ def test_retries_give_up_after_max_attempts(
 
 
 def test_deterministic_errors_are_not_retried(
-    ics_home: Path, flaky: FlakySource, make_runner: Callable[..., ExecutionRunner]
+    ics_home: Path, flaky: FlakySource, make_runner: MakeRunner
 ) -> None:
     flaky.error = InvalidImage
     runner = make_runner(retry={"SerializeImageData": FAST_RETRY})
@@ -138,7 +145,7 @@ def test_deterministic_errors_are_not_retried(
 
 
 def test_states_all_retries_everything(
-    ics_home: Path, flaky: FlakySource, make_runner: Callable[..., ExecutionRunner]
+    ics_home: Path, flaky: FlakySource, make_runner: MakeRunner
 ) -> None:
     flaky.error = InvalidImage
     policy = {**FAST_RETRY, "error_equals": ["States.ALL"]}
@@ -165,7 +172,7 @@ class FlakyModel:
 
 
 def test_transient_inference_errors_are_retried(
-    ics_home: Path, runtime: OnnxRuntime, make_runner: Callable[..., ExecutionRunner]
+    ics_home: Path, runtime: OnnxRuntime, make_runner: MakeRunner
 ) -> None:
     model = FlakyModel(runtime)
     runner = make_runner(model, retry={"ClassifyImage": FAST_RETRY})
@@ -183,7 +190,9 @@ def test_backoff_delays() -> None:
     rng = random.Random(0)
     assert [delay_seconds(policy, n, rng) for n in (1, 2, 3, 4)] == [1, 2, 4, 5]
     jittered = RetryPolicy(interval_seconds=1, backoff_rate=2, jitter="FULL")
-    assert all(0 <= delay_seconds(jittered, 3, rng) <= 4 for _ in range(100))
+    delays = [delay_seconds(jittered, 3, rng) for _ in range(100)]
+    assert all(0 <= d <= 4 for d in delays)
+    assert len(set(delays)) > 1, "full jitter must spread the delays"
 
 
 @pytest.mark.parametrize(
@@ -211,33 +220,47 @@ def test_tolerated_failures(
     assert status.value == expected
     if expected == "FAILED":
         assert error is not None and error.type == "States.ExceedToleratedFailureThreshold"
+    else:
+        assert error is None
 
 
 def test_history_records_the_execution(ics_home: Path, photos: Path) -> None:
     res = ics("classify", str(photos), "--json")
+    assert res.exit_code == ExitCode.FAILED, res.output
     eid = json.loads(res.stdout)["execution_id"]
-    events = json.loads(ics("executions", "history", eid, "--json").stdout)
+    events = _history(eid)
     types = [e["type"] for e in events]
     assert types[0] == "ExecutionStarted" and types[-1] == "ExecutionFailed"
     failed = [e for e in events if e["type"] == "MapIterationFailed"]
-    summary = json.loads(ics("executions", "show", eid, "--json").stdout)
-    counts = summary["counts"]
+    res = ics("executions", "show", eid, "--json")
+    assert res.exit_code == ExitCode.OK, res.output
+    counts = json.loads(res.stdout)["counts"]
+    assert failed, "a FAILED execution has failed or low-confidence items"
     assert len(failed) == counts["LOW_CONFIDENCE"] + counts["FAILED"]
     assert "MapIterationSucceeded" not in types  # per-item detail only with history = full
-    assert ics("executions", "history", eid).exit_code == 0
+    res = ics("executions", "history", eid)
+    assert res.exit_code == ExitCode.OK, res.output
+    assert "ExecutionFailed" in res.stdout
 
     res = ics("classify", str(photos), "--json", "--tolerated-failure-percentage", "100")
+    assert res.exit_code == ExitCode.OK, res.output
     eid = json.loads(res.stdout)["execution_id"]
-    assert [e["type"] for e in json.loads(ics("executions", "history", eid, "--json").stdout)][
-        -1
-    ] == "ExecutionSucceeded"
+    assert _history(eid)[-1]["type"] == "ExecutionSucceeded"
+
+
+def _history(execution_id: str) -> list[dict[str, Any]]:
+    res = ics("executions", "history", execution_id, "--json")
+    assert res.exit_code == ExitCode.OK, res.output
+    events: list[dict[str, Any]] = json.loads(res.stdout)
+    return events
 
 
 def test_full_history(ics_home: Path, photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ICS_HISTORY", "full")
     res = ics("classify", str(photos / "coffee.jpg"), "--json")
+    assert res.exit_code == ExitCode.OK, res.output
     eid = json.loads(res.stdout)["execution_id"]
-    types = [e["type"] for e in json.loads(ics("executions", "history", eid, "--json").stdout)]
+    types = [e["type"] for e in _history(eid)]
     assert types == [
         "ExecutionStarted",
         "MapIterationStarted",
@@ -249,7 +272,7 @@ def test_full_history(ics_home: Path, photos: Path, monkeypatch: pytest.MonkeyPa
 
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
-    proc.wait()
+    proc.wait(timeout=30)
     return proc.pid
 
 
@@ -265,20 +288,35 @@ def test_cancel_stops_a_running_execution(
     ics_home: Path,
     tmp_path: Path,
     store_url: str,
-    make_runner: Callable[..., ExecutionRunner],
+    make_runner: MakeRunner,
     open_store: Callable[[str], Store],
 ) -> None:
     folder = _slow_folder(tmp_path / "slow", 400)
     runner = make_runner(batch_size=2, store=store_url)
     execution, _ = runner.start([str(folder)])
-    box: dict[str, object] = {}
-    thread = threading.Thread(target=lambda: box.update(done=runner.run(execution)))
+    box: dict[str, Execution] = {}
+    # `teardown` only ends the run if the test fails before the cancel stops it.
+    teardown = threading.Event()
+    thread = threading.Thread(target=lambda: box.update(done=runner.run(execution, stop=teardown)))
     thread.start()
-    while runner.store.counts(execution.id).done < 5:
-        time.sleep(0.05)
-    other = open_store(runner.settings.store_url)  # as another process would
-    stopped = cancel_execution(other, execution.id, wait_s=20)
-    thread.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        done = 0
+        while time.monotonic() < deadline and thread.is_alive():
+            done = runner.store.counts(execution.id).done
+            if done >= 5:
+                break
+            time.sleep(0.05)
+        assert done >= 5, f"5 items not done within 60 s (done {done})"
+        other = open_store(runner.settings.store_url)  # as another process would
+        stopped = cancel_execution(other, execution.id, wait_s=20)
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the run did not end after the cancel"
+    finally:
+        teardown.set()
+        thread.join(timeout=30)
+    assert "done" in box, "the run raised instead of returning the execution"
+    assert box["done"].status is ExecutionStatus.ABORTED
     assert stopped.status is ExecutionStatus.ABORTED
     assert stopped.error is not None and "cancelled" in stopped.error.message
     done = other.counts(execution.id).done
@@ -291,7 +329,7 @@ def test_cancel_and_resume_an_orphaned_execution(
     tmp_path: Path,
     store_url: str,
     monkeypatch: pytest.MonkeyPatch,
-    make_runner: Callable[..., ExecutionRunner],
+    make_runner: MakeRunner,
 ) -> None:
     monkeypatch.setenv("ICS_STORE", store_url)  # the CLI below uses it too
     folder = _slow_folder(tmp_path / "few", 6, (640, 480))
@@ -308,33 +346,34 @@ def test_cancel_and_resume_an_orphaned_execution(
     assert is_orphaned(store.get_execution(execution.id))
 
     res = ics("executions", "resume", execution.id, "--json")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == ExitCode.OK, res.output
     summary = json.loads(res.stdout)
     assert summary["counts"]["total"] == 6 and summary["counts"]["SUCCEEDED"] == 6
     uris = [r.uri for r in store.results(execution.id)]
     assert sorted(uris) == sorted(str(p) for p in folder.iterdir())
 
     res = ics("executions", "resume", execution.id)
-    assert res.exit_code == 2 and "every item has its result" in res.output
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert f"Error: execution {execution.id} is SUCCEEDED: every item has its result" in res.output
 
     orphan, _ = store.create_execution(
         params={"sources": []}, model=ModelRef("efficientnet-lite0", "1"), threshold=0.5
     )
     store.claim(orphan.id, f"{os.uname().nodename}:{_dead_pid()}")
     res = ics("executions", "cancel", orphan.id, "--json")
+    assert res.exit_code == ExitCode.OK, res.output
     assert json.loads(res.stdout)["status"] == "ABORTED"
 
 
-def test_resume_refuses_a_live_execution(
-    ics_home: Path, make_runner: Callable[..., ExecutionRunner]
-) -> None:
+def test_resume_refuses_a_live_execution(ics_home: Path, make_runner: MakeRunner) -> None:
     runner = make_runner()
     execution, _ = runner.store.create_execution(
         params={"sources": []}, model=ModelRef("efficientnet-lite0", "1"), threshold=0.5
     )
     runner.store.claim(execution.id, f"{os.uname().nodename}:{os.getpid()}")
     res = ics("executions", "resume", execution.id)
-    assert res.exit_code == 2 and "still running" in res.output
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert f"Error: execution {execution.id} is still running (in " in res.output
 
 
 def _corpus(folder: Path, n: int) -> None:
@@ -355,46 +394,51 @@ def test_kill_9_midway_then_resume(ics_home: Path, tmp_path: Path) -> None:
     folder = tmp_path / "corpus"
     _corpus(folder, 2000)
     out = tmp_path / "results.jsonl"
-    ics_bin = Path(sys.executable).parent / "ics"
     proc = subprocess.Popen(
-        [str(ics_bin), "classify", str(folder), "-o", str(out), "--name", "big", "--json"],
+        [str(ICS_BIN), "classify", str(folder), "-o", str(out), "--name", "big", "--json"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     store = Store(load_settings(None, {}).settings.store_url)
-    deadline = time.monotonic() + 120
-    execution = None
-    while time.monotonic() < deadline:
-        execution = store.find_by_name("big")
-        if execution is not None and store.counts(execution.id).done >= 400:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert execution is not None
-    before = {r.item_id: r for r in store.results(execution.id)}
-    assert 400 <= len(before) < 2000, "the kill must land midway"
-    assert store.get_execution(execution.id).status is ExecutionStatus.RUNNING
+    try:
+        deadline = time.monotonic() + 120
+        execution = None
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            execution = store.find_by_name("big")
+            done = 0 if execution is None else store.counts(execution.id).done
+            if done >= 400:
+                break
+            time.sleep(0.05)
+        assert execution is not None and done >= 400, (
+            f"400 items not done within 120 s (done {done}, exit code {proc.poll()})"
+        )
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        before = {r.item_id: r for r in store.results(execution.id)}
+        assert 400 <= len(before) < 2000, "the kill must land midway"
+        assert store.get_execution(execution.id).status is ExecutionStatus.RUNNING
 
-    res = subprocess.run(
-        [str(ics_bin), "executions", "resume", execution.id, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 1, res.stderr  # low-confidence crops fail it, as by default
-    assert "Traceback" not in res.stderr
-    summary = json.loads(res.stdout)
-    assert summary["counts"]["total"] == 2000
-    after = list(store.results(execution.id))
-    assert len(after) == 2000
-    assert sorted(int(r.item_id) for r in after) == list(range(2000))
-    for r in after:  # what was recorded before the kill was not classified again
-        if r.item_id in before:
-            assert r.started_at == before[r.item_id].started_at
-    counts = store.counts(execution.id)
-    assert counts.done == 2000 and counts.succeeded + counts.low_confidence + counts.failed == 2000
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(int(d["item_id"]) for d in lines) == list(range(2000))
-    assert sum(1 for _ in store.pending_items(execution.id)) == 0
-    store.close()
+        res = ics_process("executions", "resume", execution.id, "--json", timeout=300)
+        assert res.returncode == ExitCode.FAILED, res.stderr  # low-confidence crops fail it
+        assert "Traceback" not in res.stderr
+        summary = json.loads(res.stdout)
+        assert summary["status"] == "FAILED"
+        assert summary["counts"]["total"] == 2000
+        after = list(store.results(execution.id))
+        assert len(after) == 2000
+        assert sorted(int(r.item_id) for r in after) == list(range(2000))
+        # What was recorded before the kill was not classified again.
+        kept = [r for r in after if r.item_id in before]
+        assert len(kept) == len(before)
+        assert all(r.started_at == before[r.item_id].started_at for r in kept)
+        counts = store.counts(execution.id)
+        assert counts.total == counts.done == 2000
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(int(d["item_id"]) for d in lines) == list(range(2000))
+        assert sum(1 for _ in store.pending_items(execution.id)) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        store.close()
