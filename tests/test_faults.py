@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -341,19 +342,38 @@ def test_read_only_commands_do_not_create_a_store(ics_home: Path, tmp_path: Path
     assert not db.parent.exists()
 
 
-def test_an_internal_error_exits_3_and_says_how_to_report_it(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def broken(**_kwargs: object) -> None:
-        raise ZeroDivisionError("a bug")
+class BrokenLister:
+    """A source whose listing hits a bug: the command itself fails (exit 3)."""
 
-    monkeypatch.setattr(app, "main", broken)
-    with pytest.raises(SystemExit) as exit_:
-        app.run()
+    def list(self, spec: str) -> Iterator[str]:
+        raise ZeroDivisionError("a bug in listing")
+
+    def read(self, uri: str, max_bytes: int) -> bytes:
+        raise AssertionError("never read")
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_an_internal_error_exits_3_and_says_how_to_report_it(
+    ics_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    debug: bool,
+) -> None:
+    sources.register("broken", BrokenLister())
+    try:
+        argv = ["ics", "classify", "broken://x.jpg", *(["--log-level", "DEBUG"] * debug)]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_:
+            app.run()  # the console script's entry point, through Click
+    finally:
+        sources.unregister("broken")
     assert exit_.value.code == ExitCode.INTERNAL
     err = capsys.readouterr().err
-    assert "internal error: ZeroDivisionError: a bug" in err
+    assert "internal error: ZeroDivisionError: a bug in listing" in err
     assert "--log-level DEBUG and report it" in err
+    # The traceback goes to the log at DEBUG only.
+    assert ("Traceback (most recent call last)" in err) is debug
+    assert executions_in(ics_home) == []
 
 
 def test_the_readme_and_help_document_every_exit_code() -> None:

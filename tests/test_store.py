@@ -630,10 +630,11 @@ def test_reading_opens_and_migrates_an_existing_store(
     store_url: str, other_store_url: str, store_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if store_backend == "postgresql":
-        # The database exists, so there is a store to read: an empty one, migrated.
-        with opened_for_reading(other_store_url) as store:
-            assert store.schema_version() == migrations.LATEST
-            assert store.list_executions() == []
+        # The database exists but holds no store: reading it must not create the tables.
+        with pytest.raises(StoreError, match="no execution store in"):
+            Store(other_store_url, create=False)
+        with opened(other_store_url) as store:
+            assert store.list_executions() == []  # still version 0, so creatable
     else:
         with pytest.raises(StoreError, match="no execution store at"):
             Store(store_url, create=False)

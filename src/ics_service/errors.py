@@ -34,10 +34,9 @@ class ExitCode(IntEnum):
 INTERNAL_ERROR = "InternalError"
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: stop now (exit code 130); a KeyboardInterrupt, so nothing swallows it."""
-
-    exit_code = ExitCode.INTERRUPTED
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop now (exit code 130). A BaseException, so that no `except
+    Exception` swallows it, and not a KeyboardInterrupt, which Click would turn into exit 1."""
 
 
 class IcsError(Exception):

@@ -181,7 +181,7 @@ class DecodeBudget:
     """Bytes of memory that images being decoded may hold at once, shared by threads.
 
     First come, first served: a big image that waits is not overtaken for ever by small
-    ones. `close()` wakes every waiter (each fails with DecodeCancelled) and refuses new ones.
+    ones. A waiter given a stop event ends with DecodeCancelled once it is set.
     """
 
     def __init__(self, limit: int) -> None:
@@ -189,7 +189,6 @@ class DecodeBudget:
         self.used = 0
         self._waiting: deque[object] = deque()
         self._cond = threading.Condition()
-        self._closed = False
 
     @property
     def waiting(self) -> int:
@@ -209,8 +208,6 @@ class DecodeBudget:
         if need > self.limit:
             raise ValueError(f"{need:,} bytes can never fit in a budget of {self.limit:,}")
         with self._cond:
-            if self._closed:
-                raise DecodeCancelled("not decoded: the run is stopping")
             if not self._waiting and self.used + need <= self.limit:
                 self.used += need
                 return
@@ -218,7 +215,7 @@ class DecodeBudget:
             self._waiting.append(ticket)
             try:
                 while self._waiting[0] is not ticket or self.used + need > self.limit:
-                    if self._closed or (stop is not None and stop.is_set()):
+                    if stop is not None and stop.is_set():
                         raise DecodeCancelled(
                             "not decoded: the run stopped while the image waited for decode memory"
                         )
@@ -231,11 +228,6 @@ class DecodeBudget:
     def release(self, need: int) -> None:
         with self._cond:
             self.used -= need
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
             self._cond.notify_all()
 
 
@@ -280,10 +272,6 @@ class Preprocessor:
         img, info = self.decode(data, stop)
         return self.normalise(np.asarray(img)), info
 
-    def close(self) -> None:
-        """Wake every decode waiting for memory (it fails with DecodeCancelled); refuse more."""
-        self.budget.close()
-
     def normalise(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(H, W, 3) uint8 → (3, H, W) float32, (x - mean) / std, in two passes.
 
@@ -302,7 +290,7 @@ class Preprocessor:
         """Check, decode, orient, convert to RGB, resize and centre-crop to the model's size.
 
         Waits until the decode memory shared with the other threads has room for this image;
-        a set `stop` or `close()` ends the wait with DecodeCancelled.
+        a set `stop` ends the wait with DecodeCancelled.
         """
         self._check_file(data)
         sha = hashlib.sha256(data).hexdigest()
@@ -386,12 +374,10 @@ class Preprocessor:
         w, h = img.size
         if img.format in ("JPEG", "MPO") and min(w, h) > self.resize_size:
             # DCT scaling: decode at 1/2, 1/4 or 1/8 while the shorter side stays covered.
-            # Pillow ignores a second draft of the same image.
             scale = self.resize_size / min(w, h)
             img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
 
     def _load_rgb(self, img: Image.Image) -> Image.Image:
-        self._draft(img)
         with warnings.catch_warnings():
             # Pillow warns about odd but readable metadata (bad EXIF, palette transparency).
             warnings.simplefilter("ignore")

@@ -85,6 +85,15 @@ def format_for(path: str, explicit: str | None = None) -> str:
             f"cannot tell the results format of {path!r}; use a .jsonl, .csv or .parquet "
             "file name, or --output-format"
         )
+    if fmt == "parquet":
+        if path == "-":
+            raise UsageError("Parquet results cannot go to stdout; give a .parquet file name")
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "writing Parquet needs pyarrow: pip install 'ics-service[parquet]'"
+            ) from None
     return fmt
 
 
@@ -147,12 +156,6 @@ class ResultsWriter:
         self._file: IO[str] | None = None
         self._csv: Any = None
         if self.format == "parquet":
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise UsageError(
-                    "writing Parquet needs pyarrow: pip install 'ics-service[parquet]'"
-                ) from None
             return
         if path == "-":
             self._file = sys.stdout

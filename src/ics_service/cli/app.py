@@ -15,7 +15,7 @@ from rich.console import Console
 
 from .. import __version__
 from ..config import LoadedSettings, Settings, load_settings
-from ..errors import ExitCode, IcsError
+from ..errors import ExitCode, IcsError, Interrupted
 from ..logs import configure_logging, printable
 from ..types import ExecutionStatus
 from .signals import SignalGuard, guarded
@@ -46,9 +46,10 @@ class IcsGroup(click.Group):
             return super().invoke(ctx)
         except IcsError as e:
             raise CliError(printable(str(e)), e.exit_code) from None
-        except KeyboardInterrupt as e:  # SIGINT or SIGTERM (errors.Interrupted)
+        except (Interrupted, KeyboardInterrupt) as e:  # SIGINT or SIGTERM
             raise CliError(
-                printable(f"interrupted: {e or 'stopped by a signal'}"), ExitCode.INTERRUPTED
+                printable(f"interrupted: {str(e) or 'stopped by a signal'}"),
+                ExitCode.INTERRUPTED,
             ) from None
 
 
@@ -187,11 +188,13 @@ def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
 def run() -> None:
     """Entry point: a bug becomes one line and exit code 3, its traceback a DEBUG log line."""
     try:
-        main(standalone_mode=True)
+        # The command installs its own handlers; these cover what runs around it.
+        with guarded():
+            main(standalone_mode=True)
     except SystemExit:
         raise
-    except KeyboardInterrupt:  # a signal before the command installed its handlers
-        click.echo("interrupted", err=True)
+    except Interrupted as e:
+        click.echo(printable(f"interrupted: {e}"), err=True)
         sys.exit(ExitCode.INTERRUPTED)
     except Exception as e:
         log.debug("internal error", exc_info=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -197,8 +198,13 @@ def run_and_report(
         writer = ResultsWriter(results_path, execution.params.get("output_format"))
         if resumed:
             # The file is rebuilt from the store, the source of truth: a crash may have cut it.
-            for batch in batched(runner.store.results(execution.id), 1000):
-                writer.write(batch)
+            try:
+                for batch in batched(runner.store.results(execution.id), 1000):
+                    writer.write(batch)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    writer.close()
+                raise
     summary_to_stderr = results_path == "-"
     shown: list[ItemResult] = []
     started = time.perf_counter()

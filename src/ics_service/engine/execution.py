@@ -166,7 +166,7 @@ class ExecutionRunner:
 
     def abandon(self, execution_id: str, error: BaseException) -> None:
         """Record the execution ABORTED (a signal) or FAILED (anything else) because of error."""
-        if isinstance(error, KeyboardInterrupt):
+        if isinstance(error, Interrupted | KeyboardInterrupt):
             status, info = ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", _why(error))
         elif isinstance(error, IcsError):
             status, info = ExecutionStatus.FAILED, ErrorInfo("States.Runtime", str(error))

@@ -87,12 +87,13 @@ class Pipeline:
     execution_id: str
     threshold: float
     top_k: int
-    batch_size: int = 8
-    workers: int = 0
+    batch_size: int
+    #: Decode threads (0: `default_workers()`).
+    workers: int
     #: Threads running the model at once, each on its own batches (the session is shared).
-    inference_workers: int = 1
-    retry_read: RetryPolicy = field(default_factory=RetryPolicy)
-    retry_classify: RetryPolicy = field(default_factory=lambda: RetryPolicy(max_attempts=2))
+    inference_workers: int
+    retry_read: RetryPolicy
+    retry_classify: RetryPolicy
     on_event: OnEvent | None = None
 
     def __post_init__(self) -> None:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+#: How to install what building a card's ONNX file needs (torch, onnx, the weights).
+CONVERT_HINT = "pip install 'ics-service[convert]'"
+
 
 @dataclass(frozen=True)
 class ModelCard:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotPrepared
-from .card import ModelCard
+from .card import CONVERT_HINT, ModelCard
 from .registry import get_card
 from .runtime import OnnxRuntime
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-CONVERT_HINT = "pip install 'ics-service[convert]'"
 
 
 def model_dir(card: ModelCard, models_dir: Path) -> Path:

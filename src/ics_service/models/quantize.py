@@ -56,15 +56,13 @@ import numpy as np
 
 from ..errors import ModelNotPrepared
 from .calibration import CALIBRATION, photo_batches
-from .card import ModelCard
+from .card import CONVERT_HINT, ModelCard
 
 log = logging.getLogger(__name__)
 
 #: Calibration runs the model on batches of this many images, a few batches at a time.
 CALIBRATION_BATCH = 8
 _CALIBRATION_SLICE = 4
-
-CONVERT_HINT = "pip install 'ics-service[convert]'"
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,6 @@ def uri_to_path(uri: str) -> str:
     return os.fsdecode(urllib.parse.unquote_to_bytes(rest))
 
 
-def _show(path: str) -> str:
-    """A path as messages and logs show it: as is, or as its URI when it is not UTF-8."""
-    return path_to_uri(path)
-
-
 class LocalSource:
     def list(self, spec: str) -> Iterator[str]:
         path = os.path.expanduser(uri_to_path(spec))
@@ -81,7 +76,7 @@ class LocalSource:
 
     def read(self, uri: str, max_bytes: int) -> bytes:
         path = uri_to_path(uri)
-        shown = _show(path)
+        shown = path_to_uri(path)
         try:
             # stat first: opening a FIFO or a device could block or never end.
             _check_regular(os.stat(path), shown, max_bytes)
@@ -157,7 +152,9 @@ def _children(folder: str, rel: str, hidden: bool) -> Iterator[_Entry]:
                     entry = _Entry(f"{rel}/{d.name}" if rel else d.name, d.path, kind == "dir")
                     (dirs if entry.is_dir else files).append(entry)
     except OSError as e:
-        log.warning("cannot list %s: %s; check that it can be read", _show(folder), e.strerror or e)
+        log.warning(
+            "cannot list %s: %s; check that it can be read", path_to_uri(folder), e.strerror or e
+        )
     files.sort(key=lambda entry: entry.rel)
     dirs.sort(key=lambda entry: entry.rel)
     return iter(files + dirs)
@@ -178,16 +175,16 @@ def _kind(d: os.DirEntry[str]) -> str | None:
         if d.is_symlink():
             log.warning(
                 "skipping %s: broken symbolic link (%s); fix or remove it",
-                _show(d.path),
+                path_to_uri(d.path),
                 e.strerror or e,
             )
         else:
-            log.warning("skipping %s: %s", _show(d.path), e.strerror or e)
+            log.warning("skipping %s: %s", path_to_uri(d.path), e.strerror or e)
         return None
     log.warning(
         "skipping %s: not a regular file (%s); only regular files are classified, "
         "copy its data into one to include it",
-        _show(d.path),
+        path_to_uri(d.path),
         _special_kind(mode),
     )
     return None
@@ -207,7 +204,7 @@ def _first_visit(folder: str, visited: _Visited) -> bool:
     try:
         st = os.stat(folder)
     except OSError as e:
-        log.warning("cannot list %s: %s", _show(folder), e.strerror or e)
+        log.warning("cannot list %s: %s", path_to_uri(folder), e.strerror or e)
         return False
     key = (st.st_dev, st.st_ino)
     first = visited.get(key)
@@ -215,8 +212,8 @@ def _first_visit(folder: str, visited: _Visited) -> bool:
         log.warning(
             "skipping %s: it is the folder %s, already listed (a symbolic link loop or a "
             "second link to the same folder)",
-            _show(folder),
-            _show(first),
+            path_to_uri(folder),
+            path_to_uri(first),
         )
         return False
     visited[key] = folder
@@ -267,7 +264,7 @@ def _glob_items(pattern: str) -> Iterator[str]:
                 else:
                     yield path_to_uri(e.path)
     if not found:
-        log.warning("no file matches %s", _show(pattern))
+        log.warning("no file matches %s", path_to_uri(pattern))
 
 
 def split_glob(pattern: str) -> tuple[str, list[str]]:

@@ -129,17 +129,23 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)
 LATEST = MIGRATIONS[-1][0]
 
 
-def migrate(engine: Engine, shown_url: str) -> None:
+def migrate(engine: Engine, shown_url: str, *, create: bool = True) -> None:
     """Apply the migrations newer than the store's version, all in one transaction.
 
     The usual case (up to date) only reads. Otherwise the migrating transaction first
     takes a lock, so stores opened at once on a new database queue instead of racing on
-    the DDL, and a migration that fails leaves the store exactly as it was.
+    the DDL, and a migration that fails leaves the store exactly as it was. With
+    create=False a database holding no store yet is refused, not given the tables.
     """
     with engine.connect() as conn:
         current = stored_version(conn)
     if current == LATEST:
         return
+    if current == 0 and not create:
+        raise StoreError(
+            f"no execution store in {shown_url}: nothing has run with this store yet "
+            "(or --store/ICS_STORE points elsewhere)"
+        )
     _refuse_newer(current, shown_url)
     applied = []
     with engine.begin() as conn:

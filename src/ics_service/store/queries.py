@@ -83,8 +83,9 @@ def new_execution_id() -> str:
 class Store:
     """Executions and results in a SQL database (`sqlite:///PATH` or `postgresql://...`).
 
-    With create=False a SQLite store that does not exist yet is a StoreError instead of a
-    new file (for commands that only read or change existing executions).
+    With create=False a store that does not exist yet (no SQLite file, or a database without
+    the ICS tables) is a StoreError instead of a new store: for commands that only read or
+    change existing executions.
     """
 
     def __init__(self, url: str, *, create: bool = True) -> None:
@@ -94,7 +95,7 @@ class Store:
             self.engine = open_engine(url, create=create)
         try:
             with store_errors(self.safe_url):
-                migrations.migrate(self.engine, self.safe_url)
+                migrations.migrate(self.engine, self.safe_url, create=create)
         except BaseException:
             self.engine.dispose()  # a refused store leaves no connection behind
             raise
