@@ -146,6 +146,28 @@ def test_two_signals_while_classifying_stop_once_and_cleanly(
     assert 0 < execution.counts.done < execution.counts.total
 
 
+def test_a_third_signal_stops_a_blocked_listing_at_once(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    # The first item is found, so the execution exists; then reading the next list blocks
+    # in a FIFO with no writer, where only stopping at once can help.
+    fifo = tmp_path / "more.txt"
+    os.mkfifo(fifo)
+    proc = start("classify", str(next(photos.glob("*.jpg"))), f"@{fifo}")
+    wchan = Path(f"/proc/{proc.pid}/wchan")
+    wait_for(lambda: wchan.read_text() == "wait_for_partner", "ics to block opening the FIFO")
+    assert executions_in(ics_home), "the execution should exist before the blocked listing"
+    for signum in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+        proc.send_signal(signum)
+        time.sleep(0.1)
+    code, err = finish(proc)
+    assert code == ExitCode.INTERRUPTED, err
+    assert "a third signal stops at once" in err
+    execution = only_execution(ics_home)
+    assert execution.status is ExecutionStatus.ABORTED
+    assert not execution.items_listed
+
+
 # --- every way out of an execution ends it --------------------------------------------
 
 
