@@ -160,6 +160,65 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="Lowest level of log lines written to stderr."
     )
+    # --- `ics serve` -------------------------------------------------------------------
+    host: str = Field(
+        default="127.0.0.1", description="Address `ics serve` binds (0.0.0.0: every interface)."
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="Port `ics serve` listens on.")
+    api_token: str | None = Field(
+        default=None,
+        description="Bearer token every API request must carry (ICS_API_TOKEN); unset: none.",
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding the API token (instead of api_token)."
+    )
+    sigv4_access_key_id: str | None = Field(
+        default=None,
+        description="With a token set, SigV4-signed SageMaker runtime requests from this AWS "
+        "access key are accepted too (boto3 cannot send a bearer token).",
+    )
+    sigv4_secret_access_key: str | None = Field(
+        default=None, description="The secret of sigv4_access_key_id, to verify signatures."
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, le=1024, description="Most requests classified in one model run."
+    )
+    max_delay_ms: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Most time a request waits for others to fill its batch.",
+    )
+    max_queue: int = Field(
+        default=256,
+        ge=1,
+        description="Requests waiting for the model at most; beyond, 503 with Retry-After.",
+    )
+    max_body_bytes: int = Field(
+        default=20_000_000, ge=1, description="Largest request body accepted (413 beyond)."
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="A request not answered in this time gets a 504."
+    )
+    record_realtime: bool = Field(
+        default=True,
+        description="Record real-time results in the store, as items of one execution a day.",
+    )
+    allowed_sources: list[str] = Field(
+        default_factory=list,
+        description="Prefixes (local folders) that `uri` inputs of the HTTP API may read; "
+        "empty: none.",
+    )
+    resume_orphans: bool = Field(
+        default=True,
+        description="`ics serve` resumes executions whose process died, when it starts.",
+    )
+    max_running_executions: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Batch executions `ics serve` runs at once; more wait in a queue.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -185,6 +244,21 @@ class Settings(BaseModel):
         return v.expanduser()
 
     @property
+    def token(self) -> str | None:
+        """The API token: api_token, or the first line of token_file."""
+        if self.api_token:
+            return self.api_token
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the token file {self.token_file}: {e}") from None
+        if not token:
+            raise ConfigError(f"the token file {self.token_file} is empty")
+        return token
+
+    @property
     def store_url(self) -> str:
         return self.store or f"sqlite:///{self.home / 'ics.db'}"
 
@@ -195,6 +269,27 @@ class Settings(BaseModel):
     @property
     def results_dir(self) -> Path:
         return self.home / "results"
+
+
+#: Settings never shown as they are (`ics config show`, logs).
+SECRETS = ("api_token", "sigv4_secret_access_key")
+
+
+def shown(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON values, secrets masked and the store URL's password hidden."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    values = settings.model_dump(mode="json")
+    for key in SECRETS:
+        if values.get(key):
+            values[key] = "***"
+    if values.get("store"):
+        try:
+            values["store"] = make_url(values["store"]).render_as_string(hide_password=True)
+        except (ArgumentError, ValueError):
+            values["store"] = "***"
+    return values
 
 
 @dataclass(frozen=True)

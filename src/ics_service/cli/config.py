@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from ..config import shown
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
 
 # --- config ---------------------------------------------------------------------------
@@ -24,7 +25,7 @@ def config() -> None:
 def config_show(as_json: bool, **kwargs: Any) -> None:
     """Every setting, its effective value, and where it came from."""
     loaded = load_cli_settings(kwargs)
-    values = loaded.settings.model_dump(mode="json")
+    values = shown(loaded.settings)
     if as_json:
         json_out(
             {

@@ -386,6 +386,37 @@ class Store:
             )
         return counts.done
 
+    def append_results(self, execution_id: str, results: Sequence[ItemResult]) -> None:
+        """Add finished items (real-time requests) with their results, in one transaction.
+
+        Each result gets the execution's next item id (set on it), so any number of
+        processes may append to one execution.
+        """
+        if not results:
+            return
+        counts = Counts()
+        with self._begin() as conn:
+            # Lock the execution's row first: the next seq is then settled until commit.
+            conn.execute(_update_execution(execution_id).values(updated_at=utcnow()))
+            last = conn.execute(
+                select(func.max(items.c.seq)).where(items.c.execution_id == execution_id)
+            ).scalar()
+            rows = []
+            for seq, r in enumerate(results, start=-1 if last is None else int(last)):
+                r.item_id = str(seq + 1)
+                row = {k[2:]: v for k, v in result_to_row(r).items()}
+                rows.append({"execution_id": execution_id, "uri": r.uri, **row})
+                counts.add(r.status)
+            conn.execute(insert(items), rows)
+            conn.execute(
+                _update_execution(execution_id).values(
+                    total=executions.c.total + len(rows),
+                    succeeded=executions.c.succeeded + counts.succeeded,
+                    low_confidence=executions.c.low_confidence + counts.low_confidence,
+                    failed=executions.c.failed + counts.failed,
+                )
+            )
+
     def results(
         self,
         execution_id: str,

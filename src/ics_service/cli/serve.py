@@ -1,0 +1,69 @@
+"""`ics serve`: the HTTP service, on uvicorn."""
+
+from __future__ import annotations
+
+import math
+import signal
+from typing import Any
+
+import click
+
+from ..config import default
+from .app import common_options, load_cli_settings, main
+
+
+@main.command()
+@click.option("--host", help=f"Address to bind (default {default('host')}).")
+@click.option("--port", type=int, help=f"Port to listen on (default {default('port')}).")
+@click.option("-m", "--model", help=f"Model name (default {default('model')}).")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the API token every request must carry (or ICS_API_TOKEN).",
+)
+@click.option(
+    "--max-batch-size",
+    type=int,
+    help=f"Most requests classified in one model run (default {default('max_batch_size')}).",
+)
+@click.option(
+    "--max-delay-ms",
+    type=float,
+    help=f"Most time a request waits for others to fill its batch "
+    f"(default {default('max_delay_ms'):g}).",
+)
+@click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
+@common_options
+def serve(**kwargs: Any) -> None:
+    """Serve classification over HTTP until SIGINT or SIGTERM.
+
+    \b
+    Routes:
+      POST /v1/classify              an image (raw body, multipart, base64 or uri)
+      GET  /ping, POST /invocations  the SageMaker container contract
+      GET  /healthz, /readyz         liveness and readiness
+      GET  /metrics                  Prometheus metrics
+      GET  /docs                     the OpenAPI description
+
+    Binds 127.0.0.1 unless --host says otherwise; also a SageMaker container's `serve`
+    command (port 8080). On SIGTERM it stops accepting, finishes the requests in flight,
+    records their results and exits 0.
+    """
+    import uvicorn
+
+    from ..server import create_app
+
+    settings = load_cli_settings(kwargs).settings
+    app = create_app(settings)
+    # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then raises
+    # them again for the handlers it found: ignored, so that the exit is a clean 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
+    )

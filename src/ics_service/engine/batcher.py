@@ -1,0 +1,135 @@
+"""Dynamic batching in front of the model, for requests that arrive one at a time.
+
+Each inference worker takes the oldest waiting input, then gathers whatever else arrives
+within `max_delay_s` of it (up to `max_batch_size`), runs the model once and resolves
+every input's future. Under load the model runs full batches; a lone request waits at
+most the delay. The queue is bounded: `submit` refuses work beyond `max_queue` instead of
+letting memory grow.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InferenceError, ItemError
+from ..models.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+#: Called after each model run with (batch size, seconds the run took).
+OnBatch = Callable[[int, float], None]
+
+
+class QueueFull(Exception):
+    """More inputs are waiting for the model than the queue holds."""
+
+
+@dataclass(slots=True)
+class _Job:
+    tensor: np.ndarray
+    future: Future[np.ndarray]
+    arrived: float
+
+
+_CLOSE = object()
+
+
+class Batcher:
+    """Class probabilities for single inputs (3, H, W), computed in dynamic batches."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        workers: int = 1,
+        on_batch: OnBatch | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.on_batch = on_batch
+        self._q: queue.Queue[_Job | object] = queue.Queue(maxsize=max_queue)
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"ics-batcher-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def depth(self) -> int:
+        """Inputs waiting for the model."""
+        return self._q.qsize()
+
+    def submit(self, tensor: np.ndarray) -> Future[np.ndarray]:
+        """Queue one input; its future gets the probabilities (C,) or the model's error."""
+        job = _Job(tensor, Future(), time.monotonic())
+        try:
+            self._q.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"{self._q.maxsize} inputs are already waiting for the model") from None
+        return job.future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the workers."""
+        for _ in self._threads:
+            self._q.put(_CLOSE)
+        for t in self._threads:
+            t.join()
+
+    def _loop(self) -> None:
+        size = self.runtime.card.input_size
+        buf = np.empty((self.max_batch_size, 3, size, size), dtype=np.float32)
+        while True:
+            first = self._q.get()
+            if first is _CLOSE:
+                return
+            assert isinstance(first, _Job)
+            jobs = [first]
+            closing = False
+            deadline = first.arrived + self.max_delay_s
+            while len(jobs) < self.max_batch_size:
+                wait = deadline - time.monotonic()
+                try:
+                    more = self._q.get(timeout=wait) if wait > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _CLOSE:
+                    closing = True
+                    break
+                assert isinstance(more, _Job)
+                jobs.append(more)
+            self._run(jobs, buf)
+            if closing:
+                return
+
+    def _run(self, jobs: list[_Job], buf: np.ndarray) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        for i, job in enumerate(live):
+            buf[i] = job.tensor
+        started = time.perf_counter()
+        try:
+            probs = self.runtime.predict(buf[: len(live)])
+        except Exception as e:
+            error = e if isinstance(e, ItemError) else InferenceError(f"the model failed: {e}")
+            log.error("inference failed on a batch of %d: %s", len(live), e)
+            for job in live:
+                job.future.set_exception(error)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(live), time.perf_counter() - started)
+        for job, row in zip(live, probs, strict=True):
+            job.future.set_result(row)

@@ -1,0 +1,129 @@
+"""The FastAPI app: the service, its routers (one module per protocol), error responses,
+and the wrappers (token, body limit, request log)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..config import Settings
+from ..engine.batcher import QueueFull
+from ..errors import IcsError
+from ..models.runtime import ModelRuntime
+from ..store import Store
+from . import executions, sagemaker, v1, v2
+from .guards import BearerToken, BodyLimit
+from .metrics import Metrics
+from .service import Service
+
+log = logging.getLogger("ics_service.server")
+
+#: How long a client should wait before trying again when the queue is full.
+RETRY_AFTER_S = 1
+
+
+def error_response(status: int, kind: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    runtime: ModelRuntime | None = None,
+    store: Store | None = None,
+) -> FastAPI:
+    """The ASGI app of `ics serve`: model and store are opened at start-up unless given."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_store = store is None
+        opened_store = store or Store(settings.store_url)
+        model = runtime or _load_runtime(settings)
+        service = Service(settings, model, opened_store, metrics)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            service.close()
+            if own_store:
+                opened_store.close()
+
+    app = FastAPI(
+        title="ICS, the Image Classification Service",
+        version=__version__,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    for module in (v1, sagemaker, v2, executions):
+        app.include_router(module.router)
+
+    @app.exception_handler(IcsError)
+    async def ics_error(_request: Request, e: IcsError) -> JSONResponse:
+        return error_response(e.http_status, e.type, str(e))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_request: Request, e: QueueFull) -> JSONResponse:
+        return error_response(
+            503, "QueueFull", f"the server is busy: {e}", **{"Retry-After": str(RETRY_AFTER_S)}
+        )
+
+    @app.exception_handler(TimeoutError)
+    async def timeout(_request: Request, _e: TimeoutError) -> JSONResponse:
+        return error_response(
+            504,
+            "Timeout",
+            f"no answer within request_timeout_s={settings.request_timeout_s:g}",
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        return error_response(422, "InvalidRequest", problems)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    token = settings.token
+    if token:
+        app.add_middleware(BearerToken, token=token)
+
+    # Added last, so outermost: it sees every answer, the wrappers' refusals included.
+    @app.middleware("http")
+    async def request_log(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        elapsed = time.perf_counter() - started
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.observe_request(path, request.method, response.status_code, elapsed)
+        log.info(
+            "%s %s %d %.1f ms",
+            request.method,
+            request.url.path,
+            response.status_code,
+            elapsed * 1e3,
+        )
+        return response
+
+    return app
+
+
+def _load_runtime(settings: Settings) -> ModelRuntime:
+    from ..engine.pipeline import plan_inference
+    from ..models import get_card, load_runtime
+
+    threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
+    return load_runtime(get_card(settings.model), settings.models_dir, threads=threads)

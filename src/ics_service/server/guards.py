@@ -1,0 +1,164 @@
+"""Wrappers around the app (plain ASGI middleware): the bearer token and the body limit.
+
+The routes know nothing of them, as Starlette builds its middleware stack by wrapping.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Given the scope and the whole body, whether a request signed with AWS SigV4 is valid.
+SigV4Verifier = Callable[[Scope, bytes], bool]
+
+#: Routes that answer without a token: liveness probes, as load balancers and SageMaker
+#: call them unauthenticated.
+OPEN_PATHS = frozenset({"/ping", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
+async def send_error(send: Send, status: int, kind: str, message: str, **headers: str) -> None:
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class BearerToken:
+    """Every request but the open paths must carry `Authorization: Bearer TOKEN`.
+
+    A request signed with AWS SigV4 (boto3 cannot send a bearer token) passes when
+    `sigv4` says its signature is valid; its body is read to check it, then replayed.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str,
+        *,
+        open_paths: Collection[str] = OPEN_PATHS,
+        sigv4: SigV4Verifier | None = None,
+    ) -> None:
+        self.app = app
+        self.token = token.encode()
+        self.open_paths = open_paths
+        self.sigv4 = sigv4
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        auth = _header(scope, b"authorization") or ""
+        scheme, _, credentials = auth.partition(" ")
+        if scheme.lower() == "bearer":
+            # Constant time: a wrong token takes as long to refuse whatever it shares.
+            if hmac.compare_digest(credentials.strip().encode(), self.token):
+                await self.app(scope, receive, send)
+                return
+            await send_error(send, 403, "Forbidden", "the API token is wrong")
+            return
+        if scheme == "AWS4-HMAC-SHA256" and self.sigv4 is not None:
+            body = await _read_body(receive)
+            if self.sigv4(scope, body):
+                await self.app(scope, _replay(body), send)
+                return
+            await send_error(send, 403, "Forbidden", "the AWS SigV4 signature is not valid")
+            return
+        await send_error(
+            send,
+            401,
+            "Unauthorized",
+            "this server needs an API token: send `Authorization: Bearer TOKEN`",
+            **{"WWW-Authenticate": "Bearer"},
+        )
+
+
+class BodyLimit:
+    """Bodies over `max_bytes` are refused with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        await send_error(
+            send,
+            413,
+            "RequestTooLarge",
+            f"the request body is over max_body_bytes={self.max_bytes:,}",
+        )
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive

@@ -1,0 +1,84 @@
+"""Prometheus metrics of one server: requests, batches, items, confidence, queue depth.
+
+Each app has its own registry, so tests (and several apps in one process) never share
+counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from ..types import ItemResult
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.94, 0.97, 0.99, 1.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ics_http_requests",
+            "HTTP requests answered, by route, method and status code.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "ics_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "ics_batch_size",
+            "Inputs per model run.",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=r,
+        )
+        self.inference = Histogram(
+            "ics_inference_duration_seconds",
+            "Time of one model run (a whole batch).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter("ics_items", "Items classified, by status.", ["status"], registry=r)
+        self.confidence = Histogram(
+            "ics_confidence",
+            "Top confidence of classified items.",
+            buckets=_CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("ics_queue_depth", "Inputs waiting for the model.", registry=r)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+    def observe_result(self, result: ItemResult) -> None:
+        self.items.labels(result.status.value).inc()
+        if result.confidence is not None:
+            self.confidence.observe(result.confidence)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        """Report `depth()` as the queue depth at each scrape."""
+        self.queue_depth.set_function(lambda: float(depth()))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,259 @@
+"""What the HTTP routes call: decode on the decode pool, classify in dynamic batches, decide,
+record. One `Service` per server; every protocol (v1, SageMaker, v2) goes through it, so
+they share the model, the decode memory budget, the batcher and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import queue
+import threading
+import time
+from collections.abc import Awaitable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from ..config import Settings
+from ..engine.batcher import Batcher
+from ..engine.decide import decide
+from ..engine.execution import ExecutionRunner
+from ..engine.lifecycle import owner_id
+from ..engine.pipeline import default_workers, plan_inference
+from ..imaging import Limits, Preprocessor
+from ..models.runtime import ModelRuntime
+from ..store import Store
+from ..types import (
+    ErrorInfo,
+    ExecutionStatus,
+    ImageInfo,
+    ItemResult,
+    ItemStatus,
+    ModelRef,
+    utcnow,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Real-time results of one UTC day are the items of the execution with this name.
+REALTIME_PREFIX = "realtime-"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one request may change of the settings."""
+
+    threshold: float
+    top_k: int
+
+
+class Service:
+    def __init__(
+        self, settings: Settings, runtime: ModelRuntime, store: Store, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+        self.metrics = metrics
+        card = runtime.card
+        self.model_ref = ModelRef(name=card.name, version=card.version)
+        self.preprocess = Preprocessor(card, Limits.from_settings(settings))
+        self.decode_pool = ThreadPoolExecutor(
+            settings.decode_workers or default_workers(), thread_name_prefix="ics-decode"
+        )
+        self.batcher = Batcher(
+            runtime,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000.0,
+            max_queue=settings.max_queue,
+            workers=plan_inference(settings.inference_threads, settings.inference_workers)[1],
+            on_batch=metrics.observe_batch,
+        )
+        metrics.track_queue(lambda: self.batcher.depth)
+        self.runner = ExecutionRunner(settings, store, runtime)
+        self.log = RealtimeLog(store, self.model_ref) if settings.record_realtime else None
+        self.ready = True
+
+    async def bounded(self, awaitable: Awaitable[T]) -> T:
+        """The awaitable's result, or TimeoutError (a 504) after request_timeout_s."""
+        return await asyncio.wait_for(awaitable, self.settings.request_timeout_s)
+
+    def options(self, threshold: float | None = None, top_k: int | None = None) -> Options:
+        return Options(
+            threshold=self.settings.threshold if threshold is None else threshold,
+            top_k=self.settings.top_k if top_k is None else top_k,
+        )
+
+    async def decode(self, data: bytes) -> tuple[np.ndarray, ImageInfo]:
+        """The model's input for an encoded image, decoded on the decode pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decode_pool, self.preprocess, data)
+
+    async def predict(self, tensor: np.ndarray) -> np.ndarray:
+        """Class probabilities (C,) of one input (3, H, W), batched with other requests."""
+        return await asyncio.wrap_future(self.batcher.submit(tensor))
+
+    async def probabilities(self, data: bytes) -> np.ndarray:
+        """Class probabilities of an encoded image (what a SageMaker endpoint returns)."""
+        tensor, _ = await self.decode(data)
+        return await self.predict(tensor)
+
+    async def classify(self, data: bytes, uri: str, options: Options) -> ItemResult:
+        """Decode, classify, decide and record one image; a bad image raises its ItemError."""
+        started = utcnow()
+        t0 = time.perf_counter()
+        tensor, image = await self.decode(data)
+        t1 = time.perf_counter()
+        probs = await self.predict(tensor)
+        t2 = time.perf_counter()
+        (d,) = decide(
+            probs[None, :],
+            threshold=options.threshold,
+            top_k=options.top_k,
+            labels=self.runtime.card.labels,
+        )
+        result = ItemResult(
+            execution_id="",
+            item_id="",
+            uri=uri,
+            status=d.status,
+            threshold=options.threshold,
+            model=self.model_ref,
+            started_at=started,
+            finished_at=utcnow(),
+            label=d.label,
+            label_index=d.index,
+            confidence=d.confidence,
+            top_k=d.top_k,
+            image=image,
+            timings_ms={
+                "decode": round((t1 - t0) * 1e3, 3),
+                "inference": round((t2 - t1) * 1e3, 3),
+            },
+        )
+        await self.record(result)
+        return result
+
+    async def record_failure(
+        self, uri: str, error: ErrorInfo, options: Options, started: dt.datetime
+    ) -> ItemResult:
+        """Record a request's image that could not be classified, as a FAILED item."""
+        result = ItemResult(
+            execution_id="",
+            item_id="",
+            uri=uri,
+            status=ItemStatus.FAILED,
+            threshold=options.threshold,
+            model=self.model_ref,
+            started_at=started,
+            finished_at=utcnow(),
+            error=error,
+        )
+        await self.record(result)
+        return result
+
+    async def record(self, result: ItemResult) -> None:
+        self.metrics.observe_result(result)
+        if self.log is not None:
+            await asyncio.wrap_future(self.log.append(result))
+
+    def close(self) -> None:
+        """Finish the batches and records in flight, then release the pools."""
+        self.ready = False
+        self.batcher.close()
+        self.decode_pool.shutdown(wait=True)
+        if self.log is not None:
+            self.log.close()
+
+
+class RealtimeLog:
+    """Records real-time results as items of one execution per UTC day, named
+    `realtime-YYYY-MM-DD`, in coalesced transactions on a thread of its own.
+
+    A request is answered once its result is in the store.
+    """
+
+    def __init__(self, store: Store, model: ModelRef) -> None:
+        self.store = store
+        self.model = model
+        self.owner = owner_id()
+        self._day: str | None = None
+        self._execution_id = ""
+        self._q: queue.Queue[tuple[ItemResult, Future[None]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="ics-realtime-log", daemon=True)
+        self._thread.start()
+
+    def append(self, result: ItemResult) -> Future[None]:
+        done: Future[None] = Future()
+        self._q.put((result, done))
+        return done
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (first := self._q.get()) is not None:
+            batch = [first]
+            closing = False
+            while True:
+                try:
+                    more = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                batch.append(more)
+            self._write(batch)
+            if closing:
+                break
+        self._end_day()
+
+    def _write(self, batch: list[tuple[ItemResult, Future[None]]]) -> None:
+        try:
+            execution_id = self._execution_for(utcnow())
+            results = [r for r, _ in batch]
+            for r in results:
+                r.execution_id = execution_id
+            self.store.append_results(execution_id, results)
+        except Exception as e:
+            log.error("recording %d real-time results failed: %s", len(batch), e)
+            for _, done in batch:
+                done.set_exception(e)
+            return
+        for _, done in batch:
+            done.set_result(None)
+
+    def _execution_for(self, now: dt.datetime) -> str:
+        day = now.strftime("%Y-%m-%d")
+        if day == self._day:
+            return self._execution_id
+        self._end_day()
+        name = REALTIME_PREFIX + day
+        execution, _ = self.store.create_execution(
+            params={"sources": [], "realtime": True, "tolerated_failure_percentage": 100.0},
+            model=self.model,
+            threshold=0.0,
+            name=name,
+        )
+        self.store.claim(execution.id, self.owner)
+        self.store.mark_listed(execution.id)
+        self._day, self._execution_id = day, execution.id
+        return execution.id
+
+    def _end_day(self) -> None:
+        """A day's execution ends SUCCEEDED when the day (or the server) ends."""
+        if self._day is None:
+            return
+        try:
+            self.store.finish_execution(self._execution_id, ExecutionStatus.SUCCEEDED)
+        except Exception as e:
+            log.error("could not end the real-time execution %s: %s", self._execution_id, e)
+        self._day = None

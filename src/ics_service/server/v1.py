@@ -1,0 +1,225 @@
+"""The ICS API: `POST /v1/classify`, and the health probes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import sources
+from ..errors import ItemError, UsageError
+from ..types import utcnow
+from .service import Options, Service
+
+router = APIRouter()
+
+#: Content types taken as one raw image body.
+RAW_TYPES = ("image/", "application/x-image", "application/octet-stream")
+
+
+class Forbidden(UsageError):
+    http_status = 403
+
+
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+_RESULT_SCHEMA = {"type": "object", "description": "A result record (see the README)."}
+
+
+@router.post(
+    "/v1/classify",
+    summary="Classify one image (raw body, base64 or uri) or several (multipart `file` parts)",
+    response_description="The result record, or a list of them for a multipart request.",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "file": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            }
+                        },
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "image_base64": {"type": "string"},
+                            "uri": {"type": "string"},
+                            "threshold": {"type": "number"},
+                            "top_k": {"type": "integer"},
+                        },
+                    }
+                },
+            },
+        },
+        "responses": {
+            "200": {"content": {"application/json": {"schema": _RESULT_SCHEMA}}},
+            "4XX": {"description": '`{"error": {"type", "message"}}`'},
+        },
+    },
+)
+async def classify(
+    request: Request,
+    threshold: float | None = Query(None, ge=0.0, le=1.0),
+    top_k: int | None = Query(None, ge=1, le=1000),
+) -> Any:
+    service = service_of(request)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        return await _classify_parts(request, service, service.options(threshold, top_k))
+    if kind == "application/json":
+        doc = await _json(request)
+        threshold = _field(doc, "threshold", float, threshold)
+        top_k = _field(doc, "top_k", int, top_k)
+        options = _checked(service, threshold, top_k)
+        data, uri = await _json_image(service, doc)
+    elif kind.startswith(RAW_TYPES) or not kind:
+        options = service.options(threshold, top_k)
+        data, uri = await request.body(), "request"
+    else:
+        raise UsageError(
+            f"unsupported content type {kind!r}: send the image as the body (image/*, "
+            "application/x-image or application/octet-stream), multipart `file` parts, or "
+            'JSON {"image_base64": ...} or {"uri": ...}'
+        )
+    return (await _classify_one(service, data, uri, options, raise_errors=True)).to_dict()
+
+
+async def _classify_one(
+    service: Service, data: bytes, uri: str, options: Options, *, raise_errors: bool
+) -> Any:
+    started = utcnow()
+    try:
+        return await service.bounded(service.classify(data, uri, options))
+    except ItemError as e:
+        failed = await service.record_failure(uri, e.info(), options, started)
+        if raise_errors:
+            raise
+        return failed
+
+
+async def _classify_parts(request: Request, service: Service, options: Options) -> Any:
+    form = await request.form()
+    parts = form.getlist("file")
+    if not parts:
+        raise UsageError("a multipart request needs one or more `file` parts")
+    results = []
+    for part in parts:
+        if isinstance(part, str):
+            raise UsageError("each `file` part must be a file, not a text field")
+        data = await part.read()
+        uri = part.filename or "request"
+        result = await _classify_one(service, data, uri, options, raise_errors=False)
+        results.append(result.to_dict())
+    return results
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    try:
+        doc = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise UsageError('the JSON body must be an object: {"image_base64": ...} or {"uri": ...}')
+    return doc
+
+
+def _field(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = doc.get(key, default)
+    if value is None or value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UsageError(f"{key} must be a number, not {json.dumps(value)}")
+    if kind is int and not isinstance(value, int):
+        raise UsageError(f"{key} must be a whole number, not {value}")
+    return kind(value)
+
+
+def _checked(service: Service, threshold: float | None, top_k: int | None) -> Options:
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"threshold must be between 0 and 1, not {threshold}")
+    if top_k is not None and not 1 <= top_k <= 1000:
+        raise UsageError(f"top_k must be between 1 and 1000, not {top_k}")
+    return service.options(threshold, top_k)
+
+
+async def _json_image(service: Service, doc: dict[str, Any]) -> tuple[bytes, str]:
+    if "image_base64" in doc:
+        encoded = doc["image_base64"]
+        if not isinstance(encoded, str):
+            raise UsageError("image_base64 must be a string of base64")
+        try:
+            return base64.b64decode(encoded, validate=True), "request"
+        except (binascii.Error, ValueError) as e:
+            raise UsageError(f"image_base64 is not valid base64: {e}") from None
+    if "uri" in doc:
+        uri = doc["uri"]
+        if not isinstance(uri, str) or not uri:
+            raise UsageError("uri must be a non-empty string")
+        allowed_uri(uri, service.settings.allowed_sources)
+        loop = asyncio.get_running_loop()
+        max_bytes = service.settings.max_bytes
+        data = await loop.run_in_executor(service.decode_pool, sources.read, uri, max_bytes)
+        return data, uri
+    raise UsageError('the JSON body needs "image_base64" or "uri"')
+
+
+def allowed_uri(uri: str, allowed: list[str]) -> None:
+    """Refuse (403) a uri outside every allowed source prefix: paths are compared after
+    resolving `..` and symlinks, so neither can escape a root."""
+    if sources.scheme_of(uri) != "file":
+        if any(uri.startswith(prefix) for prefix in allowed if "://" in prefix):
+            return
+        raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
+    path = os.path.realpath(sources.uri_to_path(uri))
+    for prefix in allowed:
+        if "://" in prefix and not prefix.startswith("file://"):
+            continue
+        root = os.path.realpath(sources.uri_to_path(prefix))
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            return
+    raise Forbidden(
+        f"uri {uri!r} is not under any allowed_sources prefix"
+        + ("" if allowed else " (none is configured: set allowed_sources)")
+    )
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: the model is loaded",
+    responses={503: {"description": "not ready yet, or shutting down"}},
+)
+async def readyz(request: Request) -> Response:
+    service: Service | None = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        return JSONResponse({"status": "starting"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": service.model_ref.name})
+
+
+@router.get("/metrics", summary="Prometheus metrics (text exposition format)")
+async def metrics(request: Request) -> Response:
+    from .metrics import CONTENT_TYPE
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
