@@ -15,7 +15,7 @@ from typing import Any
 
 from .common import cpus
 from .corpus import SIZES
-from .runners import DESCRIBE, ROOT, RUNNERS, Bench, Config
+from .runners import DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config
 
 #: Hand-written analysis of the missed targets, appended to RESULTS.md on every render.
 LIMITS = Path(__file__).resolve().parent / "LIMITS.md"
@@ -198,7 +198,7 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
         ics = (s.get(f"ics/{size}") or {}).get("images_per_s")
         for r in RUNNERS:
             row = s.get(f"{r}/{size}")
-            if row is None:
+            if row is None or r in SERVING_RUNNERS:
                 continue
             what = DESCRIBE.get(r, r).format(int8=cfg.int8_model)
             failed = (
@@ -223,6 +223,7 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
     if bounds:
         lines += render_bounds(bounds)
     lines += render_targets(b, s)
+    lines += render_serving(b)
     lines += render_other(b, s)
     prof = b.extra.get("profile") or {}
     if prof.get("lines"):
@@ -370,6 +371,77 @@ def render_targets(b: Bench, s: dict[str, Any]) -> list[str]:
         )
     lines = ["## Targets (issue 4)", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {_target(ok)} |" for t, m, ok in rows]
+    return [*lines, ""]
+
+
+def serving_summary(b: Bench) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per serving runner and client count: medians over the rounds of its own figures."""
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for name in SERVING_RUNNERS:
+        runs = [r for r in b.runs if r.job.runner == name and r.job.size == "small"]
+        reports = [r.m.report for r in runs if r.ok and r.m.report]
+        if not runs:
+            continue
+        by_clients: dict[int, list[dict[str, Any]]] = {}
+        for rep in reports:
+            for p in rep.get("passes", []):
+                by_clients.setdefault(int(p["clients"]), []).append(p)
+        out[name] = {
+            clients: {
+                "images_per_s": _med([p["images_per_s"] for p in ps]),
+                "p50_ms": _med([p["p50_ms"] for p in ps]),
+                "p99_ms": _med([p["p99_ms"] for p in ps]),
+                "requests": ps[0]["requests"],
+                "rounds": len(ps),
+                "startup_s": _med([rep["startup_s"] for rep in reports]),
+            }
+            for clients, ps in sorted(by_clients.items())
+        }
+        failed = len(runs) - len(reports)
+        if failed:
+            out[name][0] = {"failed": failed, "runs": len(runs)}
+    return out
+
+
+def render_serving(b: Bench) -> list[str]:
+    """Throughput of the servers under load: one client at a time, then many."""
+    s = serving_summary(b)
+    if not s:
+        return []
+    lines = [
+        "## HTTP serving: one raw JPEG per request, small photos",
+        "",
+        "A load generator in its own process (`benchmarks/server_load.py`: asyncio + httpx, "
+        "keep-alive connections, loopback) sends every small photo once per pass as a raw "
+        "`image/jpeg` body, one client at a time and then many at once; it shares the "
+        "machine's cores with the server. images/s = answered images ÷ the pass's wall "
+        "time (server start-up not included); latency is per request, as the client sees "
+        "it. Medians over the rounds.",
+        "",
+        "| server | clients | images/s | p50 ms | p99 ms | server start-up s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in s.items():
+        what = DESCRIBE.get(name, name)
+        if 0 in rows:
+            lines.append(
+                f"| {what} ({rows[0]['failed']} of {rows[0]['runs']} runs failed) | | | | | |"
+            )
+        for clients, row in rows.items():
+            if clients == 0:
+                continue
+            lines.append(
+                f"| {what} | {clients} | {_fmt(row['images_per_s'])} | {_fmt(row['p50_ms'])} "
+                f"| {_fmt(row['p99_ms'])} | {_fmt(row['startup_s'], 2)} |"
+            )
+    ics, peer = s.get("serve", {}), s.get("litserve", {})
+    ratios = [
+        f"{c} client(s) {_fmt(_ratio(ics[c]['images_per_s'], peer[c]['images_per_s']), 2)} ×"
+        for c in ics
+        if c and c in peer
+    ]
+    if ratios:
+        lines += ["", "`ics serve` ÷ LitServe, images/s: " + "; ".join(ratios) + "."]
     return [*lines, ""]
 
 

@@ -68,6 +68,9 @@ class Runner:
     what: str = ""
     #: Timed on the large photos too by default.
     large: bool = False
+    #: A server under load (benchmarks.server_bench): reported by client count, not in the
+    #: whole-process tables.
+    serving: bool = False
 
 
 def _py(module: str, *args: str) -> list[str]:
@@ -115,6 +118,37 @@ def _http(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     )
 
 
+#: Client counts of the serving runners' passes, in order.
+SERVE_CLIENTS = "1,32"
+
+
+def _serve(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    store = f"sqlite:///{b.work / f'{tag}.db'}"
+    return _py(
+        "benchmarks.server_bench",
+        "ics",
+        b.fp32_json(),
+        str(job.folder),
+        b.out_file(tag),
+        "--clients",
+        SERVE_CLIENTS,
+        "--store",
+        store,
+    )
+
+
+def _litserve(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    return _py(
+        "benchmarks.server_bench",
+        "litserve",
+        b.fp32_json(),
+        str(job.folder),
+        b.out_file(tag),
+        "--clients",
+        SERVE_CLIENTS,
+    )
+
+
 def _bounds(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     cmd = _py(
         "benchmarks.bounds",
@@ -143,12 +177,21 @@ REGISTRY: dict[str, Runner] = {
         Runner("plain", _plain, "plain loop: PIL + onnxruntime, one image at a time", large=True),
         Runner("ray", _ray, "Ray Data: read_images + map_batches actor pool", large=True),
         Runner("http", _http, "original design: base64 + one HTTP POST per image", large=True),
+        Runner("serve", _serve, "`ics serve`: POST /v1/classify, raw JPEG body", serving=True),
+        Runner(
+            "litserve",
+            _litserve,
+            "LitServe, batching (max 8, 5 ms), ICS's decode, same ONNX file",
+            serving=True,
+        ),
         Runner("bounds", _bounds),
     )
 }
 RUNNERS = tuple(REGISTRY)
 #: Runners timed on the large photos (the others only on small ones).
 LARGE_RUNNERS = tuple(r.name for r in REGISTRY.values() if r.large)
+#: Servers under load, reported apart (report.render_serving).
+SERVING_RUNNERS = tuple(r.name for r in REGISTRY.values() if r.serving)
 #: What each runner is, for the table.
 DESCRIBE = {r.name: r.what for r in REGISTRY.values() if r.what}
 

@@ -190,3 +190,27 @@ def test_ray_data_runner_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
     )
     assert _ok_runs(doc) == {("ray", "small")}
     assert "Ray Data" in table
+
+
+@pytest.mark.slow
+def test_serving_runners_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
+    if importlib.util.find_spec("litserve") is None:
+        pytest.skip("the LitServe peer needs litserve: pip install -e '.[bench]'")
+    table, doc = _run_bench(
+        bench_env,
+        BENCH_RUNNERS="serve,litserve",
+        BENCH_N_LARGE="0",
+        BENCH_MEM_N="0",
+        BENCH_ONE_IMAGE_RUNS="0",
+        BENCH_PROFILE="0",
+    )
+    assert _ok_runs(doc) == {("serve", "small"), ("litserve", "small")}
+    runs = doc["runs"]
+    assert isinstance(runs, list)
+    passes = {
+        r["runner"]: [(p["clients"], p["ok"], p["errors"]) for p in r["report"]["passes"]]
+        for r in runs
+    }
+    assert passes == {"serve": [(1, 8, 0), (32, 8, 0)], "litserve": [(1, 8, 0), (32, 8, 0)]}
+    assert "## HTTP serving" in table
+    assert "÷ LitServe" in table

@@ -21,12 +21,9 @@ from ..store import Store
 from . import executions, sagemaker, v1, v2
 from .guards import BearerToken, BodyLimit
 from .metrics import Metrics
-from .service import Service
+from .service import RETRY_AFTER_S, Service
 
 log = logging.getLogger("ics_service.server")
-
-#: How long a client should wait before trying again when the queue is full.
-RETRY_AFTER_S = 1
 
 
 def error_response(status: int, kind: str, message: str, **headers: str) -> JSONResponse:
@@ -51,9 +48,14 @@ def create_app(
         model = runtime or _load_runtime(settings)
         service = Service(settings, model, opened_store, metrics)
         app.state.service = service
+        from .batches import Batches
+
+        batches = Batches(service)
+        app.state.batches = batches
         try:
             yield
         finally:
+            batches.close()
             service.close()
             if own_store:
                 opened_store.close()
@@ -93,10 +95,14 @@ def create_app(
         )
         return error_response(422, "InvalidRequest", problems)
 
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # The last added runs first: the body limit holds before the token check reads a body.
     token = settings.token
+    sigv4 = sagemaker.sigv4_verifier(settings)
     if token:
-        app.add_middleware(BearerToken, token=token)
+        app.add_middleware(BearerToken, token=token, sigv4=sigv4)
+    elif sigv4 is not None:
+        log.warning("SigV4 keys are set but no API token: every request is accepted unsigned")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     # Added last, so outermost: it sees every answer, the wrappers' refusals included.
     @app.middleware("http")

@@ -1,7 +1,241 @@
-"""(being written)"""
+"""Batch executions over HTTP: start one, list them, read one's results and history, cancel.
+
+The routes are plain functions (FastAPI runs them on its thread pool): each reads or
+writes the store, which blocks. Running the executions is `Batches`' work.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import base64
+import binascii
+import datetime as dt
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import UsageError
+from ..store import Store
+from ..types import Execution, ExecutionStatus, ItemStatus
+from .batches import Batches
+from .service import Service
 
 router = APIRouter()
+
+#: Results (or executions) per page at most.
+MAX_PAGE = 1000
+#: Results per chunk of a JSON Lines stream.
+STREAM_CHUNK = 500
+
+
+class BatchRequest(BaseModel):
+    """The body of `POST /v1/executions`; unset settings are the server's."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sources: list[str] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Files, folders, globs or @list files, under the server's allowed_sources.",
+    )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Execution name; a name already used returns that execution (200).",
+    )
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1, le=1000)
+    tolerated_failure_percentage: float | None = Field(None, ge=0.0, le=100.0)
+    tolerated_failure_count: int | None = Field(None, ge=0)
+
+
+def _batches(request: Request) -> Batches:
+    batches: Batches = request.app.state.batches
+    return batches
+
+
+def _store(request: Request) -> Store:
+    service: Service = request.app.state.service
+    return service.store
+
+
+def execution_doc(batches: Batches, execution: Execution) -> dict[str, Any]:
+    """The execution as `Execution.to_dict()`, and whether it waits in this server's queue."""
+    return {**execution.to_dict(), "queued": batches.queued(execution.id)}
+
+
+def _answer(batches: Batches, execution: Execution, status: int) -> JSONResponse:
+    return JSONResponse(
+        execution_doc(batches, execution),
+        status_code=status,
+        headers={"Location": f"/v1/executions/{execution.id}"},
+    )
+
+
+@router.post(
+    "/v1/executions",
+    status_code=202,
+    summary="Start a batch execution (202), or return the one with this name (200)",
+    responses={
+        200: {"description": "An execution with this name exists: that one."},
+        403: {"description": "A source is outside allowed_sources."},
+    },
+)
+def start_execution(body: BatchRequest, request: Request) -> JSONResponse:
+    batches = _batches(request)
+    update = body.model_dump(exclude_none=True, exclude={"sources", "name"})
+    settings = batches.settings.model_copy(update=update)
+    execution, created = batches.start(body.sources, settings, body.name)
+    return _answer(batches, execution, 202 if created else 200)
+
+
+@router.get("/v1/executions", summary="Executions, most recent first, a page at a time")
+def list_executions(
+    request: Request,
+    status: Annotated[
+        ExecutionStatus | None, Query(description="Only executions with this status.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    cursor: Annotated[str | None, Query(description="The `next` of the previous page.")] = None,
+) -> dict[str, Any]:
+    batches = _batches(request)
+    store = _store(request)
+    after = None if cursor is None else _decode_cursor(cursor)
+    # The store lists the most recent first; a page after the cursor is found by asking
+    # for more until it is complete.
+    window = limit + 1
+    while True:
+        rows = store.list_executions(limit=window, status=status)
+        later = [e for e in rows if after is None or _key(e) < after]
+        if len(later) > limit or len(rows) < window:
+            break
+        window *= 2
+    page = later[:limit]
+    more = len(later) > limit
+    return {
+        "executions": [execution_doc(batches, e) for e in page],
+        "next": _encode_cursor(page[-1]) if more else None,
+    }
+
+
+def _key(e: Execution) -> tuple[dt.datetime, str]:
+    return e.started_at, e.id
+
+
+def _encode_cursor(e: Execution) -> str:
+    raw = f"{e.started_at.isoformat()}|{e.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        started, _, execution_id = raw.partition("|")
+        when = dt.datetime.fromisoformat(started)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise UsageError(
+            f"cursor {cursor!r} is not one this server gave: pass the `next` of a page"
+        ) from None
+    if not execution_id or when.tzinfo is None:
+        raise UsageError(
+            f"cursor {cursor!r} is not one this server gave: pass the `next` of a page"
+        )
+    return when, execution_id
+
+
+@router.get(
+    "/v1/executions/{execution_id}",
+    summary="One execution (a unique prefix of its id is enough)",
+    responses={404: {"description": "No such execution."}},
+)
+def get_execution(execution_id: str, request: Request) -> dict[str, Any]:
+    batches = _batches(request)
+    store = _store(request)
+    execution = store.get_execution(execution_id)
+    return {**execution_doc(batches, execution), "failure_types": store.failure_types(execution.id)}
+
+
+@router.get(
+    "/v1/executions/{execution_id}/results",
+    summary="An execution's recorded results in item order: a page of JSON, or every one "
+    "as JSON Lines (format=jsonl)",
+    responses={
+        200: {
+            "content": {"application/x-ndjson": {}},
+            "description": '`{"results": [...], "next": ITEM_ID or null}`, or JSON Lines.',
+        },
+        404: {"description": "No such execution."},
+    },
+)
+def get_results(
+    execution_id: str,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    after: Annotated[
+        int, Query(ge=-1, description="The item id after which the page starts.")
+    ] = -1,
+    status: Annotated[ItemStatus | None, Query(description="Only items with this status.")] = None,
+    format: Annotated[Literal["json", "jsonl"], Query()] = "json",
+) -> Any:
+    store = _store(request)
+    execution = store.get_execution(execution_id)
+    if format == "jsonl":
+        return StreamingResponse(
+            _json_lines(store, execution.id, status, after), media_type="application/x-ndjson"
+        )
+    results = list(store.results(execution.id, status=status, after_seq=after, limit=limit + 1))
+    page = results[:limit]
+    return {
+        "results": [r.to_dict() for r in page],
+        "next": page[-1].item_id if len(results) > limit else None,
+    }
+
+
+def _json_lines(
+    store: Store, execution_id: str, status: ItemStatus | None, after: int
+) -> Iterator[str]:
+    """Every result as a JSON line, in chunks: Starlette pulls each chunk on a thread, and
+    the store reads a page at a time, so memory stays flat however many there are."""
+    lines: list[str] = []
+    for result in store.results(execution_id, status=status, after_seq=after):
+        lines.append(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
+        if len(lines) >= STREAM_CHUNK:
+            yield "".join(lines)
+            lines = []
+    if lines:
+        yield "".join(lines)
+
+
+@router.get(
+    "/v1/executions/{execution_id}/history",
+    summary="An execution's event history, oldest first",
+    responses={404: {"description": "No such execution."}},
+)
+def get_history(execution_id: str, request: Request) -> dict[str, Any]:
+    store = _store(request)
+    execution = store.get_execution(execution_id)
+    return {"events": [ev.to_dict() for ev in store.history(execution.id)]}
+
+
+@router.post(
+    "/v1/executions/{execution_id}/cancel",
+    summary="Stop an execution: 200 once it has ended (ABORTED), 202 while it still stops",
+    responses={
+        202: {"description": "Cancel requested; the execution is still stopping."},
+        404: {"description": "No such execution."},
+    },
+)
+def cancel(
+    execution_id: str,
+    request: Request,
+    wait: Annotated[
+        float, Query(ge=0.0, le=60.0, description="Seconds to wait for it to stop.")
+    ] = 10.0,
+) -> JSONResponse:
+    batches = _batches(request)
+    execution = batches.cancel(execution_id, wait)
+    return _answer(batches, execution, 202 if execution.status is ExecutionStatus.RUNNING else 200)

@@ -24,8 +24,15 @@ SigV4Verifier = Callable[[Scope, bytes], bool]
 OPEN_PATHS = frozenset({"/ping", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
-async def send_error(send: Send, status: int, kind: str, message: str, **headers: str) -> None:
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+async def send_error(
+    scope: Scope, send: Send, status: int, kind: str, message: str, **headers: str
+) -> None:
+    # The Open Inference Protocol's errors are {"error": "message"} (tritonclient reads a
+    # string); everywhere else ICS's {"error": {"type", "message"}}.
+    error: object = (
+        message if scope["path"].startswith("/v2") else {"type": kind, "message": message}
+    )
+    body = json.dumps({"error": error}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -70,16 +77,17 @@ class BearerToken:
             if hmac.compare_digest(credentials.strip().encode(), self.token):
                 await self.app(scope, receive, send)
                 return
-            await send_error(send, 403, "Forbidden", "the API token is wrong")
+            await send_error(scope, send, 403, "Forbidden", "the API token is wrong")
             return
         if scheme == "AWS4-HMAC-SHA256" and self.sigv4 is not None:
             body = await _read_body(receive)
             if self.sigv4(scope, body):
                 await self.app(scope, _replay(body), send)
                 return
-            await send_error(send, 403, "Forbidden", "the AWS SigV4 signature is not valid")
+            await send_error(scope, send, 403, "Forbidden", "the AWS SigV4 signature is not valid")
             return
         await send_error(
+            scope,
             send,
             401,
             "Unauthorized",
@@ -101,7 +109,7 @@ class BodyLimit:
             return
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         seen = 0
         started = False
@@ -124,10 +132,11 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(scope, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send) -> None:
         await send_error(
+            scope,
             send,
             413,
             "RequestTooLarge",

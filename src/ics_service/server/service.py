@@ -43,6 +43,8 @@ T = TypeVar("T")
 
 #: Real-time results of one UTC day are the items of the execution with this name.
 REALTIME_PREFIX = "realtime-"
+#: How long a client should wait before trying again when the queue is full.
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,13 @@ class Service:
 
     async def classify(self, data: bytes, uri: str, options: Options) -> ItemResult:
         """Decode, classify, decide and record one image; a bad image raises its ItemError."""
+        result, _ = await self.classify_with_probabilities(data, uri, options)
+        return result
+
+    async def classify_with_probabilities(
+        self, data: bytes, uri: str, options: Options
+    ) -> tuple[ItemResult, np.ndarray]:
+        """`classify`, with the class probabilities (C,) the decision was made from."""
         started = utcnow()
         t0 = time.perf_counter()
         tensor, image = await self.decode(data)
@@ -138,7 +147,7 @@ class Service:
             },
         )
         await self.record(result)
-        return result
+        return result, probs
 
     async def record_failure(
         self, uri: str, error: ErrorInfo, options: Options, started: dt.datetime

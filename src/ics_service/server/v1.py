@@ -7,6 +7,8 @@ import base64
 import binascii
 import json
 import os
+import posixpath
+import urllib.parse
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -43,8 +45,10 @@ _RESULT_SCHEMA = {"type": "object", "description": "A result record (see the REA
         "requestBody": {
             "required": True,
             "content": {
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                **{
+                    kind: {"schema": {"type": "string", "format": "binary"}}
+                    for kind in ("image/*", "application/x-image", "application/octet-stream")
+                },
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
@@ -116,19 +120,19 @@ async def _classify_one(
 
 
 async def _classify_parts(request: Request, service: Service, options: Options) -> Any:
-    form = await request.form()
-    parts = form.getlist("file")
-    if not parts:
-        raise UsageError("a multipart request needs one or more `file` parts")
-    results = []
-    for part in parts:
-        if isinstance(part, str):
-            raise UsageError("each `file` part must be a file, not a text field")
-        data = await part.read()
-        uri = part.filename or "request"
-        result = await _classify_one(service, data, uri, options, raise_errors=False)
-        results.append(result.to_dict())
-    return results
+    async with request.form() as form:  # closes the uploads' spooled files
+        parts = form.getlist("file")
+        if not parts:
+            raise UsageError("a multipart request needs one or more `file` parts")
+        results = []
+        for part in parts:
+            if isinstance(part, str):
+                raise UsageError("each `file` part must be a file, not a text field")
+            data = await part.read()
+            uri = part.filename or "request"
+            result = await _classify_one(service, data, uri, options, raise_errors=False)
+            results.append(result.to_dict())
+        return results
 
 
 async def _json(request: Request) -> dict[str, Any]:
@@ -185,20 +189,34 @@ def allowed_uri(uri: str, allowed: list[str]) -> None:
     """Refuse (403) a uri outside every allowed source prefix: paths are compared after
     resolving `..` and symlinks, so neither can escape a root."""
     if sources.scheme_of(uri) != "file":
-        if any(uri.startswith(prefix) for prefix in allowed if "://" in prefix):
+        if any(_url_under(uri, prefix) for prefix in allowed if _remote(prefix)):
             return
         raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
     path = os.path.realpath(sources.uri_to_path(uri))
     for prefix in allowed:
-        if "://" in prefix and not prefix.startswith("file://"):
-            continue
-        root = os.path.realpath(sources.uri_to_path(prefix))
-        if path == root or path.startswith(root.rstrip("/") + "/"):
+        if not _remote(prefix) and _under(path, os.path.realpath(sources.uri_to_path(prefix))):
             return
     raise Forbidden(
         f"uri {uri!r} is not under any allowed_sources prefix"
         + ("" if allowed else " (none is configured: set allowed_sources)")
     )
+
+
+def _remote(prefix: str) -> bool:
+    return sources.scheme_of(prefix) != "file"
+
+
+def _under(path: str, root: str) -> bool:
+    """Whether the normalised path is root or inside it (a path boundary, not a text prefix)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _url_under(uri: str, prefix: str) -> bool:
+    """Same scheme and host, and a normalised path under the prefix's (no `..` escape)."""
+    u, p = urllib.parse.urlsplit(uri), urllib.parse.urlsplit(prefix)
+    if (u.scheme.lower(), u.netloc.lower()) != (p.scheme.lower(), p.netloc.lower()):
+        return False
+    return _under(posixpath.normpath("/" + u.path), posixpath.normpath("/" + p.path))
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -1,0 +1,398 @@
+"""Batch executions inside `ics serve`: started by `POST /v1/executions`, run a few at a
+time (`max_running_executions`) in the order they came, each on a worker thread with a stop
+event of its own.
+
+A POST only creates the execution (RUNNING, nothing listed yet) and queues it, so it is
+answered at once whatever the size of its sources; the worker that takes it lists and
+registers its items, then runs it. Every item URI is checked against `allowed_sources` as it
+is listed, so neither a list file nor a symlink in a folder reaches outside. While an
+execution waits or is being listed, this module says the server is alive for it (the
+runner does once it runs), and a cancel request reaches it.
+
+At start-up, executions whose process died (orphans) are queued for resume; at shutdown
+the queued ones end ABORTED and the running ones are stopped and end ABORTED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .. import sources
+from ..config import Settings
+from ..engine.execution import ExecutionRunner, execution_params, settings_for
+from ..engine.lifecycle import HEARTBEAT_SECONDS, cancel_execution, is_orphaned, record_end
+from ..engine.recording import ResultSink
+from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
+from ..sources.local import split_glob
+from ..types import ErrorInfo, Execution, ExecutionStatus
+from .service import REALTIME_PREFIX, Service
+from .v1 import Forbidden, allowed_uri
+
+log = logging.getLogger(__name__)
+
+#: How long shutdown waits for running executions to stop before it lets them go.
+SHUTDOWN_WAIT_S = 30.0
+#: Most orphans looked at when the server starts.
+ORPHANS_SCANNED = 10_000
+
+
+class ShuttingDown(EnvironmentUnavailable):
+    """The server is stopping: it starts no new execution."""
+
+
+class Phase(StrEnum):
+    QUEUED = "QUEUED"
+    LISTING = "LISTING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+
+
+@dataclass(eq=False)
+class Job:
+    """One execution this server holds: waiting, being listed, or running."""
+
+    execution_id: str
+    settings: Settings
+    #: The sources to list (a new execution), or None: resume the execution as it is.
+    sources: list[str] | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    phase: Phase = Phase.QUEUED
+    #: Whether this server has claimed the execution (an orphan is claimed when it runs).
+    owned: bool = True
+    cancelled: bool = False
+
+
+class Batches:
+    """The batch queue of one server."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.store = service.store
+        self.settings = service.settings
+        self.owner = service.runner.owner
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._queue: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}
+        self._closing = False
+        self._beat_done = threading.Event()
+        self._workers = [
+            threading.Thread(target=self._work, name=f"ics-batch-{i}", daemon=True)
+            for i in range(self.settings.max_running_executions)
+        ]
+        self._heart = threading.Thread(target=self._heartbeat, name="ics-batch-beat", daemon=True)
+        if self.settings.resume_orphans:
+            self._queue_orphans()
+        for t in (*self._workers, self._heart):
+            t.start()
+
+    # --- what the routes call ---------------------------------------------------------
+
+    def start(
+        self, source_specs: Sequence[str], settings: Settings, name: str | None
+    ) -> tuple[Execution, bool]:
+        """Create and queue an execution; with a name already used, return that one."""
+        if name is not None and (existing := self.store.find_by_name(name)) is not None:
+            return existing, False
+        if self._closing:
+            raise ShuttingDown("the server is shutting down: it starts no new execution")
+        for spec in source_specs:
+            check_source(spec, self.settings.allowed_sources)
+        runner = self._runner(settings)
+        execution, created = self.store.create_execution(
+            params=execution_params(settings, source_specs),
+            model=runner.model_ref,
+            threshold=settings.threshold,
+            name=name,
+        )
+        if not created:
+            return execution, False
+        with runner.ending_on_error(execution.id):
+            self.store.claim(execution.id, self.owner)
+            self.store.append_events(
+                execution.id, [("ExecutionStarted", None, {"params": execution.params})]
+            )
+        job = Job(execution.id, settings, list(source_specs))
+        if not self._put(job):
+            self._abort(job, "the server stopped before it ran")
+            raise ShuttingDown("the server is shutting down: it starts no new execution")
+        log.info("execution %s queued", execution.id, extra={"execution_id": execution.id})
+        return self.store.get_execution(execution.id), True
+
+    def queued(self, execution_id: str) -> bool:
+        """Whether the execution waits in this server's queue for a worker."""
+        job = self._jobs.get(execution_id)
+        return job is not None and job.phase is Phase.QUEUED
+
+    def cancel(self, execution_id: str, wait_s: float) -> Execution:
+        """Stop an execution: at once when it waits here; otherwise as `ics executions
+        cancel` does (its runner, here or in another process, sees the request)."""
+        execution = self.store.get_execution(execution_id)
+        job = self._jobs.get(execution.id)
+        if job is not None and self._drop(job, "cancelled by request while queued"):
+            return self.store.get_execution(execution.id)
+        return cancel_execution(self.store, execution.id, wait_s=wait_s)
+
+    def close(self) -> None:
+        """Abort what waits, stop what runs and wait for it (bounded): nothing stays RUNNING."""
+        with self._lock:
+            self._closing = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            running = [j for j in self._jobs.values() if j.phase is not Phase.QUEUED]
+            self._ready.notify_all()
+        for job in waiting:
+            if job.owned:
+                self._abort(job, "the server stopped before it ran")
+            else:  # an orphan not taken yet stays one, for the next server
+                self._forget(job)
+        for job in running:
+            job.stop.set()
+        deadline = time.monotonic() + SHUTDOWN_WAIT_S
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.warning("a batch execution did not stop within %g s", SHUTDOWN_WAIT_S)
+        self._beat_done.set()
+        self._heart.join()
+
+    # --- the queue --------------------------------------------------------------------
+
+    def _put(self, job: Job) -> bool:
+        with self._lock:
+            if self._closing:
+                return False
+            self._jobs[job.execution_id] = job
+            self._queue.append(job)
+            self._ready.notify()
+        return True
+
+    def _take(self) -> Job | None:
+        with self._lock:
+            while not self._queue and not self._closing:
+                self._ready.wait()
+            if self._closing:
+                return None
+            job = self._queue.popleft()
+            job.phase = Phase.LISTING
+            return job
+
+    def _drop(self, job: Job, why: str) -> bool:
+        """End a job still waiting ABORTED; False when a worker has it already."""
+        with self._lock:
+            if job.phase is not Phase.QUEUED or job not in self._queue:
+                return False
+            self._queue.remove(job)
+        if job.owned:
+            self._abort(job, why)
+        else:
+            record_end(
+                self.store,
+                job.execution_id,
+                ExecutionStatus.ABORTED,
+                ErrorInfo("States.Aborted", f"{why}; it was waiting to be resumed"),
+            )
+            self._forget(job)
+        return True
+
+    def _abort(self, job: Job, why: str) -> None:
+        try:
+            counts = self.store.counts(job.execution_id)
+            left = f"; {counts.total - counts.done} items left" if counts.total else ""
+            record_end(
+                self.store,
+                job.execution_id,
+                ExecutionStatus.ABORTED,
+                ErrorInfo("States.Aborted", why + left),
+            )
+        except IcsError as e:
+            log.error("could not record execution %s ABORTED: %s", job.execution_id, e)
+        self._forget(job)
+
+    def _forget(self, job: Job) -> None:
+        job.phase = Phase.DONE
+        with self._lock:
+            self._jobs.pop(job.execution_id, None)
+        job.done.set()
+
+    def _queue_orphans(self) -> None:
+        """Queue the executions whose process died, to resume them with their own settings."""
+        try:
+            running = self.store.list_executions(
+                limit=ORPHANS_SCANNED, status=ExecutionStatus.RUNNING
+            )
+        except IcsError as e:
+            log.error("could not look for executions to resume: %s", e)
+            return
+        # Oldest first: they have waited longest.
+        for execution in reversed(running):
+            if (execution.name or "").startswith(REALTIME_PREFIX) or not is_orphaned(execution):
+                continue
+            if execution.params.get("realtime"):
+                continue
+            log.warning(
+                "execution %s was left running by %s: resuming it",
+                execution.id,
+                execution.owner,
+                extra={"execution_id": execution.id},
+            )
+            job = Job(execution.id, settings_for(execution, self.settings), None, owned=False)
+            self._put(job)
+
+    # --- the workers ------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._take()) is not None:
+            try:
+                self._run(job)
+            except (Exception, Interrupted) as e:
+                # Recorded on the execution already (ending_on_error), unless a resume
+                # was refused before it claimed the execution.
+                log.warning("execution %s: %s", job.execution_id, e)
+            finally:
+                self._forget(job)
+
+    def _runner(self, settings: Settings) -> ExecutionRunner:
+        return ExecutionRunner(settings, self.store, self.service.runtime)
+
+    def _run(self, job: Job) -> None:
+        runner = self._runner(job.settings)
+        sinks: list[ResultSink] = []
+        if job.sources is None:
+            execution = self.store.get_execution(job.execution_id)
+            if not is_orphaned(execution):
+                log.warning("execution %s is no longer orphaned: not resumed", execution.id)
+                return
+            output = results_path(job.settings, execution)
+
+            def claimed() -> threading.Event:
+                job.owned = True
+                return job.stop
+
+            execution = runner.prepare_resume(execution.id, cooperate=claimed)
+            if output is not None:
+                with runner.ending_on_error(execution.id):
+                    sinks = [rebuilt(runner, execution, *output)]
+        else:
+            with runner.ending_on_error(job.execution_id):
+                total = self.store.add_items(job.execution_id, self._listed(job))
+                if total == 0:
+                    raise UsageError(f"no images found in {' '.join(job.sources)}")
+                self.store.mark_listed(job.execution_id)
+            execution = self.store.get_execution(job.execution_id)
+        job.phase = Phase.RUNNING
+        runner.run(execution, sinks=sinks, stop=job.stop)
+
+    def _listed(self, job: Job) -> Iterator[str]:
+        """The job's item URIs, each checked against allowed_sources, until it is stopped."""
+        assert job.sources is not None
+        log.info("listing %s", " ".join(job.sources))
+        allowed = self.settings.allowed_sources
+        for n, uri in enumerate(sources.expand(job.sources)):
+            if job.stop.is_set():
+                break
+            try:
+                allowed_uri(uri, allowed)
+            except Forbidden:
+                # The path goes to the log only: a list file named in a list file may be
+                # outside, and its lines must not reach the client.
+                log.warning(
+                    "execution %s: item %d is %s, outside allowed_sources",
+                    job.execution_id,
+                    n,
+                    uri,
+                    extra={"execution_id": job.execution_id},
+                )
+                raise Forbidden(
+                    f"item {n} listed from {' '.join(job.sources)} is not under any "
+                    "allowed_sources prefix (a symlink or a list file leads outside; the "
+                    "server log names it)"
+                ) from None
+            yield uri
+        if job.stop.is_set():
+            why = "cancelled by request" if job.cancelled else "stopped with the server"
+            raise Interrupted(f"{why} while listing the sources")
+
+    def _heartbeat(self) -> None:
+        """Keep the executions that wait or are being listed alive; pass on cancel requests."""
+        while not self._beat_done.wait(HEARTBEAT_SECONDS):
+            with self._lock:
+                jobs = [
+                    j
+                    for j in self._jobs.values()
+                    if j.owned and j.phase in (Phase.QUEUED, Phase.LISTING)
+                ]
+            for job in jobs:
+                try:
+                    requested = self.store.heartbeat(job.execution_id)
+                except IcsError as e:
+                    log.warning("heartbeat of %s failed: %s", job.execution_id, e)
+                    continue
+                if requested and not job.cancelled:
+                    job.cancelled = True
+                    if not self._drop(job, "cancelled by request while queued"):
+                        job.stop.set()
+
+
+def check_source(spec: str, allowed: list[str]) -> None:
+    """Refuse (403) a SOURCE outside allowed_sources: a path or URI, a glob's literal
+    folder, a list file. What a folder, glob or list names is checked as it is listed."""
+    if "\x00" in spec:
+        raise UsageError(f"source {spec!r} holds a NUL character: no path or URI does")
+    if spec.startswith("@"):
+        allowed_uri(spec[1:], allowed)
+        return
+    sources.source_for(spec)  # an unknown scheme is a 400 now, not a failed execution
+    if sources.scheme_of(spec) != "file":
+        allowed_uri(spec, allowed)
+        return
+    path = os.path.expanduser(sources.uri_to_path(spec))
+    if not os.path.lexists(path) and set("*?[") & set(path):
+        path = split_glob(path)[0]
+    allowed_uri(path, allowed)
+
+
+def results_path(settings: Settings, execution: Execution) -> tuple[str, str | None] | None:
+    """The results file (path, format) of an execution started by `ics classify`, checked
+    as `ics executions resume` checks it; None for one started over HTTP or to stdout."""
+    from ..outputs import check_output
+
+    params = execution.params
+    if "output" not in params or params["output"] == "-":
+        return None
+    output, fmt = params.get("output"), params.get("output_format")
+    path = str(output) if output else str(settings.results_dir / f"{execution.id}.jsonl")
+    check_output(path, fmt, settings.results_dir)
+    return path, fmt
+
+
+def rebuilt(
+    runner: ExecutionRunner, execution: Execution, path: str, fmt: str | None
+) -> ResultSink:
+    """The results file rebuilt from the store (a crash may have cut it), for the run to
+    complete."""
+    from ..outputs import ResultsWriter
+
+    writer = ResultsWriter(path, fmt)
+    try:
+        batch = []
+        for result in runner.store.results(execution.id):
+            batch.append(result)
+            if len(batch) >= 1000:
+                writer.write(batch)
+                batch = []
+        writer.write(batch)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    return writer

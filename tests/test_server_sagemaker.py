@@ -1,0 +1,500 @@
+"""The SageMaker protocol: `/ping`, `/invocations` and `/endpoints/{name}/invocations`, in
+process and end to end with boto3's real `sagemaker-runtime` client, SigV4 included."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import httpx
+import numpy as np
+import pytest
+from botocore.auth import SIGV4_TIMESTAMP, SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from botocore.exceptions import ClientError
+from PIL import Image
+
+from ics_service.config import Settings
+from ics_service.errors import ConfigError
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.samples import load_photo
+from ics_service.server.app import create_app
+from ics_service.server.service import REALTIME_PREFIX
+from ics_service.server.sigv4 import Verifier, verifier_of
+from ics_service.store import Store
+from ics_service.types import ItemResult, ItemStatus
+from serving import client_of, error_of, serve_process
+
+T = TypeVar("T")
+
+ESPRESSO = 967
+TOKEN = "test-token-0123456789"
+KEY_ID = "AKIAICSTESTKEY000001"
+SECRET = "ics/test/secret/0123456789abcdefghijklmn"
+ENDPOINT = "/endpoints/ics/invocations"
+
+
+def encoded(name: str = "coffee", fmt: str = "JPEG", **options: Any) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(load_photo(name)).save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def coffee_jpeg() -> bytes:
+    return encoded(quality=95)
+
+
+def check_probabilities(probs: Any) -> np.ndarray:
+    """The answer is the whole softmax of the coffee photo: espresso comes first."""
+    assert isinstance(probs, list)
+    assert len(probs) == 1000
+    assert all(isinstance(p, float) for p in probs)
+    arr = np.asarray(probs)
+    assert abs(arr.sum() - 1.0) < 1e-3
+    assert arr.min() >= 0.0
+    assert int(arr.argmax()) == ESPRESSO
+    return arr
+
+
+def in_process(
+    settings: Settings, runtime: OnnxRuntime, body: Callable[[httpx.AsyncClient], Awaitable[T]]
+) -> T:
+    """body(client) against the app in process, its lifespan running."""
+
+    async def go() -> T:
+        async with client_of(create_app(settings, runtime=runtime)) as client:
+            return await body(client)
+
+    return asyncio.run(go())
+
+
+def realtime_results(settings: Settings) -> list[ItemResult]:
+    """The real-time results recorded in the settings' store (of every day: a test may
+    run over midnight), oldest first."""
+    store = Store(settings.store_url)
+    try:
+        days = [
+            e
+            for e in store.list_executions()
+            if e.name is not None and e.name.startswith(REALTIME_PREFIX)
+        ]
+        assert days, "no real-time execution was recorded"
+        days.sort(key=lambda e: e.name or "")
+        return [r for e in days for r in store.results(e.id)]
+    finally:
+        store.close()
+
+
+def sigv4_headers(
+    url: str,
+    body: bytes,
+    *,
+    key_id: str = KEY_ID,
+    secret: str = SECRET,
+    service: str = "sagemaker",
+    region: str = "us-east-1",
+    at: dt.datetime | None = None,
+) -> dict[str, str]:
+    """The headers botocore's own SigV4 signer gives a POST of body to url at a given time."""
+    request = AWSRequest(
+        method="POST", url=url, data=body, headers={"Content-Type": "application/x-image"}
+    )
+    timestamp = (at or dt.datetime.now(dt.UTC)).strftime(SIGV4_TIMESTAMP)
+    request.context["timestamp"] = timestamp
+    request.headers["X-Amz-Date"] = timestamp
+    auth = SigV4Auth(Credentials(key_id, secret), service, region)
+    signature = auth.signature(
+        auth.string_to_sign(request, auth.canonical_request(request)), request
+    )
+    signed = auth.signed_headers(auth.headers_to_sign(request))
+    return {
+        "Content-Type": "application/x-image",
+        "X-Amz-Date": timestamp,
+        "Authorization": f"AWS4-HMAC-SHA256 Credential={auth.scope(request)}, "
+        f"SignedHeaders={signed}, Signature={signature}",
+    }
+
+
+# --- in process -------------------------------------------------------------------------
+
+
+def test_ping_and_invocations_whatever_the_image_content_type(
+    ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes
+) -> None:
+    settings = Settings(home=ics_home)
+    png = encoded(fmt="PNG")
+    cases = [
+        ("/invocations", "image/jpeg", coffee_jpeg),
+        ("/invocations", "application/x-image", coffee_jpeg),
+        ("/invocations", "application/octet-stream", coffee_jpeg),
+        ("/invocations", None, coffee_jpeg),
+        ("/invocations", "image/png", png),
+        # The label is the client's claim; the decoder goes by the bytes.
+        ("/invocations", "image/jpeg", png),
+        (ENDPOINT, "application/x-image", coffee_jpeg),
+        ("/endpoints/another-name/invocations", "image/png", png),
+    ]
+
+    async def body(client: httpx.AsyncClient) -> None:
+        ping = await client.get("/ping")
+        assert ping.status_code == 200
+        assert ping.json() == {"status": "ready", "model": "efficientnet-lite0"}
+        paths = (await client.get("/openapi.json")).json()["paths"]
+        assert {"/ping", "/invocations", "/endpoints/{name}/invocations"} <= set(paths)
+        answers = {}
+        for path, kind, data in cases:
+            headers = {} if kind is None else {"Content-Type": kind}
+            r = await client.post(path, content=data, headers=headers)
+            assert r.status_code == 200, (path, kind, r.text)
+            assert r.headers["content-type"] == "application/json"
+            answers[(path, kind, data is png)] = check_probabilities(r.json())
+        # The same bytes give the same probabilities, whatever they were called.
+        jpeg = answers[("/invocations", "image/jpeg", False)]
+        np.testing.assert_allclose(
+            answers[(ENDPOINT, "application/x-image", False)], jpeg, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            answers[("/invocations", "image/jpeg", True)],
+            answers[("/invocations", "image/png", True)],
+            atol=1e-5,
+        )
+
+    in_process(settings, runtime, body)
+
+    # Real-time SageMaker calls are classified and recorded, like /v1/classify results.
+    results = realtime_results(settings)
+    assert len(results) == len(cases)
+    assert sorted(r.uri for r in results) == sorted(path for path, _, _ in cases)
+    for r in results:
+        assert r.status in (ItemStatus.SUCCEEDED, ItemStatus.LOW_CONFIDENCE)
+        assert r.label_index == ESPRESSO
+        assert r.image is not None
+        assert r.image.format in ("JPEG", "PNG")
+
+
+def test_a_bad_image_is_a_4xx_error_and_recorded_failed(
+    ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes
+) -> None:
+    settings = Settings(home=ics_home)
+    bad = {
+        "garbage": b"this is not an image at all",
+        "empty": b"",
+        "truncated": coffee_jpeg[:200],
+    }
+
+    async def body(client: httpx.AsyncClient) -> dict[str, tuple[int, dict[str, Any]]]:
+        out = {}
+        for name, data in bad.items():
+            r = await client.post(
+                ENDPOINT, content=data, headers={"Content-Type": "application/x-image"}
+            )
+            out[name] = (r.status_code, error_of(r))
+        # The server still answers a good image afterwards.
+        r = await client.post("/invocations", content=coffee_jpeg)
+        check_probabilities(r.json())
+        return out
+
+    errors = in_process(settings, runtime, body)
+    for name, (status, error) in errors.items():
+        assert 400 <= status < 500, (name, status, error)
+        assert error["type"] in ("InvalidImage", "UnsupportedFormat"), (name, error)
+        assert error["message"]
+    failed = [r for r in realtime_results(settings) if r.status is ItemStatus.FAILED]
+    assert len(failed) == len(bad)
+    assert all(r.uri == ENDPOINT and r.error is not None for r in failed)
+
+
+@pytest.mark.parametrize(
+    ("accept", "status"),
+    [
+        ("application/json", 200),
+        ("*/*", 200),
+        ("application/*", 200),
+        ("text/html, application/json;q=0.5", 200),
+        ("Application/JSON; charset=utf-8", 200),
+        ("text/csv", 406),
+        ("application/json;q=0, text/csv", 406),
+        ("application/x-npy", 406),
+    ],
+)
+def test_accept(
+    ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes, accept: str, status: int
+) -> None:
+    async def body(client: httpx.AsyncClient) -> httpx.Response:
+        return await client.post("/invocations", content=coffee_jpeg, headers={"Accept": accept})
+
+    r = in_process(Settings(home=ics_home), runtime, body)
+    assert r.status_code == status, r.text
+    if status == 200:
+        check_probabilities(r.json())
+    else:
+        error = error_of(r)
+        assert error["type"] == "NotAcceptable"
+        assert "application/json" in error["message"]
+
+
+def test_sigv4_in_process(ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes) -> None:
+    settings = Settings(
+        home=ics_home,
+        api_token=TOKEN,
+        sigv4_access_key_id=KEY_ID,
+        sigv4_secret_access_key=SECRET,
+    )
+    url = f"http://ics.test{ENDPOINT}"
+    stale = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=16)
+    cases: list[tuple[str, str, bytes, dict[str, str], int]] = [
+        ("signed", ENDPOINT, coffee_jpeg, sigv4_headers(url, coffee_jpeg), 200),
+        (
+            "signed, query",
+            f"{ENDPOINT}?b=x%20y&a=1",
+            coffee_jpeg,
+            sigv4_headers(f"{url}?b=x%20y&a=1", coffee_jpeg),
+            200,
+        ),
+        (
+            "signed, container path",
+            "/invocations",
+            coffee_jpeg,
+            sigv4_headers("http://ics.test/invocations", coffee_jpeg),
+            200,
+        ),
+        ("bearer", ENDPOINT, coffee_jpeg, {"Authorization": f"Bearer {TOKEN}"}, 200),
+        ("none", ENDPOINT, coffee_jpeg, {}, 401),
+        ("wrong secret", ENDPOINT, coffee_jpeg, sigv4_headers(url, coffee_jpeg, secret="x"), 403),
+        (
+            "unknown key",
+            ENDPOINT,
+            coffee_jpeg,
+            sigv4_headers(url, coffee_jpeg, key_id="AKIAUNKNOWN000000000"),
+            403,
+        ),
+        ("service s3", ENDPOINT, coffee_jpeg, sigv4_headers(url, coffee_jpeg, service="s3"), 403),
+        ("stale", ENDPOINT, coffee_jpeg, sigv4_headers(url, coffee_jpeg, at=stale), 403),
+        ("ahead", ENDPOINT, coffee_jpeg, sigv4_headers(url, coffee_jpeg, at=ahead), 403),
+        ("other body", ENDPOINT, coffee_jpeg[:-1], sigv4_headers(url, coffee_jpeg), 403),
+        (
+            "other endpoint",
+            "/endpoints/other/invocations",
+            coffee_jpeg,
+            sigv4_headers(url, coffee_jpeg),
+            403,
+        ),
+        (
+            "other query",
+            f"{ENDPOINT}?a=2",
+            coffee_jpeg,
+            sigv4_headers(f"{url}?a=1", coffee_jpeg),
+            403,
+        ),
+        (
+            # A valid signature authorises the SageMaker paths only.
+            "signed, v1 path",
+            "/v1/classify",
+            coffee_jpeg,
+            sigv4_headers("http://ics.test/v1/classify", coffee_jpeg),
+            403,
+        ),
+    ]
+
+    async def body(client: httpx.AsyncClient) -> list[tuple[str, int, httpx.Response]]:
+        out = []
+        for name, path, data, headers, status in cases:
+            out.append((name, status, await client.post(path, content=data, headers=headers)))
+        out.append(("ping", 200, await client.get("/ping")))
+        return out
+
+    for name, status, r in in_process(settings, runtime, body):
+        assert r.status_code == status, (name, r.text)
+        if name == "ping":
+            continue
+        if status == 200:
+            check_probabilities(r.json())
+        else:
+            assert error_of(r)["type"] == ("Forbidden" if status == 403 else "Unauthorized")
+
+
+def test_the_body_limit_holds_before_a_signature_is_checked(
+    ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    # Checking a signature reads the body: the limit must stop an unsigned flood first.
+    settings = Settings(
+        home=ics_home,
+        api_token=TOKEN,
+        sigv4_access_key_id=KEY_ID,
+        sigv4_secret_access_key=SECRET,
+        max_body_bytes=1_000_000,
+    )
+    flood = b"\0" * 30_000_000
+    auth = {"Authorization": "AWS4-HMAC-SHA256 Credential=x, SignedHeaders=host, Signature=0"}
+
+    async def post(client: httpx.AsyncClient) -> list[httpx.Response]:
+        async def chunks() -> AsyncIterator[bytes]:
+            for i in range(0, len(flood), 1 << 20):
+                yield flood[i : i + (1 << 20)]
+
+        sized = await client.post(ENDPOINT, content=flood, headers=auth)
+        streamed = await client.post(ENDPOINT, content=chunks(), headers=auth)
+        return [sized, streamed]
+
+    for response in in_process(settings, runtime, post):
+        assert response.status_code == 413, response.text
+        assert error_of(response)["type"] == "RequestTooLarge"
+
+
+def clock_at(moment: dt.datetime) -> Callable[[], dt.datetime]:
+    return lambda: moment
+
+
+def test_sigv4_verifier_scope_region_and_clock(coffee_jpeg: bytes) -> None:
+    url = f"http://ics.test{ENDPOINT}"
+    now = dt.datetime.now(dt.UTC)
+
+    def scope_of(headers: dict[str, str], path: str = ENDPOINT) -> dict[str, Any]:
+        raw = [(b"host", b"ics.test")]
+        raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        return {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "headers": raw,
+        }
+
+    signed = scope_of(sigv4_headers(url, coffee_jpeg, region="eu-west-1", at=now))
+    assert Verifier(KEY_ID, SECRET)(signed, coffee_jpeg)
+    assert Verifier(KEY_ID, SECRET, region="eu-west-1")(signed, coffee_jpeg)
+    assert not Verifier(KEY_ID, SECRET, region="us-east-1")(signed, coffee_jpeg)
+    # 15 minutes of skew either way are allowed, not more.
+    for minutes, valid in ((14, True), (-14, True), (16, False), (-16, False)):
+        verifier = Verifier(KEY_ID, SECRET, clock=clock_at(now + dt.timedelta(minutes=minutes)))
+        assert verifier(signed, coffee_jpeg) is valid, minutes
+    # GET, a claimed payload hash that is not the body's, and an Authorization header that
+    # is not SigV4 are all refused.
+    assert not Verifier(KEY_ID, SECRET)({**signed, "method": "GET"}, coffee_jpeg)
+    unsigned = scope_of(
+        {**sigv4_headers(url, coffee_jpeg, at=now), "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"}
+    )
+    assert not Verifier(KEY_ID, SECRET)(unsigned, coffee_jpeg)
+    assert not Verifier(KEY_ID, SECRET)(scope_of({"Authorization": "Bearer x"}), coffee_jpeg)
+
+
+def test_sigv4_settings(tmp_path: Path) -> None:
+    assert verifier_of(Settings(home=tmp_path)) is None
+    verifier = verifier_of(
+        Settings(home=tmp_path, sigv4_access_key_id=KEY_ID, sigv4_secret_access_key=SECRET)
+    )
+    assert verifier is not None
+    assert SECRET not in repr(verifier)
+    with pytest.raises(ConfigError, match="sigv4_secret_access_key"):
+        verifier_of(Settings(home=tmp_path, sigv4_access_key_id=KEY_ID))
+
+
+# --- end to end: boto3 against a real `ics serve` ---------------------------------------
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """boto3 reads AWS_* variables and ~/.aws: nothing of the machine's may leak in."""
+    for var in list(os.environ):
+        if var.startswith("AWS_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    yield
+
+
+def sagemaker_runtime(url: str, key_id: str = KEY_ID, secret: str = SECRET) -> Any:
+    return boto3.client(
+        "sagemaker-runtime",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        # One attempt: a refusal must show as it is, not after retries.
+        config=botocore.config.Config(retries={"total_max_attempts": 1}),
+    )
+
+
+def invoke(client: Any, body: bytes, **extra: str) -> Any:
+    response = client.invoke_endpoint(
+        EndpointName="ics", ContentType="application/x-image", Body=body, **extra
+    )
+    assert response["ContentType"] == "application/json"
+    return json.loads(response["Body"].read())
+
+
+def status_of(error: ClientError) -> int:
+    status: int = error.response["ResponseMetadata"]["HTTPStatusCode"]
+    return status
+
+
+@pytest.mark.slow
+def test_boto3_invoke_endpoint_with_token_and_sigv4(
+    ics_home: Path, aws_env: None, coffee_jpeg: bytes
+) -> None:
+    env = {
+        **os.environ,
+        "ICS_API_TOKEN": TOKEN,
+        "ICS_SIGV4_ACCESS_KEY_ID": KEY_ID,
+        "ICS_SIGV4_SECRET_ACCESS_KEY": SECRET,
+    }
+    with serve_process(env=env) as served:
+        check_probabilities(invoke(sagemaker_runtime(served.url), coffee_jpeg))
+
+        for client in (
+            sagemaker_runtime(served.url, secret="not-the-secret"),
+            sagemaker_runtime(served.url, key_id="AKIAUNKNOWN000000000"),
+        ):
+            with pytest.raises(ClientError) as caught:
+                invoke(client, coffee_jpeg)
+            assert status_of(caught.value) == 403
+
+        # Unsigned and unauthenticated: refused; the health check stays open.
+        plain = httpx.post(served.url + ENDPOINT, content=coffee_jpeg, timeout=30)
+        assert plain.status_code == 401
+        assert httpx.get(served.url + "/ping", timeout=30).status_code == 200
+        bearer = httpx.post(
+            served.url + ENDPOINT,
+            content=coffee_jpeg,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+        check_probabilities(bearer.json())
+        # Still healthy, and still answering signed requests, after the refusals.
+        check_probabilities(invoke(sagemaker_runtime(served.url), coffee_jpeg))
+        assert served.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_boto3_invoke_endpoint_without_token(
+    ics_home: Path, aws_env: None, coffee_jpeg: bytes
+) -> None:
+    with serve_process(env=dict(os.environ)) as served:
+        client = sagemaker_runtime(served.url, key_id="AKIAANYKEY0000000000", secret="any")
+        check_probabilities(invoke(client, coffee_jpeg))
+        check_probabilities(invoke(client, encoded(fmt="PNG"), Accept="application/json"))
+        with pytest.raises(ClientError) as caught:
+            invoke(client, coffee_jpeg, Accept="text/csv")
+        assert status_of(caught.value) == 406
+        with pytest.raises(ClientError) as caught:
+            invoke(client, b"not an image")
+        assert 400 <= status_of(caught.value) < 500
+        assert httpx.get(served.url + "/ping", timeout=30).status_code == 200
+
+    results = realtime_results(Settings(home=ics_home))
+    assert [r.uri for r in results] == [ENDPOINT] * 3
+    assert [r.label_index for r in results[:2]] == [ESPRESSO, ESPRESSO]
+    assert results[2].status is ItemStatus.FAILED
