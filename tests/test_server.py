@@ -10,6 +10,8 @@ import io
 import json
 import os
 import signal
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +30,7 @@ from ics_service.samples import load_photo
 from ics_service.server import create_app
 from ics_service.server.v1 import allowed_uri
 from ics_service.store import Store
-from ics_service.types import ExecutionStatus
+from ics_service.types import ExecutionStatus, ModelRef
 from imagefiles import HEIC_HEAD, png_bomb, truncated_jpeg
 from serving import client_of, error_of, serve_process
 
@@ -372,6 +374,26 @@ async def test_a_second_server_appends_to_the_same_day(
         execution = store.find_by_name(today_execution(settings))
         assert execution is not None
         assert len(list(store.results(execution.id))) == 2
+
+
+async def test_a_past_day_left_running_by_a_dead_server_is_ended(
+    ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    settings = settings_of(ics_home)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with closing(Store(settings.store_url)) as store:
+        old, _ = store.create_execution(
+            params={"sources": [], "realtime": True},
+            model=ModelRef("efficientnet-lite0", "1"),
+            threshold=0.0,
+            name="realtime-2020-01-01",
+        )
+        store.claim(old.id, f"{socket.gethostname()}:{dead.pid}")
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        assert (await client.get("/readyz")).status_code == 200
+    with closing(Store(settings.store_url)) as store:
+        assert store.get_execution(old.id).status is ExecutionStatus.SUCCEEDED
 
 
 async def test_record_realtime_off_records_nothing(ics_home: Path, runtime: OnnxRuntime) -> None:

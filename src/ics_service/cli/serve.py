@@ -39,11 +39,15 @@ def serve(**kwargs: Any) -> None:
 
     \b
     Routes:
-      POST /v1/classify              an image (raw body, multipart, base64 or uri)
-      GET  /ping, POST /invocations  the SageMaker container contract
-      GET  /healthz, /readyz         liveness and readiness
-      GET  /metrics                  Prometheus metrics
-      GET  /docs                     the OpenAPI description
+      POST /v1/classify                 an image (raw body, multipart, base64 or uri)
+      POST /v1/executions               a batch execution; GET /v1/executions[/ID[/results
+                                        |/history]], POST /v1/executions/ID/cancel
+      GET  /ping, POST /invocations     the SageMaker container contract, and
+      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3)
+      /v2/...                           the Open Inference Protocol (tritonclient)
+      GET  /healthz, /readyz            liveness and readiness
+      GET  /metrics                     Prometheus metrics
+      GET  /docs                        the OpenAPI description
 
     Binds 127.0.0.1 unless --host says otherwise; also a SageMaker container's `serve`
     command (port 8080). On SIGTERM it stops accepting, finishes the requests in flight,

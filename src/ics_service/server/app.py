@@ -21,7 +21,7 @@ from ..store import Store
 from . import executions, sagemaker, v1, v2
 from .guards import BearerToken, BodyLimit
 from .metrics import Metrics
-from .service import RETRY_AFTER_S, Service
+from .service import RETRY_AFTER_S, Service, plan_serving
 
 log = logging.getLogger("ics_service.server")
 
@@ -128,8 +128,7 @@ def create_app(
 
 
 def _load_runtime(settings: Settings) -> ModelRuntime:
-    from ..engine.pipeline import plan_inference
     from ..models import get_card, load_runtime
 
-    threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
+    threads, _ = plan_serving(settings)
     return load_runtime(get_card(settings.model), settings.models_dir, threads=threads)

@@ -22,7 +22,7 @@ from ..config import Settings
 from ..engine.batcher import Batcher
 from ..engine.decide import decide
 from ..engine.execution import ExecutionRunner
-from ..engine.lifecycle import owner_id
+from ..engine.lifecycle import is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
@@ -55,6 +55,11 @@ class Options:
     top_k: int
 
 
+def plan_serving(settings: Settings) -> tuple[int, int]:
+    """(intra-op threads, inference workers) of a server's model."""
+    return plan_inference(settings.inference_threads, settings.inference_workers, serving=True)
+
+
 class Service:
     def __init__(
         self, settings: Settings, runtime: ModelRuntime, store: Store, metrics: Metrics
@@ -74,7 +79,7 @@ class Service:
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue=settings.max_queue,
-            workers=plan_inference(settings.inference_threads, settings.inference_workers)[1],
+            workers=plan_serving(settings)[1],
             on_batch=metrics.observe_batch,
         )
         metrics.track_queue(lambda: self.batcher.depth)
@@ -195,8 +200,18 @@ class RealtimeLog:
         self._day: str | None = None
         self._execution_id = ""
         self._q: queue.Queue[tuple[ItemResult, Future[None]] | None] = queue.Queue()
+        self._end_orphaned_days()
         self._thread = threading.Thread(target=self._loop, name="ics-realtime-log", daemon=True)
         self._thread.start()
+
+    def _end_orphaned_days(self) -> None:
+        """End the real-time executions a dead server left RUNNING (today's is taken over
+        at the first request)."""
+        today = REALTIME_PREFIX + utcnow().strftime("%Y-%m-%d")
+        for e in self.store.list_executions(limit=1000, status=ExecutionStatus.RUNNING):
+            name = e.name or ""
+            if name.startswith(REALTIME_PREFIX) and name != today and is_orphaned(e):
+                self.store.finish_execution(e.id, ExecutionStatus.SUCCEEDED)
 
     def append(self, result: ItemResult) -> Future[None]:
         done: Future[None] = Future()
