@@ -187,3 +187,20 @@ def test_retry_max_attempts_refuses_a_boolean(ics_home: Path) -> None:
     env = {"ICS_RETRY": json.dumps({"SerializeImageData": {"max_attempts": True}})}
     with pytest.raises(ConfigError, match=r"max_attempts must be a whole number, not a boolean"):
         load_settings(None, environ=env)
+
+
+def test_list_settings_from_the_environment_are_json() -> None:
+    env = {"ICS_ALLOWED_SOURCES": '["/data", "/srv/photos"]'}
+    assert load_settings(environ=env).settings.allowed_sources == ["/data", "/srv/photos"]
+    with pytest.raises(ConfigError, match="ICS_ALLOWED_SOURCES must be JSON"):
+        load_settings(environ={"ICS_ALLOWED_SOURCES": "/data"})
+
+
+def test_config_show_masks_secrets(ics_home: Path) -> None:
+    env = {"ICS_API_TOKEN": "s3cret-token", "ICS_STORE": "postgresql://u:pw@db/ics"}
+    res = ics("config", "show", "--json", env=env)
+    assert res.exit_code == ExitCode.OK, res.output
+    settings = json.loads(res.stdout)["settings"]
+    assert settings["api_token"]["value"] == "***"
+    assert settings["store"]["value"] == "postgresql://u:***@db/ics"
+    assert "s3cret-token" not in res.stdout and "pw@" not in res.stdout

@@ -374,7 +374,8 @@ def load_settings(
             continue
         key = var[len(ENV_PREFIX) :].lower()
         if key in fields:
-            values[key] = _parse_env(var, value) if key == "retry" else value
+            structured = getattr(fields[key].annotation, "__origin__", None) in (list, dict)
+            values[key] = _parse_env(var, value) if structured else value
             sources[key] = f"env {var}"
         elif not key.startswith("test_"):
             log.warning("ignoring environment variable %s: no setting %r", var, key)
