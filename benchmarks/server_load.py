@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="POST every JPEG of a folder to a server.")
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8080")
     p.add_argument("folder")
-    p.add_argument("--path", default="/v1/classify", help="route the images are posted to")
+    p.add_argument(
+        "--path",
+        default="/v1/classify",
+        help="route the images are posted to; it must answer a result record (label_index)",
+    )
     p.add_argument("--clients", type=int, default=1, help="requests in flight at once")
     p.add_argument("--max-s", type=float, default=300.0, help="stop the pass after this")
     p.add_argument("--timeout-s", type=float, default=60.0, help="limit of one request")

@@ -662,3 +662,52 @@ def test_ics_serve_process_logs_requests_and_drains_on_sigterm(ics_home: Path) -
         assert execution is not None
         assert execution.status != ExecutionStatus.RUNNING
         assert store.counts(execution.id).total == 5
+
+
+def test_a_request_that_gives_up_does_not_stop_the_recording(ics_home: Path) -> None:
+    # A request cancelled by its timeout cancels its future: the log thread must live on.
+    from ics_service.server.service import RealtimeLog
+    from ics_service.types import ItemResult, ItemStatus, utcnow
+
+    def result(i: int) -> ItemResult:
+        now = utcnow()
+        return ItemResult(
+            execution_id="",
+            item_id="",
+            uri=f"request-{i}",
+            status=ItemStatus.SUCCEEDED,
+            threshold=0.5,
+            model=ModelRef("m", "1"),
+            started_at=now,
+            finished_at=now,
+        )
+
+    with closing(Store(settings_of(ics_home).store_url)) as store:
+        log = RealtimeLog(store, ModelRef("m", "1"))
+        try:
+            cancelled = sum(log.append(result(i)).cancel() for i in range(50))
+            assert cancelled > 0, "every write was faster than its cancel: not effective"
+            log.append(result(50)).result(timeout=30)
+        finally:
+            log.close()
+        execution = store.find_by_name(today_execution(settings_of(ics_home)))
+        assert execution is not None and execution.counts.total == 51
+
+
+async def test_hostile_inputs_are_refused_cleanly(ics_home: Path, runtime: OnnxRuntime) -> None:
+    settings = settings_of(ics_home, allowed_sources=[str(ics_home)])
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        nul = await client.post("/v1/classify", json={"uri": "a\u0000b.jpg"})
+        assert nul.status_code == 400 and "NUL" in error_of(nul)["message"]
+        many = {
+            "inputs": [
+                {"name": "INPUT", "shape": [100_000], "datatype": "BYTES", "data": [""] * 100_000}
+            ]
+        }
+        flood = await client.post("/v2/models/efficientnet-lite0/infer", json=many)
+        assert flood.status_code == 400 and "at most 256" in flood.json()["error"]
+        taken = await client.post(
+            "/v1/executions", json={"sources": [str(ics_home)], "name": "realtime-2099-01-01"}
+        )
+        assert taken.status_code == 400 and "kept for the real-time" in error_of(taken)["message"]
+        assert (await client.post("/v1/classify", content=COFFEE)).status_code == 200

@@ -24,11 +24,11 @@ from botocore.exceptions import ClientError
 from PIL import Image
 
 from ics_service.config import Settings
+from ics_service.engine.execution import REALTIME_PREFIX
 from ics_service.errors import ConfigError
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server.app import create_app
-from ics_service.server.service import REALTIME_PREFIX
 from ics_service.server.sigv4 import Verifier, verifier_of
 from ics_service.store import Store
 from ics_service.types import ItemResult, ItemStatus

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 
 from ics_service.config import Settings
+from ics_service.engine.execution import REALTIME_PREFIX
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server.app import create_app
-from ics_service.server.service import REALTIME_PREFIX
 from ics_service.store import Store
 from ics_service.types import ItemResult, ItemStatus
 from serving import client_of, serve_process

@@ -29,8 +29,9 @@ from .app import common_options, load_cli_settings, main
 @click.option(
     "--max-delay-ms",
     type=float,
-    help=f"Most time a request waits for others to fill its batch "
-    f"(default {default('max_delay_ms'):g}).",
+    help="Most time a request waits for others to fill its batch, when another batch is "
+    f"running (default {default('max_delay_ms'):g}); with one inference worker, a server's "
+    "default, batches form from what arrives while the model runs.",
 )
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
 @common_options

@@ -75,6 +75,19 @@ RECORDED_SETTINGS = (
 )
 
 
+#: Names of the real-time executions of `ics serve` (one a day); no other may take one.
+REALTIME_PREFIX = "realtime-"
+
+
+def check_name(name: str | None) -> None:
+    """Refuse an execution name that only the real-time executions may have."""
+    if name is not None and name.startswith(REALTIME_PREFIX):
+        raise UsageError(
+            f"execution names starting with {REALTIME_PREFIX!r} are kept for the real-time "
+            "executions of `ics serve`; choose another name"
+        )
+
+
 class ExecutionRunner:
     """Starts, runs and resumes executions against one store with one model runtime."""
 
@@ -101,6 +114,7 @@ class ExecutionRunner:
         raise anywhere, as nothing is recorded yet; after, a set event ends the listing
         with `Interrupted` and the execution ABORTED.
         """
+        check_name(name)
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
         log.info("listing %s", " ".join(source_specs))

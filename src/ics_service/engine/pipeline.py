@@ -58,10 +58,11 @@ def default_workers() -> int:
 def plan_inference(threads: int, workers: int, *, serving: bool = False) -> tuple[int, int]:
     """(intra-op threads, inference workers), 0 meaning automatic for either.
 
-    By default a batch run has one single-thread batch per core: measured on 2 cores, that
-    is about 1.2 times one two-thread session, which shares the cores with decoding less
-    well. A server (`serving`) runs one session on every core instead: a lone request is
-    answered in about half the time, and at 32 clients the rate stayed within 4 %.
+    By default a batch run (`ics classify`) runs one single-thread model session per core,
+    each on its own batches: measured on 2 cores, about 1.2 times one two-thread session,
+    which shares the cores with decoding less well. A server (`serving`) runs one session
+    on every core instead: a lone request is answered in about half the time, and at 32
+    clients the rate stayed within 4 %.
     """
     cpus = available_cpus()
     if not threads and not workers:

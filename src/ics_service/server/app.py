@@ -3,6 +3,7 @@ and the wrappers (token, body limit, request log)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from ..errors import IcsError
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from . import executions, sagemaker, v1, v2
+from .batches import Batches
 from .guards import BearerToken, BodyLimit
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
@@ -48,15 +50,16 @@ def create_app(
         model = runtime or _load_runtime(settings)
         service = Service(settings, model, opened_store, metrics)
         app.state.service = service
-        from .batches import Batches
-
-        batches = Batches(service)
-        app.state.batches = batches
         try:
-            yield
+            batches = Batches(service)
+            app.state.batches = batches
+            try:
+                yield
+            finally:
+                # Blocking waits, off the event loop: requests may still be finishing.
+                await asyncio.to_thread(batches.close)
         finally:
-            batches.close()
-            service.close()
+            await asyncio.to_thread(service.close)
             if own_store:
                 opened_store.close()
 

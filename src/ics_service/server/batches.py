@@ -27,13 +27,20 @@ from enum import StrEnum
 
 from .. import sources
 from ..config import Settings
-from ..engine.execution import ExecutionRunner, execution_params, settings_for
-from ..engine.lifecycle import HEARTBEAT_SECONDS, cancel_execution, is_orphaned, record_end
+from ..engine.batcher import QueueFull
+from ..engine.execution import ExecutionRunner, check_name, execution_params, settings_for
+from ..engine.lifecycle import (
+    HEARTBEAT_SECONDS,
+    cancel_execution,
+    is_orphaned,
+    owner_id,
+    record_end,
+)
 from ..engine.recording import ResultSink
 from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
-from .service import REALTIME_PREFIX, Service
+from .service import Service, is_realtime
 from .v1 import Forbidden, allowed_uri
 
 log = logging.getLogger(__name__)
@@ -44,6 +51,10 @@ SHUTDOWN_WAIT_S = 30.0
 ORPHANS_SCANNED = 10_000
 
 
+#: Executions waiting to run at most: beyond, 503 (each waiting one costs heartbeats).
+MAX_QUEUED = 100
+
+
 class ShuttingDown(EnvironmentUnavailable):
     """The server is stopping: it starts no new execution."""
 
@@ -52,7 +63,6 @@ class Phase(StrEnum):
     QUEUED = "QUEUED"
     LISTING = "LISTING"
     RUNNING = "RUNNING"
-    DONE = "DONE"
 
 
 @dataclass(eq=False)
@@ -64,7 +74,6 @@ class Job:
     #: The sources to list (a new execution), or None: resume the execution as it is.
     sources: list[str] | None
     stop: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
     phase: Phase = Phase.QUEUED
     #: Whether this server has claimed the execution (an orphan is claimed when it runs).
     owned: bool = True
@@ -78,7 +87,7 @@ class Batches:
         self.service = service
         self.store = service.store
         self.settings = service.settings
-        self.owner = service.runner.owner
+        self.owner = owner_id()
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._queue: deque[Job] = deque()
@@ -105,6 +114,9 @@ class Batches:
             return existing, False
         if self._closing:
             raise ShuttingDown("the server is shutting down: it starts no new execution")
+        check_name(name)
+        if len(self._queue) >= MAX_QUEUED:
+            raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
         for spec in source_specs:
             check_source(spec, self.settings.allowed_sources)
         runner = self._runner(settings)
@@ -219,10 +231,8 @@ class Batches:
         self._forget(job)
 
     def _forget(self, job: Job) -> None:
-        job.phase = Phase.DONE
         with self._lock:
             self._jobs.pop(job.execution_id, None)
-        job.done.set()
 
     def _queue_orphans(self) -> None:
         """Queue the executions whose process died, to resume them with their own settings."""
@@ -235,7 +245,7 @@ class Batches:
             return
         # Oldest first: they have waited longest.
         for execution in reversed(running):
-            if (execution.name or "").startswith(REALTIME_PREFIX) or not is_orphaned(execution):
+            if is_realtime(execution) or not is_orphaned(execution):
                 continue
             if execution.params.get("realtime"):
                 continue

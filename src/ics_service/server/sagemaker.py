@@ -3,8 +3,8 @@ runtime API path `POST /endpoints/{name}/invocations`, which boto3's
 `sagemaker-runtime.invoke_endpoint(EndpointName=name, ...)` posts to when given an
 `endpoint_url`. Any endpoint name is this server's one model.
 
-- `/ping`: 200 `{"status": "ready", "model": NAME}` once the model is loaded, 503 before and
-  while shutting down. Open without a token, as SageMaker's health check sends none.
+- `/ping`: 200 `{"status": "ready", "model": NAME}` once the model is loaded (503 before).
+  Open without a token, as SageMaker's health check sends none.
 - Invocations: the body is one encoded image, whatever image content type the client claims
   (image/*, application/x-image, application/octet-stream, or none): the decoder goes by the
   bytes, not the label. The answer is the model's whole softmax, a JSON array of floats (1000
@@ -74,7 +74,7 @@ def sigv4_verifier(settings: Settings) -> Verifier | None:
 @router.get(
     "/ping",
     summary="SageMaker health check: 200 once the model is loaded",
-    responses={503: {"description": "not ready yet, or shutting down"}},
+    responses={503: {"description": "not ready: the model is not loaded"}},
 )
 async def ping(request: Request) -> Response:
     service: Service | None = getattr(request.app.state, "service", None)

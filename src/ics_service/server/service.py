@@ -21,14 +21,16 @@ import numpy as np
 from ..config import Settings
 from ..engine.batcher import Batcher
 from ..engine.decide import decide
-from ..engine.execution import ExecutionRunner
-from ..engine.lifecycle import is_orphaned, owner_id
+from ..engine.execution import REALTIME_PREFIX
+from ..engine.lifecycle import HEARTBEAT_SECONDS, is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
+from ..errors import UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..types import (
     ErrorInfo,
+    Execution,
     ExecutionStatus,
     ImageInfo,
     ItemResult,
@@ -41,8 +43,15 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Real-time results of one UTC day are the items of the execution with this name.
-REALTIME_PREFIX = "realtime-"
+#: Real-time results of one UTC day are the items of the execution named REALTIME_PREFIX
+#: and the day, with this parameter set (which no client can set).
+REALTIME = "realtime"
+
+
+def is_realtime(execution: Execution) -> bool:
+    return execution.params.get(REALTIME) is True
+
+
 #: How long a client should wait before trying again when the queue is full.
 RETRY_AFTER_S = 1
 
@@ -83,7 +92,6 @@ class Service:
             on_batch=metrics.observe_batch,
         )
         metrics.track_queue(lambda: self.batcher.depth)
-        self.runner = ExecutionRunner(settings, store, runtime)
         self.log = RealtimeLog(store, self.model_ref) if settings.record_realtime else None
         self.ready = True
 
@@ -105,11 +113,6 @@ class Service:
     async def predict(self, tensor: np.ndarray) -> np.ndarray:
         """Class probabilities (C,) of one input (3, H, W), batched with other requests."""
         return await asyncio.wrap_future(self.batcher.submit(tensor))
-
-    async def probabilities(self, data: bytes) -> np.ndarray:
-        """Class probabilities of an encoded image (what a SageMaker endpoint returns)."""
-        tensor, _ = await self.decode(data)
-        return await self.predict(tensor)
 
     async def classify(self, data: bytes, uri: str, options: Options) -> ItemResult:
         """Decode, classify, decide and record one image; a bad image raises its ItemError."""
@@ -178,10 +181,10 @@ class Service:
             await asyncio.wrap_future(self.log.append(result))
 
     def close(self) -> None:
-        """Finish the batches and records in flight, then release the pools."""
+        """Finish the decodes, batches and records in flight, then release the pools."""
         self.ready = False
+        self.decode_pool.shutdown(wait=True)  # first: a decode may still submit to the batcher
         self.batcher.close()
-        self.decode_pool.shutdown(wait=True)
         if self.log is not None:
             self.log.close()
 
@@ -209,8 +212,7 @@ class RealtimeLog:
         at the first request)."""
         today = REALTIME_PREFIX + utcnow().strftime("%Y-%m-%d")
         for e in self.store.list_executions(limit=1000, status=ExecutionStatus.RUNNING):
-            name = e.name or ""
-            if name.startswith(REALTIME_PREFIX) and name != today and is_orphaned(e):
+            if is_realtime(e) and e.name != today and is_orphaned(e):
                 self.store.finish_execution(e.id, ExecutionStatus.SUCCEEDED)
 
     def append(self, result: ItemResult) -> Future[None]:
@@ -223,7 +225,14 @@ class RealtimeLog:
         self._thread.join()
 
     def _loop(self) -> None:
-        while (first := self._q.get()) is not None:
+        while True:
+            try:
+                first = self._q.get(timeout=HEARTBEAT_SECONDS)
+            except queue.Empty:
+                self._idle()
+                continue
+            if first is None:
+                break
             batch = [first]
             closing = False
             while True:
@@ -240,19 +249,35 @@ class RealtimeLog:
                 break
         self._end_day()
 
+    def _idle(self) -> None:
+        """Say the day's execution is alive (others must not take it for orphaned), and end
+        it once the day is over."""
+        if self._day is None:
+            return
+        try:
+            if utcnow().strftime("%Y-%m-%d") != self._day:
+                self._end_day()
+            else:
+                self.store.heartbeat(self._execution_id)
+        except Exception as e:
+            log.warning("real-time execution %s: %s", self._execution_id, e)
+
     def _write(self, batch: list[tuple[ItemResult, Future[None]]]) -> None:
+        # A request may have given up (a timeout) and cancelled its future meanwhile.
+        live = [(r, done) for r, done in batch if done.set_running_or_notify_cancel()]
         try:
             execution_id = self._execution_for(utcnow())
             results = [r for r, _ in batch]
             for r in results:
                 r.execution_id = execution_id
             self.store.append_results(execution_id, results)
+            self.store.heartbeat(execution_id)
         except Exception as e:
             log.error("recording %d real-time results failed: %s", len(batch), e)
-            for _, done in batch:
+            for _, done in live:
                 done.set_exception(e)
             return
-        for _, done in batch:
+        for _, done in live:
             done.set_result(None)
 
     def _execution_for(self, now: dt.datetime) -> str:
@@ -262,18 +287,23 @@ class RealtimeLog:
         self._end_day()
         name = REALTIME_PREFIX + day
         execution, _ = self.store.create_execution(
-            params={"sources": [], "realtime": True, "tolerated_failure_percentage": 100.0},
+            params={"sources": [], REALTIME: True, "tolerated_failure_percentage": 100.0},
             model=self.model,
             threshold=0.0,
             name=name,
         )
+        if not is_realtime(execution):
+            raise UsageError(
+                f"the execution named {name} ({execution.id}) is not a real-time one: rename it"
+            )
         self.store.claim(execution.id, self.owner)
         self.store.mark_listed(execution.id)
         self._day, self._execution_id = day, execution.id
         return execution.id
 
     def _end_day(self) -> None:
-        """A day's execution ends SUCCEEDED when the day (or the server) ends."""
+        """A day's execution ends SUCCEEDED when the day (or the server) ends: at the first
+        idle moment (a few seconds) or request after midnight UTC."""
         if self._day is None:
             return
         try:

@@ -177,25 +177,30 @@ async def _json_image(service: Service, doc: dict[str, Any]) -> tuple[bytes, str
         uri = doc["uri"]
         if not isinstance(uri, str) or not uri:
             raise UsageError("uri must be a non-empty string")
-        allowed_uri(uri, service.settings.allowed_sources)
+        # Read what was checked: the resolved path, not a symlink that could change since.
+        checked = allowed_uri(uri, service.settings.allowed_sources)
         loop = asyncio.get_running_loop()
         max_bytes = service.settings.max_bytes
-        data = await loop.run_in_executor(service.decode_pool, sources.read, uri, max_bytes)
+        data = await loop.run_in_executor(service.decode_pool, sources.read, checked, max_bytes)
         return data, uri
     raise UsageError('the JSON body needs "image_base64" or "uri"')
 
 
-def allowed_uri(uri: str, allowed: list[str]) -> None:
-    """Refuse (403) a uri outside every allowed source prefix: paths are compared after
-    resolving `..` and symlinks, so neither can escape a root."""
+def allowed_uri(uri: str, allowed: list[str]) -> str:
+    """The uri to read, or Forbidden (403) outside every allowed source prefix: paths are
+    compared after resolving `..` and symlinks, so neither can escape a root, and the
+    resolved path is what is returned."""
     if sources.scheme_of(uri) != "file":
         if any(_url_under(uri, prefix) for prefix in allowed if _remote(prefix)):
-            return
+            return uri
         raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
-    path = os.path.realpath(sources.uri_to_path(uri))
+    local = sources.uri_to_path(uri)
+    if "\0" in local:
+        raise UsageError(f"uri {uri!r} holds a NUL character: no file is named so")
+    path = os.path.realpath(local)
     for prefix in allowed:
         if not _remote(prefix) and _under(path, os.path.realpath(sources.uri_to_path(prefix))):
-            return
+            return sources.path_to_uri(path)
     raise Forbidden(
         f"uri {uri!r} is not under any allowed_sources prefix"
         + ("" if allowed else " (none is configured: set allowed_sources)")
@@ -227,7 +232,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: the model is loaded",
-    responses={503: {"description": "not ready yet, or shutting down"}},
+    responses={503: {"description": "not ready: the model is not loaded"}},
 )
 async def readyz(request: Request) -> Response:
     service: Service | None = getattr(request.app.state, "service", None)

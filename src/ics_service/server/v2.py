@@ -48,6 +48,8 @@ EXTENSIONS = ["classification", "binary_tensor_data"]
 IMAGES = "INPUT"
 #: The input of preprocessed images: the model's own input tensor.
 TENSOR = "INPUT_TENSOR"
+#: Images (or tensors) one request may hold.
+MAX_INPUTS = 256
 OUTPUT = "probabilities"
 #: Binary tensor data extension: the length of the JSON header that starts the body.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -132,7 +134,7 @@ async def live() -> dict[str, bool]:
 @router.get(
     "/v2/health/ready",
     summary="Open Inference Protocol: the server is ready (its model is loaded)",
-    responses={503: {"description": "not ready yet, or shutting down"}},
+    responses={503: {"description": "not ready: the model is not loaded"}},
 )
 async def ready(request: Request) -> Response:
     ok = _running(request) is not None
@@ -252,12 +254,6 @@ class Inputs:
 
     images: list[bytes] | None = None
     tensor: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        if self.images is not None:
-            return len(self.images)
-        assert self.tensor is not None
-        return len(self.tensor)
 
 
 @dataclass(frozen=True)
@@ -394,11 +390,20 @@ def _binary_data(name: str, spec: dict[str, Any], binary: bytes) -> bytes | None
     return binary
 
 
+def _check_count(name: str, shape: list[int]) -> None:
+    # Each input costs a task and a row of probabilities: empty elements must not add up.
+    if shape and shape[0] > MAX_INPUTS:
+        raise ProtocolError(
+            400, f"input {name}: {shape[0]} inputs in one request; at most {MAX_INPUTS}"
+        )
+
+
 def _images(spec: dict[str, Any], shape: list[int], raw: bytes | None) -> list[bytes]:
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise ProtocolError(
             400, f"input {IMAGES}: shape must be [N] or [N, 1] (one image each), not {shape}"
         )
+    _check_count(IMAGES, shape)
     if raw is not None:
         images = _deserialize(raw)
     else:
@@ -456,6 +461,7 @@ def _tensor(
             f"input {TENSOR}: shape {shape} does not match the model's input {_expected(card)} "
             f"(N images, RGB, {size}x{size}, normalised as the model card says)",
         )
+    _check_count(TENSOR, shape)
     count = math.prod(shape)
     if raw is not None:
         if len(raw) != count * 4:
