@@ -94,6 +94,7 @@ def test_big_jpeg_uses_draft_decoding(pre: Preprocessor) -> None:
     from PIL import Image
 
     img = Image.open(__import__("io").BytesIO(f.big_jpeg()))
+    pre._draft(img)  # as decode() does before it reserves the memory the image needs
     loaded = pre._load_rgb(img)
     # 4000×3000 decoded at 1/8 scale (500×375) still covers the 256 resize size.
     assert loaded.size == (500, 375)
