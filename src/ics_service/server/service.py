@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -135,15 +135,11 @@ class Service:
             top_k=options.top_k,
             labels=self.runtime.card.labels,
         )
-        result = ItemResult(
-            execution_id="",
-            item_id="",
-            uri=uri,
-            status=d.status,
-            threshold=options.threshold,
-            model=self.model_ref,
-            started_at=started,
-            finished_at=utcnow(),
+        result = self._result(
+            uri,
+            options,
+            started,
+            d.status,
             label=d.label,
             label_index=d.index,
             confidence=d.confidence,
@@ -161,19 +157,30 @@ class Service:
         self, uri: str, error: ErrorInfo, options: Options, started: dt.datetime
     ) -> ItemResult:
         """Record a request's image that could not be classified, as a FAILED item."""
-        result = ItemResult(
+        result = self._result(uri, options, started, ItemStatus.FAILED, error=error)
+        await self.record(result)
+        return result
+
+    def _result(
+        self,
+        uri: str,
+        options: Options,
+        started: dt.datetime,
+        status: ItemStatus,
+        **fields: Any,
+    ) -> ItemResult:
+        """A request's result; its execution and item ids come when it is recorded."""
+        return ItemResult(
             execution_id="",
             item_id="",
             uri=uri,
-            status=ItemStatus.FAILED,
+            status=status,
             threshold=options.threshold,
             model=self.model_ref,
             started_at=started,
             finished_at=utcnow(),
-            error=error,
+            **fields,
         )
-        await self.record(result)
-        return result
 
     async def record(self, result: ItemResult) -> None:
         self.metrics.observe_result(result)
