@@ -31,6 +31,7 @@ from ics_service.errors import (
     ItemError,
     ModelUnavailable,
     SourceUnavailable,
+    UsageError,
 )
 from ics_service.models.runtime import ModelRuntime, OnnxRuntime
 from ics_service.samples import load_photo
@@ -374,6 +375,53 @@ def test_resume_refuses_a_live_execution(ics_home: Path, make_runner: MakeRunner
     res = ics("executions", "resume", execution.id)
     assert res.exit_code == ExitCode.USAGE, res.output
     assert f"Error: execution {execution.id} is still running (in " in res.output
+
+
+def test_two_processes_resuming_one_orphan_at_once_take_it_once(
+    ics_home: Path, store_url: str, make_runner: MakeRunner
+) -> None:
+    # Two runners on their own stores, as two servers (or a server and `ics executions
+    # resume`) on one database would be.
+    runners = [make_runner(store=store_url) for _ in range(2)]
+    store = runners[0].store
+    execution, _ = store.create_execution(
+        params={"sources": []}, model=ModelRef("efficientnet-lite0", "1"), threshold=0.5
+    )
+    store.claim(execution.id, f"{os.uname().nodename}:{_dead_pid()}")
+    store.add_items(execution.id, [f"file:///photos/{i}.jpg" for i in range(3)])
+    store.mark_listed(execution.id)
+    assert is_orphaned(store.get_execution(execution.id))
+
+    # Both have read the orphan and decided to resume it before either claims it.
+    barrier = threading.Barrier(2, timeout=30)
+
+    def meet() -> threading.Event:
+        barrier.wait()
+        return threading.Event()
+
+    outcomes: list[Execution | Exception] = [RuntimeError("not run")] * 2
+
+    def resume(i: int) -> None:
+        try:
+            outcomes[i] = runners[i].prepare_resume(execution.id, cooperate=meet)
+        except Exception as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=resume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    resumed = [o for o in outcomes if isinstance(o, Execution)]
+    refused = [o for o in outcomes if not isinstance(o, Execution)]
+    assert len(resumed) == 1 and len(refused) == 1, outcomes
+    assert isinstance(refused[0], UsageError), refused
+    assert f"execution {execution.id} is still running (in " in str(refused[0])
+    now = store.get_execution(execution.id)
+    assert now.status is ExecutionStatus.RUNNING and now.owner == runners[0].owner
+    assert not is_orphaned(now)
+    events = [e.type for e in store.history(execution.id)]
+    assert events.count("ExecutionResumed") == 1, events
 
 
 def _corpus(folder: Path, n: int) -> None:

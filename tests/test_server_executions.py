@@ -5,6 +5,7 @@ both store backends where the store matters."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import signal
@@ -16,12 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from ics_service.config import Settings
 from ics_service.engine.execution import execution_params
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
 from ics_service.store import Store
+from ics_service.store.schema import executions
 from ics_service.types import ExecutionStatus, ModelRef
 from serving import client_of, error_of, serve_process
 
@@ -180,6 +183,15 @@ async def test_executions_are_listed_a_page_at_a_time(
             )
             store.finish_execution(execution.id, ExecutionStatus.SUCCEEDED)
             ids.append(execution.id)
+        # Four started in the same microsecond: a page may end inside the tie.
+        with store.engine.begin() as conn:
+            conn.execute(
+                update(executions)
+                .where(executions.c.id.in_(ids[1:5]))
+                .values(started_at=dt.datetime(2026, 3, 1, 12, tzinfo=dt.UTC))
+            )
+        expected = [e.id for e in store.list_executions(limit=100)]
+        store.append_events(ids[0], [("TaskRetried", i, None) for i in range(5)])
         app = create_app(settings_of(ics_home, store.url, [photos]), runtime=runtime, store=store)
         async with client_of(app) as client:
             seen: list[str] = []
@@ -193,7 +205,21 @@ async def test_executions_are_listed_a_page_at_a_time(
                 cursor = page["next"]
                 if cursor is None:
                     break
-            assert sorted(seen) == sorted(ids) and len(seen) == 7
+            assert seen == expected and sorted(seen) == sorted(ids)
+            events: list[str] = []
+            after = 0
+            while True:
+                page = (
+                    await client.get(
+                        f"/v1/executions/{ids[0]}/history", params={"limit": 2, "after": after}
+                    )
+                ).json()
+                assert len(page["events"]) <= 2
+                events.extend(e["item_id"] for e in page["events"])
+                if page["next"] is None:
+                    break
+                after = page["next"]
+            assert events == [str(i) for i in range(5)]
             r = await client.get("/v1/executions", params={"cursor": "nonsense"})
             assert r.status_code == 400
             assert error_of(r)["type"] == "UsageError"

@@ -184,6 +184,40 @@ def test_unknown_model_version_and_route(runtime: OnnxRuntime, ics_home: Path) -
     in_process(runtime, ics_home, check)
 
 
+def test_errors_from_outside_the_routes_speak_the_protocol(
+    runtime: OnnxRuntime, ics_home: Path
+) -> None:
+    # The router's own refusals (a method no /v2 route takes) are shaped for the path too,
+    # and the ICS API keeps FastAPI's.
+    async def check(client: httpx.AsyncClient) -> None:
+        r = await client.patch(INFER, json={})
+        assert r.status_code == 405 and "allow" in r.headers
+        assert protocol_error(r) == "Method Not Allowed"
+        r = await client.patch("/v1/executions")
+        assert r.status_code == 405 and r.json() == {"detail": "Method Not Allowed"}
+
+    in_process(runtime, ics_home, check)
+
+
+def test_errors_speak_the_protocol_behind_a_root_path(runtime: OnnxRuntime, ics_home: Path) -> None:
+    # Mounted under a prefix by a proxy, /v2 is still the protocol's, whoever answers.
+    app = create_app(Settings(home=ics_home, api_token="t"), runtime=runtime)
+
+    async def main() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, root_path="/ics")
+            async with httpx.AsyncClient(transport=transport, base_url="http://ics.test") as c:
+                refused = await c.get(f"/ics/v2/models/{MODEL}")
+                assert refused.status_code == 401
+                assert protocol_error(refused) == (
+                    "this server needs an API token: send `Authorization: Bearer TOKEN`"
+                )
+                v1 = await c.get("/ics/v1/executions")
+                assert v1.status_code == 401 and v1.json()["error"]["type"] == "Unauthorized"
+
+    asyncio.run(main())
+
+
 def test_refusals_of_the_wrappers_speak_the_protocol(runtime: OnnxRuntime, ics_home: Path) -> None:
     # tritonclient reads "error" as a string: the token and body-limit refusals on /v2 too.
     async def check(client: httpx.AsyncClient) -> None:

@@ -686,6 +686,86 @@ def test_create_get_and_list_executions(store: Store) -> None:
         store.get_execution("20990101-000000-ffffff")
 
 
+def test_executions_are_listed_a_page_at_a_time_with_a_keyset(store: Store) -> None:
+    made = [new_execution(store) for _ in range(9)]
+    store.finish_execution(made[2].id, ExecutionStatus.SUCCEEDED)
+    store.finish_execution(made[5].id, ExecutionStatus.SUCCEEDED)
+    # Ties on started_at (several executions in one microsecond) must page by id.
+    t = dt.datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    starts = [t, t, t, t, t + dt.timedelta(seconds=1), t + dt.timedelta(seconds=1)]
+    starts += [t + dt.timedelta(seconds=2), t - dt.timedelta(days=1), t]
+    with store.engine.begin() as conn:
+        for e, when in zip(made, starts, strict=True):
+            conn.execute(
+                update(schema.executions)
+                .where(schema.executions.c.id == e.id)
+                .values(started_at=when)
+            )
+    expected = [
+        e.id for e, _ in sorted(zip(made, starts, strict=True), key=lambda p: (p[1], p[0].id))
+    ][::-1]
+    assert [x.id for x in store.list_executions(limit=100)] == expected
+
+    def pages(limit: int, status: ExecutionStatus | None = None) -> list[list[str]]:
+        out: list[list[str]] = []
+        before: tuple[dt.datetime, str] | None = None
+        while True:
+            page = store.list_executions(limit=limit, status=status, before=before)
+            if not page:
+                return out
+            out.append([x.id for x in page])
+            before = (page[-1].started_at, page[-1].id)
+
+    for limit in (1, 2, 3, 4, 9):
+        got = pages(limit)
+        assert [i for page in got for i in page] == expected, limit
+        assert all(len(page) == limit for page in got[:-1])
+    done = {made[2].id, made[5].id}
+    assert [i for page in pages(1, ExecutionStatus.SUCCEEDED) for i in page] == [
+        i for i in expected if i in done
+    ]
+    assert [i for page in pages(2, ExecutionStatus.RUNNING) for i in page] == [
+        i for i in expected if i not in done
+    ]
+    # The same instant in another zone is the same place in the list.
+    paris = dt.timezone(dt.timedelta(hours=1))
+    assert store.list_executions(limit=100, before=(t.astimezone(paris), made[3].id)) == (
+        store.list_executions(limit=100, before=(t, made[3].id))
+    )
+    assert [x.id for x in store.list_executions(limit=100, before=(t, made[3].id))] == (
+        expected[expected.index(made[3].id) + 1 :]
+    )
+
+
+def test_take_over_claims_only_the_execution_as_it_was_seen(store: Store) -> None:
+    e = new_execution(store)
+    assert e.owner is None and e.heartbeat_at is None
+    assert not store.take_over(e.id, "a:1", expected_owner="x:9", expected_heartbeat=None)
+    assert store.take_over(e.id, "a:1", expected_owner=None, expected_heartbeat=None)
+    seen = store.get_execution(e.id)
+    assert seen.owner == "a:1" and seen.heartbeat_at is not None
+    assert not store.take_over(e.id, "b:2", expected_owner=None, expected_heartbeat=None)
+    stale = seen.heartbeat_at - dt.timedelta(microseconds=1)
+    assert not store.take_over(e.id, "b:2", expected_owner="a:1", expected_heartbeat=stale)
+    # The same instant in another zone is the same heartbeat.
+    paris = dt.timezone(dt.timedelta(hours=1))
+    beat = seen.heartbeat_at.astimezone(paris)
+    assert store.take_over(e.id, "b:2", expected_owner="a:1", expected_heartbeat=beat)
+    assert not store.take_over(e.id, "c:3", expected_owner="a:1", expected_heartbeat=beat)
+    assert store.get_execution(e.id).owner == "b:2"
+
+    ended = store.finish_execution(e.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+    assert store.take_over(
+        e.id, "c:3", expected_owner=ended.owner, expected_heartbeat=ended.heartbeat_at
+    )
+    again = store.get_execution(e.id)
+    assert again.status is ExecutionStatus.RUNNING and again.owner == "c:3"
+    assert again.finished_at is None and again.error is None
+    assert not store.take_over(
+        "20990101-000000-ffffff", "c:3", expected_owner=None, expected_heartbeat=None
+    )
+
+
 def test_execution_prefix_lookup(store: Store) -> None:
     a = new_execution(store, execution_id="20260101-120000-aaaaaa")
     b = new_execution(store, execution_id="20260101-120000-abbbbb")
@@ -1038,6 +1118,10 @@ def test_history_is_appended_and_read_in_order(store: Store) -> None:
     }
     assert history[1].to_dict()["timestamp"].endswith("Z")
     assert [h.type for h in store.history(other.id)] == ["ExecutionStarted"]
+    # A page after an event id, across the store's own pages of 1000.
+    assert list(store.history(e.id, after=ids[998], limit=5)) == history[999:1004]
+    assert list(store.history(e.id, after=ids[-2])) == history[-1:]
+    assert list(store.history(e.id, after=ids[-1])) == []
 
 
 def test_timestamps_are_utc_whatever_the_session_time_zone(

@@ -145,17 +145,23 @@ class ExecutionRunner:
         """Take over an interrupted (or aborted) execution so that `run` finishes it."""
         execution = self.store.get_execution(execution_id)
         if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
-            raise UsageError(
-                f"execution {execution.id} is still running (in {execution.owner}); "
-                f"wait for it, or stop it with `ics executions cancel {execution.id}`"
-            )
+            raise _still_running(execution)
         pending = next(iter(self.store.pending_items(execution.id, page_size=1)), None)
         if execution.items_listed and pending is None and execution.status.finished:
             raise UsageError(
                 f"execution {execution.id} is {execution.status}: every item has its result"
             )
         stop = cooperate() if cooperate is not None else None
-        self.store.claim(execution.id, self.owner)
+        # Only if nobody took it since it was read: two servers (or a server and `ics
+        # executions resume`) that find one orphan at once must not both run it.
+        taken = self.store.take_over(
+            execution.id,
+            self.owner,
+            expected_owner=execution.owner,
+            expected_heartbeat=execution.heartbeat_at,
+        )
+        if not taken:
+            raise _still_running(self.store.get_execution(execution.id))
         with self.ending_on_error(execution.id):
             self.store.append_events(
                 execution.id, [("ExecutionResumed", None, {"owner": self.owner})]
@@ -303,6 +309,13 @@ class ExecutionRunner:
             why = "cancelled by request" if cancelled else "stopped by a signal"
             error = ErrorInfo("States.Aborted", f"{why}; {counts.total - counts.done} items left")
         return record_end(self.store, execution_id, status, error)
+
+
+def _still_running(execution: Execution) -> UsageError:
+    return UsageError(
+        f"execution {execution.id} is still running (in {execution.owner}); "
+        f"wait for it, or stop it with `ics executions cancel {execution.id}`"
+    )
 
 
 def _until(stop: threading.Event | None, uris: Iterator[str]) -> Iterator[str]:

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..config import Settings
@@ -21,17 +23,12 @@ from ..models.runtime import ModelRuntime
 from ..store import Store
 from . import executions, sagemaker, v1, v2
 from .batches import Batches
+from .errors import error_response, invalid_request_status, request_path, speaks_protocol
 from .guards import BearerToken, BodyLimit
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
 
 log = logging.getLogger("ics_service.server")
-
-
-def error_response(status: int, kind: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
-    )
 
 
 def create_app(
@@ -73,30 +70,50 @@ def create_app(
     for module in (v1, sagemaker, v2, executions):
         app.include_router(module.router)
 
+    # One set of handlers for every route: errors.py shapes the answer for the path (the
+    # Open Inference Protocol's on /v2, ICS's elsewhere).
     @app.exception_handler(IcsError)
-    async def ics_error(_request: Request, e: IcsError) -> JSONResponse:
-        return error_response(e.http_status, e.type, str(e))
+    async def ics_error(request: Request, e: IcsError) -> JSONResponse:
+        return error_response(_path(request), e.http_status, e.type, str(e), named=True)
+
+    @app.exception_handler(v2.ProtocolError)
+    async def protocol_error(request: Request, e: v2.ProtocolError) -> JSONResponse:
+        return error_response(_path(request), e.status, "ProtocolError", str(e), headers=e.headers)
 
     @app.exception_handler(QueueFull)
-    async def queue_full(_request: Request, e: QueueFull) -> JSONResponse:
+    async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
         return error_response(
-            503, "QueueFull", f"the server is busy: {e}", **{"Retry-After": str(RETRY_AFTER_S)}
+            _path(request),
+            503,
+            "QueueFull",
+            f"the server is busy: {e}",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
     @app.exception_handler(TimeoutError)
-    async def timeout(_request: Request, _e: TimeoutError) -> JSONResponse:
+    async def timeout(request: Request, _e: TimeoutError) -> JSONResponse:
         return error_response(
+            _path(request),
             504,
             "Timeout",
             f"no answer within request_timeout_s={settings.request_timeout_s:g}",
         )
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
-        return error_response(422, "InvalidRequest", problems)
+        path = _path(request)
+        return error_response(path, invalid_request_status(path), "InvalidRequest", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        # FastAPI's own answer (`{"detail": ...}`) but on /v2, where clients read `error`.
+        path = _path(request)
+        if not speaks_protocol(path):
+            return await http_exception_handler(request, e)
+        return error_response(path, e.status_code, "HTTPError", str(e.detail), headers=e.headers)
 
     # The last added runs first: the body limit holds before the token check reads a body.
     token = settings.token
@@ -128,6 +145,10 @@ def create_app(
         return response
 
     return app
+
+
+def _path(request: Request) -> str:
+    return request_path(request.scope)
 
 
 def _load_runtime(settings: Settings) -> ModelRuntime:

@@ -6,9 +6,10 @@ The routes know nothing of them, as Starlette builds its middleware stack by wra
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
+
+from .errors import error_bytes, request_path
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -27,12 +28,7 @@ OPEN_PATHS = frozenset({"/ping", "/healthz", "/readyz", "/v2/health/live", "/v2/
 async def send_error(
     scope: Scope, send: Send, status: int, kind: str, message: str, **headers: str
 ) -> None:
-    # The Open Inference Protocol's errors are {"error": "message"} (tritonclient reads a
-    # string); everywhere else ICS's {"error": {"type", "message"}}.
-    error: object = (
-        message if scope["path"].startswith("/v2") else {"type": kind, "message": message}
-    )
-    body = json.dumps({"error": error}).encode()
+    body = error_bytes(request_path(scope), kind, message)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -19,25 +19,22 @@ import logging
 import math
 import struct
 import zlib
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from .. import __version__
-from ..engine.batcher import QueueFull
 from ..engine.decide import decide
-from ..errors import IcsError, ItemError
+from ..errors import ItemError
 from ..models.card import ModelCard
 from ..types import utcnow
-from .service import RETRY_AFTER_S, Service
+from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,8 @@ _U32 = struct.Struct("<I")
 
 
 class ProtocolError(Exception):
-    """An error answered as `{"error": message}` with its HTTP status."""
+    """An error of this protocol, answered `{"error": message}` with its HTTP status (by the
+    app's handler, as every error: see errors.py)."""
 
     def __init__(self, status: int, message: str, **headers: str) -> None:
         super().__init__(message)
@@ -65,42 +63,7 @@ class ProtocolError(Exception):
         self.headers = headers
 
 
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-class ProtocolRoute(APIRoute):
-    """A route whose errors take the protocol's shape, not the ICS API's (app.py's handlers)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ProtocolError as e:
-                return _error(e.status, str(e), **e.headers)
-            except IcsError as e:
-                return _error(e.http_status, f"{e.type}: {e}")
-            except QueueFull as e:
-                return _error(
-                    503, f"the server is busy: {e}", **{"Retry-After": str(RETRY_AFTER_S)}
-                )
-            except TimeoutError:
-                timeout = request.app.state.settings.request_timeout_s
-                return _error(504, f"no answer within request_timeout_s={timeout:g}")
-            except RequestValidationError as e:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-                )
-                return _error(400, problems)
-            except HTTPException as e:
-                return _error(e.status_code, str(e.detail))
-
-        return handle
-
-
-router = APIRouter(route_class=ProtocolRoute)
+router = APIRouter()
 
 
 # --- health and metadata ------------------------------------------------------------------

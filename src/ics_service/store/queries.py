@@ -7,6 +7,7 @@ database failure surfaces as a StoreError naming the store, never as SQL.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import secrets
@@ -19,9 +20,11 @@ from sqlalchemy import (
     Connection,
     Row,
     Select,
+    and_,
     bindparam,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -222,11 +225,27 @@ class Store:
         return execution_from_row(row._mapping)
 
     def list_executions(
-        self, *, limit: int = 50, status: ExecutionStatus | None = None
+        self,
+        *,
+        limit: int = 50,
+        status: ExecutionStatus | None = None,
+        before: tuple[dt.datetime, str] | None = None,
     ) -> list[Execution]:
-        q = select(executions).order_by(executions.c.started_at.desc(), executions.c.id.desc())
+        """The most recent executions first (started_at, then id, descending).
+
+        With `before` (the started_at and id of the last one of a page), the page after it:
+        a keyset read from the index, however many pages came before.
+        """
+        c = executions.c
+        q = select(executions).order_by(c.started_at.desc(), c.id.desc())
         if status is not None:
-            q = q.where(executions.c.status == status.value)
+            q = q.where(c.status == status.value)
+        if before is not None:
+            # As aware UTC: SQLite compares the stored UTC text, which drops the zone.
+            when, last_id = before[0].astimezone(dt.UTC), before[1]
+            # (started_at, id) < (when, last_id), spelt out: SQLite and PostgreSQL both
+            # read it, and the equal-timestamp case keeps ties in id order.
+            q = q.where(or_(c.started_at < when, and_(c.started_at == when, c.id < last_id)))
         with self._connect() as conn:
             return [execution_from_row(r._mapping) for r in conn.execute(q.limit(limit))]
 
@@ -273,20 +292,35 @@ class Store:
 
     def claim(self, execution_id: str, owner: str) -> None:
         """Mark the execution RUNNING in this process (a start or a resume)."""
-        now = utcnow()
         with self._begin() as conn:
-            conn.execute(
-                _update_execution(execution_id).values(
-                    status=ExecutionStatus.RUNNING.value,
-                    owner=owner,
-                    heartbeat_at=now,
-                    updated_at=now,
-                    cancel_requested=False,
-                    finished_at=None,
-                    error_type=None,
-                    error_message=None,
+            conn.execute(_update_execution(execution_id).values(**_claimed_by(owner)))
+
+    def take_over(
+        self,
+        execution_id: str,
+        owner: str,
+        *,
+        expected_owner: str | None,
+        expected_heartbeat: dt.datetime | None,
+    ) -> bool:
+        """Claim the execution (as `claim`) only if its owner and heartbeat are still the
+        ones the caller saw; returns whether it did.
+
+        Of processes taking over one execution at once, one wins: the UPDATE locks the row
+        (SQLite: the database), and the others' condition no longer holds once it commits.
+        """
+        c = executions.c
+        beat = None if expected_heartbeat is None else expected_heartbeat.astimezone(dt.UTC)
+        with self._begin() as conn:
+            changed = conn.execute(
+                _update_execution(execution_id)
+                .where(
+                    c.owner.is_not_distinct_from(expected_owner),
+                    c.heartbeat_at.is_not_distinct_from(beat),
                 )
-            )
+                .values(**_claimed_by(owner))
+            ).rowcount
+        return bool(changed == 1)
 
     def heartbeat(self, execution_id: str) -> bool:
         """Say the owner is alive; returns whether a cancel was requested."""
@@ -445,15 +479,33 @@ class Store:
             with self._begin() as conn:
                 conn.execute(insert(events), rows)
 
-    def history(self, execution_id: str) -> Iterator[Event]:
+    def history(
+        self, execution_id: str, *, after: int = 0, limit: int | None = None
+    ) -> Iterator[Event]:
+        """Events oldest first, paged by event id (keyset): those after the id `after`."""
         q = select(events).where(events.c.execution_id == execution_id)
-        for row in self._pages(q, events.c.id, after=0):
+        for row in self._pages(q, events.c.id, after=after, limit=limit):
             yield event_from_row(row._mapping)
 
 
 def _update_execution(execution_id: str) -> Any:
     """An UPDATE of one execution's row; the caller adds `.values(...)`."""
     return update(executions).where(executions.c.id == execution_id)
+
+
+def _claimed_by(owner: str) -> dict[str, Any]:
+    """The columns of an execution that `owner` runs from now on (a start or a resume)."""
+    now = utcnow()
+    return {
+        "status": ExecutionStatus.RUNNING.value,
+        "owner": owner,
+        "heartbeat_at": now,
+        "updated_at": now,
+        "cancel_requested": False,
+        "finished_at": None,
+        "error_type": None,
+        "error_message": None,
+    }
 
 
 def _still_pending(conn: Connection, execution_id: str, seqs: list[int]) -> set[int]:

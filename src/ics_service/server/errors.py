@@ -1,0 +1,67 @@
+"""Error responses, in the one place that chooses their shape by the request's path.
+
+The Open Inference Protocol's errors (/v2) are `{"error": "message"}`: tritonclient reads
+`error` as a string and cannot print an object. Everywhere else (the ICS API, SageMaker)
+they are `{"error": {"type", "message"}}`. The app's exception handlers and the wrappers
+(token, body limit) all answer through here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+#: Paths of the Open Inference Protocol.
+PROTOCOL_PREFIX = "/v2"
+
+
+def request_path(scope: Mapping[str, Any]) -> str:
+    """The request's path inside the app (without the root path a proxy mounts it under)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def speaks_protocol(path: str) -> bool:
+    """Whether errors on this path take the Open Inference Protocol's shape."""
+    return path.startswith(PROTOCOL_PREFIX)
+
+
+def error_body(path: str, kind: str, message: str, *, named: bool = False) -> dict[str, Any]:
+    """The error document for a request to `path`.
+
+    `named`: the kind is a domain error's type (InvalidImage...), which the status alone
+    does not tell; the protocol's string then starts with it, as it has no `type` field.
+    """
+    if speaks_protocol(path):
+        return {"error": f"{kind}: {message}" if named else message}
+    return {"error": {"type": kind, "message": message}}
+
+
+def error_bytes(path: str, kind: str, message: str) -> bytes:
+    """`error_body` encoded, for the wrappers that answer with plain ASGI messages."""
+    return json.dumps(error_body(path, kind, message)).encode()
+
+
+def error_response(
+    path: str,
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    named: bool = False,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(path, kind, message, named=named),
+        status_code=status,
+        headers=None if headers is None else dict(headers),
+    )
+
+
+def invalid_request_status(path: str) -> int:
+    """A request that fails validation: 400 in the protocol (as Triton answers), else 422."""
+    return 400 if speaks_protocol(path) else 422
