@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,7 +23,7 @@ from ..store import Store
 from . import executions, sagemaker, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
-from .guards import BearerToken, BodyLimit
+from .guards import BearerToken, BodyLimit, RequestLog
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
 
@@ -125,25 +124,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     # Added last, so outermost: it sees every answer, the wrappers' refusals included.
-    @app.middleware("http")
-    async def request_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        elapsed = time.perf_counter() - started
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.observe_request(path, request.method, response.status_code, elapsed)
-        log.info(
-            "%s %s %d %.1f ms",
-            request.method,
-            request.url.path,
-            response.status_code,
-            elapsed * 1e3,
-        )
-        return response
-
+    app.add_middleware(RequestLog, metrics=metrics, logger=log)
     return app
 
 

@@ -1,4 +1,5 @@
-"""Wrappers around the app (plain ASGI middleware): the bearer token and the body limit.
+"""Wrappers around the app (plain ASGI middleware): the bearer token, the body limit and the
+request log.
 
 The routes know nothing of them, as Starlette builds its middleware stack by wrapping.
 """
@@ -6,6 +7,8 @@ The routes know nothing of them, as Starlette builds its middleware stack by wra
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -167,3 +170,38 @@ def _replay(body: bytes) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
+
+
+class RequestLog:
+    """One log line and the request metrics per HTTP request, timed to the last byte sent.
+
+    A plain ASGI wrapper: Starlette's `@app.middleware("http")` would copy every response
+    through a stream of its own.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Any, logger: logging.Logger) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log = logger
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            elapsed = time.perf_counter() - started
+            # The router names the route in the scope it was given (this very dict).
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.observe_request(route, scope["method"], status, elapsed)
+            self.log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1e3)
