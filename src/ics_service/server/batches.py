@@ -40,7 +40,7 @@ from ..engine.recording import ResultSink
 from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
-from .service import Service, is_realtime
+from .service import Service, is_realtime, plan_serving
 from .v1 import Forbidden, allowed_uri
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,13 @@ class Batches:
                 self._forget(job)
 
     def _runner(self, settings: Settings) -> ExecutionRunner:
-        return ExecutionRunner(settings, self.store, self.service.runtime)
+        # The server's model session was built for serving (one session on every core): run
+        # as many batches at once as it was planned for, not a batch run's one per core.
+        threads, workers = plan_serving(self.settings)
+        planned = settings.model_copy(
+            update={"inference_threads": threads, "inference_workers": workers}
+        )
+        return ExecutionRunner(planned, self.store, self.service.runtime)
 
     def _run(self, job: Job) -> None:
         runner = self._runner(job.settings)
