@@ -31,8 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..config import Settings
-from ..errors import ItemError, UsageError
-from ..types import utcnow
+from ..errors import UsageError
 from .service import Service
 from .sigv4 import Verifier, verifier_of
 
@@ -107,13 +106,8 @@ async def _invoke(request: Request) -> Response:
     _check_accept(request.headers.get("accept"))
     data = await request.body()
     uri = request.url.path
-    options = service.options()
-    started = utcnow()
-    try:
-        _, probs = await service.bounded(service.classify_with_probabilities(data, uri, options))
-    except ItemError as e:
-        await service.record_failure(uri, e.info(), options, started)
-        raise
+    outcome = await service.bounded(service.classify(data, uri, service.options()))
+    probs = outcome.raise_error()
     return Response(json.dumps(probs.tolist()), media_type="application/json")
 
 

@@ -24,12 +24,11 @@ from ..engine.decide import decide
 from ..engine.execution import REALTIME_PREFIX
 from ..engine.lifecycle import HEARTBEAT_SECONDS, is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
-from ..errors import UsageError
+from ..errors import ItemError, UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..types import (
-    ErrorInfo,
     Execution,
     ExecutionStatus,
     ImageInfo,
@@ -67,6 +66,23 @@ class Options:
 def plan_serving(settings: Settings) -> tuple[int, int]:
     """(intra-op threads, inference workers) of a server's model."""
     return plan_inference(settings.inference_threads, settings.inference_workers, serving=True)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One image of a request, recorded: its result, and the class probabilities (C,) it was
+    decided from, or the error that made it FAILED."""
+
+    result: ItemResult
+    probs: np.ndarray | None
+    error: ItemError | None
+
+    def raise_error(self) -> np.ndarray:
+        """The probabilities, or the image's error raised (a 4xx)."""
+        if self.error is not None:
+            raise self.error
+        assert self.probs is not None
+        return self.probs
 
 
 class Service:
@@ -114,20 +130,19 @@ class Service:
         """Class probabilities (C,) of one input (3, H, W), batched with other requests."""
         return await asyncio.wrap_future(self.batcher.submit(tensor))
 
-    async def classify(self, data: bytes, uri: str, options: Options) -> ItemResult:
-        """Decode, classify, decide and record one image; a bad image raises its ItemError."""
-        result, _ = await self.classify_with_probabilities(data, uri, options)
-        return result
-
-    async def classify_with_probabilities(
-        self, data: bytes, uri: str, options: Options
-    ) -> tuple[ItemResult, np.ndarray]:
-        """`classify`, with the class probabilities (C,) the decision was made from."""
+    async def classify(self, data: bytes, uri: str, options: Options) -> Outcome:
+        """Decode, classify, decide and record one image. An image that cannot be read is
+        recorded FAILED and its ItemError returned in the outcome, not raised."""
         started = utcnow()
         t0 = time.perf_counter()
-        tensor, image = await self.decode(data)
-        t1 = time.perf_counter()
-        probs = await self.predict(tensor)
+        try:
+            tensor, image = await self.decode(data)
+            t1 = time.perf_counter()
+            probs = await self.predict(tensor)
+        except ItemError as e:
+            failed = self._result(uri, options, started, ItemStatus.FAILED, error=e.info())
+            await self.record(failed)
+            return Outcome(failed, None, e)
         t2 = time.perf_counter()
         (d,) = decide(
             probs[None, :],
@@ -151,15 +166,7 @@ class Service:
             },
         )
         await self.record(result)
-        return result, probs
-
-    async def record_failure(
-        self, uri: str, error: ErrorInfo, options: Options, started: dt.datetime
-    ) -> ItemResult:
-        """Record a request's image that could not be classified, as a FAILED item."""
-        result = self._result(uri, options, started, ItemStatus.FAILED, error=error)
-        await self.record(result)
-        return result
+        return Outcome(result, probs, None)
 
     def _result(
         self,

@@ -15,8 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from .. import sources
-from ..errors import ItemError, UsageError
-from ..types import utcnow
+from ..errors import UsageError
 from .service import Options, Service
 
 router = APIRouter()
@@ -103,20 +102,9 @@ async def classify(
             "application/x-image or application/octet-stream), multipart `file` parts, or "
             'JSON {"image_base64": ...} or {"uri": ...}'
         )
-    return (await _classify_one(service, data, uri, options, raise_errors=True)).to_dict()
-
-
-async def _classify_one(
-    service: Service, data: bytes, uri: str, options: Options, *, raise_errors: bool
-) -> Any:
-    started = utcnow()
-    try:
-        return await service.bounded(service.classify(data, uri, options))
-    except ItemError as e:
-        failed = await service.record_failure(uri, e.info(), options, started)
-        if raise_errors:
-            raise
-        return failed
+    outcome = await service.bounded(service.classify(data, uri, options))
+    outcome.raise_error()
+    return outcome.result.to_dict()
 
 
 async def _classify_parts(request: Request, service: Service, options: Options) -> Any:
@@ -130,8 +118,8 @@ async def _classify_parts(request: Request, service: Service, options: Options) 
                 raise UsageError("each `file` part must be a file, not a text field")
             data = await part.read()
             uri = part.filename or "request"
-            result = await _classify_one(service, data, uri, options, raise_errors=False)
-            results.append(result.to_dict())
+            outcome = await service.bounded(service.classify(data, uri, options))
+            results.append(outcome.result.to_dict())
         return results
 
 

@@ -33,7 +33,6 @@ from .. import __version__
 from ..engine.decide import decide
 from ..errors import ItemError
 from ..models.card import ModelCard
-from ..types import utcnow
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -507,12 +506,10 @@ async def _classify_images(service: Service, images: list[bytes]) -> np.ndarray:
     async def one(i: int, data: bytes) -> None:
         uri = "request" if len(images) == 1 else f"request[{i}]"
         async with slots:
-            started = utcnow()
-            try:
-                _, probs[i] = await service.classify_with_probabilities(data, uri, options)
-            except ItemError as e:
-                await service.record_failure(uri, e.info(), options, started)
-                raise _InputFailed(i, e) from e
+            outcome = await service.classify(data, uri, options)
+            if outcome.error is not None:
+                raise _InputFailed(i, outcome.error)
+            probs[i] = outcome.raise_error()
 
     try:
         async with asyncio.TaskGroup() as group:
