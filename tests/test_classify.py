@@ -25,26 +25,7 @@ from ics_service.errors import ExitCode
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.store import Store
 from ics_service.types import ExecutionStatus, ItemResult, ItemStatus
-
-RESULT_FIELDS = {
-    "execution_id",
-    "item_id",
-    "uri",
-    "status",
-    "label",
-    "label_index",
-    "confidence",
-    "top_k",
-    "threshold",
-    "model",
-    "error",
-    "image",
-    "attempts",
-    "started_at",
-    "finished_at",
-    "timings_ms",
-}
-
+from records import RESULT_FIELDS
 
 ITEM_STATUSES = {s.value for s in ItemStatus}
 

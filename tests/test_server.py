@@ -32,6 +32,7 @@ from ics_service.server.v1 import allowed_uri
 from ics_service.store import Store
 from ics_service.types import ExecutionStatus, ModelRef
 from imagefiles import HEIC_HEAD, png_bomb, truncated_jpeg
+from records import RESULT_FIELDS
 from serving import client_of, error_of, serve_process
 
 # The async tests run on asyncio through anyio's pytest plugin.
@@ -43,25 +44,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-#: The fields of DESIGN.md's result record.
-RECORD_FIELDS = {
-    "execution_id",
-    "item_id",
-    "uri",
-    "status",
-    "label",
-    "label_index",
-    "confidence",
-    "top_k",
-    "threshold",
-    "model",
-    "error",
-    "image",
-    "attempts",
-    "started_at",
-    "finished_at",
-    "timings_ms",
-}
 ESPRESSO = 967
 
 
@@ -97,7 +79,7 @@ def metric_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def assert_espresso(doc: dict[str, Any]) -> None:
-    assert set(doc) >= RECORD_FIELDS, RECORD_FIELDS - set(doc)
+    assert set(doc) >= RESULT_FIELDS, RESULT_FIELDS - set(doc)
     assert doc["status"] == "SUCCEEDED"
     assert doc["label_index"] == ESPRESSO
     assert doc["label"] == "espresso"
@@ -223,7 +205,7 @@ async def test_multipart_files_get_one_record_each(ics_home: Path, runtime: Onnx
     docs = r.json()
     assert isinstance(docs, list) and len(docs) == 2
     ok, broken = docs
-    assert set(ok) >= RECORD_FIELDS and set(broken) >= RECORD_FIELDS
+    assert set(ok) >= RESULT_FIELDS and set(broken) >= RESULT_FIELDS
     assert (ok["uri"], ok["status"], ok["label_index"]) == ("coffee.jpg", "SUCCEEDED", ESPRESSO)
     assert (broken["uri"], broken["status"]) == ("broken.jpg", "FAILED")
     assert broken["error"]["type"] == "InvalidImage"

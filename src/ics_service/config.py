@@ -277,18 +277,14 @@ SECRETS = ("api_token", "sigv4_secret_access_key")
 
 def shown(settings: Settings) -> dict[str, Any]:
     """The settings as JSON values, secrets masked and the store URL's password hidden."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from .store.connection import safe_url
 
     values = settings.model_dump(mode="json")
     for key in SECRETS:
         if values.get(key):
             values[key] = "***"
     if values.get("store"):
-        try:
-            values["store"] = make_url(values["store"]).render_as_string(hide_password=True)
-        except (ArgumentError, ValueError):
-            values["store"] = "***"
+        values["store"] = safe_url(values["store"])
     return values
 
 

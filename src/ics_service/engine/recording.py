@@ -11,12 +11,13 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ..store import Store
 from ..types import ItemResult, ItemStatus, Step
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ResultSink(Protocol):
@@ -90,6 +91,20 @@ class StoreSink:
         self.history.flush()
 
 
+def take_waiting(q: queue.Queue[T | None]) -> tuple[list[T], bool]:
+    """What waits in q, without blocking, up to its None sentinel: (items, whether a None
+    was taken). Lets a writer coalesce what queued up meanwhile into one transaction."""
+    items: list[T] = []
+    while True:
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return items, False
+        if item is None:
+            return items, True
+        items.append(item)
+
+
 class Recorder:
     """Hands finished batches to the sinks on its own thread, off the inference path."""
 
@@ -110,15 +125,11 @@ class Recorder:
             if self.error is not None:
                 continue
             # Coalesce what is waiting into one write (one store transaction).
-            while True:
-                try:
-                    more = self.q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.q.put(None)
-                    break
+            waiting, closing = take_waiting(self.q)
+            for more in waiting:
                 batch.extend(more)
+            if closing:
+                self.q.put(None)  # seen by the loop's next get
             try:
                 for sink in self.sinks:
                     sink.write(batch)

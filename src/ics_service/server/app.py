@@ -26,6 +26,7 @@ from .errors import error_response, invalid_request_status, request_path, speaks
 from .guards import BearerToken, BodyLimit, RequestLog
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
+from .sigv4 import verifier_of
 
 log = logging.getLogger("ics_service.server")
 
@@ -116,7 +117,7 @@ def create_app(
 
     # The last added runs first: the body limit holds before the token check reads a body.
     token = settings.token
-    sigv4 = sagemaker.sigv4_verifier(settings)
+    sigv4 = verifier_of(settings)
     if token:
         app.add_middleware(BearerToken, token=token, sigv4=sigv4)
     elif sigv4 is not None:

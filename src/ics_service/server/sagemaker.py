@@ -28,12 +28,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from ..config import Settings
 from ..errors import UsageError
 from .service import Service
-from .sigv4 import Verifier, verifier_of
+from .v1 import readyz
 
 router = APIRouter()
 
@@ -65,21 +64,13 @@ class NotAcceptable(UsageError):
     http_status = 406
 
 
-def sigv4_verifier(settings: Settings) -> Verifier | None:
-    """The verifier of SigV4-signed invocations (for the token wrapper), if a key is set."""
-    return verifier_of(settings)
-
-
 @router.get(
     "/ping",
     summary="SageMaker health check: 200 once the model is loaded",
     responses={503: {"description": "not ready: the model is not loaded"}},
 )
 async def ping(request: Request) -> Response:
-    service: Service | None = getattr(request.app.state, "service", None)
-    if service is None or not service.ready:
-        return JSONResponse({"status": "starting"}, status_code=503)
-    return JSONResponse({"status": "ready", "model": service.model_ref.name})
+    return await readyz(request)
 
 
 def _invocation(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

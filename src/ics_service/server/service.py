@@ -24,6 +24,7 @@ from ..engine.decide import decide
 from ..engine.execution import REALTIME_PREFIX
 from ..engine.lifecycle import HEARTBEAT_SECONDS, is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
+from ..engine.recording import take_waiting
 from ..errors import ItemError, UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
@@ -247,18 +248,8 @@ class RealtimeLog:
                 continue
             if first is None:
                 break
-            batch = [first]
-            closing = False
-            while True:
-                try:
-                    more = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    closing = True
-                    break
-                batch.append(more)
-            self._write(batch)
+            waiting, closing = take_waiting(self._q)
+            self._write([first, *waiting])
             if closing:
                 break
         self._end_day()
