@@ -61,8 +61,8 @@ def plan_inference(threads: int, workers: int, *, serving: bool = False) -> tupl
     By default a batch run (`ics classify`) runs one single-thread model session per core,
     each on its own batches: measured on 2 cores, about 1.2 times one two-thread session,
     which shares the cores with decoding less well. A server (`serving`) runs one session
-    on every core instead: a lone request is answered in about half the time, and at 32
-    clients the rate stayed within 4 %.
+    on every core instead, so that a lone request has both cores (its serving figures are
+    in benchmarks/RESULTS.md).
     """
     cpus = available_cpus()
     if not threads and not workers:
