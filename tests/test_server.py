@@ -24,7 +24,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli import ics_process
 from ics_service.config import Settings
+from ics_service.errors import ExitCode
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server import create_app
@@ -33,7 +35,7 @@ from ics_service.store import Store
 from ics_service.types import ExecutionStatus, ModelRef
 from imagefiles import HEIC_HEAD, png_bomb, truncated_jpeg
 from records import RESULT_FIELDS
-from serving import client_of, error_of, serve_process
+from serving import client_of, error_of, free_port, serve_process
 
 # The async tests run on asyncio through anyio's pytest plugin.
 pytestmark = pytest.mark.anyio
@@ -693,3 +695,26 @@ async def test_hostile_inputs_are_refused_cleanly(ics_home: Path, runtime: OnnxR
         )
         assert taken.status_code == 400 and "kept for the real-time" in error_of(taken)["message"]
         assert (await client.post("/v1/classify", content=COFFEE)).status_code == 200
+
+
+def test_ics_serve_that_cannot_start_says_why_and_exits_4(ics_home: Path) -> None:
+    env = {"ICS_HOME": str(ics_home)}
+    down = ics_process(
+        "serve",
+        "--port",
+        str(free_port()),
+        "--store",
+        "postgresql://ics:pw@127.0.0.1:1/ics",
+        env=env,
+    )
+    assert down.returncode == ExitCode.ENVIRONMENT, down.stderr
+    assert "cannot open the execution store postgresql://ics:***@127.0.0.1:1/ics" in down.stderr
+    assert "Traceback" not in down.stderr and ":pw@" not in down.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = ics_process("serve", "--port", str(port), env=env)
+    assert busy.returncode == ExitCode.ENVIRONMENT, busy.stderr
+    assert f"cannot serve on 127.0.0.1:{port}" in busy.stderr
+    assert "Traceback" not in busy.stderr

@@ -149,7 +149,7 @@ def main(ctx: click.Context) -> None:
       1    the execution FAILED: more LOW_CONFIDENCE or FAILED items than tolerated
       2    usage or configuration error: fix the command line or the settings
       3    internal error: a bug in ICS (see the message to report it)
-      4    environment unavailable: the store or the disk cannot be used
+      4    environment unavailable: the store, the disk or the port cannot be used
       130  interrupted by SIGINT or SIGTERM (the execution is ABORTED)
     """
     ctx.meta[_GUARD] = ctx.with_resource(guarded())

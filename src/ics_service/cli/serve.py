@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from ..config import default
+from ..errors import EnvironmentUnavailable
 from .app import common_options, load_cli_settings, main
 
 
@@ -57,18 +58,36 @@ def serve(**kwargs: Any) -> None:
     import uvicorn
 
     from ..server import create_app
+    from ..server.app import load_model
+    from ..store import Store
 
     settings = load_cli_settings(kwargs).settings
-    app = create_app(settings)
-    # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then raises
-    # them again for the handlers it found: ignored, so that the exit is a clean 0.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
-    )
+    # Opened here, not in the app's start-up, so that a store that cannot be reached or a
+    # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
+    store = Store(settings.store_url)
+    try:
+        app = create_app(settings, runtime=load_model(settings), store=store)
+        # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
+        # raises them again for the handlers it found: ignored, so the exit is a clean 0.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            uvicorn.run(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
+            )
+        except SystemExit as e:
+            # uvicorn exits 3 when it cannot start (a port in use, an address not here),
+            # which is ICS's code for a bug: say what it is instead.
+            if e.code in (0, None):
+                raise
+            raise EnvironmentUnavailable(
+                f"cannot serve on {settings.host}:{settings.port} (the reason is on the line "
+                "above); choose another --port or --host"
+            ) from None
+    finally:
+        store.close()

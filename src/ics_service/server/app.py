@@ -44,7 +44,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own_store = store is None
         opened_store = store or Store(settings.store_url)
-        model = runtime or _load_runtime(settings)
+        model = runtime or load_model(settings)
         service = Service(settings, model, opened_store, metrics)
         app.state.service = service
         try:
@@ -133,7 +133,8 @@ def _path(request: Request) -> str:
     return request_path(request.scope)
 
 
-def _load_runtime(settings: Settings) -> ModelRuntime:
+def load_model(settings: Settings) -> ModelRuntime:
+    """The settings' model, planned for serving (one session on every core by default)."""
     from ..models import get_card, load_runtime
 
     threads, _ = plan_serving(settings)
