@@ -56,5 +56,7 @@ def ics_home(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     yield home
 
 
-# The execution store's backends (SQLite and PostgreSQL): the `store_url` fixture.
+# The execution store's backends (SQLite and PostgreSQL): the `store_url` fixture; a real
+# S3/SNS-protocol server (moto's server mode): the `aws_server` and `aws` fixtures.
+from awsserver import aws, aws_server  # noqa: E402, F401
 from store_backends import postgres_admin, store_backend, store_url  # noqa: E402, F401
