@@ -219,6 +219,37 @@ class Settings(BaseModel):
         le=64,
         description="Batch executions `ics serve` runs at once; more wait in a queue.",
     )
+    # --- `ics watch` and `POST /v1/events` ---------------------------------------------
+    watch_max_items: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Most new objects in one micro-batch (one execution) of `ics watch`.",
+    )
+    watch_max_wait_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=3600.0,
+        description="Most seconds a new object waits for its micro-batch to fill up.",
+    )
+    watch_settle_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=3600.0,
+        description="Seconds a file must stay unchanged (size and mtime) before it is read: "
+        "files still being written are not read half-way.",
+    )
+    watch_poll_interval_s: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=3600.0,
+        description="Seconds between two listings of a watched source when polling.",
+    )
+    watch_polling: bool = Field(
+        default=False,
+        description="Watch folders by listing them every watch_poll_interval_s instead of "
+        "by filesystem events (network file systems send none).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -124,8 +124,41 @@ def _v2(conn: Connection) -> None:
     )
 
 
+# Version 5: the state of watchers (`ics watch`, `POST /v1/events`), frozen.
+_V5_WATCHERS = """
+CREATE TABLE ics_watchers (
+	name VARCHAR(255) NOT NULL,
+	batches INTEGER NOT NULL,
+	created_at {ts} NOT NULL,
+	PRIMARY KEY (name)
+)"""
+_V5_WATCHED = """
+CREATE TABLE ics_watched (
+	watcher VARCHAR(255) NOT NULL,
+	uri TEXT NOT NULL,
+	version VARCHAR(255) NOT NULL,
+	execution_id VARCHAR(64) NOT NULL,
+	item_seq INTEGER NOT NULL,
+	registered_at {ts} NOT NULL,
+	PRIMARY KEY (watcher, uri, version),
+	FOREIGN KEY(execution_id) REFERENCES ics_executions (id)
+)"""
+_V5_INDEXES = ["CREATE INDEX ix_ics_watched_execution ON ics_watched (execution_id)"]
+_V5_TYPES = {"sqlite": {"ts": "DATETIME"}, "postgresql": {"ts": "TIMESTAMP WITH TIME ZONE"}}
+
+
+def _v5(conn: Connection) -> None:
+    """ics_watchers (a batch counter per watcher) and ics_watched (every object a watcher
+    registered, with the execution and item it became): a watcher's exactly-once state."""
+    words = _V5_TYPES[conn.dialect.name]
+    for table in (_V5_WATCHERS, _V5_WATCHED):
+        conn.exec_driver_sql(table.format(**words))
+    for index in _V5_INDEXES:
+        conn.exec_driver_sql(index)
+
+
 #: (version, migration) in order. The last version is the schema this code expects.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (5, _v5)]
 LATEST = MIGRATIONS[-1][0]
 
 

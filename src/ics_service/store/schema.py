@@ -93,3 +93,26 @@ events = Table(
     Column("details", Text, nullable=True),
 )
 Index("ix_ics_events_execution", events.c.execution_id, events.c.id)
+
+# Added by migration 5: what watchers (`ics watch`, `POST /v1/events`) have registered.
+watchers = Table(
+    "ics_watchers",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    # Micro-batches started so far: the next one's number (its execution name) comes from it.
+    Column("batches", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+watched = Table(
+    "ics_watched",
+    metadata,
+    Column("watcher", String(255), primary_key=True),
+    Column("uri", Text, primary_key=True),
+    # What tells one state of the object from another (size and mtime, or an ETag).
+    Column("version", String(255), primary_key=True),
+    Column("execution_id", String(64), ForeignKey("ics_executions.id"), nullable=False),
+    Column("item_seq", Integer, nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_ics_watched_execution", watched.c.execution_id)

@@ -1,0 +1,191 @@
+"""`ics watch`: classify new files in watched folders, in micro-batches, each exactly once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..config import default
+from ..errors import ExitCode
+from ..logs import printable
+from ..types import Execution, ExecutionStatus
+from .app import common_options, load_cli_settings, main, open_runner, signal_guard
+from .classify import batched, results_path_of
+
+if TYPE_CHECKING:
+    from ..engine import ExecutionRunner
+    from ..engine.recording import ResultSink
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option(
+    "--name",
+    "watcher_name",
+    help="Watcher name: its state (what it has classified) is kept under it in the store. "
+    "Default: the folder's name and a hash of the sources, the same on every start.",
+)
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Classify what is there and what completes meanwhile, then exit (for cron).",
+)
+@click.option(
+    "--max-items",
+    "watch_max_items",
+    type=int,
+    help=f"Most files per micro-batch (default {default('watch_max_items')}).",
+)
+@click.option(
+    "--max-wait",
+    "watch_max_wait_s",
+    type=float,
+    help="Most seconds a new file waits for its micro-batch to fill up "
+    f"(default {default('watch_max_wait_s')}).",
+)
+@click.option(
+    "--settle",
+    "watch_settle_s",
+    type=float,
+    help="Seconds a file must stay unchanged before it is read "
+    f"(default {default('watch_settle_s')}).",
+)
+@click.option(
+    "--poll-interval",
+    "watch_poll_interval_s",
+    type=float,
+    help=f"Seconds between listings when polling (default {default('watch_poll_interval_s')}).",
+)
+@click.option(
+    "--polling",
+    "watch_polling",
+    is_flag=True,
+    default=None,
+    help="List the folders every --poll-interval instead of using filesystem events "
+    "(network file systems send none).",
+)
+@click.option(
+    "-t",
+    "--threshold",
+    type=float,
+    help=f"Top confidence needed to SUCCEED (default {default('threshold')}).",
+)
+@click.option(
+    "-m", "--model", help=f"Model name (default {default('model')}; see `ics models list`)."
+)
+@click.option(
+    "--tolerated-failure-percentage",
+    type=float,
+    help="Percentage of LOW_CONFIDENCE/FAILED items a micro-batch tolerates before it FAILS.",
+)
+@click.option(
+    "--tolerated-failure-count",
+    type=int,
+    help="Number of LOW_CONFIDENCE/FAILED items a micro-batch tolerates before it FAILS.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each micro-batch as a JSON line.")
+@common_options
+def watch(
+    sources: tuple[str, ...],
+    watcher_name: str | None,
+    once: bool,
+    as_json: bool,
+    **kwargs: Any,
+) -> None:
+    """Classify new image files as they arrive in folders, each file exactly once.
+
+    SOURCE is a folder, watched recursively (hidden files skipped). New files are
+    classified in micro-batches (--max-items, --max-wait), each one execution named
+    watch-NAME-N with its results in HOME/results/EXECUTION_ID.jsonl; a line per
+    micro-batch is printed. A file is read once its size and modification time have not
+    changed for --settle seconds, so files still being written are not read half-way.
+
+    What was classified is kept in the execution store under the watcher's name: a
+    restart (even after a crash) skips what is registered, resumes an unfinished
+    micro-batch, and classifies what arrived meanwhile. A file replaced with new content
+    is classified again.
+
+    \b
+    Exit codes:
+      0    stopped by SIGINT or SIGTERM between micro-batches; with --once, every
+           micro-batch SUCCEEDED
+      1    with --once: a micro-batch FAILED (more LOW_CONFIDENCE or FAILED items
+           than tolerated)
+      2    usage or configuration error
+      3    internal error: a bug in ICS
+      4    environment unavailable: the store or the results disk cannot be used
+      130  a signal stopped a micro-batch midway: it is ABORTED, and the next start
+           of the watcher finishes it
+    """
+    from ..engine.watch import Watcher, check_watcher_name, default_name, feed_for
+
+    guard = signal_guard()
+    settings = load_cli_settings(kwargs).settings
+    name = watcher_name or default_name(sources)
+    check_watcher_name(name)
+    feeds = [
+        feed_for(
+            spec,
+            settle_s=settings.watch_settle_s,
+            poll_s=settings.watch_poll_interval_s,
+            polling=settings.watch_polling,
+        )
+        for spec in sources
+    ]
+    with open_runner(settings) as runner:
+
+        def on_batch(execution: Execution, resumed: bool) -> None:
+            _print_batch(runner, execution, resumed, as_json)
+
+        watcher = Watcher(
+            runner, name, feeds, sinks=lambda e: _results_file(runner, e), on_batch=on_batch
+        )
+        click.echo(
+            printable(f"watching {' '.join(f.spec for f in feeds)} as watcher {name!r}"),
+            err=True,
+        )
+        stop = guard.cooperate()
+        ran = watcher.run(stop, once=once)
+    if any(e.status is ExecutionStatus.ABORTED for e in ran):
+        sys.exit(ExitCode.INTERRUPTED)
+    if guard.received:
+        click.echo("stopped between micro-batches", err=True)
+    if once and any(e.status is ExecutionStatus.FAILED for e in ran):
+        sys.exit(ExitCode.FAILED)
+
+
+def _results_file(runner: ExecutionRunner, execution: Execution) -> list[ResultSink]:
+    """The micro-batch's results file, as `ics classify` writes it; for a resumed one,
+    rebuilt from the store first (a crash may have cut it)."""
+    from ..outputs import ResultsWriter
+
+    writer = ResultsWriter(results_path_of(runner.settings, execution))
+    try:
+        for batch in batched(runner.store.results(execution.id), 1000):
+            writer.write(batch)
+    except BaseException:
+        writer.close()
+        raise
+    return [writer]
+
+
+def _print_batch(
+    runner: ExecutionRunner, execution: Execution, resumed: bool, as_json: bool
+) -> None:
+    path = results_path_of(runner.settings, execution)
+    if as_json:
+        doc = {**execution.to_dict(), "resumed": resumed, "results": path}
+        doc.pop("params", None)
+        click.echo(json.dumps(doc, default=str))
+        return
+    c = execution.counts
+    click.echo(
+        printable(
+            f"{execution.name} {execution.id} {execution.status.value}"
+            f"{' (resumed)' if resumed else ''}: {c.total} items, {c.succeeded} succeeded, "
+            f"{c.low_confidence} low confidence, {c.failed} failed; results {path}"
+        )
+    )

@@ -1,0 +1,379 @@
+"""Watching sources for new objects, classified in micro-batches, each object exactly once.
+
+The watcher is a new place items come from, not a new engine: a micro-batch is an ordinary
+execution (named `watch-NAME-N`) that ExecutionRunner runs. What the watcher adds is
+finding new objects (a `Feed` per source), waiting until each is complete, grouping them
+(at most watch_max_items, waiting at most watch_max_wait_s) and registering them through
+the store's watch state (store/watched.py), which makes "seen" and "registered" one
+transaction. `POST /v1/events` registers the objects an S3 event names through
+`start_batch` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+from .. import sources
+from ..errors import UsageError
+from ..imaging import IMAGE_EXTENSIONS, SNIFF_BYTES, looks_like_image
+from ..sources.local import LocalSource, path_to_uri
+from ..store.watched import Seen, WatchState
+from ..types import Execution, ExecutionStatus
+from .execution import ExecutionRunner, execution_params
+from .lifecycle import is_orphaned
+from .recording import ResultSink
+
+log = logging.getLogger(__name__)
+
+#: With filesystem events, the folder is still listed this often: a full event queue
+#: (inotify overflow) or a missed event must not hide a file for ever.
+RESCAN_S = 60.0
+#: How often objects that are not complete yet are looked at again.
+SETTLE_CHECK_S = 0.25
+#: The longest part of a watcher name taken from its sources.
+_NAME_PART = 40
+
+
+class Feed(Protocol):
+    """Where a watcher finds new objects: one watched source."""
+
+    spec: str
+
+    def start(self, wake: Callable[[], None]) -> None:
+        """Begin watching; `wake` may be called (from any thread) when something changed."""
+        ...
+
+    def poll(self) -> list[Seen]:
+        """Objects complete now that this feed has not returned before."""
+        ...
+
+    def unsettled(self) -> int:
+        """How many objects were seen but are not complete yet."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FolderFeed:
+    """A local folder, recursively: filesystem events (watchdog), or listing it every
+    `poll_s` seconds. A file is complete once its size and mtime have not changed for
+    `settle_s` seconds."""
+
+    def __init__(self, folder: str, *, settle_s: float, poll_s: float, polling: bool) -> None:
+        self.spec = folder
+        self.polling = polling
+        self._settle_s = settle_s
+        self._poll_s = poll_s
+        self._observer: object | None = None
+        self._lock = threading.Lock()
+        self._changed: set[str] = set()
+        self._scan_due = 0.0
+        #: Files seen but not complete: path → the version last seen.
+        self._pending: dict[str, str] = {}
+        #: URI → version of every object returned (the watch state holds the same).
+        self._returned: dict[str, str] = {}
+
+    def start(self, wake: Callable[[], None]) -> None:
+        if self.polling:
+            return
+        try:
+            from watchdog.events import FileSystemEvent, FileSystemEventHandler
+            from watchdog.observers import Observer
+
+            feed = self
+
+            class Handler(FileSystemEventHandler):
+                def on_any_event(self, event: FileSystemEvent) -> None:
+                    if event.is_directory:
+                        # A folder moved in brings files that sent no event of their own.
+                        feed._scan_due = 0.0
+                    paths = [event.src_path, getattr(event, "dest_path", "")]
+                    with feed._lock:
+                        feed._changed.update(os.fsdecode(p) for p in paths if p)
+                    wake()
+
+            observer = Observer()
+            observer.schedule(Handler(), self.spec, recursive=True)
+            observer.start()
+        except Exception as e:  # inotify limits, an unsupported file system...
+            log.warning(
+                "cannot watch %s for filesystem events (%s): listing it every %g s instead",
+                self.spec,
+                e,
+                self._poll_s,
+            )
+            self.polling = True
+            return
+        self._observer = observer
+
+    def poll(self) -> list[Seen]:
+        paths = set(self._pending)
+        now = time.monotonic()
+        if now >= self._scan_due:
+            paths.update(sources.uri_to_path(u) for u in LocalSource().list(self.spec))
+            self._scan_due = now + (self._poll_s if self.polling else RESCAN_S)
+        with self._lock:
+            changed, self._changed = self._changed, set()
+        paths.update(p for p in changed if self._wanted(p))
+        ready = []
+        for path in sorted(paths):
+            seen = self._check(path)
+            if seen is not None:
+                ready.append(seen)
+        return ready
+
+    def unsettled(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        observer = self._observer
+        if observer is not None:
+            observer.stop()  # type: ignore[attr-defined]
+            observer.join(5.0)  # type: ignore[attr-defined]
+            self._observer = None
+
+    def _wanted(self, path: str) -> bool:
+        """What a listing of the folder would return: image files, hidden ones skipped."""
+        rel = os.path.relpath(path, self.spec)
+        if rel.startswith("..") or any(part.startswith(".") for part in rel.split(os.sep)):
+            return False
+        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            return True
+        try:
+            with open(path, "rb") as f:
+                return stat.S_ISREG(os.fstat(f.fileno()).st_mode) and looks_like_image(
+                    f.read(SNIFF_BYTES)
+                )
+        except OSError:
+            return False
+
+    def _check(self, path: str) -> Seen | None:
+        """The file as a complete object, or None: gone, not a file, still changing, or
+        returned already in this state."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._pending.pop(path, None)
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self._pending.pop(path, None)
+            return None
+        uri = path_to_uri(path)
+        version = f"{st.st_size}:{st.st_mtime_ns}"
+        if self._returned.get(uri) == version:
+            self._pending.pop(path, None)
+            return None
+        before = self._pending.get(path)
+        quiet = time.time() - st.st_mtime >= self._settle_s
+        if quiet and before in (None, version):
+            self._pending.pop(path, None)
+            self._returned[uri] = version
+            return Seen(uri, version)
+        self._pending[path] = version
+        return None
+
+
+def feed_for(spec: str, *, settle_s: float, poll_s: float, polling: bool) -> Feed:
+    """The feed watching one SOURCE; a source that cannot be watched is a UsageError."""
+    if sources.scheme_of(spec) != "file":
+        raise UsageError(
+            f"cannot watch {spec}: only local folders can be watched "
+            f"({sources.scheme_of(spec)}:// sources are not supported by `ics watch`)"
+        )
+    path = os.path.abspath(os.path.expanduser(sources.uri_to_path(spec)))
+    if not os.path.isdir(path):
+        what = "does not exist" if not os.path.lexists(path) else "is not a folder"
+        raise UsageError(f"cannot watch {spec}: it {what}; name a folder to watch")
+    return FolderFeed(path, settle_s=settle_s, poll_s=poll_s, polling=polling)
+
+
+def default_name(specs: Sequence[str]) -> str:
+    """A watcher name for these sources: readable, and the same on every start."""
+    canonical = sorted(
+        os.path.abspath(os.path.expanduser(sources.uri_to_path(s)))
+        if sources.scheme_of(s) == "file"
+        else s
+        for s in specs
+    )
+    digest = hashlib.sha256("\n".join(canonical).encode("utf-8", "surrogateescape")).hexdigest()
+    base = os.path.basename(canonical[0].rstrip("/")) or "root"
+    base = re.sub(r"[^A-Za-z0-9_.]+", "_", base).strip("_.")[:_NAME_PART] or "watch"
+    return f"{base}-{digest[:8]}"
+
+
+def check_watcher_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}", name):
+        raise UsageError(
+            f"bad watcher name {name!r}: use letters, digits, '.', '_' and '-' "
+            "(at most 200, starting with a letter or digit)"
+        )
+
+
+def start_batch(
+    runner: ExecutionRunner, state: WatchState, objects: Sequence[Seen], specs: Sequence[str]
+) -> Execution | None:
+    """Register the objects not registered yet as one new micro-batch execution, claimed
+    by the runner's process; None when there are none."""
+    s = runner.settings
+    return state.register(
+        objects,
+        params=execution_params(s, list(specs), watcher=state.watcher),
+        model=runner.model_ref,
+        threshold=s.threshold,
+        owner=runner.owner,
+    )
+
+
+#: Called after each micro-batch with its execution and whether it was a resumed one.
+OnBatch = Callable[[Execution, bool], None]
+
+
+class Watcher:
+    """Micro-batches of new objects from some feeds, each run as an execution."""
+
+    def __init__(
+        self,
+        runner: ExecutionRunner,
+        name: str,
+        feeds: Sequence[Feed],
+        *,
+        sinks: Callable[[Execution], list[ResultSink]] = lambda _e: [],
+        on_batch: OnBatch = lambda _e, _r: None,
+    ) -> None:
+        self.runner = runner
+        self.name = name
+        self.feeds = list(feeds)
+        self.state = WatchState(runner.store, name)
+        self._sinks = sinks
+        self._on_batch = on_batch
+        self.executions: list[Execution] = []
+
+    def recover(self, stop: threading.Event) -> None:
+        """Finish the micro-batches a previous run left (killed, stopped by a signal)."""
+        for execution in self.state.unfinished():
+            if stop.is_set():
+                return
+            if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
+                raise UsageError(
+                    f"watcher {self.name!r} is already running (execution {execution.id} in "
+                    f"{execution.owner}); stop it first, or give this one another --name"
+                )
+            log.warning(
+                "watcher %s: resuming %s (%s), left %s by an earlier run",
+                self.name,
+                execution.name,
+                execution.id,
+                execution.status.value,
+                extra={"execution_id": execution.id},
+            )
+            try:
+                execution = self.runner.prepare_resume(execution.id)
+            except UsageError as e:  # nothing left to run in it
+                log.warning("watcher %s: %s", self.name, e)
+                continue
+            self._run(execution, stop, resumed=True)
+
+    def run(self, stop: threading.Event, *, once: bool = False) -> list[Execution]:
+        """Watch until `stop` is set (or, with `once`, until every object found so far is
+        complete and classified); returns the micro-batch executions run."""
+        s = self.runner.settings
+        wake = threading.Event()
+        started: list[Feed] = []
+        try:
+            for feed in self.feeds:
+                feed.start(wake.set)
+                started.append(feed)
+            self.recover(stop)
+            waiting: list[Seen] = []
+            since = 0.0
+            while not stop.is_set():
+                fresh = self._fresh(waiting)
+                if fresh and not waiting:
+                    since = time.monotonic()
+                waiting.extend(fresh)
+                unsettled = sum(f.unsettled() for f in self.feeds)
+                while waiting and not stop.is_set():
+                    full = len(waiting) >= s.watch_max_items
+                    due = time.monotonic() - since >= s.watch_max_wait_s
+                    if not (full or due or (once and not unsettled)):
+                        break
+                    batch, waiting = waiting[: s.watch_max_items], waiting[s.watch_max_items :]
+                    self._start(batch, stop)
+                    since = time.monotonic()
+                if once and not waiting and not unsettled:
+                    break
+                _wait(wake, stop, self._tick(bool(waiting or unsettled)))
+        finally:
+            for feed in started:
+                feed.close()
+        return self.executions
+
+    def _fresh(self, waiting: Iterable[Seen]) -> list[Seen]:
+        found = [seen for feed in self.feeds for seen in feed.poll()]
+        if not found:
+            return []
+        skip = self.state.known(found) | set(waiting)
+        return [seen for seen in dict.fromkeys(found) if seen not in skip]
+
+    def _tick(self, busy: bool) -> float:
+        s = self.runner.settings
+        if busy:
+            return min(SETTLE_CHECK_S, max(s.watch_max_wait_s, 0.05))
+        polling = any(getattr(f, "polling", True) for f in self.feeds)
+        return s.watch_poll_interval_s if polling else RESCAN_S
+
+    def _start(self, batch: Sequence[Seen], stop: threading.Event) -> None:
+        execution = start_batch(self.runner, self.state, batch, [f.spec for f in self.feeds])
+        if execution is not None:
+            self._run(execution, stop, resumed=False)
+
+    def _run(self, execution: Execution, stop: threading.Event, *, resumed: bool) -> None:
+        # What escapes (a lost store, a full disk) is recorded on the execution and ends the
+        # watcher: the next start resumes the micro-batch.
+        with self.runner.ending_on_error(execution.id):
+            sinks = self._sinks(execution)
+        with _linked(stop) as batch_stop:
+            finished = self.runner.run(execution, sinks=sinks, stop=batch_stop)
+        self.executions.append(finished)
+        self._on_batch(finished, resumed)
+
+
+def _wait(wake: threading.Event, stop: threading.Event, seconds: float) -> None:
+    """Wait until woken, stopped or `seconds` have passed (in slices: a signal handler
+    sets `stop`, which no single wait could also watch)."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        if wake.wait(min(left, 0.5)):
+            break
+    wake.clear()
+
+
+@contextmanager
+def _linked(stop: threading.Event) -> Iterator[threading.Event]:
+    """An event set when `stop` is, for one run: the pipeline sets its stop event when it
+    ends, which must not stop the watcher."""
+    linked = threading.Event()
+    done = threading.Event()
+
+    def relay() -> None:
+        while not done.is_set():
+            if stop.wait(0.1):
+                linked.set()
+                return
+
+    thread = threading.Thread(target=relay, name="ics-watch-stop", daemon=True)
+    thread.start()
+    try:
+        yield linked
+    finally:
+        done.set()
+        thread.join()

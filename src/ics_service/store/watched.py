@@ -1,0 +1,214 @@
+"""A watcher's exactly-once state: which objects it registered, as items of which execution.
+
+One transaction takes the watcher's next micro-batch number, creates its execution (RUNNING,
+owned by the caller, every item listed), registers as items the objects no earlier batch
+registered, and records them in `ics_watched`. A crash before the commit leaves nothing; a
+crash after it leaves an execution that a resume finishes. So an object is never lost
+between "seen" and "registered", and never registered twice: the primary key of
+`ics_watched` settles even two processes registering one object at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Insert, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..types import Execution, ExecutionStatus, ModelRef, utcnow
+from .connection import store_errors
+from .queries import Store, new_execution_id
+from .rows import event_to_row, execution_from_row
+from .schema import events, executions, items, watched, watchers
+
+#: Objects looked up per query (an IN list).
+_CHUNK = 500
+#: Watch executions of one watcher looked at for resuming, at most.
+_UNFINISHED_SCANNED = 10_000
+
+
+@dataclass(frozen=True)
+class Seen:
+    """An object a watcher found: its item URI and what tells this state of it from others."""
+
+    uri: str
+    version: str
+
+
+def batch_prefix(watcher: str) -> str:
+    """The start of the execution names of a watcher's micro-batches (`watch-NAME-N`)."""
+    return f"watch-{watcher}-"
+
+
+class WatchState:
+    """The state of one watcher (by name) in a store."""
+
+    def __init__(self, store: Store, watcher: str) -> None:
+        self.store = store
+        self.watcher = watcher
+
+    def known(self, objects: Iterable[Seen]) -> set[Seen]:
+        """Which of the objects this watcher registered already."""
+        wanted = list(dict.fromkeys(objects))
+        found: set[Seen] = set()
+        w = watched.c
+        with store_errors(self.store.safe_url), self.store.engine.connect() as conn:
+            for i in range(0, len(wanted), _CHUNK):
+                uris = [s.uri for s in wanted[i : i + _CHUNK]]
+                rows = conn.execute(
+                    select(w.uri, w.version).where(w.watcher == self.watcher, w.uri.in_(uris))
+                ).all()
+                found.update(Seen(r.uri, r.version) for r in rows)
+        return found & set(wanted)
+
+    def executions_of(self, objects: Iterable[Seen]) -> list[str]:
+        """The ids of the executions that registered these objects."""
+        wanted = list(dict.fromkeys(objects))
+        ids: set[str] = set()
+        w = watched.c
+        with store_errors(self.store.safe_url), self.store.engine.connect() as conn:
+            for i in range(0, len(wanted), _CHUNK):
+                chunk = wanted[i : i + _CHUNK]
+                rows = conn.execute(
+                    select(w.uri, w.version, w.execution_id).where(
+                        w.watcher == self.watcher, w.uri.in_([s.uri for s in chunk])
+                    )
+                ).all()
+                ids.update(r.execution_id for r in rows if Seen(r.uri, r.version) in chunk)
+        return sorted(ids)
+
+    def register(
+        self,
+        objects: Sequence[Seen],
+        *,
+        params: dict[str, Any],
+        model: ModelRef,
+        threshold: float,
+        owner: str,
+    ) -> Execution | None:
+        """The next micro-batch's execution with the objects not registered yet as its
+        items, all in one transaction; None (and nothing written) when there are none."""
+        fresh = list(dict.fromkeys(objects))
+        with (
+            store_errors(self.store.safe_url),
+            self.store.engine.connect() as conn,
+            conn.begin() as tx,
+        ):
+            # The counter's row lock (the database's on SQLite) serializes registrations
+            # of one watcher, so the number, and which objects are new, are settled.
+            n = self._next_batch(conn)
+            execution_id = new_execution_id()
+            now = utcnow()
+            conn.execute(
+                insert(executions).values(
+                    id=execution_id,
+                    name=f"{batch_prefix(self.watcher)}{n}",
+                    status=ExecutionStatus.RUNNING.value,
+                    params=json.dumps(params, default=str),
+                    model_name=model.name,
+                    model_version=model.version,
+                    threshold=threshold,
+                    total=0,
+                    succeeded=0,
+                    low_confidence=0,
+                    failed=0,
+                    started_at=now,
+                    updated_at=now,
+                    owner=owner,
+                    heartbeat_at=now,
+                    cancel_requested=False,
+                    items_listed=True,
+                )
+            )
+            added: list[Seen] = []
+            for obj in fresh:
+                row = {
+                    "watcher": self.watcher,
+                    "uri": obj.uri,
+                    "version": obj.version,
+                    "execution_id": execution_id,
+                    "item_seq": len(added),
+                    "registered_at": now,
+                }
+                if conn.execute(_insert_new(conn, row)).first() is not None:
+                    added.append(obj)
+            if not added:
+                tx.rollback()
+                return None
+            conn.execute(
+                insert(items),
+                [
+                    {"execution_id": execution_id, "seq": seq, "uri": s.uri, "attempts": 0}
+                    for seq, s in enumerate(added)
+                ],
+            )
+            conn.execute(
+                update(executions).where(executions.c.id == execution_id).values(total=len(added))
+            )
+            conn.execute(
+                insert(events).values(
+                    **event_to_row(
+                        execution_id,
+                        "ExecutionStarted",
+                        None,
+                        {"params": params, "watcher": self.watcher},
+                    )
+                )
+            )
+        return self.store.get_execution(execution_id)
+
+    def _next_batch(self, conn: Connection) -> int:
+        values = {"name": self.watcher, "batches": 1, "created_at": utcnow()}
+        stmt = (
+            _dialect(conn)
+            .insert(watchers)
+            .values(**values)
+            .on_conflict_do_update(
+                index_elements=[watchers.c.name], set_={"batches": watchers.c.batches + 1}
+            )
+            .returning(watchers.c.batches)
+        )
+        return int(conn.execute(stmt).scalar_one())
+
+    def unfinished(self) -> list[Execution]:
+        """This watcher's micro-batch executions that have not ended (RUNNING, ABORTED),
+        oldest first."""
+        prefix = batch_prefix(self.watcher)
+        c = executions.c
+        q = (
+            select(executions)
+            .where(
+                c.status.in_([ExecutionStatus.RUNNING.value, ExecutionStatus.ABORTED.value]),
+                func.substr(c.name, 1, len(prefix)) == prefix,
+            )
+            .order_by(c.started_at, c.id)
+            .limit(_UNFINISHED_SCANNED)
+        )
+        with store_errors(self.store.safe_url), self.store.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        # "watch-a-" also starts "watch-a-b-1", the batches of watcher "a-b".
+        return [
+            execution_from_row(r._mapping)
+            for r in rows
+            if str(r._mapping["name"])[len(prefix) :].isdigit()
+        ]
+
+
+def _dialect(conn: Connection) -> Any:
+    return postgresql if conn.dialect.name == "postgresql" else sqlite
+
+
+def _insert_new(conn: Connection, row: dict[str, Any]) -> Insert:
+    """INSERT the row unless its key is there already (then it changes nothing); it
+    returns a row only when it inserted one (rowcount is not reliable for INSERT)."""
+    stmt: Insert = (
+        _dialect(conn)
+        .insert(watched)
+        .values(**row)
+        .on_conflict_do_nothing()
+        .returning(watched.c.item_seq)
+    )
+    return stmt

@@ -1,0 +1,449 @@
+"""`ics watch`: new files classified in micro-batches, each exactly once, across restarts
+and `kill -9`; files still being written are read only when complete; polling, by choice
+and when filesystem events cannot be had. Real files, the real model, real processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from cli import ICS_BIN, ics
+from ics_service.config import Settings
+from ics_service.engine.execution import ExecutionRunner
+from ics_service.engine.watch import FolderFeed, Watcher, default_name, feed_for
+from ics_service.errors import StoreError
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.store import Store
+from ics_service.store.schema import executions, items
+from ics_service.store.watched import Seen, WatchState
+from ics_service.types import Execution, ExecutionStatus, ModelRef
+
+#: Most seconds a test waits for the watcher to get somewhere.
+DEADLINE_S = 120.0
+
+
+def watch_items(store_url: str, watcher: str) -> list[dict[str, Any]]:
+    """Every item of the watcher's micro-batch executions: uri, status, result, execution."""
+    store = opened(store_url)
+    if store is None:
+        return []
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(items.c.uri, items.c.status, items.c.result, executions.c.name)
+                .join(executions, executions.c.id == items.c.execution_id)
+                .where(executions.c.name.like(f"watch-{watcher}-%"))
+            ).all()
+    finally:
+        store.close()
+    return [
+        {
+            "uri": r.uri,
+            "status": r.status,
+            "result": None if r.result is None else json.loads(r.result),
+            "execution": r.name,
+        }
+        for r in rows
+    ]
+
+
+def batch_executions(store_url: str, watcher: str) -> list[Execution]:
+    store = opened(store_url)
+    if store is None:
+        return []
+    try:
+        return [
+            e
+            for e in store.list_executions(limit=10_000)
+            if (e.name or "").startswith(f"watch-{watcher}-")
+        ]
+    finally:
+        store.close()
+
+
+def opened(store_url: str) -> Store | None:
+    """The watcher's store, or None while the watcher has not created it yet."""
+    try:
+        return Store(store_url, create=False)
+    except StoreError:
+        return None
+
+
+def wait_for(what: str, check: Any, deadline_s: float = DEADLINE_S) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {deadline_s} s"
+        time.sleep(0.1)
+
+
+def copies(photos: Path, folder: Path, n: int, start: int = 0) -> list[Path]:
+    """n distinct image files in folder: hard links to the photos under new names."""
+    originals = sorted(photos.iterdir())
+    made = []
+    for i in range(start, start + n):
+        src = originals[i % len(originals)]
+        dst = folder / f"{i:04d}-{src.name}"
+        os.link(src, dst)
+        made.append(dst)
+    return made
+
+
+def watch_process(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(ICS_BIN), "watch", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # A background job of a non-interactive shell starts with SIGINT ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+
+
+@pytest.fixture
+def inbox(tmp_path: Path) -> Path:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    return folder
+
+
+# --- the state in the store -------------------------------------------------------------
+
+
+def test_the_watch_state_registers_each_object_once(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        state = WatchState(store, "w")
+        model = ModelRef("m", "1")
+
+        def register(*uris: str) -> Execution | None:
+            return state.register(
+                [Seen(u, "v1") for u in uris],
+                params={"sources": ["/in"]},
+                model=model,
+                threshold=0.5,
+                owner="test:1",
+            )
+
+        first = register("/in/a.jpg", "/in/b.jpg", "/in/a.jpg")
+        assert first is not None
+        assert first.name == "watch-w-1"
+        assert first.status is ExecutionStatus.RUNNING and first.items_listed
+        assert first.counts.total == 2
+        assert [i.uri for i in store.pending_items(first.id)] == ["/in/a.jpg", "/in/b.jpg"]
+        assert [e.type for e in store.history(first.id)] == ["ExecutionStarted"]
+
+        # Nothing new: no execution, and the batch number is not used up.
+        assert register("/in/b.jpg", "/in/a.jpg") is None
+        second = register("/in/b.jpg", "/in/c.jpg")
+        assert second is not None and second.name == "watch-w-2"
+        assert [i.uri for i in store.pending_items(second.id)] == ["/in/c.jpg"]
+        assert state.known([Seen("/in/a.jpg", "v1"), Seen("/in/a.jpg", "v2")]) == {
+            Seen("/in/a.jpg", "v1")
+        }
+        assert state.executions_of([Seen("/in/c.jpg", "v1"), Seen("/in/a.jpg", "v1")]) == sorted(
+            [first.id, second.id]
+        )
+        # Another watcher has a state of its own.
+        other = WatchState(store, "w-x").register(
+            [Seen("/in/a.jpg", "v1")], params={}, model=model, threshold=0.5, owner="test:1"
+        )
+        assert other is not None and other.name == "watch-w-x-1"
+        assert [e.name for e in state.unfinished()] == ["watch-w-1", "watch-w-2"]
+
+        # Threads registering overlapping objects at once: each object once in all.
+        uris = [f"/in/{i:03d}.jpg" for i in range(60)]
+        made: list[Execution | None] = []
+
+        def racer(k: int) -> None:
+            own = Store(store_url)
+            try:
+                made.append(
+                    WatchState(own, "race").register(
+                        [Seen(u, "v1") for u in uris[k * 10 : k * 10 + 40]],
+                        params={},
+                        model=model,
+                        threshold=0.5,
+                        owner="test:1",
+                    )
+                )
+            finally:
+                own.close()
+
+        threads = [threading.Thread(target=racer, args=(k,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        registered = [i.uri for e in made if e is not None for i in store.pending_items(e.id)]
+        assert sorted(registered) == uris
+        assert sorted(e.name or "" for e in made if e is not None) == [
+            f"watch-race-{n}" for n in range(1, len([e for e in made if e]) + 1)
+        ]
+    finally:
+        store.close()
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def test_once_classifies_what_is_there_and_never_again(
+    ics_home: Path, photos: Path, inbox: Path
+) -> None:
+    for p in sorted(photos.iterdir()):
+        shutil.copy(p, inbox / p.name)
+    (inbox / ".partial.jpg").write_bytes(b"hidden files are not watched")
+    args = ["watch", str(inbox), "--once", "--settle", "0", "--max-items", "4", "--json"]
+    args += ["--threshold", "0.2", "--tolerated-failure-percentage", "100"]
+
+    res = ics(*args)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    n = len(list(photos.iterdir()))
+    assert [doc["counts"]["total"] for doc in lines] == [4] * (n // 4) + ([n % 4] if n % 4 else [])
+    name = default_name([str(inbox)])
+    assert [doc["name"] for doc in lines] == [f"watch-{name}-{i + 1}" for i in range(len(lines))]
+    assert all(doc["status"] == "SUCCEEDED" and not doc["resumed"] for doc in lines)
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    found = watch_items(store_url, name)
+    assert sorted(i["uri"] for i in found) == sorted(str(inbox / p.name) for p in photos.iterdir())
+    coffee = next(i["result"] for i in found if i["uri"].endswith("coffee.jpg"))
+    assert coffee["label"] == "espresso"
+    # Each micro-batch has its results file, as `ics classify` writes one.
+    for doc in lines:
+        assert len(Path(doc["results"]).read_text().splitlines()) == doc["counts"]["total"]
+
+    again = ics(*args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == ""
+    assert len(watch_items(store_url, name)) == n
+
+    # A new file, and one replaced with new content: those two only.
+    shutil.copy(photos / "camera.jpg", inbox / "new-camera.jpg")
+    shutil.copy(photos / "camera.jpg", inbox / "coffee.jpg")
+    os.utime(inbox / "coffee.jpg", (time.time() - 10, time.time() - 10))
+    third = ics(*args)
+    assert third.exit_code == 0, third.output
+    (doc,) = [json.loads(line) for line in third.stdout.splitlines()]
+    assert doc["counts"]["total"] == 2
+    latest = [i for i in watch_items(store_url, name) if i["execution"] == doc["name"]]
+    assert sorted(Path(i["uri"]).name for i in latest) == ["coffee.jpg", "new-camera.jpg"]
+    camera = next(i["result"]["label"] for i in found if i["uri"].endswith("/camera.jpg"))
+    assert {i["result"]["label"] for i in latest} == {camera}
+
+
+def test_bad_sources_and_names_are_usage_errors(ics_home: Path, tmp_path: Path) -> None:
+    res = ics("watch", str(tmp_path / "missing"), "--once")
+    assert res.exit_code == 2
+    assert "cannot watch" in res.output and "does not exist" in res.output
+    (tmp_path / "f.jpg").write_bytes(b"x")
+    res = ics("watch", str(tmp_path / "f.jpg"), "--once")
+    assert res.exit_code == 2 and "is not a folder" in res.output
+    res = ics("watch", "gs://bucket/prefix/", "--once")
+    assert res.exit_code == 2 and "only local folders" in res.output
+    res = ics("watch", str(tmp_path), "--name", "no spaces", "--once")
+    assert res.exit_code == 2 and "bad watcher name" in res.output
+    res = ics("watch", str(tmp_path), "--max-items", "0", "--once")
+    assert res.exit_code == 2 and "--max-items" in res.output
+
+
+@pytest.mark.slow
+def test_files_added_while_it_runs_are_classified_once(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    copies(photos, inbox, 3)
+    log = tmp_path / "watch.log"
+    proc = watch_process(
+        str(inbox), "--name", "live", "--settle", "0.3", "--max-wait", "0.5", "--json", log=log
+    )
+    try:
+        wait_for("first batch", lambda: len(watch_items(store_url, "live")) == 3)
+        added = copies(photos, inbox, 5, start=3)
+        (inbox / "sub").mkdir()
+        added += copies(photos, inbox / "sub", 4, start=8)
+        wait_for(
+            "every file classified",
+            lambda: (
+                all(i["status"] for i in watch_items(store_url, "live"))
+                and len(watch_items(store_url, "live")) == 12
+            ),
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    found = watch_items(store_url, "live")
+    counts = Counter(i["uri"] for i in found)
+    assert set(counts.values()) == {1}
+    assert {str(p) for p in added} <= set(counts)
+    out = log.read_text()
+    assert "stopped between micro-batches" in out
+    batches = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert sum(b["counts"]["total"] for b in batches) == 12
+
+
+@pytest.mark.slow
+def test_a_kill_9_in_the_middle_misses_none_and_repeats_none(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    first = copies(photos, inbox, 400)
+    log = tmp_path / "watch.log"
+    args = ["--name", "crash", "--settle", "0", "--max-items", "100", "--polling"]
+    proc = watch_process(str(inbox), *args, "--poll-interval", "0.2", log=log)
+    try:
+
+        def results_in_a_running_batch() -> bool:
+            running = {
+                e.name for e in batch_executions(store_url, "crash") if not e.status.finished
+            }
+            return any(
+                i["status"] and i["execution"] in running for i in watch_items(store_url, "crash")
+            )
+
+        wait_for("results in a running micro-batch", results_in_a_running_batch)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    before = watch_items(store_url, "crash")
+    assert 0 < sum(1 for i in before if i["status"]) < len(first)
+    # While it was down, more files arrived.
+    later = copies(photos, inbox, 50, start=400)
+
+    res = subprocess.run(
+        [str(ICS_BIN), "watch", str(inbox), *args, "--once", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode in (0, 1), res.stderr
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert any(doc["resumed"] for doc in lines), res.stdout
+    found = watch_items(store_url, "crash")
+    counts = Counter(i["uri"] for i in found)
+    assert sorted(counts) == sorted(str(p) for p in first + later)
+    assert set(counts.values()) == {1}, [u for u, n in counts.items() if n > 1]
+    assert all(i["status"] for i in found)
+    assert all(e.status.finished for e in batch_executions(store_url, "crash"))
+
+
+# --- completeness and polling, in process ----------------------------------------------
+
+
+@pytest.fixture
+def runner(ics_home: Path, runtime: OnnxRuntime) -> Iterator[ExecutionRunner]:
+    settings = Settings(
+        home=ics_home,
+        threshold=0.2,
+        tolerated_failure_percentage=100.0,
+        watch_settle_s=1.0,
+        watch_max_wait_s=0.2,
+        watch_poll_interval_s=0.2,
+    )
+    store = Store(settings.store_url)
+    try:
+        yield ExecutionRunner(settings, store, runtime)
+    finally:
+        store.close()
+
+
+def running(watcher: Watcher) -> tuple[threading.Event, threading.Thread]:
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def test_a_file_written_slowly_is_read_only_when_complete(
+    runner: ExecutionRunner, photos: Path, inbox: Path
+) -> None:
+    data = (photos / "coffee.jpg").read_bytes()
+    feed = feed_for(str(inbox), settle_s=1.0, poll_s=0.2, polling=False)
+    watcher = Watcher(runner, "slow", [feed])
+    stop, thread = running(watcher)
+    try:
+        target = inbox / "coffee-slow.jpg"
+        chunks = 12
+        step = len(data) // chunks + 1
+        with target.open("wb") as f:
+            for i in range(0, len(data), step):
+                f.write(data[i : i + step])
+                f.flush()
+                time.sleep(0.3)  # 3.6 s in all: many settle checks see it half-written
+        wait_for("the slow file's result", lambda: watcher.executions)
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+    found = watch_items(runner.settings.store_url, "slow")
+    assert len(found) == 1
+    result = found[0]["result"]
+    assert result["status"] == "SUCCEEDED", result
+    assert result["label"] == "espresso"
+    assert result["image"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_polling_finds_files_added_while_it_runs(
+    runner: ExecutionRunner, photos: Path, inbox: Path
+) -> None:
+    feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
+    watcher = Watcher(runner, "polled", [feed])
+    stop, thread = running(watcher)
+    try:
+        made = copies(photos, inbox, 3)
+        wait_for("3 results", lambda: sum(e.counts.total for e in watcher.executions) == 3)
+        assert isinstance(feed, FolderFeed) and feed.polling
+        made += copies(photos, inbox, 2, start=3)
+        wait_for("5 results", lambda: sum(e.counts.total for e in watcher.executions) == 5)
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+    assert not thread.is_alive()
+    found = watch_items(runner.settings.store_url, "polled")
+    assert sorted(i["uri"] for i in found) == sorted(str(p) for p in made)
+
+
+def test_without_filesystem_events_it_falls_back_to_polling(
+    runner: ExecutionRunner, photos: Path, inbox: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    feed = FolderFeed(str(inbox), settle_s=0.0, poll_s=0.2, polling=False)
+    # No file descriptor left: inotify cannot start, as when its instance limit is reached.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.dup(0)
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        feed.start(lambda: None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert feed.polling
+    assert "cannot watch" in caplog.text and "listing it every 0.2 s instead" in caplog.text
+    watcher = Watcher(runner, "fallback", [feed])
+    stop, thread = running(watcher)
+    try:
+        made = copies(photos, inbox, 2)
+        wait_for("2 results", lambda: sum(e.counts.total for e in watcher.executions) == 2)
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+    found = watch_items(runner.settings.store_url, "fallback")
+    assert sorted(i["uri"] for i in found) == sorted(str(p) for p in made)
