@@ -20,7 +20,7 @@ from ..engine.batcher import QueueFull
 from ..errors import IcsError
 from ..models.runtime import ModelRuntime
 from ..store import Store
-from . import executions, sagemaker, v1, v2
+from . import events, executions, sagemaker, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
 from .guards import BearerToken, BodyLimit, RequestLog
@@ -67,7 +67,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for module in (v1, sagemaker, v2, executions):
+    for module in (v1, sagemaker, v2, executions, events):
         app.include_router(module.router)
 
     # One set of handlers for every route: errors.py shapes the answer for the path (the

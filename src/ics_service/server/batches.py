@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -78,6 +78,8 @@ class Job:
     #: Whether this server has claimed the execution (an orphan is claimed when it runs).
     owned: bool = True
     cancelled: bool = False
+    #: Created with its items already registered (a watcher's micro-batch): just run it.
+    listed: bool = False
 
 
 class Batches:
@@ -139,6 +141,25 @@ class Batches:
             raise ShuttingDown("the server is shutting down: it starts no new execution")
         log.info("execution %s queued", execution.id, extra={"execution_id": execution.id})
         return self.store.get_execution(execution.id), True
+
+    def start_listed(
+        self, register: Callable[[ExecutionRunner], Execution | None], settings: Settings
+    ) -> Execution | None:
+        """Queue the execution that `register` creates with its items registered and claims
+        (`POST /v1/events`); None when it created none."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down: it starts no new execution")
+        if len(self._queue) >= MAX_QUEUED:
+            raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
+        execution = register(self._runner(settings))
+        if execution is None:
+            return None
+        job = Job(execution.id, settings, None, listed=True)
+        if not self._put(job):
+            self._abort(job, "the server stopped before it ran")
+            raise ShuttingDown("the server is shutting down: it starts no new execution")
+        log.info("execution %s queued", execution.id, extra={"execution_id": execution.id})
+        return execution
 
     def queued(self, execution_id: str) -> bool:
         """Whether the execution waits in this server's queue for a worker."""
@@ -283,7 +304,9 @@ class Batches:
     def _run(self, job: Job) -> None:
         runner = self._runner(job.settings)
         sinks: list[ResultSink] = []
-        if job.sources is None:
+        if job.listed:
+            execution = self.store.get_execution(job.execution_id)
+        elif job.sources is None:
             execution = self.store.get_execution(job.execution_id)
             if not is_orphaned(execution):
                 log.warning("execution %s is no longer orphaned: not resumed", execution.id)
