@@ -17,10 +17,14 @@ import httpx
 import pytest
 
 from ics_service.config import Settings
+from ics_service.engine.execution import execution_params
+from ics_service.engine.lifecycle import record_end
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
-from ics_service.server.events import BadEvent, parse_event
+from ics_service.server.events import EVENTS_WATCHER, BadEvent, parse_event
 from ics_service.store import Store
+from ics_service.store.watched import Seen, WatchState
+from ics_service.types import ErrorInfo, ExecutionStatus, ModelRef
 from serving import client_of, error_of
 
 pytestmark = pytest.mark.anyio
@@ -349,3 +353,40 @@ async def test_deletions_subscriptions_and_bad_bodies(
             headers={"Authorization": "Bearer wrong"},
         )
         assert r.status_code == 403, r.text
+
+
+async def test_a_server_resumes_event_executions_a_stopped_server_left(
+    store_url: str, ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    settings = settings_of(ics_home, store_url)
+    store = Store(store_url)
+    try:
+        # As a server stopping with it queued leaves it: registered, then ABORTED.
+        left = WatchState(store, EVENTS_WATCHER).register(
+            [Seen("s3://photos/uploads/left.jpg", "e1")],
+            params=execution_params(settings, ["s3://photos/uploads/left.jpg"]),
+            model=ModelRef(runtime.card.name, runtime.card.version),
+            threshold=settings.threshold,
+            owner="another-host:1",
+        )
+        assert left is not None
+        record_end(store, left.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+
+        app = create_app(settings, runtime=runtime, store=store)
+        async with client_of(app) as client:
+            done = await finished(client, left.id)
+            assert done["status"] != "ABORTED" and done["counts"]["total"] == 1
+            assert ended(done) == 1
+            history = (await client.get(f"/v1/executions/{left.id}/history")).json()
+            assert "ExecutionResumed" in [e["type"] for e in history["events"]]
+            event = {"Records": [aws_record("photos", "uploads/left.jpg")]}
+            event["Records"][0]["s3"]["object"]["eTag"] = "e1"
+            again = await client.post("/v1/events", json=event)
+            assert again.status_code == 200 and again.json()["status"] == "duplicate"
+    finally:
+        store.close()
+
+
+def ended(doc: dict[str, Any]) -> int:
+    c = doc["counts"]
+    return int(c["SUCCEEDED"] + c["LOW_CONFIDENCE"] + c["FAILED"])

@@ -149,6 +149,8 @@ def watch(
         )
         stop = guard.cooperate()
         ran = watcher.run(stop, once=once)
+    if once and not ran:
+        click.echo("nothing new to classify", err=True)
     if any(e.status is ExecutionStatus.ABORTED for e in ran):
         sys.exit(ExitCode.INTERRUPTED)
     if guard.received:

@@ -263,10 +263,16 @@ class Watcher:
             if stop.is_set():
                 return
             if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
-                raise UsageError(
-                    f"watcher {self.name!r} is already running (execution {execution.id} in "
-                    f"{execution.owner}); stop it first, or give this one another --name"
+                # Another process runs it (a server resuming orphans, or a second watcher
+                # of this name: the state's keys keep even two of them exactly once).
+                log.info(
+                    "watcher %s: %s is being run by %s",
+                    self.name,
+                    execution.name,
+                    execution.owner,
+                    extra={"execution_id": execution.id},
                 )
+                continue
             log.warning(
                 "watcher %s: resuming %s (%s), left %s by an earlier run",
                 self.name,

@@ -50,6 +50,7 @@ def create_app(
         try:
             batches = Batches(service)
             app.state.batches = batches
+            events.resume_unfinished(batches)
             try:
                 yield
             finally:

@@ -18,17 +18,18 @@ import asyncio
 import json
 import logging
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ..engine.execution import ExecutionRunner
+from ..engine.execution import ExecutionRunner, settings_for
 from ..engine.watch import start_batch
-from ..errors import UsageError
+from ..errors import IcsError, UsageError
 from ..store.watched import Seen, WatchState
-from ..types import Execution
+from ..types import Execution, ExecutionStatus
 from .batches import Batches
 from .executions import execution_doc
 from .v1 import Forbidden
@@ -216,6 +217,40 @@ async def post_event(request: Request) -> JSONResponse:
             status_code=200,
         )
     return await asyncio.to_thread(_start, batches, parsed, objects)
+
+
+def resume_unfinished(batches: Batches) -> None:
+    """At start-up, queue the events' executions that a stopped server left ABORTED (its
+    queue is aborted at shutdown): their objects are registered, so no redelivered event
+    would classify them. Orphans left RUNNING are resumed with the other orphans."""
+    if not batches.settings.resume_orphans:
+        return
+    try:
+        unfinished = WatchState(batches.store, EVENTS_WATCHER).unfinished()
+    except IcsError as e:
+        log.error("could not look for event executions to resume: %s", e)
+        return
+    for execution in unfinished:
+        if execution.status is not ExecutionStatus.ABORTED:
+            continue
+        log.warning(
+            "execution %s (%s) was left ABORTED: resuming it",
+            execution.id,
+            execution.name,
+            extra={"execution_id": execution.id},
+        )
+        settings = settings_for(execution, batches.settings)
+        try:
+            batches.start_listed(_resumer(execution.id), settings)
+        except IcsError as e:  # taken by another server meanwhile, or nothing left in it
+            log.warning("execution %s not resumed: %s", execution.id, e)
+
+
+def _resumer(execution_id: str) -> Callable[[ExecutionRunner], Execution]:
+    def resume(runner: ExecutionRunner) -> Execution:
+        return runner.prepare_resume(execution_id)
+
+    return resume
 
 
 def _start(batches: Batches, parsed: Parsed, objects: list[Seen]) -> JSONResponse:
