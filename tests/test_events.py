@@ -9,6 +9,7 @@ import asyncio
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from ics_service.server.events import EVENTS_WATCHER, BadEvent, parse_event
 from ics_service.store import Store
 from ics_service.store.watched import Seen, WatchState
 from ics_service.types import ErrorInfo, ExecutionStatus, ModelRef
-from serving import client_of, error_of
+from serving import client_of, error_of, serve_process
 
 pytestmark = pytest.mark.anyio
 
@@ -390,3 +391,24 @@ async def test_a_server_resumes_event_executions_a_stopped_server_left(
 def ended(doc: dict[str, Any]) -> int:
     c = doc["counts"]
     return int(c["SUCCEEDED"] + c["LOW_CONFIDENCE"] + c["FAILED"])
+
+
+@pytest.mark.slow
+def test_a_real_server_takes_an_event(ics_home: Path, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "ICS_STORE": f"sqlite:///{tmp_path / 'ics.db'}",
+        "ICS_ALLOWED_SOURCES": '["s3://photos/uploads/"]',
+        "ICS_API_TOKEN": "s3cr3t",
+    }
+    with serve_process(env=env) as served:
+        headers = {"Authorization": "Bearer s3cr3t", "Content-Type": "text/plain"}
+        body = json.dumps(sns({"Records": [aws_record("photos", "uploads/a+b.jpg")]}))
+        r = httpx.post(f"{served.url}/v1/events", content=body, headers=headers, timeout=30)
+        assert r.status_code == 202, r.text
+        assert r.json()["name"] == "watch-s3-events-1"
+        again = httpx.post(f"{served.url}/v1/events", content=body, headers=headers, timeout=30)
+        assert again.status_code == 200 and again.json()["status"] == "duplicate", again.text
+        outside = json.dumps({"Records": [aws_record("photos", "private/a.jpg")]})
+        r = httpx.post(f"{served.url}/v1/events", content=outside, headers=headers, timeout=30)
+        assert r.status_code == 403, r.text

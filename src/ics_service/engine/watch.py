@@ -65,8 +65,8 @@ class Feed(Protocol):
 
 class FolderFeed:
     """A local folder, recursively: filesystem events (watchdog), or listing it every
-    `poll_s` seconds. A file is complete once its size and mtime have not changed for
-    `settle_s` seconds."""
+    `poll_s` seconds. A file is complete once two looks found the same size and mtime, and
+    the mtime is `settle_s` seconds old."""
 
     def __init__(self, folder: str, *, settle_s: float, poll_s: float, polling: bool) -> None:
         self.spec = folder
@@ -172,9 +172,12 @@ class FolderFeed:
         if self._returned.get(uri) == version:
             self._pending.pop(path, None)
             return None
+        # Seen twice alike, and not modified for settle_s: an old mtime alone is not
+        # enough, as some writers (mmap, a copy setting the source's times first) leave
+        # an old one on a file still growing.
         before = self._pending.get(path)
         quiet = time.time() - st.st_mtime >= self._settle_s
-        if quiet and before in (None, version):
+        if quiet and before == version:
             self._pending.pop(path, None)
             self._returned[uri] = version
             return Seen(uri, version)
