@@ -1,0 +1,1 @@
+"""Alerts: documents, outbox, dispatcher and channels."""
