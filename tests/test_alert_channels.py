@@ -1,21 +1,31 @@
-"""The SNS alert channel against a real receiver: moto's SNS server (its own process)
-delivering to an SQS queue."""
+"""The SNS and apprise alert channels against real receivers: moto's SNS server (its own
+process) delivering to an SQS queue, an aiosmtpd SMTP server and an HTTP server in threads."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
+import logging
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import boto3
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from awsserver import AwsServer
+from ics_service.alerts.chat import AppriseChannel
 from ics_service.alerts.delivery import DeliveryError
 from ics_service.alerts.sns import SnsChannel, subject_of
 from ics_service.errors import UsageError
+from ics_service.logs import configure_logging
 
 ALERT: dict[str, Any] = {
     "version": 1,
@@ -50,6 +60,47 @@ def silent_port() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         yield s.getsockname()[1]
+
+
+class Records(logging.Handler):
+    """Every record that reaches the logger it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+
+@dataclass
+class Logged:
+    """What reaches ICS's logging (at DEBUG, on stderr), a handler on the root logger (as a
+    host application configures one), and one attached to apprise's own logger."""
+
+    root: Records
+    apprise: Records
+    capsys: pytest.CaptureFixture[str]
+
+    def outside_apprise(self) -> str:
+        return "\n".join(self.root.lines) + self.capsys.readouterr().err
+
+
+@pytest.fixture
+def logged(capsys: pytest.CaptureFixture[str]) -> Iterator[Logged]:
+    configure_logging("DEBUG", "text")
+    root, inside = logging.getLogger(), logging.getLogger("apprise")
+    seen = Logged(Records(), Records(), capsys)
+    level = root.level
+    root.addHandler(seen.root)
+    inside.addHandler(seen.apprise)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield seen
+    finally:
+        root.removeHandler(seen.root)
+        inside.removeHandler(seen.apprise)
+        root.setLevel(level)
 
 
 # --- SNS ------------------------------------------------------------------------------
@@ -199,3 +250,211 @@ def test_sns_subject_is_never_empty_and_keeps_printable_ascii() -> None:
     assert subject_of("  a\tb\r\nc\x00d  ") == "a b c d"
     assert subject_of("x" * 100) == "x" * 100
     assert subject_of("x" * 101) == "x" * 97 + "..."
+
+
+# --- e-mail through apprise -------------------------------------------------------------
+
+
+@dataclass
+class Mailbox:
+    """What a real SMTP server received, and who logged in."""
+
+    messages: list[email.message.EmailMessage] = field(default_factory=list)
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
+    logins: list[tuple[str, str]] = field(default_factory=list)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        assert isinstance(envelope.content, bytes)
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(message, email.message.EmailMessage)
+        self.messages.append(message)
+        self.envelopes.append((str(envelope.mail_from), list(envelope.rcpt_tos)))
+        return "250 OK"
+
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        login = (data.login.decode(), data.password.decode())
+        self.logins.append(login)
+        # handled=False: the server answers a refusal with 535 itself.
+        return AuthResult(success=login == ("ics", PASSWORD), handled=False)
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[int, Mailbox]]:
+    mailbox = Mailbox()
+    port = _free_port()
+    controller = Controller(
+        mailbox,
+        hostname="127.0.0.1",
+        port=port,
+        authenticator=mailbox.authenticate,
+        # AUTH offered on plain SMTP on loopback (a real server requires STARTTLS first:
+        # mode=starttls); apprise logs in whenever the URL has a password.
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        yield port, mailbox
+    finally:
+        controller.stop()
+
+
+def _mailto(port: int, password: str = PASSWORD) -> str:
+    return (
+        f"mailto://ics:{password}@127.0.0.1:{port}"
+        "?from=ics@example.com&to=ops@example.com&mode=insecure"
+    )
+
+
+def test_email_arrives_with_subject_and_body(smtp_server: tuple[int, Mailbox]) -> None:
+    port, mailbox = smtp_server
+    channel = AppriseChannel(_mailto(port), timeout_s=5.0)
+    channel.send(ALERT, TITLE, BODY)
+    assert mailbox.logins == [("ics", PASSWORD)]
+    assert mailbox.envelopes == [("ics@example.com", ["ops@example.com"])]
+    (message,) = mailbox.messages
+    assert message["Subject"] == TITLE
+    assert message["To"] == "ops@example.com"
+    text = message.get_body(("plain",))
+    assert text is not None
+    assert text.get_content().strip().splitlines() == BODY.splitlines()
+
+
+def test_email_refused_login_is_reported_without_the_password(
+    smtp_server: tuple[int, Mailbox], logged: Logged
+) -> None:
+    port, mailbox = smtp_server
+    channel = AppriseChannel(_mailto(port, password="wrong-Pa55word"), timeout_s=5.0)
+    with pytest.raises(DeliveryError) as caught:
+        channel.send(ALERT, TITLE, BODY)
+    # smtplib tries each mechanism the server offers (PLAIN, then LOGIN).
+    assert set(mailbox.logins) == {("ics", "wrong-Pa55word")} and mailbox.messages == []
+    assert caught.value.transient is False
+    assert "E-Mail notification to mailto://ics:****@127.0.0.1" in str(caught.value)
+    assert "535" in str(caught.value) and "Authentication credentials invalid" in str(caught.value)
+    assert "wrong-Pa55word" not in str(caught.value)
+    logging.getLogger("ics_service.alerts").warning("delivery failed: %s", caught.value)
+    shown = logged.outside_apprise()
+    assert "delivery failed: E-Mail notification" in shown and "wrong-Pa55word" not in shown
+
+
+def test_shown_hides_the_password_of_a_mailto_url(smtp_server: tuple[int, Mailbox]) -> None:
+    port, _ = smtp_server
+    shown = AppriseChannel(_mailto(port), timeout_s=5.0).shown()
+    assert shown.startswith(f"mailto://ics:****@127.0.0.1:{port}")
+    assert PASSWORD not in shown
+
+
+# --- json:// through apprise to an HTTP receiver --------------------------------------
+
+
+class Receiver(ThreadingHTTPServer):
+    """Records each POST; answers with `status`."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        self.status = 200
+
+    @property
+    def port(self) -> int:
+        port: int = self.server_address[1]
+        return port
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self.server.posts.append((self.path, json.loads(self.rfile.read(length))))
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_json_arrives_with_title_and_body(receiver: Receiver) -> None:
+    channel = AppriseChannel(f"json://127.0.0.1:{receiver.port}/hooks/ics", timeout_s=5.0)
+    channel.send(ALERT, TITLE, BODY)
+    ((path, posted),) = receiver.posts
+    assert path == "/hooks/ics"
+    assert posted["title"] == TITLE
+    assert posted["message"] == BODY
+
+
+@pytest.mark.parametrize(("status", "transient"), [(401, False), (404, False), (503, True)])
+def test_json_receiver_refusal_or_outage(receiver: Receiver, status: int, transient: bool) -> None:
+    receiver.status = status
+    url = f"json://ics:{PASSWORD}@127.0.0.1:{receiver.port}/hooks/ics"
+    with pytest.raises(DeliveryError) as caught:
+        AppriseChannel(url, timeout_s=5.0).send(ALERT, TITLE, BODY)
+    assert caught.value.transient is transient
+    assert f"error={status}" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+    assert len(receiver.posts) == 1
+
+
+def test_json_receiver_down_is_transient() -> None:
+    url = f"json://ics:{PASSWORD}@127.0.0.1:{_free_port()}/hooks/ics"
+    with pytest.raises(DeliveryError, match="Connection error") as caught:
+        AppriseChannel(url, timeout_s=5.0).send(ALERT, TITLE, BODY)
+    assert caught.value.transient is True
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "Connection error"),
+        # The URL's own socket timeouts are longer: apprise's call deadline still holds.
+        ("?cto=30&rto=30", "did not finish within 1 s"),
+    ],
+)
+def test_json_silent_receiver_is_transient_within_the_timeout(
+    silent_port: int, query: str, said: str
+) -> None:
+    channel = AppriseChannel(f"json://127.0.0.1:{silent_port}/hooks/ics{query}", timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(DeliveryError, match=said) as caught:
+        channel.send(ALERT, TITLE, BODY)
+    assert caught.value.transient is True
+    assert time.monotonic() - started < 2.5
+
+
+# --- URLs apprise cannot use -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["nope://host/path", "webhooks.example.com/ics", "smtp://host"])
+def test_unknown_scheme_is_a_usage_error_listing_supported_ones(url: str) -> None:
+    with pytest.raises(UsageError, match=r"unknown alert channel scheme .*mailto://.*slack://"):
+        AppriseChannel(url, timeout_s=5.0)
+
+
+def test_unusable_url_is_a_usage_error_that_hides_tokens(logged: Logged) -> None:
+    token = "TIiajk!dnlazkcOXrIdevi7FQ"
+    with pytest.raises(UsageError, match="invalid Slack") as caught:
+        AppriseChannel(f"slack://T1JJ3T3L2/A1BRTD4JD/{token}/#general", timeout_s=5.0)
+    assert token not in str(caught.value)
+    # apprise's own warning quotes the token: it reaches neither ICS's log nor the root's.
+    assert [line for line in logged.apprise.lines if token in line]
+    assert token not in logged.outside_apprise()
