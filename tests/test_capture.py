@@ -190,7 +190,7 @@ def test_no_capture_writes_nothing_and_keeps_results_unchanged(
     ("flags", "says"),
     [
         (["--capture", "{file}"], "cannot be written"),
-        (["--capture", "s3://bucket/prefix"], "not supported yet"),
+        (["--capture", "s3://key:secret@bucket/prefix"], "not supported yet"),
         (["--capture", "{dir}", "--capture-endpoint", "../up"], "capture_endpoint"),
         (["--capture", "{dir}", "--capture-sampling", "101"], "capture_sampling"),
     ],
@@ -205,6 +205,7 @@ def test_bad_capture_settings_are_usage_errors_before_any_work(
     assert res.exit_code == 2, res.output
     assert says in res.output
     assert "Traceback" not in res.output
+    assert "secret" not in res.output
     assert not (ics_home / "ics.db").exists()
 
 

@@ -269,17 +269,19 @@ class Settings(BaseModel):
             raise ValueError(f"unknown step {sorted(unknown)}; steps: {', '.join(RETRY_STEPS)}")
         return {**_default_retry(), **v}
 
-    @field_validator("capture", mode="after")
+    @model_validator(mode="before")
     @classmethod
-    def _local_capture(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
+    def _local_capture(cls, data: Any) -> Any:
+        # Model-level, so that the error does not repeat the value: a URL may hold a secret.
+        capture = data.get("capture") if isinstance(data, Mapping) else None
+        if isinstance(capture, str) and not capture.strip():
             raise ValueError("capture must name a folder")
-        if v is not None and "://" in v:
+        if isinstance(capture, str) and "://" in capture:
             raise ValueError(
                 "capture goes to a local folder; object storage (s3://...) is not supported "
                 "yet: capture to a folder and copy it"
             )
-        return v
+        return data
 
     @field_validator("home", mode="after")
     @classmethod
