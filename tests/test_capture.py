@@ -21,9 +21,11 @@ import pytest
 from cli import ics, ics_process
 from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
 from ics_service.config import Settings
+from ics_service.engine import ExecutionRunner
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server.app import create_app
+from ics_service.store import Store
 from ics_service.types import Captured
 from serving import client_of, serve_process
 
@@ -172,6 +174,35 @@ def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
     captured = sorted(r.inference_id for r in iter_records(dest))
     assert captured == sorted(i for i in by_item if is_sampled(i, 30))
     assert 0.20 <= len(captured) / n <= 0.40
+
+
+def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    settings = Settings(home=ics_home)
+    store = Store(settings.store_url)
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start([str(photos)])
+        runner.abandon(execution.id, KeyboardInterrupt())  # listed, nothing run: ABORTED
+    finally:
+        store.close()
+    dest = tmp_path / "capture"
+    res = ics(
+        "executions",
+        "resume",
+        execution.id,
+        "--capture",
+        str(dest),
+        "--capture-sampling",
+        "50",
+        "--no-progress",
+    )
+    assert res.exit_code in (0, 1), res.output
+    ids = [f"{execution.id}/{i}" for i in range(execution.counts.total)]
+    assert len(ids) == len(list(photos.glob("*.jpg")))
+    captured = sorted(r.inference_id for r in iter_records(dest))
+    assert captured == sorted(i for i in ids if is_sampled(i, 50))
 
 
 def test_no_capture_writes_nothing_and_keeps_results_unchanged(

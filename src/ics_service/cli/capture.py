@@ -69,7 +69,7 @@ def capture_options(f: F) -> F:
 
 @main.group()
 def capture() -> None:
-    """Read data capture files (`--capture` of classify, resume and serve)."""
+    """Read data capture (`--capture` of classify, resume and serve); write ground truth."""
 
 
 @capture.command("read")
