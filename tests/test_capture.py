@@ -268,6 +268,17 @@ def test_files_rotate_by_size_and_by_hour(photos: Path, tmp_path: Path) -> None:
     assert [r.inference_id for r in iter_records(tmp_path)] == [f"e/{i}" for i in range(9)]
 
 
+def test_a_full_queue_makes_the_caller_wait(photos: Path, tmp_path: Path) -> None:
+    item = _captured(photos / "coffee.jpg")
+    size = len(item.data) + 8 * len(item.probs)
+    writer = CaptureWriter(tmp_path, max_pending_bytes=3 * size)
+    for i in range(40):  # queued far faster than records are encoded and written
+        writer.submit(f"e/{i}", dt.datetime.now(dt.UTC), item)
+    writer.close()
+    assert size < writer.high_water <= 3 * size
+    assert len(list(iter_records(tmp_path))) == 40
+
+
 def test_a_reader_never_sees_a_file_being_written(photos: Path, tmp_path: Path) -> None:
     writer = CaptureWriter(tmp_path, max_file_seconds=3600)
     try:

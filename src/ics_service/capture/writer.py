@@ -115,6 +115,8 @@ class CaptureWriter:
         self.max_pending_bytes = max_pending_bytes
         self.error: OSError | None = None
         self.written = 0
+        #: The most bytes that ever waited in the queue (the backpressure's bound, observed).
+        self.high_water = 0
         self._q: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._pending = 0
@@ -139,6 +141,7 @@ class CaptureWriter:
             if self.error is not None:
                 return
             self._pending += size
+            self.high_water = max(self.high_water, self._pending)
         self._q.put(_Entry(inference_id, when, captured, size))
 
     def close(self) -> None:
