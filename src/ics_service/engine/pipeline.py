@@ -20,22 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from ..capture import Captured
 from ..capture.record import content_type_of
 from ..config import RetryPolicy
 from ..errors import DecodeCancelled, InferenceError, ItemError
 from ..imaging import Preprocessor
 from ..models.runtime import ModelRuntime, available_cpus
-from ..types import (
-    Captured,
-    ErrorInfo,
-    ImageInfo,
-    Item,
-    ItemResult,
-    ItemStatus,
-    ModelRef,
-    Step,
-    utcnow,
-)
+from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, Step, utcnow
 from .decide import decide
 from .retry import call_with_retry
 
