@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -277,6 +278,20 @@ def test_a_full_queue_makes_the_caller_wait(photos: Path, tmp_path: Path) -> Non
     writer.close()
     assert size < writer.high_water <= 3 * size
     assert len(list(iter_records(tmp_path))) == 40
+
+
+def test_a_stopping_run_does_not_wait_for_room(photos: Path, tmp_path: Path) -> None:
+    item = _captured(photos / "coffee.jpg")
+    writer = CaptureWriter(tmp_path, max_pending_bytes=len(item.data))
+    try:
+        assert writer.reserve(item)  # one item always fits
+        stop = threading.Event()
+        stop.set()
+        assert not writer.reserve(item, stop)  # full, and the run stopping: no wait
+        writer.submit("e/0", dt.datetime.now(dt.UTC), item, reserved=True)
+    finally:
+        writer.close()
+    assert [r.inference_id for r in iter_records(tmp_path)] == ["e/0"]
 
 
 def test_a_reader_never_sees_a_file_being_written(photos: Path, tmp_path: Path) -> None:

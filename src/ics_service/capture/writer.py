@@ -45,6 +45,11 @@ class _Entry:
     size: int
 
 
+def _size(captured: Captured) -> int:
+    """The bytes an item holds while it waits: its image and its probabilities."""
+    return len(captured.data) + 8 * len(captured.probs)
+
+
 @dataclass
 class _OpenFile:
     hour: str
@@ -92,9 +97,9 @@ def open_capture(settings: Settings) -> CaptureWriter | None:
 class CaptureWriter:
     """Turns captured items into records and writes them, off the caller's thread.
 
-    `submit` blocks while more than `max_pending_bytes` of images wait (backpressure on
-    the caller) rather than letting the queue grow. A write error (a full disk) is kept in
-    `error`; later items are dropped, and the caller decides what the error means.
+    `submit` (or `reserve`) blocks while more than `max_pending_bytes` of images wait
+    (backpressure on the caller) rather than letting the queue grow. A write error (a full
+    disk) is kept in `error`; later items are dropped, and the caller decides what it means.
     """
 
     def __init__(
@@ -129,20 +134,34 @@ class CaptureWriter:
         """Whether this item is in the sample."""
         return is_sampled(inference_id, self.sampling)
 
-    def submit(self, inference_id: str, when: dt.datetime, captured: Captured) -> None:
-        """Queue one item's record (waits while the queue is full)."""
-        size = len(captured.data) + 8 * len(captured.probs)
+    def reserve(self, captured: Captured, stop: threading.Event | None = None) -> bool:
+        """Wait until the item fits in the queue's budget and take its room; False, and
+        nothing taken, when `stop` is set or the writer failed or closed first.
+
+        A batch run reserves on its inference thread, as soon as an item is classified,
+        so that the images on their way to the writer (through the recorder) count too.
+        """
+        size = _size(captured)
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the capture writer is closed")
             # One entry always fits, however big, so a huge image cannot wait for ever.
             while self._pending and self._pending + size > self.max_pending_bytes:
-                self._cond.wait()
-            if self.error is not None:
-                return
+                if self._closed or self.error is not None or (stop is not None and stop.is_set()):
+                    return False
+                self._cond.wait(0.1)
+            if self._closed or self.error is not None:
+                return False
             self._pending += size
             self.high_water = max(self.high_water, self._pending)
-        self._q.put(_Entry(inference_id, when, captured, size))
+        return True
+
+    def submit(
+        self, inference_id: str, when: dt.datetime, captured: Captured, *, reserved: bool = False
+    ) -> None:
+        """Queue one item's record: waits while the queue is full, unless `reserve` already
+        took its room. Dropped once the writer has failed (see `error`)."""
+        if not reserved and not self.reserve(captured):
+            return
+        self._q.put(_Entry(inference_id, when, captured, _size(captured)))
 
     def close(self) -> None:
         """Write what is queued, publish the open file and stop the thread."""

@@ -104,6 +104,8 @@ class Pipeline:
     on_event: OnEvent | None = None
     #: Whether data capture wants an item (its bytes and probabilities); None: capture off.
     capture: Callable[[Item], bool] | None = None
+    #: Waits for room in data capture's queue (backpressure); False: the run is stopping.
+    reserve_capture: Callable[[Captured, threading.Event], bool] | None = None
 
     def __post_init__(self) -> None:
         card = self.runtime.card
@@ -318,9 +320,10 @@ class Pipeline:
                         )
                     )
                     if d.data is not None and d.image is not None:
-                        results[-1].captured = Captured(
-                            d.data, content_type_of(d.image.format), probs[i]
-                        )
+                        c = Captured(d.data, content_type_of(d.image.format), probs[i])
+                        reserve = self.reserve_capture
+                        if reserve is None or reserve(c, self._stop):
+                            results[-1].captured = c
                         d.data = None
         for d in ready:
             if d.error is not None:
