@@ -21,13 +21,15 @@ import pytest
 
 from cli import ics, ics_process
 from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
+from ics_service.capture.sink import CaptureSink
 from ics_service.config import Settings
 from ics_service.engine import ExecutionRunner
+from ics_service.errors import EnvironmentUnavailable
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server.app import create_app
 from ics_service.store import Store
-from ics_service.types import Captured
+from ics_service.types import Captured, ItemResult, ItemStatus, ModelRef
 from serving import client_of, serve_process
 
 
@@ -292,6 +294,32 @@ def test_a_stopping_run_does_not_wait_for_room(photos: Path, tmp_path: Path) -> 
     finally:
         writer.close()
     assert [r.inference_id for r in iter_records(tmp_path)] == ["e/0"]
+
+
+def test_a_write_error_stops_capture_and_fails_the_sink(
+    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    sink = CaptureSink(CaptureWriter(blocker / "capture"))
+    captured = _captured(photos / "coffee.jpg")
+    result = ItemResult(
+        execution_id="e",
+        item_id="0",
+        uri="coffee.jpg",
+        status=ItemStatus.SUCCEEDED,
+        threshold=0.5,
+        model=ModelRef("m", "1"),
+        started_at=dt.datetime.now(dt.UTC),
+        finished_at=dt.datetime.now(dt.UTC),
+        captured=captured,
+    )
+    assert sink.writer.reserve(captured)
+    sink.write([result])  # queued: the error comes from the writer's thread
+    with pytest.raises(EnvironmentUnavailable, match=r"data capture to .* failed"):
+        sink.close()
+    assert isinstance(sink.writer.error, OSError)
+    assert "data capture to" in caplog.text
 
 
 def test_a_reader_never_sees_a_file_being_written(photos: Path, tmp_path: Path) -> None:

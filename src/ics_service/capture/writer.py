@@ -118,7 +118,7 @@ class CaptureWriter:
         self.max_file_bytes = max_file_bytes
         self.max_file_seconds = max_file_seconds
         self.max_pending_bytes = max_pending_bytes
-        self.error: OSError | None = None
+        self.error: Exception | None = None
         self.written = 0
         #: The most bytes that ever waited in the queue (the backpressure's bound, observed).
         self.high_water = 0
@@ -193,9 +193,12 @@ class CaptureWriter:
     def _guard(self, work: Callable[[], None]) -> None:
         try:
             work()
-        except OSError as e:
+        except Exception as e:  # the thread must live on: callers wait for its progress
             if self.error is None:
-                log.error("data capture to %s stopped: %s", self.root, e)
+                if isinstance(e, OSError):
+                    log.error("data capture to %s stopped: %s", self.root, e)
+                else:
+                    log.exception("data capture to %s stopped", self.root)
             self.error = e
             with self._cond:
                 self._cond.notify_all()
