@@ -28,6 +28,9 @@ DEFAULT_CONFIG_FILE = "ics.toml"
 _ENV_NOT_SETTINGS = {"ICS_CONFIG"}
 
 
+#: Endpoint and variant names (SageMaker's rule): they are folder names of the capture.
+CAPTURE_NAME = r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$"
+
 #: The steps that have a retry policy.
 RETRY_STEPS = (Step.SERIALIZE_IMAGE_DATA, Step.CLASSIFY_IMAGE, Step.NOTIFY)
 
@@ -220,6 +223,34 @@ class Settings(BaseModel):
         description="Batch executions `ics serve` runs at once; more wait in a queue.",
     )
 
+    # --- data capture (capture/) --------------------------------------------------------
+    capture: str | None = Field(
+        default=None,
+        description="Local folder that every classified item's input and output go to, in "
+        "SageMaker Model Monitor's data capture format; unset: no capture.",
+    )
+    capture_sampling: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=100.0,
+        description="Percentage of items captured, chosen per item from its inference id "
+        "(a resume chooses the same ones).",
+    )
+    capture_mode: Literal["input", "output", "input_and_output"] = Field(
+        default="input_and_output",
+        description="What a capture record holds: the image, the probabilities, or both.",
+    )
+    capture_endpoint: str = Field(
+        default="ics",
+        pattern=CAPTURE_NAME,
+        description="Endpoint name: the first folder under the capture folder.",
+    )
+    capture_variant: str = Field(
+        default="AllTraffic",
+        pattern=CAPTURE_NAME,
+        description="Variant name: the folder under the endpoint's.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _no_bools(cls, data: Any) -> Any:
@@ -237,6 +268,20 @@ class Settings(BaseModel):
         if unknown:
             raise ValueError(f"unknown step {sorted(unknown)}; steps: {', '.join(RETRY_STEPS)}")
         return {**_default_retry(), **v}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_capture(cls, data: Any) -> Any:
+        # Model-level, so that the error does not repeat the value: a URL may hold a secret.
+        capture = data.get("capture") if isinstance(data, Mapping) else None
+        if isinstance(capture, str) and not capture.strip():
+            raise ValueError("capture must name a folder")
+        if isinstance(capture, str) and "://" in capture:
+            raise ValueError(
+                "capture goes to a local folder; object storage (s3://...) is not supported "
+                "yet: capture to a folder and copy it"
+            )
+        return data
 
     @field_validator("home", mode="after")
     @classmethod

@@ -81,6 +81,16 @@ class ModelRef:
     version: str
 
 
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """What data capture needs of a classified item: its original bytes, their content type
+    and the class probabilities (C,) it was decided from. Only sampled items carry it."""
+
+    data: bytes
+    content_type: str
+    probs: Any
+
+
 @dataclass(slots=True)
 class ItemResult:
     """The recorded outcome of one item (the result record of the outside contract)."""
@@ -101,6 +111,8 @@ class ItemResult:
     image: ImageInfo | None = None
     attempts: int = 1
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: For data capture only (never serialised): set when capture is on and the item sampled.
+    captured: Captured | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ from .app import (
     open_runner,
     signal_guard,
 )
+from .capture import capture_options
 from .render import print_results_table, print_summary, progress_bar
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ if TYPE_CHECKING:
     default=None,
     help="Progress bar on stderr (default: when stderr is a terminal).",
 )
+@capture_options
 @common_options
 def classify(
     sources: tuple[str, ...],
@@ -133,12 +135,14 @@ def classify(
       4    environment unavailable: the store or the results disk cannot be used
       130  interrupted (the execution is ABORTED; finished items are kept)
     """
+    from ..capture import check_capture_folder
     from ..outputs import check_output
 
     guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
     # A results path that cannot be written is a usage error before any work is done.
     check_output(output, output_format, settings.results_dir)
+    check_capture_folder(settings)
     with open_runner(settings) as runner:
         execution, created = runner.start(
             list(sources),

@@ -11,6 +11,7 @@ import click
 from ..config import default
 from ..errors import EnvironmentUnavailable
 from .app import common_options, load_cli_settings, main
+from .capture import capture_options
 
 
 @main.command()
@@ -35,6 +36,7 @@ from .app import common_options, load_cli_settings, main
     "default, batches form from what arrives while the model runs.",
 )
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
+@capture_options
 @common_options
 def serve(**kwargs: Any) -> None:
     """Serve classification over HTTP until SIGINT or SIGTERM.
@@ -57,11 +59,13 @@ def serve(**kwargs: Any) -> None:
     """
     import uvicorn
 
+    from ..capture import check_capture_folder
     from ..server import create_app
     from ..server.app import load_model
     from ..store import Store
 
     settings = load_cli_settings(kwargs).settings
+    check_capture_folder(settings)
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
     # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
     store = Store(settings.store_url)

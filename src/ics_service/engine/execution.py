@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from .. import sources
+from ..capture import inference_id_of, open_capture
+from ..capture.sink import CaptureSink
 from ..config import Settings
 from ..errors import INTERNAL_ERROR, IcsError, Interrupted, UsageError
 from ..imaging import Limits, Preprocessor
@@ -226,6 +228,9 @@ class ExecutionRunner:
         s = self.settings
         history = History(self.store, execution.id, full=s.history == "full")
         all_sinks: list[ResultSink] = [StoreSink(self.store, execution.id, history), *sinks]
+        capture = open_capture(s)
+        if capture is not None:
+            all_sinks.append(CaptureSink(capture))
         recorder = Recorder(all_sinks, on_error=lambda _e: stop.set())
         pipeline = Pipeline(
             runtime=self.runtime,
@@ -240,6 +245,10 @@ class ExecutionRunner:
             retry_read=s.retry[Step.SERIALIZE_IMAGE_DATA],
             retry_classify=s.retry[Step.CLASSIFY_IMAGE],
             on_event=history.add,
+            capture=None
+            if capture is None
+            else lambda item: capture.wants(inference_id_of(execution.id, item.item_id)),
+            reserve_capture=None if capture is None else capture.reserve,
         )
 
         def emit(results: list[ItemResult]) -> None:
