@@ -220,6 +220,14 @@ class Settings(BaseModel):
         description="Batch executions `ics serve` runs at once; more wait in a queue.",
     )
 
+    # --- `ics report` -------------------------------------------------------------------
+    drift_psi_limit: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="`ics report --baseline` reports drift, and exits 5, when the population "
+        "stability index of the labels or the confidences is above this.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _no_bools(cls, data: Any) -> Any:
