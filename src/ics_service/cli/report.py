@@ -31,7 +31,7 @@ def _progress(enabled: bool | None, what: str, total: int | None) -> Iterator[Ca
     bar = Progress(
         TextColumn(printable(f"reading {what}")),
         BarColumn(),
-        MofNCompleteColumn() if total else TextColumn("{task.completed:,} rows"),
+        MofNCompleteColumn() if total else TextColumn("{task.completed:,.0f} rows"),
         TimeElapsedColumn(),
         console=stderr_console(),
     )
@@ -53,9 +53,7 @@ def _progress(enabled: bool | None, what: str, total: int | None) -> Iterator[Ca
 
 @main.command()
 @click.argument("source")
-@click.option(
-    "-o", "--out", required=True, type=click.Path(file_okay=False), help="Folder to write into."
-)
+@click.option("-o", "--out", required=True, help="Folder to write into (created if need be).")
 @click.option(
     "--baseline",
     help="Another SOURCE to compare with: label and confidence drift (PSI) is drawn and "

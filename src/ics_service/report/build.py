@@ -93,6 +93,7 @@ def render(
         Chart("failures.png", "Failures by error type", "FAILED items by error type."),
     ]
     try:
+        out.mkdir(parents=True, exist_ok=True)
         charts.status_counts(stats, out / "status.png")
         charts.confidence_histogram(stats, line, out / "confidence.png")
         charts.timeline(stats, line, out / "timeline.png")
