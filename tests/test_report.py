@@ -433,6 +433,19 @@ def test_clear_errors_for_a_missing_source_or_an_unwritable_out(ics_home: Path) 
     res = ics("report", str(results), "--out", "r", "--baseline", "gone/results.csv")
     assert res.exit_code == ExitCode.USAGE
     assert "SOURCE gone/results.csv does not exist" in res.output
+    # A folder without capture records, such as the photos themselves.
+    pictures = ics_home / "pictures"
+    pictures.mkdir()
+    (pictures / "a.jpg").write_bytes(f.truncated_jpeg())
+    res = ics("report", str(pictures), "--out", "r")
+    assert res.exit_code == ExitCode.USAGE
+    assert f"no .jsonl capture files under {pictures}" in res.output
+    # A bare word is taken for an execution id, and the message says so.
+    ics("classify", str(a_file), "-o", str(ics_home / "one.jsonl"))
+    res = ics("report", "typo", "--out", "r")
+    assert res.exit_code == ExitCode.USAGE
+    assert "SOURCE typo is no file or folder, so it was taken for an execution id" in res.output
+    assert "no execution 'typo'" in res.output
 
 
 def test_bad_records_are_skipped_and_empty_charts_say_so(ics_home: Path) -> None:
@@ -446,6 +459,9 @@ def test_bad_records_are_skipped_and_empty_charts_say_so(ics_home: Path) -> None
     assert doc is not None and doc["rows"] == 3 and doc["skipped"] == 2
     page = assert_report(ics_home.parent / "report")
     assert "Records skipped (unreadable)" in page
+    # --threshold draws another line than the one the results were decided with.
+    code, doc, output = report(str(results), "--out", "report", "-t", "0.5")
+    assert code == ExitCode.OK and doc is not None and doc["threshold"] == 0.5, output
     # Only failures: no confidences, labels, time series or images, and each chart says so.
     only_failures = ics_home / "failed.csv"
     writer = ResultsWriter(str(only_failures))

@@ -69,8 +69,8 @@ def _progress(enabled: bool | None, what: str, total: int | None) -> Iterator[Ca
     "-t",
     "--threshold",
     type=float,
-    help="Threshold line drawn (default: the one the results were decided with; for "
-    f"captures the threshold setting, {default('threshold')}).",
+    help="Threshold line drawn, and capture records are decided with (default: the one "
+    f"results were decided with; for captures the setting, {default('threshold')}).",
 )
 @click.option(
     "-m",
@@ -127,8 +127,10 @@ def report(
     """
     from ..report import check_out, collect, open_rows, render
 
-    threshold = kwargs.pop("threshold")
-    settings = load_cli_settings(kwargs).settings
+    loaded = load_cli_settings(kwargs)
+    settings = loaded.settings
+    # A threshold given here is drawn; otherwise the one the results were decided with.
+    threshold = settings.threshold if loaded.sources["threshold"] == "flag" else None
     folder = Path(out)
     check_out(folder)
     stream = open_rows(source, settings)

@@ -137,7 +137,7 @@ def _summary(
         "source": stream.description,
         "out": str(out),
         "rows": stats.rows,
-        "skipped": stream.skipped[0],
+        "skipped": stream.skipped.count,
         "statuses": {s: stats.statuses[s] for s in _status_order(stats)},
         "classified": stats.classified,
         "mean_confidence": None if mean is None else round(mean, 4),

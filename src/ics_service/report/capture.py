@@ -7,9 +7,7 @@ array); labels, top-k and status come from the configured model's card and thres
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,30 +17,22 @@ import numpy as np
 from ..config import Settings
 from ..engine.decide import decide
 from ..models import get_card
-from .rows import ReportRow, RowStream, _opened
-
-log = logging.getLogger(__name__)
+from .rows import ReportRow, Skipped, open_text, parse_time
 
 
-def capture_rows(path: Path, settings: Settings) -> RowStream:
+def capture_rows(path: Path, settings: Settings, skipped: Skipped) -> Iterator[ReportRow]:
+    """The records of one .jsonl file, or of every .jsonl file under a folder, in name order."""
     files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-    stream = RowStream(f"capture {path}", iter(()))
-    stream.rows = _rows(files, settings, stream.skipped)
-    return stream
-
-
-def _rows(files: list[Path], settings: Settings, skipped: list[int]) -> Iterator[ReportRow]:
     labels = get_card(settings.model).labels
     for file in files:
-        with _opened(file) as f:
+        with open_text(file) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     yield _row(json.loads(line), labels, settings)
                 except (KeyError, ValueError, TypeError, IndexError) as e:
-                    skipped[0] += 1
-                    log.warning("%s, line %d: skipped, not a capture record (%s)", file, n, e)
+                    skipped.record(f"{file}, line {n}", f"not a capture record ({e})")
 
 
 def _row(record: dict[str, Any], labels: tuple[str, ...], settings: Settings) -> ReportRow:
@@ -56,7 +46,7 @@ def _row(record: dict[str, Any], labels: tuple[str, ...], settings: Settings) ->
     image = data.get("endpointInput", {}).get("data")
     meta = record.get("eventMetadata", {})
     when = meta.get("inferenceTime")
-    time = dt.datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None
+    time = parse_time(when) if when else None
     return ReportRow(
         status=best.status.value,
         time=time,

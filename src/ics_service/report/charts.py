@@ -145,7 +145,7 @@ def timeline(stats: Stats, threshold: float, path: Path) -> None:
     ax.axhline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:g}")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("confidence")
-    ax.set_xlabel("finished at (UTC)" if timed else "item")
+    ax.set_xlabel("time (UTC)" if timed else "row")
     if timed:
         from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Settings
-from ..errors import UsageError
+from ..errors import ExecutionNotFound, StoreError, UsageError
 from ..types import ItemResult
 
 log = logging.getLogger(__name__)
@@ -44,43 +44,62 @@ class ReportRow:
 
 
 @dataclass
+class Skipped:
+    """Records of a source that could not be read: counted, logged, and left out."""
+
+    count: int = 0
+
+    def record(self, where: str, why: str) -> None:
+        self.count += 1
+        log.warning("%s: skipped, %s", where, why)
+
+
+@dataclass
 class RowStream:
-    """The rows of one SOURCE, read lazily; `skipped` counts records that could not be read."""
+    """The rows of one SOURCE, read lazily as `rows` is iterated."""
 
     description: str
     rows: Iterator[ReportRow]
     #: Rows expected, when the source knows (for the progress bar).
     total: int | None = None
-    skipped: list[int] = field(default_factory=lambda: [0])
+    skipped: Skipped = field(default_factory=Skipped)
 
 
-RESULTS_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+Reader = Callable[[Path, Settings, Skipped], Iterator[ReportRow]]
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 def open_rows(source: str, settings: Settings) -> RowStream:
     """The reader for SOURCE: a file or folder by its content, otherwise an execution id."""
+    from .capture import capture_rows
+
     path = Path(source)
     if path.is_dir():
-        from .capture import capture_rows
-
-        return capture_rows(path, settings)
+        if not any(path.rglob("*.jsonl")):
+            raise UsageError(
+                f"no .jsonl capture files under {source}; give a capture folder, a results "
+                "file (.jsonl, .csv, .parquet) or an execution id"
+            )
+        return _stream(f"capture {source}", capture_rows, path, settings)
     if path.exists():
         suffix = path.suffix.lower()
+        reader: Reader | None = None
         if suffix in PARQUET_SUFFIXES:
-            return _stream(f"results file {source}", _parquet_rows(path, settings))
-        if suffix == ".csv":
-            return _stream(f"results file {source}", _csv_rows(path, settings))
-        if suffix in RESULTS_SUFFIXES:
-            if _is_capture(path):
-                from .capture import capture_rows
-
-                return capture_rows(path, settings)
-            return _stream(f"results file {source}", _jsonl_rows(path, settings))
-        raise UsageError(
-            f"cannot tell what {source} holds; give a results file (.jsonl, .csv, .parquet), "
-            "a capture folder or .jsonl file, or an execution id"
-        )
+            reader = _parquet_rows
+        elif suffix == ".csv":
+            reader = _csv_rows
+        elif suffix in JSONL_SUFFIXES and _is_capture(path):
+            return _stream(f"capture {source}", capture_rows, path, settings)
+        elif suffix in JSONL_SUFFIXES:
+            reader = _jsonl_rows
+        if reader is None:
+            raise UsageError(
+                f"cannot tell what {source} holds; give a results file (.jsonl, .csv, "
+                ".parquet), a capture folder or .jsonl file, or an execution id"
+            )
+        return _stream(f"results file {source}", reader, path, settings)
     if "/" in source or path.suffix:
         raise UsageError(
             f"SOURCE {source} does not exist; give a results file (.jsonl, .csv, .parquet), "
@@ -89,9 +108,9 @@ def open_rows(source: str, settings: Settings) -> RowStream:
     return _execution_rows(source, settings)
 
 
-def _stream(description: str, rows: Callable[[list[int]], Iterator[ReportRow]]) -> RowStream:
-    skipped = [0]
-    return RowStream(description, rows(skipped), skipped=skipped)
+def _stream(description: str, reader: Reader, path: Path, settings: Settings) -> RowStream:
+    skipped = Skipped()
+    return RowStream(description, reader(path, settings, skipped), skipped=skipped)
 
 
 def fetcher(uri: str, max_bytes: int) -> Fetch:
@@ -134,7 +153,7 @@ def _dict_row(d: dict[str, Any], max_bytes: int) -> ReportRow:
     uri = d.get("uri")
     return ReportRow(
         status=status,
-        time=_time(finished) if finished else None,
+        time=parse_time(finished) if finished else None,
         label=d.get("label") or None,
         confidence=None if confidence in (None, "") else float(confidence),
         top_k=tuple((str(p["label"]), float(p["confidence"])) for p in top_k),
@@ -145,69 +164,67 @@ def _dict_row(d: dict[str, Any], max_bytes: int) -> ReportRow:
     )
 
 
-def _time(text: str) -> dt.datetime:
+def parse_time(text: str) -> dt.datetime:
     t = dt.datetime.fromisoformat(text)
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
 def _rows_of(
-    records: Iterator[tuple[int, Any]], source: Path, settings: Settings, skipped: list[int]
+    records: Iterator[tuple[int, Any]], source: Path, settings: Settings, skipped: Skipped
 ) -> Iterator[ReportRow]:
     for where, record in records:
         try:
             yield _dict_row(record, settings.max_bytes)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
-            skipped[0] += 1
-            log.warning("%s, record %d: skipped, not a result record (%s)", source, where, e)
+            skipped.record(f"{source}, record {where}", f"not a result record ({e})")
 
 
-def _jsonl_rows(path: Path, settings: Settings) -> Callable[[list[int]], Iterator[ReportRow]]:
-    def records(skipped: list[int]) -> Iterator[tuple[int, Any]]:
-        with _opened(path) as f:
+def _jsonl_rows(path: Path, settings: Settings, skipped: Skipped) -> Iterator[ReportRow]:
+    def records() -> Iterator[tuple[int, Any]]:
+        with open_text(path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
-                    skipped[0] += 1
-                    log.warning("%s, line %d: skipped, not JSON (%s)", path, n, e)
+                    skipped.record(f"{path}, line {n}", f"not JSON ({e})")
 
-    return lambda skipped: _rows_of(records(skipped), path, settings, skipped)
+    return _rows_of(records(), path, settings, skipped)
 
 
-def _csv_rows(path: Path, settings: Settings) -> Callable[[list[int]], Iterator[ReportRow]]:
+def _csv_rows(path: Path, settings: Settings, skipped: Skipped) -> Iterator[ReportRow]:
     def records() -> Iterator[tuple[int, Any]]:
-        with _opened(path) as f:
+        with open_text(path) as f:
             yield from enumerate(csv.DictReader(f), 2)
 
-    return lambda skipped: _rows_of(records(), path, settings, skipped)
+    return _rows_of(records(), path, settings, skipped)
 
 
-def _parquet_rows(path: Path, settings: Settings) -> Callable[[list[int]], Iterator[ReportRow]]:
+def _parquet_rows(path: Path, settings: Settings, skipped: Skipped) -> Iterator[ReportRow]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UsageError(
             f"reading {path} needs pyarrow: pip install 'ics-service[parquet]'"
         ) from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own kinds for a file that is not Parquet
+        raise UsageError(f"cannot read {path} as Parquet: {e}") from None
 
     def records() -> Iterator[tuple[int, Any]]:
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises its own kinds for a file that is not Parquet
-            raise UsageError(f"cannot read {path} as Parquet: {e}") from None
         n = 0
         for batch in parquet.iter_batches(batch_size=1024):
             for record in batch.to_pylist():
                 n += 1
                 yield n, record
 
-    return lambda skipped: _rows_of(records(), path, settings, skipped)
+    return _rows_of(records(), path, settings, skipped)
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[TextIO]:
+def open_text(path: Path) -> Iterator[TextIO]:
     """A text file opened for reading; failing to open it is a UsageError naming it."""
     try:
         f = open(path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115
@@ -219,19 +236,29 @@ def _opened(path: Path) -> Iterator[TextIO]:
 
 def _is_capture(path: Path) -> bool:
     """Whether a .jsonl file holds capture records: its first record has captureData."""
-    with _opened(path) as f:
+    with open_text(path) as f:
         for line in f:
             if line.strip():
                 return '"captureData"' in line
     return False
 
 
+def source_hint(source: str) -> str:
+    return f"SOURCE {source} is no file or folder, so it was taken for an execution id"
+
+
 def _execution_rows(execution_id: str, settings: Settings) -> RowStream:
     from ..store import Store
 
-    store = Store(settings.store_url, create=False)
+    try:
+        store = Store(settings.store_url, create=False)
+    except StoreError as e:
+        raise StoreError(f"{source_hint(execution_id)}; {e}") from None
     try:
         execution = store.get_execution(execution_id)
+    except ExecutionNotFound as e:
+        store.close()
+        raise ExecutionNotFound(f"{source_hint(execution_id)}; {e}") from None
     except BaseException:
         store.close()
         raise
