@@ -76,8 +76,8 @@ def render(
         Chart(
             "timeline.png",
             "Confidence over time",
-            "Each point an inference (a uniform sample of at most "
-            f"{len(stats.timeline) if stats.timeline else 0:,} of them) against the threshold.",
+            f"Each point an inference ({len(stats.timeline):,} of the {stats.classified:,} "
+            "classified items: all of them, or a uniform sample) against the threshold.",
         ),
         Chart(
             "labels.png",
@@ -87,8 +87,8 @@ def render(
         Chart(
             "lowest.png",
             "Lowest-confidence images",
-            f"The {stats.lowest_n} lowest-confidence items with their top 3 labels, as the "
-            "model saw them (resized and centre-cropped).",
+            f"The {min(stats.lowest_n, stats.classified)} lowest-confidence items with their "
+            "top 3 labels, as the model saw them (resized and centre-cropped).",
         ),
         Chart("failures.png", "Failures by error type", "FAILED items by error type."),
     ]
