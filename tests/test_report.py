@@ -9,6 +9,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -493,3 +495,19 @@ def test_progress_bar_on_request(ics_home: Path) -> None:
     res = ics("report", str(results), "--out", "report", "--progress")
     assert res.exit_code == ExitCode.OK, res.output
     assert "reading" in res.stderr and "2,500 rows" in res.stderr
+
+
+def test_ics_starts_without_matplotlib() -> None:
+    """matplotlib is imported by the report only: `ics` itself does not pay for it."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from ics_service.cli import main\n"
+        "assert CliRunner().invoke(main, ['report', '--help']).exit_code == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
