@@ -250,6 +250,13 @@ class Settings(BaseModel):
         pattern=CAPTURE_NAME,
         description="Variant name: the folder under the endpoint's.",
     )
+    # --- `ics report` -------------------------------------------------------------------
+    drift_psi_limit: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="`ics report --baseline` reports drift, and exits 5, when the population "
+        "stability index of the labels or the confidences is above this.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -14,7 +14,7 @@ import heapq
 import itertools
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +119,15 @@ def capture_files(path: str | Path) -> list[Path]:
     return sorted(files, key=lambda f: (_hour_key(f), f.name))
 
 
-def _read_file(path: Path) -> Iterator[CaptureRecord]:
+#: Told of a line that is not a capture record: (file, line number, why).
+OnBad = Callable[[Path, int, str], None]
+
+
+def _warn(path: Path, line: int, why: str) -> None:
+    log.warning("%s:%d: not a capture record (%s); skipped", path, line, why)
+
+
+def _read_file(path: Path, on_bad: OnBad) -> Iterator[CaptureRecord]:
     try:
         with path.open("rb") as f:
             for n, line in enumerate(f, start=1):
@@ -128,13 +136,16 @@ def _read_file(path: Path) -> Iterator[CaptureRecord]:
                 try:
                     yield parse_record(json.loads(line), path, n)
                 except (BadRecord, ValueError) as e:
-                    log.warning("%s:%d: not a capture record (%s); skipped", path, n, e)
+                    on_bad(path, n, str(e))
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def iter_records(path: str | Path) -> Iterator[CaptureRecord]:
-    """Every record of a capture file or folder tree, streamed in inferenceTime order."""
+def iter_records(path: str | Path, *, on_bad: OnBad = _warn) -> Iterator[CaptureRecord]:
+    """Every record of a capture file or folder tree, streamed in inferenceTime order; a
+    line that is not a record goes to `on_bad` (by default a warning) and is skipped."""
     files = capture_files(path)
     for _, hour in itertools.groupby(files, key=_hour_key):
-        yield from heapq.merge(*(_read_file(f) for f in hour), key=lambda r: r.inference_time)
+        yield from heapq.merge(
+            *(_read_file(f, on_bad) for f in hour), key=lambda r: r.inference_time
+        )

@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (registers the commands)
     config,
     executions,
     models,
+    report,
     serve,
 )
 from .app import main, run
