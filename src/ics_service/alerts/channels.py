@@ -51,8 +51,10 @@ def channel_for(url: str, *, timeout_s: float, settings: Settings) -> Channel:
 
         return FileChannel(url)
     if scheme == "sns":
-        from .sns import SnsChannel  # type: ignore[import-not-found,unused-ignore]
-
+        try:
+            from .sns import SnsChannel  # type: ignore[import-not-found,unused-ignore]
+        except ModuleNotFoundError as e:
+            raise _missing(url, e) from None
         channel: Channel = SnsChannel(
             url, timeout_s=timeout_s, endpoint_url=settings.notify_sns_endpoint_url
         )
@@ -62,7 +64,16 @@ def channel_for(url: str, *, timeout_s: float, settings: Settings) -> Channel:
             f"subscription {hide_secrets(url)} is not a URL: it needs a scheme "
             "(https://, file://, sns://, mailto://...)"
         )
-    from .chat import AppriseChannel  # type: ignore[import-not-found,unused-ignore]
-
+    try:
+        from .chat import AppriseChannel  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError as e:
+        raise _missing(url, e) from None
     other: Channel = AppriseChannel(url, timeout_s=timeout_s)
     return other
+
+
+def _missing(url: str, e: ModuleNotFoundError) -> UsageError:
+    return UsageError(
+        f"subscription {hide_secrets(url)}: this kind of channel needs {e.name}, which this "
+        "installation of ICS lacks"
+    )

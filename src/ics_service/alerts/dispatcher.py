@@ -52,6 +52,7 @@ class Dispatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._until: float | None = None
+        self._wait_retries = True
         self._thread: threading.Thread | None = None
         self.sent = self.failed = 0
 
@@ -189,15 +190,33 @@ class Dispatcher:
             except Exception as e:  # a busy or lost store: try again at the next poll
                 log.warning("delivering alerts: %s", e)
             if self._stop.is_set():
-                return
+                pause = self._retry_pause()
+                if pause is None:
+                    return
+                time.sleep(pause)
+                continue
             self._wake.wait(POLL_S)
             self._wake.clear()
 
-    def stop(self, deadline_s: float) -> None:
-        """Deliver what is due now for at most deadline_s more, then stop; what is left
-        (retries due later, a hanging channel) waits in the outbox for the next process."""
+    def _retry_pause(self) -> float | None:
+        """While stopping: how long until the next retry falls due, if that is before the
+        deadline (else None: stop now)."""
+        try:
+            when = self.outbox.next_due_at()
+        except Exception:
+            return None
+        if when is None or self._until is None or not self._wait_retries:
+            return None
+        pause = max((when - utcnow()).total_seconds(), 0.1)
+        return pause if time.monotonic() + pause < self._until else None
+
+    def stop(self, deadline_s: float, *, wait_retries: bool = True) -> None:
+        """Deliver what is due, and retries falling due, for at most deadline_s more, then
+        stop; what is left (later retries, a hanging channel) waits in the outbox for the
+        next ICS process on the store. wait_retries=False: only what is due now."""
         if self._thread is None:
             return
+        self._wait_retries = wait_retries
         self._until = time.monotonic() + deadline_s
         self._stop.set()
         self._wake.set()

@@ -180,8 +180,8 @@ def open_runner(settings: Settings) -> Iterator[Any]:
 def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
     """The store of the settings, for commands that only read it: it must exist already.
 
-    Alerts due in its outbox (left by a process that died) are delivered meanwhile, for at
-    most notify_drain_s after the command's own work.
+    Alerts due in its outbox (left by a process that died, or retries) are delivered
+    meanwhile, for at most notify_drain_s after the command's own work.
     """
     from ..alerts.dispatcher import Dispatcher
     from ..store import Store
@@ -192,7 +192,8 @@ def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
     try:
         yield store
     finally:
-        dispatcher.stop(settings.notify_drain_s)
+        # A command that only reads does not wait for retries of a channel that is down.
+        dispatcher.stop(settings.notify_drain_s, wait_retries=False)
         store.close()
 
 
