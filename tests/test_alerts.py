@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from cli import ICS_BIN, ics
@@ -35,7 +36,7 @@ from ics_service.types import (
     utcnow,
 )
 from receivers import SilentListener, verify, webhook_receiver
-from serving import free_port
+from serving import free_port, serve_process
 
 SECRET = "k3y-never-shown"
 #: Retries of the Notify step for tests: fast and many, so a receiver may come back.
@@ -594,3 +595,33 @@ def execution_finished(store_url: str) -> bool:
         return any(e.status.finished for e in store.list_executions())
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_ics_serve_alerts_on_real_time_requests_and_digests_its_day_by_the_window(
+    store_url: str, ics_home: Path, photos: Path
+) -> None:
+    env = {**os.environ, "ICS_HOME": str(ics_home), "ICS_NOTIFY_DIGEST_WINDOW_S": "1"}
+    with webhook_receiver() as each, webhook_receiver() as digests:
+        with serve_process(
+            "--store",
+            store_url,
+            "--notify",
+            f"{each.url}?ics-kinds=item_failed",
+            "--notify",
+            f"{digests.url}?ics-mode=digest",
+            env=env,
+        ) as served:
+            bad = httpx.post(f"{served.url}/v1/classify", content=b"not an image", timeout=60)
+            assert bad.status_code == 422, bad.text
+            (alert,) = each.wait_for(1)
+            assert alert["kind"] == "item_failed" and alert["error"]["type"] == "InvalidImage"
+            # The day's execution runs on: its digest comes once the window has passed.
+            (digest,) = digests.wait_for(1)
+            assert digest["kind"] == "digest" and digest["execution_status"] == "RUNNING"
+            assert digest["counts"] == {"item_failed": 1}
+            assert digest["execution_id"] == alert["execution_id"]
+            served.proc.send_signal(signal.SIGTERM)
+            assert served.proc.wait(60) == 0, served.output()
+        # Nothing was held after the digest: the day's end sends no other one.
+        assert len(digests.posts) == 1 and len(each.posts) == 1
