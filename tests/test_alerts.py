@@ -462,11 +462,42 @@ def test_a_refused_alert_is_dead_lettered_then_sent_again_by_alerts_retry(
         assert [d["alert_id"] for d in receiver.wait_for(1)] == [one]
         rest = ics("alerts", "retry", "--store", store_url)
         assert f"{expected_alerts(e) - 1} dead-lettered" in rest.output
+        unknown = ics("alerts", "retry", "no-such-alert", "--store", store_url)
+        assert unknown.exit_code == 2 and "ics alerts list --failed" in unknown.output
         docs = receiver.wait_for(expected_alerts(e))
     assert {d["alert_id"] for d in docs} == {a["alert_id"] for a in listed}
     assert (
         json.loads(ics("alerts", "list", "--failed", "--json", "--store", store_url).output) == []
     )
+
+
+def test_resuming_an_execution_alerts_on_what_the_resume_classifies(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    store = Store(store_url)
+    try:
+        e, _ = store.create_execution(
+            params={"sources": [str(images)], "threshold": 0.94}, model=MODEL, threshold=0.94
+        )
+        # A process that died before classifying anything: every item waits.
+        store.claim(e.id, f"{os.uname().nodename}:{dead_pid()}")
+        store.add_items(e.id, sorted(str(p) for p in images.iterdir()))
+        store.mark_listed(e.id)
+    finally:
+        store.close()
+    with webhook_receiver() as receiver:
+        res = ics("executions", "resume", e.id, "--store", store_url, "--notify", receiver.url)
+        assert res.exit_code == 1, res.output
+        resumed = only_execution(store_url)
+        docs = receiver.wait_for(expected_alerts(resumed))
+    assert {d["execution_id"] for d in docs} == {e.id}
+    assert len({d["alert_id"] for d in docs}) == expected_alerts(resumed) == len(docs)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=30)
+    return proc.pid
 
 
 # --- faults: a receiver down, a process killed ------------------------------------------

@@ -70,14 +70,16 @@ class Subscription(BaseModel):
                 "(https://, file://, sns://, mailto://...)"
             )
         kept = []
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        for key, value in query:
             if key in _OPTIONS:
                 data.setdefault(_OPTIONS[key], value)
             elif key == SECRET_PARAM:
                 data.setdefault("secret", value)
             else:
                 kept.append((key, value))
-        data["url"] = urlunsplit(parts._replace(query=urlencode(kept, safe=",/:@")))
+        if len(kept) < len(query):  # else the URL stays exactly as written
+            data["url"] = urlunsplit(parts._replace(query=urlencode(kept, safe=",/:@")))
         if isinstance(data.get("kinds"), str):
             data["kinds"] = [k.strip() for k in data["kinds"].split(",") if k.strip()]
         return data

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 from rich.table import Table
 
+from ..errors import UsageError
 from .app import common_options, json_out, main, open_store, stdout_console
 from .render import outside
 
@@ -95,6 +96,11 @@ def alerts_retry(alert_ids: tuple[str, ...], as_json: bool, **kwargs: Any) -> No
 
     with open_store(kwargs) as store:
         n = Outbox(store).retry(alert_ids)
+    if alert_ids and n == 0:
+        raise UsageError(
+            f"no dead-lettered delivery for {' '.join(alert_ids)}: "
+            "`ics alerts list --failed` shows the alerts that have one"
+        )
     if as_json:
         json_out({"requeued": n})
     else:
@@ -104,7 +110,7 @@ def alerts_retry(alert_ids: tuple[str, ...], as_json: bool, **kwargs: Any) -> No
 @alerts.command("dispatch")
 @click.option(
     "--wait",
-    type=float,
+    type=click.FloatRange(min=0),
     default=60.0,
     show_default=True,
     help="Most seconds spent sending; what is left stays due.",
