@@ -20,6 +20,7 @@ import pytest
 
 from cli import ICS_BIN, ics
 from ics_service.alerts.channels import DeliveryError, channel_for
+from ics_service.alerts.dispatcher import Dispatcher
 from ics_service.alerts.planner import Planner
 from ics_service.alerts.subscriptions import Subscription
 from ics_service.config import load_settings
@@ -331,6 +332,34 @@ def test_a_delivery_is_leased_to_one_dispatcher_at_a_time(
     assert other.claim(due.id, "host:2", lease)
     other.sent(due.id)
     assert not one.claim(due.id, "host:1", lease)
+
+
+def test_held_alerts_of_an_execution_ended_elsewhere_are_digested_by_the_next_dispatcher(
+    store_url: str, tmp_path: Path
+) -> None:
+    digests = tmp_path / "digests.jsonl"
+    sub = Subscription.model_validate(f"file://{digests}?ics-mode=digest")
+    settings = load_settings(None, environ={}).settings
+    store = Store(store_url)
+    try:
+        Outbox(store).register([(sub.id, sub.shown(), sub.model_dump_json())])
+        store.alert_planner = Planner([sub], None)
+        e, _ = store.create_execution(params={"sources": []}, model=MODEL, threshold=0.94)
+        store.add_items(e.id, [f"/photos/{i}.jpg" for i in range(3)])
+        store.record_results(
+            e.id,
+            [result(e.id, i, ItemStatus.LOW_CONFIDENCE, 0.1 * (i + 1)) for i in range(3)],
+        )
+        assert Dispatcher(store, settings).drain() == 0  # held: nothing to send yet
+        store.alert_planner = None  # a process without the subscription ends it
+        store.finish_execution(e.id, ExecutionStatus.SUCCEEDED)
+        assert not digests.exists()
+        assert Dispatcher(store, settings).drain() == 1
+    finally:
+        store.close()
+    (digest,) = [json.loads(line) for line in digests.read_text().splitlines()]
+    assert digest["kind"] == "digest" and digest["counts"] == {"low_confidence": 3}
+    assert [w["item_id"] for w in digest["worst"]] == ["0", "1", "2"]
 
 
 # --- end to end: classify, with real receivers ------------------------------------------

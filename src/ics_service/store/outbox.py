@@ -365,13 +365,19 @@ class Outbox:
         return int(n or 0)
 
     def overdue_held(self, cutoff: dt.datetime) -> list[tuple[str, str]]:
-        """(subscription, execution) pairs holding an alert since before cutoff."""
-        d, a = deliveries.c, alerts.c
+        """(subscription, execution) pairs holding an alert since before cutoff, or of an
+        execution that ended without rolling them up (a process without the subscription
+        ended it)."""
+        d, a, e = deliveries.c, alerts.c, executions.c
         with self.store._connect() as conn:
             rows = conn.execute(
                 select(d.subscription_id, a.execution_id)
                 .join(alerts, a.id == d.alert_id)
-                .where(d.status == DeliveryStatus.HELD.value, d.created_at <= cutoff)
+                .join(executions, e.id == a.execution_id)
+                .where(
+                    d.status == DeliveryStatus.HELD.value,
+                    or_(d.created_at <= cutoff, e.status != "RUNNING"),
+                )
                 .group_by(d.subscription_id, a.execution_id)
             ).all()
         return [(r[0], r[1]) for r in rows if r[1] is not None]
