@@ -462,3 +462,28 @@ def test_unusable_url_is_a_usage_error_that_hides_tokens(logged: Logged) -> None
     # apprise's own warning quotes the token: it reaches neither ICS's log nor the root's.
     assert [line for line in logged.apprise.lines if token in line]
     assert token not in logged.outside_apprise()
+
+
+# --- the factory ---------------------------------------------------------------------------
+
+
+def test_the_factory_builds_sns_and_apprise_channels_and_refuses_bad_urls(aws: AwsServer) -> None:
+    from ics_service.alerts.channels import channel_for
+    from ics_service.config import Settings
+
+    settings = Settings(notify_sns_endpoint_url=aws.url)
+    sns = channel_for(
+        "sns://arn:aws:sns:us-east-1:123456789012:ops", timeout_s=2, settings=settings
+    )
+    assert isinstance(sns, SnsChannel)
+    assert sns.client.meta.endpoint_url == aws.url
+    mail = channel_for(
+        "mailto://user:hunter22@127.0.0.1:2525?from=ics@example.com&to=ops@example.com",
+        timeout_s=2,
+        settings=settings,
+    )
+    assert isinstance(mail, AppriseChannel)
+    assert "hunter22" not in mail.shown()
+    for bad in ("sns://arn:aws:sns:nowhere", "nosuchscheme://x", "just-a-word"):
+        with pytest.raises(UsageError):
+            channel_for(bad, timeout_s=2, settings=settings)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .alerts.subscriptions import Subscription
 from .errors import ConfigError
 from .types import Step
 
@@ -222,6 +223,41 @@ class Settings(BaseModel):
         le=64,
         description="Batch executions `ics serve` runs at once; more wait in a queue.",
     )
+    # --- alerts --------------------------------------------------------------------------
+    notify: list[Subscription] = Field(
+        default_factory=list,
+        description="Alert subscriptions: channel URLs (https://, file://, sns://, apprise "
+        "URLs), each with optional ics-kinds, ics-mode (each|digest), ics-rate (10/1m) and, "
+        "for a webhook, ics-secret query parameters (removed before sending); in ics.toml "
+        "URL strings or tables (url, kinds, mode, rate_limit, secret); ICS_NOTIFY: JSON or "
+        "one URL.",
+    )
+    notify_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=300.0, description="Most time one alert delivery may take."
+    )
+    notify_drain_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=600.0,
+        description="At its end, most time a command waits for due alerts to be delivered "
+        "(the rest stays in the store's outbox for the next ICS process).",
+    )
+    notify_digest_window_s: float = Field(
+        default=3600.0,
+        gt=0.0,
+        description="A digest subscription gets one summary per execution at its end, and "
+        "one per this many seconds of an execution still running (the server's real-time day).",
+    )
+    notify_sns_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint for SNS, else AWS_ENDPOINT_URL_SNS / AWS_ENDPOINT_URL as "
+        "botocore reads them.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL where this ICS's HTTP API is reachable; alerts then link to "
+        "their execution and item.",
+    )
 
     # --- data capture (capture/) --------------------------------------------------------
     capture: str | None = Field(
@@ -290,6 +326,11 @@ class Settings(BaseModel):
             )
         return data
 
+    @field_validator("notify", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | dict) else v
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -337,6 +378,7 @@ def shown(settings: Settings) -> dict[str, Any]:
             values[key] = "***"
     if values.get("store"):
         values["store"] = safe_url(values["store"])
+    values["notify"] = [s.shown() for s in settings.notify]
     return values
 
 
@@ -444,6 +486,8 @@ def load_settings(
 
 
 def _parse_env(var: str, value: str) -> Any:
+    if var == "ICS_NOTIFY" and not value.lstrip().startswith(("[", "{")):
+        return value  # one subscription URL
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
@@ -466,5 +510,8 @@ def _explain(
             origin = "flag " + flag_names.get(top, "--" + top.replace("_", "-"))
         else:
             origin = where.replace("env ", "environment variable ")
+        if top == "notify":  # its input may hold secrets; the message names the URL safely
+            problems.append(f"bad value for {key} ({origin}): {err['msg']}")
+            continue
         problems.append(f"bad value {err.get('input')!r} for {key} ({origin}): {err['msg']}")
     return "; ".join(problems)

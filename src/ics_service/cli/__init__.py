@@ -1,6 +1,7 @@
 """The `ics` command. Each command group lives in its own module and registers on `main`."""
 
 from . import (  # noqa: F401  (registers the commands)
+    alerts,
     capture,
     classify,
     config,

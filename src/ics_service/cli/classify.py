@@ -14,6 +14,7 @@ import click
 from ..config import Settings, default
 from ..logs import printable
 from ..types import Execution, ExecutionStatus, ItemResult
+from .alerts import notify_option
 from .app import (
     EXIT_BY_STATUS,
     common_options,
@@ -108,6 +109,7 @@ if TYPE_CHECKING:
     help="Progress bar on stderr (default: when stderr is a terminal).",
 )
 @capture_options
+@notify_option
 @common_options
 def classify(
     sources: tuple[str, ...],

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from ..types import ExecutionStatus, ItemStatus, isoformat
+from .alerts import notify_option
 from .app import (
     common_options,
     json_out,
@@ -177,6 +178,7 @@ def executions_cancel(execution_id: str, wait: float, as_json: bool, **kwargs: A
 @click.option("--threads", "inference_threads", type=int, help="onnxruntime threads per batch.")
 @click.option("--inference-workers", type=int, help="Batches run at once on the model.")
 @capture_options
+@notify_option
 @common_options
 def executions_resume(
     execution_id: str, as_json: bool, table: bool, progress: bool | None, **kwargs: Any

@@ -10,6 +10,7 @@ import click
 
 from ..config import default
 from ..errors import EnvironmentUnavailable
+from .alerts import notify_option
 from .app import common_options, load_cli_settings, main
 from .capture import capture_options
 
@@ -37,6 +38,7 @@ from .capture import capture_options
 )
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
 @capture_options
+@notify_option
 @common_options
 def serve(**kwargs: Any) -> None:
     """Serve classification over HTTP until SIGINT or SIGTERM.
@@ -59,6 +61,7 @@ def serve(**kwargs: Any) -> None:
     """
     import uvicorn
 
+    from ..alerts.dispatcher import Alerting
     from ..capture import check_capture_folder
     from ..server import create_app
     from ..server.app import load_model
@@ -66,10 +69,12 @@ def serve(**kwargs: Any) -> None:
 
     settings = load_cli_settings(kwargs).settings
     check_capture_folder(settings)
+    alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
     # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
     store = Store(settings.store_url)
     try:
+        alerting.attach(store)
         app = create_app(settings, runtime=load_model(settings), store=store)
         # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
         # raises them again for the handlers it found: ignored, so the exit is a clean 0.
@@ -94,4 +99,5 @@ def serve(**kwargs: Any) -> None:
                 "above); choose another --port or --host"
             ) from None
     finally:
+        alerting.close()
         store.close()

@@ -42,7 +42,7 @@ from ..types import (
     ModelRef,
     utcnow,
 )
-from . import migrations
+from . import migrations, outbox
 from .connection import open_engine, safe_url, store_errors
 from .rows import (
     Event,
@@ -94,6 +94,9 @@ class Store:
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self.safe_url = safe_url(url)
+        #: Set by the alerts package when subscriptions exist: alerts are then written in
+        #: the transactions of the results and execution ends that raise them.
+        self.alert_planner: outbox.AlertPlanner | None = None
         with store_errors(self.safe_url):
             self.engine = open_engine(url, create=create)
         try:
@@ -266,6 +269,14 @@ class Store:
                     **counts,
                 )
             )
+            if self.alert_planner is not None:
+                row = conn.execute(
+                    select(executions).where(executions.c.id == execution_id)
+                ).first()
+                if row is not None:
+                    ended = execution_from_row(row._mapping)
+                    outbox.write_alerts(conn, self.alert_planner.for_end(ended))
+                outbox.roll_up(conn, self.alert_planner, execution_id)
         return self.get_execution(execution_id)
 
     def counts(self, execution_id: str) -> Counts:
@@ -403,6 +414,8 @@ class Store:
                 )
             for r in todo:
                 counts.add(r.status)
+            if self.alert_planner is not None and todo:
+                outbox.write_alerts(conn, self.alert_planner.for_results(execution_id, todo))
             conn.execute(
                 _update_execution(execution_id).values(
                     succeeded=executions.c.succeeded + counts.succeeded,
@@ -442,6 +455,8 @@ class Store:
                 rows.append({"execution_id": execution_id, "uri": r.uri, **row})
                 counts.add(r.status)
             conn.execute(insert(items), rows)
+            if self.alert_planner is not None:
+                outbox.write_alerts(conn, self.alert_planner.for_results(execution_id, results))
             conn.execute(
                 _update_execution(execution_id).values(
                     total=executions.c.total + len(rows),
