@@ -220,6 +220,14 @@ class Settings(BaseModel):
         description="Batch executions `ics serve` runs at once; more wait in a queue.",
     )
 
+    # --- object storage ------------------------------------------------------------------
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec storage options per protocol, e.g. a [storage.s3] table with "
+        "endpoint_url, key, secret, client_kwargs (JSON in ICS_STORAGE); unset: the standard "
+        "AWS environment and credential chain. Secrets are never shown.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _no_bools(cls, data: Any) -> Any:
@@ -285,7 +293,25 @@ def shown(settings: Settings) -> dict[str, Any]:
             values[key] = "***"
     if values.get("store"):
         values["store"] = safe_url(values["store"])
+    if values.get("storage"):
+        values["storage"] = _masked(values["storage"])
     return values
+
+
+#: Parts of storage option names whose values are secrets (key, secret, token, password,
+#: account_key, sas_token, connection_string, credentials...).
+_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def _masked(value: Any, name: str = "") -> Any:
+    """Storage options with every secret-looking value replaced by ***, however nested."""
+    if isinstance(value, dict):
+        return {k: _masked(v, str(k).lower()) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, name) for v in value]
+    if value is not None and any(part in name for part in _SECRET_PARTS):
+        return "***"
+    return value
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,13 @@ if TYPE_CHECKING:
     type=int,
     help="Number of LOW_CONFIDENCE/FAILED items tolerated before the execution FAILS.",
 )
+@click.option(
+    "--include",
+    multiple=True,
+    help="Only items matching this glob (repeatable): '*.jpg' matches names in any folder, "
+    "'2024/**/*.png' paths under the SOURCE folder or prefix.",
+)
+@click.option("--exclude", multiple=True, help="Leave out items matching this glob (repeatable).")
 @click.option("--name", help="Execution name; a name already used returns that execution.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.option("--table", is_flag=True, help="Also print a table of every item's result.")
@@ -115,6 +122,8 @@ def classify(
     as_json: bool,
     table: bool,
     progress: bool | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     **kwargs: Any,
 ) -> None:
     """Classify images and record one result per image.
@@ -122,6 +131,8 @@ def classify(
     SOURCE is an image file, a folder (searched recursively; images are recognised by
     content, and files with an image extension are always included so broken ones are
     reported), a glob such as 'photos/**/*.jpg', or @list.txt (one path per line).
+    s3://BUCKET/PREFIX lists every image object under the prefix (an image extension or
+    none); s3://BUCKET/KEY names one object. --include/--exclude filter what is listed.
 
     \b
     Exit codes:
@@ -146,6 +157,8 @@ def classify(
             cooperate=guard.cooperate,
             output=output,
             output_format=output_format,
+            **({"include": list(include)} if include else {}),
+            **({"exclude": list(exclude)} if exclude else {}),
         )
         if not created:
             click.echo(

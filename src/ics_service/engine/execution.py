@@ -98,6 +98,7 @@ class ExecutionRunner:
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
         self.owner = owner_id()
+        sources.configure(settings.storage)
 
     def start(
         self,
@@ -118,7 +119,7 @@ class ExecutionRunner:
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
         log.info("listing %s", " ".join(source_specs))
-        uris = sources.expand(source_specs)
+        uris = sources.expand(source_specs, _selection(params))
         first = next(uris, None)
         if first is None:
             raise UsageError(f"no images found in {' '.join(source_specs)}")
@@ -168,7 +169,8 @@ class ExecutionRunner:
             )
             if not execution.items_listed:
                 # The process died while listing: list again and register what is missing.
-                uris = _until(stop, sources.expand(execution.params["sources"]))
+                listed = sources.expand(execution.params["sources"], _selection(execution.params))
+                uris = _until(stop, listed)
                 skipped = itertools.islice(uris, execution.counts.total, None)
                 self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
                 self.store.mark_listed(execution.id)
@@ -326,6 +328,11 @@ def _until(stop: threading.Event | None, uris: Iterator[str]) -> Iterator[str]:
         yield uri
     if stop is not None and stop.is_set():
         raise Interrupted("stopped by a signal while listing the sources")
+
+
+def _selection(params: dict[str, Any]) -> sources.Selection:
+    """The --include / --exclude globs an execution was started with."""
+    return sources.Selection(params.get("include") or (), params.get("exclude") or ())
 
 
 def _why(error: BaseException) -> str:

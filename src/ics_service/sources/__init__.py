@@ -7,11 +7,13 @@ scheme and raises a clear error for a scheme no source handles.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from ..errors import UsageError
 from .local import LocalSource, path_to_uri, uri_to_path
+from .remote import FsspecSource, list_objects, sources_for
+from .select import Selection, base_of, relative
 
 
 class Source(Protocol):
@@ -24,7 +26,7 @@ class Source(Protocol):
         ...
 
 
-_SOURCES: dict[str, Source] = {"file": LocalSource()}
+_SOURCES: dict[str, Source] = {"file": LocalSource(), **sources_for({})}
 
 
 def register(scheme: str, source: Source) -> None:
@@ -34,6 +36,12 @@ def register(scheme: str, source: Source) -> None:
 
 def unregister(scheme: str) -> None:
     _SOURCES.pop(scheme.lower(), None)
+
+
+def configure(storage: Mapping[str, Mapping[str, Any]]) -> None:
+    """Use these fsspec storage options (the `storage` setting) for object storage."""
+    for scheme, source in sources_for(storage).items():
+        register(scheme, source)
 
 
 def scheme_of(uri: str) -> str:
@@ -52,35 +60,41 @@ def source_for(uri: str) -> Source:
         ) from None
 
 
-def expand(specs: Iterable[str]) -> Iterator[str]:
+def expand(specs: Iterable[str], select: Selection | None = None) -> Iterator[str]:
     """Item URIs for SOURCE arguments: files, folders (recursive), globs and @list files.
 
     Streams: items come out as they are found. A list file that includes itself, directly
     or through other lists, is a UsageError; paths inside a list are relative to the
-    current folder, like SOURCE arguments.
+    current folder, like SOURCE arguments. `select` (--include/--exclude) filters what
+    each SOURCE lists.
     """
-    return _expand(specs, ())
+    return _expand(specs, (), select or Selection())
 
 
 #: The list files being read, outermost first: (real path, path as written).
 _Chain = tuple[tuple[str, str], ...]
 
 
-def _expand(specs: Iterable[str], chain: _Chain) -> Iterator[str]:
+def _expand(specs: Iterable[str], chain: _Chain, select: Selection) -> Iterator[str]:
     for spec in specs:
         if spec.startswith("@"):
-            yield from _expand_list(spec[1:], chain)
+            yield from _expand_list(spec[1:], chain, select)
+        elif select:
+            base = base_of(spec)
+            for uri in source_for(spec).list(spec):
+                if select.keeps(relative(base, uri)):
+                    yield uri
         else:
             yield from source_for(spec).list(spec)
 
 
-def _expand_list(path: str, chain: _Chain) -> Iterator[str]:
+def _expand_list(path: str, chain: _Chain, select: Selection) -> Iterator[str]:
     real = os.path.realpath(path)
     chain = (*chain, (real, path))
     if any(real == seen for seen, _ in chain[:-1]):
         names = " -> ".join(f"@{_show(written)}" for _, written in chain)
         raise UsageError(f"list file {_show(path)} includes itself: {names}; remove the cycle")
-    yield from _expand(_list_lines(path), chain)
+    yield from _expand(_list_lines(path), chain, select)
 
 
 def _list_lines(path: str) -> Iterator[str]:
@@ -117,9 +131,13 @@ def read(uri: str, max_bytes: int) -> bytes:
 
 
 __all__ = [
+    "FsspecSource",
     "LocalSource",
+    "Selection",
     "Source",
+    "configure",
     "expand",
+    "list_objects",
     "path_to_uri",
     "read",
     "register",
