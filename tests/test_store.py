@@ -1038,7 +1038,7 @@ def test_a_version_1_store_is_migrated_in_place_with_its_error_types(
         assert "error_type" not in {c["name"] for c in inspect(old.engine).get_columns("ics_items")}
 
     with opened(store_url) as store:
-        assert [v for v, _ in version_rows(store)] == [1, 2]
+        assert [v for v, _ in version_rows(store)] == [v for v, _ in migrations.MIGRATIONS]
         columns = {c["name"]: c for c in inspect(store.engine).get_columns("ics_items")}
         assert columns["error_type"]["nullable"]
         # Migration 2 filled the new column from the results already there.
@@ -1048,6 +1048,26 @@ def test_a_version_1_store_is_migrated_in_place_with_its_error_types(
         store.record_results(e.id, [failed(e.id, 3, "InvalidImage")])
         assert store.failure_types(e.id) == {"InvalidImage": 2, "InternalError": 1}
         assert store.counts(e.id) == Counts(total=4, succeeded=1, failed=3)
+
+
+def test_a_version_2_store_gains_item_metadata_and_keeps_its_items(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with shipped_up_to(2, monkeypatch), opened(store_url) as old:
+        e = new_execution(old)
+        old.add_items(e.id, uris(2))
+        assert "metadata" not in {c["name"] for c in inspect(old.engine).get_columns("ics_items")}
+
+    with opened(store_url) as store:
+        columns = {c["name"]: c for c in inspect(store.engine).get_columns("ics_items")}
+        assert columns["metadata"]["nullable"]
+        store.add_items(e.id, [("file:///photos/x.jpg", {"shelf": "b", "n": 2})], start_seq=2)
+        pending = list(store.pending_items(e.id))
+        assert [(i.seq, i.metadata) for i in pending] == [
+            (0, None),
+            (1, None),
+            (2, {"shelf": "b", "n": 2}),
+        ]
 
 
 def test_results_paged_by_status_with_a_keyset(store: Store) -> None:

@@ -39,6 +39,7 @@ CSV_COLUMNS = [
     "started_at",
     "finished_at",
     "timings_ms",
+    "metadata",
 ]
 
 
@@ -69,6 +70,7 @@ def flat_record(r: ItemResult) -> dict[str, Any]:
         "started_at": d["started_at"],
         "finished_at": d["finished_at"],
         "timings_ms": json.dumps(d["timings_ms"]),
+        "metadata": None if d["metadata"] is None else json.dumps(d["metadata"]),
     }
 
 

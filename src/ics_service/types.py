@@ -48,6 +48,8 @@ class Item:
 
     seq: int
     uri: str
+    #: Fields of the item's manifest row besides its URI (CSV columns, JSON fields).
+    metadata: dict[str, Any] | None = None
 
     @property
     def item_id(self) -> str:
@@ -101,6 +103,8 @@ class ItemResult:
     image: ImageInfo | None = None
     attempts: int = 1
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: The item's manifest fields besides its URI (None when it was not from a manifest).
+    metadata: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +124,7 @@ class ItemResult:
             "started_at": isoformat(self.started_at),
             "finished_at": isoformat(self.finished_at),
             "timings_ms": self.timings_ms,
+            "metadata": self.metadata,
         }
 
     @classmethod
@@ -141,6 +146,7 @@ class ItemResult:
             started_at=dt.datetime.fromisoformat(d["started_at"]),
             finished_at=dt.datetime.fromisoformat(d["finished_at"]),
             timings_ms=d.get("timings_ms") or {},
+            metadata=d.get("metadata"),
         )
 
 

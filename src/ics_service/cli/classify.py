@@ -131,6 +131,8 @@ def classify(
     SOURCE is an image file, a folder (searched recursively; images are recognised by
     content, and files with an image extension are always included so broken ones are
     reported), a glob such as 'photos/**/*.jpg', or @list.txt (one path per line).
+    @items.csv (a 'uri' column) and @items.jsonl (objects with 'uri') are manifests whose
+    other fields become each result's metadata; any manifest may be on S3 (@s3://B/m.csv).
     s3://BUCKET/PREFIX lists every image object under the prefix (an image extension or
     none); s3://BUCKET/KEY names one object. --include/--exclude filter what is listed.
 

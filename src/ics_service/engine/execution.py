@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import sources
 from ..config import Settings
@@ -33,6 +33,8 @@ from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Called once nothing may be interrupted by an exception any more; returns the stop event.
 Cooperate = Callable[[], threading.Event]
@@ -119,7 +121,7 @@ class ExecutionRunner:
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
         log.info("listing %s", " ".join(source_specs))
-        uris = sources.expand(source_specs, _selection(params))
+        uris = sources.expand_items(source_specs, _selection(params))
         first = next(uris, None)
         if first is None:
             raise UsageError(f"no images found in {' '.join(source_specs)}")
@@ -169,7 +171,8 @@ class ExecutionRunner:
             )
             if not execution.items_listed:
                 # The process died while listing: list again and register what is missing.
-                listed = sources.expand(execution.params["sources"], _selection(execution.params))
+                specs = execution.params["sources"]
+                listed = sources.expand_items(specs, _selection(execution.params))
                 uris = _until(stop, listed)
                 skipped = itertools.islice(uris, execution.counts.total, None)
                 self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
@@ -320,7 +323,7 @@ def _still_running(execution: Execution) -> UsageError:
     )
 
 
-def _until(stop: threading.Event | None, uris: Iterator[str]) -> Iterator[str]:
+def _until(stop: threading.Event | None, uris: Iterator[_T]) -> Iterator[_T]:
     """The URIs, until `stop` is set: then `Interrupted`."""
     for uri in uris:
         if stop is not None and stop.is_set():

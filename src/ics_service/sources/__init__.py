@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ..errors import UsageError
+from . import manifests
 from .local import LocalSource, path_to_uri, uri_to_path
 from .remote import FsspecSource, list_objects, sources_for
 from .select import Selection, base_of, relative
@@ -68,14 +69,23 @@ def expand(specs: Iterable[str], select: Selection | None = None) -> Iterator[st
     current folder, like SOURCE arguments. `select` (--include/--exclude) filters what
     each SOURCE lists.
     """
+    return (uri for uri, _ in expand_items(specs, select))
+
+
+def expand_items(
+    specs: Iterable[str], select: Selection | None = None
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """As `expand`, each URI with its metadata: the other fields of its CSV or JSON Lines
+    manifest row, or None."""
     return _expand(specs, (), select or Selection())
 
 
-#: The list files being read, outermost first: (real path, path as written).
+#: The list files being read, outermost first: (real path or URI, name as written).
 _Chain = tuple[tuple[str, str], ...]
+_Listed = Iterator[tuple[str, dict[str, Any] | None]]
 
 
-def _expand(specs: Iterable[str], chain: _Chain, select: Selection) -> Iterator[str]:
+def _expand(specs: Iterable[str], chain: _Chain, select: Selection) -> _Listed:
     for spec in specs:
         if spec.startswith("@"):
             yield from _expand_list(spec[1:], chain, select)
@@ -83,47 +93,34 @@ def _expand(specs: Iterable[str], chain: _Chain, select: Selection) -> Iterator[
             base = base_of(spec)
             for uri in source_for(spec).list(spec):
                 if select.keeps(relative(base, uri)):
-                    yield uri
+                    yield uri, None
         else:
-            yield from source_for(spec).list(spec)
+            for uri in source_for(spec).list(spec):
+                yield uri, None
 
 
-def _expand_list(path: str, chain: _Chain, select: Selection) -> Iterator[str]:
-    real = os.path.realpath(path)
-    chain = (*chain, (real, path))
+def _expand_list(name: str, chain: _Chain, select: Selection) -> _Listed:
+    remote = scheme_of(name) != "file"
+    real = name if remote else os.path.realpath(name)
+    chain = (*chain, (real, name))
     if any(real == seen for seen, _ in chain[:-1]):
-        names = " -> ".join(f"@{_show(written)}" for _, written in chain)
-        raise UsageError(f"list file {_show(path)} includes itself: {names}; remove the cycle")
-    yield from _expand(_list_lines(path), chain, select)
-
-
-def _list_lines(path: str) -> Iterator[str]:
-    """The entries of a list file, read lazily: one path per line, blank lines and # comments
-    skipped. Read as UTF-8 (a BOM is ignored) with surrogateescape: a name written in an old
-    encoding comes through as its exact bytes, so it still names its file."""
-    try:
-        f = open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
-    except OSError as e:
-        raise UsageError(f"cannot read list file {_show(path)}: {e.strerror or e}") from None
-    with f:
-        while True:
-            try:
-                line = f.readline()
-            except OSError as e:
-                raise UsageError(
-                    f"cannot read list file {_show(path)}: {e.strerror or e}"
-                ) from None
-            if not line:
-                return
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield line
-
-
-def _show(path: str) -> str:
-    """A path as messages show it: as written, or as its file:// URI when it is not UTF-8."""
-    shown = path_to_uri(os.path.abspath(path))
-    return path if shown.startswith("/") else shown
+        names = " -> ".join(f"@{manifests.shown(written)}" for _, written in chain)
+        raise UsageError(
+            f"list file {manifests.shown(name)} includes itself: {names}; remove the cycle"
+        )
+    source = source_for(name) if remote else None
+    with manifests.opened(name, source) as f:
+        for entry in manifests.entries(name, f):
+            if isinstance(entry, tuple):  # a CSV or JSON Lines row: one item
+                uri, meta = entry
+                if select.keeps(uri.rsplit("/", 1)[-1]):
+                    yield uri, meta
+            elif scheme_of(entry) != "file" and not entry.endswith("/"):
+                # A remote URI in a list is an item: no listing request per line.
+                if select.keeps(entry.rsplit("/", 1)[-1]):
+                    yield entry, None
+            else:
+                yield from _expand([entry], chain, select)
 
 
 def read(uri: str, max_bytes: int) -> bytes:
@@ -137,6 +134,7 @@ __all__ = [
     "Source",
     "configure",
     "expand",
+    "expand_items",
     "list_objects",
     "path_to_uri",
     "read",

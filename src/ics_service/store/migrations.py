@@ -124,8 +124,13 @@ def _v2(conn: Connection) -> None:
     )
 
 
+def _v4(conn: Connection) -> None:
+    """ics_items.metadata: an item's manifest fields (JSON), kept so a resume has them."""
+    conn.exec_driver_sql("ALTER TABLE ics_items ADD COLUMN metadata TEXT")
+
+
 #: (version, migration) in order. The last version is the schema this code expects.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (4, _v4)]
 LATEST = MIGRATIONS[-1][0]
 
 
