@@ -21,7 +21,7 @@ import imagefiles as f
 from awsserver import MOTO_SERVER, REGION, AwsServer, _free_port
 from cli import ics, ics_process
 from ics_service import sources
-from ics_service.config import load_settings, shown
+from ics_service.config import Settings, load_settings, shown
 from ics_service.errors import (
     ExitCode,
     ImageTooLarge,
@@ -53,7 +53,7 @@ def s3(aws: AwsServer) -> Iterator[FsspecSource]:
     source = FsspecSource("s3")
     sources.register("s3", source)
     yield source
-    sources.configure({})
+    sources.configure(Settings())
 
 
 def test_listing_pages_through_more_than_a_thousand_keys_in_key_order(
@@ -241,7 +241,7 @@ def test_storage_options_from_the_settings_file_reach_s3_and_stay_hidden(
     assert values["storage"] == {"s3": {"endpoint_url": aws.url, "key": "***", "secret": "***"}}
     res = ics("config", "show", "--json")
     assert "very-secret-value" not in res.output and "***" in res.output
-    sources.configure({})
+    sources.configure(Settings())
 
 
 def test_any_fsspec_protocol_goes_through_the_same_source() -> None:
@@ -350,4 +350,4 @@ def test_throttling_is_transient_and_the_retry_policy_reads_it_in_the_end(
     record = json.loads(Path("out.jsonl").read_text())
     assert record["status"] == "SUCCEEDED" and record["label"] == "espresso"
     assert record["attempts"] == 3
-    sources.configure({})
+    sources.configure(Settings())

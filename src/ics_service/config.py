@@ -227,6 +227,17 @@ class Settings(BaseModel):
         "endpoint_url, key, secret, client_kwargs (JSON in ICS_STORAGE); unset: the standard "
         "AWS environment and credential chain. Secrets are never shown.",
     )
+    http_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=600.0,
+        description="Connect and read timeout of http(s):// sources (each, per request).",
+    )
+    http_allow_link_local: bool = Field(
+        default=False,
+        description="Let http(s):// sources read link-local and cloud metadata addresses "
+        "(169.254.0.0/16, fe80::/10, fd00:ec2::254); off, such URLs and redirects fail.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -100,7 +100,7 @@ class ExecutionRunner:
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
         self.owner = owner_id()
-        sources.configure(settings.storage)
+        sources.configure(settings)
 
     def start(
         self,

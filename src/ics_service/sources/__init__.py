@@ -7,14 +7,18 @@ scheme and raises a clear error for a scheme no source handles.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UsageError
 from . import manifests
 from .local import LocalSource, path_to_uri, uri_to_path
 from .remote import FsspecSource, list_objects, sources_for
 from .select import Selection, base_of, relative
+from .web import HttpSource
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 
 class Source(Protocol):
@@ -27,7 +31,12 @@ class Source(Protocol):
         ...
 
 
-_SOURCES: dict[str, Source] = {"file": LocalSource(), **sources_for({})}
+_SOURCES: dict[str, Source] = {
+    "file": LocalSource(),
+    **sources_for({}),
+    "http": HttpSource(),
+    "https": HttpSource(),
+}
 
 
 def register(scheme: str, source: Source) -> None:
@@ -39,10 +48,14 @@ def unregister(scheme: str) -> None:
     _SOURCES.pop(scheme.lower(), None)
 
 
-def configure(storage: Mapping[str, Mapping[str, Any]]) -> None:
-    """Use these fsspec storage options (the `storage` setting) for object storage."""
-    for scheme, source in sources_for(storage).items():
+def configure(settings: Settings) -> None:
+    """Set the remote sources up from the settings: fsspec storage options (`storage`),
+    HTTP timeouts and whether link-local addresses may be read."""
+    for scheme, source in sources_for(settings.storage).items():
         register(scheme, source)
+    web = HttpSource(settings.http_timeout_s, settings.http_allow_link_local)
+    register("http", web)
+    register("https", web)
 
 
 def scheme_of(uri: str) -> str:
@@ -129,6 +142,7 @@ def read(uri: str, max_bytes: int) -> bytes:
 
 __all__ = [
     "FsspecSource",
+    "HttpSource",
     "LocalSource",
     "Selection",
     "Source",
