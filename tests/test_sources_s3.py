@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 import boto3
 import httpx
+import pyarrow.parquet as pq
 import pytest
 
 import imagefiles as f
@@ -351,3 +353,42 @@ def test_throttling_is_transient_and_the_retry_policy_reads_it_in_the_end(
     assert record["status"] == "SUCCEEDED" and record["label"] == "espresso"
     assert record["attempts"] == 3
     sources.configure(Settings())
+
+
+def test_results_are_written_to_s3_and_an_unwritable_destination_stops_before_work(
+    aws: AwsServer, ics_home: Path, photos: Path
+) -> None:
+    bucket_with("out", {"in/coffee.jpg": (photos / "coffee.jpg").read_bytes()})
+    bucket_with("in-only", {"camera.jpg": (photos / "camera.jpg").read_bytes()})
+    for name, fmt in (("run.jsonl", "jsonl"), ("run.csv", "csv"), ("run.parquet", "parquet")):
+        res = ics("classify", "s3://out/in/", "-o", f"s3://out/results/{name}")
+        assert res.exit_code == ExitCode.OK, res.output
+        body = s3_client().get_object(Bucket="out", Key=f"results/{name}")["Body"].read()
+        if fmt == "parquet":
+            rows = pq.read_table(io.BytesIO(body)).to_pylist()
+            assert [(r["uri"], r["label"]) for r in rows] == [
+                ("s3://out/in/coffee.jpg", "espresso")
+            ]
+            continue
+        text = body.decode()
+        if fmt == "jsonl":
+            record = json.loads(text)
+            assert record["uri"] == "s3://out/in/coffee.jpg" and record["label"] == "espresso"
+        else:
+            assert text.startswith("execution_id,item_id,uri,") and "espresso" in text
+    # Nothing but the results (the write check cleaned up after itself).
+    keys = [o["Key"] for o in s3_client().list_objects_v2(Bucket="out")["Contents"]]
+    assert sorted(keys) == [
+        "in/coffee.jpg",
+        "results/run.csv",
+        "results/run.jsonl",
+        "results/run.parquet",
+    ]
+
+    res = ics("classify", "s3://in-only/", "-o", "s3://no-such-bucket/r.jsonl")
+    assert res.exit_code == ExitCode.USAGE
+    assert "bucket 'no-such-bucket' does not exist" in res.output
+    # Checked before any work: no execution was started.
+    assert len(json.loads(ics("executions", "list", "--json").output)) == 3
+    res = ics("classify", "s3://in-only/", "-o", "s3://out/results/")
+    assert res.exit_code == ExitCode.USAGE and "names no object" in res.output

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 @click.option(
     "-o",
     "--output",
-    help="Results file: .jsonl, .csv or .parquet; '-' for JSON Lines on stdout. "
+    help="Results file: .jsonl, .csv or .parquet; '-' for JSON Lines on stdout; or an "
+    "object such as s3://BUCKET/results/run.jsonl (uploaded when the run ends). "
     "Default: HOME/results/EXECUTION_ID.jsonl.",
 )
 @click.option(
@@ -147,9 +148,11 @@ def classify(
       130  interrupted (the execution is ABORTED; finished items are kept)
     """
     from ..outputs import check_output
+    from ..sources import configure
 
     guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
+    configure(settings)  # an s3:// output is checked with the storage settings
     # A results path that cannot be written is a usage error before any work is done.
     check_output(output, output_format, settings.results_dir)
     with open_runner(settings) as runner:

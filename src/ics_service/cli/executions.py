@@ -185,6 +185,7 @@ def executions_resume(
     own settings (model, threshold, top k, limits, tolerances) are used again, and its
     results file is rebuilt from the store and completed.
     """
+    from .. import sources
     from ..engine.execution import settings_for
     from ..outputs import check_output
     from ..store import Store
@@ -197,6 +198,7 @@ def executions_resume(
     finally:
         store.close()
     settings = settings_for(execution, settings)
+    sources.configure(settings)  # an s3:// output is checked with the storage settings
     check_output(
         execution.params.get("output"), execution.params.get("output_format"), settings.results_dir
     )
