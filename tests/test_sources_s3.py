@@ -31,7 +31,10 @@ from ics_service.errors import (
     SourceUnavailable,
     UsageError,
 )
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.server.app import create_app
 from ics_service.sources.remote import FsspecSource, list_objects
+from serving import client_of
 
 
 def s3_client() -> Any:
@@ -392,3 +395,34 @@ def test_results_are_written_to_s3_and_an_unwritable_destination_stops_before_wo
     assert len(json.loads(ics("executions", "list", "--json").output)) == 3
     res = ics("classify", "s3://in-only/", "-o", "s3://out/results/")
     assert res.exit_code == ExitCode.USAGE and "names no object" in res.output
+
+
+@pytest.mark.anyio
+async def test_the_api_reads_an_allowed_s3_uri_with_the_storage_settings(
+    aws: AwsServer,
+    ics_home: Path,
+    runtime: OnnxRuntime,
+    photos: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bucket_with("api", {"ok/coffee.jpg": (photos / "coffee.jpg").read_bytes()})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the storage setting knows the server
+    settings = Settings(
+        home=ics_home,
+        allowed_sources=["s3://api/ok/"],
+        storage={"s3": {"endpoint_url": aws.url}},
+    )
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        r = await client.post("/v1/classify", json={"uri": "s3://api/ok/coffee.jpg"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["label"], r.json()["metadata"]) == ("espresso", None)
+        r = await client.post("/v1/classify", json={"uri": "s3://api/ok/none.jpg"})
+        assert r.status_code == 404 and "no such object" in r.text
+        r = await client.post("/v1/classify", json={"uri": "s3://api/other.jpg"})
+        assert r.status_code == 403
+    sources.configure(Settings())
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
