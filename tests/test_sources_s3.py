@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import io
 import json
@@ -405,7 +406,10 @@ async def test_the_api_reads_an_allowed_s3_uri_with_the_storage_settings(
     photos: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    bucket_with("api", {"ok/coffee.jpg": (photos / "coffee.jpg").read_bytes()})
+    manifest = b"uri,shelf\ns3://api/ok/coffee.jpg,kitchen\n"
+    bucket_with(
+        "api", {"ok/coffee.jpg": (photos / "coffee.jpg").read_bytes(), "ok/m.csv": manifest}
+    )
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the storage setting knows the server
     settings = Settings(
         home=ics_home,
@@ -420,6 +424,22 @@ async def test_the_api_reads_an_allowed_s3_uri_with_the_storage_settings(
         assert r.status_code == 404 and "no such object" in r.text
         r = await client.post("/v1/classify", json={"uri": "s3://api/other.jpg"})
         assert r.status_code == 403
+        # A batch from a manifest on S3: the API's records carry each row's metadata.
+        r = await client.post("/v1/executions", json={"sources": ["@s3://api/ok/m.csv"]})
+        assert r.status_code == 202, r.text
+        execution_id = r.json()["execution_id"]
+        deadline = time.monotonic() + 60
+        while (doc := (await client.get(f"/v1/executions/{execution_id}")).json())[
+            "status"
+        ] == "RUNNING":
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.1)
+        assert doc["status"] == "SUCCEEDED", doc
+        r = await client.get(f"/v1/executions/{execution_id}/results")
+        records = r.json()["results"]
+        assert [(x["uri"], x["metadata"]) for x in records] == [
+            ("s3://api/ok/coffee.jpg", {"shelf": "kitchen"})
+        ]
     sources.configure(Settings())
 
 
