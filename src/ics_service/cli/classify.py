@@ -227,7 +227,9 @@ def run_and_report(
     shown: list[ItemResult] = []
     started = time.perf_counter()
     total, done = execution.counts.total, execution.counts.done
-    with progress_bar(progress, total, done) as advance:
+    # Still being listed (it is registered as it runs): no total to show yet.
+    shown_total = total if execution.items_listed else None
+    with progress_bar(progress, shown_total, done) as advance:
 
         def on_results(results: Sequence[ItemResult]) -> None:
             advance(len(results))

@@ -29,6 +29,7 @@ from ..types import (
     Step,
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
+from .listing import BackgroundListing, tail_pending
 from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
@@ -100,6 +101,8 @@ class ExecutionRunner:
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
         self.owner = owner_id()
+        #: Listings of executions this runner started, for `run` to register as it goes.
+        self._listings: dict[str, BackgroundListing] = {}
         sources.configure(settings)
 
     def start(
@@ -110,7 +113,8 @@ class ExecutionRunner:
         cooperate: Cooperate | None = None,
         **params: Any,
     ) -> tuple[Execution, bool]:
-        """Create the execution and register its items; with a used name, return that one.
+        """Create the execution; with a used name, return that one. Its items are
+        registered by `run`, while it classifies them (see listing.py).
 
         `cooperate` is called just before the execution is created and returns the event
         that a signal sets from then on (see cli/signals.py). Until then a signal may
@@ -139,8 +143,8 @@ class ExecutionRunner:
                 self.store.append_events(
                     execution.id, [("ExecutionStarted", None, {"params": execution.params})]
                 )
-                self.store.add_items(execution.id, _until(stop, itertools.chain([first], uris)))
-                self.store.mark_listed(execution.id)
+                listed = _until(stop, itertools.chain([first], uris))
+                self._listings[execution.id] = BackgroundListing(self.store, execution.id, listed)
                 execution = self.store.get_execution(execution.id)
         return execution, created
 
@@ -262,11 +266,21 @@ class ExecutionRunner:
             name="ics-heartbeat",
             daemon=True,
         )
+        listing = self._listings.pop(execution.id, None)
         with self.ending_on_error(execution.id):
             heart.start()
             try:
-                pipeline.run(self.store.pending_items(execution.id), emit, stop)
+                if listing is None:
+                    pipeline.run(self.store.pending_items(execution.id), emit, stop)
+                else:
+                    listing.start()
+                    pipeline.run(tail_pending(self.store, execution.id, listing, stop), emit, stop)
+                    if stop.is_set():
+                        listing.halt.set()
+                    listing.wait()
             finally:
+                if listing is not None:
+                    listing.halt.set()  # a run that fails stops its listing too
                 beating.set()
                 heart.join()
                 recorder.close()
@@ -274,9 +288,12 @@ class ExecutionRunner:
                     sink.close()
             if recorder.error is not None:
                 raise recorder.error
-            finished = self._finish(
-                execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set()
-            )
+            if listing is not None and not listing.complete:
+                finished = self._listing_ended(execution.id, listing, cancelled.is_set())
+            else:
+                finished = self._finish(
+                    execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set()
+                )
         log.info(
             "execution %s %s in %.2f s",
             execution.id,
@@ -305,6 +322,23 @@ class ExecutionRunner:
                     stop.set()
             except Exception as e:  # a busy store must not kill the run
                 log.warning("heartbeat failed: %s", e, extra={"execution_id": execution_id})
+
+    def _listing_ended(
+        self, execution_id: str, listing: BackgroundListing, cancelled: bool
+    ) -> Execution:
+        """End a run whose listing did not complete: a listing error (a missing bucket, a
+        bad manifest line, a bug) goes on up; a stop leaves the execution ABORTED, for a
+        resume to list the rest."""
+        if listing.error is not None and not isinstance(listing.error, Interrupted):
+            raise listing.error
+        counts = self.store.counts(execution_id)
+        why = "cancelled by request" if cancelled else "stopped by a signal"
+        error = ErrorInfo(
+            "States.Aborted",
+            f"{why} while listing the sources; {counts.total - counts.done} of the "
+            f"{counts.total} items registered so far left",
+        )
+        return record_end(self.store, execution_id, ExecutionStatus.ABORTED, error)
 
     def _finish(self, execution_id: str, *, aborted: bool, cancelled: bool) -> Execution:
         counts = self.store.counts(execution_id)

@@ -391,12 +391,15 @@ class Store:
         flush()
         return seq - start_seq
 
-    def pending_items(self, execution_id: str, *, page_size: int = _PAGE) -> Iterator[Item]:
-        """Items without a final result, in order, read a page at a time (memory stays flat)."""
+    def pending_items(
+        self, execution_id: str, *, page_size: int = _PAGE, after: int = -1
+    ) -> Iterator[Item]:
+        """Items without a final result, in order (after seq `after`), read a page at a time
+        (memory stays flat)."""
         q = select(items.c.seq, items.c.uri, items.c.metadata).where(
             items.c.execution_id == execution_id, items.c.status.is_(None)
         )
-        for row in self._pages(q, items.c.seq, after=-1, page_size=page_size):
+        for row in self._pages(q, items.c.seq, after=after, page_size=page_size):
             meta = None if row.metadata is None else json.loads(row.metadata)
             yield Item(seq=row.seq, uri=row.uri, metadata=meta)
 
