@@ -195,3 +195,16 @@ def test_metadata_survives_a_crash_while_listing_and_the_resume(
         }
     finally:
         store.close()
+
+
+def test_a_bad_row_after_the_first_ends_the_execution_failed_with_its_line(
+    ics_home: Path, tmp_path: Path, photos: Path
+) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri,x\n{photos / 'coffee.jpg'},1\n{photos / 'moon.jpg'},2,3\n")
+    res = ics("classify", f"@{manifest}")
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert "line 3: more fields than the header has columns" in res.output
+    executions = json.loads(ics("executions", "list", "--json").output)
+    assert [e["status"] for e in executions] == ["FAILED"]
+    assert "line 3" in executions[0]["error"]["message"]
