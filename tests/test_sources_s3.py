@@ -446,3 +446,15 @@ async def test_the_api_reads_an_allowed_s3_uri_with_the_storage_settings(
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def test_configuring_again_with_the_same_settings_keeps_the_sources(aws: AwsServer) -> None:
+    sources.configure(Settings())
+    s3, web = sources.source_for("s3://b/k"), sources.source_for("https://h/x.jpg")
+    sources.configure(Settings())  # e.g. each batch of `ics serve` makes a runner
+    assert sources.source_for("s3://b/k") is s3 and sources.source_for("https://h/") is web
+    sources.configure(Settings(storage={"s3": {"endpoint_url": aws.url}}))
+    changed = sources.source_for("s3://b/k")
+    assert changed is not s3
+    assert isinstance(changed, FsspecSource) and changed.options == {"endpoint_url": aws.url}
+    sources.configure(Settings())

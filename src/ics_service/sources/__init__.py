@@ -6,6 +6,7 @@ scheme and raises a clear error for a scheme no source handles.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,21 +42,41 @@ _SOURCES: dict[str, Source] = {
 
 def register(scheme: str, source: Source) -> None:
     """Make `source` read and list SCHEME:// URIs (storage back ends, tests' fault injection)."""
+    global _configured
     _SOURCES[scheme.lower()] = source
+    _configured = None  # the next `configure` sets the remote sources up again
 
 
 def unregister(scheme: str) -> None:
+    global _configured
     _SOURCES.pop(scheme.lower(), None)
+    _configured = None
+
+
+#: The settings the remote sources were last set up from (see `configure`).
+_configured: str | None = None
 
 
 def configure(settings: Settings) -> None:
     """Set the remote sources up from the settings: fsspec storage options (`storage`),
-    HTTP timeouts and whether link-local addresses may be read."""
+    HTTP timeouts and whether link-local addresses may be read. The same settings again
+    (and the same AWS environment, which botocore reads when a client starts) keep the
+    sources and their connections as they are."""
+    global _configured
+    aws_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    key = json.dumps(
+        [settings.storage, settings.http_timeout_s, settings.http_allow_link_local, aws_env],
+        sort_keys=True,
+        default=str,
+    )
+    if key == _configured:
+        return
     for scheme, source in sources_for(settings.storage).items():
         register(scheme, source)
     web = HttpSource(settings.http_timeout_s, settings.http_allow_link_local)
     register("http", web)
     register("https", web)
+    _configured = key
 
 
 def scheme_of(uri: str) -> str:
