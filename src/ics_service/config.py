@@ -294,6 +294,25 @@ class Settings(BaseModel):
         "stability index of the labels or the confidences is above this.",
     )
 
+    # --- object storage ------------------------------------------------------------------
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec storage options per protocol, e.g. a [storage.s3] table with "
+        "endpoint_url, key, secret, client_kwargs (JSON in ICS_STORAGE); unset: the standard "
+        "AWS environment and credential chain. Secrets are never shown.",
+    )
+    http_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=600.0,
+        description="Connect and read timeout of http(s):// sources (each, per request).",
+    )
+    http_allow_link_local: bool = Field(
+        default=False,
+        description="Let http(s):// sources read link-local and cloud metadata addresses "
+        "(169.254.0.0/16, fe80::/10, fd00:ec2::254); off, such URLs and redirects fail.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _no_bools(cls, data: Any) -> Any:
@@ -379,7 +398,25 @@ def shown(settings: Settings) -> dict[str, Any]:
     if values.get("store"):
         values["store"] = safe_url(values["store"])
     values["notify"] = [s.shown() for s in settings.notify]
+    if values.get("storage"):
+        values["storage"] = _masked(values["storage"])
     return values
+
+
+#: Parts of storage option names whose values are secrets (key, secret, token, password,
+#: account_key, sas_token, connection_string, credentials...).
+_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def _masked(value: Any, name: str = "") -> Any:
+    """Storage options with every secret-looking value replaced by ***, however nested."""
+    if isinstance(value, dict):
+        return {k: _masked(v, str(k).lower()) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, name) for v in value]
+    if value is not None and any(part in name for part in _SECRET_PARTS):
+        return "***"
+    return value
 
 
 @dataclass(frozen=True)

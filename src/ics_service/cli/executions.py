@@ -190,6 +190,7 @@ def executions_resume(
     results file is rebuilt from the store and completed. Capture is not recorded with
     the execution: give --capture again to capture the items run now.
     """
+    from .. import sources
     from ..capture import check_capture_folder
     from ..engine.execution import settings_for
     from ..outputs import check_output
@@ -203,6 +204,7 @@ def executions_resume(
     finally:
         store.close()
     settings = settings_for(execution, settings)
+    sources.configure(settings)  # an s3:// output is checked with the storage settings
     check_output(
         execution.params.get("output"), execution.params.get("output_format"), settings.results_dir
     )

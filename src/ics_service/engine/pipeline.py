@@ -350,5 +350,6 @@ class Pipeline:
             image=d.image,
             attempts=d.attempts,
             timings_ms={k: round(v, 3) for k, v in d.timings_ms.items()},
+            metadata=d.item.metadata,
             **fields,
         )

@@ -181,8 +181,18 @@ def _v3(conn: Connection) -> None:
         conn.exec_driver_sql(index)
 
 
+def _v4(conn: Connection) -> None:
+    """ics_items.metadata: an item's manifest fields (JSON), kept so a resume has them."""
+    conn.exec_driver_sql("ALTER TABLE ics_items ADD COLUMN metadata TEXT")
+
+
 #: (version, migration) in order. The last version is the schema this code expects.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _v1),
+    (2, _v2),
+    (3, _v3),
+    (4, _v4),
+]
 LATEST = MIGRATIONS[-1][0]
 
 

@@ -356,14 +356,26 @@ class Store:
 
     # --- items ----------------------------------------------------------------------
 
-    def add_items(self, execution_id: str, uris: Iterable[str], *, start_seq: int = 0) -> int:
-        """Register pending items (seq from start_seq) in chunks; returns how many were added."""
+    def add_items(
+        self,
+        execution_id: str,
+        uris: Iterable[str | tuple[str, dict[str, Any] | None]],
+        *,
+        start_seq: int = 0,
+    ) -> int:
+        """Register pending items (seq from start_seq) in chunks; returns how many were added.
+
+        An item is its URI, or (URI, metadata) for one read from a manifest."""
         seq = start_seq
         chunk: list[dict[str, Any]] = []
 
         def flush() -> None:
             if not chunk:
                 return
+            if all(row["metadata"] is None for row in chunk):
+                # Plain listings write what they always wrote.
+                for row in chunk:
+                    del row["metadata"]
             with self._begin() as conn:
                 conn.execute(insert(items), chunk)
                 conn.execute(
@@ -373,21 +385,34 @@ class Store:
                 )
             chunk.clear()
 
-        for uri in uris:
-            chunk.append({"execution_id": execution_id, "seq": seq, "uri": uri, "attempts": 0})
+        for entry in uris:
+            uri, meta = (entry, None) if isinstance(entry, str) else entry
+            chunk.append(
+                {
+                    "execution_id": execution_id,
+                    "seq": seq,
+                    "uri": uri,
+                    "attempts": 0,
+                    "metadata": None if meta is None else json.dumps(meta),
+                }
+            )
             seq += 1
             if len(chunk) >= _INSERT_CHUNK:
                 flush()
         flush()
         return seq - start_seq
 
-    def pending_items(self, execution_id: str, *, page_size: int = _PAGE) -> Iterator[Item]:
-        """Items without a final result, in order, read a page at a time (memory stays flat)."""
-        q = select(items.c.seq, items.c.uri).where(
+    def pending_items(
+        self, execution_id: str, *, page_size: int = _PAGE, after: int = -1
+    ) -> Iterator[Item]:
+        """Items without a final result, in order (after seq `after`), read a page at a time
+        (memory stays flat)."""
+        q = select(items.c.seq, items.c.uri, items.c.metadata).where(
             items.c.execution_id == execution_id, items.c.status.is_(None)
         )
-        for row in self._pages(q, items.c.seq, after=-1, page_size=page_size):
-            yield Item(seq=row.seq, uri=row.uri)
+        for row in self._pages(q, items.c.seq, after=after, page_size=page_size):
+            meta = None if row.metadata is None else json.loads(row.metadata)
+            yield Item(seq=row.seq, uri=row.uri, metadata=meta)
 
     def record_results(self, execution_id: str, results: Sequence[ItemResult]) -> int:
         """Write final results in one transaction; an item that already has one keeps it.

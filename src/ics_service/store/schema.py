@@ -71,6 +71,8 @@ items = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # Added by migration 2 (hence last): a FAILED item's error type, to count failures.
     Column("error_type", String(128), nullable=True),
+    # Added by migration 4: the item's manifest fields besides its URI, as JSON text.
+    Column("metadata", Text, nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
 # Pending items and recorded results, each in seq order: PostgreSQL cannot read
