@@ -187,7 +187,9 @@ def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
     try:
         runner = ExecutionRunner(settings, store, runtime)
         execution, _ = runner.start([str(photos)])
-        runner.abandon(execution.id, KeyboardInterrupt())  # listed, nothing run: ABORTED
+        # Stopped before its run: ABORTED with nothing classified (and nothing listed yet,
+        # as `run` registers the items while it classifies them).
+        runner.abandon(execution.id, KeyboardInterrupt())
     finally:
         store.close()
     dest = tmp_path / "capture"
@@ -202,7 +204,12 @@ def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
         "--no-progress",
     )
     assert res.exit_code in (0, 1), res.output
-    ids = [f"{execution.id}/{i}" for i in range(execution.counts.total)]
+    store = Store(settings.store_url)
+    try:
+        total = store.get_execution(execution.id).counts.total
+    finally:
+        store.close()
+    ids = [f"{execution.id}/{i}" for i in range(total)]
     assert len(ids) == len(list(photos.glob("*.jpg")))
     captured = sorted(r.inference_id for r in iter_records(dest))
     assert captured == sorted(i for i in ids if is_sampled(i, 50))
