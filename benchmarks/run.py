@@ -311,6 +311,16 @@ def _check(b: Bench, job: Job, m: Measurement, tag: str) -> Run:
             run.problem = f"counts {counts} for {job.n} images"
             return run
         run.steady_ips = doc.get("images_per_s")
+        if job.runner == "ics-capture":
+            folder = b.capture_dir(tag)
+            captured = 0
+            for f in folder.rglob("*.jsonl"):
+                with f.open("rb") as fh:
+                    captured += sum(1 for _ in fh)
+            shutil.rmtree(folder, ignore_errors=True)  # hundreds of MB a run: checked, gone
+            if captured != job.n:
+                run.problem = f"{captured} capture records for {job.n} images"
+                return run
         run.ok = m.rc == 0
         run.problem = "" if run.ok else f"exit {m.rc}"
         return run

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +84,12 @@ def _ics(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
 
 def _ics_lean(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     return b.ics_cmd(job.folder, tag, lean=True)
+
+
+def _ics_capture(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    # Captures of an earlier run with this tag would be counted with this one's.
+    shutil.rmtree(b.capture_dir(tag), ignore_errors=True)
+    return [*b.ics_cmd(job.folder, tag), "--capture", str(b.capture_dir(tag))]
 
 
 def _ics_int8(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
@@ -173,6 +180,11 @@ REGISTRY: dict[str, Runner] = {
     for r in (
         Runner("ics", _ics, "`ics classify` (local executor), store + results file", large=True),
         Runner("ics-lean", _ics_lean, "`ics classify`, store on tmpfs, results to /dev/null"),
+        Runner(
+            "ics-capture",
+            _ics_capture,
+            "`ics classify --capture`: as `ics`, every image and its probabilities captured",
+        ),
         Runner("ics-int8", _ics_int8, "`ics classify --model {int8}`"),
         Runner("plain", _plain, "plain loop: PIL + onnxruntime, one image at a time", large=True),
         Runner("ray", _ray, "Ray Data: read_images + map_batches actor pool", large=True),
@@ -270,6 +282,9 @@ class Bench:
 
     def fp32_json(self) -> str:
         return str(self.model_json(self.fp32))
+
+    def capture_dir(self, tag: str) -> Path:
+        return self.work / f"{tag}-capture"
 
     def out_file(self, tag: str) -> str:
         return str(self.work / f"{tag}.jsonl")

@@ -49,7 +49,8 @@ def ics_home(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     home.mkdir()
     (home / "models").symlink_to(models_dir, target_is_directory=True)
     for var in list(os.environ):
-        if var.startswith("ICS_") and not var.startswith("ICS_TEST_"):
+        # ICS_SKIP_POSTGRES is the test run's, not a setting: keep it.
+        if var.startswith("ICS_") and not var.startswith("ICS_TEST_") and var != SKIP_ENV:
             monkeypatch.delenv(var)
     monkeypatch.setenv("ICS_HOME", str(home))
     monkeypatch.chdir(tmp_path)
@@ -59,4 +60,9 @@ def ics_home(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) 
 # The execution store's backends (SQLite and PostgreSQL): the `store_url` fixture; a real
 # S3/SNS-protocol server (moto's server mode): the `aws_server` and `aws` fixtures.
 from awsserver import aws, aws_server  # noqa: E402, F401
-from store_backends import postgres_admin, store_backend, store_url  # noqa: E402, F401
+from store_backends import (  # noqa: E402, F401
+    SKIP_ENV,
+    postgres_admin,
+    store_backend,
+    store_url,
+)

@@ -214,3 +214,23 @@ def test_serving_runners_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
     assert passes == {"serve": [(1, 8, 0), (32, 8, 0)], "litserve": [(1, 8, 0), (32, 8, 0)]}
     assert "## HTTP serving" in table
     assert "÷ LitServe" in table
+
+
+@pytest.mark.slow
+def test_capture_runner_beside_the_default_one_on_a_tiny_corpus(
+    bench_env: dict[str, str],
+) -> None:
+    table, doc = _run_bench(
+        bench_env,
+        BENCH_RUNNERS="ics,ics-capture",
+        BENCH_N_LARGE="0",
+        BENCH_MEM_N="0",
+        BENCH_ONE_IMAGE_RUNS="0",
+        BENCH_PROFILE="0",
+    )
+    # ok means every image classified and every one of them captured (run.py's check).
+    assert _ok_runs(doc) == {("ics", "small"), ("ics-capture", "small")}
+    assert "`ics classify --capture`" in table
+    assert "data capture ≤ 10 %" in table
+    # The captures are counted, then removed: hundreds of MB in a real run.
+    assert not list(Path(bench_env["BENCH_OUT"]).rglob("*-capture"))

@@ -39,6 +39,13 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> Non
         time.sleep(0.02)
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:  # a thread that ended meanwhile
+        return ""
+
+
 def executions_in(home: Path) -> list[Execution]:
     db = home / "ics.db"
     if not db.exists():
@@ -154,8 +161,13 @@ def test_a_third_signal_stops_a_blocked_listing_at_once(
     fifo = tmp_path / "more.txt"
     os.mkfifo(fifo)
     proc = start("classify", str(next(photos.glob("*.jpg"))), f"@{fifo}")
-    wchan = Path(f"/proc/{proc.pid}/wchan")
-    wait_for(lambda: wchan.read_text() == "wait_for_partner", "ics to block opening the FIFO")
+    # The listing runs in a thread of its own (the run classifies behind it).
+    wchans = Path(f"/proc/{proc.pid}/task")
+
+    def blocked() -> bool:
+        return any(_read(w) == "wait_for_partner" for w in wchans.glob("*/wchan"))
+
+    wait_for(blocked, "ics to block opening the FIFO")
     assert executions_in(ics_home), "the execution should exist before the blocked listing"
     for signum in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
         proc.send_signal(signum)

@@ -1050,6 +1050,26 @@ def test_a_version_1_store_is_migrated_in_place_with_its_error_types(
         assert store.counts(e.id) == Counts(total=4, succeeded=1, failed=3)
 
 
+def test_a_version_2_store_gains_item_metadata_and_keeps_its_items(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with shipped_up_to(2, monkeypatch), opened(store_url) as old:
+        e = new_execution(old)
+        old.add_items(e.id, uris(2))
+        assert "metadata" not in {c["name"] for c in inspect(old.engine).get_columns("ics_items")}
+
+    with opened(store_url) as store:
+        columns = {c["name"]: c for c in inspect(store.engine).get_columns("ics_items")}
+        assert columns["metadata"]["nullable"]
+        store.add_items(e.id, [("file:///photos/x.jpg", {"shelf": "b", "n": 2})], start_seq=2)
+        pending = list(store.pending_items(e.id))
+        assert [(i.seq, i.metadata) for i in pending] == [
+            (0, None),
+            (1, None),
+            (2, {"shelf": "b", "n": 2}),
+        ]
+
+
 def test_results_paged_by_status_with_a_keyset(store: Store) -> None:
     n = 2600
     e = new_execution(store)

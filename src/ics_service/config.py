@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .alerts.subscriptions import Subscription
 from .errors import ConfigError
 from .types import Step
 
@@ -27,6 +28,9 @@ DEFAULT_CONFIG_FILE = "ics.toml"
 # Environment variables with the prefix that are not settings.
 _ENV_NOT_SETTINGS = {"ICS_CONFIG"}
 
+
+#: Endpoint and variant names (SageMaker's rule): they are folder names of the capture.
+CAPTURE_NAME = r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$"
 
 #: The steps that have a retry policy.
 RETRY_STEPS = (Step.SERIALIZE_IMAGE_DATA, Step.CLASSIFY_IMAGE, Step.NOTIFY)
@@ -219,6 +223,95 @@ class Settings(BaseModel):
         le=64,
         description="Batch executions `ics serve` runs at once; more wait in a queue.",
     )
+    # --- alerts --------------------------------------------------------------------------
+    notify: list[Subscription] = Field(
+        default_factory=list,
+        description="Alert subscriptions: channel URLs (https://, file://, sns://, apprise "
+        "URLs), each with optional ics-kinds, ics-mode (each|digest), ics-rate (10/1m) and, "
+        "for a webhook, ics-secret query parameters (removed before sending); in ics.toml "
+        "URL strings or tables (url, kinds, mode, rate_limit, secret); ICS_NOTIFY: JSON or "
+        "one URL.",
+    )
+    notify_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=300.0, description="Most time one alert delivery may take."
+    )
+    notify_drain_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=600.0,
+        description="At its end, most time a command waits for due alerts to be delivered "
+        "(the rest stays in the store's outbox for the next ICS process).",
+    )
+    notify_digest_window_s: float = Field(
+        default=3600.0,
+        gt=0.0,
+        description="A digest subscription gets one summary per execution at its end, and "
+        "one per this many seconds of an execution still running (the server's real-time day).",
+    )
+    notify_sns_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint for SNS, else AWS_ENDPOINT_URL_SNS / AWS_ENDPOINT_URL as "
+        "botocore reads them.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL where this ICS's HTTP API is reachable; alerts then link to "
+        "their execution and item.",
+    )
+
+    # --- data capture (capture/) --------------------------------------------------------
+    capture: str | None = Field(
+        default=None,
+        description="Local folder that every classified item's input and output go to, in "
+        "SageMaker Model Monitor's data capture format; unset: no capture.",
+    )
+    capture_sampling: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=100.0,
+        description="Percentage of items captured, chosen per item from its inference id "
+        "(a resume chooses the same ones).",
+    )
+    capture_mode: Literal["input", "output", "input_and_output"] = Field(
+        default="input_and_output",
+        description="What a capture record holds: the image, the probabilities, or both.",
+    )
+    capture_endpoint: str = Field(
+        default="ics",
+        pattern=CAPTURE_NAME,
+        description="Endpoint name: the first folder under the capture folder.",
+    )
+    capture_variant: str = Field(
+        default="AllTraffic",
+        pattern=CAPTURE_NAME,
+        description="Variant name: the folder under the endpoint's.",
+    )
+    # --- `ics report` -------------------------------------------------------------------
+    drift_psi_limit: float = Field(
+        default=0.2,
+        ge=0.0,
+        description="`ics report --baseline` reports drift, and exits 5, when the population "
+        "stability index of the labels or the confidences is above this.",
+    )
+
+    # --- object storage ------------------------------------------------------------------
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec storage options per protocol, e.g. a [storage.s3] table with "
+        "endpoint_url, key, secret, client_kwargs (JSON in ICS_STORAGE); unset: the standard "
+        "AWS environment and credential chain. Secrets are never shown.",
+    )
+    http_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=600.0,
+        description="Connect and read timeout of http(s):// sources (each, per request).",
+    )
+    http_allow_link_local: bool = Field(
+        default=False,
+        description="Let http(s):// sources read link-local and cloud metadata addresses "
+        "(169.254.0.0/16, fe80::/10, fd00:ec2::254); off, such URLs and redirects fail.",
+    )
     # --- `ics watch` and `POST /v1/events` ---------------------------------------------
     watch_max_items: int = Field(
         default=32,
@@ -269,6 +362,25 @@ class Settings(BaseModel):
             raise ValueError(f"unknown step {sorted(unknown)}; steps: {', '.join(RETRY_STEPS)}")
         return {**_default_retry(), **v}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _local_capture(cls, data: Any) -> Any:
+        # Model-level, so that the error does not repeat the value: a URL may hold a secret.
+        capture = data.get("capture") if isinstance(data, Mapping) else None
+        if isinstance(capture, str) and not capture.strip():
+            raise ValueError("capture must name a folder")
+        if isinstance(capture, str) and "://" in capture:
+            raise ValueError(
+                "capture goes to a local folder; object storage (s3://...) is not supported "
+                "yet: capture to a folder and copy it"
+            )
+        return data
+
+    @field_validator("notify", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | dict) else v
+
     @field_validator("home", mode="after")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -316,7 +428,26 @@ def shown(settings: Settings) -> dict[str, Any]:
             values[key] = "***"
     if values.get("store"):
         values["store"] = safe_url(values["store"])
+    values["notify"] = [s.shown() for s in settings.notify]
+    if values.get("storage"):
+        values["storage"] = _masked(values["storage"])
     return values
+
+
+#: Parts of storage option names whose values are secrets (key, secret, token, password,
+#: account_key, sas_token, connection_string, credentials...).
+_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def _masked(value: Any, name: str = "") -> Any:
+    """Storage options with every secret-looking value replaced by ***, however nested."""
+    if isinstance(value, dict):
+        return {k: _masked(v, str(k).lower()) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, name) for v in value]
+    if value is not None and any(part in name for part in _SECRET_PARTS):
+        return "***"
+    return value
 
 
 @dataclass(frozen=True)
@@ -423,6 +554,8 @@ def load_settings(
 
 
 def _parse_env(var: str, value: str) -> Any:
+    if var == "ICS_NOTIFY" and not value.lstrip().startswith(("[", "{")):
+        return value  # one subscription URL
     try:
         return json.loads(value)
     except json.JSONDecodeError as e:
@@ -445,5 +578,8 @@ def _explain(
             origin = "flag " + flag_names.get(top, "--" + top.replace("_", "-"))
         else:
             origin = where.replace("env ", "environment variable ")
+        if top == "notify":  # its input may hold secrets; the message names the URL safely
+            problems.append(f"bad value for {key} ({origin}): {err['msg']}")
+            continue
         problems.append(f"bad value {err.get('input')!r} for {key} ({origin}): {err['msg']}")
     return "; ".join(problems)

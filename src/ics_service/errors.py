@@ -26,6 +26,8 @@ class ExitCode(IntEnum):
     INTERNAL = 3
     #: The environment is unavailable: the store cannot be reached, the disk is full...
     ENVIRONMENT = 4
+    #: `ics report --baseline`: the source drifted from its baseline (PSI over the limit).
+    DRIFT = 5
     #: Interrupted by SIGINT or SIGTERM: the execution is ABORTED, finished items kept.
     INTERRUPTED = 130
 

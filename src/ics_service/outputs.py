@@ -39,6 +39,7 @@ CSV_COLUMNS = [
     "started_at",
     "finished_at",
     "timings_ms",
+    "metadata",
 ]
 
 
@@ -69,6 +70,7 @@ def flat_record(r: ItemResult) -> dict[str, Any]:
         "started_at": d["started_at"],
         "finished_at": d["finished_at"],
         "timings_ms": json.dumps(d["timings_ms"]),
+        "metadata": None if d["metadata"] is None else json.dumps(d["metadata"]),
     }
 
 
@@ -114,6 +116,12 @@ def check_output(path: str | None, fmt: str | None, default_dir: Path) -> None:
         return
     if path == "-":
         return
+    from .sources.results import check_writable, is_remote
+
+    if is_remote(path):
+        check_writable(path)
+        format_for(path, fmt)
+        return
     target = Path(path)
     if target.is_dir():
         raise UsageError(
@@ -149,8 +157,14 @@ class ResultsWriter:
     """A result sink writing one file; records are flushed as batches finish."""
 
     def __init__(self, path: str, fmt: str | None = None) -> None:
-        self.path = path
+        from .sources.results import is_remote, spool_path
+
         self.format = format_for(path, fmt)
+        #: Object storage gets the file whole when it is closed; until then it is spooled.
+        self.upload_to = path if is_remote(path) else None
+        if self.upload_to is not None:
+            path = spool_path(path)
+        self.path = path
         self.count = 0
         self._parquet: Any = None
         self._file: IO[str] | None = None
@@ -211,8 +225,16 @@ class ResultsWriter:
         self._parquet.write_table(table)
 
     def close(self) -> None:
-        with self._writing():
-            self._close()
+        try:
+            with self._writing():
+                self._close()
+            if self.upload_to is not None:
+                from .sources.results import upload
+
+                upload(self.path, self.upload_to)
+        finally:
+            if self.upload_to is not None:
+                Path(self.path).unlink(missing_ok=True)
 
     def _close(self) -> None:
         if self._parquet is not None:

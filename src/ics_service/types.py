@@ -48,6 +48,8 @@ class Item:
 
     seq: int
     uri: str
+    #: Fields of the item's manifest row besides its URI (CSV columns, JSON fields).
+    metadata: dict[str, Any] | None = None
 
     @property
     def item_id(self) -> str:
@@ -81,6 +83,16 @@ class ModelRef:
     version: str
 
 
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """What data capture needs of a classified item: its original bytes, their content type
+    and the class probabilities (C,) it was decided from. Only sampled items carry it."""
+
+    data: bytes
+    content_type: str
+    probs: Any
+
+
 @dataclass(slots=True)
 class ItemResult:
     """The recorded outcome of one item (the result record of the outside contract)."""
@@ -101,6 +113,10 @@ class ItemResult:
     image: ImageInfo | None = None
     attempts: int = 1
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: The item's manifest fields besides its URI (None when it was not from a manifest).
+    metadata: dict[str, Any] | None = None
+    #: For data capture only (never serialised): set when capture is on and the item sampled.
+    captured: Captured | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +136,7 @@ class ItemResult:
             "started_at": isoformat(self.started_at),
             "finished_at": isoformat(self.finished_at),
             "timings_ms": self.timings_ms,
+            "metadata": self.metadata,
         }
 
     @classmethod
@@ -141,6 +158,7 @@ class ItemResult:
             started_at=dt.datetime.fromisoformat(d["started_at"]),
             finished_at=dt.datetime.fromisoformat(d["finished_at"]),
             timings_ms=d.get("timings_ms") or {},
+            metadata=d.get("metadata"),
         )
 
 

@@ -150,6 +150,7 @@ def main(ctx: click.Context) -> None:
       2    usage or configuration error: fix the command line or the settings
       3    internal error: a bug in ICS (see the message to report it)
       4    environment unavailable: the store, the disk or the port cannot be used
+      5    drift: `ics report --baseline` found a PSI over the limit
       130  interrupted by SIGINT or SIGTERM (the execution is ABORTED)
     """
     ctx.meta[_GUARD] = ctx.with_resource(guarded())
@@ -157,31 +158,43 @@ def main(ctx: click.Context) -> None:
 
 @contextmanager
 def open_runner(settings: Settings) -> Iterator[Any]:
+    from ..alerts.dispatcher import Alerting
     from ..engine import ExecutionRunner
     from ..engine.pipeline import plan_inference
     from ..models import get_card, load_runtime
     from ..store import Store
 
+    alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
     card = get_card(settings.model)
     threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
     runtime = load_runtime(card, settings.models_dir, threads=threads)
     store = Store(settings.store_url)
     try:
+        alerting.attach(store)
         yield ExecutionRunner(settings, store, runtime)
     finally:
+        alerting.close()
         store.close()
 
 
 @contextmanager
 def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
-    """The store of the settings, for commands that only read it: it must exist already."""
+    """The store of the settings, for commands that only read it: it must exist already.
+
+    Alerts due in its outbox (left by a process that died, or retries) are delivered
+    meanwhile, for at most notify_drain_s after the command's own work.
+    """
+    from ..alerts.dispatcher import Dispatcher
     from ..store import Store
 
     settings = load_cli_settings(kwargs).settings
     store = Store(settings.store_url, create=False)
+    dispatcher = Dispatcher(store, settings).start()
     try:
         yield store
     finally:
+        # A command that only reads does not wait for retries of a channel that is down.
+        dispatcher.stop(settings.notify_drain_s, wait_retries=False)
         store.close()
 
 

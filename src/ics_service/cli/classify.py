@@ -14,6 +14,7 @@ import click
 from ..config import Settings, default
 from ..logs import printable
 from ..types import Execution, ExecutionStatus, ItemResult
+from .alerts import notify_option
 from .app import (
     EXIT_BY_STATUS,
     common_options,
@@ -22,6 +23,7 @@ from .app import (
     open_runner,
     signal_guard,
 )
+from .capture import capture_options
 from .render import print_results_table, print_summary, progress_bar
 
 if TYPE_CHECKING:
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 @click.option(
     "-o",
     "--output",
-    help="Results file: .jsonl, .csv or .parquet; '-' for JSON Lines on stdout. "
+    help="Results file: .jsonl, .csv or .parquet; '-' for JSON Lines on stdout; or an "
+    "object such as s3://BUCKET/results/run.jsonl (uploaded when the run ends). "
     "Default: HOME/results/EXECUTION_ID.jsonl.",
 )
 @click.option(
@@ -98,6 +101,13 @@ if TYPE_CHECKING:
     type=int,
     help="Number of LOW_CONFIDENCE/FAILED items tolerated before the execution FAILS.",
 )
+@click.option(
+    "--include",
+    multiple=True,
+    help="Only items matching this glob (repeatable): '*.jpg' matches names in any folder, "
+    "'2024/**/*.png' paths under the SOURCE folder or prefix.",
+)
+@click.option("--exclude", multiple=True, help="Leave out items matching this glob (repeatable).")
 @click.option("--name", help="Execution name; a name already used returns that execution.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
 @click.option("--table", is_flag=True, help="Also print a table of every item's result.")
@@ -106,6 +116,8 @@ if TYPE_CHECKING:
     default=None,
     help="Progress bar on stderr (default: when stderr is a terminal).",
 )
+@capture_options
+@notify_option
 @common_options
 def classify(
     sources: tuple[str, ...],
@@ -115,6 +127,8 @@ def classify(
     as_json: bool,
     table: bool,
     progress: bool | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
     **kwargs: Any,
 ) -> None:
     """Classify images and record one result per image.
@@ -122,6 +136,10 @@ def classify(
     SOURCE is an image file, a folder (searched recursively; images are recognised by
     content, and files with an image extension are always included so broken ones are
     reported), a glob such as 'photos/**/*.jpg', or @list.txt (one path per line).
+    @items.csv (a 'uri' column) and @items.jsonl (objects with 'uri') are manifests whose
+    other fields become each result's metadata; any manifest may be on S3 (@s3://B/m.csv).
+    s3://BUCKET/PREFIX lists every image object under the prefix (an image extension or
+    none); s3://BUCKET/KEY names one object. --include/--exclude filter what is listed.
 
     \b
     Exit codes:
@@ -133,12 +151,16 @@ def classify(
       4    environment unavailable: the store or the results disk cannot be used
       130  interrupted (the execution is ABORTED; finished items are kept)
     """
+    from ..capture import check_capture_folder
     from ..outputs import check_output
+    from ..sources import configure
 
     guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
+    configure(settings)  # an s3:// output is checked with the storage settings
     # A results path that cannot be written is a usage error before any work is done.
     check_output(output, output_format, settings.results_dir)
+    check_capture_folder(settings)
     with open_runner(settings) as runner:
         execution, created = runner.start(
             list(sources),
@@ -146,6 +168,8 @@ def classify(
             cooperate=guard.cooperate,
             output=output,
             output_format=output_format,
+            **({"include": list(include)} if include else {}),
+            **({"exclude": list(exclude)} if exclude else {}),
         )
         if not created:
             click.echo(
@@ -209,7 +233,9 @@ def run_and_report(
     shown: list[ItemResult] = []
     started = time.perf_counter()
     total, done = execution.counts.total, execution.counts.done
-    with progress_bar(progress, total, done) as advance:
+    # Still being listed (it is registered as it runs): no total to show yet.
+    shown_total = total if execution.items_listed else None
+    with progress_bar(progress, shown_total, done) as advance:
 
         def on_results(results: Sequence[ItemResult]) -> None:
             advance(len(results))

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from ..types import ExecutionStatus, ItemStatus, isoformat
+from .alerts import notify_option
 from .app import (
     common_options,
     json_out,
@@ -19,6 +20,7 @@ from .app import (
     signal_guard,
     stdout_console,
 )
+from .capture import capture_options
 from .classify import run_and_report
 from .render import outside, print_results_table, print_summary, styled_status, summary_doc
 
@@ -175,6 +177,8 @@ def executions_cancel(execution_id: str, wait: float, as_json: bool, **kwargs: A
 @click.option("--workers", "decode_workers", type=int, help="Decode threads.")
 @click.option("--threads", "inference_threads", type=int, help="onnxruntime threads per batch.")
 @click.option("--inference-workers", type=int, help="Batches run at once on the model.")
+@capture_options
+@notify_option
 @common_options
 def executions_resume(
     execution_id: str, as_json: bool, table: bool, progress: bool | None, **kwargs: Any
@@ -183,8 +187,11 @@ def executions_resume(
 
     Items with a recorded result are not redone; every other item is. The execution's
     own settings (model, threshold, top k, limits, tolerances) are used again, and its
-    results file is rebuilt from the store and completed.
+    results file is rebuilt from the store and completed. Capture is not recorded with
+    the execution: give --capture again to capture the items run now.
     """
+    from .. import sources
+    from ..capture import check_capture_folder
     from ..engine.execution import settings_for
     from ..outputs import check_output
     from ..store import Store
@@ -197,9 +204,11 @@ def executions_resume(
     finally:
         store.close()
     settings = settings_for(execution, settings)
+    sources.configure(settings)  # an s3:// output is checked with the storage settings
     check_output(
         execution.params.get("output"), execution.params.get("output_format"), settings.results_dir
     )
+    check_capture_folder(settings)
     with open_runner(settings) as runner:
         execution = runner.prepare_resume(execution.id, cooperate=guard.cooperate)
         click.echo(

@@ -36,7 +36,7 @@ def outside(text: str) -> Text:
 
 @contextmanager
 def progress_bar(
-    enabled: bool | None, total: int, done: int = 0
+    enabled: bool | None, total: int | None, done: int = 0
 ) -> Iterator[Callable[[int], None]]:
     if enabled is None:
         enabled = sys.stderr.isatty()

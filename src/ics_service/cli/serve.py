@@ -10,7 +10,9 @@ import click
 
 from ..config import default
 from ..errors import EnvironmentUnavailable
+from .alerts import notify_option
 from .app import common_options, load_cli_settings, main
+from .capture import capture_options
 
 
 @main.command()
@@ -35,6 +37,8 @@ from .app import common_options, load_cli_settings, main
     "default, batches form from what arrives while the model runs.",
 )
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
+@capture_options
+@notify_option
 @common_options
 def serve(**kwargs: Any) -> None:
     """Serve classification over HTTP until SIGINT or SIGTERM.
@@ -57,15 +61,20 @@ def serve(**kwargs: Any) -> None:
     """
     import uvicorn
 
+    from ..alerts.dispatcher import Alerting
+    from ..capture import check_capture_folder
     from ..server import create_app
     from ..server.app import load_model
     from ..store import Store
 
     settings = load_cli_settings(kwargs).settings
+    check_capture_folder(settings)
+    alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
     # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
     store = Store(settings.store_url)
     try:
+        alerting.attach(store)
         app = create_app(settings, runtime=load_model(settings), store=store)
         # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
         # raises them again for the handlers it found: ignored, so the exit is a clean 0.
@@ -90,4 +99,5 @@ def serve(**kwargs: Any) -> None:
                 "above); choose another --port or --host"
             ) from None
     finally:
+        alerting.close()
         store.close()

@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import sources
+from ..capture import inference_id_of, open_capture
+from ..capture.sink import CaptureSink
 from ..config import Settings
 from ..errors import INTERNAL_ERROR, IcsError, Interrupted, UsageError
 from ..imaging import Limits, Preprocessor
@@ -29,10 +31,13 @@ from ..types import (
     Step,
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
+from .listing import BackgroundListing, tail_pending
 from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Called once nothing may be interrupted by an exception any more; returns the stop event.
 Cooperate = Callable[[], threading.Event]
@@ -98,6 +103,9 @@ class ExecutionRunner:
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
         self.owner = owner_id()
+        #: Listings of executions this runner started, for `run` to register as it goes.
+        self._listings: dict[str, BackgroundListing] = {}
+        sources.configure(settings)
 
     def start(
         self,
@@ -107,7 +115,8 @@ class ExecutionRunner:
         cooperate: Cooperate | None = None,
         **params: Any,
     ) -> tuple[Execution, bool]:
-        """Create the execution and register its items; with a used name, return that one.
+        """Create the execution; with a used name, return that one. Its items are
+        registered by `run`, while it classifies them (see listing.py).
 
         `cooperate` is called just before the execution is created and returns the event
         that a signal sets from then on (see cli/signals.py). Until then a signal may
@@ -118,7 +127,7 @@ class ExecutionRunner:
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
         log.info("listing %s", " ".join(source_specs))
-        uris = sources.expand(source_specs)
+        uris = sources.expand_items(source_specs, _selection(params))
         first = next(uris, None)
         if first is None:
             raise UsageError(f"no images found in {' '.join(source_specs)}")
@@ -136,8 +145,8 @@ class ExecutionRunner:
                 self.store.append_events(
                     execution.id, [("ExecutionStarted", None, {"params": execution.params})]
                 )
-                self.store.add_items(execution.id, _until(stop, itertools.chain([first], uris)))
-                self.store.mark_listed(execution.id)
+                listed = _until(stop, itertools.chain([first], uris))
+                self._listings[execution.id] = BackgroundListing(self.store, execution.id, listed)
                 execution = self.store.get_execution(execution.id)
         return execution, created
 
@@ -168,7 +177,9 @@ class ExecutionRunner:
             )
             if not execution.items_listed:
                 # The process died while listing: list again and register what is missing.
-                uris = _until(stop, sources.expand(execution.params["sources"]))
+                specs = execution.params["sources"]
+                listed = sources.expand_items(specs, _selection(execution.params))
+                uris = _until(stop, listed)
                 skipped = itertools.islice(uris, execution.counts.total, None)
                 self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
                 self.store.mark_listed(execution.id)
@@ -226,6 +237,9 @@ class ExecutionRunner:
         s = self.settings
         history = History(self.store, execution.id, full=s.history == "full")
         all_sinks: list[ResultSink] = [StoreSink(self.store, execution.id, history), *sinks]
+        capture = open_capture(s)
+        if capture is not None:
+            all_sinks.append(CaptureSink(capture))
         recorder = Recorder(all_sinks, on_error=lambda _e: stop.set())
         pipeline = Pipeline(
             runtime=self.runtime,
@@ -240,6 +254,10 @@ class ExecutionRunner:
             retry_read=s.retry[Step.SERIALIZE_IMAGE_DATA],
             retry_classify=s.retry[Step.CLASSIFY_IMAGE],
             on_event=history.add,
+            capture=None
+            if capture is None
+            else lambda item: capture.wants(inference_id_of(execution.id, item.item_id)),
+            reserve_capture=None if capture is None else capture.reserve,
         )
 
         def emit(results: list[ItemResult]) -> None:
@@ -257,11 +275,21 @@ class ExecutionRunner:
             name="ics-heartbeat",
             daemon=True,
         )
+        listing = self._listings.pop(execution.id, None)
         with self.ending_on_error(execution.id):
             heart.start()
             try:
-                pipeline.run(self.store.pending_items(execution.id), emit, stop)
+                if listing is None:
+                    pipeline.run(self.store.pending_items(execution.id), emit, stop)
+                else:
+                    listing.start()
+                    pipeline.run(tail_pending(self.store, execution.id, listing, stop), emit, stop)
+                    if stop.is_set():
+                        listing.halt.set()
+                    listing.wait()
             finally:
+                if listing is not None:
+                    listing.halt.set()  # a run that fails stops its listing too
                 beating.set()
                 heart.join()
                 recorder.close()
@@ -269,9 +297,12 @@ class ExecutionRunner:
                     sink.close()
             if recorder.error is not None:
                 raise recorder.error
-            finished = self._finish(
-                execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set()
-            )
+            if listing is not None and not listing.complete:
+                finished = self._listing_ended(execution.id, listing, cancelled.is_set())
+            else:
+                finished = self._finish(
+                    execution.id, aborted=stop.is_set(), cancelled=cancelled.is_set()
+                )
         log.info(
             "execution %s %s in %.2f s",
             execution.id,
@@ -301,6 +332,23 @@ class ExecutionRunner:
             except Exception as e:  # a busy store must not kill the run
                 log.warning("heartbeat failed: %s", e, extra={"execution_id": execution_id})
 
+    def _listing_ended(
+        self, execution_id: str, listing: BackgroundListing, cancelled: bool
+    ) -> Execution:
+        """End a run whose listing did not complete: a listing error (a missing bucket, a
+        bad manifest line, a bug) goes on up; a stop leaves the execution ABORTED, for a
+        resume to list the rest."""
+        if listing.error is not None and not isinstance(listing.error, Interrupted):
+            raise listing.error
+        counts = self.store.counts(execution_id)
+        why = "cancelled by request" if cancelled else "stopped by a signal"
+        error = ErrorInfo(
+            "States.Aborted",
+            f"{why} while listing the sources; {counts.total - counts.done} of the "
+            f"{counts.total} items registered so far left",
+        )
+        return record_end(self.store, execution_id, ExecutionStatus.ABORTED, error)
+
     def _finish(self, execution_id: str, *, aborted: bool, cancelled: bool) -> Execution:
         counts = self.store.counts(execution_id)
         status, error = final_status(counts, self.settings)
@@ -318,7 +366,7 @@ def _still_running(execution: Execution) -> UsageError:
     )
 
 
-def _until(stop: threading.Event | None, uris: Iterator[str]) -> Iterator[str]:
+def _until(stop: threading.Event | None, uris: Iterator[_T]) -> Iterator[_T]:
     """The URIs, until `stop` is set: then `Interrupted`."""
     for uri in uris:
         if stop is not None and stop.is_set():
@@ -326,6 +374,11 @@ def _until(stop: threading.Event | None, uris: Iterator[str]) -> Iterator[str]:
         yield uri
     if stop is not None and stop.is_set():
         raise Interrupted("stopped by a signal while listing the sources")
+
+
+def _selection(params: dict[str, Any]) -> sources.Selection:
+    """The --include / --exclude globs an execution was started with."""
+    return sources.Selection(params.get("include") or (), params.get("exclude") or ())
 
 
 def _why(error: BaseException) -> str:

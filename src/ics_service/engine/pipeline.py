@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..capture import Captured
+from ..capture.record import content_type_of
 from ..config import RetryPolicy
 from ..errors import DecodeCancelled, InferenceError, ItemError
 from ..imaging import Preprocessor
@@ -45,6 +47,8 @@ class _Decoded:
     error: ErrorInfo | None = None
     attempts: int = 1
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: The original bytes, kept only for an item that data capture samples.
+    data: bytes | None = None
 
 
 _DONE = object()
@@ -98,6 +102,10 @@ class Pipeline:
     retry_read: RetryPolicy
     retry_classify: RetryPolicy
     on_event: OnEvent | None = None
+    #: Whether data capture wants an item (its bytes and probabilities); None: capture off.
+    capture: Callable[[Item], bool] | None = None
+    #: Waits for room in data capture's queue (backpressure); False: the run is stopping.
+    reserve_capture: Callable[[Captured, threading.Event], bool] | None = None
 
     def __post_init__(self) -> None:
         card = self.runtime.card
@@ -214,6 +222,8 @@ class Pipeline:
             data = self.reader(item.uri, self.preprocess.limits.max_bytes)
             t1 = time.perf_counter()
             out = self.preprocess(data, stop=self._stop)
+            if self.capture is not None and self.capture(item):
+                d.data = data
             timings["read"] = (t1 - t0) * 1e3
             timings["decode"] = (time.perf_counter() - t1) * 1e3
             return out
@@ -296,7 +306,7 @@ class Pipeline:
                 decisions = decide(
                     probs, threshold=self.threshold, top_k=self.top_k, labels=self.labels
                 )
-                for d, dec in zip(ok, decisions, strict=True):
+                for i, (d, dec) in enumerate(zip(ok, decisions, strict=True)):
                     d.timings_ms["inference"] = per_item
                     d.attempts = max(d.attempts, attempts)
                     results.append(
@@ -309,6 +319,12 @@ class Pipeline:
                             top_k=dec.top_k,
                         )
                     )
+                    if d.data is not None and d.image is not None:
+                        c = Captured(d.data, content_type_of(d.image.format), probs[i])
+                        reserve = self.reserve_capture
+                        if reserve is None or reserve(c, self._stop):
+                            results[-1].captured = c
+                        d.data = None
         for d in ready:
             if d.error is not None:
                 log.info(
@@ -334,5 +350,6 @@ class Pipeline:
             image=d.image,
             attempts=d.attempts,
             timings_ms={k: round(v, 3) for k, v in d.timings_ms.items()},
+            metadata=d.item.metadata,
             **fields,
         )

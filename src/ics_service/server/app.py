@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, sources
 from ..config import Settings
 from ..engine.batcher import QueueFull
 from ..errors import IcsError
@@ -42,6 +42,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sources.configure(settings)  # `uri` inputs on S3 or HTTP read with these settings
         own_store = store is None
         opened_store = store or Store(settings.store_url)
         model = runtime or load_model(settings)

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from .. import sources
 from ..config import Settings
@@ -331,12 +332,13 @@ class Batches:
         job.phase = Phase.RUNNING
         runner.run(execution, sinks=sinks, stop=job.stop)
 
-    def _listed(self, job: Job) -> Iterator[str]:
-        """The job's item URIs, each checked against allowed_sources, until it is stopped."""
+    def _listed(self, job: Job) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """The job's items (URI, manifest metadata), each checked against allowed_sources,
+        until it is stopped."""
         assert job.sources is not None
         log.info("listing %s", " ".join(job.sources))
         allowed = self.settings.allowed_sources
-        for n, uri in enumerate(sources.expand(job.sources)):
+        for n, (uri, meta) in enumerate(sources.expand_items(job.sources)):
             if job.stop.is_set():
                 break
             try:
@@ -356,7 +358,7 @@ class Batches:
                     "allowed_sources prefix (a symlink or a list file leads outside; the "
                     "server log names it)"
                 ) from None
-            yield uri
+            yield uri, meta
         if job.stop.is_set():
             why = "cancelled by request" if job.cancelled else "stopped with the server"
             raise Interrupted(f"{why} while listing the sources")

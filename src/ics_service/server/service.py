@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Awaitable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from ..capture import CaptureWriter, inference_id_of, open_capture
+from ..capture.record import content_type_of
 from ..config import Settings
 from ..engine.batcher import Batcher
 from ..engine.decide import decide
@@ -30,6 +33,7 @@ from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..types import (
+    Captured,
     Execution,
     ExecutionStatus,
     ImageInfo,
@@ -110,6 +114,7 @@ class Service:
         )
         metrics.track_queue(lambda: self.batcher.depth)
         self.log = RealtimeLog(store, self.model_ref) if settings.record_realtime else None
+        self.capture = open_capture(settings)
         self.ready = True
 
     async def bounded(self, awaitable: Awaitable[T]) -> T:
@@ -167,7 +172,29 @@ class Service:
             },
         )
         await self.record(result)
+        if self.capture is not None:
+            await self._capture(self.capture, data, image, probs, result)
         return Outcome(result, probs, None)
+
+    async def _capture(
+        self,
+        capture: CaptureWriter,
+        data: bytes,
+        image: ImageInfo,
+        probs: np.ndarray,
+        result: ItemResult,
+    ) -> None:
+        """Queue a sampled request for data capture; off the event loop, as a full capture
+        queue makes the caller wait."""
+        if result.execution_id:
+            inference_id = inference_id_of(result.execution_id, result.item_id)
+        else:  # record_realtime off: no execution and item ids to name it by
+            inference_id = f"{REALTIME_PREFIX}{uuid.uuid4()}"
+        if capture.wants(inference_id):
+            captured = Captured(data, content_type_of(image.format), probs)
+            await asyncio.get_running_loop().run_in_executor(
+                None, capture.submit, inference_id, result.finished_at, captured
+            )
 
     def _result(
         self,
@@ -202,6 +229,8 @@ class Service:
         self.batcher.close()
         if self.log is not None:
             self.log.close()
+        if self.capture is not None:
+            self.capture.close()
 
 
 class RealtimeLog:

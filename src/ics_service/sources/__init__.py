@@ -6,12 +6,20 @@ scheme and raises a clear error for a scheme no source handles.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UsageError
+from . import manifests
 from .local import LocalSource, path_to_uri, uri_to_path
+from .remote import FsspecSource, list_objects, sources_for
+from .select import Selection, base_of, relative
+from .web import HttpSource
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 
 class Source(Protocol):
@@ -24,16 +32,51 @@ class Source(Protocol):
         ...
 
 
-_SOURCES: dict[str, Source] = {"file": LocalSource()}
+_SOURCES: dict[str, Source] = {
+    "file": LocalSource(),
+    **sources_for({}),
+    "http": HttpSource(),
+    "https": HttpSource(),
+}
 
 
 def register(scheme: str, source: Source) -> None:
     """Make `source` read and list SCHEME:// URIs (storage back ends, tests' fault injection)."""
+    global _configured
     _SOURCES[scheme.lower()] = source
+    _configured = None  # the next `configure` sets the remote sources up again
 
 
 def unregister(scheme: str) -> None:
+    global _configured
     _SOURCES.pop(scheme.lower(), None)
+    _configured = None
+
+
+#: The settings the remote sources were last set up from (see `configure`).
+_configured: str | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Set the remote sources up from the settings: fsspec storage options (`storage`),
+    HTTP timeouts and whether link-local addresses may be read. The same settings again
+    (and the same AWS environment, which botocore reads when a client starts) keep the
+    sources and their connections as they are."""
+    global _configured
+    aws_env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    key = json.dumps(
+        [settings.storage, settings.http_timeout_s, settings.http_allow_link_local, aws_env],
+        sort_keys=True,
+        default=str,
+    )
+    if key == _configured:
+        return
+    for scheme, source in sources_for(settings.storage).items():
+        register(scheme, source)
+    web = HttpSource(settings.http_timeout_s, settings.http_allow_link_local)
+    register("http", web)
+    register("https", web)
+    _configured = key
 
 
 def scheme_of(uri: str) -> str:
@@ -52,64 +95,66 @@ def source_for(uri: str) -> Source:
         ) from None
 
 
-def expand(specs: Iterable[str]) -> Iterator[str]:
+def expand(specs: Iterable[str], select: Selection | None = None) -> Iterator[str]:
     """Item URIs for SOURCE arguments: files, folders (recursive), globs and @list files.
 
     Streams: items come out as they are found. A list file that includes itself, directly
     or through other lists, is a UsageError; paths inside a list are relative to the
-    current folder, like SOURCE arguments.
+    current folder, like SOURCE arguments. `select` (--include/--exclude) filters what
+    each SOURCE lists.
     """
-    return _expand(specs, ())
+    return (uri for uri, _ in expand_items(specs, select))
 
 
-#: The list files being read, outermost first: (real path, path as written).
+def expand_items(
+    specs: Iterable[str], select: Selection | None = None
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
+    """As `expand`, each URI with its metadata: the other fields of its CSV or JSON Lines
+    manifest row, or None."""
+    return _expand(specs, (), select or Selection())
+
+
+#: The list files being read, outermost first: (real path or URI, name as written).
 _Chain = tuple[tuple[str, str], ...]
+_Listed = Iterator[tuple[str, dict[str, Any] | None]]
 
 
-def _expand(specs: Iterable[str], chain: _Chain) -> Iterator[str]:
+def _expand(specs: Iterable[str], chain: _Chain, select: Selection) -> _Listed:
     for spec in specs:
         if spec.startswith("@"):
-            yield from _expand_list(spec[1:], chain)
+            yield from _expand_list(spec[1:], chain, select)
+        elif select:
+            base = base_of(spec)
+            for uri in source_for(spec).list(spec):
+                if select.keeps(relative(base, uri)):
+                    yield uri, None
         else:
-            yield from source_for(spec).list(spec)
+            for uri in source_for(spec).list(spec):
+                yield uri, None
 
 
-def _expand_list(path: str, chain: _Chain) -> Iterator[str]:
-    real = os.path.realpath(path)
-    chain = (*chain, (real, path))
+def _expand_list(name: str, chain: _Chain, select: Selection) -> _Listed:
+    remote = scheme_of(name) != "file"
+    real = name if remote else os.path.realpath(name)
+    chain = (*chain, (real, name))
     if any(real == seen for seen, _ in chain[:-1]):
-        names = " -> ".join(f"@{_show(written)}" for _, written in chain)
-        raise UsageError(f"list file {_show(path)} includes itself: {names}; remove the cycle")
-    yield from _expand(_list_lines(path), chain)
-
-
-def _list_lines(path: str) -> Iterator[str]:
-    """The entries of a list file, read lazily: one path per line, blank lines and # comments
-    skipped. Read as UTF-8 (a BOM is ignored) with surrogateescape: a name written in an old
-    encoding comes through as its exact bytes, so it still names its file."""
-    try:
-        f = open(path, encoding="utf-8-sig", errors="surrogateescape")  # noqa: SIM115
-    except OSError as e:
-        raise UsageError(f"cannot read list file {_show(path)}: {e.strerror or e}") from None
-    with f:
-        while True:
-            try:
-                line = f.readline()
-            except OSError as e:
-                raise UsageError(
-                    f"cannot read list file {_show(path)}: {e.strerror or e}"
-                ) from None
-            if not line:
-                return
-            line = line.strip()
-            if line and not line.startswith("#"):
-                yield line
-
-
-def _show(path: str) -> str:
-    """A path as messages show it: as written, or as its file:// URI when it is not UTF-8."""
-    shown = path_to_uri(os.path.abspath(path))
-    return path if shown.startswith("/") else shown
+        names = " -> ".join(f"@{manifests.shown(written)}" for _, written in chain)
+        raise UsageError(
+            f"list file {manifests.shown(name)} includes itself: {names}; remove the cycle"
+        )
+    source = source_for(name) if remote else None
+    with manifests.opened(name, source) as f:
+        for entry in manifests.entries(name, f):
+            if isinstance(entry, tuple):  # a CSV or JSON Lines row: one item
+                uri, meta = entry
+                if select.keeps(uri.rsplit("/", 1)[-1]):
+                    yield uri, meta
+            elif scheme_of(entry) != "file" and not entry.endswith("/"):
+                # A remote URI in a list is an item: no listing request per line.
+                if select.keeps(entry.rsplit("/", 1)[-1]):
+                    yield entry, None
+            else:
+                yield from _expand([entry], chain, select)
 
 
 def read(uri: str, max_bytes: int) -> bytes:
@@ -117,9 +162,15 @@ def read(uri: str, max_bytes: int) -> bytes:
 
 
 __all__ = [
+    "FsspecSource",
+    "HttpSource",
     "LocalSource",
+    "Selection",
     "Source",
+    "configure",
     "expand",
+    "expand_items",
+    "list_objects",
     "path_to_uri",
     "read",
     "register",

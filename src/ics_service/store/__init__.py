@@ -3,8 +3,8 @@
 One code path serves SQLite (the embedded default, a file in WAL mode so several processes
 can share it) and PostgreSQL. Modules, by job: `connection` (URLs, engines, dialects,
 database errors as StoreErrors), `schema` (the tables the queries use), `migrations`
-(fixed DDL per version, and applying it), `rows` (rows as domain records) and `queries`
-(the Store).
+(fixed DDL per version, and applying it), `rows` (rows as domain records), `queries`
+(the Store) and `outbox` (alerts and their deliveries, written with the results).
 """
 
 from __future__ import annotations

@@ -124,6 +124,68 @@ def _v2(conn: Connection) -> None:
     )
 
 
+# Version 3: the alert outbox (subscriptions, alert documents, one delivery row per
+# subscription), frozen like version 1.
+_V3_SUBSCRIPTIONS = """
+CREATE TABLE ics_subscriptions (
+	id VARCHAR(64) NOT NULL,
+	shown TEXT NOT NULL,
+	spec TEXT NOT NULL,
+	created_at {ts} NOT NULL,
+	PRIMARY KEY (id)
+)"""
+_V3_ALERTS = """
+CREATE TABLE ics_alerts (
+	id VARCHAR(36) NOT NULL,
+	execution_id VARCHAR(64),
+	item_seq INTEGER,
+	kind VARCHAR(32) NOT NULL,
+	confidence FLOAT,
+	created_at {ts} NOT NULL,
+	document TEXT NOT NULL,
+	PRIMARY KEY (id)
+)"""
+_V3_DELIVERIES = """
+CREATE TABLE ics_deliveries (
+	id {serial} NOT NULL,
+	alert_id VARCHAR(36) NOT NULL,
+	subscription_id VARCHAR(64) NOT NULL,
+	status VARCHAR(16) NOT NULL,
+	attempts INTEGER NOT NULL,
+	created_at {ts} NOT NULL,
+	next_at {ts} NOT NULL,
+	lease_owner VARCHAR(255),
+	lease_until {ts},
+	sent_at {ts},
+	last_error TEXT,
+	rolled_into VARCHAR(36),
+	PRIMARY KEY (id),
+	FOREIGN KEY(alert_id) REFERENCES ics_alerts (id),
+	FOREIGN KEY(subscription_id) REFERENCES ics_subscriptions (id)
+)"""
+_V3_INDEXES = [
+    "CREATE INDEX ix_ics_alerts_execution ON ics_alerts (execution_id, created_at)",
+    "CREATE INDEX ix_ics_alerts_created ON ics_alerts (created_at)",
+    "CREATE INDEX ix_ics_deliveries_due ON ics_deliveries (status, next_at)",
+    "CREATE INDEX ix_ics_deliveries_subscription ON ics_deliveries (subscription_id, status)",
+    "CREATE INDEX ix_ics_deliveries_alert ON ics_deliveries (alert_id)",
+]
+
+
+def _v3(conn: Connection) -> None:
+    """The alert outbox."""
+    words = _V1_TYPES[conn.dialect.name]
+    for table in (_V3_SUBSCRIPTIONS, _V3_ALERTS, _V3_DELIVERIES):
+        conn.exec_driver_sql(table.format(**words))
+    for index in _V3_INDEXES:
+        conn.exec_driver_sql(index)
+
+
+def _v4(conn: Connection) -> None:
+    """ics_items.metadata: an item's manifest fields (JSON), kept so a resume has them."""
+    conn.exec_driver_sql("ALTER TABLE ics_items ADD COLUMN metadata TEXT")
+
+
 # Version 5: the state of watchers (`ics watch`, `POST /v1/events`), frozen.
 _V5_WATCHERS = """
 CREATE TABLE ics_watchers (
@@ -158,7 +220,13 @@ def _v5(conn: Connection) -> None:
 
 
 #: (version, migration) in order. The last version is the schema this code expects.
-MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [(1, _v1), (2, _v2), (5, _v5)]
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _v1),
+    (2, _v2),
+    (3, _v3),
+    (4, _v4),
+    (5, _v5),
+]
 LATEST = MIGRATIONS[-1][0]
 
 

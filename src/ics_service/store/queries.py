@@ -42,7 +42,7 @@ from ..types import (
     ModelRef,
     utcnow,
 )
-from . import migrations
+from . import migrations, outbox
 from .connection import open_engine, safe_url, store_errors
 from .rows import (
     Event,
@@ -94,6 +94,9 @@ class Store:
     def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         self.safe_url = safe_url(url)
+        #: Set by the alerts package when subscriptions exist: alerts are then written in
+        #: the transactions of the results and execution ends that raise them.
+        self.alert_planner: outbox.AlertPlanner | None = None
         with store_errors(self.safe_url):
             self.engine = open_engine(url, create=create)
         try:
@@ -266,6 +269,14 @@ class Store:
                     **counts,
                 )
             )
+            if self.alert_planner is not None:
+                row = conn.execute(
+                    select(executions).where(executions.c.id == execution_id)
+                ).first()
+                if row is not None:
+                    ended = execution_from_row(row._mapping)
+                    outbox.write_alerts(conn, self.alert_planner.for_end(ended))
+                outbox.roll_up(conn, self.alert_planner, execution_id)
         return self.get_execution(execution_id)
 
     def counts(self, execution_id: str) -> Counts:
@@ -345,14 +356,26 @@ class Store:
 
     # --- items ----------------------------------------------------------------------
 
-    def add_items(self, execution_id: str, uris: Iterable[str], *, start_seq: int = 0) -> int:
-        """Register pending items (seq from start_seq) in chunks; returns how many were added."""
+    def add_items(
+        self,
+        execution_id: str,
+        uris: Iterable[str | tuple[str, dict[str, Any] | None]],
+        *,
+        start_seq: int = 0,
+    ) -> int:
+        """Register pending items (seq from start_seq) in chunks; returns how many were added.
+
+        An item is its URI, or (URI, metadata) for one read from a manifest."""
         seq = start_seq
         chunk: list[dict[str, Any]] = []
 
         def flush() -> None:
             if not chunk:
                 return
+            if all(row["metadata"] is None for row in chunk):
+                # Plain listings write what they always wrote.
+                for row in chunk:
+                    del row["metadata"]
             with self._begin() as conn:
                 conn.execute(insert(items), chunk)
                 conn.execute(
@@ -362,21 +385,34 @@ class Store:
                 )
             chunk.clear()
 
-        for uri in uris:
-            chunk.append({"execution_id": execution_id, "seq": seq, "uri": uri, "attempts": 0})
+        for entry in uris:
+            uri, meta = (entry, None) if isinstance(entry, str) else entry
+            chunk.append(
+                {
+                    "execution_id": execution_id,
+                    "seq": seq,
+                    "uri": uri,
+                    "attempts": 0,
+                    "metadata": None if meta is None else json.dumps(meta),
+                }
+            )
             seq += 1
             if len(chunk) >= _INSERT_CHUNK:
                 flush()
         flush()
         return seq - start_seq
 
-    def pending_items(self, execution_id: str, *, page_size: int = _PAGE) -> Iterator[Item]:
-        """Items without a final result, in order, read a page at a time (memory stays flat)."""
-        q = select(items.c.seq, items.c.uri).where(
+    def pending_items(
+        self, execution_id: str, *, page_size: int = _PAGE, after: int = -1
+    ) -> Iterator[Item]:
+        """Items without a final result, in order (after seq `after`), read a page at a time
+        (memory stays flat)."""
+        q = select(items.c.seq, items.c.uri, items.c.metadata).where(
             items.c.execution_id == execution_id, items.c.status.is_(None)
         )
-        for row in self._pages(q, items.c.seq, after=-1, page_size=page_size):
-            yield Item(seq=row.seq, uri=row.uri)
+        for row in self._pages(q, items.c.seq, after=after, page_size=page_size):
+            meta = None if row.metadata is None else json.loads(row.metadata)
+            yield Item(seq=row.seq, uri=row.uri, metadata=meta)
 
     def record_results(self, execution_id: str, results: Sequence[ItemResult]) -> int:
         """Write final results in one transaction; an item that already has one keeps it.
@@ -403,6 +439,8 @@ class Store:
                 )
             for r in todo:
                 counts.add(r.status)
+            if self.alert_planner is not None and todo:
+                outbox.write_alerts(conn, self.alert_planner.for_results(execution_id, todo))
             conn.execute(
                 _update_execution(execution_id).values(
                     succeeded=executions.c.succeeded + counts.succeeded,
@@ -442,6 +480,8 @@ class Store:
                 rows.append({"execution_id": execution_id, "uri": r.uri, **row})
                 counts.add(r.status)
             conn.execute(insert(items), rows)
+            if self.alert_planner is not None:
+                outbox.write_alerts(conn, self.alert_planner.for_results(execution_id, results))
             conn.execute(
                 _update_execution(execution_id).values(
                     total=executions.c.total + len(rows),

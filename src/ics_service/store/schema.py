@@ -71,6 +71,8 @@ items = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     # Added by migration 2 (hence last): a FAILED item's error type, to count failures.
     Column("error_type", String(128), nullable=True),
+    # Added by migration 4: the item's manifest fields besides its URI, as JSON text.
+    Column("metadata", Text, nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
 # Pending items and recorded results, each in seq order: PostgreSQL cannot read
@@ -93,6 +95,53 @@ events = Table(
     Column("details", Text, nullable=True),
 )
 Index("ix_ics_events_execution", events.c.execution_id, events.c.id)
+
+# Added by migration 3: the alert outbox. The store keeps documents and delivery rows; what
+# a subscription's spec means is the alerts package's business.
+subscriptions = Table(
+    "ics_subscriptions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("shown", Text, nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+alerts = Table(
+    "ics_alerts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("execution_id", String(64), nullable=True),
+    Column("item_seq", Integer, nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("confidence", Float, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("document", Text, nullable=False),
+)
+Index("ix_ics_alerts_execution", alerts.c.execution_id, alerts.c.created_at)
+Index("ix_ics_alerts_created", alerts.c.created_at)
+
+deliveries = Table(
+    "ics_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("alert_id", String(36), ForeignKey("ics_alerts.id"), nullable=False),
+    Column("subscription_id", String(64), ForeignKey("ics_subscriptions.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_at", DateTime(timezone=True), nullable=False),
+    # A dispatcher that is sending it ("host:pid") and until when: others leave it alone.
+    Column("lease_owner", String(255), nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    # The digest or "suppressed" notice that carries it instead (HELD/SUPPRESSED rows).
+    Column("rolled_into", String(36), nullable=True),
+)
+Index("ix_ics_deliveries_due", deliveries.c.status, deliveries.c.next_at)
+Index("ix_ics_deliveries_subscription", deliveries.c.subscription_id, deliveries.c.status)
+Index("ix_ics_deliveries_alert", deliveries.c.alert_id)
 
 # Added by migration 5: what watchers (`ics watch`, `POST /v1/events`) have registered.
 watchers = Table(

@@ -1,0 +1,60 @@
+"""The Channel contract, and the factory that builds one from a subscription URL.
+
+`http(s)://` is a webhook, `file://` a JSON Lines file, `sns://arn:aws:sns:...` an SNS
+topic, and any other scheme goes to apprise (chat and e-mail). The SNS and apprise channels
+are imported only when a URL asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
+
+from ..errors import UsageError
+from .delivery import DeliveryError
+from .urls import hide_secrets
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+
+class Channel(Protocol):
+    def send(self, alert: Mapping[str, Any], title: str, body: str) -> None:
+        """Deliver one alert, within the channel's own timeout; raises DeliveryError."""
+        ...
+
+    def shown(self) -> str:
+        """Its URL with secrets hidden, for logs and `ics alerts list`."""
+        ...
+
+
+def channel_for(url: str, *, timeout_s: float, settings: Settings) -> Channel:
+    """The channel of a subscription URL; UsageError for an unknown scheme or a bad URL."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as e:
+        raise UsageError(f"bad subscription URL {hide_secrets(url)}: {e}") from None
+    if scheme in ("http", "https"):
+        from .webhook import WebhookChannel
+
+        return WebhookChannel(url, timeout_s=timeout_s)
+    if scheme == "file":
+        from .file import FileChannel
+
+        return FileChannel(url)
+    if scheme == "sns":
+        from .sns import SnsChannel
+
+        return SnsChannel(url, timeout_s=timeout_s, endpoint_url=settings.notify_sns_endpoint_url)
+    if not scheme:
+        raise UsageError(
+            f"subscription {hide_secrets(url)} is not a URL: it needs a scheme "
+            "(https://, file://, sns://, mailto://...)"
+        )
+    from .chat import AppriseChannel
+
+    return AppriseChannel(url, timeout_s=timeout_s)
+
+
+__all__ = ["Channel", "DeliveryError", "channel_for"]

@@ -1,0 +1,259 @@
+"""The capture writer: records to hourly JSON Lines files, on a thread of its own.
+
+Layout: `{DEST}/{endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-UUID.jsonl`, the hour folder
+and the name (minute, second, millisecond of the file's first record) in UTC, so that names
+sort by time. A file is written as a hidden `.NAME.part` next to its final place and renamed
+into place once complete (at the hour's end, at `max_file_bytes`, after `max_file_seconds`
+or when the writer closes): a reader of `*.jsonl` never sees a half line. A crash loses the
+hidden file being written (at most `max_file_seconds` or `max_file_bytes` of records) and
+the records still queued (at most `max_pending_bytes`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..config import Settings
+from ..errors import UsageError
+from ..types import Captured
+from .record import Mode, capture_record, encode, is_sampled
+
+log = logging.getLogger(__name__)
+
+#: Defaults of the rotation and of the queue (bytes of images and probabilities waiting).
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_FILE_SECONDS = 60.0
+MAX_PENDING_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class _Entry:
+    inference_id: str
+    when: dt.datetime
+    captured: Captured
+    size: int
+
+
+def _size(captured: Captured) -> int:
+    """The bytes an item holds while it waits: its image and its probabilities."""
+    return len(captured.data) + 8 * len(captured.probs)
+
+
+@dataclass
+class _OpenFile:
+    hour: str
+    part: Path
+    final: Path
+    f: BinaryIO
+    opened: float
+    size: int = 0
+
+
+def capture_root(settings: Settings) -> Path:
+    """The endpoint and variant folder that the settings capture to."""
+    assert settings.capture is not None
+    return (
+        Path(settings.capture).expanduser() / settings.capture_endpoint / settings.capture_variant
+    )
+
+
+def check_capture_folder(settings: Settings) -> None:
+    """Refuse (a usage error, before any work) a capture folder that cannot be written."""
+    if settings.capture is None:
+        return
+    root = capture_root(settings)
+    probe = root / f".ics-probe-{uuid.uuid4().hex}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"capture folder {settings.capture} cannot be written ({e.strerror or e}"
+            f"{': ' + str(e.filename) if e.filename else ''}); choose another --capture"
+        ) from None
+
+
+def open_capture(settings: Settings) -> CaptureWriter | None:
+    """The settings' capture writer, or None when capture is off."""
+    if settings.capture is None:
+        return None
+    return CaptureWriter(
+        capture_root(settings), mode=settings.capture_mode, sampling=settings.capture_sampling
+    )
+
+
+class CaptureWriter:
+    """Turns captured items into records and writes them, off the caller's thread.
+
+    `submit` (or `reserve`) blocks while more than `max_pending_bytes` of images wait
+    (backpressure on the caller) rather than letting the queue grow. A write error (a full
+    disk) is kept in `error`; later items are dropped, and the caller decides what it means.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        mode: Mode = "input_and_output",
+        sampling: float = 100.0,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        max_file_seconds: float = MAX_FILE_SECONDS,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+    ) -> None:
+        self.root = root
+        self.mode: Mode = mode
+        self.sampling = sampling
+        self.max_file_bytes = max_file_bytes
+        self.max_file_seconds = max_file_seconds
+        self.max_pending_bytes = max_pending_bytes
+        self.error: Exception | None = None
+        self.written = 0
+        #: The most bytes that ever waited in the queue (the backpressure's bound, observed).
+        self.high_water = 0
+        self._q: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._closed = False
+        self._file: _OpenFile | None = None
+        self._thread = threading.Thread(target=self._loop, name="ics-capture", daemon=True)
+        self._thread.start()
+
+    def wants(self, inference_id: str) -> bool:
+        """Whether this item is in the sample."""
+        return is_sampled(inference_id, self.sampling)
+
+    def reserve(self, captured: Captured, stop: threading.Event | None = None) -> bool:
+        """Wait until the item fits in the queue's budget and take its room; False, and
+        nothing taken, when `stop` is set or the writer failed or closed first.
+
+        A batch run reserves on its inference thread, as soon as an item is classified,
+        so that the images on their way to the writer (through the recorder) count too.
+        """
+        size = _size(captured)
+        with self._cond:
+            # One entry always fits, however big, so a huge image cannot wait for ever.
+            while self._pending and self._pending + size > self.max_pending_bytes:
+                if self._closed or self.error is not None or (stop is not None and stop.is_set()):
+                    return False
+                self._cond.wait(0.1)
+            if self._closed or self.error is not None:
+                return False
+            self._pending += size
+            self.high_water = max(self.high_water, self._pending)
+        return True
+
+    def submit(
+        self, inference_id: str, when: dt.datetime, captured: Captured, *, reserved: bool = False
+    ) -> None:
+        """Queue one item's record: waits while the queue is full, unless `reserve` already
+        took its room. Dropped once the writer has failed (see `error`)."""
+        if not reserved and not self.reserve(captured):
+            return
+        self._q.put(_Entry(inference_id, when, captured, _size(captured)))
+
+    def close(self) -> None:
+        """Write what is queued, publish the open file and stop the thread."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self._q.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                entry = self._q.get(timeout=self._until_rotation())
+            except queue.Empty:
+                self._guard(self._rotate_if_old)
+                continue
+            if entry is None:
+                break
+            try:
+                if self.error is None:
+                    self._guard(functools.partial(self._write, entry))
+            finally:
+                with self._cond:
+                    self._pending -= entry.size
+                    self._cond.notify_all()
+        self._guard(self._publish)
+
+    def _guard(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as e:  # the thread must live on: callers wait for its progress
+            if self.error is None:
+                if isinstance(e, OSError):
+                    log.error("data capture to %s stopped: %s", self.root, e)
+                else:
+                    log.exception("data capture to %s stopped", self.root)
+            self.error = e
+            with self._cond:
+                self._cond.notify_all()
+
+    def _until_rotation(self) -> float | None:
+        if self._file is None:
+            return None
+        return max(0.01, self._file.opened + self.max_file_seconds - time.monotonic())
+
+    def _write(self, entry: _Entry) -> None:
+        c = entry.captured
+        record = capture_record(
+            inference_id=entry.inference_id,
+            inference_time=entry.when,
+            mode=self.mode,
+            data=c.data,
+            content_type=c.content_type,
+            probs=c.probs.tolist() if hasattr(c.probs, "tolist") else list(c.probs),
+        )
+        line = encode(record)
+        when = entry.when.astimezone(dt.UTC)
+        hour = when.strftime("%Y/%m/%d/%H")
+        f = self._file
+        if f is not None and (
+            f.hour != hour or (f.size and f.size + len(line) > self.max_file_bytes)
+        ):
+            self._publish()
+            f = None
+        if f is None:
+            f = self._file = self._open(hour, when)
+        f.f.write(line)
+        f.size += len(line)
+        self.written += 1
+        self._rotate_if_old()
+
+    def _open(self, hour: str, when: dt.datetime) -> _OpenFile:
+        folder = self.root / hour
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
+        part = folder / f".{name}.part"
+        return _OpenFile(hour, part, folder / name, part.open("xb"), time.monotonic())
+
+    def _rotate_if_old(self) -> None:
+        f = self._file
+        if f is not None and time.monotonic() - f.opened >= self.max_file_seconds:
+            self._publish()
+
+    def _publish(self) -> None:
+        """Close the open file and rename it into place, complete."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.f.flush()
+            os.fsync(f.f.fileno())
+        finally:
+            f.f.close()
+        os.replace(f.part, f.final)

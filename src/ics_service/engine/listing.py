@@ -1,0 +1,86 @@
+"""Registering an execution's items while it already runs: a prefix with a million keys
+starts classifying once its first chunk is in the store, not once all of it is.
+
+The listing thread writes items in seq order, a chunk per transaction, and marks the
+execution listed at the end; the run reads pending items behind it (`tail_pending`). A
+crash in between leaves the execution not listed with a consistent prefix of its items,
+which a resume completes by listing again and skipping what is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ..store import Store
+from ..types import Item
+
+log = logging.getLogger(__name__)
+
+#: How long the run waits for the listing before it asks the store again.
+POLL_SECONDS = 0.05
+
+Listed = Iterator[tuple[str, dict[str, Any] | None]]
+
+
+class BackgroundListing:
+    """Registers the rest of a listing in a thread; `error` holds what ended it early."""
+
+    def __init__(self, store: Store, execution_id: str, items: Listed) -> None:
+        self.store = store
+        self.execution_id = execution_id
+        self._items = items
+        self.error: BaseException | None = None
+        #: Every item registered and the execution marked listed.
+        self.complete = False
+        self.done = threading.Event()
+        #: Set by the run when it stops for good: the listing stops at its next item.
+        self.halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ics-listing", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.store.add_items(self.execution_id, self._until_halted())
+            if not self.halt.is_set():
+                self.store.mark_listed(self.execution_id)
+                self.complete = True
+        except BaseException as e:  # the run raises it (an Interrupted or a UsageError)
+            self.error = e
+        finally:
+            self.done.set()
+
+    def _until_halted(self) -> Listed:
+        for entry in self._items:
+            if self.halt.is_set():
+                return
+            yield entry
+
+    def wait(self) -> None:
+        """Until the listing has ended (a signal may interrupt the wait)."""
+        while not self.done.wait(0.5):
+            pass
+        self._thread.join()
+
+
+def tail_pending(
+    store: Store, execution_id: str, listing: BackgroundListing, stop: threading.Event
+) -> Iterator[Item]:
+    """The execution's pending items in seq order, following the listing as it registers
+    them, until it has ended (or the run stops)."""
+    after = -1
+    while not stop.is_set():
+        finished = listing.done.is_set()  # read before the query: nothing is missed
+        got = False
+        for item in store.pending_items(execution_id, after=after):
+            got = True
+            after = item.seq
+            yield item
+        if finished:
+            return
+        if not got:
+            listing.done.wait(POLL_SECONDS)

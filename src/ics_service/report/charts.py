@@ -1,0 +1,214 @@
+"""The report's matplotlib charts, one PNG each. matplotlib is imported here only, on use,
+and drawn through its Agg canvas (no pyplot, no display, no global figure state)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .drift import CONFIDENCE_BINS, Drift, confidence_bins
+from .stats import HISTOGRAM_BINS, Stats
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+STATUS_COLOURS = {"SUCCEEDED": "#2e7d32", "LOW_CONFIDENCE": "#f9a825", "FAILED": "#c62828"}
+THRESHOLD_COLOUR = "#c62828"
+DPI = 100
+#: Labels shown in the most-frequent-labels chart.
+TOP_LABELS = 20
+
+
+def _figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, format="png")
+
+
+def _no_data(ax: Axes, message: str) -> None:
+    """Say there is nothing to draw, instead of an empty frame."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=13, color="#555555")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_facecolor("#f4f4f4")
+
+
+def _whole_numbers(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def confidence_histogram(stats: Stats, threshold: float, path: Path) -> None:
+    fig, ax = _figure()
+    ax.set_title("Top confidence per classified item")
+    if not stats.classified:
+        _no_data(ax, "no classified items: no confidences to show")
+    else:
+        edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
+        colours = [
+            STATUS_COLOURS["SUCCEEDED" if left >= threshold else "LOW_CONFIDENCE"]
+            for left in edges[:-1]
+        ]
+        ax.bar(edges[:-1], stats.histogram, width=1.0 / HISTOGRAM_BINS, align="edge", color=colours)
+        ax.axvline(
+            threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:g}"
+        )
+        ax.set_xlim(0.0, 1.0)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("items")
+        _whole_numbers(ax.yaxis)
+        ax.legend(loc="upper left")
+    _save(fig, path)
+
+
+def _bars(ax: Axes, counts: list[tuple[str, int]], colours: list[str] | None = None) -> None:
+    names = [n for n, _ in counts][::-1]
+    values = [v for _, v in counts][::-1]
+    bars = ax.barh(names, values, color=(colours or ["#1565c0"] * len(values))[::-1])
+    ax.bar_label(bars, padding=3)
+    ax.set_xlim(0, max(values) * 1.15)
+    ax.set_xlabel("items")
+    _whole_numbers(ax.xaxis)
+
+
+def status_counts(stats: Stats, path: Path) -> None:
+    fig, ax = _figure(8.0, 3.0)
+    ax.set_title("Items by status")
+    if not stats.rows:
+        _no_data(ax, "no items")
+    else:
+        order = [s for s in STATUS_COLOURS if s in stats.statuses] + sorted(
+            set(stats.statuses) - set(STATUS_COLOURS)
+        )
+        counts = [(s, stats.statuses[s]) for s in order]
+        _bars(ax, counts, [STATUS_COLOURS.get(s, "#757575") for s in order])
+    _save(fig, path)
+
+
+def top_labels(stats: Stats, path: Path) -> None:
+    fig, ax = _figure(8.0, 6.0)
+    ax.set_title(f"The {TOP_LABELS} most frequent labels")
+    if not stats.labels:
+        _no_data(ax, "no classified items: no labels to show")
+    else:
+        _bars(ax, stats.labels.most_common(TOP_LABELS))
+    _save(fig, path)
+
+
+def failures(stats: Stats, path: Path) -> None:
+    fig, ax = _figure(8.0, 3.5)
+    ax.set_title("Failures by error type")
+    if not stats.errors:
+        _no_data(ax, "no failures")
+    else:
+        _bars(ax, stats.errors.most_common(), [STATUS_COLOURS["FAILED"]] * len(stats.errors))
+    _save(fig, path)
+
+
+def timeline(stats: Stats, threshold: float, path: Path) -> None:
+    """Confidence of the inferences over time against the threshold (the original design's
+    plot), on a uniform sample of at most TIMELINE_POINTS rows."""
+    fig, ax = _figure(9.0, 4.5)
+    ax.set_title("Confidence over time")
+    points = sorted(stats.timeline, key=lambda p: p[0])
+    if not points:
+        _no_data(ax, "no classified items: nothing to plot over time")
+        _save(fig, path)
+        return
+    timed = all(p[1] is not None for p in points)
+    if timed:
+        points.sort(key=lambda p: (p[1], p[0]))
+    xs: list[Any] = [p[1] if timed else p[0] for p in points]
+    ys = [p[2] for p in points]
+    for status, colour in STATUS_COLOURS.items():
+        chosen = [i for i, p in enumerate(points) if p[3] == status]
+        if chosen:
+            ax.scatter(
+                [xs[i] for i in chosen],
+                [ys[i] for i in chosen],
+                s=12,
+                color=colour,
+                label=status,
+                zorder=3,
+            )
+    ax.plot(xs, ys, color="#90a4ae", linewidth=0.8, zorder=2)
+    ax.axhline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:g}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("confidence")
+    ax.set_xlabel("time (UTC)" if timed else "row")
+    if timed:
+        from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+
+        locator = AutoDateLocator()  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
+def drift(baseline: Stats, current: Stats, result: Drift, path: Path) -> None:
+    """The confidence and label distributions of both sources, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12.0, 5.0), dpi=DPI, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    fig.suptitle(result.line())
+    _shares(
+        left,
+        confidence_bins(baseline),
+        confidence_bins(current),
+        [f"{i / CONFIDENCE_BINS:.1f}" for i in range(CONFIDENCE_BINS)],
+        f"Confidence (PSI {result.confidence_psi:.3f})",
+    )
+    both = (baseline.labels + current.labels).most_common(15)
+    _shares(
+        right,
+        baseline.labels,
+        current.labels,
+        [name for name, _ in both],
+        f"Labels, the 15 most frequent (PSI {result.label_psi:.3f})",
+        horizontal=True,
+    )
+    _save(fig, path)
+
+
+def _shares(
+    ax: Axes,
+    baseline: Counter[str],
+    current: Counter[str],
+    bins: list[str],
+    title: str,
+    *,
+    horizontal: bool = False,
+) -> None:
+    ax.set_title(title)
+    b_total, c_total = sum(baseline.values()), sum(current.values())
+    if not bins or not b_total or not c_total:
+        _no_data(ax, "no classified items in one of the sources")
+        return
+    at = np.arange(len(bins))
+    b = [baseline.get(k, 0) / b_total for k in bins]
+    c = [current.get(k, 0) / c_total for k in bins]
+    if horizontal:
+        ax.barh(at - 0.2, b, height=0.4, label="baseline", color="#90a4ae")
+        ax.barh(at + 0.2, c, height=0.4, label="current", color="#1565c0")
+        ax.set_yticks(at, bins, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("share of classified items")
+    else:
+        ax.bar(at - 0.2, b, width=0.4, label="baseline", color="#90a4ae")
+        ax.bar(at + 0.2, c, width=0.4, label="current", color="#1565c0")
+        ax.set_xticks(at, bins)
+        ax.set_xlabel("confidence bin (lower edge)")
+        ax.set_ylabel("share of classified items")
+    ax.legend()

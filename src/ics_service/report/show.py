@@ -1,0 +1,61 @@
+"""`ics show`: classify one image with the engine's preprocessing and model, and draw it."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from ..config import Settings
+from ..engine.decide import Decision, decide
+from ..engine.pipeline import plan_inference
+from ..imaging import Limits, Preprocessor
+from ..models import get_card, load_runtime
+from ..sources import read
+from .pictures import annotated
+
+#: Longest side of the image in the annotated picture.
+SHOWN_SIDE = 512
+
+
+@dataclass(frozen=True)
+class Shown:
+    decision: Decision
+    width: int
+    height: int
+    format: str
+
+
+def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
+    """The decision for one image (raises the ItemError that would fail its item)."""
+    card = get_card(settings.model)
+    data = read(uri, settings.max_bytes)
+    preprocessor = Preprocessor(card, Limits.from_settings(settings))
+    tensor, info = preprocessor(data)
+    # One image: one session on every core, as the server runs a lone request.
+    threads, _ = plan_inference(
+        settings.inference_threads, settings.inference_workers, serving=True
+    )
+    runtime = load_runtime(card, settings.models_dir, threads=threads)
+    probs = runtime.predict(tensor[None])
+    (decision,) = decide(
+        probs, threshold=settings.threshold, top_k=settings.top_k, labels=card.labels
+    )
+    return Shown(decision, info.width, info.height, info.format), data
+
+
+def draw(shown: Shown, data: bytes, name: str, out: Path) -> None:
+    """Write the image, reduced to SHOWN_SIDE, with its status, label and top-k chart."""
+    # The Preprocessor decoded this image under the limits already: it is safe to open.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opened = Image.open(BytesIO(data))
+        opened.draft("RGB", (SHOWN_SIDE, SHOWN_SIDE))
+        img = ImageOps.exif_transpose(opened).convert("RGB")
+    img.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
+    d = shown.decision
+    title = f"{name}: {d.status.value}, {d.label} {d.confidence:.1%}"
+    annotated(img, d.top_k, title).save(out, format="PNG")

@@ -1,0 +1,719 @@
+"""Alerts: subscriptions, the webhook and file channels against real receivers, the outbox
+in the store (both backends), digests, rate limits, dead letters, and delivery that
+survives a receiver that is down or a process killed between recording and sending."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from awsserver import AwsServer
+from cli import ICS_BIN, ics
+from ics_service.alerts.channels import DeliveryError, channel_for
+from ics_service.alerts.dispatcher import Dispatcher
+from ics_service.alerts.planner import Planner
+from ics_service.alerts.subscriptions import Subscription
+from ics_service.config import load_settings
+from ics_service.errors import StoreError, UsageError
+from ics_service.store import Store
+from ics_service.store.outbox import NewAlert, Outbox
+from ics_service.types import (
+    ErrorInfo,
+    ExecutionStatus,
+    ItemResult,
+    ItemStatus,
+    ModelRef,
+    Prediction,
+    utcnow,
+)
+from receivers import SilentListener, verify, webhook_receiver
+from serving import free_port, serve_process
+
+SECRET = "k3y-never-shown"
+#: Retries of the Notify step for tests: fast and many, so a receiver may come back.
+FAST_RETRY = json.dumps(
+    {"Notify": {"interval_seconds": 0.2, "max_attempts": 99, "backoff_rate": 1.0, "jitter": "NONE"}}
+)
+
+
+@pytest.fixture
+def images(photos: Path, tmp_path: Path) -> Path:
+    """The real photos and one broken file: LOW_CONFIDENCE, SUCCEEDED and FAILED items."""
+    folder = tmp_path / "images"
+    shutil.copytree(photos, folder)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return folder
+
+
+def store_alerts(store_url: str) -> list[dict[str, Any]]:
+    store = Store(store_url, create=False)
+    try:
+        return Outbox(store).list(limit=100_000)
+    finally:
+        store.close()
+
+
+def only_execution(store_url: str) -> Any:
+    store = Store(store_url, create=False)
+    try:
+        (e,) = store.list_executions()
+        return e
+    finally:
+        store.close()
+
+
+def expected_alerts(e: Any) -> int:
+    """Alerts of an execution: one per LOW_CONFIDENCE or FAILED item, one if it FAILED."""
+    return int(e.counts.low_confidence + e.counts.failed + (e.status is ExecutionStatus.FAILED))
+
+
+# --- subscriptions and settings ---------------------------------------------------------
+
+
+def test_a_subscription_takes_its_options_from_the_url_and_hides_its_secret() -> None:
+    s = Subscription.model_validate(
+        "https://hooks.example/in?team=ops&ics-kinds=item_failed,execution_failed"
+        f"&ics-mode=digest&ics-rate=10/1m&ics-secret={SECRET}"
+    )
+    assert s.url == "https://hooks.example/in?team=ops"
+    assert s.kinds == ("item_failed", "execution_failed")
+    assert (s.mode, s.rate, s.secret) == ("digest", (10, 60.0), SECRET)
+    assert SECRET not in s.shown() and "ics-secret=***" in s.shown()
+    assert SECRET not in repr(s)
+    # The same subscription as an ics.toml table is the same subscription.
+    table = Subscription.model_validate(
+        {
+            "url": "https://hooks.example/in?team=ops",
+            "kinds": ["item_failed", "execution_failed"],
+            "mode": "digest",
+            "rate_limit": "10/1m",
+            "secret": SECRET,
+        }
+    )
+    assert table.id == s.id
+    assert Subscription.model_validate("file:///tmp/a.jsonl?ics-rate=3/2s").rate == (3, 2.0)
+
+
+def test_subscriptions_come_from_the_file_the_environment_and_flags(
+    ics_home: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "ics.toml"
+    config.write_text(
+        'notify = ["file:///tmp/audit.jsonl", '
+        f'{{url = "https://hooks.example/in", mode = "digest", secret = "{SECRET}"}}]\n'
+    )
+    loaded = load_settings(config, environ={})
+    assert [(s.url, s.mode) for s in loaded.settings.notify] == [
+        ("file:///tmp/audit.jsonl", "each"),
+        ("https://hooks.example/in", "digest"),
+    ]
+    plain = load_settings(None, environ={"ICS_NOTIFY": "https://h.example/x?ics-mode=digest"})
+    assert [(s.url, s.mode) for s in plain.settings.notify] == [("https://h.example/x", "digest")]
+    as_json = load_settings(None, environ={"ICS_NOTIFY": json.dumps([{"url": "file:///a.jsonl"}])})
+    assert [s.url for s in as_json.settings.notify] == ["file:///a.jsonl"]
+
+    shown = ics("config", "show", "--config", str(config))
+    assert shown.exit_code == 0, shown.output
+    assert "https://hooks.example/in?ics-mode=digest&ics-secret=***" in shown.output
+    assert SECRET not in shown.output
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (f"https://h.example/x?ics-kinds=everything&ics-secret={SECRET}", "unknown alert kind"),
+        (f"https://h.example/x?ics-rate=lots&ics-secret={SECRET}", "must look like 10/1m"),
+        (f"https://h.example/x?ics-mode=sometimes&ics-secret={SECRET}", "'each' or 'digest'"),
+        (f"file:///tmp/a.jsonl?ics-secret={SECRET}", "signs webhooks only"),
+        ("file:///no/such/folder/a.jsonl", "does not exist"),
+        ("hooks.example/in", "needs a scheme"),
+        (f"https://:{SECRET}@/in", "has no host"),
+    ],
+)
+def test_a_subscription_that_cannot_work_is_a_usage_error_before_any_work(
+    ics_home: Path, images: Path, url: str, says: str
+) -> None:
+    res = ics("classify", str(images), "--notify", url)
+    assert res.exit_code == 2, res.output
+    assert says in res.output
+    assert SECRET not in res.output
+    assert "Traceback" not in res.output
+    assert not (ics_home / "ics.db").exists() or only_execution_count(ics_home) == 0
+
+
+def only_execution_count(home: Path) -> int:
+    store = Store(f"sqlite:///{home / 'ics.db'}", create=False)
+    try:
+        return len(store.list_executions())
+    finally:
+        store.close()
+
+
+# --- channels against real receivers ----------------------------------------------------
+
+
+def test_the_webhook_posts_the_document_signed_with_an_idempotency_key() -> None:
+    settings = load_settings(None, environ={}).settings
+    alert = {"version": 1, "alert_id": "5f0c6f0e-0000-4000-8000-000000000001", "kind": "x"}
+    with webhook_receiver(secret=SECRET) as receiver:
+        url = f"{receiver.url}?ics-secret={SECRET}"
+        channel = channel_for(url, timeout_s=5, settings=settings)
+        assert SECRET not in channel.shown()
+        channel.send(alert, "title", "body")
+        (post,) = receiver.posts
+        assert post.signed is True
+        assert post.doc == alert
+        assert post.headers["Idempotency-Key"] == alert["alert_id"]
+        assert "ics-secret" not in receiver.url  # the secret never travels in the URL
+        # A wrong key does not verify: the check can fail.
+        assert not verify("another key", post.headers, post.body)
+        assert not verify(SECRET, post.headers, post.body + b" ")
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"), [(400, False), (404, False), (408, True), (429, True), (503, True)]
+)
+def test_webhook_answers_decide_whether_a_delivery_is_retried(status: int, transient: bool) -> None:
+    settings = load_settings(None, environ={}).settings
+    with webhook_receiver(status=status) as receiver:
+        channel = channel_for(receiver.url, timeout_s=5, settings=settings)
+        with pytest.raises(DeliveryError) as e:
+            channel.send({"alert_id": "a"}, "t", "b")
+    assert e.value.transient is transient
+    assert str(status) in str(e.value)
+
+
+def test_a_receiver_that_is_down_or_hangs_is_a_transient_failure_within_the_timeout() -> None:
+    settings = load_settings(None, environ={}).settings
+    down = channel_for(f"http://127.0.0.1:{free_port()}/x", timeout_s=2, settings=settings)
+    with pytest.raises(DeliveryError) as refused:
+        down.send({"alert_id": "a"}, "t", "b")
+    assert refused.value.transient
+    silent = SilentListener()
+    try:
+        hanging = channel_for(f"http://127.0.0.1:{silent.port}/x", timeout_s=0.5, settings=settings)
+        started = time.monotonic()
+        with pytest.raises(DeliveryError) as timed_out:
+            hanging.send({"alert_id": "a"}, "t", "b")
+        assert time.monotonic() - started < 3
+        assert timed_out.value.transient and "no answer" in str(timed_out.value)
+    finally:
+        silent.close()
+
+
+def test_unknown_or_malformed_channel_urls_are_usage_errors(tmp_path: Path) -> None:
+    settings = load_settings(None, environ={}).settings
+    for url in ("file://host/a.jsonl", f"file://{tmp_path}", "no-scheme"):
+        with pytest.raises(UsageError):
+            channel_for(url, timeout_s=1, settings=settings)
+
+
+# --- the outbox in the store (both backends) --------------------------------------------
+
+MODEL = ModelRef(name="efficientnet-lite0", version="1")
+
+
+def result(execution_id: str, seq: int, status: ItemStatus, confidence: float = 0.5) -> ItemResult:
+    now = utcnow()
+    failed = status is ItemStatus.FAILED
+    return ItemResult(
+        execution_id=execution_id,
+        item_id=str(seq),
+        uri=f"/photos/{seq}.jpg",
+        status=status,
+        threshold=0.94,
+        model=MODEL,
+        started_at=now,
+        finished_at=now,
+        label=None if failed else "tabby",
+        label_index=None if failed else 281,
+        confidence=None if failed else confidence,
+        top_k=[] if failed else [Prediction("tabby", 281, confidence)],
+        error=ErrorInfo("InvalidImage", "not an image") if failed else None,
+    )
+
+
+@pytest.fixture
+def outbox_store(store_url: str, tmp_path: Path) -> Iterator[tuple[Store, Subscription]]:
+    store = Store(store_url)
+    sub = Subscription.model_validate(f"file://{tmp_path}/alerts.jsonl")
+    Outbox(store).register([(sub.id, sub.shown(), sub.model_dump_json())])
+    store.alert_planner = Planner([sub], "https://ics.example")
+    try:
+        yield store, sub
+    finally:
+        store.close()
+
+
+def test_an_alert_is_written_in_the_transaction_of_the_result_that_raises_it(
+    outbox_store: tuple[Store, Subscription],
+) -> None:
+    store, sub = outbox_store
+    e, _ = store.create_execution(params={"sources": []}, model=MODEL, threshold=0.94)
+    store.add_items(e.id, [f"/photos/{i}.jpg" for i in range(4)])
+    store.record_results(
+        e.id,
+        [
+            result(e.id, 0, ItemStatus.SUCCEEDED, 0.99),
+            result(e.id, 1, ItemStatus.LOW_CONFIDENCE, 0.3),
+            result(e.id, 2, ItemStatus.FAILED),
+        ],
+    )
+    listed = Outbox(store).list()
+    assert sorted((a["item_id"], a["kind"]) for a in listed) == [
+        ("1", "low_confidence"),
+        ("2", "item_failed"),
+    ]
+    for a in listed:
+        assert [d["status"] for d in a["deliveries"]] == ["PENDING"]
+        assert a["document"]["version"] == 1 and a["document"]["alert_id"] == a["alert_id"]
+        assert a["document"]["link"].startswith(f"https://ics.example/v1/executions/{e.id}/")
+
+    # An alert that cannot be stored fails its result's transaction: the result is not
+    # recorded either, and the item stays pending (a resume redoes it, alert and all).
+    taken = listed[0]["alert_id"]
+
+    class Clashing(Planner):
+        def for_results(self, execution_id: str, results: Any) -> list[NewAlert]:
+            return [NewAlert(taken, "low_confidence", {"alert_id": taken}, e.id, 3, 0.1, (sub.id,))]
+
+    store.alert_planner = Clashing([sub], None)
+    with pytest.raises(StoreError):
+        store.record_results(e.id, [result(e.id, 3, ItemStatus.LOW_CONFIDENCE, 0.1)])
+    assert [i.seq for i in store.pending_items(e.id)] == [3]
+    assert store.counts(e.id).low_confidence == 1
+    assert len(Outbox(store).list()) == 2
+
+    # The execution's end raises its own alert, in the transaction that records the end.
+    store.alert_planner = Planner([sub], None)
+    store.finish_execution(e.id, ExecutionStatus.FAILED, ErrorInfo("States.Failed", "too many"))
+    ends = [a for a in Outbox(store).list() if a["kind"] == "execution_failed"]
+    assert [a["document"]["error"] for a in ends] == [
+        {"type": "States.Failed", "message": "too many"}
+    ]
+
+
+def test_real_time_results_raise_alerts_as_they_are_appended(
+    outbox_store: tuple[Store, Subscription],
+) -> None:
+    store, _ = outbox_store
+    e, _ = store.create_execution(params={"sources": []}, model=MODEL, threshold=0.0)
+    store.append_results(
+        e.id,
+        [result(e.id, 0, ItemStatus.FAILED), result(e.id, 0, ItemStatus.SUCCEEDED, 0.99)],
+    )
+    (alert,) = Outbox(store).list()
+    assert (alert["kind"], alert["item_id"]) == ("item_failed", "0")
+
+
+def test_a_delivery_is_leased_to_one_dispatcher_at_a_time(
+    outbox_store: tuple[Store, Subscription],
+) -> None:
+    store, _ = outbox_store
+    e, _ = store.create_execution(params={"sources": []}, model=MODEL, threshold=0.0)
+    store.append_results(e.id, [result(e.id, 0, ItemStatus.FAILED)])
+    one, other = Outbox(store), Outbox(store)
+    (due,) = one.due()
+    lease = dt.timedelta(seconds=0.5)
+    assert one.claim(due.id, "host:1", lease)
+    assert not other.claim(due.id, "host:2", lease)
+    assert other.due() == []
+    time.sleep(0.6)  # the first sender died: its lease runs out
+    assert other.claim(due.id, "host:2", lease)
+    other.sent(due.id)
+    assert not one.claim(due.id, "host:1", lease)
+
+
+def test_held_alerts_of_an_execution_ended_elsewhere_are_digested_by_the_next_dispatcher(
+    store_url: str, tmp_path: Path
+) -> None:
+    digests = tmp_path / "digests.jsonl"
+    sub = Subscription.model_validate(f"file://{digests}?ics-mode=digest")
+    settings = load_settings(None, environ={}).settings
+    store = Store(store_url)
+    try:
+        Outbox(store).register([(sub.id, sub.shown(), sub.model_dump_json())])
+        store.alert_planner = Planner([sub], None)
+        e, _ = store.create_execution(params={"sources": []}, model=MODEL, threshold=0.94)
+        store.add_items(e.id, [f"/photos/{i}.jpg" for i in range(3)])
+        store.record_results(
+            e.id,
+            [result(e.id, i, ItemStatus.LOW_CONFIDENCE, 0.1 * (i + 1)) for i in range(3)],
+        )
+        assert Dispatcher(store, settings).drain() == 0  # held: nothing to send yet
+        store.alert_planner = None  # a process without the subscription ends it
+        store.finish_execution(e.id, ExecutionStatus.SUCCEEDED)
+        assert not digests.exists()
+        assert Dispatcher(store, settings).drain() == 1
+    finally:
+        store.close()
+    (digest,) = [json.loads(line) for line in digests.read_text().splitlines()]
+    assert digest["kind"] == "digest" and digest["counts"] == {"low_confidence": 3}
+    assert [w["item_id"] for w in digest["worst"]] == ["0", "1", "2"]
+
+
+# --- end to end: classify, with real receivers ------------------------------------------
+
+
+def test_classify_sends_each_alert_once_signed_and_to_the_kinds_a_file_asked_for(
+    store_url: str, ics_home: Path, images: Path, tmp_path: Path
+) -> None:
+    audit = tmp_path / "failures.jsonl"
+    with webhook_receiver(secret=SECRET) as receiver:
+        res = ics(
+            "classify",
+            str(images),
+            "--store",
+            store_url,
+            "--notify",
+            f"{receiver.url}?ics-secret={SECRET}",
+            "--notify",
+            f"file://{audit}?ics-kinds=item_failed",
+            "--log-level",
+            "DEBUG",
+        )
+        assert res.exit_code == 1, res.output  # low-confidence items: the execution FAILED
+        e = only_execution(store_url)
+        docs = receiver.wait_for(expected_alerts(e))
+        posts = list(receiver.posts)
+    assert SECRET not in res.output
+    assert len(posts) == expected_alerts(e)  # at least once, and here exactly once
+    assert all(p.signed for p in posts)
+    assert [p.headers["Idempotency-Key"] for p in posts] == [d["alert_id"] for d in docs]
+    kinds = [d["kind"] for d in docs]
+    assert kinds.count("low_confidence") == e.counts.low_confidence
+    assert kinds.count("item_failed") == e.counts.failed == 1
+    assert kinds.count("execution_failed") == 1
+    assert {d["alert_id"] for d in docs} == {a["alert_id"] for a in store_alerts(store_url)}
+    failed = next(d for d in docs if d["kind"] == "item_failed")
+    assert failed["uri"].endswith("broken.jpg") and failed["error"]["type"] == "InvalidImage"
+    low = next(d for d in docs if d["kind"] == "low_confidence")
+    assert low["confidence"] < low["threshold"] == 0.94 and low["top_k"]
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [d["kind"] for d in lines] == ["item_failed"]
+    assert lines[0]["alert_id"] == failed["alert_id"]
+
+
+def test_a_digest_subscription_gets_one_summary_per_execution(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    with webhook_receiver() as receiver:
+        res = ics(
+            "classify",
+            str(images),
+            "--store",
+            store_url,
+            "--notify",
+            f"{receiver.url}?ics-mode=digest",
+        )
+        assert res.exit_code == 1, res.output
+        e = only_execution(store_url)
+        (digest,) = receiver.wait_for(1)
+        # Nothing else is due: another pass sends nothing more.
+        again = ics("alerts", "dispatch", "--store", store_url, "--json")
+        assert json.loads(again.output) == {"sent": 0, "failed": 0}
+        assert len(receiver.posts) == 1
+    assert digest["kind"] == "digest" and digest["execution_id"] == e.id
+    assert digest["alerts"] == expected_alerts(e)
+    assert digest["counts"] == {
+        "low_confidence": e.counts.low_confidence,
+        "item_failed": e.counts.failed,
+        "execution_failed": 1,
+    }
+    assert digest["execution_status"] == "FAILED"
+    # Failures first, then the lowest confidence.
+    worst = digest["worst"]
+    assert worst[0]["kind"] in ("item_failed", "execution_failed")
+    confidences = [w["confidence"] for w in worst if w["kind"] == "low_confidence"]
+    assert confidences == sorted(confidences)
+    listed = store_alerts(store_url)
+    held = [a for a in listed if a["kind"] != "digest"]
+    assert {d["status"] for a in held for d in a["deliveries"]} == {"DIGESTED"}
+
+
+def test_a_rate_limit_sends_so_many_then_one_notice_of_the_rest(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    with webhook_receiver() as receiver:
+        res = ics(
+            "classify",
+            str(images),
+            "--store",
+            store_url,
+            "--notify",
+            f"{receiver.url}?ics-rate=3/4s",
+        )
+        assert res.exit_code == 1, res.output
+        e = only_execution(store_url)
+        first = receiver.wait_for(3)
+        time.sleep(4.2)  # the rate limit's period passes
+        ics("alerts", "dispatch", "--store", store_url)
+        docs = receiver.wait_for(4)
+        ics("alerts", "dispatch", "--store", store_url)
+        assert len(receiver.posts) == 4
+    assert all(d["kind"] != "suppressed" for d in first[:3])
+    notice = docs[3]
+    assert notice["kind"] == "suppressed"
+    assert notice["suppressed"] == expected_alerts(e) - 3
+    assert "ics-rate=3/4s" in notice["subscription"]
+
+
+def test_a_refused_alert_is_dead_lettered_then_sent_again_by_alerts_retry(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    with webhook_receiver(status=400) as receiver:
+        ics("classify", str(images), "--store", store_url, "--notify", receiver.url)
+        e = only_execution(store_url)
+        listed = json.loads(
+            ics("alerts", "list", "--failed", "--json", "--store", store_url).output
+        )
+        assert len(listed) == expected_alerts(e)
+        for a in listed:
+            (d,) = a["deliveries"]
+            assert (d["status"], d["attempts"]) == ("DEAD", 1)  # a 400 is not retried
+            assert "HTTP 400" in d["last_error"]
+        table = ics("alerts", "list", "--store", store_url)
+        assert "DEAD" in table.output
+        receiver.status = 200
+        one = listed[0]["alert_id"]
+        again = ics("alerts", "retry", one[:8], "--store", store_url)
+        assert again.exit_code == 0 and "1 dead-lettered deliveries due again" in again.output
+        assert [d["alert_id"] for d in receiver.wait_for(1)] == [one]
+        rest = ics("alerts", "retry", "--store", store_url)
+        assert f"{expected_alerts(e) - 1} dead-lettered" in rest.output
+        unknown = ics("alerts", "retry", "no-such-alert", "--store", store_url)
+        assert unknown.exit_code == 2 and "ics alerts list --failed" in unknown.output
+        docs = receiver.wait_for(expected_alerts(e))
+    assert {d["alert_id"] for d in docs} == {a["alert_id"] for a in listed}
+    assert (
+        json.loads(ics("alerts", "list", "--failed", "--json", "--store", store_url).output) == []
+    )
+
+
+def test_resuming_an_execution_alerts_on_what_the_resume_classifies(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    store = Store(store_url)
+    try:
+        e, _ = store.create_execution(
+            params={"sources": [str(images)], "threshold": 0.94}, model=MODEL, threshold=0.94
+        )
+        # A process that died before classifying anything: every item waits.
+        store.claim(e.id, f"{os.uname().nodename}:{dead_pid()}")
+        store.add_items(e.id, sorted(str(p) for p in images.iterdir()))
+        store.mark_listed(e.id)
+    finally:
+        store.close()
+    with webhook_receiver() as receiver:
+        res = ics("executions", "resume", e.id, "--store", store_url, "--notify", receiver.url)
+        assert res.exit_code == 1, res.output
+        resumed = only_execution(store_url)
+        docs = receiver.wait_for(expected_alerts(resumed))
+    assert {d["execution_id"] for d in docs} == {e.id}
+    assert len({d["alert_id"] for d in docs}) == expected_alerts(resumed) == len(docs)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=30)
+    return proc.pid
+
+
+# --- faults: a receiver down, a process killed ------------------------------------------
+
+
+def many_images(images: Path, copies: int) -> Path:
+    """The images many times over, for a batch that takes a few seconds."""
+    for i in range(1, copies):
+        for f in list(images.glob("*.jpg")):
+            if "-copy" not in f.stem:
+                shutil.copy(f, f.with_name(f"{f.stem}-copy{i}.jpg"))
+    return images
+
+
+@pytest.mark.slow
+def test_alerts_raised_while_the_receiver_is_down_arrive_once_it_is_back(
+    store_url: str, ics_home: Path, images: Path, tmp_path: Path
+) -> None:
+    many_images(images, 8)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/hook?ics-secret={SECRET}"
+    env = {**os.environ, "ICS_RETRY": FAST_RETRY, "ICS_NOTIFY_DRAIN_S": "60"}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [str(ICS_BIN), "classify", str(images), "--store", store_url, "--notify", url],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        # Down for the first part of the batch: until a delivery has failed.
+        deadline = time.monotonic() + 60
+        while not failing_deliveries(store_url):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "no delivery failed within 60 s"
+            time.sleep(0.05)
+        with webhook_receiver(port, secret=SECRET) as receiver:
+            proc.wait(120)
+            e = only_execution(store_url)
+            posts = list(receiver.posts)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = log.read_text()
+    assert proc.returncode == 1, stderr
+    assert "failed (attempt 1)" in stderr and SECRET not in stderr
+    stored = {a["alert_id"] for a in store_alerts(store_url)}
+    arrived = {p.doc["alert_id"] for p in posts}
+    assert all(p.signed for p in posts)
+    assert len(stored) == expected_alerts(e) > 50
+    assert arrived == stored  # after dedup by alert_id: every one, none missing, none extra
+
+
+def failing_deliveries(store_url: str) -> int:
+    try:
+        store = Store(store_url, create=False)
+    except StoreError:
+        return 0  # not created yet
+    try:
+        return len(Outbox(store).list(failed=True))
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_alerts_of_a_process_killed_before_sending_them_are_sent_by_the_next_command(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    silent = SilentListener()  # accepts and never answers: the deliveries stay unsent
+    port = silent.port
+    env = {
+        **os.environ,
+        "ICS_RETRY": FAST_RETRY,
+        "ICS_NOTIFY_TIMEOUT_S": "1",
+        "ICS_NOTIFY_DRAIN_S": "120",
+    }
+    proc = subprocess.Popen(
+        [
+            str(ICS_BIN),
+            "classify",
+            str(images),
+            "--store",
+            store_url,
+            "--notify",
+            f"http://127.0.0.1:{port}/hook",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # Classification is not held up by the hanging receiver: the execution ends while
+        # its alerts wait.
+        while not (silent.connections and execution_finished(store_url)):
+            assert proc.poll() is None, "ics classify ended before it could be killed"
+            assert time.monotonic() < deadline, "no delivery attempt within 60 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        silent.close()
+    stored = {a["alert_id"] for a in store_alerts(store_url)}
+    e = only_execution(store_url)
+    assert len(stored) == expected_alerts(e)
+    # The dead process may hold one delivery's lease for the channel timeout plus 5 s.
+    time.sleep(1 + 5 + 0.5)
+    with webhook_receiver(port) as receiver:
+        res = ics("executions", "list", "--store", store_url)  # any command on the store
+        assert res.exit_code == 0, res.output
+        arrived = {p.doc["alert_id"] for p in receiver.posts}
+    assert arrived == stored
+
+
+def execution_finished(store_url: str) -> bool:
+    try:
+        store = Store(store_url, create=False)
+    except StoreError:
+        return False
+    try:
+        return any(e.status.finished for e in store.list_executions())
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_ics_serve_alerts_on_real_time_requests_and_digests_its_day_by_the_window(
+    store_url: str, ics_home: Path, photos: Path
+) -> None:
+    env = {**os.environ, "ICS_HOME": str(ics_home), "ICS_NOTIFY_DIGEST_WINDOW_S": "1"}
+    with webhook_receiver() as each, webhook_receiver() as digests:
+        with serve_process(
+            "--store",
+            store_url,
+            "--notify",
+            f"{each.url}?ics-kinds=item_failed",
+            "--notify",
+            f"{digests.url}?ics-mode=digest",
+            env=env,
+        ) as served:
+            bad = httpx.post(f"{served.url}/v1/classify", content=b"not an image", timeout=60)
+            assert bad.status_code == 422, bad.text
+            (alert,) = each.wait_for(1)
+            assert alert["kind"] == "item_failed" and alert["error"]["type"] == "InvalidImage"
+            # The day's execution runs on: its digest comes once the window has passed.
+            (digest,) = digests.wait_for(1)
+            assert digest["kind"] == "digest" and digest["execution_status"] == "RUNNING"
+            assert digest["counts"] == {"item_failed": 1}
+            assert digest["execution_id"] == alert["execution_id"]
+            served.proc.send_signal(signal.SIGTERM)
+            assert served.proc.wait(60) == 0, served.output()
+        # Nothing was held after the digest: the day's end sends no other one.
+        assert len(digests.posts) == 1 and len(each.posts) == 1
+
+
+def test_classify_publishes_its_alerts_to_an_sns_topic(
+    aws: AwsServer, ics_home: Path, images: Path
+) -> None:
+    """End to end through SNS: a real moto server fans the topic out to an SQS queue."""
+    sns, sqs = boto3.client("sns"), boto3.client("sqs")
+    topic = sns.create_topic(Name="ics-alerts")["TopicArn"]
+    queue = sqs.create_queue(QueueName="ops")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
+    res = ics("classify", str(images), "--notify", f"sns://{topic}")
+    assert res.exit_code == 1, res.output
+    e = only_execution(f"sqlite:///{ics_home / 'ics.db'}")
+    got: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30.0
+    while len(got) < expected_alerts(e):
+        assert time.monotonic() < deadline, f"{len(got)} of {expected_alerts(e)} arrived"
+        answer = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+        for message in answer.get("Messages", []):
+            got.append(json.loads(message["Body"]))
+            sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    docs = [json.loads(m["Message"]) for m in got]
+    assert sorted(d["alert_id"] for d in docs) == sorted(
+        a["alert_id"] for a in store_alerts(f"sqlite:///{ics_home / 'ics.db'}")
+    )
+    assert {m["MessageAttributes"]["execution_id"]["Value"] for m in got} == {e.id}
+    assert all(len(m["Subject"]) <= 100 and m["Subject"].isascii() for m in got)

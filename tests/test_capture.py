@@ -1,0 +1,513 @@
+"""Data capture: real runs captured in SageMaker Model Monitor's format, read back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import numpy as np
+import pytest
+
+from cli import ics, ics_process
+from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
+from ics_service.capture.sink import CaptureSink
+from ics_service.config import Settings
+from ics_service.engine import ExecutionRunner
+from ics_service.errors import EnvironmentUnavailable
+from ics_service.imaging import Limits, Preprocessor
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.server.app import create_app
+from ics_service.store import Store
+from ics_service.types import Captured, ItemResult, ItemStatus, ModelRef
+from serving import client_of, serve_process
+
+
+def schema_validator() -> jsonschema.protocols.Validator:
+    """The JSON Schema of SageMaker's capture record, as shipped in the package."""
+    text = resources.files("ics_service.capture").joinpath("schema.json").read_text()
+    schema = json.loads(text)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    validator: jsonschema.protocols.Validator = cls(schema)
+    return validator
+
+
+def raw_records(dest: Path) -> list[dict[str, Any]]:
+    """Every line of every complete capture file under dest, as JSON."""
+    lines = []
+    for f in sorted(dest.rglob("*.jsonl")):
+        lines += [json.loads(line) for line in f.read_text().splitlines()]
+    return lines
+
+
+def results_by_item(home: Path) -> dict[str, dict[str, Any]]:
+    (results,) = (home / "results").glob("*.jsonl")
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    return {f"{r['execution_id']}/{r['item_id']}": r for r in rows}
+
+
+def classify(*args: str) -> None:
+    res = ics("classify", *args, "--tolerated-failure-percentage", "100", "--no-progress")
+    assert res.exit_code == 0, res.output
+
+
+# --- the sampling decision ------------------------------------------------------------
+
+
+def test_sampling_30_percent_of_2000_ids_is_30_plus_or_minus_5() -> None:
+    ids = [f"20261129-120000-abcdef/{i}" for i in range(2000)]
+    chosen = [i for i in ids if is_sampled(i, 30)]
+    assert 0.25 <= len(chosen) / len(ids) <= 0.35
+    # The same ids are chosen again (a resume), and a bigger sample contains a smaller one.
+    assert chosen == [i for i in ids if is_sampled(i, 30)]
+    assert set(chosen) <= {i for i in ids if is_sampled(i, 60)}
+    assert all(is_sampled(i, 100) for i in ids)
+    assert not any(is_sampled(i, 0) for i in ids)
+
+
+# --- a real run -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_captured_run_matches_the_schema_and_round_trips_images_and_probabilities(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    (photos_copy := tmp_path / "in").mkdir()
+    for p in photos.glob("*.jpg"):
+        (photos_copy / p.name).write_bytes(p.read_bytes())
+    (photos_copy / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    classify(str(photos_copy), "--capture", str(dest))
+
+    # The layout: DEST/ics/AllTraffic/yyyy/mm/dd/hh/MM-SS-mmm-UUID.jsonl, nothing hidden left.
+    files = capture_files(dest)
+    assert files
+    for f in files:
+        rel = f.relative_to(dest).parts
+        assert rel[:2] == ("ics", "AllTraffic")
+        dt.datetime.strptime("/".join(rel[2:6]), "%Y/%m/%d/%H")
+        assert len(f.name.split("-")) == 4 and f.suffix == ".jsonl"
+    assert not [p for p in dest.rglob(".*") if p.is_file()]
+
+    validator = schema_validator()
+    raw = raw_records(dest)
+    for doc in raw:
+        validator.validate(doc)
+    by_item = results_by_item(ics_home)
+    classified = {k for k, r in by_item.items() if r["status"] != "FAILED"}
+    assert len(classified) == len(list(photos.glob("*.jpg")))
+    # One record per classified item: the broken image has no output to capture.
+    assert sorted(r["eventMetadata"]["inferenceId"] for r in raw) == sorted(classified)
+    assert len({r["eventMetadata"]["eventId"] for r in raw}) == len(raw)
+
+    preprocess = Preprocessor(runtime.card, Limits())
+    records = list(iter_records(dest))
+    assert [r.inference_time for r in records] == sorted(r.inference_time for r in records)
+    for record in records:
+        result = by_item[record.inference_id]
+        original = Path(result["uri"]).read_bytes()
+        data = record.input_bytes
+        assert data is not None
+        assert hashlib.sha256(data).hexdigest() == hashlib.sha256(original).hexdigest()
+        assert record.content_type == "image/jpeg"
+        tensor, _ = preprocess(original)
+        expected = runtime.predict(tensor[None])[0]
+        assert record.probabilities is not None
+        np.testing.assert_allclose(record.probabilities, expected, atol=1e-5)
+        assert int(np.argmax(record.probabilities)) == result["label_index"]
+        finished = dt.datetime.fromisoformat(result["finished_at"])
+        assert abs((record.inference_time - finished).total_seconds()) < 0.002
+
+
+@pytest.mark.parametrize(
+    ("mode", "halves"),
+    [
+        ("input", {"endpointInput"}),
+        ("output", {"endpointOutput"}),
+        ("input_and_output", {"endpointInput", "endpointOutput"}),
+    ],
+)
+def test_modes_leave_out_the_half_not_captured(
+    ics_home: Path, photos: Path, tmp_path: Path, mode: str, halves: set[str]
+) -> None:
+    dest = tmp_path / "capture"
+    classify(
+        str(photos / "coffee.jpg"),
+        "--capture",
+        str(dest),
+        "--capture-mode",
+        mode,
+        "--capture-endpoint",
+        "shop-1",
+        "--capture-variant",
+        "Blue",
+    )
+    (record,) = raw_records(dest / "shop-1" / "Blue")
+    schema_validator().validate(record)
+    assert set(record["captureData"]) == halves
+    (read,) = iter_records(dest)
+    assert (read.input_bytes is not None) == ("endpointInput" in halves)
+    assert (read.probabilities is not None) == ("endpointOutput" in halves)
+    if read.probabilities is not None:
+        assert read.probabilities.index(max(read.probabilities)) == 967  # espresso
+
+
+@pytest.mark.slow
+def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    n = 300
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{photos / 'coffee.jpg'}\n" for _ in range(n)))
+    dest = tmp_path / "capture"
+    classify(f"@{listing}", "--capture", str(dest), "--capture-sampling", "30")
+    by_item = results_by_item(ics_home)
+    assert len(by_item) == n
+    captured = sorted(r.inference_id for r in iter_records(dest))
+    assert captured == sorted(i for i in by_item if is_sampled(i, 30))
+    assert 0.20 <= len(captured) / n <= 0.40
+
+
+def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    settings = Settings(home=ics_home)
+    store = Store(settings.store_url)
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start([str(photos)])
+        # Stopped before its run: ABORTED with nothing classified (and nothing listed yet,
+        # as `run` registers the items while it classifies them).
+        runner.abandon(execution.id, KeyboardInterrupt())
+    finally:
+        store.close()
+    dest = tmp_path / "capture"
+    res = ics(
+        "executions",
+        "resume",
+        execution.id,
+        "--capture",
+        str(dest),
+        "--capture-sampling",
+        "50",
+        "--no-progress",
+    )
+    assert res.exit_code in (0, 1), res.output
+    store = Store(settings.store_url)
+    try:
+        total = store.get_execution(execution.id).counts.total
+    finally:
+        store.close()
+    ids = [f"{execution.id}/{i}" for i in range(total)]
+    assert len(ids) == len(list(photos.glob("*.jpg")))
+    captured = sorted(r.inference_id for r in iter_records(dest))
+    assert captured == sorted(i for i in ids if is_sampled(i, 50))
+
+
+def test_no_capture_writes_nothing_and_keeps_results_unchanged(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    classify(str(photos / "coffee.jpg"))
+    (row,) = results_by_item(ics_home).values()
+    assert "captured" not in row
+    assert not list(tmp_path.rglob("*.part"))
+
+
+# --- refusals -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--capture", "{file}"], "cannot be written"),
+        (["--capture", "s3://key:secret@bucket/prefix"], "not supported yet"),
+        (["--capture", "{dir}", "--capture-endpoint", "../up"], "capture_endpoint"),
+        (["--capture", "{dir}", "--capture-sampling", "101"], "capture_sampling"),
+    ],
+)
+def test_bad_capture_settings_are_usage_errors_before_any_work(
+    ics_home: Path, photos: Path, tmp_path: Path, flags: list[str], says: str
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    args = [f.format(file=a_file, dir=tmp_path / "cap") for f in flags]
+    res = ics("classify", str(photos / "coffee.jpg"), *args)
+    assert res.exit_code == 2, res.output
+    assert says in res.output
+    assert "Traceback" not in res.output
+    assert "secret" not in res.output
+    assert not (ics_home / "ics.db").exists()
+
+
+# --- the writer -----------------------------------------------------------------------
+
+
+def _captured(photo: Path) -> Captured:
+    return Captured(photo.read_bytes(), "image/jpeg", np.linspace(0, 1, 1000, dtype=np.float32))
+
+
+def test_files_rotate_by_size_and_by_hour(photos: Path, tmp_path: Path) -> None:
+    item = _captured(photos / "coffee.jpg")
+    line_bytes = len(base64.b64encode(item.data)) + 1000 * 10
+    writer = CaptureWriter(tmp_path, max_file_bytes=3 * line_bytes, max_file_seconds=3600)
+    ten = dt.datetime(2026, 11, 29, 10, 59, 58, tzinfo=dt.UTC)
+    for i in range(7):
+        writer.submit(f"e/{i}", ten + dt.timedelta(milliseconds=i), item)
+    for i in range(7, 9):
+        writer.submit(f"e/{i}", ten + dt.timedelta(seconds=5), item)
+    writer.close()
+    assert writer.error is None
+    hours = {f.parent.relative_to(tmp_path).as_posix(): f for f in capture_files(tmp_path)}
+    assert set(hours) == {"2026/11/29/10", "2026/11/29/11"}
+    ten_files = sorted((tmp_path / "2026/11/29/10").glob("*.jsonl"))
+    assert len(ten_files) >= 3  # 7 records, at most 3 of this size a file
+    for f in ten_files:
+        assert f.name.startswith("59-58-00")
+        assert f.stat().st_size <= 3 * line_bytes
+    assert [r.inference_id for r in iter_records(tmp_path)] == [f"e/{i}" for i in range(9)]
+
+
+def test_a_full_queue_makes_the_caller_wait(photos: Path, tmp_path: Path) -> None:
+    item = _captured(photos / "coffee.jpg")
+    size = len(item.data) + 8 * len(item.probs)
+    writer = CaptureWriter(tmp_path, max_pending_bytes=3 * size)
+    for i in range(40):  # queued far faster than records are encoded and written
+        writer.submit(f"e/{i}", dt.datetime.now(dt.UTC), item)
+    writer.close()
+    assert size < writer.high_water <= 3 * size
+    assert len(list(iter_records(tmp_path))) == 40
+
+
+def test_a_stopping_run_does_not_wait_for_room(photos: Path, tmp_path: Path) -> None:
+    item = _captured(photos / "coffee.jpg")
+    writer = CaptureWriter(tmp_path, max_pending_bytes=len(item.data))
+    try:
+        assert writer.reserve(item)  # one item always fits
+        stop = threading.Event()
+        stop.set()
+        assert not writer.reserve(item, stop)  # full, and the run stopping: no wait
+        writer.submit("e/0", dt.datetime.now(dt.UTC), item, reserved=True)
+    finally:
+        writer.close()
+    assert [r.inference_id for r in iter_records(tmp_path)] == ["e/0"]
+
+
+def test_a_write_error_stops_capture_and_fails_the_sink(
+    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    sink = CaptureSink(CaptureWriter(blocker / "capture"))
+    captured = _captured(photos / "coffee.jpg")
+    result = ItemResult(
+        execution_id="e",
+        item_id="0",
+        uri="coffee.jpg",
+        status=ItemStatus.SUCCEEDED,
+        threshold=0.5,
+        model=ModelRef("m", "1"),
+        started_at=dt.datetime.now(dt.UTC),
+        finished_at=dt.datetime.now(dt.UTC),
+        captured=captured,
+    )
+    assert sink.writer.reserve(captured)
+    sink.write([result])  # queued: the error comes from the writer's thread
+    with pytest.raises(EnvironmentUnavailable, match=r"data capture to .* failed"):
+        sink.close()
+    assert isinstance(sink.writer.error, OSError)
+    assert "data capture to" in caplog.text
+
+
+def test_a_reader_never_sees_a_file_being_written(photos: Path, tmp_path: Path) -> None:
+    writer = CaptureWriter(tmp_path, max_file_seconds=3600)
+    try:
+        for i in range(5):
+            writer.submit(f"e/{i}", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+        deadline = time.monotonic() + 10
+        while writer.written < 5:
+            assert time.monotonic() < deadline, "the writer wrote nothing in 10 s"
+            time.sleep(0.01)
+        # Written, but still in its hidden in-progress file: not a capture file yet.
+        assert [p.name.startswith(".") for p in tmp_path.rglob("*.part")] == [True]
+        assert capture_files(tmp_path) == []
+        assert list(iter_records(tmp_path)) == []
+    finally:
+        writer.close()
+    assert len(list(iter_records(tmp_path))) == 5
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_an_open_file_is_published_after_max_file_seconds(photos: Path, tmp_path: Path) -> None:
+    writer = CaptureWriter(tmp_path, max_file_seconds=0.3)
+    try:
+        writer.submit("e/0", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+        deadline = time.monotonic() + 10
+        while not capture_files(tmp_path):
+            assert time.monotonic() < deadline, "not published within 10 s"
+            time.sleep(0.05)
+        # Published while the writer is still open: what a crash can lose is bounded in time.
+        assert [r.inference_id for r in iter_records(tmp_path)] == ["e/0"]
+    finally:
+        writer.close()
+
+
+def test_the_reader_skips_a_cut_line_with_a_warning(
+    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = CaptureWriter(tmp_path)
+    for i in range(2):
+        writer.submit(f"e/{i}", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+    writer.close()
+    (f,) = capture_files(tmp_path)
+    text = f.read_text()
+    f.write_text(text + text.splitlines()[0][:100] + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert [r.inference_id for r in iter_records(f)] == ["e/0", "e/1"]
+    assert f"{f}:3: not a capture record" in caplog.text
+
+
+# --- ics capture read and ground-truth ------------------------------------------------
+
+
+def test_capture_read_prints_rows_and_saves_the_images_back(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    classify(str(photos / "coffee.jpg"), str(photos / "camera.jpg"), "--capture", str(dest))
+    by_item = results_by_item(ics_home)
+
+    table = ics("capture", "read", str(dest))
+    assert table.exit_code == 0, table.output
+    for inference_id, row in by_item.items():
+        assert inference_id in table.output
+        assert row["label"] in table.output
+
+    out = tmp_path / "images"
+    res = ics("capture", "read", str(dest), "--json", "--save-images", str(out))
+    assert res.exit_code == 0, res.output
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert {d["inference_id"] for d in docs} == set(by_item)
+    for d in docs:
+        row = by_item[d["inference_id"]]
+        assert d["label"] == row["label"]
+        assert d["confidence"] == pytest.approx(row["confidence"], abs=1e-6)
+        saved = out / (d["inference_id"].replace("/", "_") + ".jpg")
+        original = Path(row["uri"]).read_bytes()
+        assert saved.read_bytes() == original
+        assert d["image"]["sha256"] == hashlib.sha256(original).hexdigest()
+
+
+def test_ground_truth_records_from_a_csv(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("item_id,label\nexec-1/0,espresso\nexec-1/1\nexec-1/2,tabby\n")
+    out = tmp_path / "gt"
+    res = ics("capture", "ground-truth", str(labels), "--out", str(out))
+    assert res.exit_code == 1, res.output
+    assert f"{labels}:3: expected 2 columns" in res.output
+    (f,) = out.rglob("*.jsonl")
+    assert len(f.relative_to(out).parts) == 5  # yyyy/mm/dd/hh/FILE
+    assert [json.loads(line) for line in f.read_text().splitlines()] == [
+        {
+            "groundTruthData": {"data": "espresso", "encoding": "CSV"},
+            "eventMetadata": {"eventId": "exec-1/0"},
+            "eventVersion": "0",
+        },
+        {
+            "groundTruthData": {"data": "tabby", "encoding": "CSV"},
+            "eventMetadata": {"eventId": "exec-1/2"},
+            "eventVersion": "0",
+        },
+    ]
+    assert not [p for p in out.rglob(".*") if p.is_file()]
+
+
+# --- real time ------------------------------------------------------------------------
+
+
+def test_sagemaker_invocations_are_captured_as_answered(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    settings = Settings(home=ics_home, capture=str(dest))
+    body = (photos / "coffee.jpg").read_bytes()
+
+    async def go() -> list[float]:
+        async with client_of(create_app(settings, runtime=runtime)) as client:
+            r = await client.post(
+                "/invocations", content=body, headers={"Content-Type": "image/jpeg"}
+            )
+            assert r.status_code == 200, r.text
+            answer: list[float] = r.json()
+            return answer
+
+    answer = asyncio.run(go())
+    (raw,) = raw_records(dest)
+    schema_validator().validate(raw)
+    assert json.loads(raw["captureData"]["endpointOutput"]["data"]) == answer
+    (record,) = iter_records(dest)
+    assert record.input_bytes == body
+    assert record.inference_id.startswith("2")  # the day's real-time execution id / item
+    assert record.inference_id.endswith("/0")
+
+
+@pytest.mark.slow
+def test_ics_serve_captures_real_time_requests(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    bodies = [(photos / n).read_bytes() for n in ("coffee.jpg", "camera.jpg")]
+    with serve_process("--capture", str(dest), "--capture-sampling", "100") as served:
+        for body in bodies:
+            r = httpx.post(f"{served.url}/v1/classify", content=body, timeout=30)
+            assert r.status_code == 200, r.text
+    assert served.proc.returncode == 0, served.output()
+    records = list(iter_records(dest))
+    assert sorted(r.input_bytes or b"" for r in records) == sorted(bodies)
+    assert all(r.probabilities is not None for r in records)
+
+
+def test_ics_serve_refuses_a_capture_folder_it_cannot_write(ics_home: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    res = ics_process("serve", "--port", "0", "--capture", str(a_file))
+    assert res.returncode == 2, res.stderr
+    assert "cannot be written" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_the_schema_refuses_what_sagemaker_would_not_write() -> None:
+    validator = schema_validator()
+    good = {
+        "captureData": {
+            "endpointOutput": {
+                "observedContentType": "application/json",
+                "mode": "OUTPUT",
+                "data": "[0.5, 0.5]",
+                "encoding": "JSON",
+            }
+        },
+        "eventMetadata": {
+            "eventId": "0b6bd9b8-8f7b-4a51-9d8c-2f3a4f6c1e27",
+            "inferenceId": "e/0",
+            "inferenceTime": "2026-11-29T18:20:01.123Z",
+        },
+        "eventVersion": "0",
+    }
+    validator.validate(good)
+    no_version = {k: v for k, v in good.items() if k != "eventVersion"}
+    wrong_mode = json.loads(json.dumps(good).replace('"OUTPUT"', '"INPUT"'))
+    local_time = json.loads(json.dumps(good).replace(".123Z", ".123+01:00"))
+    nothing = {**good, "captureData": {}}
+    for bad in (no_version, wrong_mode, local_time, nothing):
+        assert not validator.is_valid(bad), bad

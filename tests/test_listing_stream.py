@@ -1,0 +1,123 @@
+"""An execution classifies while its listing is still being registered, and a stop in the
+middle of the listing is resumed exactly: every item once, none missed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+import imagefiles as f
+from ics_service import sources
+from ics_service.config import load_settings
+from ics_service.engine import ExecutionRunner
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.store import Store
+from ics_service.types import ExecutionStatus, ItemResult
+
+#: Items registered in one transaction (the store's chunk): the run can start after these.
+FIRST_CHUNK = 1000
+
+
+class SlowListing:
+    """Lists `total` items: the first chunk at once, then nothing more until the run has
+    read some (a listing registered in full first would wait here until its deadline), then
+    the rest, slowly while `slow` is set."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.reads = 0
+        self.read_before_listed = False
+        self.slow = threading.Event()
+        self.lock = threading.Lock()
+        self.data = f.jpeg()
+
+    def list(self, spec: str) -> Iterator[str]:
+        for i in range(self.total):
+            if i == FIRST_CHUNK:
+                deadline = time.monotonic() + 60
+                while self.reads == 0:
+                    assert time.monotonic() < deadline, "nothing was read while listing"
+                    time.sleep(0.01)
+                self.read_before_listed = True
+            elif i > FIRST_CHUNK and self.slow.is_set():
+                time.sleep(0.05)
+            yield f"slowlist://items/{i:05d}.jpg"
+
+    def read(self, uri: str, max_bytes: int) -> bytes:
+        with self.lock:
+            self.reads += 1
+        return self.data
+
+
+@pytest.fixture
+def slow_listing() -> Iterator[SlowListing]:
+    source = SlowListing(FIRST_CHUNK + 200)
+    sources.register("slowlist", source)
+    yield source
+    sources.unregister("slowlist")
+
+
+def runner_on(store: Store, runtime: OnnxRuntime) -> ExecutionRunner:
+    settings = load_settings(None, {"threshold": 0.0, "batch_size": 16}).settings
+    return ExecutionRunner(settings, store, runtime)
+
+
+@pytest.mark.slow
+def test_classifying_starts_before_the_listing_ends(
+    ics_home: Path, runtime: OnnxRuntime, slow_listing: SlowListing
+) -> None:
+    store = Store(load_settings().settings.store_url)
+    try:
+        runner = runner_on(store, runtime)
+        execution, _ = runner.start(["slowlist://items/"])
+        finished = runner.run(execution)
+        assert slow_listing.read_before_listed
+        assert finished.status is ExecutionStatus.SUCCEEDED, finished.error
+        assert finished.items_listed and finished.counts.total == slow_listing.total
+        uris = [r.uri for r in store.results(execution.id)]
+        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_stop_in_the_middle_of_the_listing_is_resumed_exactly(
+    ics_home: Path, runtime: OnnxRuntime, slow_listing: SlowListing
+) -> None:
+    slow_listing.slow.set()
+    store = Store(load_settings().settings.store_url)
+    try:
+        runner = runner_on(store, runtime)
+        execution, _ = runner.start(["slowlist://items/"])
+        stop = threading.Event()
+        seen = 0
+
+        def on_results(results: Sequence[ItemResult]) -> None:
+            nonlocal seen
+            seen += len(results)
+            if seen >= 20:
+                stop.set()
+
+        stopped = runner.run(execution, on_results=on_results, stop=stop)
+        assert stopped.status is ExecutionStatus.ABORTED
+        assert not stopped.items_listed
+        assert stopped.error is not None and "while listing the sources" in stopped.error.message
+        registered = stopped.counts.total
+        assert FIRST_CHUNK <= registered < slow_listing.total
+        assert 20 <= stopped.counts.done < registered
+
+        slow_listing.slow.clear()
+        resumer = runner_on(store, runtime)  # as `ics executions resume` would
+        taken = resumer.prepare_resume(execution.id)
+        assert taken.items_listed and taken.counts.total == slow_listing.total
+        finished = resumer.run(taken)
+        assert finished.status is ExecutionStatus.SUCCEEDED, finished.error
+        uris = [r.uri for r in store.results(execution.id)]
+        assert len(uris) == slow_listing.total  # each item once
+        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
+    finally:
+        store.close()
