@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     is_flag=True,
     default=None,
     help="List the folders every --poll-interval instead of using filesystem events "
-    "(network file systems send none).",
+    "(network file systems send none); S3 prefixes are always polled.",
 )
 @click.option(
     "-t",
@@ -95,13 +95,15 @@ def watch(
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Classify new image files as they arrive in folders, each file exactly once.
+    """Classify new images as they arrive in folders or S3 prefixes, each exactly once.
 
-    SOURCE is a folder, watched recursively (hidden files skipped). New files are
-    classified in micro-batches (--max-items, --max-wait), each one execution named
-    watch-NAME-N with its results in HOME/results/EXECUTION_ID.jsonl; a line per
-    micro-batch is printed. A file is read once its size and modification time have not
-    changed for --settle seconds, so files still being written are not read half-way.
+    SOURCE is a folder, watched recursively (hidden files skipped), or s3://BUCKET/PREFIX,
+    listed every --poll-interval seconds. New files are classified in micro-batches
+    (--max-items, --max-wait), each one execution named watch-NAME-N with its results in
+    HOME/results/EXECUTION_ID.jsonl; a line per micro-batch is printed. A file is read
+    once its size and modification time have not changed for --settle seconds, so files
+    still being written are not read half-way; an S3 object, once it is --settle seconds
+    old.
 
     What was classified is kept in the execution store under the watcher's name: a
     restart (even after a crash) skips what is registered, resumes an unfinished

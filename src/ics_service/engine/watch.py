@@ -11,6 +11,7 @@ transaction. `POST /v1/events` registers the objects an S3 event names through
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -23,9 +24,10 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from .. import sources
-from ..errors import UsageError
+from ..errors import EnvironmentUnavailable, UsageError
 from ..imaging import IMAGE_EXTENSIONS, SNIFF_BYTES, looks_like_image
 from ..sources.local import LocalSource, path_to_uri
+from ..sources.remote import S3_PROTOCOLS, FsspecSource, list_objects, listed, split_url
 from ..store.watched import Seen, WatchState
 from ..types import Execution, ExecutionStatus
 from .execution import ExecutionRunner, execution_params
@@ -185,11 +187,83 @@ class FolderFeed:
         return None
 
 
+class S3Feed:
+    """An S3 prefix, polled: each poll lists the whole prefix (ListObjectsV2, a page at a
+    time) and returns the objects not returned before (by key and ETag) whose LastModified
+    is `settle_s` old.
+
+    The whole prefix, not the keys after a cursor: keys written later do not sort after
+    earlier ones (`b.jpg` may land after `c.jpg`), so a key cursor would miss objects. The
+    cursor is the watch state, which knows every key and ETag registered. A poll costs one
+    request per 1,000 keys; the objects this process has not seen yet (at start: all) are
+    looked up in the store, 500 a query."""
+
+    polling = True
+
+    def __init__(self, spec: str, *, settle_s: float, poll_s: float) -> None:
+        self.spec = spec
+        self._protocol, self._bucket, key = split_url(spec)
+        # A prefix is watched as a folder: s3://b/photos watches photos/..., not photos2/.
+        self._prefix = key if not key or key.endswith("/") else key + "/"
+        self._settle_s = settle_s
+        self._poll_s = poll_s
+        self._due = 0.0
+        self._young = 0
+        self._listed_once = False
+        #: URI → ETag of every object returned.
+        self._returned: dict[str, str] = {}
+
+    def start(self, wake: Callable[[], None]) -> None:
+        pass
+
+    def poll(self) -> list[Seen]:
+        now = time.monotonic()
+        if now < self._due:
+            return []
+        self._due = now + self._poll_s
+        source = sources.source_for(self.spec)
+        if not isinstance(source, FsspecSource) or not source.is_s3:
+            raise UsageError(f"cannot watch {self.spec}: it is not on S3")
+        ready: list[Seen] = []
+        young = 0
+        wall = dt.datetime.now(dt.UTC)
+        try:
+            for obj in list_objects(source.fs, self._bucket, self._prefix):
+                if not listed(obj.key):
+                    continue
+                uri = f"{self._protocol}://{self._bucket}/{obj.key}"
+                if self._returned.get(uri) == obj.etag:
+                    continue
+                modified = obj.last_modified
+                if modified is not None and (wall - modified).total_seconds() < self._settle_s:
+                    young += 1
+                    continue
+                self._returned[uri] = obj.etag
+                ready.append(Seen(uri, obj.etag))
+        except EnvironmentUnavailable as e:
+            if not self._listed_once:
+                raise
+            # The store was there before: wait for it to come back.
+            log.warning("cannot list %s: %s; trying again in %g s", self.spec, e, self._poll_s)
+            return []
+        self._listed_once = True
+        self._young = young
+        return ready
+
+    def unsettled(self) -> int:
+        return self._young
+
+    def close(self) -> None:
+        pass
+
+
 def feed_for(spec: str, *, settle_s: float, poll_s: float, polling: bool) -> Feed:
     """The feed watching one SOURCE; a source that cannot be watched is a UsageError."""
+    if sources.scheme_of(spec) in S3_PROTOCOLS:
+        return S3Feed(spec, settle_s=settle_s, poll_s=poll_s)
     if sources.scheme_of(spec) != "file":
         raise UsageError(
-            f"cannot watch {spec}: only local folders can be watched "
+            f"cannot watch {spec}: only local folders and S3 prefixes can be watched "
             f"({sources.scheme_of(spec)}:// sources are not supported by `ics watch`)"
         )
     path = os.path.abspath(os.path.expanduser(sources.uri_to_path(spec)))
