@@ -35,6 +35,10 @@ NEVER_AT_START = (
     "ics_service.report",
     "ics_service.alerts.sns",
     "ics_service.alerts.chat",
+    # Pillow's plugins of formats ICS does not decode (Image.init() imports them all).
+    "PIL.PdfImagePlugin",
+    "PIL.EpsImagePlugin",
+    "PIL.PsdImagePlugin",
 )
 #: What only running something needs: `import ics_service.cli` (every `ics --help`, every
 #: usage error) does without them.
