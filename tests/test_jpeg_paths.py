@@ -4,6 +4,7 @@ upright photos for every EXIF orientation, and Pillow still decoding what simple
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,23 @@ def test_fast_path_kinds_match_pillow(data: bytes) -> None:
 def test_broken_jpeg_is_still_a_clear_error(data: bytes) -> None:
     with pytest.raises(InvalidImage, match=r"truncated|corrupt|damaged"):
         FAST(data)
+
+
+@pytest.mark.slow
+def test_decode_compare_measures_both_paths(ics_home: Path, tmp_path: Path) -> None:
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # `benchmarks` is a folder of the repository, not installed
+        sys.path.insert(0, root)
+    from benchmarks.decode_compare import main
+
+    out = tmp_path / "decode.json"
+    main(["--large", "1", "--small", "2", "--repeats", "1", "--rounds", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    for name, row in result["paths"].items():
+        assert row["top1_agreement"] == 1.0, name
+        assert row["max_prob_diff"] < 1e-3, name
+        assert all(ms > 0 for ms in row["cpu_ms"].values()), name
+    assert result["paths"]["large"]["images"] == 1
+    assert set(result["threads_large_images_per_s"]["simplejpeg"]) == {"1", "2", "3", "4"}
