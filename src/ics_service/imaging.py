@@ -55,7 +55,7 @@ _PLUGINS = {
 # Only these plugins: Image.init() imports all of Pillow's (about 45), 15 to 35 ms of every
 # `ics classify` start-up, for formats that Image.open(formats=FORMATS) never tries.
 for _plugin in _PLUGINS.values():
-    with contextlib.suppress(ImportError):  # a Pillow without it (AVIF is new in 11.2)
+    with contextlib.suppress(ImportError):  # an older Pillow has no AVIF plugin
         importlib.import_module(f"PIL.{_plugin}ImagePlugin")
 #: Formats decoded: those whose plugin this Pillow has and registered.
 FORMATS = tuple(f for f in _PLUGINS if f in Image.OPEN)
@@ -466,7 +466,9 @@ def _decode_jpeg(data: bytes, img: Image.Image) -> Image.Image | None:
     if arr.shape[:2] != (h, w):
         return None
     out = Image.fromarray(arr)
-    del arr  # before a rotation makes another copy: the decode memory budget counts 2
+    # Freed before a rotation copies it: the memory need counted (_BYTES_PER_PIXEL, RGB)
+    # has room for two 4-byte-a-pixel images, not for this array beside them.
+    del arr
     method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
     return out.transpose(method) if method is not None else out
 

@@ -130,7 +130,7 @@ def print_summary(
     if elapsed is not None:
         t.add_row("elapsed", f"{elapsed:.2f} s ({doc['images_per_s'] or 0:,.1f} images/s)")
     if first_result_s is not None:
-        t.add_row("first result", f"{first_result_s:.2f} s after the command started")
+        t.add_row("first result", f"{first_result_s:.2f} s after the process started")
     if execution.error is not None:
         t.add_row("reason", outside(f"{execution.error.type}: {execution.error.message}"))
     if results_path:
