@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import math
 import struct
@@ -20,9 +21,10 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .config import Settings, default
 from .errors import DecodeCancelled, ImageTooLarge, InvalidImage, UnsupportedFormat
@@ -35,14 +37,28 @@ from .types import ImageInfo
 # ICS's own checks (_check_pixels, _declared_size) run first with each run's max_pixels.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-Image.init()  # register every plugin, so Image.OPEN is complete
-#: Formats decoded. Pillow can open more (EPS, PSD, ...), but those are not photos and
-#: some run external programs.
-FORMATS = tuple(
-    f
-    for f in ("JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO", "TGA", "AVIF")
-    if f in Image.OPEN
-)
+#: Pillow's plugin (PIL.NAMEImagePlugin) of each format decoded. Pillow can open more (EPS,
+#: PSD, ...), but those are not photos and some run external programs.
+_PLUGINS = {
+    "JPEG": "Jpeg",
+    "MPO": "Mpo",
+    "PNG": "Png",
+    "GIF": "Gif",
+    "BMP": "Bmp",
+    "TIFF": "Tiff",
+    "WEBP": "WebP",
+    "PPM": "Ppm",
+    "ICO": "Ico",
+    "TGA": "Tga",
+    "AVIF": "Avif",
+}
+# Only these plugins: Image.init() imports all of Pillow's (about 45), 15 to 35 ms of every
+# `ics classify` start-up, for formats that Image.open(formats=FORMATS) never tries.
+for _plugin in _PLUGINS.values():
+    with contextlib.suppress(ImportError):  # an older Pillow has no AVIF plugin
+        importlib.import_module(f"PIL.{_plugin}ImagePlugin")
+#: Formats decoded: those whose plugin this Pillow has and registered.
+FORMATS = tuple(f for f in _PLUGINS if f in Image.OPEN)
 
 # Signatures of formats that are images but not decoded here, for a better message.
 _UNSUPPORTED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
@@ -252,8 +268,10 @@ class Preprocessor:
     budget (`limits.decode_memory`).
     """
 
-    def __init__(self, card: ModelCard, limits: Limits) -> None:
+    def __init__(self, card: ModelCard, limits: Limits, *, fast_jpeg: bool = True) -> None:
+        """`fast_jpeg=False` has Pillow decode JPEGs too (benchmarks/decode_compare.py)."""
         self.card = card
+        self.fast_jpeg = fast_jpeg and _simplejpeg() is not None
         self.limits = limits
         self.size = card.input_size
         self.resize_size = card.resize_size
@@ -298,7 +316,9 @@ class Preprocessor:
             with self._admitted(data, stop) as (img, (w, h)):
                 fmt = img.format or "unknown"
                 try:
-                    rgb = self._load_rgb(img)
+                    rgb = _decode_jpeg(data, img) if self.fast_jpeg else None
+                    if rgb is None:
+                        rgb = self._load_rgb(img)
                     out = self._resize_crop(rgb)
                 except (OSError, ValueError, SyntaxError, EOFError) as e:
                     raise InvalidImage(f"cannot decode {fmt} image: {_describe(e)}") from None
@@ -401,6 +421,56 @@ class Preprocessor:
             box=(left, top, left + crop_w, top + crop_h),
             reducing_gap=3.0,
         )
+
+
+# --- JPEG through simplejpeg ---------------------------------------------------------------
+# simplejpeg's libjpeg-turbo decodes at the DCT scale that Pillow's draft chose, to the same
+# pixels (benchmarks/decode_compare.py checks it), from the bytes in one call: about 5 %
+# less CPU than Pillow's decoder on a 12-megapixel photo. Pillow still reads the header,
+# so every check above runs first, and it decodes whatever simplejpeg does not take.
+
+#: EXIF orientation → the transpose that shows the photo upright (as ImageOps.exif_transpose).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _simplejpeg() -> Any:
+    try:
+        import simplejpeg  # type: ignore[import-untyped]
+    except ImportError:  # an install without it: Pillow decodes every format
+        return None
+    return simplejpeg
+
+
+def _decode_jpeg(data: bytes, img: Image.Image) -> Image.Image | None:
+    """The upright RGB pixels of an opened (and drafted) JPEG, or None for Pillow to decode.
+
+    Only YCbCr and greyscale JPEGs: Pillow converts CMYK ones (and Adobe's inverted CMYK).
+    A file that libjpeg-turbo finds fault with, even one it could read (strict), is left to
+    Pillow as well, which reads what it can and names what is wrong with the rest.
+    """
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return None
+    w, h = img.size  # the draft's size: the DCT scale is the same
+    try:
+        arr = _simplejpeg().decode_jpeg(data, "RGB", min_width=w, min_height=h, strict=True)
+    except ValueError:
+        return None
+    if arr.shape[:2] != (h, w):
+        return None
+    out = Image.fromarray(arr)
+    # Freed before a rotation copies it: the memory need counted (_BYTES_PER_PIXEL, RGB)
+    # has room for two 4-byte-a-pixel images, not for this array beside them.
+    del arr
+    method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    return out.transpose(method) if method is not None else out
 
 
 def _memory_need(img: Image.Image, full: tuple[int, int], file_size: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ import click
 
 from ..config import Settings, default
 from ..logs import printable
+from ..startup import process_age_s
 from ..types import Execution, ExecutionStatus, ItemResult
 from .alerts import notify_option
 from .app import (
@@ -28,6 +30,8 @@ from .render import print_results_table, print_summary, progress_bar
 
 if TYPE_CHECKING:
     from ..engine import ExecutionRunner
+
+log = logging.getLogger("ics_service.cli")
 
 # --- classify -------------------------------------------------------------------------
 
@@ -235,9 +239,13 @@ def run_and_report(
     total, done = execution.counts.total, execution.counts.done
     # Still being listed (it is registered as it runs): no total to show yet.
     shown_total = total if execution.items_listed else None
+    first_result: list[float] = []  # seconds since the process started, when one came
     with progress_bar(progress, shown_total, done) as advance:
 
         def on_results(results: Sequence[ItemResult]) -> None:
+            if not first_result and results:
+                first_result.append(process_age_s())
+                log.info("first result recorded %.3f s after the process started", first_result[0])
             advance(len(results))
             if table:
                 shown.extend(results)
@@ -254,6 +262,7 @@ def run_and_report(
         to_stderr=summary_to_stderr,
         processed=finished.counts.done - done,
         failure_types=runner.store.failure_types(finished.id),
+        first_result_s=first_result[0] if first_result else None,
     )
     sys.exit(EXIT_BY_STATUS[finished.status])
 

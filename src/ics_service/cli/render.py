@@ -94,8 +94,12 @@ def print_summary(
     to_stderr: bool = False,
     processed: int | None = None,
     failure_types: dict[str, int] | None = None,
+    first_result_s: float | None = None,
 ) -> None:
     doc = summary_doc(execution, elapsed, results_path, processed)
+    if first_result_s is not None:
+        # From the process's start: what a person waits for, imports and model load included.
+        doc["first_result_s"] = round(first_result_s, 3)
     internal = (failure_types or {}).get(INTERNAL_ERROR, 0)
     if failure_types is not None:
         doc["failures_by_type"] = failure_types
@@ -125,6 +129,8 @@ def print_summary(
         )
     if elapsed is not None:
         t.add_row("elapsed", f"{elapsed:.2f} s ({doc['images_per_s'] or 0:,.1f} images/s)")
+    if first_result_s is not None:
+        t.add_row("first result", f"{first_result_s:.2f} s after the process started")
     if execution.error is not None:
         t.add_row("reason", outside(f"{execution.error.type}: {execution.error.message}"))
     if results_path:

@@ -307,14 +307,17 @@ def listing_error(e: BaseException, spec: str, bucket: str) -> Exception:
     return UsageError(f"cannot list {spec} (bucket {bucket!r}): {_message(e)}")
 
 
-def installed(protocol: str) -> bool:
-    """Whether fsspec can load the package that implements protocol."""
-    from fsspec.registry import known_implementations
+#: The package that implements each of OTHER_PROTOCOLS, as fsspec's registry says (it has
+#: no abfss): written here so that start-up does not import fsspec only to ask it.
+_PACKAGES = {"gcs": "gcsfs", "gs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "oss": "ossfs"}
 
-    impl = known_implementations.get(protocol)
-    if impl is None:
+
+def installed(protocol: str) -> bool:
+    """Whether the package that implements protocol (and fsspec) can be imported."""
+    package = _PACKAGES.get(protocol)
+    if package is None:
         return False
-    return importlib.util.find_spec(impl["class"].split(".", 1)[0]) is not None
+    return all(importlib.util.find_spec(name) is not None for name in ("fsspec", package))
 
 
 def sources_for(storage: Mapping[str, Mapping[str, Any]]) -> dict[str, FsspecSource]:
