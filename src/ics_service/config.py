@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "ICS_"
 DEFAULT_CONFIG_FILE = "ics.toml"
 # Environment variables with the prefix that are not settings.
-_ENV_NOT_SETTINGS = {"ICS_CONFIG"}
+# ICS_SKIP_POSTGRES is `make test`'s switch, read by the test suite.
+_ENV_NOT_SETTINGS = {"ICS_CONFIG", "ICS_SKIP_POSTGRES"}
 
 
 #: Endpoint and variant names (SageMaker's rule): they are folder names of the capture.
