@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .quiet import OthersClock
+
 MB = 1024 * 1024
 
 
@@ -44,6 +46,10 @@ class Measurement:
     stdout: str = ""
     stderr_tail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Cores other processes kept busy during the run, on average (benchmarks.quiet).
+    others_cores: float | None = None
+    #: CPUs the process tree was pinned to; empty when it could use all of them.
+    pinned: list[int] = field(default_factory=list)
 
     @property
     def peak_rss_mb(self) -> float:
@@ -153,14 +159,24 @@ def run_measured(
     poll_s: float = 0.1,
     log_path: Path | None = None,
     report_path: Path | None = None,
+    pin: Sequence[int] = (),
 ) -> Measurement:
-    """Run cmd to the end; stdout is kept, stderr goes to log_path (its tail is kept)."""
+    """Run cmd to the end; stdout is kept, stderr goes to log_path (its tail is kept).
+
+    With `pin`, the process and everything it starts run on those CPUs only.
+    """
     full_env = dict(os.environ if env is None else env)
     if report_path is not None:
         report_path.unlink(missing_ok=True)
         full_env["BENCH_REPORT"] = str(report_path)
     log_path = log_path or Path(os.devnull)
+    cpus = set(pin)
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, cpus)
+
     with open(log_path, "wb") as err, tempfile.TemporaryFile() as out:
+        others = OthersClock()
         started = time.perf_counter()
         proc = subprocess.Popen(
             list(cmd),
@@ -170,6 +186,7 @@ def run_measured(
             env=full_env,
             cwd=cwd,
             start_new_session=True,  # its own process group, so a timeout ends all of it
+            preexec_fn=pinned if cpus else None,
         )
         sampler = _TreeSampler(proc.pid, poll_s)
         sampler.start()
@@ -186,6 +203,7 @@ def run_measured(
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
+        system_busy = others.elapsed()
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.done.set()
         sampler.join()
@@ -198,19 +216,22 @@ def run_measured(
     report = None
     if report_path is not None and report_path.exists():
         report = json.loads(report_path.read_text())
+    # Reaped children's CPU time misses processes nobody waited for (Ray's workers):
+    # the tree's sampled CPU time covers those, up to the last sample.
+    cpu_s = max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values()))
     return Measurement(
         cmd=list(cmd),
         rc=proc.returncode,
         wall_s=wall,
         tree_peak_rss_mb=sampler.peak / MB,
         hwm_mb=sampler.hwm / MB,
-        # Reaped children's CPU time misses processes nobody waited for (Ray's workers):
-        # the tree's sampled CPU time covers those, up to the last sample.
-        cpu_s=max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values())),
+        cpu_s=cpu_s,
         timed_out=expired.is_set(),
         report=report,
         stdout=stdout,
         stderr_tail=stderr_tail,
+        others_cores=others.cores(system_busy, cpu_s, wall),
+        pinned=sorted(cpus),
     )
 
 
