@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .quiet import OthersClock
-
 MB = 1024 * 1024
 
 
@@ -67,28 +65,36 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def _descendants(pid: int) -> list[int]:
     """The pid and every process below it, from /proc (Linux); just the pid elsewhere."""
+    return _scan(pid)[0]
+
+
+def _scan(pid: int) -> tuple[list[int], dict[int, float]]:
+    """The pid's process tree, and the CPU seconds used so far by every process (Linux)."""
     parent: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return [pid]
+        return [pid], cpu
     for name in entries:
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 stat = f.read()
-        except OSError:
+            # The command name may hold spaces and parentheses: the fields follow the last ')'.
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            ppid = int(fields[1])
+            cpu[int(name)] = (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, ValueError, IndexError):
             continue
-        # The command name may hold spaces and parentheses: the fields follow the last ')'.
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
         parent.setdefault(ppid, []).append(int(name))
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
         todo.extend(parent.get(p, ()))
-    return out
+    return out, cpu
 
 
 def _hwm(pid: int) -> int:
@@ -132,16 +138,40 @@ class _TreeSampler(threading.Thread):
         self.peak = 0
         self.hwm = 0
         self.cpu: dict[int, float] = {}
+        #: CPU seconds of processes outside the tree: when first seen, and lately.
+        self.others_first: dict[int, float] = {}
+        self.others_last: dict[int, float] = {}
+        self.ever_tree: set[int] = set()
         self.done = threading.Event()
+
+    @property
+    def others_s(self) -> float:
+        """CPU seconds other processes used while the run ran (those that lived to a scan)."""
+        return sum(c - self.others_first.get(p, 0.0) for p, c in self.others_last.items())
+
+    def _others(self, tree: list[int], cpu: dict[int, float], first: bool) -> None:
+        # A process that left the tree (a daemon reparented to init) stays the run's own.
+        self.ever_tree.update(tree)
+        me = os.getpid()
+        for p, c in cpu.items():
+            if p in self.ever_tree or p == me:
+                continue
+            if first:
+                self.others_first[p] = c
+            # Unseen at the first scan: started during the run, so all its CPU counts.
+            self.others_last[p] = c
 
     def run(self) -> None:
         procs = [self.pid]
         refreshed = 0.0
+        first = True
         while not self.done.is_set():
             now = time.monotonic()
             # Listing descendants walks /proc: do it less often than reading the RSS.
             if now - refreshed > max(0.25, self.poll_s * 3):
-                procs = _descendants(self.pid)
+                procs, cpu = _scan(self.pid)
+                self._others(procs, cpu, first)
+                first = False
                 refreshed = now
             self.peak = max(self.peak, sum(_rss(p) for p in procs))
             self.hwm = max(self.hwm, _hwm(self.pid))
@@ -176,7 +206,6 @@ def run_measured(
         os.sched_setaffinity(0, cpus)
 
     with open(log_path, "wb") as err, tempfile.TemporaryFile() as out:
-        others = OthersClock()
         started = time.perf_counter()
         proc = subprocess.Popen(
             list(cmd),
@@ -203,7 +232,6 @@ def run_measured(
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
-        system_busy = others.elapsed()
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.done.set()
         sampler.join()
@@ -230,7 +258,7 @@ def run_measured(
         report=report,
         stdout=stdout,
         stderr_tail=stderr_tail,
-        others_cores=others.cores(system_busy, cpu_s, wall),
+        others_cores=round(sampler.others_s / wall, 3) if wall > 0 else None,
         pinned=sorted(cpus),
     )
 
