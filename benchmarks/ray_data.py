@@ -16,6 +16,7 @@ The harness picks actors, CPUs per actor and batch size by a short search first
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from typing import Any
@@ -44,6 +45,8 @@ class Classifier:
         self.threshold = threshold
         self.sess = session(info.path, threads=threads)
         self.input_name = self.sess.get_inputs()[0].name
+        # The session lives in the actor's process: it reports its options with its results.
+        self.settings = json.dumps(session_settings(self.sess))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(np.stack(list(batch["x"])), dtype=np.float32)
@@ -53,7 +56,10 @@ class Classifier:
             result_line(str(path), p, self.threshold)
             for path, p in zip(batch["path"], probs, strict=True)
         ]
-        return {"line": np.asarray(lines, dtype=object)}
+        return {
+            "line": np.asarray(lines, dtype=object),
+            "settings": np.asarray([self.settings] * len(lines), dtype=object),
+        }
 
 
 def make_preprocess(info: ModelInfo) -> Any:
@@ -129,8 +135,11 @@ def main(argv: list[str] | None = None) -> None:
             num_cpus=args.actor_cpus,
         )
         n = 0
+        actor_settings: dict[str, Any] = {}
         with open(args.out, "w") as out:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if not actor_settings and len(batch["settings"]):
+                    actor_settings = json.loads(batch["settings"][0])
                 for line in batch["line"]:
                     out.write(line + "\n")
                     n += 1
@@ -147,9 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             "preprocess": "ics_service.imaging.Preprocessor"
             if args.preprocess == "ics"
             else "PIL resize + crop",
-            # The actors' sessions live in other processes: one built the same way here
-            # reads back the options they run with.
-            **session_settings(session(info.path, threads=threads)),
+            **actor_settings,
         },
     )
 

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .common import cpus
 from .corpus import SIZES
 from .quiet import busy_at_start, busy_run
 from .runners import DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config, Run
@@ -83,7 +84,8 @@ def first_snapshot(b: Bench) -> dict[str, Any]:
     if rounds:
         first: dict[str, Any] = rounds[0]["before"]
         return first
-    return {"load": b.extra.get("load_before", [0.0, 0.0, 0.0]), "cpus": b.extra.get("cpus", 1)}
+    # A results.json from before rounds were recorded: its load before the run.
+    return {"load": b.extra.get("load_before", [0.0, 0.0, 0.0]), "cpus": cpus()}
 
 
 def busy_reasons(b: Bench) -> list[str]:
@@ -245,13 +247,18 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
                 f"{cfg.busy_others:g} cores.",
                 "",
             ]
+            if any(r.m.others_cores is not None for r in b.runs)
+            else [
+                "Other processes' CPU use was not measured in this run (no per-run record); "
+                "only the load average below says how busy the machine was.",
+                "",
+            ]
         ),
         f"Measured {today} by `make bench` (`python -m benchmarks.run`) in "
         f"{b.extra['total_s'] / 60:.1f} min: {cfg.n} small photos (~500×375), "
         f"{cfg.n_large} large (~4000×3000), seed {cfg.seed}, {cfg.repeats} interleaved "
         f"round(s); medians over the rounds, peak RSS is the largest seen. Every runner is "
-        f"timed as a whole process, start-up included. Raw data: "
-        f"`{_rel(cfg.out / 'results.json')}`.",
+        "timed as a whole process, start-up included.",
         "",
         f"Knobs changed from their defaults: {_changed(cfg) or 'none'}.",
         "",

@@ -190,6 +190,8 @@ def test_every_runner_but_ray_on_a_tiny_corpus(bench_env: dict[str, str]) -> Non
     ics = _settings(doc, "ics")
     assert ics["cpus"] == len(os.sched_getaffinity(0))
     assert ics["spinning"] == "0"
+    http = _settings(doc, "http")
+    assert http["concurrency"] == 2 and http["intra_op_threads"] == ics["cpus"]
     assert "settings it ran with" in table and "decode threads" in table
     # Analysis is not appended: RESULTS.md is the run's, whole.
     assert "What limits" not in table
@@ -244,6 +246,8 @@ def test_ray_data_runner_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
         ran = _settings(doc, runner)
         assert {k: ran[k] for k in best["settings"]} == best["settings"]
         assert ran["reader"] == reader
+        # Read back from the actor's own session.
+        assert ran["intra_op_threads"] == max(1, cpus // best["settings"]["actors"])
     assert "## Ray Data tuning" in table and "**chosen**" in table
 
 
