@@ -383,7 +383,7 @@ def test_a_busy_machine_marks_every_row_and_require_quiet_refuses_to_publish(
     assert results.exists() and (tmp_path / "results.json").exists()
 
 
-def test_other_processes_cpu_is_measured_apart_from_the_runs_own(tmp_path: Path) -> None:
+def test_other_processes_cpu_is_measured_apart_from_the_runs_own() -> None:
     spin = [
         sys.executable,
         "-c",
@@ -397,14 +397,12 @@ def test_other_processes_cpu_is_measured_apart_from_the_runs_own(tmp_path: Path)
         other.wait(timeout=10)
     # The run itself slept: the spinning process outside its tree is the "others".
     assert m.cpu_s < 0.5
-    assert m.others_cores is not None and m.others_cores > 0.5
-    # A spinning run's own CPU counts as its own, not as others'.
+    assert m.others_cores is not None and m.others_cores > 0.3
+    # A spinning run's own CPU counts as its own (spinning by CPU time, so that other work
+    # on a shared machine cannot make it use less).
     own = run_measured(
-        [
-            sys.executable,
-            "-c",
-            "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass",
-        ],
+        [sys.executable, "-c", "import time\nwhile time.process_time() < 1.0: pass"],
         timeout_s=60,
     )
-    assert own.cpu_s > 1.0
+    assert own.rc == 0 and own.cpu_s >= 1.0
+    assert own.others_cores is not None
