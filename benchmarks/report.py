@@ -318,7 +318,7 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
     lines += render_ray_tuning(b)
     lines += render_scaling(b, s)
     if bounds:
-        lines += render_bounds(bounds)
+        lines += render_bounds(bounds, busy=bool((s.get("bounds/-") or {}).get("busy")))
     lines += render_targets(b, s)
     lines += render_serving(b)
     lines += render_other(b, s)
@@ -463,12 +463,12 @@ def _scale_row(r: str, row: dict[str, Any], images: str, ics: float | None) -> s
     )
 
 
-def render_bounds(bd: dict[str, Any]) -> list[str]:
+def render_bounds(bd: dict[str, Any], *, busy: bool = False) -> list[str]:
     sweep = " · ".join(
         f"{bs}: {_fmt(v)}" for bs, v in bd["model_by_batch"].items() if v is not None
     )
     lines = [
-        "## Bounds",
+        "## Bounds" + (" (**busy**: other work ran during these measurements)" if busy else ""),
         "",
         f"- Bare model on pre-decoded tensors, {bd['cpus']} threads, images/s by batch size: "
         f"{sweep}; best {_fmt(bd['model_best_images_per_s'])} at batch "
@@ -678,6 +678,10 @@ def render_other(b: Bench, s: dict[str, Any]) -> list[str]:
     lines = ["## Other measurements", ""]
     for m in b.extra.get("memory") or []:
         failed = "" if m["ok"] else f" (FAILED: {m['problem']})"
+        if busy_run(m.get("others_cores"), b.cfg.busy_others) or busy_at_start(
+            first_snapshot(b), b.cfg.busy_load
+        ):
+            failed += " · **busy**"
         lines.append(
             f"- Memory run: `ics classify` on {m['n']:,} images (the small corpus repeated "
             f"by hard links): {m['wall_s']:.1f} s, {m['images_per_s']:.1f} images/s, "
@@ -685,7 +689,11 @@ def render_other(b: Bench, s: dict[str, Any]) -> list[str]:
         )
     one = b.extra.get("one_image") or []
     if one:
-        walls = ", ".join(f"{r['wall_s']:.2f}" for r in one)
+        walls = ", ".join(
+            f"{r['wall_s']:.2f}"
+            + (" (busy)" if busy_run(r.get("others_cores"), b.cfg.busy_others) else "")
+            for r in one
+        )
         lines.append(f"- `ics classify` on one image, warm model cache: {walls} s.")
     lean = s.get("ics-lean/small")
     if lean:

@@ -233,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if large is not None and r in cfg.large_runners:
             jobs.append(Job(r, "large", large, cfg.n_large))
     if cfg.scaling:
+        print(f"scaling corpora: {cfg.scaling_n} small photos (generated once)...", flush=True)
         jobs += scaling_jobs(cfg, runners, corpus_root)
 
     b.extra["settings"] = ics_settings(b, {j.cores for j in jobs if j.runner.startswith("ics")})
@@ -395,8 +396,11 @@ def run_id(started: time.struct_time, mach: dict[str, Any]) -> str:
     cpu = "-".join(
         "".join(ch for ch in word if ch.isalnum()) for word in mach["cpu"].split()
     ).strip("-")
+    commit = (mach["commit"].split() or ["nocommit"])[0]
+    # A run of uncommitted code cannot be traced to a commit alone: say so in its name.
+    dirty = "-dirty" if "uncommitted" in mach["commit"] else ""
     return (
-        f"{time.strftime('%Y%m%dT%H%MZ', started)}-{mach['commit'].split()[0]}-"
+        f"{time.strftime('%Y%m%dT%H%MZ', started)}-{commit}{dirty}-"
         f"{cpu or 'unknown-cpu'}-{mach['isa']}"
     )
 
