@@ -691,7 +691,12 @@ def render_other(b: Bench, s: dict[str, Any]) -> list[str]:
     if one:
         walls = ", ".join(
             f"{r['wall_s']:.2f}"
-            + (" (busy)" if busy_run(r.get("others_cores"), b.cfg.busy_others) else "")
+            + (
+                " (busy)"
+                if busy_run(r.get("others_cores"), b.cfg.busy_others)
+                or busy_at_start(first_snapshot(b), b.cfg.busy_load)
+                else ""
+            )
             for r in one
         )
         lines.append(f"- `ics classify` on one image, warm model cache: {walls} s.")
@@ -738,9 +743,9 @@ def render_method(b: Bench) -> list[str]:
         f"{cfg.http_concurrency} requests at a time.",
         "- Busy machine: the 1-min load average before the first round above "
         f"{cfg.busy_load:g} per core marks every row busy; other processes using more than "
-        f"{cfg.busy_others:g} cores on average during a run (the machine's busy time in "
-        "/proc/stat, steal included, minus the run's process tree and this harness) marks "
-        "that run's row busy.",
+        f"{cfg.busy_others:g} cores on average during a run (the CPU time of every process "
+        "outside the run's process tree and this harness, read from /proc about every 0.3 s: "
+        "a lower bound, as shorter-lived processes are missed) marks that run's row busy.",
         "- Pipelined bound = 1 / (1/M + D/C): C cores share the model's core-seconds per "
         "image (C/M) and the decode's (D). M is the bare model's best images/s on all C "
         "cores, either one session with C threads or C single-thread sessions side by side "
