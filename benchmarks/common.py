@@ -59,6 +59,39 @@ def session(model_path: str, threads: int = 0) -> Any:
     return onnx_session(model_path, threads=threads)
 
 
+def default_session(model_path: str) -> Any:
+    """onnxruntime's default session, as a user writes it from the documentation."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])
+
+
+def session_settings(sess: Any) -> dict[str, Any]:
+    """The options a session actually runs with, read back from onnxruntime."""
+    o = sess.get_session_options()
+    try:
+        spinning = o.get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: onnxruntime's default
+        spinning = "default (on)"
+    threads = o.intra_op_num_threads
+    return {
+        "intra_op_threads": threads if threads else "0 (onnxruntime's default)",
+        "inter_op_threads": o.inter_op_num_threads,
+        "execution_mode": str(o.execution_mode).rsplit(".", 1)[-1],
+        "graph_optimization": str(o.graph_optimization_level).rsplit(".", 1)[-1],
+        "spinning": spinning,
+    }
+
+
+def ics_decoder(info: ModelInfo) -> Any:
+    """ICS's own decode + preprocess of JPEG bytes (draft decode, one resample)."""
+    from ics_service.imaging import Limits, Preprocessor
+    from ics_service.models import get_card
+
+    pre = Preprocessor(get_card(info.name), Limits())
+    return lambda data: pre(data)[0]
+
+
 def plain_preprocess(img: Any, info: ModelInfo) -> np.ndarray:
     """The textbook path: resize the shorter side, centre-crop, normalise; (3, S, S) float32.
 

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     proc, url = start_endpoint(args.model_json)
     try:
         files = list_images(args.folder)
+        with urllib.request.urlopen(url + "/settings", timeout=30) as resp:
+            endpoint = json.loads(resp.read())
         report.ready()
         n = 0
         with open(args.out, "w") as out, ThreadPoolExecutor(args.concurrency) as pool:
@@ -71,7 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    report.finish(n, concurrency=args.concurrency)
+    report.finish(
+        n,
+        concurrency=args.concurrency,
+        settings={
+            "concurrency": args.concurrency,
+            "connection": "a new one per image",
+            "preprocess": "PIL convert + resize + crop, in the endpoint",
+            **endpoint,
+        },
+    )
 
 
 if __name__ == "__main__":

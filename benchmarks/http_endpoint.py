@@ -21,7 +21,7 @@ from typing import Any
 
 from ics_service.models.runtime import softmax
 
-from .common import ModelInfo, plain_preprocess, session
+from .common import ModelInfo, plain_preprocess, session, session_settings
 
 
 def make_handler(info: ModelInfo, sess: Any) -> type[BaseHTTPRequestHandler]:
@@ -46,6 +46,8 @@ def make_handler(info: ModelInfo, sess: Any) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             if self.path == "/ping":
                 self._send(200, {"status": "ok"})
+            elif self.path == "/settings":  # what the harness prints beside the row
+                self._send(200, {**session_settings(sess), "batch_size": 1})
             else:
                 self._send(404, {"error": "not found"})
 

@@ -44,6 +44,10 @@ class Measurement:
     stdout: str = ""
     stderr_tail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Cores other processes kept busy during the run, on average (benchmarks.quiet).
+    others_cores: float | None = None
+    #: CPUs the process tree was pinned to; empty when it could use all of them.
+    pinned: list[int] = field(default_factory=list)
 
     @property
     def peak_rss_mb(self) -> float:
@@ -61,28 +65,36 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def _descendants(pid: int) -> list[int]:
     """The pid and every process below it, from /proc (Linux); just the pid elsewhere."""
+    return _scan(pid)[0]
+
+
+def _scan(pid: int) -> tuple[list[int], dict[int, float]]:
+    """The pid's process tree, and the CPU seconds used so far by every process (Linux)."""
     parent: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return [pid]
+        return [pid], cpu
     for name in entries:
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 stat = f.read()
-        except OSError:
+            # The command name may hold spaces and parentheses: the fields follow the last ')'.
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            ppid = int(fields[1])
+            cpu[int(name)] = (int(fields[11]) + int(fields[12])) / _TICKS
+        except (OSError, ValueError, IndexError):
             continue
-        # The command name may hold spaces and parentheses: the fields follow the last ')'.
-        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
         parent.setdefault(ppid, []).append(int(name))
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
         out.append(p)
         todo.extend(parent.get(p, ()))
-    return out
+    return out, cpu
 
 
 def _hwm(pid: int) -> int:
@@ -126,16 +138,40 @@ class _TreeSampler(threading.Thread):
         self.peak = 0
         self.hwm = 0
         self.cpu: dict[int, float] = {}
+        #: CPU seconds of processes outside the tree: when first seen, and lately.
+        self.others_first: dict[int, float] = {}
+        self.others_last: dict[int, float] = {}
+        self.ever_tree: set[int] = set()
         self.done = threading.Event()
+
+    @property
+    def others_s(self) -> float:
+        """CPU seconds other processes used while the run ran (those that lived to a scan)."""
+        return sum(c - self.others_first.get(p, 0.0) for p, c in self.others_last.items())
+
+    def _others(self, tree: list[int], cpu: dict[int, float], first: bool) -> None:
+        # A process that left the tree (a daemon reparented to init) stays the run's own.
+        self.ever_tree.update(tree)
+        me = os.getpid()
+        for p, c in cpu.items():
+            if p in self.ever_tree or p == me:
+                continue
+            if first:
+                self.others_first[p] = c
+            # Unseen at the first scan: started during the run, so all its CPU counts.
+            self.others_last[p] = c
 
     def run(self) -> None:
         procs = [self.pid]
         refreshed = 0.0
+        first = True
         while not self.done.is_set():
             now = time.monotonic()
             # Listing descendants walks /proc: do it less often than reading the RSS.
             if now - refreshed > max(0.25, self.poll_s * 3):
-                procs = _descendants(self.pid)
+                procs, cpu = _scan(self.pid)
+                self._others(procs, cpu, first)
+                first = False
                 refreshed = now
             self.peak = max(self.peak, sum(_rss(p) for p in procs))
             self.hwm = max(self.hwm, _hwm(self.pid))
@@ -153,13 +189,22 @@ def run_measured(
     poll_s: float = 0.1,
     log_path: Path | None = None,
     report_path: Path | None = None,
+    pin: Sequence[int] = (),
 ) -> Measurement:
-    """Run cmd to the end; stdout is kept, stderr goes to log_path (its tail is kept)."""
+    """Run cmd to the end; stdout is kept, stderr goes to log_path (its tail is kept).
+
+    With `pin`, the process and everything it starts run on those CPUs only.
+    """
     full_env = dict(os.environ if env is None else env)
     if report_path is not None:
         report_path.unlink(missing_ok=True)
         full_env["BENCH_REPORT"] = str(report_path)
     log_path = log_path or Path(os.devnull)
+    cpus = set(pin)
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, cpus)
+
     with open(log_path, "wb") as err, tempfile.TemporaryFile() as out:
         started = time.perf_counter()
         proc = subprocess.Popen(
@@ -170,6 +215,7 @@ def run_measured(
             env=full_env,
             cwd=cwd,
             start_new_session=True,  # its own process group, so a timeout ends all of it
+            preexec_fn=pinned if cpus else None,
         )
         sampler = _TreeSampler(proc.pid, poll_s)
         sampler.start()
@@ -198,19 +244,22 @@ def run_measured(
     report = None
     if report_path is not None and report_path.exists():
         report = json.loads(report_path.read_text())
+    # Reaped children's CPU time misses processes nobody waited for (Ray's workers):
+    # the tree's sampled CPU time covers those, up to the last sample.
+    cpu_s = max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values()))
     return Measurement(
         cmd=list(cmd),
         rc=proc.returncode,
         wall_s=wall,
         tree_peak_rss_mb=sampler.peak / MB,
         hwm_mb=sampler.hwm / MB,
-        # Reaped children's CPU time misses processes nobody waited for (Ray's workers):
-        # the tree's sampled CPU time covers those, up to the last sample.
-        cpu_s=max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values())),
+        cpu_s=cpu_s,
         timed_out=expired.is_set(),
         report=report,
         stdout=stdout,
         stderr_tail=stderr_tail,
+        others_cores=round(sampler.others_s / wall, 3) if wall > 0 else None,
+        pinned=sorted(cpus),
     )
 
 

@@ -15,10 +15,8 @@ from typing import Any
 
 from .common import cpus
 from .corpus import SIZES
-from .runners import DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config
-
-#: Hand-written analysis of the missed targets, appended to RESULTS.md on every render.
-LIMITS = Path(__file__).resolve().parent / "LIMITS.md"
+from .quiet import busy_at_start, busy_run
+from .runners import DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config, Run
 
 
 def _med(xs: list[float]) -> float | None:
@@ -60,11 +58,73 @@ def summary(b: Bench) -> dict[str, Any]:
             "cpu_ms_per_image": _med([r.m.cpu_s * 1e3 / r.job.n for r in ok]),
             "cores_used": _med([r.m.cpu_s / r.m.wall_s for r in ok]),
             "wall_s": _med([r.m.wall_s for r in ok]),
+            "n": runs[0].job.n,
+            "cores": runs[0].job.cores,
+            "others_cores": max(
+                (r.m.others_cores for r in runs if r.m.others_cores is not None), default=None
+            ),
+            "busy": any(_busy(b, r) for r in runs),
+            "settings": settings_of(b, runs),
         }
     bounds = [r.m.report for r in b.runs if r.job.runner == "bounds" and r.ok and r.m.report]
     if bounds:
         out["bounds"] = bound_summary(bounds)
     return out
+
+
+def _busy(b: Bench, run: Run) -> bool:
+    return busy_at_start(first_snapshot(b), b.cfg.busy_load) or busy_run(
+        run.m.others_cores, b.cfg.busy_others
+    )
+
+
+def first_snapshot(b: Bench) -> dict[str, Any]:
+    """The load average and CPU count before the first round."""
+    rounds = b.extra.get("rounds") or []
+    if rounds:
+        first: dict[str, Any] = rounds[0]["before"]
+        return first
+    # A results.json from before rounds were recorded: its load before the run.
+    return {"load": b.extra.get("load_before", [0.0, 0.0, 0.0]), "cpus": cpus()}
+
+
+def busy_reasons(b: Bench) -> list[str]:
+    """Why this run does not count as taken on a quiet machine; empty when it does."""
+    reasons = []
+    first = first_snapshot(b)
+    if busy_at_start(first, b.cfg.busy_load):
+        reasons.append(
+            f"1-min load average {first['load'][0]:.2f} before the first round, over "
+            f"{b.cfg.busy_load:g} per core on {first['cpus']} cores"
+        )
+    busy = [r for r in b.runs if busy_run(r.m.others_cores, b.cfg.busy_others)]
+    if busy:
+        worst = max(r.m.others_cores or 0.0 for r in busy)
+        reasons.append(
+            f"in {len(busy)} of {len(b.runs)} runs other processes used more than "
+            f"{b.cfg.busy_others:g} cores (up to {worst:.2f})"
+        )
+    return reasons
+
+
+def settings_of(b: Bench, runs: list[Run]) -> dict[str, Any] | None:
+    """The configuration a runner reported it ran with (ICS's: read by benchmarks.ics_settings)."""
+    runner = runs[0].job.runner
+    if runner.startswith("ics"):
+        by_cores = b.extra.get("settings") or {}
+        found = by_cores.get(str(runs[0].job.cores) if runs[0].job.cores else "all")
+        return dict(found) if found else None
+    for r in runs:
+        if r.ok and r.m.report and r.m.report.get("settings"):
+            settings: dict[str, Any] = r.m.report["settings"]
+            return settings
+    return None
+
+
+def _settings_text(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return ""
+    return "; ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())
 
 
 def bound_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,10 +180,22 @@ def bound_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def write_outputs(b: Bench, mach: dict[str, Any]) -> None:
-    """Write OUT/results.json (every run, raw) and the Markdown results file."""
+def write_outputs(b: Bench, mach: dict[str, Any]) -> bool:
+    """Write OUT/results.json (every run, raw), then the results file and its results.json.
+
+    False, with neither of the last two written, when the machine was busy and the run
+    was asked for a quiet one (--require-quiet).
+    """
     s = summary(b)
+    reasons = busy_reasons(b)
     doc: dict[str, Any] = {
+        "run_id": b.extra.get("run_id"),
+        "quiet": {
+            "busy": bool(reasons),
+            "reasons": reasons,
+            "busy_load_per_core": b.cfg.busy_load,
+            "busy_others_cores": b.cfg.busy_others,
+        },
         "config": {
             k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
             for k, v in dataclasses.asdict(b.cfg).items()
@@ -135,44 +207,65 @@ def write_outputs(b: Bench, mach: dict[str, Any]) -> None:
         "extra": {k: v for k, v in b.extra.items() if k != "large_folder"},
         "notes": b.notes,
     }
+    raw = json.dumps(doc, indent=2, default=str) + "\n"
     b.cfg.out.mkdir(parents=True, exist_ok=True)
-    (b.cfg.out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+    (b.cfg.out / "results.json").write_text(raw)
+    if reasons and b.cfg.require_quiet:
+        return False
     b.cfg.results.parent.mkdir(parents=True, exist_ok=True)
+    # The raw results are published beside the table, under the same run id.
+    b.cfg.results.with_name("results.json").write_text(raw)
     b.cfg.results.write_text(render(b, s, doc["machine"]))
+    return True
 
 
 def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
     cfg = b.cfg
     today = dt.date.today().isoformat()
     lb, la = b.extra["load_before"], b.extra["load_after"]
+    reasons = busy_reasons(b)
     lines = [
         "# Benchmark results",
         "",
+        f"Run `{b.extra.get('run_id', 'unnamed')}` (date, commit, CPU model, AVX2 / AVX-512 "
+        "VNNI); its raw results, under the same run id: "
+        f"`{_rel(cfg.results.with_name('results.json'))}`. "
+        "This file is written whole by `make bench`; analysis lives in `benchmarks/LIMITS.md`.",
+        "",
+        *(
+            [
+                "**Taken on a busy machine**: " + "; ".join(reasons) + ". Every row measured "
+                "while other work ran is marked **busy**: its rates and ratios are indicative "
+                "only (CPU ms/image is the steadier comparison). Publish a run taken with "
+                "`--require-quiet`.",
+                "",
+            ]
+            if reasons
+            else [
+                f"Quiet machine: the load average before the first round was under "
+                f"{cfg.busy_load:g} per core, and in no run did other processes use more than "
+                f"{cfg.busy_others:g} cores.",
+                "",
+            ]
+            if any(r.m.others_cores is not None for r in b.runs)
+            else [
+                "Other processes' CPU use was not measured in this run (no per-run record); "
+                "only the load average below says how busy the machine was.",
+                "",
+            ]
+        ),
         f"Measured {today} by `make bench` (`python -m benchmarks.run`) in "
         f"{b.extra['total_s'] / 60:.1f} min: {cfg.n} small photos (~500×375), "
         f"{cfg.n_large} large (~4000×3000), seed {cfg.seed}, {cfg.repeats} interleaved "
         f"round(s); medians over the rounds, peak RSS is the largest seen. Every runner is "
-        f"timed as a whole process, start-up included. Raw data: "
-        f"`{_rel(cfg.out / 'results.json')}`.",
+        "timed as a whole process, start-up included.",
         "",
         f"Knobs changed from their defaults: {_changed(cfg) or 'none'}.",
         "",
         f"Load average (1, 5, 15 min) before: {lb[0]:.2f}, {lb[1]:.2f}, {lb[2]:.2f}; "
         f"after: {la[0]:.2f}, {la[1]:.2f}, {la[2]:.2f}.",
         "",
-        *(
-            [
-                f"**Taken on a busy machine**: the load average before the run exceeded half the "
-                f"{cpus()} cores, so other work shared the CPUs with every runner (see the "
-                "'cores used' column: CPU seconds ÷ wall seconds). Rates and ratios are "
-                "indicative only; CPU ms/image is the steadier comparison.",
-                "",
-            ]
-            # The load after the run is mostly the run's own: only the load before it
-            # says whether other work was sharing the cores.
-            if lb[0] > cpus() / 2
-            else []
-        ),
+        *render_rounds(b),
         "## Machine",
         "",
         f"- CPU: {mach['cpu']} ({mach['simd']}); {mach['cpus']} cores usable; "
@@ -192,8 +285,8 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
             f"## {size.capitalize()} photos ({n:,} × {label})",
             "",
             "| runner | images/s | range | steady images/s | start-up s | peak RSS MB "
-            "| CPU ms/image | cores used | ICS ÷ runner |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| CPU ms/image | cores used | ICS ÷ runner | settings it ran with |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         ics = (s.get(f"ics/{size}") or {}).get("images_per_s")
         for r in RUNNERS:
@@ -206,22 +299,26 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
                 if (row["ok"] < row["runs"])
                 else ""
             )
+            busy = " · **busy**" if row["busy"] else ""
             lines.append(
-                f"| {what}{failed} | {_fmt(row['images_per_s'])} "
+                f"| {what}{failed}{busy} | {_fmt(row['images_per_s'])} "
                 f"| {_fmt(row['min'])}–{_fmt(row['max'])} | {_fmt(row['steady_images_per_s'])} "
                 f"| {_fmt(row['startup_s'], 2)} | {_fmt(row['peak_rss_mb'], 0)} "
                 f"| {_fmt(row['cpu_ms_per_image'], 2)} | {_fmt(row.get('cores_used'), 2)} "
-                f"| {_fmt(_ratio(ics, row['images_per_s']), 2) if r != 'ics' else ''} |"
+                f"| {_fmt(_ratio(ics, row['images_per_s']), 2) if r != 'ics' else ''} "
+                f"| {_settings_text(row['settings'])} |"
             )
         if bounds and size in bounds["pipelined"]:
             pb = bounds["pipelined"][size]
             lines.append(
                 f"| pipelined bound for {bounds['cpus']} cores (computed, no start-up) "
-                f"| {_fmt(pb['bound'])} | | | | | | | {_fmt(_ratio(ics, pb['bound']), 2)} |"
+                f"| {_fmt(pb['bound'])} | | | | | | | {_fmt(_ratio(ics, pb['bound']), 2)} | |"
             )
         lines.append("")
+    lines += render_ray_tuning(b)
+    lines += render_scaling(b, s)
     if bounds:
-        lines += render_bounds(bounds)
+        lines += render_bounds(bounds, busy=bool((s.get("bounds/-") or {}).get("busy")))
     lines += render_targets(b, s)
     lines += render_serving(b)
     lines += render_other(b, s)
@@ -239,18 +336,139 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
     lines += render_method(b)
     if b.notes:
         lines += ["## Notes from this run", "", *(f"- {n}" for n in b.notes), ""]
-    if LIMITS.is_file():
-        # Written by hand after reading a run: what limits each missed target.
-        lines += [LIMITS.read_text(encoding="utf-8").rstrip(), ""]
     return "\n".join(lines)
 
 
-def render_bounds(bd: dict[str, Any]) -> list[str]:
+def render_rounds(b: Bench) -> list[str]:
+    """The load average and CPU count around every round, and other processes' CPU use."""
+    rounds = b.extra.get("rounds") or []
+    if not rounds:
+        return []
+    lines = [
+        "| round | load before (1, 5, 15 min) | CPUs | load after | CPUs | runs | "
+        "others' cores, max | busy runs |",
+        "|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for rd in rounds:
+        runs = [r for r in b.runs if r.round == rd["round"]]
+        others = [r.m.others_cores for r in runs if r.m.others_cores is not None]
+        busy = sum(busy_run(r.m.others_cores, b.cfg.busy_others) for r in runs)
+        before, after = rd["before"], rd["after"]
+        lines.append(
+            f"| {rd['round'] + 1} | {', '.join(f'{x:.2f}' for x in before['load'])} "
+            f"| {before['cpus']} | {', '.join(f'{x:.2f}' for x in after['load'])} "
+            f"| {after['cpus']} | {len(runs)} | {_fmt(max(others, default=None), 2)} | {busy} |"
+        )
+    return [
+        "Rounds: the load average before a later round is mostly the harness's own earlier "
+        'runs; "others\' cores" is what processes outside the measured process tree and this '
+        "harness used during a run (/proc/stat).",
+        "",
+        *lines,
+        "",
+    ]
+
+
+def render_ray_tuning(b: Bench) -> list[str]:
+    tried = b.extra.get("ray_tuning") or []
+    if not tried:
+        return []
+    lines = [
+        "## Ray Data tuning",
+        "",
+        f"Each configuration ran once on the first {tried[0].get('n', b.cfg.ray_tune_n):,} "
+        "small photos, before the rounds; the one with the best rate projected onto the "
+        f"{b.cfg.n:,} photos of the table (start-up + N ÷ steady images/s) is what the Ray "
+        "rows run, with plain and ICS preprocessing alike.",
+        "",
+        "| actors | CPUs per actor | batch | images/s (whole process) | steady images/s "
+        f"| projected on {b.cfg.n:,} | |",
+        "|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in tried:
+        st = t["settings"]
+        mark = "**chosen**" if t.get("best") else ("" if t["ok"] else f"failed: {t['problem']}")
+        lines.append(
+            f"| {st['actors']} | {st['actor_cpus']:g} | {st['batch_size']} "
+            f"| {_fmt(t['images_per_s'])} | {_fmt(t['steady_images_per_s'])} "
+            f"| {_fmt(t.get('projected_images_per_s'))} | {mark} |"
+        )
+    return [*lines, ""]
+
+
+def render_scaling(b: Bench, s: dict[str, Any]) -> list[str]:
+    """images/s against corpus size, then against cores, from the `scale-nN-cC` jobs."""
+    rows = {k: v for k, v in s.items() if "/scale-" in k}
+    if not rows:
+        return []
+    runners = [r for r in RUNNERS if any(k.startswith(r + "/") for k in rows)]
+    cores_all = max(v["cores"] for v in rows.values())
+    lines = [
+        f"## Scaling with work: images/s against corpus size ({cores_all} cores)",
+        "",
+        "Distinct small photos (~500×375), whole process, start-up included; medians over "
+        "the rounds. ms/image = wall time ÷ images: how the cost of one image changes as "
+        "the start-up is spread over more of them.",
+        "",
+        "| runner | images | images/s | range | wall s | ms/image | CPU ms/image | ICS ÷ runner |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    sizes = sorted({v["n"] for v in rows.values() if v["cores"] == cores_all})
+    for r in runners:
+        for n in sizes:
+            row = rows.get(f"{r}/scale-n{n}-c{cores_all}")
+            if row is None:
+                continue
+            ics = (rows.get(f"ics/scale-n{n}-c{cores_all}") or {}).get("images_per_s")
+            lines.append(_scale_row(r, row, str(f"{n:,}"), ics))
+    core_rows = {k: v for k, v in rows.items() if v["cores"] != cores_all}
+    if core_rows:
+        n = next(iter(core_rows.values()))["n"]
+        lines += [
+            "",
+            f"## Scaling with cores: images/s on {n:,} small photos, pinned",
+            "",
+            "The runner's whole process tree is pinned to the first CPUs "
+            "(`os.sched_setaffinity`); ICS sizes its threads from the CPUs it may use. "
+            "Speed-up is against the same runner on 1 core.",
+            "",
+            "| runner | cores | images/s | range | speed-up | CPU ms/image "
+            "| settings it ran with |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in runners:
+            one = (rows.get(f"{r}/scale-n{n}-c1") or {}).get("images_per_s")
+            for c in sorted({v["cores"] for v in rows.values()}):
+                row = rows.get(f"{r}/scale-n{n}-c{c}")
+                if row is None:
+                    continue
+                what = DESCRIBE.get(r, r).format(int8=b.cfg.int8_model)
+                lines.append(
+                    f"| {what}{' · **busy**' if row['busy'] else ''} | {c} "
+                    f"| {_fmt(row['images_per_s'])} | {_fmt(row['min'])}–{_fmt(row['max'])} "
+                    f"| {_fmt(_ratio(row['images_per_s'], one), 2)} "
+                    f"| {_fmt(row['cpu_ms_per_image'], 2)} | {_settings_text(row['settings'])} |"
+                )
+    return [*lines, ""]
+
+
+def _scale_row(r: str, row: dict[str, Any], images: str, ics: float | None) -> str:
+    what = DESCRIBE.get(r, r).split(":")[0]
+    ms = row["wall_s"] * 1e3 / row["n"] if row.get("wall_s") else None
+    return (
+        f"| {what}{' · **busy**' if row['busy'] else ''} | {images} "
+        f"| {_fmt(row['images_per_s'])} | {_fmt(row['min'])}–{_fmt(row['max'])} "
+        f"| {_fmt(row['wall_s'], 2)} | {_fmt(ms, 2)} | {_fmt(row['cpu_ms_per_image'], 2)} "
+        f"| {_fmt(_ratio(ics, row['images_per_s']), 2) if r != 'ics' else ''} |"
+    )
+
+
+def render_bounds(bd: dict[str, Any], *, busy: bool = False) -> list[str]:
     sweep = " · ".join(
         f"{bs}: {_fmt(v)}" for bs, v in bd["model_by_batch"].items() if v is not None
     )
     lines = [
-        "## Bounds",
+        "## Bounds" + (" (**busy**: other work ran during these measurements)" if busy else ""),
         "",
         f"- Bare model on pre-decoded tensors, {bd['cpus']} threads, images/s by batch size: "
         f"{sweep}; best {_fmt(bd['model_best_images_per_s'])} at batch "
@@ -460,6 +678,10 @@ def render_other(b: Bench, s: dict[str, Any]) -> list[str]:
     lines = ["## Other measurements", ""]
     for m in b.extra.get("memory") or []:
         failed = "" if m["ok"] else f" (FAILED: {m['problem']})"
+        if busy_run(m.get("others_cores"), b.cfg.busy_others) or busy_at_start(
+            first_snapshot(b), b.cfg.busy_load
+        ):
+            failed += " · **busy**"
         lines.append(
             f"- Memory run: `ics classify` on {m['n']:,} images (the small corpus repeated "
             f"by hard links): {m['wall_s']:.1f} s, {m['images_per_s']:.1f} images/s, "
@@ -467,7 +689,16 @@ def render_other(b: Bench, s: dict[str, Any]) -> list[str]:
         )
     one = b.extra.get("one_image") or []
     if one:
-        walls = ", ".join(f"{r['wall_s']:.2f}" for r in one)
+        walls = ", ".join(
+            f"{r['wall_s']:.2f}"
+            + (
+                " (busy)"
+                if busy_run(r.get("others_cores"), b.cfg.busy_others)
+                or busy_at_start(first_snapshot(b), b.cfg.busy_load)
+                else ""
+            )
+            for r in one
+        )
         lines.append(f"- `ics classify` on one image, warm model cache: {walls} s.")
     lean = s.get("ics-lean/small")
     if lean:
@@ -501,11 +732,20 @@ def render_method(b: Bench) -> list[str]:
         "- CPU ms/image: user + system time of the whole process tree (the larger of what "
         "wait4 reports for the process and its reaped children, and the CPU time of every "
         "process of the tree sampled from /proc).",
-        "- Peers use the same ONNX file and onnxruntime settings as ICS (intra-op threads = "
-        "cores, no spinning, sequential, all graph optimisations). "
-        f"Ray: {cfg.ray_actors} actor(s) of {cfg.ray_actor_cpus:g} CPU, preprocessing "
-        f"fused into the read tasks, batch 8. HTTP design: stdlib endpoint in its own "
-        f"process, a new connection per image, {cfg.http_concurrency} requests at a time.",
+        "- Every runner uses the same ONNX file. Each row's settings are what that runner "
+        "reported it ran with (session options read back from onnxruntime; ICS's from "
+        "`ics config show` with its automatic values resolved). The plain loop runs "
+        "onnxruntime's default session, as a user writes it; Ray Data runs the configuration "
+        "its tuning pass chose; the rows with ICS's decode + preprocessing run the same "
+        "peer with `ics_service.imaging.Preprocessor` in place of their own PIL code, so "
+        "their gap to ICS is the pipeline's and their gap to the plain peer the decoder's. "
+        f"HTTP design: stdlib endpoint in its own process, a new connection per image, "
+        f"{cfg.http_concurrency} requests at a time.",
+        "- Busy machine: the 1-min load average before the first round above "
+        f"{cfg.busy_load:g} per core marks every row busy; other processes using more than "
+        f"{cfg.busy_others:g} cores on average during a run (the CPU time of every process "
+        "outside the run's process tree and this harness, read from /proc about every 0.3 s: "
+        "a lower bound, as shorter-lived processes are missed) marks that run's row busy.",
         "- Pipelined bound = 1 / (1/M + D/C): C cores share the model's core-seconds per "
         "image (C/M) and the decode's (D). M is the bare model's best images/s on all C "
         "cores, either one session with C threads or C single-thread sessions side by side "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -27,7 +28,8 @@ from .common import cpus
 from .corpus import ensure_corpus, ensure_repeated
 from .measure import Measurement, run_measured
 from .profiling import py_spy, summarise
-from .report import write_outputs
+from .quiet import load_snapshot
+from .report import busy_reasons, write_outputs
 from .runners import ROOT, RUNNERS, Bench, Config, Job, Run
 
 
@@ -57,8 +59,18 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         ("model", d.model, "FP32 model"),
         ("int8_model", d.int8_model, "INT8 model (skipped with a note when ICS lacks it)"),
         ("http_concurrency", d.http_concurrency, "concurrent requests of the HTTP design"),
-        ("ray_actors", d.ray_actors, "Ray actor pool size"),
-        ("ray_actor_cpus", d.ray_actor_cpus, "CPUs reserved by each Ray actor"),
+        ("ray_actors", d.ray_actors, "Ray actor pool size (when not tuned)"),
+        ("ray_actor_cpus", d.ray_actor_cpus, "CPUs reserved by each Ray actor (when not tuned)"),
+        ("ray_batch", d.ray_batch, "Ray map_batches batch size (when not tuned)"),
+        ("ray_tune_n", d.ray_tune_n, "small photos of each Ray tuning run"),
+        ("ray_tune_s", d.ray_tune_s, "time budget of the Ray tuning pass; 0 skips it"),
+        ("require_quiet", d.require_quiet, "refuse to write the results file when busy"),
+        ("busy_load", d.busy_load, "busy: 1-min load average per core before the first round"),
+        ("busy_others", d.busy_others, "busy: cores other processes used during a run"),
+        ("scaling", d.scaling, "images/s against corpus size and cores; 0 skips it"),
+        ("scaling_n", d.scaling_n, "corpus sizes of the scaling table (small photos)"),
+        ("scaling_cores_n", d.scaling_cores_n, "corpus size of the cores table"),
+        ("scaling_runners", d.scaling_runners, "runners of the scaling tables"),
         ("one_image_runs", d.one_image_runs, "runs of `ics classify` on one image"),
         ("bounds_min_s", d.bounds_min_s, "seconds per bound measurement"),
         ("agree_n", d.agree_n, "images for the INT8/FP32 top-1 agreement"),
@@ -80,6 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
             type=kind,
             default=_env(env, default),
             help=f"{help_text} (${env})",
+            # A yes/no knob also works as a bare flag: --require-quiet.
+            nargs="?" if isinstance(default, bool) else None,
+            const=True if isinstance(default, bool) else None,
         )
     p.add_argument(
         "--rerender",
@@ -91,8 +106,15 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     runners = tuple(r.strip() for r in a.runners.split(",") if r.strip())
     large_runners = tuple(r.strip() for r in a.large_runners.split(",") if r.strip())
     unknown = (set(runners) | set(large_runners)) - set(RUNNERS)
+    unknown |= set(_names(a.scaling_runners)) - set(RUNNERS)
     if unknown:
         p.error(f"unknown runners {sorted(unknown)}; known: {', '.join(RUNNERS)}")
+    try:
+        sizes = _sizes(a.scaling_n)
+    except ValueError:
+        p.error(f"--scaling-n: {a.scaling_n!r} is not a comma-separated list of image counts")
+    if any(n < 1 for n in sizes):
+        p.error("--scaling-n: every corpus size must be at least 1")
     return Config(
         **{
             f.name: getattr(a, f.name)
@@ -106,6 +128,14 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         out=Path(a.out).resolve(),
         results=Path(a.results).resolve(),
     )
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(x) for x in _names(text)]
 
 
 # --- models ---------------------------------------------------------------------------
@@ -164,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         rerender(cfg)
         return
     started = time.perf_counter()
-    load_before = os.getloadavg()
+    started_at = time.gmtime()
+    first = load_snapshot()
     ics = ics_command()
     notes: list[str] = []
     fp32 = model_info(ics, cfg.model, prepare=cfg.prepare, notes=notes)
@@ -201,18 +232,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         jobs.append(Job(r, "small", small, cfg.n))
         if large is not None and r in cfg.large_runners:
             jobs.append(Job(r, "large", large, cfg.n_large))
+    if cfg.scaling:
+        print(f"scaling corpora: {cfg.scaling_n} small photos (generated once)...", flush=True)
+        jobs += scaling_jobs(cfg, runners, corpus_root)
 
+    b.extra["settings"] = ics_settings(b, {j.cores for j in jobs if j.runner.startswith("ics")})
     if cfg.warmup:
         print("warm-up (untimed): every runner on 8 small photos", flush=True)
         for r in runners:
             if r != "bounds":
                 run_job(b, Job(r, "tiny", tiny, 8), 0, record=False)
+    if cfg.ray_tune_s > 0 and {"ray", "ray-ics"} & set(runners):
+        b.extra["ray_tuning"] = tune_ray(b, ensure_corpus(corpus_root, "small", cfg.ray_tune_n))
+        best = [t for t in b.extra["ray_tuning"] if t.get("best")]
+        if best:
+            b.extra["ray_tuned"] = best[0]["settings"]
+    rounds: list[dict[str, Any]] = []
+    b.extra["rounds"] = rounds
     for round_ in range(cfg.repeats):
         shift = round_ * len(jobs) // max(cfg.repeats, 1)
         order = jobs[shift:] + jobs[:shift]
         print(f"round {round_ + 1}/{cfg.repeats}", flush=True)
+        before = first if round_ == 0 else load_snapshot()
         for job in order:
             run_job(b, job, round_)
+        rounds.append({"round": round_, "before": before, "after": load_snapshot()})
 
     if cfg.mem_n and "ics" in runners:
         print(f"memory: ICS on {cfg.mem_base} and {cfg.mem_n} images", flush=True)
@@ -230,19 +274,141 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.profile and "ics" in runners:
         b.extra["profile"] = profile_ics(b, small)
 
-    b.extra["load_before"] = load_before
-    b.extra["load_after"] = os.getloadavg()
+    b.extra["load_before"] = first["load"]
+    b.extra["load_after"] = load_snapshot()["load"]
     b.extra["total_s"] = time.perf_counter() - started
-    write_outputs(b, machine())
-    print(f"wrote {cfg.results} in {b.extra['total_s']:.0f} s", flush=True)
+    mach = machine()
+    b.extra["run_id"] = run_id(started_at, mach)
+    published = write_outputs(b, mach)
+    if not published:
+        raise SystemExit(
+            f"the machine was busy ({'; '.join(busy_reasons(b))}): {cfg.results} not written "
+            f"(--require-quiet); raw results in {cfg.out / 'results.json'}. Close other work "
+            "and run again."
+        )
+    print(f"wrote {cfg.results} (run {b.extra['run_id']}) in {b.extra['total_s']:.0f} s")
     failed = [r for r in b.runs if not r.ok]
     if failed:
         raise SystemExit(f"{len(failed)} runs failed; see {b.work}/*.log")
 
 
+def scaling_jobs(cfg: Config, runners: Sequence[str], corpus_root: Path) -> list[Job]:
+    """ICS and the plain loop against corpus size (every core), then against cores."""
+    every = cpus()
+    cores = sorted({c for c in (1, 2, every) if c <= every})
+    sizes = _sizes(cfg.scaling_n)
+    jobs: list[Job] = []
+    for r in _names(cfg.scaling_runners):
+        if r not in runners:
+            continue
+        for n in sizes:
+            folder = ensure_corpus(corpus_root, "small", n, cfg.seed)
+            jobs.append(Job(r, f"scale-n{n}-c{every}", folder, n, cores=every))
+        folder = ensure_corpus(corpus_root, "small", cfg.scaling_cores_n, cfg.seed)
+        for c in cores:
+            if c == every and cfg.scaling_cores_n in sizes:
+                continue  # already in the corpus-size series
+            size = f"scale-n{cfg.scaling_cores_n}-c{c}"
+            jobs.append(Job(r, size, folder, cfg.scaling_cores_n, cores=c))
+    return jobs
+
+
+def pin_for(cores: int) -> list[int]:
+    """The first `cores` CPUs this process may use; [] for 0 (no pinning)."""
+    return sorted(os.sched_getaffinity(0))[:cores] if cores else []
+
+
+def ics_settings(b: Bench, cores: set[int]) -> dict[str, Any]:
+    """ICS's effective settings for each core count its jobs run on ("all" for unpinned)."""
+    out: dict[str, Any] = {}
+    for c in sorted(cores):
+        cpu_list = set(pin_for(c))
+        r = subprocess.run(
+            [sys.executable, "-m", "benchmarks.ics_settings", b.ics, b.fp32["path"]],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=clean_env(ICS_HOME=str(b.home)),
+            preexec_fn=functools.partial(os.sched_setaffinity, 0, cpu_list) if cpu_list else None,
+        )
+        key = str(c) if c else "all"
+        if r.returncode != 0:
+            b.notes.append(f"ICS settings for {key} cores: unreadable ({_last_line(r.stderr)}).")
+            continue
+        out[key] = json.loads(r.stdout)
+    return out
+
+
+#: Ray Data configurations tried by the tuning pass: (actors, CPUs per actor, batch size).
+#: On 2 CPUs an actor pool that reserves every CPU starves the read tasks (FIELD-NOTES), so
+#: configurations reserving all CPUs for actors are left out.
+RAY_CANDIDATES = ((1, 0.5, 8), (1, 0.5, 32), (1, 1.0, 8), (2, 0.5, 8), (2, 0.5, 32))
+
+
+def tune_ray(b: Bench, folder: Path) -> list[dict[str, Any]]:
+    """Run each Ray configuration once on a small corpus, within the time budget; best marked.
+
+    Ranked by the whole-process rate they would reach on the full small corpus: start-up
+    (wall time minus the steady part) plus N ÷ steady images/s, so a short tuning corpus
+    does not let start-up decide alone.
+    """
+    cfg = b.cfg
+    n = len(list(folder.glob("*.jpg")))
+    print(f"Ray tuning: {len(RAY_CANDIDATES)} configurations on {n} photos", flush=True)
+    started = time.perf_counter()
+    tried: list[dict[str, Any]] = []
+    for i, (actors, actor_cpus, batch) in enumerate(RAY_CANDIDATES):
+        if actors * actor_cpus >= cpus():
+            continue
+        spent = time.perf_counter() - started
+        last = tried[-1]["wall_s"] if tried else 0.0
+        if tried and spent + last > cfg.ray_tune_s:
+            b.notes.append(
+                f"Ray tuning stopped after {len(tried)} configurations: its budget of "
+                f"{cfg.ray_tune_s:g} s (BENCH_RAY_TUNE_S) was spent."
+            )
+            break
+        b.extra["ray_tuned"] = {"actors": actors, "actor_cpus": actor_cpus, "batch_size": batch}
+        run = run_job(b, Job("ray", "tune", folder, n), 0, label=f"-t{i}", record=False)
+        doc: dict[str, Any] = {
+            "settings": dict(b.extra["ray_tuned"]),
+            "n": n,
+            "ok": run.ok,
+            "problem": run.problem,
+            "wall_s": run.m.wall_s,
+            "images_per_s": run.ips,
+            "steady_images_per_s": run.steady_ips,
+            "others_cores": run.m.others_cores,
+        }
+        if run.ok and run.steady_ips:
+            startup = max(0.0, run.m.wall_s - n / run.steady_ips)
+            doc["projected_images_per_s"] = cfg.n / (startup + cfg.n / run.steady_ips)
+        tried.append(doc)
+    b.extra.pop("ray_tuned", None)
+    ranked = [t for t in tried if t.get("projected_images_per_s")]
+    if ranked:
+        max(ranked, key=lambda t: t["projected_images_per_s"])["best"] = True
+    return tried
+
+
+def run_id(started: time.struct_time, mach: dict[str, Any]) -> str:
+    """Date, commit, CPU model and its vector instructions: what makes a run's figures."""
+    cpu = "-".join(
+        "".join(ch for ch in word if ch.isalnum()) for word in mach["cpu"].split()
+    ).strip("-")
+    commit = (mach["commit"].split() or ["nocommit"])[0]
+    # A run of uncommitted code cannot be traced to a commit alone: say so in its name.
+    dirty = "-dirty" if "uncommitted" in mach["commit"] else ""
+    return (
+        f"{time.strftime('%Y%m%dT%H%MZ', started)}-{commit}{dirty}-"
+        f"{cpu or 'unknown-cpu'}-{mach['isa']}"
+    )
+
+
 def rerender(cfg: Config) -> None:
     """Write the results file again from a finished run's results.json."""
-    doc = json.loads((cfg.out / "results.json").read_text())
+    published = cfg.results.with_name("results.json")
+    doc = json.loads((published if published.exists() else cfg.out / "results.json").read_text())
     old = Config.from_json(doc["config"], out=cfg.out, results=cfg.results)
     models = doc.get("models") or {}
     fp32 = models.get("fp32") or model_info(ics_command(), old.model, prepare=False, notes=[])
@@ -258,7 +424,7 @@ def rerender(cfg: Config) -> None:
     names = {f.name for f in dataclasses.fields(Measurement)}
     for d in doc["runs"]:
         m = Measurement(**{k: v for k, v in d.items() if k in names})
-        job = Job(d["runner"], d["size"], Path(), d["n"])
+        job = Job(d["runner"], d["size"], Path(), d["n"], cores=d.get("cores", 0))
         b.runs.append(Run(job, d["round"], m, d["ok"], d["problem"], d["steady_images_per_s"]))
     write_outputs(b, doc["machine"])
     print(f"wrote {cfg.results} from {cfg.out / 'results.json'}")
@@ -276,6 +442,7 @@ def run_job(b: Bench, job: Job, round_: int, *, label: str = "", record: bool = 
         timeout_s=b.cfg.timeout_s,
         log_path=b.work / f"{tag}.log",
         report_path=b.work / f"{tag}.report.json",
+        pin=pin_for(job.cores),
     )
     run = _check(b, job, m, tag)
     run.round = round_
@@ -286,9 +453,10 @@ def run_job(b: Bench, job: Job, round_: int, *, label: str = "", record: bool = 
     if record:
         b.runs.append(run)
     status = "ok" if run.ok else f"FAILED: {run.problem}"
+    others = "" if m.others_cores is None else f"  others {m.others_cores:4.2f} cores"
     print(
         f"  {job.runner:<9} {job.size:<5} {job.n:>6} images  {m.wall_s:7.2f} s  "
-        f"{run.ips:8.1f} img/s  peak {m.peak_rss_mb:7.0f} MB  {status}",
+        f"{run.ips:8.1f} img/s  peak {m.peak_rss_mb:7.0f} MB{others}  {status}",
         flush=True,
     )
     return run
@@ -408,6 +576,7 @@ def machine() -> dict[str, Any]:
             f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags
         )
         or "none of avx2/avx512",
+        "isa": _isa(flags),
         "cpus": cpus(),
         "memory_gb": round(mem_gb, 1),
         "kernel": platform.release(),
@@ -415,6 +584,12 @@ def machine() -> dict[str, Any]:
         "versions": versions,
         "commit": commit + (" + uncommitted changes in src/" if dirty else ""),
     }
+
+
+def _isa(flags: set[str]) -> str:
+    """AVX2 and AVX-512 VNNI (or AVX-VNNI), the instructions the model's speed turns on."""
+    vnni = "avx512vnni" if "avx512_vnni" in flags else "avxvnni" if "avx_vnni" in flags else ""
+    return "+".join(x for x in ("avx2" if "avx2" in flags else "noavx2", vnni) if x) or "none"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Job:
     size: str  # "small", "large", or "-" for the bounds
     folder: Path
     n: int
+    #: CPUs the process tree is pinned to (the scaling tables); 0: every usable CPU.
+    cores: int = 0
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Run:
             "runner": self.job.runner,
             "size": self.job.size,
             "n": self.job.n,
+            "cores": self.job.cores,
             "round": self.round,
             "ok": self.ok,
             "problem": self.problem,
@@ -101,17 +104,32 @@ def _plain(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     return _py("benchmarks.plain_loop", b.fp32_json(), str(job.folder), b.out_file(tag))
 
 
+def _plain_ics(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    return [*_plain(b, job, tag, round_), "--preprocess", "ics"]
+
+
+def ray_args(actors: int, actor_cpus: float, batch: int) -> list[str]:
+    return ["--actors", str(actors), "--actor-cpus", f"{actor_cpus:g}", "--batch-size", str(batch)]
+
+
 def _ray(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    # The configuration the tuning pass picked (run.tune_ray), else the knobs'.
+    tuned = b.extra.get("ray_tuned") or {}
     return _py(
         "benchmarks.ray_data",
         b.fp32_json(),
         str(job.folder),
         b.out_file(tag),
-        "--actors",
-        str(b.cfg.ray_actors),
-        "--actor-cpus",
-        str(b.cfg.ray_actor_cpus),
+        *ray_args(
+            int(tuned.get("actors", b.cfg.ray_actors)),
+            float(tuned.get("actor_cpus", b.cfg.ray_actor_cpus)),
+            int(tuned.get("batch_size", b.cfg.ray_batch)),
+        ),
     )
+
+
+def _ray_ics(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    return [*_ray(b, job, tag, round_), "--preprocess", "ics"]
 
 
 def _http(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
@@ -187,7 +205,19 @@ REGISTRY: dict[str, Runner] = {
         ),
         Runner("ics-int8", _ics_int8, "`ics classify --model {int8}`"),
         Runner("plain", _plain, "plain loop: PIL + onnxruntime, one image at a time", large=True),
+        Runner(
+            "plain-ics",
+            _plain_ics,
+            "plain loop with ICS's decode + preprocessing (`ics_service.imaging.Preprocessor`)",
+            large=True,
+        ),
         Runner("ray", _ray, "Ray Data: read_images + map_batches actor pool", large=True),
+        Runner(
+            "ray-ics",
+            _ray_ics,
+            "Ray Data: read_binary_files + ICS's decode + preprocessing, actor pool",
+            large=True,
+        ),
         Runner("http", _http, "original design: base64 + one HTTP POST per image", large=True),
         Runner("serve", _serve, "`ics serve`: POST /v1/classify, raw JPEG body", serving=True),
         Runner(
@@ -225,6 +255,16 @@ class Config:
     http_concurrency: int = 2
     ray_actors: int = 1
     ray_actor_cpus: float = 0.5
+    ray_batch: int = 8
+    ray_tune_n: int = 300
+    ray_tune_s: float = 240.0
+    require_quiet: bool = False
+    busy_load: float = 0.5
+    busy_others: float = 0.1
+    scaling: bool = True
+    scaling_n: str = "100,1000,10000"
+    scaling_cores_n: int = 1000
+    scaling_runners: str = "ics,plain"
     one_image_runs: int = 3
     bounds_min_s: float = 1.0
     agree_n: int = 1000

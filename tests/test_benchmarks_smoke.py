@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpus import SIZES, ensure_corpus, make_image  # noqa: E402
+from benchmarks.measure import run_measured  # noqa: E402
 from benchmarks.profiling import summarise  # noqa: E402
 from benchmarks.report import bound_summary  # noqa: E402
 
@@ -36,6 +37,9 @@ SMOKE_ENV = {
     "BENCH_WARMUP": "0",
     "BENCH_PREPARE": "0",
     "BENCH_TIMEOUT_S": "120",
+    # Their own tests below turn these on, on tiny corpora.
+    "BENCH_SCALING": "0",
+    "BENCH_RAY_TUNE_S": "0",
 }
 
 
@@ -113,19 +117,34 @@ def bench_env(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dic
     return env
 
 
-def _run_bench(env: dict[str, str], **knobs: str) -> tuple[str, dict[str, object]]:
-    env = {**env, **knobs}
-    r = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run"],
+def _bench(env: dict[str, str], *args: str, **knobs: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *args],
         cwd=ROOT,
-        env=env,
+        env={**env, **knobs},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def _run_bench(env: dict[str, str], **knobs: str) -> tuple[str, dict[str, object]]:
+    r = _bench(env, **knobs)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = Path(env["BENCH_OUT"])
-    return Path(env["BENCH_RESULTS"]).read_text(), json.loads((out / "results.json").read_text())
+    env = {**env, **knobs}
+    table = Path(env["BENCH_RESULTS"]).read_text()
+    doc = json.loads(Path(env["BENCH_RESULTS"]).with_name("results.json").read_text())
+    # The table and its raw results name the same run.
+    assert f"Run `{doc['run_id']}`" in table
+    return table, doc
+
+
+def _settings(doc: dict[str, object], runner: str) -> dict[str, object]:
+    summary = doc["summary"]
+    assert isinstance(summary, dict)
+    settings = summary[f"{runner}/small"]["settings"]
+    assert isinstance(settings, dict), runner
+    return settings
 
 
 def _ok_runs(doc: dict[str, object]) -> set[tuple[str, str]]:
@@ -139,8 +158,8 @@ def _ok_runs(doc: dict[str, object]) -> set[tuple[str, str]]:
 def test_every_runner_but_ray_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
     table, doc = _run_bench(
         bench_env,
-        BENCH_RUNNERS="ics,ics-lean,ics-int8,plain,http,bounds",
-        BENCH_LARGE_RUNNERS="ics,plain,http",
+        BENCH_RUNNERS="ics,ics-lean,ics-int8,plain,plain-ics,http,bounds",
+        BENCH_LARGE_RUNNERS="ics,plain,plain-ics,http",
     )
     assert _ok_runs(doc) >= {
         ("ics", "small"),
@@ -148,6 +167,8 @@ def test_every_runner_but_ray_on_a_tiny_corpus(bench_env: dict[str, str]) -> Non
         ("ics-lean", "small"),
         ("plain", "small"),
         ("plain", "large"),
+        ("plain-ics", "small"),
+        ("plain-ics", "large"),
         ("http", "small"),
         ("http", "large"),
         ("bounds", "-"),
@@ -159,6 +180,23 @@ def test_every_runner_but_ray_on_a_tiny_corpus(bench_env: dict[str, str]) -> Non
     for heading in ("## Machine", "## Small photos", "## Large photos", "## Targets", "Bounds"):
         assert heading in table
     assert "pipelined bound" in table
+    # Each row shows the settings its runner reported: the plain loop on onnxruntime's
+    # default session with its own PIL code or ICS's Preprocessor, ICS with its threads.
+    plain, plain_ics = _settings(doc, "plain"), _settings(doc, "plain-ics")
+    assert plain["session"] == plain_ics["session"] == "onnxruntime's default InferenceSession"
+    assert plain["intra_op_threads"] == "0 (onnxruntime's default)"
+    assert plain["preprocess"] == "PIL convert + resize + crop"
+    assert plain_ics["preprocess"] == "ics_service.imaging.Preprocessor"
+    ics = _settings(doc, "ics")
+    assert ics["cpus"] == len(os.sched_getaffinity(0))
+    assert ics["spinning"] == "0"
+    http = _settings(doc, "http")
+    assert http["concurrency"] == 2 and http["intra_op_threads"] == ics["cpus"]
+    assert "settings it ran with" in table and "decode threads" in table
+    # Analysis is not appended: RESULTS.md is the run's, whole.
+    assert "What limits" not in table
+    # The raw results are published beside the table as well as kept in the work folder.
+    assert json.loads((Path(bench_env["BENCH_OUT"]) / "results.json").read_text()) == doc
     # INT8 is measured when ICS has the model prepared, and skipped with a note otherwise.
     assert "INT8" in table
     # The report can be written again from the raw results alone.
@@ -182,14 +220,35 @@ def test_ray_data_runner_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
         pytest.skip("the Ray Data peer needs the bench extra: pip install -e '.[bench]'")
     table, doc = _run_bench(
         bench_env,
-        BENCH_RUNNERS="ray",
+        BENCH_RUNNERS="ray,ray-ics",
         BENCH_N_LARGE="0",
         BENCH_MEM_N="0",
         BENCH_ONE_IMAGE_RUNS="0",
         BENCH_PROFILE="0",
+        BENCH_RAY_TUNE_N="8",
+        BENCH_RAY_TUNE_S="600",
     )
-    assert _ok_runs(doc) == {("ray", "small")}
+    assert _ok_runs(doc) == {("ray", "small"), ("ray-ics", "small")}
     assert "Ray Data" in table
+    extra = doc["extra"]
+    assert isinstance(extra, dict)
+    tried = extra["ray_tuning"]
+    cpus = len(os.sched_getaffinity(0))
+    # No configuration reserves every CPU for actors (the read tasks would starve).
+    assert tried and all(
+        t["settings"]["actors"] * t["settings"]["actor_cpus"] < cpus for t in tried
+    )
+    assert all(t["ok"] for t in tried), [t["problem"] for t in tried]
+    (best,) = [t for t in tried if t.get("best")]
+    assert best["projected_images_per_s"] == max(t["projected_images_per_s"] for t in tried)
+    # Both Ray rows run the chosen configuration, as the runner itself reports it.
+    for runner, reader in (("ray", "read_images"), ("ray-ics", "read_binary_files")):
+        ran = _settings(doc, runner)
+        assert {k: ran[k] for k in best["settings"]} == best["settings"]
+        assert ran["reader"] == reader
+        # Read back from the actor's own session.
+        assert ran["intra_op_threads"] == max(1, cpus // best["settings"]["actors"])
+    assert "## Ray Data tuning" in table and "**chosen**" in table
 
 
 @pytest.mark.slow
@@ -234,3 +293,116 @@ def test_capture_runner_beside_the_default_one_on_a_tiny_corpus(
     assert "data capture ≤ 10 %" in table
     # The captures are counted, then removed: hundreds of MB in a real run.
     assert not list(Path(bench_env["BENCH_OUT"]).rglob("*-capture"))
+
+
+@pytest.mark.slow
+def test_scaling_tables_against_corpus_size_and_pinned_cores(bench_env: dict[str, str]) -> None:
+    table, doc = _run_bench(
+        bench_env,
+        BENCH_RUNNERS="ics,plain",
+        BENCH_N_LARGE="0",
+        BENCH_MEM_N="0",
+        BENCH_ONE_IMAGE_RUNS="0",
+        BENCH_PROFILE="0",
+        BENCH_SCALING="1",
+        BENCH_SCALING_N="4,8",
+        BENCH_SCALING_CORES_N="6",
+    )
+    every = len(os.sched_getaffinity(0))
+    runs = doc["runs"]
+    assert isinstance(runs, list)
+    sizes = {(r["runner"], r["size"], r["n"], r["cores"]) for r in runs if r["ok"]}
+    for runner in ("ics", "plain"):
+        for n in (4, 8):
+            assert (runner, f"scale-n{n}-c{every}", n, every) in sizes
+        for c in {1, min(2, every), every}:
+            assert (runner, f"scale-n6-c{c}", 6, c) in sizes
+    # A one-core run is pinned to one CPU, process tree and all; ICS sizes itself to it.
+    one = [r for r in runs if r["size"] == "scale-n6-c1"]
+    assert one and all(len(r["pinned"]) == 1 for r in one)
+    assert _settings_of(doc, "ics/scale-n6-c1")["cpus"] == 1
+    assert "## Scaling with work" in table
+    if every > 1:
+        assert "## Scaling with cores" in table
+
+
+def _settings_of(doc: dict[str, object], key: str) -> dict[str, object]:
+    summary = doc["summary"]
+    assert isinstance(summary, dict)
+    settings = summary[key]["settings"]
+    assert isinstance(settings, dict)
+    return settings
+
+
+@pytest.mark.slow
+def test_a_busy_machine_marks_every_row_and_require_quiet_refuses_to_publish(
+    bench_env: dict[str, str], tmp_path: Path
+) -> None:
+    quick = {
+        "BENCH_RUNNERS": "plain",
+        "BENCH_N_LARGE": "0",
+        "BENCH_MEM_N": "0",
+        "BENCH_ONE_IMAGE_RUNS": "0",
+        "BENCH_PROFILE": "0",
+    }
+    # Thresholds no machine meets, then thresholds every machine meets: the rule, not the
+    # moment's load, decides.
+    quiet = {"BENCH_BUSY_LOAD": "1000", "BENCH_BUSY_OTHERS": "1000"}
+    busy = {"BENCH_BUSY_LOAD": "1000", "BENCH_BUSY_OTHERS": "-1"}
+
+    table, doc = _run_bench(bench_env, **quick, **quiet)
+    assert "Quiet machine" in table and "**busy**" not in table
+    assert doc["quiet"] == {
+        "busy": False,
+        "reasons": [],
+        "busy_load_per_core": 1000.0,
+        "busy_others_cores": 1000.0,
+    }
+
+    table, doc = _run_bench(bench_env, **quick, **busy)
+    assert "**Taken on a busy machine**" in table
+    assert "· **busy**" in table
+    quiet_doc = doc["quiet"]
+    assert isinstance(quiet_doc, dict) and quiet_doc["busy"] is True
+    assert "other processes used more than -1 cores" in quiet_doc["reasons"][0]
+    extra = doc["extra"]
+    assert isinstance(extra, dict)
+    (round_,) = extra["rounds"]
+    assert len(round_["before"]["load"]) == 3 and round_["before"]["cpus"] >= 1
+
+    results = tmp_path / "RESULTS.md"
+    refused = _bench(bench_env, "--require-quiet", **quick, **busy, BENCH_RESULTS=str(results))
+    assert refused.returncode != 0
+    assert "the machine was busy" in refused.stderr and "not written" in refused.stderr
+    assert not results.exists() and not (tmp_path / "results.json").exists()
+    raw = json.loads((Path(bench_env["BENCH_OUT"]) / "results.json").read_text())
+    assert raw["quiet"]["busy"] is True
+
+    published = _bench(bench_env, "--require-quiet", **quick, **quiet, BENCH_RESULTS=str(results))
+    assert published.returncode == 0, published.stderr[-3000:]
+    assert results.exists() and (tmp_path / "results.json").exists()
+
+
+def test_other_processes_cpu_is_measured_apart_from_the_runs_own() -> None:
+    spin = [
+        sys.executable,
+        "-c",
+        "import time\nend = time.time() + 30\nwhile time.time() < end: pass",
+    ]
+    other = subprocess.Popen(spin)
+    try:
+        m = run_measured([sys.executable, "-c", "import time; time.sleep(1.5)"], timeout_s=60)
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+    # The run itself slept: the spinning process outside its tree is the "others".
+    assert m.cpu_s < 0.5
+    assert m.others_cores is not None and m.others_cores > 0.3
+    # A spinning run's own CPU counts as its own (spinning by CPU time, so that other work
+    # on a shared machine cannot make it use less).
+    own = run_measured(
+        [sys.executable, "-c", "import time\nwhile time.process_time() < 1.0: pass"],
+        timeout_s=60,
+    )
+    assert own.rc == 0 and own.cpu_s >= 1.0
+    assert own.others_cores is not None
