@@ -21,7 +21,7 @@ import pytest
 
 from awsserver import AwsServer
 from cli import ICS_BIN, ics
-from ics_service.alerts.channels import DeliveryError, channel_for
+from ics_service.alerts.channels import DeliveryError, channel_for, channel_of
 from ics_service.alerts.dispatcher import Dispatcher
 from ics_service.alerts.planner import Planner
 from ics_service.alerts.subscriptions import Subscription
@@ -168,15 +168,18 @@ def test_the_webhook_posts_the_document_signed_with_an_idempotency_key() -> None
     settings = load_settings(None, environ={}).settings
     alert = {"version": 1, "alert_id": "5f0c6f0e-0000-4000-8000-000000000001", "kind": "x"}
     with webhook_receiver(secret=SECRET) as receiver:
-        url = f"{receiver.url}?ics-secret={SECRET}"
-        channel = channel_for(url, timeout_s=5, settings=settings)
-        assert SECRET not in channel.shown()
+        sub = Subscription.model_validate(f"{receiver.url}?team=ops&ics-secret={SECRET}")
+        channel = channel_of(sub, settings)
+        assert SECRET not in channel.shown() and SECRET not in sub.shown(channel.shown())
         channel.send(alert, "title", "body")
+        channel.close()
         (post,) = receiver.posts
         assert post.signed is True
         assert post.doc == alert
         assert post.headers["Idempotency-Key"] == alert["alert_id"]
-        assert "ics-secret" not in receiver.url  # the secret never travels in the URL
+        # What the server received: the URL's own query, never the secret.
+        assert post.path == "/hook?team=ops"
+        assert SECRET not in json.dumps(post.headers)
         # A wrong key does not verify: the check can fail.
         assert not verify("another key", post.headers, post.body)
         assert not verify(SECRET, post.headers, post.body + b" ")
@@ -332,8 +335,13 @@ def test_a_delivery_is_leased_to_one_dispatcher_at_a_time(
     assert other.due() == []
     time.sleep(0.6)  # the first sender died: its lease runs out
     assert other.claim(due.id, "host:2", lease)
-    other.sent(due.id)
+    # The first sender, late, cannot settle a delivery another one holds now.
+    assert not one.sent(due.id, "host:1")
+    assert not one.failed(due.id, "host:1", "late", retry_at=None)
     assert not one.claim(due.id, "host:1", lease)
+    assert other.sent(due.id, "host:2")
+    assert not one.claim(due.id, "host:1", lease)
+    assert not other.anything_due()
 
 
 def test_held_alerts_of_an_execution_ended_elsewhere_are_digested_by_the_next_dispatcher(
