@@ -329,6 +329,13 @@ class Dispatcher:
                 log.debug("closing an alert channel: %s", e)
 
 
+def recorded_subscriptions(store: Store, ids: list[str]) -> list[Subscription]:
+    """The subscriptions an execution recorded (by id) when it started, as the store keeps
+    them; those it no longer knows are left out."""
+    specs = {sub.id: sub for sub in map(Subscription.model_validate_json, Outbox(store).specs(ids))}
+    return [specs[i] for i in ids if i in specs]
+
+
 class Alerting:
     """Alerts for a process that runs executions: the subscriptions checked at start, the
     store writing alerts with results, and a dispatcher thread."""
