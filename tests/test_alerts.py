@@ -23,7 +23,7 @@ import pytest
 from awsserver import AwsServer
 from cli import ICS_BIN, ics
 from ics_service.alerts.channels import DeliveryError, channel_for, channel_of
-from ics_service.alerts.dispatcher import Dispatcher
+from ics_service.alerts.dispatcher import LEASE_FACTOR, LEASE_SLACK_S, Dispatcher
 from ics_service.alerts.planner import Planner
 from ics_service.alerts.subscriptions import Subscription
 from ics_service.config import load_settings
@@ -648,8 +648,8 @@ def test_alerts_of_a_process_killed_before_sending_them_are_sent_by_the_next_com
     stored = {a["alert_id"] for a in store_alerts(store_url)}
     e = only_execution(store_url)
     assert len(stored) == expected_alerts(e)
-    # The dead process may hold one delivery's lease for the channel timeout plus 5 s.
-    time.sleep(1 + 5 + 0.5)
+    # The dead process may hold one delivery's lease (for a 1 s channel timeout).
+    time.sleep(1 * LEASE_FACTOR + LEASE_SLACK_S + 0.5)
     with webhook_receiver(port) as receiver:
         res = ics("executions", "list", "--store", store_url)  # any command on the store
         assert res.exit_code == 0, res.output
