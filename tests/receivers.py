@@ -28,6 +28,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, *, max_age_s: floa
 
 @dataclass
 class Post:
+    path: str  # as the server received it: the request target, query included
     headers: dict[str, str]
     body: bytes
     signed: bool | None  # None: the receiver has no secret
@@ -57,7 +58,7 @@ class WebhookReceiver:
                 status = receiver.status
                 if status == 200:
                     with receiver._lock:
-                        receiver.posts.append(Post(headers, body, signed))
+                        receiver.posts.append(Post(self.path, headers, body, signed))
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,8 @@ import pytest
 
 from awsserver import AwsServer
 from cli import ICS_BIN, ics
-from ics_service.alerts.channels import DeliveryError, channel_for
-from ics_service.alerts.dispatcher import Dispatcher
+from ics_service.alerts.channels import DeliveryError, channel_for, channel_of
+from ics_service.alerts.dispatcher import LEASE_FACTOR, LEASE_SLACK_S, Dispatcher
 from ics_service.alerts.planner import Planner
 from ics_service.alerts.subscriptions import Subscription
 from ics_service.config import load_settings
@@ -168,15 +169,18 @@ def test_the_webhook_posts_the_document_signed_with_an_idempotency_key() -> None
     settings = load_settings(None, environ={}).settings
     alert = {"version": 1, "alert_id": "5f0c6f0e-0000-4000-8000-000000000001", "kind": "x"}
     with webhook_receiver(secret=SECRET) as receiver:
-        url = f"{receiver.url}?ics-secret={SECRET}"
-        channel = channel_for(url, timeout_s=5, settings=settings)
-        assert SECRET not in channel.shown()
+        sub = Subscription.model_validate(f"{receiver.url}?team=ops&ics-secret={SECRET}")
+        channel = channel_of(sub, settings)
+        assert SECRET not in channel.shown() and SECRET not in sub.shown(channel.shown())
         channel.send(alert, "title", "body")
+        channel.close()
         (post,) = receiver.posts
         assert post.signed is True
         assert post.doc == alert
         assert post.headers["Idempotency-Key"] == alert["alert_id"]
-        assert "ics-secret" not in receiver.url  # the secret never travels in the URL
+        # What the server received: the URL's own query, never the secret.
+        assert post.path == "/hook?team=ops"
+        assert SECRET not in json.dumps(post.headers)
         # A wrong key does not verify: the check can fail.
         assert not verify("another key", post.headers, post.body)
         assert not verify(SECRET, post.headers, post.body + b" ")
@@ -332,8 +336,13 @@ def test_a_delivery_is_leased_to_one_dispatcher_at_a_time(
     assert other.due() == []
     time.sleep(0.6)  # the first sender died: its lease runs out
     assert other.claim(due.id, "host:2", lease)
-    other.sent(due.id)
+    # The first sender, late, cannot settle a delivery another one holds now.
+    assert not one.sent(due.id, "host:1")
+    assert not one.failed(due.id, "host:1", "late", retry_at=None)
     assert not one.claim(due.id, "host:1", lease)
+    assert other.sent(due.id, "host:2")
+    assert not one.claim(due.id, "host:1", lease)
+    assert not other.anything_due()
 
 
 def test_held_alerts_of_an_execution_ended_elsewhere_are_digested_by_the_next_dispatcher(
@@ -639,8 +648,8 @@ def test_alerts_of_a_process_killed_before_sending_them_are_sent_by_the_next_com
     stored = {a["alert_id"] for a in store_alerts(store_url)}
     e = only_execution(store_url)
     assert len(stored) == expected_alerts(e)
-    # The dead process may hold one delivery's lease for the channel timeout plus 5 s.
-    time.sleep(1 + 5 + 0.5)
+    # The dead process may hold one delivery's lease (for a 1 s channel timeout).
+    time.sleep(1 * LEASE_FACTOR + LEASE_SLACK_S + 0.5)
     with webhook_receiver(port) as receiver:
         res = ics("executions", "list", "--store", store_url)  # any command on the store
         assert res.exit_code == 0, res.output
@@ -717,3 +726,261 @@ def test_classify_publishes_its_alerts_to_an_sns_topic(
     )
     assert {m["MessageAttributes"]["execution_id"]["Value"] for m in got} == {e.id}
     assert all(len(m["Subject"]) <= 100 and m["Subject"].isascii() for m in got)
+
+
+# --- after review: secrets, processes that cannot deliver, slow channels, races ---------
+
+TGRAM_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"
+SLACK_TOKENS = ("T1JJ3T3L2", "A1BRTD4JD", "TIiajkdnlazkcOXrIdevi7FQ")
+PUSHOVER = ("uQiRzpo4DXghDmr9QzzfQu27cmVRsG", "azGDORePK8gMaC0QOYAMyEEuzJnyUi")
+CHAT_URLS = (
+    f"tgram://{TGRAM_TOKEN}/12345",
+    "slack://{}/{}/{}/#general".format(*SLACK_TOKENS),
+    "pover://{}@{}".format(*PUSHOVER),
+)
+CHAT_SECRETS = (TGRAM_TOKEN, TGRAM_TOKEN.split(":")[1], *SLACK_TOKENS, *PUSHOVER)
+
+
+def assert_no_chat_secret(text: str) -> None:
+    for secret in CHAT_SECRETS:
+        assert secret not in text, f"{secret} shown in:\n{text}"
+
+
+def test_chat_tokens_never_show_in_config_logs_or_alerts_list(
+    store_url: str, ics_home: Path, images: Path
+) -> None:
+    shown = ics("config", "show", env={"ICS_NOTIFY": json.dumps(list(CHAT_URLS))})
+    assert shown.exit_code == 0, shown.output
+    assert "tgram://***/***" in shown.output and "pover://***@***" in shown.output
+    assert_no_chat_secret(shown.output)
+    # The chat services cannot be reached from here: every send fails and is logged.
+    env = {"ICS_NOTIFY_TIMEOUT_S": "1", "ICS_NOTIFY_DRAIN_S": "2", "ICS_RETRY": FAST_RETRY}
+    notify = [arg for url in CHAT_URLS for arg in ("--notify", url)]
+    res = ics(
+        "classify", str(images), "--store", store_url, "--log-level", "INFO", *notify, env=env
+    )
+    assert res.exit_code == 1, res.output
+    assert "tgram://1...w/12345" in res.output  # apprise's own masking, in the logs
+    assert_no_chat_secret(res.output)
+    for args in (("--json",), ()):
+        listed = ics("alerts", "list", "--store", store_url, *args, env=env)
+        assert "slack://T...2/A...D/T...Q" in listed.output
+        assert_no_chat_secret(listed.output)
+
+
+def raise_alerts(store: Store, subs: list[Subscription], n: int) -> str:
+    """n FAILED results of a new execution, each raising an alert for subs."""
+    store.alert_planner = Planner(subs, None)
+    e, _ = store.create_execution(params={"sources": []}, model=MODEL, threshold=0.94)
+    store.append_results(e.id, [result(e.id, i, ItemStatus.FAILED) for i in range(n)])
+    return e.id
+
+
+def register(store: Store, *subs: Subscription) -> None:
+    Outbox(store).register([(s.id, s.shown(), s.model_dump_json()) for s in subs])
+
+
+def statuses(store: Store) -> list[tuple[str, int]]:
+    return [(d["status"], d["attempts"]) for a in Outbox(store).list() for d in a["deliveries"]]
+
+
+def test_a_process_that_cannot_reach_a_channel_leaves_its_alerts_to_another(
+    store_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    sub = Subscription.model_validate(f"file://{folder}/alerts.jsonl")
+    settings = load_settings(None, environ={}).settings
+    store = Store(store_url)
+    try:
+        register(store, sub)
+        raise_alerts(store, [sub], 3)
+        folder.rmdir()  # this process (another host, say) has no such folder
+        here = Dispatcher(store, settings)
+        with caplog.at_level("INFO", logger="ics_service.alerts.dispatcher"):
+            assert here.drain(until=time.monotonic() + 5) == 0
+            assert here.drain(until=time.monotonic() + 5) == 0
+        # Neither dead-lettered nor an attempt used up; said once.
+        assert statuses(store) == [("PENDING", 0)] * 3
+        assert sum("left to other ICS" in r.getMessage() for r in caplog.records) == 1
+        folder.mkdir()  # a process that has it
+        assert Dispatcher(store, settings).drain(until=time.monotonic() + 5) == 3
+        assert statuses(store) == [("SENT", 1)] * 3
+    finally:
+        store.close()
+    assert len((folder / "alerts.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_hanging_channel_does_not_delay_another_subscription(
+    store_url: str, tmp_path: Path
+) -> None:
+    audit = tmp_path / "alerts.jsonl"
+    silent = SilentListener()
+    hanging = Subscription.model_validate(f"http://127.0.0.1:{silent.port}/hook")
+    file = Subscription.model_validate(f"file://{audit}")
+    settings = load_settings(
+        None, environ={"ICS_NOTIFY_TIMEOUT_S": "1", "ICS_RETRY": FAST_RETRY}
+    ).settings
+    store = Store(store_url)
+    try:
+        register(store, hanging, file)
+        raise_alerts(store, [hanging, file], 10)
+        dispatcher = Dispatcher(store, settings)
+        started = time.monotonic()
+        dispatcher.drain(until=started + 5)
+        took = time.monotonic() - started
+        dispatcher.close()
+    finally:
+        store.close()
+        silent.close()
+    assert len(audit.read_text().splitlines()) == 10
+    assert took < 5 + 1.5  # the send in flight ends by the deadline
+
+
+def test_processes_starting_at_once_register_the_same_subscriptions(store_url: str) -> None:
+    store = Store(store_url)
+    errors: list[BaseException] = []
+    try:
+        for round_ in range(20):
+            subs = [
+                Subscription.model_validate(f"https://h{round_}-{i}.example/in") for i in range(3)
+            ]
+            barrier = threading.Barrier(6)
+
+            def start(
+                subs: list[Subscription] = subs, barrier: threading.Barrier = barrier
+            ) -> None:
+                try:
+                    barrier.wait(timeout=30)
+                    register(store, *subs)
+                except BaseException as e:
+                    errors.append(e)
+
+            threads = [threading.Thread(target=start) for _ in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            assert sorted(Outbox(store).specs([s.id for s in subs])) == sorted(
+                s.model_dump_json() for s in subs
+            )
+    finally:
+        store.close()
+    assert errors == []
+
+
+def test_a_rate_limit_sends_at_most_n_per_period_notices_included(
+    store_url: str, tmp_path: Path
+) -> None:
+    audit = tmp_path / "alerts.jsonl"
+    sub = Subscription.model_validate(f"file://{audit}?ics-rate=3/1s")
+    settings = load_settings(None, environ={}).settings
+    store = Store(store_url)
+    try:
+        register(store, sub)
+        dispatcher = Dispatcher(store, settings)
+        end = time.monotonic() + 3.5
+        while time.monotonic() < end:  # a steady stream: two alerts every 0.1 s
+            raise_alerts(store, [sub], 2)
+            dispatcher.drain(until=time.monotonic() + 0.1)
+            time.sleep(0.1)
+        sent = sorted(
+            dt.datetime.fromisoformat(d["sent_at"])
+            for a in Outbox(store).list(limit=100_000)
+            for d in a["deliveries"]
+            if d["status"] == "SENT"
+        )
+    finally:
+        store.close()
+    kinds = [json.loads(line)["kind"] for line in audit.read_text().splitlines()]
+    assert "suppressed" in kinds and len(kinds) == len(sent)
+    for i, first in enumerate(sent):
+        in_period = [t for t in sent[i:] if t - first < dt.timedelta(seconds=1)]
+        assert len(in_period) <= 3, sent
+
+
+def test_a_read_only_command_delivers_only_what_is_due_within_the_drain(
+    store_url: str, ics_home: Path
+) -> None:
+    settings = load_settings(None, environ={}).settings
+    store = Store(store_url)
+    try:
+        # Nothing due: no dispatcher thread at all.
+        assert Dispatcher(store, settings).start_if_due(5)._thread is None
+        silent = SilentListener()
+        hanging = Subscription.model_validate(f"http://127.0.0.1:{silent.port}/hook")
+        register(store, hanging)
+        raise_alerts(store, [hanging], 3)
+    finally:
+        store.close()
+    env = {**os.environ, "ICS_NOTIFY_TIMEOUT_S": "10", "ICS_NOTIFY_DRAIN_S": "2"}
+    try:
+        started = time.monotonic()
+        listed = subprocess.run(
+            [str(ICS_BIN), "executions", "list", "--json", "--store", store_url],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        took = time.monotonic() - started
+    finally:
+        silent.close()
+    assert listed.returncode == 0, listed.stderr
+    assert "still being sent" not in listed.stderr
+    # Start-up, the listing, and at most the drain (the 10 s send is cut at its end).
+    assert took < 2 + 3, took
+
+
+def test_a_resume_alerts_the_subscriptions_its_execution_started_with(
+    store_url: str, ics_home: Path, images: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "configured.jsonl"
+    with webhook_receiver(secret=SECRET) as receiver:
+        sub = Subscription.model_validate(f"{receiver.url}?ics-secret={SECRET}")
+        store = Store(store_url)
+        try:
+            register(store, sub)
+            e, _ = store.create_execution(
+                params={"sources": [str(images)], "threshold": 0.94, "subscriptions": [sub.id]},
+                model=MODEL,
+                threshold=0.94,
+            )
+            store.claim(e.id, f"{os.uname().nodename}:{dead_pid()}")
+            store.add_items(e.id, sorted(str(p) for p in images.iterdir()))
+            store.mark_listed(e.id)
+        finally:
+            store.close()
+        # The configuration names another subscription now: the execution's own win.
+        res = ics(
+            "executions",
+            "resume",
+            e.id,
+            "--store",
+            store_url,
+            env={"ICS_NOTIFY": f"file://{elsewhere}"},
+        )
+        assert res.exit_code == 1, res.output
+        resumed = only_execution(store_url)
+        docs = receiver.wait_for(expected_alerts(resumed))
+        assert all(p.signed for p in receiver.posts)  # the secret came from the store
+    assert {d["execution_id"] for d in docs} == {e.id}
+    assert not elsewhere.exists()
+
+
+def test_classify_records_its_subscriptions_for_a_resume(
+    store_url: str, ics_home: Path, images: Path, tmp_path: Path
+) -> None:
+    audit = tmp_path / "alerts.jsonl"
+    sub = Subscription.model_validate(f"file://{audit}?ics-kinds=item_failed")
+    res = ics(
+        "classify",
+        str(images),
+        "--store",
+        store_url,
+        "--notify",
+        f"file://{audit}?ics-kinds=item_failed",
+    )
+    assert res.exit_code == 1, res.output
+    assert only_execution(store_url).params["subscriptions"] == [sub.id]

@@ -12,25 +12,43 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
-from .delivery import DeliveryError
+from .delivery import DeliveryError, NotFromHere
 from .urls import hide_secrets
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from .subscriptions import Subscription
 
 
 class Channel(Protocol):
-    def send(self, alert: Mapping[str, Any], title: str, body: str) -> None:
-        """Deliver one alert, within the channel's own timeout; raises DeliveryError."""
+    def send(
+        self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
+    ) -> None:
+        """Deliver one alert within the channel's timeout (or timeout_s, when shorter and
+        the channel can bound it); raises DeliveryError (NotFromHere: not from here)."""
         ...
 
     def shown(self) -> str:
         """Its URL with secrets hidden, for logs and `ics alerts list`."""
         ...
 
+    def close(self) -> None:
+        """Release its connections."""
+        ...
 
-def channel_for(url: str, *, timeout_s: float, settings: Settings) -> Channel:
-    """The channel of a subscription URL; UsageError for an unknown scheme or a bad URL."""
+
+def channel_of(sub: Subscription, settings: Settings) -> Channel:
+    """The channel of a subscription, with the Notify timeout and its webhook secret."""
+    return channel_for(
+        sub.url, timeout_s=settings.notify_timeout_s, settings=settings, secret=sub.secret
+    )
+
+
+def channel_for(
+    url: str, *, timeout_s: float, settings: Settings, secret: str | None = None
+) -> Channel:
+    """The channel of a subscription URL (secret: a webhook's HMAC key); UsageError for an
+    unknown scheme or a bad URL."""
     try:
         scheme = urlsplit(url).scheme.lower()
     except ValueError as e:
@@ -38,7 +56,7 @@ def channel_for(url: str, *, timeout_s: float, settings: Settings) -> Channel:
     if scheme in ("http", "https"):
         from .webhook import WebhookChannel
 
-        return WebhookChannel(url, timeout_s=timeout_s)
+        return WebhookChannel(url, timeout_s=timeout_s, secret=secret)
     if scheme == "file":
         from .file import FileChannel
 
@@ -57,4 +75,4 @@ def channel_for(url: str, *, timeout_s: float, settings: Settings) -> Channel:
     return AppriseChannel(url, timeout_s=timeout_s)
 
 
-__all__ = ["Channel", "DeliveryError", "channel_for"]
+__all__ = ["Channel", "DeliveryError", "NotFromHere", "channel_for", "channel_of"]

@@ -19,7 +19,7 @@ import apprise
 from apprise.utils import cwe312
 
 from ..errors import UsageError
-from .delivery import DeliveryError
+from .delivery import DeliveryError, retryable_status
 
 # apprise's own tests for what in a URL is secret (its helpers carry no annotations).
 _looks_secret: Callable[[str], str] = cwe312.cwe312_word
@@ -35,9 +35,6 @@ _MASK = "****"
 _HTTP_STATUS = re.compile(r"error=(\d{3})\b")
 _SMTP_REPLY = re.compile(r"\((\d{3}), b['\"]")
 _WARNINGS = frozenset({"WARNING", "ERROR", "CRITICAL", "DEPRECATION WARNING"})
-
-# Client errors that trying again may cure: a timeout, too many requests, a conflict.
-_TRANSIENT_4XX = frozenset({408, 409, 425, 429})
 
 
 def _apprise_plugins() -> apprise.NotificationManager:
@@ -134,8 +131,15 @@ class AppriseChannel:
     def shown(self) -> str:
         return self._shown
 
-    def send(self, alert: Mapping[str, Any], title: str, body: str) -> None:
-        """Notify with `title` and `body`; the alert itself is not sent."""
+    def close(self) -> None:
+        pass
+
+    def send(
+        self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
+    ) -> None:
+        """Notify with `title` and `body`; the alert itself is not sent. timeout_s: a
+        shorter bound than the channel's own."""
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         # The call's timeout bounds the whole send, retries and slow servers included:
         # apprise stops waiting and reports TIMEOUT.
         # TEXT: apprise escapes and converts the body for plugins that want HTML or Markdown.
@@ -143,7 +147,7 @@ class AppriseChannel:
             body=body,
             title=title,
             body_format=apprise.NotifyFormat.TEXT,
-            timeout=self.timeout_s,
+            timeout=timeout,
             log_level=logging.DEBUG,
         )
         if result:
@@ -159,14 +163,14 @@ class AppriseChannel:
         if status == apprise.AppriseResultStatus.TIMEOUT:
             raise DeliveryError(
                 f"{self.plugin.service_name} notification to {self._shown} did not finish "
-                f"within {self.timeout_s:g} s" + (f": {detail}" if detail else "")
+                f"within {timeout:g} s" + (f": {detail}" if detail else "")
             )
         http = [int(code) for code in _HTTP_STATUS.findall(detail)]
         smtp = [int(code) for code in _SMTP_REPLY.findall(detail)]
         # A refusal (bad token or password, unknown channel, malformed request: HTTP 4xx,
         # SMTP 5xx) fails the same way each time; anything else (a connection error, HTTP
         # 5xx, SMTP 4xx) may pass later.
-        refused = [c for c in http if c < 500 and c not in _TRANSIENT_4XX]
+        refused = [c for c in http if not retryable_status(c)]
         refused += [c for c in smtp if c >= 500]
         transient = not refused
         raise DeliveryError(

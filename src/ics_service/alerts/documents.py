@@ -122,9 +122,10 @@ def _name(uri: Any) -> str:
     return PurePosixPath(str(uri)).name or str(uri)
 
 
-def _clip(text: str) -> str:
+def clip(text: str, limit: int = TITLE_MAX) -> str:
+    """One line of at most `limit` characters, ending in "..." when cut."""
     text = " ".join(text.split())
-    return text if len(text) <= TITLE_MAX else text[: TITLE_MAX - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def title_of(alert: Mapping[str, Any]) -> str:
@@ -145,7 +146,7 @@ def title_of(alert: Mapping[str, Any]) -> str:
         text = f"ICS: {alert.get('suppressed')} more alerts suppressed"
     else:
         text = f"ICS alert {kind}"
-    return _clip(text)
+    return clip(text)
 
 
 def body_of(alert: Mapping[str, Any]) -> str:

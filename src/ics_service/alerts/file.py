@@ -34,7 +34,12 @@ class FileChannel:
     def shown(self) -> str:
         return f"file://{self.path}"
 
-    def send(self, alert: Mapping[str, Any], title: str, body: str) -> None:
+    def close(self) -> None:
+        pass
+
+    def send(
+        self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
+    ) -> None:
         line = json.dumps(alert, separators=(",", ":"), default=str) + "\n"
         try:
             # One write of a whole line in append mode: lines from several processes do

@@ -25,7 +25,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import UsageError
-from .delivery import DeliveryError
+from .delivery import DeliveryError, NotFromHere
+from .documents import clip
 
 SCHEME = "sns://"
 
@@ -74,9 +75,7 @@ def subject_of(title: str) -> str:
     ascii_only = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode()
     # SNS rejects control characters and line breaks, and a Subject that starts with a space.
     text = " ".join("".join(c if c.isprintable() else " " for c in ascii_only).split())
-    if not text:
-        return "ICS alert"
-    return text if len(text) <= MAX_SUBJECT else text[: MAX_SUBJECT - 3] + "..."
+    return clip(text, MAX_SUBJECT) if text else "ICS alert"
 
 
 class SnsChannel:
@@ -94,8 +93,9 @@ class SnsChannel:
         self.topic_arn = arn
         self.fifo = arn.endswith(".fifo")
         config = Config(
-            connect_timeout=timeout_s,
-            read_timeout=timeout_s,
+            # botocore applies each separately: halves keep one send within timeout_s.
+            connect_timeout=timeout_s / 2,
+            read_timeout=timeout_s / 2,
             # One attempt: the dispatcher retries with the Notify policy, and a botocore
             # retry loop inside it would stretch the timeout of this send.
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -110,8 +110,14 @@ class SnsChannel:
     def shown(self) -> str:
         return self.url
 
-    def send(self, alert: Mapping[str, Any], title: str, body: str) -> None:
-        """Publish `alert` as JSON; `body` is not sent (the message is the document)."""
+    def close(self) -> None:
+        self.client.close()
+
+    def send(
+        self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
+    ) -> None:
+        """Publish `alert` as JSON; `body` is not sent (the message is the document).
+        botocore sets timeouts per client, so `timeout_s` cannot shorten this send's."""
         attributes = {
             name: {"DataType": "String", "StringValue": str(alert[name])}
             for name in _ATTRIBUTES
@@ -139,10 +145,10 @@ class SnsChannel:
                 f"SNS at {self.client.meta.endpoint_url} cannot be reached: {_one_line(str(exc))}"
             ) from None
         except (NoCredentialsError, PartialCredentialsError) as exc:
-            raise DeliveryError(
+            # Another process on the store (with a role or a profile) may publish it.
+            raise NotFromHere(
                 f"no usable AWS credentials to publish to {self.topic_arn} ({_one_line(str(exc))}):"
-                " set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role",
-                transient=False,
+                " set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or an instance role"
             ) from None
         except BotoCoreError as exc:
             raise DeliveryError(

@@ -101,15 +101,6 @@ class Subscription(BaseModel):
     def rate(self) -> tuple[int, float] | None:
         return None if self.rate_limit is None else parse_rate(self.rate_limit)
 
-    @property
-    def channel_url(self) -> str:
-        """The URL the channel factory gets: a webhook's secret rides as ics-secret."""
-        if self.secret is None:
-            return self.url
-        parts = urlsplit(self.url)
-        query = "&".join(q for q in (parts.query, urlencode({SECRET_PARAM: self.secret})) if q)
-        return urlunsplit(parts._replace(query=query))
-
     def wants(self, kind: str) -> bool:
         return self.kinds is None or kind in self.kinds
 
@@ -119,8 +110,9 @@ class Subscription(BaseModel):
         spec = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(spec.encode()).hexdigest()
 
-    def shown(self) -> str:
-        """The subscription as it may appear in logs and `ics config show`."""
+    def shown(self, channel_shown: str | None = None) -> str:
+        """The subscription as it may appear in logs and `ics config show`: channel_shown
+        (what its built channel shows) or its URL with secrets hidden, then its options."""
         extra = []
         if self.kinds is not None:
             extra.append("ics-kinds=" + ",".join(self.kinds))
@@ -130,5 +122,5 @@ class Subscription(BaseModel):
             extra.append("ics-rate=" + self.rate_limit)
         if self.secret is not None:
             extra.append(SECRET_PARAM + "=***")
-        url = hide_secrets(self.url)
+        url = hide_secrets(self.url) if channel_shown is None else channel_shown
         return url + ("&" if "?" in url else "?") + "&".join(extra) if extra else url

@@ -1,4 +1,11 @@
-"""Subscription URLs as they may be shown: passwords, query values and tokens hidden."""
+"""Subscription URLs as they may be shown: passwords, query values and tokens hidden.
+
+The channels ICS implements itself (webhooks, files, SNS) keep their host and path but
+their password, query values and token-like path segments. Any other scheme is an apprise
+URL, whose plugins put tokens anywhere (`tgram://BOT_TOKEN/CHAT`, `slack://A/B/C`,
+`pover://USER@TOKEN`): there every user, password, path segment and host that is not a
+dotted host name is hidden. A built apprise channel shows apprise's own masked URL instead.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +14,48 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 #: Query parameters that are a subscription's options, shown as they are.
 PLAIN_PARAMS = ("ics-kinds", "ics-mode", "ics-rate")
+#: Schemes whose URLs keep their tokens only in the password, the query or a long path
+#: segment.
+OWN_SCHEMES = ("http", "https", "file", "sns")
 #: A path segment this long made of token characters is taken for a secret (chat webhooks
 #: carry their tokens in the path).
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]{16,}$")
+#: A host name worth showing: dotted labels, at least one of them with a letter.
+_HOST = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+_MASK = "***"
+
+
+def _own_netloc(netloc: str) -> str:
+    if "@" not in netloc:
+        return netloc
+    user, _, host = netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return f"{name}:{_MASK}@{host}" if ":" in user else f"{_MASK}@{host}"
+
+
+def _apprise_netloc(netloc: str) -> str:
+    user, at, host = netloc.rpartition("@")
+    shown_user = ":".join(_MASK for _ in user.split(":")) + at if at else ""
+    name, colon, port = host.partition(":")
+    if not _HOST.match(name):
+        return shown_user + _MASK
+    return shown_user + name + (colon + port if port.isdigit() else colon + _MASK if colon else "")
 
 
 def hide_secrets(url: str) -> str:
-    """The URL with its password, query values (but the plain options) and token-like path
-    segments replaced by ***."""
+    """The URL with its secrets (see the module) replaced by ***."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        return "***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        name = user.split(":", 1)[0]
-        netloc = f"{name}:***@{host}" if ":" in user else f"***@{host}"
-    path = "/".join("***" if _TOKEN.match(seg) else seg for seg in parts.path.split("/"))
+        return _MASK
+    if parts.scheme.lower() in OWN_SCHEMES:
+        netloc = _own_netloc(parts.netloc)
+        segments = [_MASK if _TOKEN.match(seg) else seg for seg in parts.path.split("/")]
+    else:
+        netloc = _apprise_netloc(parts.netloc)
+        segments = [_MASK if seg else seg for seg in parts.path.split("/")]
     query = urlencode(
-        [(k, v if k in PLAIN_PARAMS else "***") for k, v in parse_qsl(parts.query, True)],
+        [(k, v if k in PLAIN_PARAMS else _MASK) for k, v in parse_qsl(parts.query, True)],
         safe="*,/",
     )
-    return urlunsplit((parts.scheme, netloc, quote(path, safe="/*:@"), query, ""))
+    return urlunsplit((parts.scheme, netloc, quote("/".join(segments), safe="/*:@"), query, ""))

@@ -1,7 +1,7 @@
 """The webhook channel: POST the alert's JSON document.
 
-Headers: `Idempotency-Key: <alert_id>` always; with a secret (`ics-secret` on the URL,
-removed before sending) `X-ICS-Timestamp: <unix seconds>` and
+Headers: `Idempotency-Key: <alert_id>` always; with a secret (the subscription's
+`ics-secret`, never sent) `X-ICS-Timestamp: <unix seconds>` and
 `X-ICS-Signature: sha256=<hex HMAC-SHA256 of "<timestamp>." + body>`, so a receiver can
 refuse a replayed old request as well as a forged one.
 """
@@ -14,18 +14,14 @@ import json
 import time
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from .. import __version__
 from ..errors import UsageError
-from .channels import DeliveryError
-from .subscriptions import SECRET_PARAM
+from .delivery import DeliveryError, retryable_status
 from .urls import hide_secrets
-
-#: 4xx answers worth trying again: a timeout on the receiver's side, throttling.
-_TRANSIENT_4XX = {408, 429}
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -34,25 +30,35 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + mac.hexdigest()
 
 
+def _phases(total_s: float) -> httpx.Timeout:
+    """httpx times each phase (connect, each write, each read) on its own: halves keep a
+    request that answers in one read within total_s."""
+    return httpx.Timeout(total_s / 2)
+
+
 class WebhookChannel:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        parts = urlsplit(url)
-        if not parts.hostname:
+    def __init__(self, url: str, *, timeout_s: float, secret: str | None = None) -> None:
+        if not urlsplit(url).hostname:
             raise UsageError(f"webhook URL {hide_secrets(url)} has no host")
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        secrets = [v for k, v in query if k == SECRET_PARAM]
-        self.secret = secrets[-1] if secrets else None
-        kept = [(k, v) for k, v in query if k != SECRET_PARAM]
-        self.url = urlunsplit(parts._replace(query=urlencode(kept)))
+        self.url = url
+        self.secret = secret
         self.timeout_s = timeout_s
-        self._shown = hide_secrets(self.url) + (
-            ("&" if kept else "?") + SECRET_PARAM + "=***" if self.secret else ""
-        )
+        # The secret is the subscription's to show (Subscription.shown), not part of the URL.
+        self._shown = hide_secrets(url)
+        # One client (its connection pool and SSL context) for every send of the channel.
+        self._client = httpx.Client(timeout=_phases(timeout_s))
 
     def shown(self) -> str:
         return self._shown
 
-    def send(self, alert: Mapping[str, Any], title: str, body: str) -> None:
+    def close(self) -> None:
+        self._client.close()
+
+    def send(
+        self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
+    ) -> None:
+        """POST the document, within timeout_s (at most the channel's own timeout)."""
+        limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         payload = json.dumps(alert, separators=(",", ":"), default=str).encode()
         headers = {
             "Content-Type": "application/json",
@@ -64,17 +70,17 @@ class WebhookChannel:
             headers["X-ICS-Timestamp"] = ts
             headers["X-ICS-Signature"] = signature(self.secret, ts, payload)
         try:
-            response = httpx.post(
-                self.url, content=payload, headers=headers, timeout=self.timeout_s
+            response = self._client.post(
+                self.url, content=payload, headers=headers, timeout=_phases(limit)
             )
         except httpx.TimeoutException:
-            raise DeliveryError(f"no answer within {self.timeout_s:g} s") from None
+            raise DeliveryError(f"no answer within {limit:g} s") from None
         except httpx.HTTPError as e:
             raise DeliveryError(f"{type(e).__name__}: {e}") from None
         status = response.status_code
         if 200 <= status < 300:
             return
-        transient = status >= 500 or status in _TRANSIENT_4XX
+        transient = retryable_status(status)
         raise DeliveryError(
             f"HTTP {status} {response.reason_phrase}".rstrip()
             + ("" if transient else " (refused: not retried)"),

@@ -92,10 +92,20 @@ def alerts_retry(alert_ids: tuple[str, ...], as_json: bool, **kwargs: Any) -> No
     Their deliveries become due now with fresh attempts, and are sent before the command
     ends (within notify_drain_s) or by the next ICS process on the store.
     """
+    from ..alerts.dispatcher import Dispatcher
+    from ..store import Store
     from ..store.outbox import Outbox
+    from .app import load_cli_settings
 
-    with open_store(kwargs) as store:
+    settings = load_cli_settings(kwargs).settings
+    store = Store(settings.store_url, create=False)
+    try:
         n = Outbox(store).retry(alert_ids)
+        # What it made due is sent now, as far as notify_drain_s allows.
+        dispatcher = Dispatcher(store, settings).start_if_due(settings.notify_drain_s)
+        dispatcher.stop(settings.notify_drain_s, wait_retries=False)
+    finally:
+        store.close()
     if alert_ids and n == 0:
         raise UsageError(
             f"no dead-lettered delivery for {' '.join(alert_ids)}: "
@@ -127,7 +137,10 @@ def alerts_dispatch(wait: float, as_json: bool, **kwargs: Any) -> None:
     store = Store(settings.store_url, create=False)
     try:
         dispatcher = Dispatcher(store, settings)
-        dispatcher.drain(until=time.monotonic() + wait)
+        try:
+            dispatcher.drain(until=time.monotonic() + wait)
+        finally:
+            dispatcher.close()
     finally:
         store.close()
     doc = {"sent": dispatcher.sent, "failed": dispatcher.failed}

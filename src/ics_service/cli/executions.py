@@ -188,7 +188,8 @@ def executions_resume(
     Items with a recorded result are not redone; every other item is. The execution's
     own settings (model, threshold, top k, limits, tolerances) are used again, and its
     results file is rebuilt from the store and completed. Capture is not recorded with
-    the execution: give --capture again to capture the items run now.
+    the execution: give --capture again to capture the items run now. Alerts go to the
+    subscriptions the execution started with, or to those of --notify when given.
     """
     from .. import sources
     from ..capture import check_capture_folder
@@ -201,6 +202,12 @@ def executions_resume(
     store = Store(settings.store_url, create=False)
     try:
         execution = store.get_execution(execution_id)
+        if kwargs.get("notify") is None and "subscriptions" in execution.params:
+            from ..alerts.dispatcher import recorded_subscriptions
+
+            # Without --notify, the subscriptions the execution started with.
+            notify = recorded_subscriptions(store, execution.params["subscriptions"])
+            settings = settings.model_copy(update={"notify": notify})
     finally:
         store.close()
     settings = settings_for(execution, settings)

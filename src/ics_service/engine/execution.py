@@ -57,6 +57,8 @@ def execution_params(
         "max_bytes": settings.max_bytes,
         "tolerated_failure_percentage": settings.tolerated_failure_percentage,
         "tolerated_failure_count": settings.tolerated_failure_count,
+        # Ids in the store's ics_subscriptions: a resume alerts them again.
+        "subscriptions": [s.id for s in settings.notify],
         **extra,
     }
 

@@ -167,7 +167,9 @@ _V3_INDEXES = [
     "CREATE INDEX ix_ics_alerts_execution ON ics_alerts (execution_id, created_at)",
     "CREATE INDEX ix_ics_alerts_created ON ics_alerts (created_at)",
     "CREATE INDEX ix_ics_deliveries_due ON ics_deliveries (status, next_at)",
-    "CREATE INDEX ix_ics_deliveries_subscription ON ics_deliveries (subscription_id, status)",
+    # sent_at too: a rate limit counts the recent sends of one subscription.
+    "CREATE INDEX ix_ics_deliveries_subscription ON ics_deliveries "
+    "(subscription_id, status, sent_at)",
     "CREATE INDEX ix_ics_deliveries_alert ON ics_deliveries (alert_id)",
 ]
 

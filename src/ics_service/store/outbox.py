@@ -18,6 +18,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..types import Execution, ItemResult, utcnow
 from .rows import execution_from_row, utc
@@ -207,23 +209,44 @@ class Outbox:
     _registered: set[str] = field(default_factory=set)
 
     def register(self, subs: Sequence[tuple[str, str, str]]) -> None:
-        """Record (id, shown URL, spec) of subscriptions not yet in the store."""
+        """Record (id, shown URL, spec) of subscriptions not yet in the store; processes
+        starting at once may register the same ones."""
+        rows = [
+            {"id": i, "shown": shown, "spec": spec, "created_at": utcnow()}
+            for i, shown, spec in subs
+        ]
+        if not rows:
+            return
         with self.store._begin() as conn:
-            known = set(
-                conn.execute(
-                    select(subscriptions.c.id).where(subscriptions.c.id.in_([s[0] for s in subs]))
-                ).scalars()
-            )
-            new = [
-                {"id": i, "shown": shown, "spec": spec, "created_at": utcnow()}
-                for i, shown, spec in subs
-                if i not in known
-            ]
-            if new:
-                conn.execute(insert(subscriptions), new)
+            dialect = conn.dialect.name
+            ignore = pg_insert if dialect == "postgresql" else sqlite_insert
+            conn.execute(ignore(subscriptions).values(rows).on_conflict_do_nothing())
 
-    def due(self, *, limit: int = 50) -> list[Delivery]:
-        """PENDING deliveries whose time has come and that nobody holds, oldest first."""
+    def specs(self, ids: Sequence[str]) -> list[str]:
+        """The stored specs of these subscriptions (those the store knows)."""
+        s = subscriptions.c
+        with self.store._connect() as conn:
+            return list(conn.execute(select(s.spec).where(s.id.in_(list(ids)))).scalars())
+
+    def anything_due(self) -> bool:
+        """Whether a delivery is due now: one indexed query."""
+        d = deliveries.c
+        now = utcnow()
+        q = (
+            select(d.id)
+            .where(
+                d.status == DeliveryStatus.PENDING.value,
+                d.next_at <= now,
+                or_(d.lease_until.is_(None), d.lease_until < now),
+            )
+            .limit(1)
+        )
+        with self.store._connect() as conn:
+            return conn.execute(q).first() is not None
+
+    def due(self, *, limit: int = 50, skip: Iterable[str] = ()) -> list[Delivery]:
+        """PENDING deliveries whose time has come and that nobody holds, oldest first, but
+        those of the subscriptions in skip."""
         now = utcnow()
         d, a, s = deliveries.c, alerts.c, subscriptions.c
         q = (
@@ -243,6 +266,7 @@ class Outbox:
                 d.status == DeliveryStatus.PENDING.value,
                 d.next_at <= now,
                 or_(d.lease_until.is_(None), d.lease_until < now),
+                d.subscription_id.not_in(list(skip)),
             )
             .order_by(d.next_at, d.id)
             .limit(limit)
@@ -289,35 +313,47 @@ class Outbox:
             ).rowcount
         return bool(changed == 1)
 
-    def _set(self, delivery_id: int, **values: Any) -> None:
+    def _set(self, delivery_id: int, owner: str, **values: Any) -> bool:
+        """Settle a delivery this owner holds; False: its lease ran out and another process
+        may hold it now (that one settles it)."""
+        d = deliveries.c
         with self.store._begin() as conn:
-            conn.execute(
+            changed = conn.execute(
                 update(deliveries)
-                .where(deliveries.c.id == delivery_id)
+                .where(d.id == delivery_id, d.lease_owner == owner)
                 .values(lease_owner=None, lease_until=None, **values)
-            )
+            ).rowcount
+        return bool(changed == 1)
 
-    def sent(self, delivery_id: int) -> None:
-        self._set(
+    def sent(self, delivery_id: int, owner: str) -> bool:
+        return self._set(
             delivery_id,
+            owner,
             status=DeliveryStatus.SENT.value,
             sent_at=utcnow(),
             attempts=deliveries.c.attempts + 1,
         )
 
-    def failed(self, delivery_id: int, error: str, *, retry_at: dt.datetime | None) -> None:
+    def failed(
+        self, delivery_id: int, owner: str, error: str, *, retry_at: dt.datetime | None
+    ) -> bool:
         """Count a failed attempt: try again at retry_at, or (None) dead-letter it."""
         status = DeliveryStatus.DEAD if retry_at is None else DeliveryStatus.PENDING
-        self._set(
+        return self._set(
             delivery_id,
+            owner,
             status=status.value,
             attempts=deliveries.c.attempts + 1,
             last_error=error,
             **({} if retry_at is None else {"next_at": retry_at}),
         )
 
-    def suppress(self, delivery_id: int) -> None:
-        self._set(delivery_id, status=DeliveryStatus.SUPPRESSED.value)
+    def release(self, delivery_id: int, owner: str, *, next_at: dt.datetime | None = None) -> bool:
+        """Give the delivery back unsent without counting an attempt (due at next_at)."""
+        return self._set(delivery_id, owner, **({} if next_at is None else {"next_at": next_at}))
+
+    def suppress(self, delivery_id: int, owner: str) -> bool:
+        return self._set(delivery_id, owner, status=DeliveryStatus.SUPPRESSED.value)
 
     def sent_since(self, subscription_id: str, since: dt.datetime) -> int:
         d = deliveries.c
@@ -333,17 +369,18 @@ class Outbox:
                 or 0
             )
 
-    def suppressed_waiting(self) -> list[tuple[str, str]]:
-        """(id, spec) of subscriptions with suppressed deliveries no notice counted yet."""
+    def suppressed_waiting(self) -> list[tuple[str, str, str]]:
+        """(id, spec, shown) of subscriptions with suppressed deliveries no notice counted
+        yet."""
         d, s = deliveries.c, subscriptions.c
         with self.store._connect() as conn:
             rows = conn.execute(
-                select(d.subscription_id, s.spec)
+                select(d.subscription_id, s.spec, s.shown)
                 .join(subscriptions, s.id == d.subscription_id)
                 .where(d.status == DeliveryStatus.SUPPRESSED.value, d.rolled_into.is_(None))
-                .group_by(d.subscription_id, s.spec)
+                .group_by(d.subscription_id, s.spec, s.shown)
             ).all()
-        return [(r[0], r[1]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     def notice(self, subscription_id: str, build: Callable[[str, int], NewAlert]) -> int:
         """Count the subscription's uncounted suppressed deliveries into one notice alert

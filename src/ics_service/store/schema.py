@@ -140,7 +140,12 @@ deliveries = Table(
     Column("rolled_into", String(36), nullable=True),
 )
 Index("ix_ics_deliveries_due", deliveries.c.status, deliveries.c.next_at)
-Index("ix_ics_deliveries_subscription", deliveries.c.subscription_id, deliveries.c.status)
+Index(
+    "ix_ics_deliveries_subscription",
+    deliveries.c.subscription_id,
+    deliveries.c.status,
+    deliveries.c.sent_at,
+)
 Index("ix_ics_deliveries_alert", deliveries.c.alert_id)
 
 # Added by migration 5: what watchers (`ics watch`, `POST /v1/events`) have registered.
