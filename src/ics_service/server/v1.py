@@ -179,6 +179,9 @@ def allowed_uri(uri: str, allowed: list[str]) -> str:
     compared after resolving `..` and symlinks, so neither can escape a root, and the
     resolved path is what is returned."""
     if sources.scheme_of(uri) != "file":
+        if _literal_keys(uri) and not _plain_key(uri):
+            # An object store reads the key as written, not the normalised path checked.
+            raise Forbidden(f"uri {uri!r} has '.', '..' or empty segments in its key: not read")
         if any(_url_under(uri, prefix) for prefix in allowed if _remote(prefix)):
             return uri
         raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
@@ -202,6 +205,19 @@ def _remote(prefix: str) -> bool:
 def _under(path: str, root: str) -> bool:
     """Whether the normalised path is root or inside it (a path boundary, not a text prefix)."""
     return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _literal_keys(uri: str) -> bool:
+    """Whether the URI names an object store key (S3, GCS...), which no client normalises."""
+    return sources.scheme_of(uri) not in ("http", "https")
+
+
+def _plain_key(uri: str) -> bool:
+    """No `.`, `..` or empty segment (but a last one) in the key: its normalised path,
+    which `_url_under` checks, is then the key read."""
+    key = uri.partition("://")[2].partition("/")[2]
+    parts = key.split("/")
+    return not any(p in (".", "..") for p in parts) and "" not in parts[:-1]
 
 
 def _url_under(uri: str, prefix: str) -> bool:
