@@ -234,9 +234,10 @@ def resume_unfinished(batches: Batches) -> None:
         if execution.status is ExecutionStatus.RUNNING:
             continue
         log.warning(
-            "execution %s (%s) was left ABORTED: resuming it",
+            "execution %s (%s) was left %s: resuming it",
             execution.id,
             execution.name,
+            execution.status.value,
             extra={"execution_id": execution.id},
         )
         settings = settings_for(execution, batches.settings)

@@ -181,7 +181,7 @@ def allowed_uri(uri: str, allowed: list[str]) -> str:
     if sources.scheme_of(uri) != "file":
         if _literal_keys(uri) and not _plain_key(uri):
             # An object store reads the key as written, not the normalised path checked.
-            raise Forbidden(f"uri {uri!r} has '.', '..' or empty segments in its key: not read")
+            raise Forbidden(f"uri {uri!r} has '.' or '..' segments in its key: not read")
         if any(_url_under(uri, prefix) for prefix in allowed if _remote(prefix)):
             return uri
         raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
@@ -208,23 +208,24 @@ def _under(path: str, root: str) -> bool:
 
 
 def _literal_keys(uri: str) -> bool:
-    """Whether the URI names an object store key (S3, GCS...), which no client normalises."""
+    """Whether the URI names an object store key (S3, GCS...), which is read as written."""
     return sources.scheme_of(uri) not in ("http", "https")
 
 
 def _plain_key(uri: str) -> bool:
-    """No `.`, `..` or empty segment (but a last one) in the key: its normalised path,
-    which `_url_under` checks, is then the key read."""
+    """No `.` or `..` segment in the key: no client would read it as the path it seems."""
     key = uri.partition("://")[2].partition("/")[2]
-    parts = key.split("/")
-    return not any(p in (".", "..") for p in parts) and "" not in parts[:-1]
+    return not any(p in (".", "..") for p in key.split("/"))
 
 
 def _url_under(uri: str, prefix: str) -> bool:
-    """Same scheme and host, and a normalised path under the prefix's (no `..` escape)."""
+    """Same scheme and host, and a path under the prefix's: an object store's key as
+    written, a URL's path normalised (no `..` escape)."""
     u, p = urllib.parse.urlsplit(uri), urllib.parse.urlsplit(prefix)
     if (u.scheme.lower(), u.netloc.lower()) != (p.scheme.lower(), p.netloc.lower()):
         return False
+    if _literal_keys(uri):
+        return _under(u.path or "/", p.path or "/")
     return _under(posixpath.normpath("/" + u.path), posixpath.normpath("/" + p.path))
 
 
