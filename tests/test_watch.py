@@ -619,3 +619,66 @@ def test_default_names_do_not_depend_on_how_a_prefix_is_written() -> None:
     names = {default_name([s]) for s in ["s3://photos/in", "s3://photos/in/", "S3://photos/in/"]}
     assert len(names) == 1
     assert default_name(["s3://photos/in2"]) not in names
+
+
+@pytest.mark.slow
+def test_a_batch_cancelled_by_request_is_no_interrupt_and_stays_cancelled(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    copies(photos, inbox, 600)
+    log = tmp_path / "watch.log"
+    args = ["--name", "cancel", "--settle", "0", "--max-items", "600", "--once", "--json"]
+    proc = watch_process(str(inbox), *args, log=log)
+    try:
+
+        def a_running_batch() -> Execution | None:
+            return next(
+                (e for e in batch_executions(store_url, "cancel") if not e.status.finished), None
+            )
+
+        batch = wait_for("a running micro-batch", a_running_batch)
+        store = Store(store_url, create=False)
+        try:
+            store.request_cancel(batch.id)  # as `ics executions cancel` does
+        finally:
+            store.close()
+        code = proc.wait(DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()  # no signal stopped it: not 130
+    (cancelled,) = batch_executions(store_url, "cancel")
+    assert cancelled.status is ExecutionStatus.ABORTED
+    assert cancelled.counts.done < cancelled.counts.total
+
+    res = ics("watch", str(inbox), *args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""  # not resumed: it was cancelled
+    (after,) = batch_executions(store_url, "cancel")
+    assert after.status is ExecutionStatus.ABORTED
+
+
+@pytest.mark.slow
+def test_two_watchers_of_one_name_classify_each_file_once(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    made = copies(photos, inbox, 300)
+    args = ["--name", "pair", "--settle", "0", "--max-items", "50", "--once", "--polling"]
+    args += ["--tolerated-failure-percentage", "100"]
+    procs = [watch_process(str(inbox), *args, log=tmp_path / f"watch-{n}.log") for n in range(2)]
+    try:
+        codes = [p.wait(300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], [(tmp_path / f"watch-{n}.log").read_text() for n in range(2)]
+    found = watch_items(store_url, "pair")
+    counts = Counter(i["uri"] for i in found)
+    assert sorted(counts) == sorted(str(p) for p in made)
+    assert set(counts.values()) == {1}
+    assert all(i["status"] for i in found)
