@@ -211,7 +211,7 @@ class S3Feed:
     cursor is the watch state, which knows every key and ETag registered. A poll costs one
     request per 1,000 keys; the objects this process has not seen yet (at start: all) are
     looked up in the store, 500 a query. The key and ETag of every object of the prefix
-    are held in memory (about 150 bytes each): only objects still listed are kept.
+    are held in memory (about 140 bytes each): only objects still listed are kept.
 
     A poll counts only when the whole listing succeeded: objects found before a failed
     page are not taken as returned, so the next poll finds them again."""
@@ -447,7 +447,6 @@ class Watcher:
     def run(self, stop: threading.Event, *, once: bool = False) -> list[Execution]:
         """Watch until `stop` is set (or, with `once`, until every object found so far is
         complete and classified); returns the micro-batch executions run."""
-        s = self.runner.settings
         wake = threading.Event()
         started: list[Feed] = []
         try:
@@ -464,16 +463,12 @@ class Watcher:
                     # Batches that another watcher of this name left when it died.
                     self.recover(stop)
                     recovered = time.monotonic()
-                now = time.monotonic()
-                waiting.extend((seen, now) for seen in self._fresh([w for w, _ in waiting], stop))
+                for part in self._fresh([w for w, _ in waiting], stop):
+                    # A huge first poll: micro-batches start as its slices are looked up.
+                    now = time.monotonic()
+                    waiting = self._flush([*waiting, *((w, now) for w in part)], stop)
                 unsettled = sum(f.unsettled() for f in self.feeds)
-                while waiting and not stop.is_set():
-                    full = len(waiting) >= s.watch_max_items
-                    due = time.monotonic() - waiting[0][1] >= s.watch_max_wait_s
-                    if not (full or due or (once and not unsettled)):
-                        break
-                    batch, waiting = waiting[: s.watch_max_items], waiting[s.watch_max_items :]
-                    self._start([seen for seen, _ in batch], stop)
+                waiting = self._flush(waiting, stop, drain=once and not unsettled)
                 if once and not waiting and not unsettled:
                     break
                 _wait(wake, stop, self._tick(bool(waiting or unsettled)))
@@ -482,19 +477,32 @@ class Watcher:
                 feed.close()
         return self.executions
 
-    def _fresh(self, waiting: Iterable[Seen], stop: threading.Event) -> list[Seen]:
+    def _fresh(self, waiting: Iterable[Seen], stop: threading.Event) -> Iterator[list[Seen]]:
+        """What the feeds found that is neither registered nor waiting, a slice at a time
+        (a stop is not kept waiting by the lookups of a huge first poll)."""
         found = list(dict.fromkeys(seen for feed in self.feeds for seen in feed.poll(stop)))
         skip = set(waiting)
-        fresh: list[Seen] = []
-        # Looked up a slice at a time, so that a stop is not kept waiting by a huge first poll.
         for i in range(0, len(found), _LOOKUP_SLICE):
             if stop.is_set():
-                # Not looked up: the next start finds them again.
-                break
+                return  # not looked up: the next start finds them again
             part = found[i : i + _LOOKUP_SLICE]
             known = self.state.known(part)
-            fresh += [seen for seen in part if seen not in known and seen not in skip]
-        return fresh
+            yield [seen for seen in part if seen not in known and seen not in skip]
+
+    def _flush(
+        self, waiting: list[tuple[Seen, float]], stop: threading.Event, *, drain: bool = False
+    ) -> list[tuple[Seen, float]]:
+        """Start the micro-batches due (full, or the oldest waited --max-wait; with
+        `drain`, all); returns what still waits."""
+        s = self.runner.settings
+        while waiting and not stop.is_set():
+            full = len(waiting) >= s.watch_max_items
+            due = time.monotonic() - waiting[0][1] >= s.watch_max_wait_s
+            if not (full or due or drain):
+                break
+            batch, waiting = waiting[: s.watch_max_items], waiting[s.watch_max_items :]
+            self._start([seen for seen, _ in batch], stop)
+        return waiting
 
     def _tick(self, busy: bool) -> float:
         s = self.runner.settings
