@@ -682,3 +682,24 @@ def test_two_watchers_of_one_name_classify_each_file_once(
     assert sorted(counts) == sorted(str(p) for p in made)
     assert set(counts.values()) == {1}
     assert all(i["status"] for i in found)
+
+
+def test_batches_start_while_a_huge_first_poll_is_still_looked_up(
+    runner: ExecutionRunner, photos: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_module, "_LOOKUP_SLICE", 2)  # 6 files: 3 slices of lookups
+    settings = runner.settings.model_copy(update={"watch_max_items": 2})
+    runner = ExecutionRunner(settings, runner.store, runner.runtime)
+    copies(photos, inbox, 6)
+    feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
+    order: list[str] = []
+    watcher = Watcher(runner, "slices", [feed], on_batch=lambda _e, _r: order.append("batch"))
+    looked_up = watcher.state.known
+
+    def known(objects: Any) -> set[Seen]:
+        order.append("lookup")
+        return looked_up(objects)
+
+    monkeypatch.setattr(watcher.state, "known", known)
+    watcher.run(threading.Event(), once=True)
+    assert order == ["lookup", "batch"] * 3
