@@ -482,7 +482,10 @@ class FullDisk:
 def test_a_batch_failed_by_a_full_disk_is_finished_by_the_next_start(
     runner: ExecutionRunner, photos: Path, inbox: Path
 ) -> None:
-    made = copies(photos, inbox, 3)
+    # Results recorded one at a time: the first write fails with most items still to run.
+    one_by_one = runner.settings.model_copy(update={"batch_size": 1})
+    runner = ExecutionRunner(one_by_one, runner.store, runner.runtime)
+    made = copies(photos, inbox, 12)
     feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
     failing = Watcher(runner, "disk", [feed], sinks=lambda _e: [FullDisk()])
     with pytest.raises(EnvironmentUnavailable):
@@ -547,8 +550,22 @@ def test_a_cancelled_batch_stays_cancelled(runner: ExecutionRunner, photos: Path
     left = left_batch(runner, "cancelled", [str(photos / "coffee.jpg")])
     runner.store.request_cancel(left.id)
     record_end(runner.store, left.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+    # And one whose process died before it saw the cancel: ended, not run.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    died = left_batch(runner, "cancelled", [str(photos / "camera.jpg")])
+    runner.store.take_over(
+        died.id,
+        f"{socket.gethostname()}:{dead.pid}",
+        expected_owner=died.owner,
+        expected_heartbeat=died.heartbeat_at,
+    )
+    runner.store.request_cancel(died.id)
     assert Watcher(runner, "cancelled", []).run(threading.Event(), once=True) == []
-    assert runner.store.get_execution(left.id).status is ExecutionStatus.ABORTED
+    for execution_id in (left.id, died.id):
+        after = runner.store.get_execution(execution_id)
+        assert after.status is ExecutionStatus.ABORTED
+        assert after.counts.done == 0
 
 
 def test_a_resumed_batch_runs_with_the_settings_it_was_started_with(

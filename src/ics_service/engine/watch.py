@@ -29,9 +29,9 @@ from ..imaging import IMAGE_EXTENSIONS, SNIFF_BYTES, looks_like_image
 from ..sources.local import LocalSource, path_to_uri
 from ..sources.remote import S3_PROTOCOLS, FsspecSource, list_objects, listed, split_url
 from ..store.watched import Seen, WatchState
-from ..types import Execution, ExecutionStatus
+from ..types import ErrorInfo, Execution, ExecutionStatus
 from .execution import ExecutionRunner, execution_params, settings_for
-from .lifecycle import STALE_AFTER_SECONDS, is_orphaned
+from .lifecycle import STALE_AFTER_SECONDS, is_orphaned, record_end
 from .recording import ResultSink
 
 log = logging.getLogger(__name__)
@@ -390,6 +390,15 @@ class Watcher:
                     execution.name,
                     execution.owner,
                     extra={"execution_id": execution.id},
+                )
+                continue
+            if execution.cancel_requested:
+                # Its process died before it saw the cancel: end it as the cancel would have.
+                record_end(
+                    self.runner.store,
+                    execution.id,
+                    ExecutionStatus.ABORTED,
+                    ErrorInfo("States.Aborted", "cancelled by request; its process had gone"),
                 )
                 continue
             log.warning(

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Insert, func, insert, or_, select, update
+from sqlalchemy import Connection, Insert, and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..types import Execution, ExecutionStatus, ModelRef, utcnow
@@ -179,8 +179,8 @@ class WatchState:
 
     def unfinished(self) -> list[Execution]:
         """This watcher's micro-batch executions left with work: RUNNING ones, and ended
-        ones (ABORTED by a signal, FAILED by a full disk...) with items still to run; not
-        those cancelled by request. Oldest first."""
+        ones (ABORTED by a signal, FAILED by a full disk...) with items still to run, but
+        not those cancelled by request. Oldest first."""
         prefix = batch_prefix(self.watcher)
         c = executions.c
         pending = (
@@ -192,8 +192,10 @@ class WatchState:
             select(executions)
             .where(
                 func.substr(c.name, 1, len(prefix)) == prefix,
-                c.cancel_requested.is_(False),
-                or_(c.status == ExecutionStatus.RUNNING.value, pending),
+                or_(
+                    c.status == ExecutionStatus.RUNNING.value,
+                    and_(c.cancel_requested.is_(False), pending),
+                ),
             )
             .order_by(c.started_at, c.id)
             .limit(_UNFINISHED_SCANNED)
