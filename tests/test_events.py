@@ -457,6 +457,11 @@ async def test_allowed_sources_match_whole_buckets_and_plain_keys(
             assert r.status_code == 403, (bucket, key, r.text)
         r = await client.post("/v1/events", json={"Records": [aws_record("archive", "a.jpg")]})
         assert r.status_code == 202, r.text
+        # The same check for a `uri` of /v1/classify: S3 would read this key as written.
+        uri = "s3://photos/private/../uploads/a.jpg"
+        r = await client.post("/v1/classify", json={"uri": uri})
+        assert r.status_code == 403, r.text
+        assert "'..' segments" in error_of(r)["message"]
 
 
 async def test_sns_authenticates_with_basic_auth(
