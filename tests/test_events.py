@@ -10,6 +10,8 @@ import copy
 import json
 import logging
 import os
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from ics_service.engine.execution import execution_params
 from ics_service.engine.lifecycle import record_end
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
+from ics_service.server.batches import MAX_QUEUED
 from ics_service.server.events import EVENTS_WATCHER, BadEvent, parse_event
 from ics_service.store import Store
 from ics_service.store.watched import Seen, WatchState
@@ -412,3 +415,147 @@ def test_a_real_server_takes_an_event(ics_home: Path, tmp_path: Path) -> None:
         outside = json.dumps({"Records": [aws_record("photos", "private/a.jpg")]})
         r = httpx.post(f"{served.url}/v1/events", content=outside, headers=headers, timeout=30)
         assert r.status_code == 403, r.text
+
+
+async def test_markers_sidecars_and_deep_json(
+    ics_home: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'ics.db'}"
+    app = create_app(settings_of(ics_home, store_url), runtime=runtime)
+    async with client_of(app) as client:
+        # The console's "create folder" marker and a sidecar: what a watcher's listing skips.
+        marker, sidecar = aws_record("photos", "uploads/"), aws_record("photos", "uploads/a.json")
+        only = {"Records": [marker, sidecar]}
+        r = await client.post("/v1/events", json=only)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "ignored"
+        assert r.json()["ignored"] == ["s3://photos/uploads/", "s3://photos/uploads/a.json"]
+        mixed = {"Records": [marker, aws_record("photos", "uploads/b.jpg")]}
+        r = await client.post("/v1/events", json=mixed)
+        assert r.status_code == 202, r.text
+        assert r.json()["counts"]["total"] == 1
+        assert r.json()["ignored"] == ["s3://photos/uploads/"]
+
+        r = await client.post("/v1/events", content=b"[" * 200_000 + b"]" * 200_000)
+        assert r.status_code == 400, r.text
+        assert "not JSON" in error_of(r)["message"]
+
+
+async def test_allowed_sources_match_whole_buckets_and_plain_keys(
+    ics_home: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'ics.db'}"
+    app = create_app(settings_of(ics_home, store_url), runtime=runtime)
+    async with client_of(app) as client:
+        for bucket, key in [
+            ("archive-other", "a.jpg"),  # s3://archive is allowed, not every bucket it starts
+            ("photos", "uploads/./a.jpg"),
+            ("photos", "private/../uploads/a.jpg"),  # S3 reads this key as written
+            ("photos", "uploads-x//uploads/a.jpg"),
+        ]:
+            r = await client.post("/v1/events", json={"Records": [aws_record(bucket, key)]})
+            assert r.status_code == 403, (bucket, key, r.text)
+        r = await client.post("/v1/events", json={"Records": [aws_record("archive", "a.jpg")]})
+        assert r.status_code == 202, r.text
+        # The same check for a `uri` of /v1/classify: S3 would read this key as written.
+        uri = "s3://photos/private/../uploads/a.jpg"
+        r = await client.post("/v1/classify", json={"uri": uri})
+        assert r.status_code == 403, r.text
+        assert "'..' segments" in error_of(r)["message"]
+
+
+async def test_sns_authenticates_with_basic_auth(
+    ics_home: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'ics.db'}"
+    app = create_app(settings_of(ics_home, store_url, api_token="s3cr3t"), runtime=runtime)
+    confirm = {
+        "Type": "SubscriptionConfirmation",
+        "Token": "2336412f37fb687f5d51e6e2425f004aed",
+        "TopicArn": "arn:aws:sns:us-west-2:123456789012:images-uploaded",
+    }
+    async with client_of(app) as client:
+        r = await client.post("/v1/events", json=confirm)
+        assert r.status_code == 401, r.text
+        assert "Basic" in r.headers["www-authenticate"]
+        # What SNS sends for https://sns:s3cr3t@host/v1/events.
+        r = await client.post("/v1/events", json=confirm, auth=("sns", "s3cr3t"))
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "SubscriptionConfirmation"
+        r = await client.post("/v1/events", json=confirm, auth=("sns", "wrong"))
+        assert r.status_code == 403, r.text
+        r = await client.post(
+            "/v1/events", json=confirm, headers={"Authorization": "Basic !!not-base64"}
+        )
+        assert r.status_code == 403, r.text
+        # Elsewhere, the token is still a bearer token only.
+        r = await client.get("/v1/executions", auth=("sns", "s3cr3t"))
+        assert r.status_code == 401, r.text
+
+
+def left_event(store: Store, settings: Settings, uri: str, owner: str = "another-host:1") -> str:
+    """An event execution registered as `POST /v1/events` registers one; its id."""
+    model = ModelRef(settings.model, "1")
+    execution = WatchState(store, EVENTS_WATCHER).register(
+        [Seen(uri, "e1")],
+        params=execution_params(settings, [uri]),
+        model=model,
+        threshold=settings.threshold,
+        owner=owner,
+    )
+    assert execution is not None
+    return execution.id
+
+
+async def test_start_up_resumes_failed_ones_and_not_cancelled_ones(
+    ics_home: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'ics.db'}"
+    settings = settings_of(ics_home, store_url)
+    store = Store(store_url)
+    try:
+        # A missing file: its item FAILS at once.
+        failed = left_event(store, settings, str(tmp_path / "gone-1.jpg"))
+        record_end(store, failed, ExecutionStatus.FAILED, ErrorInfo("States.Runtime", "disk"))
+        cancelled = left_event(store, settings, str(tmp_path / "gone-2.jpg"))
+        store.request_cancel(cancelled)
+        record_end(store, cancelled, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+        app = create_app(settings, runtime=runtime, store=store)
+        async with client_of(app) as client:
+            done = await finished(client, failed)
+            assert done["status"] == "FAILED" and ended(done) == 1
+        after = store.get_execution(cancelled)
+        assert after.status is ExecutionStatus.ABORTED and after.counts.done == 0
+    finally:
+        store.close()
+
+
+async def test_start_up_survives_a_full_queue(
+    ics_home: Path, runtime: OnnxRuntime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store_url = f"sqlite:///{tmp_path / 'ics.db'}"
+    settings = settings_of(ics_home, store_url)
+    store = Store(store_url)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        # Orphans (their process is gone) fill the queue before the ABORTED ones are queued.
+        for n in range(MAX_QUEUED + 20):
+            left_event(
+                store, settings, str(tmp_path / f"o-{n}.jpg"), f"{socket.gethostname()}:{dead.pid}"
+            )
+        aborted = [left_event(store, settings, str(tmp_path / f"a-{n}.jpg")) for n in range(3)]
+        for execution_id in aborted:
+            record_end(store, execution_id, ExecutionStatus.ABORTED, ErrorInfo("x", "x"))
+        app = create_app(settings, runtime=runtime, store=store)
+        with caplog.at_level(logging.WARNING, logger="ics_service.server.events"):
+            async with client_of(app) as client:
+                assert (await client.get("/healthz")).status_code == 200
+        assert "the queue is full" in caplog.text
+        # The server closed its queue on the way out: it left nothing RUNNING as its own
+        # (orphans it did not get to stay orphans, for the next start).
+        running = [e for e in store.list_executions(limit=1000) if not e.status.finished]
+        assert {e.owner for e in running} <= {f"{socket.gethostname()}:{dead.pid}"}
+        assert all(store.get_execution(i).status.finished for i in aborted)
+    finally:
+        store.close()

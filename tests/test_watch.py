@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -23,14 +24,16 @@ from sqlalchemy import select
 
 from cli import ICS_BIN, ics
 from ics_service.config import Settings
-from ics_service.engine.execution import ExecutionRunner
+from ics_service.engine import watch as watch_module
+from ics_service.engine.execution import ExecutionRunner, execution_params
+from ics_service.engine.lifecycle import record_end
 from ics_service.engine.watch import FolderFeed, Watcher, default_name, feed_for
-from ics_service.errors import StoreError
+from ics_service.errors import EnvironmentUnavailable, StoreError
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.store import Store
 from ics_service.store.schema import executions, items
 from ics_service.store.watched import Seen, WatchState
-from ics_service.types import Execution, ExecutionStatus, ModelRef
+from ics_service.types import ErrorInfo, Execution, ExecutionStatus, ModelRef
 
 #: Most seconds a test waits for the watcher to get somewhere.
 DEADLINE_S = 120.0
@@ -447,3 +450,273 @@ def test_without_filesystem_events_it_falls_back_to_polling(
         thread.join(DEADLINE_S)
     found = watch_items(runner.settings.store_url, "fallback")
     assert sorted(i["uri"] for i in found) == sorted(str(p) for p in made)
+
+
+# --- recovery: what a restart must finish, and what it must leave ------------------------
+
+
+def left_batch(runner: ExecutionRunner, watcher: str, uris: list[str], **params: Any) -> Execution:
+    """A micro-batch registered as `ics watch` registers one, left for a restart."""
+    s = runner.settings
+    execution = WatchState(runner.store, watcher).register(
+        [Seen(u, "v1") for u in uris],
+        params=execution_params(s, ["/in"], watcher=watcher, **params),
+        model=runner.model_ref,
+        threshold=s.threshold,
+        owner=runner.owner,
+    )
+    assert execution is not None
+    return execution
+
+
+class FullDisk:
+    """A results sink whose disk is full."""
+
+    def write(self, results: Any) -> None:
+        raise EnvironmentUnavailable("No space left on device")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_batch_failed_by_a_full_disk_is_finished_by_the_next_start(
+    runner: ExecutionRunner, photos: Path, inbox: Path
+) -> None:
+    # Results recorded one at a time: the first write fails with most items still to run.
+    one_by_one = runner.settings.model_copy(update={"batch_size": 1})
+    runner = ExecutionRunner(one_by_one, runner.store, runner.runtime)
+    made = copies(photos, inbox, 12)
+    feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
+    failing = Watcher(runner, "disk", [feed], sinks=lambda _e: [FullDisk()])
+    with pytest.raises(EnvironmentUnavailable):
+        failing.run(threading.Event(), once=True)
+    (left,) = batch_executions(runner.settings.store_url, "disk")
+    assert left.status is ExecutionStatus.FAILED
+    assert [i.uri for i in runner.store.pending_items(left.id)]
+
+    feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
+    ran = Watcher(runner, "disk", [feed]).run(threading.Event(), once=True)
+    assert [e.id for e in ran] == [left.id]
+    found = watch_items(runner.settings.store_url, "disk")
+    assert sorted(i["uri"] for i in found) == sorted(str(p) for p in made)
+    assert all(i["status"] for i in found)
+
+
+def test_a_batch_left_running_by_a_process_with_the_same_pid_is_resumed(
+    runner: ExecutionRunner, photos: Path
+) -> None:
+    # A container restarted: same host name, same PID (1), heartbeat seconds old.
+    left = left_batch(runner, "samepid", [str(photos / "coffee.jpg")])
+    ran = Watcher(runner, "samepid", []).run(threading.Event(), once=True)
+    assert [e.id for e in ran] == [left.id]
+    assert ran[0].status is ExecutionStatus.SUCCEEDED
+    assert "ExecutionResumed" in [e.type for e in runner.store.history(left.id)]
+
+
+def test_a_batch_of_a_watcher_that_dies_later_is_resumed_while_it_runs(
+    runner: ExecutionRunner, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another watcher of this name runs a batch, alive when this one starts.
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        left = left_batch(runner, "two", [str(photos / "coffee.jpg")])
+        runner.store.take_over(
+            left.id,
+            f"{socket.gethostname()}:{other.pid}",
+            expected_owner=left.owner,
+            expected_heartbeat=left.heartbeat_at,
+        )
+        monkeypatch.setattr(watch_module, "STALE_AFTER_SECONDS", 0.5)  # how often it looks
+        watcher = Watcher(runner, "two", [])
+        stop, thread = running(watcher)
+        try:
+            time.sleep(1.0)
+            assert not watcher.executions  # being run by the other one
+            other.kill()
+            other.wait(30)
+            wait_for("the dead watcher's batch", lambda: watcher.executions)
+        finally:
+            stop.set()
+            thread.join(DEADLINE_S)
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    assert [e.id for e in watcher.executions] == [left.id]
+    assert watcher.executions[0].status is ExecutionStatus.SUCCEEDED
+
+
+def test_a_cancelled_batch_stays_cancelled(runner: ExecutionRunner, photos: Path) -> None:
+    left = left_batch(runner, "cancelled", [str(photos / "coffee.jpg")])
+    runner.store.request_cancel(left.id)
+    record_end(runner.store, left.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+    # And one whose process died before it saw the cancel: ended, not run.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    died = left_batch(runner, "cancelled", [str(photos / "camera.jpg")])
+    runner.store.take_over(
+        died.id,
+        f"{socket.gethostname()}:{dead.pid}",
+        expected_owner=died.owner,
+        expected_heartbeat=died.heartbeat_at,
+    )
+    runner.store.request_cancel(died.id)
+    assert Watcher(runner, "cancelled", []).run(threading.Event(), once=True) == []
+    for execution_id in (left.id, died.id):
+        after = runner.store.get_execution(execution_id)
+        assert after.status is ExecutionStatus.ABORTED
+        assert after.counts.done == 0
+
+
+def test_a_resumed_batch_runs_with_the_settings_it_was_started_with(
+    runner: ExecutionRunner, photos: Path
+) -> None:
+    strict = runner.settings.model_copy(update={"threshold": 0.999})
+    started = ExecutionRunner(strict, runner.store, runner.runtime)
+    left = left_batch(started, "recorded", [str(photos / "coffee.jpg")])
+    record_end(runner.store, left.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+    (done,) = Watcher(runner, "recorded", []).run(threading.Event(), once=True)
+    assert done.id == left.id
+    (result,) = runner.store.results(left.id)
+    assert result.threshold == 0.999
+    assert result.status.value == "LOW_CONFIDENCE"  # espresso at 0.96 < 0.999
+
+
+class SlowDisk:
+    """A results sink that takes `seconds` over its first write."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def write(self, results: Any) -> None:
+        time.sleep(self.seconds)
+        self.seconds = 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def test_files_left_over_from_a_full_batch_wait_no_longer_than_max_wait(
+    runner: ExecutionRunner, photos: Path, inbox: Path
+) -> None:
+    settings = runner.settings.model_copy(update={"watch_max_items": 2, "watch_max_wait_s": 2.0})
+    runner = ExecutionRunner(settings, runner.store, runner.runtime)
+    copies(photos, inbox, 3)
+    feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
+    slow = SlowDisk(3.0)  # the first batch ends after the leftover file's --max-wait
+    watcher = Watcher(runner, "leftover", [feed], sinks=lambda _e: [slow])
+    stop, thread = running(watcher)
+    try:
+        wait_for("2 batches", lambda: len(watcher.executions) == 2)
+    finally:
+        stop.set()
+        thread.join(DEADLINE_S)
+    first, second = watcher.executions
+    assert [first.counts.total, second.counts.total] == [2, 1]
+    assert first.finished_at is not None
+    # Not another --max-wait after the first batch: it was due while that one ran.
+    assert (second.started_at - first.finished_at).total_seconds() < 1.5
+
+
+def test_an_execution_named_like_a_batch_neither_blocks_the_watcher_nor_can_be_made(
+    runner: ExecutionRunner, ics_home: Path, photos: Path
+) -> None:
+    # Made before `watch-` was reserved: the watcher goes on to the next number.
+    runner.store.create_execution(
+        params={"sources": []}, model=runner.model_ref, threshold=0.5, name="watch-taken-1"
+    )
+    batch = left_batch(runner, "taken", [str(photos / "coffee.jpg")])
+    assert batch.name == "watch-taken-2"
+    res = ics("classify", str(photos), "--name", "watch-taken-3")
+    assert res.exit_code == 2
+    assert "kept for the micro-batches" in res.output
+
+
+def test_default_names_do_not_depend_on_how_a_prefix_is_written() -> None:
+    names = {default_name([s]) for s in ["s3://photos/in", "s3://photos/in/", "S3://photos/in/"]}
+    assert len(names) == 1
+    assert default_name(["s3://photos/in2"]) not in names
+
+
+@pytest.mark.slow
+def test_a_batch_cancelled_by_request_is_no_interrupt_and_stays_cancelled(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    copies(photos, inbox, 600)
+    log = tmp_path / "watch.log"
+    args = ["--name", "cancel", "--settle", "0", "--max-items", "600", "--once", "--json"]
+    proc = watch_process(str(inbox), *args, log=log)
+    try:
+
+        def a_running_batch() -> Execution | None:
+            return next(
+                (e for e in batch_executions(store_url, "cancel") if not e.status.finished), None
+            )
+
+        batch = wait_for("a running micro-batch", a_running_batch)
+        store = Store(store_url, create=False)
+        try:
+            store.request_cancel(batch.id)  # as `ics executions cancel` does
+        finally:
+            store.close()
+        code = proc.wait(DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, log.read_text()  # no signal stopped it: not 130
+    (cancelled,) = batch_executions(store_url, "cancel")
+    assert cancelled.status is ExecutionStatus.ABORTED
+    assert cancelled.counts.done < cancelled.counts.total
+
+    res = ics("watch", str(inbox), *args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == ""  # not resumed: it was cancelled
+    (after,) = batch_executions(store_url, "cancel")
+    assert after.status is ExecutionStatus.ABORTED
+
+
+@pytest.mark.slow
+def test_two_watchers_of_one_name_classify_each_file_once(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    made = copies(photos, inbox, 300)
+    args = ["--name", "pair", "--settle", "0", "--max-items", "50", "--once", "--polling"]
+    args += ["--tolerated-failure-percentage", "100"]
+    procs = [watch_process(str(inbox), *args, log=tmp_path / f"watch-{n}.log") for n in range(2)]
+    try:
+        codes = [p.wait(300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], [(tmp_path / f"watch-{n}.log").read_text() for n in range(2)]
+    found = watch_items(store_url, "pair")
+    counts = Counter(i["uri"] for i in found)
+    assert sorted(counts) == sorted(str(p) for p in made)
+    assert set(counts.values()) == {1}
+    assert all(i["status"] for i in found)
+
+
+def test_batches_start_while_a_huge_first_poll_is_still_looked_up(
+    runner: ExecutionRunner, photos: Path, inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch_module, "_LOOKUP_SLICE", 2)  # 6 files: 3 slices of lookups
+    settings = runner.settings.model_copy(update={"watch_max_items": 2})
+    runner = ExecutionRunner(settings, runner.store, runner.runtime)
+    copies(photos, inbox, 6)
+    feed = feed_for(str(inbox), settle_s=0.0, poll_s=0.2, polling=True)
+    order: list[str] = []
+    watcher = Watcher(runner, "slices", [feed], on_batch=lambda _e, _r: order.append("batch"))
+    looked_up = watcher.state.known
+
+    def known(objects: Any) -> set[Seen]:
+        order.append("lookup")
+        return looked_up(objects)
+
+    monkeypatch.setattr(watcher.state, "known", known)
+    watcher.run(threading.Event(), once=True)
+    assert order == ["lookup", "batch"] * 3

@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +20,12 @@ import pytest
 
 from awsserver import REGION, AwsServer
 from cli import ICS_BIN
+from ics_service import sources
 from ics_service.config import Settings
+from ics_service.engine.watch import S3Feed
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
+from ics_service.sources import remote
 from serving import client_of
 from test_watch import batch_executions, wait_for, watch_items, watch_process
 
@@ -213,3 +217,63 @@ def test_listing_errors_are_one_line(bucket: str, ics_home: Path) -> None:
     )
     assert res.returncode == 2, res.stderr
     assert "no-such-bucket" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_listing_that_fails_part_way_loses_nothing_and_a_stop_ends_it(
+    bucket: str, ics_home: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sources.configure(Settings(home=ics_home))
+    monkeypatch.setattr(remote, "PAGE_SIZE", 2)  # pages of two keys: a few objects, pages
+    put(photos, ["in/m1.jpg", "in/m2.jpg"])
+    feed = S3Feed(f"s3://{bucket}/in/", settle_s=0.0, poll_s=0.0)
+    never = threading.Event()
+    assert sorted(s.uri for s in feed.poll(never)) == [
+        f"s3://{bucket}/in/m1.jpg",
+        f"s3://{bucket}/in/m2.jpg",
+    ]
+    # New objects on the first page of the next listing; its second page fails (throttled,
+    # a lost connection): the poll returns nothing, and must not count them as returned.
+    put(photos, ["in/a1.jpg", "in/a2.jpg"])
+    source = sources.source_for(f"s3://{bucket}/in/")
+    assert isinstance(source, remote.FsspecSource)
+    fs = source.fs
+    real = fs.call_s3
+    pages: list[str | None] = []
+
+    def flaky(method: str, *args: Any, **kwargs: Any) -> Any:
+        pages.append(kwargs.get("ContinuationToken"))
+        if kwargs.get("ContinuationToken"):
+            raise ConnectionError("Connection reset by peer")
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", flaky)
+    assert feed.poll(never) == []
+    assert len(pages) == 2
+    monkeypatch.setattr(fs, "call_s3", real)
+    assert sorted(s.uri for s in feed.poll(never)) == [
+        f"s3://{bucket}/in/a1.jpg",
+        f"s3://{bucket}/in/a2.jpg",
+    ]
+
+    # A stop (SIGTERM) ends a poll at the next page, not after the whole prefix.
+    stop = threading.Event()
+    pages.clear()
+
+    def stopping(method: str, *args: Any, **kwargs: Any) -> Any:
+        pages.append(kwargs.get("ContinuationToken"))
+        stop.set()
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", stopping)
+    assert feed.poll(stop) == []
+    assert len(pages) == 1
+    monkeypatch.setattr(fs, "call_s3", real)
+
+    # A deleted object is forgotten by the feed (its memory holds only what is listed):
+    # uploaded again as it was, it is found again, and the watch state, which knows it,
+    # keeps it from being classified twice.
+    client = boto3.client("s3", region_name=REGION)
+    client.delete_object(Bucket=bucket, Key="in/m1.jpg")
+    assert feed.poll(never) == []
+    put(photos, ["in/m1.jpg"])
+    assert [s.uri for s in feed.poll(never)] == [f"s3://{bucket}/in/m1.jpg"]

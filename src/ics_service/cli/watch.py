@@ -107,8 +107,9 @@ def watch(
 
     What was classified is kept in the execution store under the watcher's name: a
     restart (even after a crash) skips what is registered, resumes an unfinished
-    micro-batch, and classifies what arrived meanwhile. A file replaced with new content
-    is classified again.
+    micro-batch (one ended FAILED by an error, such as a full disk, included; one
+    cancelled by `ics executions cancel` stays cancelled), and classifies what arrived
+    meanwhile. A file replaced with new content is classified again.
 
     \b
     Exit codes:
@@ -153,7 +154,8 @@ def watch(
         ran = watcher.run(stop, once=once)
     if once and not ran:
         click.echo("nothing new to classify", err=True)
-    if any(e.status is ExecutionStatus.ABORTED for e in ran):
+    # A batch cancelled by request (`ics executions cancel`) is ABORTED too: not a signal.
+    if guard.received and any(e.status is ExecutionStatus.ABORTED for e in ran):
         sys.exit(ExitCode.INTERRUPTED)
     if guard.received:
         click.echo("stopped between micro-batches", err=True)

@@ -84,6 +84,8 @@ RECORDED_SETTINGS = (
 
 #: Names of the real-time executions of `ics serve` (one a day); no other may take one.
 REALTIME_PREFIX = "realtime-"
+#: Names of the micro-batches of `ics watch` and `POST /v1/events` (store/watched.py).
+WATCH_PREFIX = "watch-"
 
 
 def check_name(name: str | None) -> None:
@@ -92,6 +94,11 @@ def check_name(name: str | None) -> None:
         raise UsageError(
             f"execution names starting with {REALTIME_PREFIX!r} are kept for the real-time "
             "executions of `ics serve`; choose another name"
+        )
+    if name is not None and name.startswith(WATCH_PREFIX):
+        raise UsageError(
+            f"execution names starting with {WATCH_PREFIX!r} are kept for the micro-batches "
+            "of `ics watch` and `POST /v1/events`; choose another name"
         )
 
 

@@ -29,9 +29,9 @@ from ..imaging import IMAGE_EXTENSIONS, SNIFF_BYTES, looks_like_image
 from ..sources.local import LocalSource, path_to_uri
 from ..sources.remote import S3_PROTOCOLS, FsspecSource, list_objects, listed, split_url
 from ..store.watched import Seen, WatchState
-from ..types import Execution, ExecutionStatus
-from .execution import ExecutionRunner, execution_params
-from .lifecycle import is_orphaned
+from ..types import ErrorInfo, Execution, ExecutionStatus
+from .execution import ExecutionRunner, execution_params, settings_for
+from .lifecycle import STALE_AFTER_SECONDS, is_orphaned, record_end
 from .recording import ResultSink
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ RESCAN_S = 60.0
 SETTLE_CHECK_S = 0.25
 #: The longest part of a watcher name taken from its sources.
 _NAME_PART = 40
+#: Objects found by a poll looked up in the watch state at a time (between stop checks).
+_LOOKUP_SLICE = 5000
 
 
 class Feed(Protocol):
@@ -54,8 +56,9 @@ class Feed(Protocol):
         """Begin watching; `wake` may be called (from any thread) when something changed."""
         ...
 
-    def poll(self) -> list[Seen]:
-        """Objects complete now that this feed has not returned before."""
+    def poll(self, stop: threading.Event) -> list[Seen]:
+        """Objects complete now that this feed has not returned before (what was found
+        until `stop` was set, when it is)."""
         ...
 
     def unsettled(self) -> int:
@@ -117,15 +120,26 @@ class FolderFeed:
             return
         self._observer = observer
 
-    def poll(self) -> list[Seen]:
+    def poll(self, stop: threading.Event) -> list[Seen]:
         paths = set(self._pending)
         now = time.monotonic()
+        scanned: set[str] | None = None
         if now >= self._scan_due:
-            paths.update(sources.uri_to_path(u) for u in LocalSource().list(self.spec))
+            scanned = set()
+            for uri in LocalSource().list(self.spec):
+                if stop.is_set():
+                    return []
+                scanned.add(sources.uri_to_path(uri))
+            paths |= scanned
             self._scan_due = now + (self._poll_s if self.polling else RESCAN_S)
         with self._lock:
             changed, self._changed = self._changed, set()
         paths.update(p for p in changed if self._wanted(p))
+        if scanned is not None:
+            # Only what the folder holds now: a deleted file's entry would be kept for ever.
+            self._returned = {
+                u: v for u, v in self._returned.items() if sources.uri_to_path(u) in paths
+            }
         ready = []
         for path in sorted(paths):
             seen = self._check(path)
@@ -196,7 +210,11 @@ class S3Feed:
     earlier ones (`b.jpg` may land after `c.jpg`), so a key cursor would miss objects. The
     cursor is the watch state, which knows every key and ETag registered. A poll costs one
     request per 1,000 keys; the objects this process has not seen yet (at start: all) are
-    looked up in the store, 500 a query."""
+    looked up in the store, 500 a query. The key and ETag of every object of the prefix
+    are held in memory (about 140 bytes each): only objects still listed are kept.
+
+    A poll counts only when the whole listing succeeded: objects found before a failed
+    page are not taken as returned, so the next poll finds them again."""
 
     polling = True
 
@@ -216,7 +234,12 @@ class S3Feed:
     def start(self, wake: Callable[[], None]) -> None:
         pass
 
-    def poll(self) -> list[Seen]:
+    @property
+    def uri(self) -> str:
+        """The prefix watched, written one way whatever way the spec wrote it."""
+        return f"{self._protocol}://{self._bucket}/{self._prefix}"
+
+    def poll(self, stop: threading.Event) -> list[Seen]:
         now = time.monotonic()
         if now < self._due:
             return []
@@ -225,20 +248,25 @@ class S3Feed:
         if not isinstance(source, FsspecSource) or not source.is_s3:
             raise UsageError(f"cannot watch {self.spec}: it is not on S3")
         ready: list[Seen] = []
+        # What this listing finds: it replaces _returned only once it is complete.
+        returned: dict[str, str] = {}
         young = 0
         wall = dt.datetime.now(dt.UTC)
         try:
             for obj in list_objects(source.fs, self._bucket, self._prefix):
+                if stop.is_set():  # list_objects reads a page at a time: checked per page
+                    return []
                 if not listed(obj.key):
                     continue
                 uri = f"{self._protocol}://{self._bucket}/{obj.key}"
                 if self._returned.get(uri) == obj.etag:
+                    returned[uri] = obj.etag
                     continue
                 modified = obj.last_modified
                 if modified is not None and (wall - modified).total_seconds() < self._settle_s:
                     young += 1
                     continue
-                self._returned[uri] = obj.etag
+                returned[uri] = obj.etag
                 ready.append(Seen(uri, obj.etag))
         except EnvironmentUnavailable as e:
             if not self._listed_once:
@@ -246,6 +274,7 @@ class S3Feed:
             # The store was there before: wait for it to come back.
             log.warning("cannot list %s: %s; trying again in %g s", self.spec, e, self._poll_s)
             return []
+        self._returned = returned
         self._listed_once = True
         self._young = young
         return ready
@@ -275,16 +304,20 @@ def feed_for(spec: str, *, settle_s: float, poll_s: float, polling: bool) -> Fee
 
 def default_name(specs: Sequence[str]) -> str:
     """A watcher name for these sources: readable, and the same on every start."""
-    canonical = sorted(
-        os.path.abspath(os.path.expanduser(sources.uri_to_path(s)))
-        if sources.scheme_of(s) == "file"
-        else s
-        for s in specs
-    )
+    canonical = sorted(_canonical(s) for s in specs)
     digest = hashlib.sha256("\n".join(canonical).encode("utf-8", "surrogateescape")).hexdigest()
     base = os.path.basename(canonical[0].rstrip("/")) or "root"
     base = re.sub(r"[^A-Za-z0-9_.]+", "_", base).strip("_.")[:_NAME_PART] or "watch"
     return f"{base}-{digest[:8]}"
+
+
+def _canonical(spec: str) -> str:
+    """The source as one string however it is written (`S3://b/p` is `s3://b/p/`)."""
+    if sources.scheme_of(spec) in S3_PROTOCOLS:
+        return S3Feed(spec, settle_s=0.0, poll_s=0.0).uri
+    if sources.scheme_of(spec) == "file":
+        return os.path.abspath(os.path.expanduser(sources.uri_to_path(spec)))
+    return spec
 
 
 def check_watcher_name(name: str) -> None:
@@ -334,12 +367,21 @@ class Watcher:
         self._on_batch = on_batch
         self.executions: list[Execution] = []
 
-    def recover(self, stop: threading.Event) -> None:
-        """Finish the micro-batches a previous run left (killed, stopped by a signal)."""
+    def recover(self, stop: threading.Event, *, starting: bool = False) -> None:
+        """Finish the micro-batches left with items to run: killed, stopped by a signal,
+        or ended FAILED by an error (a full disk); not those cancelled by request.
+
+        `starting`: this process has run nothing yet, so a batch RUNNING under its own
+        owner id (a container restarted as the same host and PID) is a dead process's."""
         for execution in self.state.unfinished():
             if stop.is_set():
                 return
-            if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
+            own = starting and execution.owner == self.runner.owner
+            if (
+                execution.status is ExecutionStatus.RUNNING
+                and not own
+                and not is_orphaned(execution)
+            ):
                 # Another process runs it (a server resuming orphans, or a second watcher
                 # of this name: the state's keys keep even two of them exactly once).
                 log.info(
@@ -350,6 +392,15 @@ class Watcher:
                     extra={"execution_id": execution.id},
                 )
                 continue
+            if execution.cancel_requested:
+                # Its process died before it saw the cancel: end it as the cancel would have.
+                record_end(
+                    self.runner.store,
+                    execution.id,
+                    ExecutionStatus.ABORTED,
+                    ErrorInfo("States.Aborted", "cancelled by request; its process had gone"),
+                )
+                continue
             log.warning(
                 "watcher %s: resuming %s (%s), left %s by an earlier run",
                 self.name,
@@ -358,40 +409,75 @@ class Watcher:
                 execution.status.value,
                 extra={"execution_id": execution.id},
             )
+            runner = self._runner_for(execution)
             try:
-                execution = self.runner.prepare_resume(execution.id)
-            except UsageError as e:  # nothing left to run in it
+                if own and execution.status is ExecutionStatus.RUNNING:
+                    taken = self._take_own(execution)
+                    if taken is None:
+                        continue
+                    execution = taken
+                else:
+                    execution = runner.prepare_resume(execution.id)
+            except UsageError as e:  # nothing left to run in it, or taken meanwhile
                 log.warning("watcher %s: %s", self.name, e)
                 continue
-            self._run(execution, stop, resumed=True)
+            self._run(execution, stop, resumed=True, runner=runner)
+
+    def _take_own(self, execution: Execution) -> Execution | None:
+        """Claim a batch left RUNNING under this process's own owner id, as prepare_resume
+        claims an orphan (which it is, though is_orphaned cannot tell)."""
+        store = self.runner.store
+        if not store.take_over(
+            execution.id,
+            self.runner.owner,
+            expected_owner=execution.owner,
+            expected_heartbeat=execution.heartbeat_at,
+        ):
+            return None
+        resumed = ("ExecutionResumed", None, {"owner": self.runner.owner})
+        store.append_events(execution.id, [resumed])
+        return store.get_execution(execution.id)
+
+    def _runner_for(self, execution: Execution) -> ExecutionRunner:
+        """A runner with the settings the execution was started with (model, threshold,
+        tolerated failures...), as `ics executions resume` runs it."""
+        settings = settings_for(execution, self.runner.settings)
+        if settings == self.runner.settings:
+            return self.runner
+        runtime = self.runner.runtime
+        if settings.model != self.runner.settings.model:
+            from ..models import get_card, load_runtime
+            from .pipeline import plan_inference
+
+            threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
+            runtime = load_runtime(get_card(settings.model), settings.models_dir, threads=threads)
+        return ExecutionRunner(settings, self.runner.store, runtime)
 
     def run(self, stop: threading.Event, *, once: bool = False) -> list[Execution]:
         """Watch until `stop` is set (or, with `once`, until every object found so far is
         complete and classified); returns the micro-batch executions run."""
-        s = self.runner.settings
         wake = threading.Event()
         started: list[Feed] = []
         try:
             for feed in self.feeds:
                 feed.start(wake.set)
                 started.append(feed)
-            self.recover(stop)
-            waiting: list[Seen] = []
-            since = 0.0
+            self.recover(stop, starting=True)
+            recovered = time.monotonic()
+            # Objects waiting for their micro-batch, with when each was found: the oldest
+            # one's wait is what --max-wait bounds.
+            waiting: list[tuple[Seen, float]] = []
             while not stop.is_set():
-                fresh = self._fresh(waiting)
-                if fresh and not waiting:
-                    since = time.monotonic()
-                waiting.extend(fresh)
+                if time.monotonic() - recovered >= STALE_AFTER_SECONDS:
+                    # Batches that another watcher of this name left when it died.
+                    self.recover(stop)
+                    recovered = time.monotonic()
+                for part in self._fresh([w for w, _ in waiting], stop):
+                    # A huge first poll: micro-batches start as its slices are looked up.
+                    now = time.monotonic()
+                    waiting = self._flush([*waiting, *((w, now) for w in part)], stop)
                 unsettled = sum(f.unsettled() for f in self.feeds)
-                while waiting and not stop.is_set():
-                    full = len(waiting) >= s.watch_max_items
-                    due = time.monotonic() - since >= s.watch_max_wait_s
-                    if not (full or due or (once and not unsettled)):
-                        break
-                    batch, waiting = waiting[: s.watch_max_items], waiting[s.watch_max_items :]
-                    self._start(batch, stop)
-                    since = time.monotonic()
+                waiting = self._flush(waiting, stop, drain=once and not unsettled)
                 if once and not waiting and not unsettled:
                     break
                 _wait(wake, stop, self._tick(bool(waiting or unsettled)))
@@ -400,12 +486,32 @@ class Watcher:
                 feed.close()
         return self.executions
 
-    def _fresh(self, waiting: Iterable[Seen]) -> list[Seen]:
-        found = [seen for feed in self.feeds for seen in feed.poll()]
-        if not found:
-            return []
-        skip = self.state.known(found) | set(waiting)
-        return [seen for seen in dict.fromkeys(found) if seen not in skip]
+    def _fresh(self, waiting: Iterable[Seen], stop: threading.Event) -> Iterator[list[Seen]]:
+        """What the feeds found that is neither registered nor waiting, a slice at a time
+        (a stop is not kept waiting by the lookups of a huge first poll)."""
+        found = list(dict.fromkeys(seen for feed in self.feeds for seen in feed.poll(stop)))
+        skip = set(waiting)
+        for i in range(0, len(found), _LOOKUP_SLICE):
+            if stop.is_set():
+                return  # not looked up: the next start finds them again
+            part = found[i : i + _LOOKUP_SLICE]
+            known = self.state.known(part)
+            yield [seen for seen in part if seen not in known and seen not in skip]
+
+    def _flush(
+        self, waiting: list[tuple[Seen, float]], stop: threading.Event, *, drain: bool = False
+    ) -> list[tuple[Seen, float]]:
+        """Start the micro-batches due (full, or the oldest waited --max-wait; with
+        `drain`, all); returns what still waits."""
+        s = self.runner.settings
+        while waiting and not stop.is_set():
+            full = len(waiting) >= s.watch_max_items
+            due = time.monotonic() - waiting[0][1] >= s.watch_max_wait_s
+            if not (full or due or drain):
+                break
+            batch, waiting = waiting[: s.watch_max_items], waiting[s.watch_max_items :]
+            self._start([seen for seen, _ in batch], stop)
+        return waiting
 
     def _tick(self, busy: bool) -> float:
         s = self.runner.settings
@@ -419,13 +525,21 @@ class Watcher:
         if execution is not None:
             self._run(execution, stop, resumed=False)
 
-    def _run(self, execution: Execution, stop: threading.Event, *, resumed: bool) -> None:
+    def _run(
+        self,
+        execution: Execution,
+        stop: threading.Event,
+        *,
+        resumed: bool,
+        runner: ExecutionRunner | None = None,
+    ) -> None:
+        runner = runner or self.runner
         # What escapes (a lost store, a full disk) is recorded on the execution and ends the
         # watcher: the next start resumes the micro-batch.
-        with self.runner.ending_on_error(execution.id):
+        with runner.ending_on_error(execution.id):
             sinks = self._sinks(execution)
         with _linked(stop) as batch_stop:
-            finished = self.runner.run(execution, sinks=sinks, stop=batch_stop)
+            finished = runner.run(execution, sinks=sinks, stop=batch_stop)
         self.executions.append(finished)
         self._on_batch(finished, resumed)
 

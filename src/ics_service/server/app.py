@@ -51,8 +51,8 @@ def create_app(
         try:
             batches = Batches(service)
             app.state.batches = batches
-            events.resume_unfinished(batches)
             try:
+                events.resume_unfinished(batches)
                 yield
             finally:
                 # Blocking waits, off the event loop: requests may still be finishing.
@@ -121,7 +121,8 @@ def create_app(
     token = settings.token
     sigv4 = verifier_of(settings)
     if token:
-        app.add_middleware(BearerToken, token=token, sigv4=sigv4)
+        # SNS can send only the user and password of its endpoint URL (HTTP Basic).
+        app.add_middleware(BearerToken, token=token, sigv4=sigv4, basic_paths={"/v1/events"})
     elif sigv4 is not None:
         log.warning("SigV4 keys are set but no API token: every request is accepted unsigned")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

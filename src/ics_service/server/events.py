@@ -25,14 +25,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..engine.batcher import QueueFull
 from ..engine.execution import ExecutionRunner, settings_for
 from ..engine.watch import start_batch
 from ..errors import IcsError, UsageError
+from ..sources.remote import listed
 from ..store.watched import Seen, WatchState
 from ..types import Execution, ExecutionStatus
 from .batches import Batches
 from .executions import execution_doc
-from .v1 import Forbidden
+from .v1 import Forbidden, allowed_uri
 
 log = logging.getLogger(__name__)
 
@@ -160,24 +162,15 @@ def _version(obj: dict[str, Any]) -> str:
 
 
 def check_allowed(bucket: str, key: str, allowed: list[str]) -> str:
-    """The object's URI, or Forbidden (403) unless an s3:// allowed_sources prefix holds it.
-
-    Keys are compared as S3 stores them, literally: a key with `.` or `..` segments is
-    refused, as a client that normalises paths would read another object."""
+    """The object's URI, or Forbidden (403) unless an allowed_sources prefix holds it: the
+    check `POST /v1/classify` makes of a `uri`."""
     uri = f"s3://{bucket}/{key}"
-    if any(part in (".", "..") for part in key.split("/")):
-        raise Forbidden(f"object {uri!r} has '.' or '..' segments in its key: not read")
-    for prefix in allowed:
-        p = urllib.parse.urlsplit(prefix)
-        if p.scheme.lower() != "s3" or p.netloc != bucket:
-            continue
-        root = p.path.lstrip("/")
-        if not root or key == root or key.startswith(root if root.endswith("/") else root + "/"):
-            return uri
-    raise Forbidden(
-        f"object {uri!r} is not under any allowed_sources prefix "
-        "(add s3://BUCKET/PREFIX to allowed_sources to accept its events)"
-    )
+    try:
+        return allowed_uri(uri, allowed)
+    except Forbidden as e:
+        raise Forbidden(
+            f"{e} (add s3://BUCKET/PREFIX to allowed_sources to accept its events)"
+        ) from None
 
 
 @router.post(
@@ -196,8 +189,8 @@ async def post_event(request: Request) -> JSONResponse:
     body = await request.body()
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadEvent(f"the body is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; too deeply nested
+        raise BadEvent(f"the body is not JSON this server can read: {e}") from None
     parsed = parse_event(doc)
     if parsed.answer is not None:
         return JSONResponse(parsed.answer, status_code=200)
@@ -205,14 +198,19 @@ async def post_event(request: Request) -> JSONResponse:
         raise BadEvent(f"the event names {len(parsed.created)} objects; at most {MAX_OBJECTS}")
     batches: Batches = request.app.state.batches
     allowed = batches.settings.allowed_sources
-    objects = [Seen(check_allowed(b, k, allowed), v) for b, k, v in parsed.created]
+    objects = []
+    for bucket, key, version in parsed.created:
+        if listed(key):
+            objects.append(Seen(check_allowed(bucket, key, allowed), version))
+        else:  # a folder marker, a .json sidecar: what a watcher's listing leaves out too
+            parsed.ignored.append(f"s3://{bucket}/{key}")
     if not objects:
         return JSONResponse(
             {
                 "status": "ignored",
                 "kind": parsed.kind,
                 "ignored": parsed.ignored,
-                "message": "no object was created: nothing to classify",
+                "message": "no image was created: nothing to classify",
             },
             status_code=200,
         )
@@ -220,9 +218,11 @@ async def post_event(request: Request) -> JSONResponse:
 
 
 def resume_unfinished(batches: Batches) -> None:
-    """At start-up, queue the events' executions that a stopped server left ABORTED (its
-    queue is aborted at shutdown): their objects are registered, so no redelivered event
-    would classify them. Orphans left RUNNING are resumed with the other orphans."""
+    """At start-up, queue the events' executions that a stopped server left with items to
+    run (ABORTED: its queue is aborted at shutdown; FAILED by an error such as a full
+    disk): their objects are registered, so no redelivered event would classify them.
+    Orphans left RUNNING are resumed with the other orphans; executions cancelled by
+    request stay cancelled."""
     if not batches.settings.resume_orphans:
         return
     try:
@@ -230,13 +230,14 @@ def resume_unfinished(batches: Batches) -> None:
     except IcsError as e:
         log.error("could not look for event executions to resume: %s", e)
         return
-    for execution in unfinished:
-        if execution.status is not ExecutionStatus.ABORTED:
+    for n, execution in enumerate(unfinished):
+        if execution.status is ExecutionStatus.RUNNING:
             continue
         log.warning(
-            "execution %s (%s) was left ABORTED: resuming it",
+            "execution %s (%s) was left %s: resuming it",
             execution.id,
             execution.name,
+            execution.status.value,
             extra={"execution_id": execution.id},
         )
         settings = settings_for(execution, batches.settings)
@@ -244,6 +245,12 @@ def resume_unfinished(batches: Batches) -> None:
             batches.start_listed(_resumer(execution.id), settings)
         except IcsError as e:  # taken by another server meanwhile, or nothing left in it
             log.warning("execution %s not resumed: %s", execution.id, e)
+        except QueueFull:
+            log.warning(
+                "%d event executions not resumed: the queue is full; the next start resumes them",
+                len(unfinished) - n,
+            )
+            return
 
 
 def _resumer(execution_id: str) -> Callable[[ExecutionRunner], Execution]:

@@ -6,6 +6,8 @@ The routes know nothing of them, as Starlette builds its middleware stack by wra
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import time
@@ -49,7 +51,9 @@ class BearerToken:
     """Every request but the open paths must carry `Authorization: Bearer TOKEN`.
 
     A request signed with AWS SigV4 (boto3 cannot send a bearer token) passes when
-    `sigv4` says its signature is valid; its body is read to check it, then replayed.
+    `sigv4` says its signature is valid; its body is read to check it, then replayed. On
+    `basic_paths`, HTTP Basic with the token as the password (any user) passes too: an
+    SNS subscription can send nothing else.
     """
 
     def __init__(
@@ -59,11 +63,13 @@ class BearerToken:
         *,
         open_paths: Collection[str] = OPEN_PATHS,
         sigv4: SigV4Verifier | None = None,
+        basic_paths: Collection[str] = (),
     ) -> None:
         self.app = app
         self.token = token.encode()
         self.open_paths = open_paths
         self.sigv4 = sigv4
+        self.basic_paths = basic_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -85,14 +91,32 @@ class BearerToken:
                 return
             await send_error(scope, send, 403, "Forbidden", "the AWS SigV4 signature is not valid")
             return
+        basic = scope["path"] in self.basic_paths
+        if basic and scheme.lower() == "basic":
+            if hmac.compare_digest(_basic_password(credentials), self.token):
+                await self.app(scope, receive, send)
+                return
+            await send_error(scope, send, 403, "Forbidden", "the API token is wrong")
+            return
         await send_error(
             scope,
             send,
             401,
             "Unauthorized",
-            "this server needs an API token: send `Authorization: Bearer TOKEN`",
-            **{"WWW-Authenticate": "Bearer"},
+            "this server needs an API token: send `Authorization: Bearer TOKEN`"
+            + (" (or HTTP Basic with the token as the password)" if basic else ""),
+            # SNS sends its endpoint URL's user and password only when challenged so.
+            **{"WWW-Authenticate": 'Bearer, Basic realm="ics"' if basic else "Bearer"},
         )
+
+
+def _basic_password(credentials: str) -> bytes:
+    """The password of HTTP Basic credentials (base64 of USER:PASSWORD); b"" if malformed."""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+    return decoded.partition(b":")[2]
 
 
 class BodyLimit:

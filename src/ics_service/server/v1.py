@@ -179,6 +179,9 @@ def allowed_uri(uri: str, allowed: list[str]) -> str:
     compared after resolving `..` and symlinks, so neither can escape a root, and the
     resolved path is what is returned."""
     if sources.scheme_of(uri) != "file":
+        if _literal_keys(uri) and not _plain_key(uri):
+            # An object store reads the key as written, not the normalised path checked.
+            raise Forbidden(f"uri {uri!r} has '.' or '..' segments in its key: not read")
         if any(_url_under(uri, prefix) for prefix in allowed if _remote(prefix)):
             return uri
         raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
@@ -204,11 +207,25 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _literal_keys(uri: str) -> bool:
+    """Whether the URI names an object store key (S3, GCS...), which is read as written."""
+    return sources.scheme_of(uri) not in ("http", "https")
+
+
+def _plain_key(uri: str) -> bool:
+    """No `.` or `..` segment in the key: no client would read it as the path it seems."""
+    key = uri.partition("://")[2].partition("/")[2]
+    return not any(p in (".", "..") for p in key.split("/"))
+
+
 def _url_under(uri: str, prefix: str) -> bool:
-    """Same scheme and host, and a normalised path under the prefix's (no `..` escape)."""
+    """Same scheme and host, and a path under the prefix's: an object store's key as
+    written, a URL's path normalised (no `..` escape)."""
     u, p = urllib.parse.urlsplit(uri), urllib.parse.urlsplit(prefix)
     if (u.scheme.lower(), u.netloc.lower()) != (p.scheme.lower(), p.netloc.lower()):
         return False
+    if _literal_keys(uri):
+        return _under(u.path or "/", p.path or "/")
     return _under(posixpath.normpath("/" + u.path), posixpath.normpath("/" + p.path))
 
 

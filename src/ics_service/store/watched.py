@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Insert, func, insert, select, update
+from sqlalchemy import Connection, Insert, and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..types import Execution, ExecutionStatus, ModelRef, utcnow
@@ -100,6 +100,10 @@ class WatchState:
             # The counter's row lock (the database's on SQLite) serializes registrations
             # of one watcher, so the number, and which objects are new, are settled.
             n = self._next_batch(conn)
+            while _name_taken(conn, f"{batch_prefix(self.watcher)}{n}"):
+                # Taken by an execution named so before `watch-` was reserved (check_name):
+                # on to the next number, or every registration would fail on it.
+                n = self._next_batch(conn)
             execution_id = new_execution_id()
             now = utcnow()
             conn.execute(
@@ -174,15 +178,24 @@ class WatchState:
         return int(conn.execute(stmt).scalar_one())
 
     def unfinished(self) -> list[Execution]:
-        """This watcher's micro-batch executions that have not ended (RUNNING, ABORTED),
-        oldest first."""
+        """This watcher's micro-batch executions left with work: RUNNING ones, and ended
+        ones (ABORTED by a signal, FAILED by a full disk...) with items still to run, but
+        not those cancelled by request. Oldest first."""
         prefix = batch_prefix(self.watcher)
         c = executions.c
+        pending = (
+            select(items.c.seq)
+            .where(items.c.execution_id == c.id, items.c.status.is_(None))
+            .exists()
+        )
         q = (
             select(executions)
             .where(
-                c.status.in_([ExecutionStatus.RUNNING.value, ExecutionStatus.ABORTED.value]),
                 func.substr(c.name, 1, len(prefix)) == prefix,
+                or_(
+                    c.status == ExecutionStatus.RUNNING.value,
+                    and_(c.cancel_requested.is_(False), pending),
+                ),
             )
             .order_by(c.started_at, c.id)
             .limit(_UNFINISHED_SCANNED)
@@ -195,6 +208,11 @@ class WatchState:
             for r in rows
             if str(r._mapping["name"])[len(prefix) :].isdigit()
         ]
+
+
+def _name_taken(conn: Connection, name: str) -> bool:
+    found = conn.execute(select(executions.c.id).where(executions.c.name == name)).first()
+    return found is not None
 
 
 def _dialect(conn: Connection) -> Any:
