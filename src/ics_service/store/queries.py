@@ -372,10 +372,6 @@ class Store:
         def flush() -> None:
             if not chunk:
                 return
-            if all(row["metadata"] is None for row in chunk):
-                # Plain listings write what they always wrote.
-                for row in chunk:
-                    del row["metadata"]
             with self._begin() as conn:
                 conn.execute(insert(items), chunk)
                 conn.execute(
@@ -385,22 +381,33 @@ class Store:
                 )
             chunk.clear()
 
-        for entry in uris:
-            uri, meta = (entry, None) if isinstance(entry, str) else entry
-            chunk.append(
-                {
-                    "execution_id": execution_id,
-                    "seq": seq,
-                    "uri": uri,
-                    "attempts": 0,
-                    "metadata": None if meta is None else json.dumps(meta),
-                }
-            )
-            seq += 1
-            if len(chunk) >= _INSERT_CHUNK:
-                flush()
-        flush()
+        try:
+            for entry in uris:
+                uri, meta = (entry, None) if isinstance(entry, str) else entry
+                chunk.append(
+                    {
+                        "execution_id": execution_id,
+                        "seq": seq,
+                        "uri": uri,
+                        "attempts": 0,
+                        "metadata": None if meta is None else json.dumps(meta),
+                    }
+                )
+                seq += 1
+                if len(chunk) >= _INSERT_CHUNK:
+                    flush()
+        finally:
+            # A listing that fails part-way (a bad manifest row) keeps the items before it.
+            flush()
         return seq - start_seq
+
+    def registered_uris(self, execution_id: str, uris: Sequence[str]) -> set[str]:
+        """Which of uris the execution has registered as items."""
+        q = select(items.c.uri).where(
+            items.c.execution_id == execution_id, items.c.uri.in_(list(uris))
+        )
+        with self._connect() as conn:
+            return {row.uri for row in conn.execute(q)}
 
     def pending_items(
         self, execution_id: str, *, page_size: int = _PAGE, after: int = -1
