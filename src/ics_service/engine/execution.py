@@ -213,6 +213,9 @@ class ExecutionRunner:
 
     def abandon(self, execution_id: str, error: BaseException) -> None:
         """Record the execution ABORTED (a signal) or FAILED (anything else) because of error."""
+        listing = self._listings.pop(execution_id, None)
+        if listing is not None:  # it ended before `run`: its listing never runs
+            listing.discard()
         if isinstance(error, Interrupted | KeyboardInterrupt):
             status, info = ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", _why(error))
         elif isinstance(error, IcsError):

@@ -80,6 +80,13 @@ class BackgroundListing:
             pass
         self._thread.join()
 
+    def discard(self) -> None:
+        """Drop a listing that will never run (its execution ended first): the listing
+        generator is closed, and with it a manifest it has open."""
+        close = getattr(self._items, "close", None)
+        if close is not None and not self._thread.is_alive():
+            close()
+
     def stop(self, timeout: float) -> None:
         """Halt the listing and wait for it (at most timeout seconds), so that it registers
         nothing after the execution's end is recorded."""
