@@ -164,7 +164,8 @@ class ExecutionRunner:
         pending = next(iter(self.store.pending_items(execution.id, page_size=1)), None)
         if execution.items_listed and pending is None and execution.status.finished:
             raise UsageError(
-                f"execution {execution.id} is {execution.status}: every item has its result"
+                f"execution {execution.id} is {execution.status}: every item has its result "
+                f"(`ics executions show {execution.id} --results` shows them)"
             )
         stop = cooperate() if cooperate is not None else None
         # Only if nobody took it since it was read: two servers (or a server and `ics

@@ -372,6 +372,10 @@ class Store:
         def flush() -> None:
             if not chunk:
                 return
+            if all(row["metadata"] is None for row in chunk):
+                # Plain listings write what they always wrote.
+                for row in chunk:
+                    del row["metadata"]
             with self._begin() as conn:
                 conn.execute(insert(items), chunk)
                 conn.execute(
@@ -381,24 +385,30 @@ class Store:
                 )
             chunk.clear()
 
-        try:
-            for entry in uris:
-                uri, meta = (entry, None) if isinstance(entry, str) else entry
-                chunk.append(
-                    {
-                        "execution_id": execution_id,
-                        "seq": seq,
-                        "uri": uri,
-                        "attempts": 0,
-                        "metadata": None if meta is None else json.dumps(meta),
-                    }
-                )
-                seq += 1
-                if len(chunk) >= _INSERT_CHUNK:
-                    flush()
-        finally:
-            # A listing that fails part-way (a bad manifest row) keeps the items before it.
-            flush()
+        entries = iter(uris)
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration:
+                break
+            except BaseException:
+                # A listing that fails part-way (a bad manifest row) keeps the items before it.
+                flush()
+                raise
+            uri, meta = (entry, None) if isinstance(entry, str) else entry
+            chunk.append(
+                {
+                    "execution_id": execution_id,
+                    "seq": seq,
+                    "uri": uri,
+                    "attempts": 0,
+                    "metadata": None if meta is None else json.dumps(meta),
+                }
+            )
+            seq += 1
+            if len(chunk) >= _INSERT_CHUNK:
+                flush()
+        flush()
         return seq - start_seq
 
     def registered_uris(self, execution_id: str, uris: Sequence[str]) -> set[str]:
