@@ -3,6 +3,7 @@ middle of the listing is resumed exactly: every item once, none missed."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -12,14 +13,16 @@ import pytest
 
 import imagefiles as f
 from ics_service import sources
-from ics_service.config import load_settings
+from ics_service.config import Settings, load_settings
 from ics_service.engine import ExecutionRunner
 from ics_service.engine.lifecycle import record_end
 from ics_service.engine.listing import BackgroundListing
 from ics_service.errors import UsageError
 from ics_service.models.runtime import OnnxRuntime
+from ics_service.server.app import create_app
 from ics_service.store import Store
 from ics_service.types import ErrorInfo, ExecutionStatus, ItemResult, ModelRef
+from serving import client_of
 
 #: Items registered in one transaction (the store's chunk): the run can start after these.
 FIRST_CHUNK = 1000
@@ -234,3 +237,29 @@ def test_a_listing_that_fails_part_way_keeps_the_items_before_it(ics_home: Path)
         assert store.get_execution(execution.id).counts.total == 2
     finally:
         store.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_server_batch_classifies_before_its_listing_ends(
+    ics_home: Path, runtime: OnnxRuntime, slow_listing: SlowListing
+) -> None:
+    settings = Settings(home=ics_home, allowed_sources=["slowlist://items/"], threshold=0.0)
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        r = await client.post("/v1/executions", json={"sources": ["slowlist://items/"]})
+        assert r.status_code == 202, r.text
+        execution_id = r.json()["execution_id"]
+        deadline = time.monotonic() + 120
+        while (doc := (await client.get(f"/v1/executions/{execution_id}")).json())[
+            "status"
+        ] == "RUNNING":
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.1)
+    assert doc["status"] == "SUCCEEDED", doc
+    assert slow_listing.read_before_listed  # the first chunk ran while the rest was listed
+    assert doc["counts"]["total"] == slow_listing.total, doc
