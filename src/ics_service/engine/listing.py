@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 #: How long the run waits for the listing before it asks the store again.
 POLL_SECONDS = 0.05
-#: URIs looked up in the store at once by `unregistered`.
-LOOKUP_CHUNK = 500
+#: URIs looked up in the store at once by `unregistered` (there is no index on uri: each
+#: lookup reads the execution's items, so few large lookups beat many small ones).
+LOOKUP_CHUNK = 5000
 
 Listed = Iterator[tuple[str, dict[str, Any] | None]]
 
