@@ -3,6 +3,7 @@ middle of the listing is resumed exactly: every item once, none missed."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -12,11 +13,16 @@ import pytest
 
 import imagefiles as f
 from ics_service import sources
-from ics_service.config import load_settings
+from ics_service.config import Settings, load_settings
 from ics_service.engine import ExecutionRunner
+from ics_service.engine.lifecycle import record_end
+from ics_service.engine.listing import BackgroundListing
+from ics_service.errors import UsageError
 from ics_service.models.runtime import OnnxRuntime
+from ics_service.server.app import create_app
 from ics_service.store import Store
-from ics_service.types import ExecutionStatus, ItemResult
+from ics_service.types import ErrorInfo, ExecutionStatus, ItemResult, ModelRef
+from serving import client_of
 
 #: Items registered in one transaction (the store's chunk): the run can start after these.
 FIRST_CHUNK = 1000
@@ -113,11 +119,147 @@ def test_a_stop_in_the_middle_of_the_listing_is_resumed_exactly(
         slow_listing.slow.clear()
         resumer = runner_on(store, runtime)  # as `ics executions resume` would
         taken = resumer.prepare_resume(execution.id)
-        assert taken.items_listed and taken.counts.total == slow_listing.total
+        # The rest is listed by the run, under its heartbeat.
+        assert not taken.items_listed and taken.counts.total == registered
         finished = resumer.run(taken)
         assert finished.status is ExecutionStatus.SUCCEEDED, finished.error
+        assert finished.items_listed and finished.counts.total == slow_listing.total
         uris = [r.uri for r in store.results(execution.id)]
         assert len(uris) == slow_listing.total  # each item once
         assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
     finally:
         store.close()
+
+
+class Prefix:
+    """A prefix whose keys can change between a crash and the resume."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.data = f.jpeg()
+
+    def list(self, spec: str) -> Iterator[str]:
+        for key in self.keys:
+            yield f"changing://b/{key}.jpg"
+
+    def read(self, uri: str, max_bytes: int) -> bytes:
+        return self.data
+
+
+def test_a_resume_registers_by_key_what_the_crash_left_unregistered(
+    ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    prefix = Prefix(["a", "c", "e", "g", "h"])
+    sources.register("changing", prefix)
+    store = Store(load_settings().settings.store_url)
+    try:
+        runner = runner_on(store, runtime)
+        execution, _ = runner.start(["changing://b/"])
+        # The process dies after registering a, c and e, before its listing ends.
+        store.add_items(execution.id, [f"changing://b/{k}.jpg" for k in "ace"])
+        crash = ErrorInfo("States.Aborted", "killed")
+        record_end(store, execution.id, ExecutionStatus.ABORTED, crash)
+        prefix.keys = ["a", "b", "e", "g", "h"]  # meanwhile b arrived and c went
+
+        resumer = runner_on(store, runtime)
+        finished = resumer.run(resumer.prepare_resume(execution.id))
+        assert finished.status is ExecutionStatus.SUCCEEDED, finished.error
+        uris = [r.uri for r in store.results(execution.id)]
+        # Every registered item once (c was registered before it went), and every key
+        # not registered yet (b, g, h): nothing twice, nothing skipped by a shifted count.
+        assert sorted(uris) == [f"changing://b/{k}.jpg" for k in "abceg" + "h"]
+        assert finished.items_listed and finished.counts.total == 6
+    finally:
+        store.close()
+        sources.unregister("changing")
+
+
+class Excluded:
+    """One kept key, then keys that the selection leaves out, without end."""
+
+    def __init__(self) -> None:
+        self.listed = 0
+
+    def list(self, spec: str) -> Iterator[str]:
+        yield "excluded://b/keep.jpg"
+        while True:
+            self.listed += 1
+            time.sleep(0.001)
+            yield f"excluded://b/{self.listed}.png"
+
+    def read(self, uri: str, max_bytes: int) -> bytes:
+        return b""
+
+
+def test_a_halt_stops_a_listing_between_left_out_keys(ics_home: Path) -> None:
+    source = Excluded()
+    sources.register("excluded", source)
+    store = Store(load_settings().settings.store_url)
+    try:
+        execution, _ = store.create_execution(
+            params={}, model=ModelRef(name="m", version="1"), threshold=0.5
+        )
+        halt = threading.Event()
+        select = sources.Selection(include=["*.jpg"])
+        listed = sources.expand_items(["excluded://b/"], select, stopped=halt.is_set)
+        listing = BackgroundListing(store, execution.id, listed, halt=halt)
+        listing.start()
+        deadline = time.monotonic() + 30
+        while source.listed < 100:
+            assert time.monotonic() < deadline, "the listing did not run"
+            time.sleep(0.01)
+        listing.stop(10)  # no kept key comes after keep.jpg: only the raw keys can see it
+        assert listing.done.is_set() and not listing.complete
+        assert [i.uri for i in store.pending_items(execution.id)] == ["excluded://b/keep.jpg"]
+    finally:
+        store.close()
+        sources.unregister("excluded")
+
+
+def test_a_listing_that_fails_part_way_keeps_the_items_before_it(ics_home: Path) -> None:
+    store = Store(load_settings().settings.store_url)
+    try:
+        execution, _ = store.create_execution(
+            params={}, model=ModelRef(name="m", version="1"), threshold=0.5
+        )
+
+        def listed() -> Iterator[str]:
+            yield "file:///a.jpg"
+            yield "file:///b.jpg"
+            raise UsageError("manifest m.csv line 4: the uri column is empty")
+
+        with pytest.raises(UsageError, match="line 4"):
+            store.add_items(execution.id, listed())
+        assert [i.uri for i in store.pending_items(execution.id)] == [
+            "file:///a.jpg",
+            "file:///b.jpg",
+        ]
+        assert store.get_execution(execution.id).counts.total == 2
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_server_batch_classifies_before_its_listing_ends(
+    ics_home: Path, runtime: OnnxRuntime, slow_listing: SlowListing
+) -> None:
+    settings = Settings(home=ics_home, allowed_sources=["slowlist://items/"], threshold=0.0)
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        r = await client.post("/v1/executions", json={"sources": ["slowlist://items/"]})
+        assert r.status_code == 202, r.text
+        execution_id = r.json()["execution_id"]
+        deadline = time.monotonic() + 120
+        while (doc := (await client.get(f"/v1/executions/{execution_id}")).json())[
+            "status"
+        ] == "RUNNING":
+            assert time.monotonic() < deadline, doc
+            await asyncio.sleep(0.1)
+    assert doc["status"] == "SUCCEEDED", doc
+    assert slow_listing.read_before_listed  # the first chunk ran while the rest was listed
+    assert doc["counts"]["total"] == slow_listing.total, doc

@@ -208,3 +208,41 @@ def test_a_bad_row_after_the_first_ends_the_execution_failed_with_its_line(
     executions = json.loads(ics("executions", "list", "--json").output)
     assert [e["status"] for e in executions] == ["FAILED"]
     assert "line 3" in executions[0]["error"]["message"]
+
+
+def test_a_remote_uri_that_is_not_utf8_is_one_item_percent_encoded(
+    tmp_path: Path, ics_home: Path
+) -> None:
+    listing = tmp_path / "m.txt"
+    listing.write_bytes(b"s3://photos/caf\xe9.jpg\ns3://photos/ok.jpg\n")
+    items = list(sources.expand_items([f"@{listing}"]))
+    assert items == [("s3://photos/caf%E9.jpg", None), ("s3://photos/ok.jpg", None)]
+    store = Store(f"sqlite:///{tmp_path / 'ics.db'}")
+    try:
+        execution, _ = store.create_execution(
+            params={}, model=ModelRef(name="m", version="1"), threshold=0.5
+        )
+        assert store.add_items(execution.id, iter(items)) == 2  # UTF-8 text in the store
+        assert [i.uri for i in store.pending_items(execution.id)] == [u for u, _ in items]
+    finally:
+        store.close()
+
+
+def test_patterns_with_a_slash_match_a_manifest_items_key(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "uri,n\ns3://photos/2024/a.jpg,1\ns3://photos/2023/b.jpg,2\ns3://photos/2024/x/c.jpg,3\n"
+    )
+    select = sources.Selection(include=["2024/*.jpg"])
+    assert list(sources.expand([f"@{manifest}"], select)) == ["s3://photos/2024/a.jpg"]
+    select = sources.Selection(exclude=["2024/**"])
+    assert list(sources.expand([f"@{manifest}"], select)) == ["s3://photos/2023/b.jpg"]
+
+
+def test_a_manifest_at_an_http_url_is_a_clear_usage_error() -> None:
+    with pytest.raises(UsageError) as caught:
+        list(sources.expand(["@https://example.org/list.txt"]))
+    assert str(caught.value) == (
+        "cannot read list file https://example.org/list.txt: list files are read from local "
+        "disk or object storage (s3://BUCKET/KEY); download it first"
+    )

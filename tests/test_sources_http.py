@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import json
 import re
@@ -22,6 +23,7 @@ from ics_service.errors import (
     SourceUnavailable,
     SourceUnreadable,
 )
+from ics_service.sources import web as web_source
 from ics_service.sources.web import HttpSource, is_blocked
 
 TOTAL = 200_000_000  # what the "big" answers would send if they were read to the end
@@ -29,13 +31,39 @@ TOTAL = 200_000_000  # what the "big" answers would send if they were read to th
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     photo: ClassVar[bytes] = b""
+    #: The Accept-Encoding of every request, in order.
+    encodings: ClassVar[list[str | None]] = []
     #: Bytes the big answers managed to send before the client hung up, by path.
     sent: ClassVar[dict[str, int]] = {}
     done: ClassVar[dict[str, threading.Event]] = {}
 
     def do_GET(self) -> None:
         path = self.path
-        if path == "/ok.jpg":
+        type(self).encodings.append(self.headers.get("Accept-Encoding"))
+        if path == "/gzip":
+            # 100 MB of zeros in 100 KB: unpacked, it would pass any max_bytes.
+            body = gzip.compress(b"\0" * 100_000_000, compresslevel=1)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif path == "/drip":
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):  # a byte every 0.2 s: each read well within a timeout
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+        elif path == "/presigned":
+            self._redirect(
+                "http://169.254.169.254/x?X-Amz-Credential=AKIASECRETKEY&X-Amz-Security-Token=tok"
+            )
+        elif path == "/ok.jpg":
             self._send(200, self.photo)
         elif path in ("/missing", "/gone"):
             self._send(404 if path == "/missing" else 410, b"no")
@@ -100,6 +128,7 @@ def web(photos: Path) -> Iterator[str]:
     _Handler.photo = (photos / "coffee.jpg").read_bytes()
     _Handler.sent.clear()
     _Handler.done.clear()
+    _Handler.encodings.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -196,3 +225,44 @@ def test_classify_reads_urls_end_to_end(web: str, ics_home: Path) -> None:
         f"{web}/missing": ("FAILED", None, "SourceNotFound"),
         f"{web}/to-metadata": ("FAILED", None, "SourceUnreadable"),
     }
+
+
+def test_bodies_are_asked_for_as_sent_and_a_compressed_answer_is_refused(web: str) -> None:
+    source = HttpSource(timeout_s=5)
+    with pytest.raises(SourceUnreadable, match="Content-Encoding 'gzip'"):
+        source.read(f"{web}/gzip", 1_000_000)
+    assert source.read(f"{web}/ok.jpg", 10_000_000) == _Handler.photo
+    assert _Handler.encodings == ["identity", "identity"]
+
+
+def test_one_deadline_covers_the_whole_read(web: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="not read whole within http_timeout_s=1 s"):
+        HttpSource(timeout_s=1).read(f"{web}/drip", 10_000_000)
+    assert time.monotonic() - started < 3  # the server would take 20 s
+
+
+def test_messages_show_urls_without_credentials(web: str) -> None:
+    source = HttpSource(timeout_s=5)
+    with pytest.raises(
+        SourceUnreadable, match=r"redirected to http://169\.254\.169\.254/x\?\.\.\.\)"
+    ):
+        source.read(f"{web}/presigned", 10_000_000)
+    userinfo = web.replace("http://", "http://alice:pa55word@")
+    with pytest.raises(SourceNotFound) as caught:
+        source.read(f"{userinfo}/missing", 10_000_000)
+    assert "pa55word" not in str(caught.value) and "alice" not in str(caught.value)
+    assert f"{web}/missing" in str(caught.value)
+
+
+def test_the_connected_address_is_checked_again(web: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name resolved to a public address when checked, then connected to
+    a blocked one (played here by the loopback address, blocked for the test)."""
+    source = HttpSource(timeout_s=5)
+    monkeypatch.setattr(source, "_check_host", lambda url, uri: None)
+    real = web_source.is_blocked
+    monkeypatch.setattr(web_source, "is_blocked", lambda a: a == "127.0.0.1" or real(a))
+    with pytest.raises(SourceUnreadable, match=r"127\.0\.0\.1 is a link-local"):
+        source.read(f"{web}/ok.jpg", 10_000_000)
+    allowed = HttpSource(timeout_s=5, allow_link_local=True)
+    assert allowed.read(f"{web}/ok.jpg", 10_000_000) == _Handler.photo

@@ -10,7 +10,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,23 @@ from awsserver import MOTO_SERVER, REGION, AwsServer, _free_port
 from cli import ics, ics_process
 from ics_service import sources
 from ics_service.config import Settings, load_settings, shown
+from ics_service.engine import ExecutionRunner
 from ics_service.errors import (
     ExitCode,
     ImageTooLarge,
+    OutputError,
     SourceNotFound,
     SourceUnavailable,
+    SourceUnreadable,
     UsageError,
 )
 from ics_service.models.runtime import OnnxRuntime
+from ics_service.outputs import ResultsWriter
 from ics_service.server.app import create_app
 from ics_service.sources.remote import FsspecSource, list_objects
+from ics_service.sources.web import HttpSource
+from ics_service.store import Store
+from ics_service.types import ExecutionStatus, ItemResult
 from serving import client_of
 
 
@@ -53,13 +60,22 @@ def bucket_with(name: str, objects: dict[str, bytes]) -> None:
         )
 
 
+@pytest.fixture(autouse=True)
+def default_sources() -> Iterator[None]:
+    """Every test ends with the sources of the default settings, also one that fails."""
+    yield
+    sources.configure(Settings())
+
+
 @pytest.fixture
 def s3(aws: AwsServer) -> Iterator[FsspecSource]:
     """A fresh s3 source (its own client, pointed at the test's server by the environment)."""
     source = FsspecSource("s3")
     sources.register("s3", source)
-    yield source
-    sources.configure(Settings())
+    try:
+        yield source
+    finally:
+        sources.unregister("s3")  # configure sets the default one up again
 
 
 def test_listing_pages_through_more_than_a_thousand_keys_in_key_order(
@@ -124,7 +140,7 @@ def test_reading_checks_the_size_before_the_body_and_maps_a_missing_key(
         sources.read("s3://reads/p.jpg", 100)
     with pytest.raises(SourceNotFound, match="no such object: s3://reads/nope"):
         sources.read("s3://reads/nope.jpg", 10_000_000)
-    with pytest.raises(SourceNotFound):
+    with pytest.raises(SourceNotFound, match="bucket 'no-such-bucket' does not exist; check"):
         sources.read("s3://no-such-bucket/p.jpg", 10_000_000)
 
 
@@ -213,8 +229,8 @@ def test_bad_credentials_are_a_clear_usage_error(locked_server: str, ics_home: P
         env={"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value"},
     )
     assert res.exit_code == ExitCode.USAGE, res.output
-    assert "access to bucket 'guarded' denied" in res.output
-    assert "check the credentials" in res.output
+    assert "bucket 'guarded' refused the credentials (InvalidAccessKeyId)" in res.output
+    assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in res.output
     assert "s3cr3t-value" not in res.output and "Traceback" not in res.output
 
 
@@ -226,7 +242,7 @@ def test_no_credentials_at_all_say_how_to_give_them(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     res = ics("classify", "s3://guarded/in/")
     assert res.exit_code == ExitCode.USAGE, res.output
-    assert "no credentials to list s3://guarded/in/" in res.output
+    assert "cannot list s3://guarded/in/: no credentials: set AWS_ACCESS_KEY_ID" in res.output
 
 
 def test_storage_options_from_the_settings_file_reach_s3_and_stay_hidden(
@@ -247,7 +263,6 @@ def test_storage_options_from_the_settings_file_reach_s3_and_stay_hidden(
     assert values["storage"] == {"s3": {"endpoint_url": aws.url, "key": "***", "secret": "***"}}
     res = ics("config", "show", "--json")
     assert "very-secret-value" not in res.output and "***" in res.output
-    sources.configure(Settings())
 
 
 def test_any_fsspec_protocol_goes_through_the_same_source() -> None:
@@ -356,7 +371,6 @@ def test_throttling_is_transient_and_the_retry_policy_reads_it_in_the_end(
     record = json.loads(Path("out.jsonl").read_text())
     assert record["status"] == "SUCCEEDED" and record["label"] == "espresso"
     assert record["attempts"] == 3
-    sources.configure(Settings())
 
 
 def test_results_are_written_to_s3_and_an_unwritable_destination_stops_before_work(
@@ -440,7 +454,6 @@ async def test_the_api_reads_an_allowed_s3_uri_with_the_storage_settings(
         assert [(x["uri"], x["metadata"]) for x in records] == [
             ("s3://api/ok/coffee.jpg", {"shelf": "kitchen"})
         ]
-    sources.configure(Settings())
 
 
 @pytest.fixture
@@ -458,3 +471,74 @@ def test_configuring_again_with_the_same_settings_keeps_the_sources(aws: AwsServ
     assert changed is not s3
     assert isinstance(changed, FsspecSource) and changed.options == {"endpoint_url": aws.url}
     sources.configure(Settings())
+
+
+def test_a_key_that_cannot_be_listed_is_still_an_item_and_its_read_names_the_bucket(
+    locked_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    source = FsspecSource("s3")
+    # The folder check (ListObjectsV2 on key/) is refused: the key is an item all the same.
+    assert list(source.list("s3://guarded/in/p.jpg")) == ["s3://guarded/in/p.jpg"]
+    with pytest.raises(SourceUnreadable) as caught:
+        source.read("s3://guarded/in/p.jpg", 10_000_000)
+    message = str(caught.value)
+    assert "bucket 'guarded' refused the credentials (InvalidAccessKeyId)" in message
+    assert "check AWS_ACCESS_KEY_ID" in message and "s3cr3t-value" not in message
+
+
+class _ClosedSink:
+    """A sink after the results file: it must be closed even when the upload fails."""
+
+    def __init__(self) -> None:
+        self.results = 0
+        self.closed = False
+
+    def write(self, results: Sequence[ItemResult]) -> None:
+        self.results += len(results)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_failed_upload_keeps_the_results_file_and_the_execution_its_status(
+    aws: AwsServer, ics_home: Path, runtime: OnnxRuntime, photos: Path
+) -> None:
+    settings = load_settings(None, {"threshold": 0.0}).settings
+    store = Store(settings.store_url)
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start([str(photos / "coffee.jpg"), str(photos / "rocket.jpg")])
+        writer = ResultsWriter("s3://vanished-bucket/run.jsonl")  # e.g. deleted mid-run
+        after = _ClosedSink()
+        with pytest.raises(OutputError) as caught:
+            runner.run(execution, sinks=[writer, after])
+        message = str(caught.value)
+        assert "cannot write results to s3://vanished-bucket/run.jsonl" in message
+        assert "bucket 'vanished-bucket' does not exist" in message
+        assert f"the results are kept in {writer.path}" in message
+        records = [json.loads(line) for line in Path(writer.path).read_text().splitlines()]
+        assert sorted(r["uri"].rsplit("/", 1)[-1] for r in records) == ["coffee.jpg", "rocket.jpg"]
+        assert all(r["status"] == "SUCCEEDED" for r in records)
+        assert after.closed and after.results == 2
+        # Every item has its result: the execution's status is its items', not FAILED.
+        assert store.get_execution(execution.id).status is ExecutionStatus.SUCCEEDED
+    finally:
+        store.close()
+        Path(writer.path).unlink(missing_ok=True)
+
+
+def test_configure_keeps_a_registered_source_and_closes_the_ones_it_replaces() -> None:
+    mine = HttpSource(timeout_s=1)
+    sources.register("https", mine)
+    try:
+        sources.configure(Settings(http_timeout_s=7))
+        assert sources.source_for("https://h/x.jpg") is mine
+        made = sources.source_for("http://h/x.jpg")
+        assert isinstance(made, HttpSource) and made.timeout_s == 7
+        client = made.client
+        sources.configure(Settings(http_timeout_s=8))
+        assert client.is_closed and sources.source_for("http://h/x.jpg") is not made
+    finally:
+        sources.unregister("https")

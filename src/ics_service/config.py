@@ -306,7 +306,8 @@ class Settings(BaseModel):
         default=10.0,
         gt=0.0,
         le=600.0,
-        description="Connect and read timeout of http(s):// sources (each, per request).",
+        description="Timeout of http(s):// sources: of each connect and read, and of the "
+        "whole read of one item, redirects included.",
     )
     http_allow_link_local: bool = Field(
         default=False,

@@ -116,11 +116,12 @@ def check_output(path: str | None, fmt: str | None, default_dir: Path) -> None:
         return
     if path == "-":
         return
-    from .sources.results import check_writable, is_remote
+    from .sources.results import check_object, check_writable, is_remote
 
     if is_remote(path):
+        check_object(path)
+        format_for(path, fmt)  # before the probe object is written
         check_writable(path)
-        format_for(path, fmt)
         return
     target = Path(path)
     if target.is_dir():
@@ -225,16 +226,13 @@ class ResultsWriter:
         self._parquet.write_table(table)
 
     def close(self) -> None:
-        try:
-            with self._writing():
-                self._close()
-            if self.upload_to is not None:
-                from .sources.results import upload
+        with self._writing():
+            self._close()
+        if self.upload_to is not None:
+            from .sources.results import upload
 
-                upload(self.path, self.upload_to)
-        finally:
-            if self.upload_to is not None:
-                Path(self.path).unlink(missing_ok=True)
+            upload(self.path, self.upload_to)  # an upload that fails keeps the spool file
+            Path(self.path).unlink(missing_ok=True)
 
     def _close(self) -> None:
         if self._parquet is not None:

@@ -31,13 +31,16 @@ from ..types import (
     Step,
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
-from .listing import BackgroundListing, tail_pending
+from .listing import BackgroundListing, tail_pending, unregistered
 from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+#: How long a run that ends waits for its listing thread to stop.
+LISTING_STOP_SECONDS = 30.0
 
 #: Called once nothing may be interrupted by an exception any more; returns the stop event.
 Cooperate = Callable[[], threading.Event]
@@ -136,7 +139,8 @@ class ExecutionRunner:
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
         log.info("listing %s", " ".join(source_specs))
-        uris = sources.expand_items(source_specs, _selection(params))
+        halt = threading.Event()
+        uris = sources.expand_items(source_specs, _selection(params), stopped=halt.is_set)
         first = next(uris, None)
         if first is None:
             raise UsageError(f"no images found in {' '.join(source_specs)}")
@@ -155,7 +159,9 @@ class ExecutionRunner:
                     execution.id, [("ExecutionStarted", None, {"params": execution.params})]
                 )
                 listed = _until(stop, itertools.chain([first], uris))
-                self._listings[execution.id] = BackgroundListing(self.store, execution.id, listed)
+                self._listings[execution.id] = BackgroundListing(
+                    self.store, execution.id, listed, halt=halt
+                )
                 execution = self.store.get_execution(execution.id)
         return execution, created
 
@@ -167,7 +173,8 @@ class ExecutionRunner:
         pending = next(iter(self.store.pending_items(execution.id, page_size=1)), None)
         if execution.items_listed and pending is None and execution.status.finished:
             raise UsageError(
-                f"execution {execution.id} is {execution.status}: every item has its result"
+                f"execution {execution.id} is {execution.status}: every item has its result "
+                f"(`ics executions show {execution.id} --results` shows them)"
             )
         stop = cooperate() if cooperate is not None else None
         # Only if nobody took it since it was read: two servers (or a server and `ics
@@ -185,14 +192,24 @@ class ExecutionRunner:
                 execution.id, [("ExecutionResumed", None, {"owner": self.owner})]
             )
             if not execution.items_listed:
-                # The process died while listing: list again and register what is missing.
+                # The process died while listing: `run` lists again (as it runs, under its
+                # heartbeat) and registers the URIs not registered yet.
+                halt = threading.Event()
                 specs = execution.params["sources"]
-                listed = sources.expand_items(specs, _selection(execution.params))
-                uris = _until(stop, listed)
-                skipped = itertools.islice(uris, execution.counts.total, None)
-                self.store.add_items(execution.id, skipped, start_seq=execution.counts.total)
-                self.store.mark_listed(execution.id)
+                listed = sources.expand_items(
+                    specs, _selection(execution.params), stopped=halt.is_set
+                )
+                fresh = unregistered(self.store, execution.id, _until(stop, listed))
+                self._listings[execution.id] = BackgroundListing(
+                    self.store, execution.id, fresh, start_seq=execution.counts.total, halt=halt
+                )
             return self.store.get_execution(execution.id)
+
+    def list_while_running(
+        self, execution_id: str, items: Iterator[tuple[str, dict[str, Any] | None]]
+    ) -> None:
+        """Have `run` register items (of an execution with none yet) as it runs them."""
+        self._listings[execution_id] = BackgroundListing(self.store, execution_id, items)
 
     @contextmanager
     def ending_on_error(self, execution_id: str) -> Iterator[None]:
@@ -206,6 +223,9 @@ class ExecutionRunner:
 
     def abandon(self, execution_id: str, error: BaseException) -> None:
         """Record the execution ABORTED (a signal) or FAILED (anything else) because of error."""
+        listing = self._listings.pop(execution_id, None)
+        if listing is not None:  # it ended before `run`: its listing never runs
+            listing.discard()
         if isinstance(error, Interrupted | KeyboardInterrupt):
             status, info = ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", _why(error))
         elif isinstance(error, IcsError):
@@ -298,12 +318,14 @@ class ExecutionRunner:
                     listing.wait()
             finally:
                 if listing is not None:
-                    listing.halt.set()  # a run that fails stops its listing too
+                    # A run that fails stops its listing too, before its end is recorded.
+                    listing.stop(LISTING_STOP_SECONDS)
                 beating.set()
                 heart.join()
                 recorder.close()
-                for sink in all_sinks:
-                    sink.close()
+                # Every sink is closed, whatever another's close raised: a results upload
+                # that fails must not keep the capture file from being published.
+                close_errors = _close_all(all_sinks, execution.id)
             if recorder.error is not None:
                 raise recorder.error
             if listing is not None and not listing.complete:
@@ -319,6 +341,9 @@ class ExecutionRunner:
             time.perf_counter() - started,
             extra={"execution_id": execution.id},
         )
+        if close_errors:
+            # The status above is the items'; the caller still learns what was not written.
+            raise close_errors[0]
         return finished
 
     def _heartbeat(
@@ -366,6 +391,18 @@ class ExecutionRunner:
             why = "cancelled by request" if cancelled else "stopped by a signal"
             error = ErrorInfo("States.Aborted", f"{why}; {counts.total - counts.done} items left")
         return record_end(self.store, execution_id, status, error)
+
+
+def _close_all(sinks: Sequence[ResultSink], execution_id: str) -> list[BaseException]:
+    """Close every sink; the errors raised, in order (each logged)."""
+    errors: list[BaseException] = []
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as e:
+            log.error("execution %s: %s", execution_id, e, extra={"execution_id": execution_id})
+            errors.append(e)
+    return errors
 
 
 def _still_running(execution: Execution) -> UsageError:

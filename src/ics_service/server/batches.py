@@ -16,6 +16,7 @@ the queued ones end ABORTED and the running ones are stopped and end ABORTED.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -324,10 +325,12 @@ class Batches:
                     sinks = [rebuilt(runner, execution, *output)]
         else:
             with runner.ending_on_error(job.execution_id):
-                total = self.store.add_items(job.execution_id, self._listed(job))
-                if total == 0:
+                # The rest is registered while the run classifies (engine/listing.py).
+                listed = self._listed(job)
+                first = next(listed, None)
+                if first is None:
                     raise UsageError(f"no images found in {' '.join(job.sources)}")
-                self.store.mark_listed(job.execution_id)
+                runner.list_while_running(job.execution_id, itertools.chain([first], listed))
             execution = self.store.get_execution(job.execution_id)
         job.phase = Phase.RUNNING
         runner.run(execution, sinks=sinks, stop=job.stop)
@@ -338,7 +341,8 @@ class Batches:
         assert job.sources is not None
         log.info("listing %s", " ".join(job.sources))
         allowed = self.settings.allowed_sources
-        for n, (uri, meta) in enumerate(sources.expand_items(job.sources)):
+        listed = sources.expand_items(job.sources, stopped=job.stop.is_set)
+        for n, (uri, meta) in enumerate(listed):
             if job.stop.is_set():
                 break
             try:

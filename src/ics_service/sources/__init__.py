@@ -7,19 +7,22 @@ scheme and raises a clear error for a scheme no source handles.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UsageError
 from . import manifests
 from .local import LocalSource, path_to_uri, uri_to_path
-from .remote import FsspecSource, list_objects, sources_for
+from .remote import FsspecSource, list_objects, sources_for, split_url
 from .select import Selection, base_of, relative
 from .web import HttpSource
 
 if TYPE_CHECKING:
     from ..config import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
@@ -38,6 +41,9 @@ _SOURCES: dict[str, Source] = {
     "http": HttpSource(),
     "https": HttpSource(),
 }
+#: The sources `configure` made (or the defaults): the only ones it replaces; a source
+#: given to `register` stays until it is unregistered.
+_MADE: dict[str, Source] = {k: v for k, v in _SOURCES.items() if k != "file"}
 
 
 def register(scheme: str, source: Source) -> None:
@@ -71,12 +77,29 @@ def configure(settings: Settings) -> None:
     )
     if key == _configured:
         return
-    for scheme, source in sources_for(settings.storage).items():
-        register(scheme, source)
     web = HttpSource(settings.http_timeout_s, settings.http_allow_link_local)
-    register("http", web)
-    register("https", web)
+    made: dict[str, Source] = {**sources_for(settings.storage), "http": web, "https": web}
+    replaced: list[Source] = []
+    for scheme, source in made.items():
+        current = _SOURCES.get(scheme)
+        if current is None or current is _MADE.get(scheme):
+            _SOURCES[scheme] = source
+            _MADE[scheme] = source
+            if current is not None:
+                replaced.append(current)
+    for old in {id(s): s for s in replaced}.values():
+        _close(old)
     _configured = key
+
+
+def _close(source: Source) -> None:
+    """Close a replaced source's connections (HTTP clients, storage sessions)."""
+    close = getattr(source, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as e:  # closing is tidying up: it never fails a command
+            log.debug("closing a replaced source failed: %s", e)
 
 
 def scheme_of(uri: str) -> str:
@@ -107,11 +130,19 @@ def expand(specs: Iterable[str], select: Selection | None = None) -> Iterator[st
 
 
 def expand_items(
-    specs: Iterable[str], select: Selection | None = None
+    specs: Iterable[str],
+    select: Selection | None = None,
+    *,
+    stopped: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """As `expand`, each URI with its metadata: the other fields of its CSV or JSON Lines
-    manifest row, or None."""
-    return _expand(specs, (), select or Selection())
+    manifest row, or None. The listing ends early once `stopped()` is true, which is asked
+    for every key listed, also those the selection leaves out."""
+    return _expand(specs, (), select or Selection(), stopped or _never)
+
+
+def _never() -> bool:
+    return False
 
 
 #: The list files being read, outermost first: (real path or URI, name as written).
@@ -119,21 +150,26 @@ _Chain = tuple[tuple[str, str], ...]
 _Listed = Iterator[tuple[str, dict[str, Any] | None]]
 
 
-def _expand(specs: Iterable[str], chain: _Chain, select: Selection) -> _Listed:
+def _expand(
+    specs: Iterable[str], chain: _Chain, select: Selection, stopped: Callable[[], bool]
+) -> _Listed:
     for spec in specs:
+        if stopped():
+            return
         if spec.startswith("@"):
-            yield from _expand_list(spec[1:], chain, select)
-        elif select:
-            base = base_of(spec)
-            for uri in source_for(spec).list(spec):
-                if select.keeps(relative(base, uri)):
-                    yield uri, None
-        else:
-            for uri in source_for(spec).list(spec):
+            yield from _expand_list(spec[1:], chain, select, stopped)
+            continue
+        base = base_of(spec) if select else ""
+        for uri in source_for(spec).list(spec):
+            if stopped():
+                return
+            if not select or select.keeps(relative(base, uri)):
                 yield uri, None
 
 
-def _expand_list(name: str, chain: _Chain, select: Selection) -> _Listed:
+def _expand_list(
+    name: str, chain: _Chain, select: Selection, stopped: Callable[[], bool]
+) -> _Listed:
     remote = scheme_of(name) != "file"
     real = name if remote else os.path.realpath(name)
     chain = (*chain, (real, name))
@@ -145,16 +181,28 @@ def _expand_list(name: str, chain: _Chain, select: Selection) -> _Listed:
     source = source_for(name) if remote else None
     with manifests.opened(name, source) as f:
         for entry in manifests.entries(name, f):
+            if stopped():
+                return
             if isinstance(entry, tuple):  # a CSV or JSON Lines row: one item
                 uri, meta = entry
-                if select.keeps(uri.rsplit("/", 1)[-1]):
+                if select.keeps(_in_manifest(uri)):
                     yield uri, meta
             elif scheme_of(entry) != "file" and not entry.endswith("/"):
                 # A remote URI in a list is an item: no listing request per line.
-                if select.keeps(entry.rsplit("/", 1)[-1]):
-                    yield entry, None
+                uri = manifests.remote_uri(entry)
+                if select.keeps(_in_manifest(uri)):
+                    yield uri, None
             else:
-                yield from _expand([entry], chain, select)
+                yield from _expand([manifests.remote_uri(entry)], chain, select, stopped)
+
+
+def _in_manifest(uri: str) -> str:
+    """What --include/--exclude patterns match of a manifest's item: a remote item's key
+    (its path in the bucket), a local item's path under the current folder (its name when
+    it is elsewhere)."""
+    if scheme_of(uri) != "file":
+        return split_url(uri)[2] if "://" in uri else uri
+    return relative(base_of("."), uri)
 
 
 def read(uri: str, max_bytes: int) -> bytes:

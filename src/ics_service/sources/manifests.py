@@ -18,13 +18,14 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
 from ..errors import UsageError
 from .local import path_to_uri, uri_to_path
-from .remote import FsspecSource, item_error, split_url
+from .remote import FsspecSource, bucket_problem, message, split_url
 
 #: One listed entry of a manifest: a SOURCE to list (str) or an item with its metadata.
 Entry = str | tuple[str, dict[str, Any] | None]
@@ -47,11 +48,18 @@ def shown(name: str) -> str:
 @contextmanager
 def opened(name: str, source: Any) -> Iterator[IO[str]]:
     """The manifest as text (UTF-8, a BOM ignored; undecodable bytes kept as surrogates)."""
+    if "://" in name and not isinstance(source, FsspecSource):
+        raise UsageError(
+            f"cannot read list file {shown(name)}: list files are read from local disk or "
+            "object storage (s3://BUCKET/KEY); download it first"
+        )
     try:
         if isinstance(source, FsspecSource):
             _, bucket, key = split_url(name)
             raw = source.fs.open(f"{bucket}/{key}", "rb")
-            f: IO[str] = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape")
+            f: IO[str] = io.TextIOWrapper(
+                raw, encoding="utf-8-sig", errors="surrogateescape", newline=""
+            )
         else:
             f = open(name, encoding="utf-8-sig", errors="surrogateescape", newline="")  # noqa: SIM115
     except UsageError:
@@ -64,7 +72,15 @@ def opened(name: str, source: Any) -> Iterator[IO[str]]:
 
 def _unreadable(name: str, e: BaseException) -> UsageError:
     if "://" in name:
-        why = str(item_error(e, name)).replace(f" {name}", "")
+        _, bucket, _ = split_url(name)
+        protocol = name.partition("://")[0].lower()
+        problem = bucket_problem(e, protocol, bucket, "read its objects")
+        if problem is not None:
+            why = problem
+        elif isinstance(e, FileNotFoundError):
+            why = "no such object"
+        else:
+            why = message(e)
     else:
         why = getattr(e, "strerror", None) or str(e)
     return UsageError(f"cannot read list file {shown(name)}: {why}")
@@ -132,8 +148,20 @@ def _jsonl_rows(name: str, f: IO[str]) -> Iterator[Entry]:
         yield _item(uri), doc
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def remote_uri(line: str) -> str:
+    """A remote URI from a manifest as it may be stored and shown: bytes that are not
+    UTF-8 (kept as surrogates when the manifest was read) percent-encoded, as local paths'
+    are; reading it then fails for that item only."""
+    if "://" not in line or line.startswith("file://"):
+        return line
+    return _SURROGATE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}", line)
+
+
 def _item(uri: str) -> str:
     """An item URI from a manifest row: a local path made absolute, like SOURCE arguments."""
     if "://" in uri and not uri.startswith("file://"):
-        return uri
+        return remote_uri(uri)
     return path_to_uri(os.path.abspath(os.path.expanduser(uri_to_path(uri))))

@@ -126,7 +126,10 @@ class FsspecSource:
             try:
                 # Its own instance: fsspec's cache would hand back one made earlier with
                 # other credentials or another endpoint (read when its session started).
-                options = {"skip_instance_cache": True, **self.options}
+                options: dict[str, Any] = {"skip_instance_cache": True, **self.options}
+                if not self.is_s3:
+                    # Walked folders are not kept: a listing holds one folder at a time.
+                    options.setdefault("use_listings_cache", False)
                 self._fs = fsspec.filesystem(self.protocol, **options)
             except (ImportError, TypeError, ValueError) as e:
                 raise UsageError(
@@ -134,6 +137,12 @@ class FsspecSource:
                     f"{self.protocol}] in the settings and that its fsspec package is installed"
                 ) from None
         return self._fs
+
+    def close(self) -> None:
+        """Drop the file system (when `configure` replaces this source): s3fs closes its
+        session when the file system is collected (closing it here as well would close it
+        twice)."""
+        self._fs = None
 
     @property
     def is_s3(self) -> bool:
@@ -145,9 +154,15 @@ class FsspecSource:
         protocol, bucket, key = split_url(spec)
         base = f"{protocol}://{bucket}/"
         if key and not key.endswith("/"):
-            # One request tells a key from a folder of the same name.
+            # One request tells a key from a folder of the same name. Credentials that may
+            # read objects but not list the bucket fail it: the key is then an item, and
+            # its read says what is wrong, if anything.
             folder = iter(self._keys(spec, bucket, key + "/"))
-            first = next(folder, None)
+            try:
+                first = next(folder, None)
+            except (UsageError, EnvironmentUnavailable) as e:
+                log.debug("listing %s/ failed (%s): taken as a key", spec, e)
+                first = None
             if first is None:
                 yield base + key
                 return
@@ -270,41 +285,90 @@ def _http_status(err: BaseException) -> int | None:
     return None
 
 
-def _message(e: BaseException) -> str:
+def message(e: BaseException) -> str:
+    """An error's text, or its type's name when it has none."""
     return str(e).strip() or type(e).__name__
 
 
+#: S3 error codes that mean the credentials themselves were refused.
+_REFUSED_CREDENTIALS = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+)
+
+
+def error_code(e: BaseException) -> str | None:
+    """The S3 error code (NoSuchBucket, AccessDenied...) behind e, if botocore gave one."""
+    for err in _chain(e):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            if isinstance(code, str) and code:
+                return code
+    return None
+
+
+def bucket_problem(e: BaseException, protocol: str, bucket: str, may: str) -> str | None:
+    """What e says about the bucket itself, naming it and the fix: no credentials, refused
+    credentials, a missing bucket, a denied access. None for anything else (a missing
+    key, a timeout). `may` is what the credentials must be allowed ("list this bucket")."""
+    code = error_code(e)
+    if any(type(err).__name__ in _NO_CREDENTIALS for err in _chain(e)):
+        return (
+            "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            f"or key and secret under [storage.{protocol}]"
+        )
+    if code in _REFUSED_CREDENTIALS:
+        return (
+            f"the storage of bucket {bucket!r} refused the credentials ({code}); check "
+            f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or [storage.{protocol}])"
+        )
+    if code == "NoSuchBucket":
+        return f"bucket {bucket!r} does not exist; check its name"
+    if isinstance(e, PermissionError) or code in ("AccessDenied", "AllAccessDisabled"):
+        return (
+            f"access to bucket {bucket!r} denied ({message(e)}); check the credentials and "
+            f"that they may {may}"
+        )
+    return None
+
+
 def item_error(e: BaseException, uri: str) -> Exception:
-    """The per-item error for a failed read of uri."""
+    """The per-item error for a failed read of uri; a problem of the bucket (missing,
+    credentials) names the bucket and the fix."""
+    protocol, bucket, _ = split_url(uri)
+    problem = bucket_problem(e, protocol, bucket, "read its objects")
+    if problem is not None:
+        if error_code(e) == "NoSuchBucket":
+            return SourceNotFound(f"cannot read {uri}: {problem}")
+        return SourceUnreadable(f"cannot read {uri}: {problem}")
     if isinstance(e, FileNotFoundError):
         return SourceNotFound(f"no such object: {uri}")
     if is_transient(e):
-        return SourceUnavailable(f"cannot read {uri} now: {_message(e)}")
-    if isinstance(e, PermissionError) or type(e).__name__ in _NO_CREDENTIALS:
-        return SourceUnreadable(f"access denied reading {uri}: {_message(e)}")
-    return SourceUnreadable(f"cannot read {uri}: {_message(e)}")
+        return SourceUnavailable(f"cannot read {uri} now: {message(e)}")
+    return SourceUnreadable(f"cannot read {uri}: {message(e)}")
+
+
+def storage_error(e: BaseException, failed: str, path: str, bucket: str, may: str) -> Exception:
+    """The command's error for a bucket-wide request (a listing, a results upload) that
+    failed: a UsageError naming the bucket, or EnvironmentUnavailable when the storage
+    cannot be reached. `failed` opens the message ("cannot list s3://b/p")."""
+    protocol = path.partition("://")[0].lower()
+    if isinstance(e, FileNotFoundError) and error_code(e) is None:
+        # s3fs gives a missing bucket of a bucket-wide request as a bare FileNotFoundError.
+        return UsageError(f"{failed}: bucket {bucket!r} does not exist; check its name")
+    problem = bucket_problem(e, protocol, bucket, may)
+    if problem is not None:
+        return UsageError(f"{failed}: {problem}")
+    if is_transient(e):
+        return EnvironmentUnavailable(
+            f"{failed}: cannot reach the storage of bucket {bucket!r}: {message(e)}"
+        )
+    return UsageError(f"{failed} (bucket {bucket!r}): {message(e)}")
 
 
 def listing_error(e: BaseException, spec: str, bucket: str) -> Exception:
     """The command's error for a listing of spec that failed: it names the bucket."""
-    name = type(e).__name__
-    if name in _NO_CREDENTIALS:
-        return UsageError(
-            f"no credentials to list {spec}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            f"AWS_PROFILE, or key and secret under [storage.{split_url(spec)[0]}]"
-        )
-    if isinstance(e, FileNotFoundError):
-        return UsageError(f"bucket {bucket!r} does not exist (listing {spec}); check its name")
-    if isinstance(e, PermissionError):
-        return UsageError(
-            f"access to bucket {bucket!r} denied (listing {spec}): {_message(e)}; check the "
-            "credentials and that they may list this bucket"
-        )
-    if is_transient(e):
-        return EnvironmentUnavailable(
-            f"cannot reach the storage of bucket {bucket!r} (listing {spec}): {_message(e)}"
-        )
-    return UsageError(f"cannot list {spec} (bucket {bucket!r}): {_message(e)}")
+    return storage_error(e, f"cannot list {spec}", spec, bucket, "list this bucket")
 
 
 #: The package that implements each of OTHER_PROTOCOLS, as fsspec's registry says (it has

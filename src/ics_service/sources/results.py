@@ -8,12 +8,23 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 
 from ..errors import OutputError, UsageError
 from . import scheme_of, source_for
-from .remote import FsspecSource, is_transient, split_url
+from .remote import (
+    FsspecSource,
+    bucket_problem,
+    is_transient,
+    message,
+    split_url,
+    storage_error,
+)
 
 log = logging.getLogger(__name__)
+
+#: Seconds waited before each retry of an upload that failed with a transient error.
+UPLOAD_BACKOFF = (1.0, 2.0, 4.0)
 
 
 def is_remote(path: str) -> bool:
@@ -31,19 +42,26 @@ def _storage(path: str) -> FsspecSource:
     return source
 
 
+def check_object(path: str) -> None:
+    """Refuse a results path that names a bucket or a prefix rather than an object."""
+    key = split_url(path)[2]
+    if not key or key.endswith("/"):
+        raise UsageError(f"results path {path} names no object; give one, e.g. {path}run.jsonl")
+
+
 def check_writable(path: str) -> None:
     """Refuse, before any work, a results object that cannot be written: a probe object next
     to it is written and deleted (UsageError naming the bucket, EnvironmentUnavailable when
     the storage cannot be reached)."""
     source = _storage(path)
     _, bucket, key = split_url(path)
-    if not key or key.endswith("/"):
-        raise UsageError(f"results path {path} names no object; give one, e.g. {path}run.jsonl")
+    check_object(path)
     probe = f"{bucket}/{key}.ics-check-{secrets.token_hex(4)}"
     try:
         source.fs.pipe_file(probe, b"")
     except Exception as e:
-        raise _write_error(e, path, bucket) from None
+        failed = f"cannot write results to {path}"
+        raise storage_error(e, failed, path, bucket, "write there") from None
     try:
         source.fs.rm_file(probe)
     except Exception as e:  # writable is what matters; the probe may stay behind
@@ -51,13 +69,24 @@ def check_writable(path: str) -> None:
 
 
 def upload(local: str, path: str) -> None:
-    """Put the finished local results file at path (OutputError when it cannot)."""
+    """Put the finished local results file at path, retrying transient errors. When it
+    cannot, an OutputError says where the local file is kept (the caller keeps it)."""
     source = _storage(path)
-    _, bucket, key = split_url(path)
-    try:
-        source.fs.put_file(local, f"{bucket}/{key}")
-    except Exception as e:
-        raise OutputError(f"cannot write results to {path}: {_why(e)}") from None
+    protocol, bucket, key = split_url(path)
+    for wait in (*UPLOAD_BACKOFF, None):
+        try:
+            source.fs.put_file(local, f"{bucket}/{key}")
+            return
+        except Exception as e:
+            if wait is not None and is_transient(e):
+                log.warning("upload of %s failed (%s); retrying in %g s", path, message(e), wait)
+                time.sleep(wait)
+                continue
+            why = bucket_problem(e, protocol, bucket, "write there") or message(e)
+            raise OutputError(
+                f"cannot write results to {path}: {why}; the results are kept in {local}: "
+                f"copy that file there (e.g. aws s3 cp {local} {path})"
+            ) from None
 
 
 def spool_path(path: str) -> str:
@@ -68,25 +97,3 @@ def spool_path(path: str) -> str:
     fd, local = tempfile.mkstemp(prefix="ics-results-", suffix=suffix)
     os.close(fd)
     return local
-
-
-def _why(e: BaseException) -> str:
-    return str(e).strip() or type(e).__name__
-
-
-def _write_error(e: BaseException, path: str, bucket: str) -> Exception:
-    from ..errors import EnvironmentUnavailable
-
-    if isinstance(e, FileNotFoundError):
-        return UsageError(f"cannot write results to {path}: bucket {bucket!r} does not exist")
-    if isinstance(e, PermissionError) or type(e).__name__ in (
-        "NoCredentialsError",
-        "PartialCredentialsError",
-    ):
-        return UsageError(
-            f"cannot write results to {path}: access to bucket {bucket!r} denied ({_why(e)}); "
-            "check the credentials and that they may write there"
-        )
-    if is_transient(e):
-        return EnvironmentUnavailable(f"cannot reach the storage of {path}: {_why(e)}")
-    return UsageError(f"cannot write results to {path}: {_why(e)}")

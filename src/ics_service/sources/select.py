@@ -38,8 +38,10 @@ class _Pattern:
 
 
 def base_of(spec: str) -> str:
-    """What the items of a SOURCE are relative to: its prefix or folder ("/"-terminated),
-    a glob's literal folder; for a SOURCE that names one item, its parent."""
+    """What the items of a SOURCE are relative to, "/"-terminated: its prefix or folder, a
+    glob's literal folder. A SOURCE that names one file or key is taken as a folder of that
+    name (an S3 key may be one); the item it names is not under it, so `relative` gives its
+    name."""
     if "://" in spec and not spec.startswith("file://"):
         return spec if spec.endswith("/") else spec + "/"
     path = os.path.abspath(os.path.expanduser(uri_to_path(spec)))

@@ -5,12 +5,19 @@ a link-local or cloud metadata address unless the settings allow it.
 The address check runs on every hop twice: on what the host name resolves to before the
 request, and on the address actually connected to before the body is read (a name that
 resolves differently the second time cannot smuggle a metadata answer in).
+
+Bodies are asked for and read as sent (``Accept-Encoding: identity``): a compressed answer
+would be unpacked before its size could be checked, so one is refused. One deadline
+(`timeout_s`) covers a whole read, redirects included: a server that sends a byte every
+few seconds cannot hold a decode thread. URLs in messages lose their query string and
+user name and password (presigned redirect targets carry credentials there).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,7 +32,6 @@ BLOCKED_NETWORKS = (
     ipaddress.ip_network("fe80::/10"),
     ipaddress.ip_network("fd00:ec2::254/128"),
 )
-_CHUNK = 1 << 16
 
 if TYPE_CHECKING:
     import httpx
@@ -50,8 +56,15 @@ class HttpSource:
                 timeout=httpx.Timeout(self.timeout_s),
                 follow_redirects=False,
                 trust_env=False,
+                headers={"Accept-Encoding": "identity"},
             )
         return self._client
+
+    def close(self) -> None:
+        """Close the connections (when `configure` replaces this source)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def list(self, spec: str) -> Iterator[str]:
         yield spec
@@ -61,7 +74,14 @@ class HttpSource:
 
         url = uri
         seen = {url}
+        shown = shown_url(uri)
+        deadline = time.monotonic() + self.timeout_s
         for _ in range(MAX_REDIRECTS + 1):
+            if time.monotonic() > deadline:
+                raise SourceUnavailable(
+                    f"timed out reading {shown}: redirects took over "
+                    f"http_timeout_s={self.timeout_s:g} s"
+                )
             self._check_host(url, uri)
             try:
                 with self.client.stream("GET", url) as resp:
@@ -70,27 +90,27 @@ class HttpSource:
                         url = _next_hop(resp, url, uri, seen)
                         continue
                     _check_status(resp, uri)
-                    return _body(resp, max_bytes)
+                    return _body(resp, max_bytes, deadline, self.timeout_s, uri)
             except httpx.TimeoutException as e:
-                raise SourceUnavailable(f"timed out reading {uri}: {type(e).__name__}") from None
+                raise SourceUnavailable(f"timed out reading {shown}: {type(e).__name__}") from None
             except httpx.TransportError as e:
                 if isinstance(e, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
-                    raise SourceUnreadable(f"cannot read {uri}: {e}") from None
-                raise SourceUnavailable(f"cannot reach {uri}: {e or type(e).__name__}") from None
+                    raise SourceUnreadable(f"cannot read {shown}: {_why(e)}") from None
+                raise SourceUnavailable(f"cannot reach {shown}: {_why(e)}") from None
             except httpx.InvalidURL as e:
-                raise SourceUnreadable(f"cannot read {uri}: {e}") from None
-        raise SourceUnreadable(f"{uri} redirects more than {MAX_REDIRECTS} times")
+                raise SourceUnreadable(f"cannot read {shown}: {_why(e)}") from None
+        raise SourceUnreadable(f"{shown} redirects more than {MAX_REDIRECTS} times")
 
     def _check_host(self, url: str, uri: str) -> None:
         if self.allow_link_local:
             return
         host = urllib.parse.urlsplit(url).hostname
         if not host:
-            raise SourceUnreadable(f"{url} names no host")
+            raise SourceUnreadable(f"{shown_url(url)} names no host")
         try:
             infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as e:
-            raise SourceUnavailable(f"cannot resolve the host of {url}: {e}") from None
+            raise SourceUnavailable(f"cannot resolve the host of {shown_url(url)}: {e}") from None
         for info in infos:
             _refuse_blocked(str(info[4][0]), url, uri)
 
@@ -101,6 +121,24 @@ class HttpSource:
         peer = stream.get_extra_info("server_addr") if stream is not None else None
         if peer:
             _refuse_blocked(str(peer[0]), str(resp.url), uri)
+
+
+def shown_url(url: str) -> str:
+    """url as messages, results and logs may show it: without user name, password, query
+    string or fragment (presigned URLs carry credentials in their query)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        hidden = "?..." if parts.query else ""
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
+    except ValueError:
+        return url.split("?", 1)[0].split("#", 1)[0]
+
+
+def _why(e: BaseException) -> str:
+    """An httpx error's text, which can name the URL (and so its credentials), made safe."""
+    text = str(e) or type(e).__name__
+    return " ".join(shown_url(w) if "://" in w else w for w in text.split(" "))
 
 
 def is_blocked(address: str) -> bool:
@@ -116,37 +154,47 @@ def is_blocked(address: str) -> bool:
 
 def _refuse_blocked(address: str, url: str, uri: str) -> None:
     if is_blocked(address):
-        via = "" if url == uri else f" (redirected to {url})"
+        via = "" if url == uri else f" (redirected to {shown_url(url)})"
         raise SourceUnreadable(
-            f"refused to read {uri}{via}: {address} is a link-local or cloud metadata "
+            f"refused to read {shown_url(uri)}{via}: {address} is a link-local or cloud metadata "
             "address; set http_allow_link_local to read from it"
         )
 
 
 def _next_hop(resp: httpx.Response, url: str, uri: str, seen: set[str]) -> str:
     location = resp.headers.get("location")
+    shown = shown_url(uri)
     if not location:
-        raise SourceUnreadable(f"{uri}: HTTP {resp.status_code} redirect without a Location")
+        raise SourceUnreadable(f"{shown}: HTTP {resp.status_code} redirect without a Location")
     target = str(urllib.parse.urljoin(url, str(location)))
     if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
-        raise SourceUnreadable(f"{uri} redirects to {target}, which is not http(s)")
+        raise SourceUnreadable(f"{shown} redirects to {shown_url(target)}, which is not http(s)")
     if target in seen:
-        raise SourceUnreadable(f"{uri} redirects in a loop (back to {target})")
+        raise SourceUnreadable(f"{shown} redirects in a loop (back to {shown_url(target)})")
     seen.add(target)
     return target
 
 
 def _check_status(resp: httpx.Response, uri: str) -> None:
     status = resp.status_code
+    shown = shown_url(uri)
     if status in (404, 410):
-        raise SourceNotFound(f"no such item: {uri} (HTTP {status})")
+        raise SourceNotFound(f"no such item: {shown} (HTTP {status})")
     if status == 429 or status >= 500:
-        raise SourceUnavailable(f"cannot read {uri} now: HTTP {status}")
+        raise SourceUnavailable(f"cannot read {shown} now: HTTP {status}")
     if status >= 400:
-        raise SourceUnreadable(f"cannot read {uri}: HTTP {status}")
+        raise SourceUnreadable(f"cannot read {shown}: HTTP {status}")
 
 
-def _body(resp: httpx.Response, max_bytes: int) -> bytes:
+def _body(
+    resp: httpx.Response, max_bytes: int, deadline: float, timeout_s: float, uri: str
+) -> bytes:
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise SourceUnreadable(
+            f"{shown_url(uri)} was sent with Content-Encoding {encoding!r} although it was "
+            "asked for as is (identity); serve images uncompressed"
+        )
     length = resp.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise ImageTooLarge(
@@ -154,9 +202,16 @@ def _body(resp: httpx.Response, max_bytes: int) -> bytes:
         )
     chunks: list[bytes] = []
     got = 0
-    for chunk in resp.iter_bytes(_CHUNK):
+    # iter_raw without a chunk size: each network read as it comes, so the size and the
+    # deadline are checked as often as the server sends anything.
+    for chunk in resp.iter_raw():
         chunks.append(chunk)
         got += len(chunk)
         if got > max_bytes:
             raise ImageTooLarge(f"body is over max_bytes={max_bytes:,}")
+        if time.monotonic() > deadline:
+            raise SourceUnavailable(
+                f"timed out reading {shown_url(uri)}: not read whole within "
+                f"http_timeout_s={timeout_s:g} s"
+            )
     return b"".join(chunks)

@@ -385,7 +385,16 @@ class Store:
                 )
             chunk.clear()
 
-        for entry in uris:
+        entries = iter(uris)
+        while True:
+            try:
+                entry = next(entries)
+            except StopIteration:
+                break
+            except BaseException:
+                # A listing that fails part-way (a bad manifest row) keeps the items before it.
+                flush()
+                raise
             uri, meta = (entry, None) if isinstance(entry, str) else entry
             chunk.append(
                 {
@@ -401,6 +410,14 @@ class Store:
                 flush()
         flush()
         return seq - start_seq
+
+    def registered_uris(self, execution_id: str, uris: Sequence[str]) -> set[str]:
+        """Which of uris the execution has registered as items."""
+        q = select(items.c.uri).where(
+            items.c.execution_id == execution_id, items.c.uri.in_(list(uris))
+        )
+        with self._connect() as conn:
+            return {row.uri for row in conn.execute(q)}
 
     def pending_items(
         self, execution_id: str, *, page_size: int = _PAGE, after: int = -1
