@@ -720,3 +720,26 @@ def test_batches_start_while_a_huge_first_poll_is_still_looked_up(
     monkeypatch.setattr(watcher.state, "known", known)
     watcher.run(threading.Event(), once=True)
     assert order == ["lookup", "batch"] * 3
+
+
+def test_watch_captures_and_alerts_like_classify(ics_home: Path, photos: Path, inbox: Path) -> None:
+    """--capture and --notify work on the micro-batches as on `ics classify`."""
+    from ics_service.capture.reader import iter_records
+
+    for p in sorted(photos.iterdir()):
+        shutil.copy(p, inbox / p.name)
+    (inbox / "broken.jpg").write_bytes(b"not a jpeg")
+    alerts = ics_home / "alerts.jsonl"
+    capture = ics_home / "capture"
+    res = ics(
+        "watch", str(inbox), "--once", "--settle", "0", "--json",
+        "--tolerated-failure-percentage", "100",
+        "--capture", str(capture), "--notify", f"file://{alerts}",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    classified = sum(d["counts"]["total"] - d["counts"]["FAILED"] for d in docs)
+    assert len(list(iter_records(capture))) == classified == len(list(photos.iterdir()))
+    kinds = [json.loads(line)["kind"] for line in alerts.read_text().splitlines()]
+    assert kinds.count("item_failed") == 1
+    assert kinds.count("low_confidence") == sum(d["counts"]["LOW_CONFIDENCE"] for d in docs)

@@ -12,7 +12,9 @@ from ..config import default
 from ..errors import ExitCode
 from ..logs import printable
 from ..types import Execution, ExecutionStatus
+from .alerts import notify_option
 from .app import common_options, load_cli_settings, main, open_runner, signal_guard
+from .capture import capture_options
 from .classify import batched, results_path_of
 
 if TYPE_CHECKING:
@@ -87,6 +89,8 @@ if TYPE_CHECKING:
     help="Number of LOW_CONFIDENCE/FAILED items a micro-batch tolerates before it FAILS.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print each micro-batch as a JSON line.")
+@capture_options
+@notify_option
 @common_options
 def watch(
     sources: tuple[str, ...],
@@ -123,10 +127,12 @@ def watch(
       130  a signal stopped a micro-batch midway: it is ABORTED, and the next start
            of the watcher finishes it
     """
+    from ..capture import check_capture_folder
     from ..engine.watch import Watcher, check_watcher_name, default_name, feed_for
 
     guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
+    check_capture_folder(settings)
     name = watcher_name or default_name(sources)
     check_watcher_name(name)
     feeds = [
