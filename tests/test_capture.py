@@ -179,6 +179,35 @@ def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
     assert 0.20 <= len(captured) / n <= 0.40
 
 
+@pytest.mark.slow
+def test_a_run_capturing_many_times_its_queue_ends_and_captures_every_item(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    # The queue holds a quarter of the photos' bytes; the run pushes eight queues' worth
+    # through it. An item's room must be taken once and freed once, or the queue fills with
+    # leaked room and the run waits for ever.
+    jpgs = sorted(photos.glob("*.jpg")) * 2
+    total = sum(p.stat().st_size for p in jpgs)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in jpgs))
+    dest = tmp_path / "capture"
+    done = ics_process(
+        "classify",
+        f"@{listing}",
+        "--capture",
+        str(dest),
+        "--tolerated-failure-percentage",
+        "100",
+        "--no-progress",
+        env={"ICS_CAPTURE_QUEUE_MB": f"{total / 8 / 2**20:.6f}"},
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    by_item = results_by_item(ics_home)
+    assert len(by_item) == len(jpgs)
+    assert sorted(r.inference_id for r in iter_records(dest)) == sorted(by_item)
+
+
 def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
     ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
 ) -> None:
@@ -218,10 +247,22 @@ def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
 def test_no_capture_writes_nothing_and_keeps_results_unchanged(
     ics_home: Path, photos: Path, tmp_path: Path
 ) -> None:
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
     classify(str(photos / "coffee.jpg"))
-    (row,) = results_by_item(ics_home).values()
-    assert "captured" not in row
-    assert not list(tmp_path.rglob("*.part"))
+    (plain,) = results_by_item(ics_home).values()
+    new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    # Without --capture: the store and the results file, and not one capture record.
+    assert not [p for p in new if p.suffix == ".jsonl" and p.parent.name != "results"]
+    assert not [p for p in new if p.name.endswith(".part")]
+    for f in (ics_home / "results").glob("*.jsonl"):
+        f.unlink()
+    classify(str(photos / "coffee.jpg"), "--capture", str(tmp_path / "capture"))
+    (captured,) = results_by_item(ics_home).values()
+    assert len(list(iter_records(tmp_path / "capture"))) == 1
+    # Capturing leaves the result rows as they were: the same fields, the same decision.
+    assert set(captured) == set(plain)
+    for key in ("uri", "status", "label", "label_index", "confidence", "top_k", "threshold"):
+        assert captured[key] == plain[key], key
 
 
 # --- refusals -------------------------------------------------------------------------
@@ -303,16 +344,10 @@ def test_a_stopping_run_does_not_wait_for_room(photos: Path, tmp_path: Path) -> 
     assert [r.inference_id for r in iter_records(tmp_path)] == ["e/0"]
 
 
-def test_a_write_error_stops_capture_and_fails_the_sink(
-    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    sink = CaptureSink(CaptureWriter(blocker / "capture"))
-    captured = _captured(photos / "coffee.jpg")
-    result = ItemResult(
+def _result_of(item_id: str, captured: Captured) -> ItemResult:
+    return ItemResult(
         execution_id="e",
-        item_id="0",
+        item_id=item_id,
         uri="coffee.jpg",
         status=ItemStatus.SUCCEEDED,
         threshold=0.5,
@@ -321,8 +356,38 @@ def test_a_write_error_stops_capture_and_fails_the_sink(
         finished_at=dt.datetime.now(dt.UTC),
         captured=captured,
     )
+
+
+def test_the_sink_frees_the_room_the_run_took(photos: Path, tmp_path: Path) -> None:
+    captured = _captured(photos / "coffee.jpg")
+    writer = CaptureWriter(tmp_path, max_pending_bytes=2 * len(captured.data))
+    sink = CaptureSink(writer)
+    stop = threading.Event()
+
+    def run() -> None:  # ten times what the queue holds, reserved as the pipeline does
+        for i in range(20):
+            if writer.reserve_all([captured], stop):
+                sink.write([_result_of(str(i), captured)])
+
+    # On a thread, with a deadline: room taken twice and freed once makes it wait for ever.
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    stop.set()
+    assert not thread.is_alive(), "the sink's items did not free their room within 20 s"
+    sink.close()
+    assert len(list(iter_records(tmp_path))) == 20
+
+
+def test_a_write_error_stops_capture_and_fails_the_sink(
+    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    captured = _captured(photos / "coffee.jpg")
+    sink = CaptureSink(CaptureWriter(blocker / "capture", max_pending_bytes=len(captured.data)))
     assert sink.writer.reserve(captured)
-    sink.write([result])  # queued: the error comes from the writer's thread
+    sink.write([_result_of("0", captured)])  # queued: the error comes from the writer's thread
     with pytest.raises(EnvironmentUnavailable, match=r"data capture to .* failed"):
         sink.close()
     assert isinstance(sink.writer.error, OSError)
@@ -406,6 +471,47 @@ def test_capture_read_prints_rows_and_saves_the_images_back(
         original = Path(row["uri"]).read_bytes()
         assert saved.read_bytes() == original
         assert d["image"]["sha256"] == hashlib.sha256(original).hexdigest()
+
+
+def test_bad_records_are_skipped_one_by_one_and_names_never_collide(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    classify(str(photos / "coffee.jpg"), "--capture", str(dest))
+    (f,) = capture_files(dest)
+    good = json.loads(f.read_text())
+    not_base64 = json.loads(json.dumps(good))
+    not_base64["captureData"]["endpointInput"]["data"] = "!!"
+    not_text = json.loads(json.dumps(good))
+    not_text["captureData"]["endpointInput"]["data"] = 5
+    nan = json.loads(json.dumps(good))
+    nan["captureData"]["endpointOutput"]["data"] = "[NaN, 1.0]"
+    # The same item captured twice (another endpoint's copy): two records, one name.
+    f.write_text("".join(json.dumps(r) + "\n" for r in (good, not_base64, not_text, nan, good)))
+
+    table = ics("capture", "read", str(dest))
+    assert table.exit_code == 0, table.output
+    # The table decodes no image: the record whose data is not base64 is listed too.
+    assert "3 records" in table.stderr
+    assert f"{f}:3: not a capture record" in table.stderr
+    assert f"{f}:4: not a capture record" in table.stderr
+
+    out = tmp_path / "images"
+    res = ics("capture", "read", str(dest), "--json", "--save-images", str(out))
+    assert res.exit_code == 0, res.output
+    assert f"{f}:2: endpointInput.data is not base64" in res.stderr
+    assert "2 records, 1 skipped, 2 images written" in res.stderr
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(docs) == 2 and docs[0]["label"] == "espresso"
+    assert docs[0]["top_k"][0]["index"] == 967
+    assert len(docs[0]["top_k"]) == 5
+    original = (photos / "coffee.jpg").read_bytes()
+    saved = sorted(out.iterdir())
+    assert len(saved) == 2 and all(p.read_bytes() == original for p in saved)
+    # Again into the same folder: nothing is overwritten, and each refusal is said.
+    res = ics("capture", "read", str(dest), "--save-images", str(out))
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("already exists; image not written") == 2
 
 
 def test_ground_truth_records_from_a_csv(tmp_path: Path) -> None:

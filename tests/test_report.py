@@ -489,6 +489,20 @@ def test_bad_records_are_skipped_and_empty_charts_say_so(ics_home: Path) -> None
     assert_report(ics_home.parent / "empty")
 
 
+def test_a_non_finite_confidence_skips_its_row_not_the_report(ics_home: Path) -> None:
+    results = ics_home / "results.jsonl"
+    generated_results(results, 3, label="espresso", confidence=0.99)
+    good = read_jsonl(results)[0]
+    with results.open("a") as out:
+        for field, value in (("confidence", "NaN"), ("confidence", "Infinity")):
+            out.write(json.dumps(good).replace('"confidence": 0.99', f'"{field}": {value}', 1))
+            out.write("\n")
+    code, doc, output = report(str(results), "--out", "report")
+    assert code == ExitCode.OK, output
+    assert doc is not None and doc["rows"] == 3 and doc["skipped"] == 2
+    assert_report(ics_home.parent / "report")
+
+
 def test_progress_bar_on_request(ics_home: Path) -> None:
     results = ics_home / "results.jsonl"
     generated_results(results, 2500, label="espresso", confidence=0.99)

@@ -286,6 +286,12 @@ class Settings(BaseModel):
         pattern=CAPTURE_NAME,
         description="Variant name: the folder under the endpoint's.",
     )
+    capture_queue_mb: float = Field(
+        default=64.0,
+        gt=0.0,
+        description="Megabytes of images and probabilities that may wait for the capture "
+        "writer; past it, classification waits for the writer (backpressure).",
+    )
     # --- `ics report` -------------------------------------------------------------------
     drift_psi_limit: float = Field(
         default=0.2,

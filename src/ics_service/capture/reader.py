@@ -14,6 +14,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,15 @@ class CaptureRecord:
 
     @property
     def input_bytes(self) -> bytes | None:
-        """The original image bytes (decoded from base64 on each call), or None."""
+        """The original image bytes (decoded from base64 on each call), or None; BadRecord
+        when the data is not base64."""
         endpoint_input = self.raw["captureData"].get("endpointInput")
         if endpoint_input is None:
             return None
-        return base64.b64decode(endpoint_input["data"], validate=True)
+        try:
+            return base64.b64decode(endpoint_input["data"], validate=True)
+        except ValueError as e:  # binascii.Error
+            raise BadRecord(f"endpointInput.data is not base64 ({e})") from None
 
 
 class BadRecord(ValueError):
@@ -65,6 +70,8 @@ def parse_record(raw: Any, path: Path, line: int) -> CaptureRecord:
         endpoint_output = capture.get("endpointOutput")
         if endpoint_input is None and endpoint_output is None:
             raise BadRecord("neither endpointInput nor endpointOutput")
+        if endpoint_input is not None and not isinstance(endpoint_input.get("data"), str):
+            raise BadRecord("endpointInput.data is not base64 text")
         probs = None if endpoint_output is None else _probabilities(endpoint_output)
         return CaptureRecord(
             event_id=str(meta["eventId"]),
@@ -93,9 +100,9 @@ def _probabilities(output: dict[str, Any]) -> list[float]:
     else:
         values = json.loads(data)
     if not isinstance(values, list) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
     ):
-        raise BadRecord("endpointOutput.data is not an array of numbers")
+        raise BadRecord("endpointOutput.data is not an array of finite numbers")
     return [float(v) for v in values]
 
 

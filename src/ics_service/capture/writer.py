@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -90,7 +90,10 @@ def open_capture(settings: Settings) -> CaptureWriter | None:
     if settings.capture is None:
         return None
     return CaptureWriter(
-        capture_root(settings), mode=settings.capture_mode, sampling=settings.capture_sampling
+        capture_root(settings),
+        mode=settings.capture_mode,
+        sampling=settings.capture_sampling,
+        max_pending_bytes=int(settings.capture_queue_mb * 1024 * 1024),
     )
 
 
@@ -136,14 +139,21 @@ class CaptureWriter:
 
     def reserve(self, captured: Captured, stop: threading.Event | None = None) -> bool:
         """Wait until the item fits in the queue's budget and take its room; False, and
-        nothing taken, when `stop` is set or the writer failed or closed first.
+        nothing taken, when `stop` is set or the writer failed or closed first."""
+        return self.reserve_all([captured], stop)
 
-        A batch run reserves on its inference thread, as soon as an item is classified,
-        so that the images on their way to the writer (through the recorder) count too.
+    def reserve_all(
+        self, captured: Sequence[Captured], stop: threading.Event | None = None
+    ) -> bool:
+        """`reserve` for several items at once: all their room, or none.
+
+        A batch run reserves on its inference thread, once a batch is classified, so that
+        the images on their way to the writer (through the recorder) count too. Each item
+        is then submitted with `reserved=True`, which frees its own share once written.
         """
-        size = _size(captured)
+        size = sum(_size(c) for c in captured)
         with self._cond:
-            # One entry always fits, however big, so a huge image cannot wait for ever.
+            # Room always fits when none is taken, however big, so nothing waits for ever.
             while self._pending and self._pending + size > self.max_pending_bytes:
                 if self._closed or self.error is not None or (stop is not None and stop.is_set()):
                     return False
