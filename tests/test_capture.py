@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,44 @@ def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
     assert len(ids) == len(list(photos.glob("*.jpg")))
     captured = sorted(r.inference_id for r in iter_records(dest))
     assert captured == sorted(i for i in ids if is_sampled(i, 50))
+
+
+class _FailsToClose:
+    """A sink (a results upload, say) that fails as the run ends."""
+
+    def write(self, results: Sequence[ItemResult]) -> None:
+        pass
+
+    def close(self) -> None:
+        raise EnvironmentUnavailable("results upload failed")
+
+
+def test_a_sink_failing_to_close_still_publishes_the_capture(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    settings = Settings(home=ics_home, capture=str(dest))
+    store = Store(settings.store_url)
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start([str(photos / "coffee.jpg")])
+        threads = {t.name for t in threading.enumerate()}
+        with pytest.raises(EnvironmentUnavailable, match="results upload failed"):
+            runner.run(execution, sinks=[_FailsToClose()])
+    finally:
+        store.close()
+    (record,) = iter_records(dest)
+    assert record.inference_id == f"{execution.id}/0"
+    assert not list(dest.rglob("*.part"))
+    assert "ics-capture" not in {t.name for t in threading.enumerate()} - threads
+
+
+def test_a_writer_that_never_captured_holds_no_thread(tmp_path: Path) -> None:
+    before = threading.active_count()
+    writer = CaptureWriter(tmp_path)
+    assert threading.active_count() == before
+    writer.close()
+    assert capture_files(tmp_path) == []
 
 
 def test_no_capture_writes_nothing_and_keeps_results_unchanged(

@@ -130,8 +130,9 @@ class CaptureWriter:
         self._pending = 0
         self._closed = False
         self._file: _OpenFile | None = None
+        # Started by the first item, so that a writer opened by a run that fails before it
+        # classifies anything (and may never be closed) leaves no thread behind.
         self._thread = threading.Thread(target=self._loop, name="ics-capture", daemon=True)
-        self._thread.start()
 
     def wants(self, inference_id: str) -> bool:
         """Whether this item is in the sample."""
@@ -162,6 +163,8 @@ class CaptureWriter:
                 return False
             self._pending += size
             self.high_water = max(self.high_water, self._pending)
+            if self._thread.ident is None:
+                self._thread.start()
         return True
 
     def submit(
@@ -179,8 +182,10 @@ class CaptureWriter:
             if self._closed:
                 return
             self._closed = True
-        self._q.put(None)
-        self._thread.join()
+            started = self._thread.ident is not None
+        if started:
+            self._q.put(None)
+            self._thread.join()
 
     def _loop(self) -> None:
         while True:

@@ -33,7 +33,7 @@ from ..types import (
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
 from .listing import BackgroundListing, tail_pending
 from .pipeline import Pipeline, plan_inference
-from .recording import History, Recorder, ResultSink, StoreSink
+from .recording import History, Recorder, ResultSink, StoreSink, close_sinks
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +293,7 @@ class ExecutionRunner:
                 beating.set()
                 heart.join()
                 recorder.close()
-                for sink in all_sinks:
-                    sink.close()
+                close_sinks(all_sinks)
             if recorder.error is not None:
                 raise recorder.error
             if listing is not None and not listing.complete:

@@ -28,6 +28,22 @@ class ResultSink(Protocol):
     def close(self) -> None: ...
 
 
+def close_sinks(sinks: Sequence[ResultSink]) -> None:
+    """Close every sink, even after one fails to (each may hold a file to publish or a
+    thread to stop); the first error goes on up, the others are logged."""
+    first: BaseException | None = None
+    for sink in sinks:
+        try:
+            sink.close()
+        except BaseException as e:
+            if first is None:
+                first = e
+            else:
+                log.error("closing %s failed too: %s", type(sink).__name__, e)
+    if first is not None:
+        raise first
+
+
 class History:
     """Buffers history events from any thread; written with the next batch of results."""
 
