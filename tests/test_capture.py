@@ -8,6 +8,8 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -431,6 +433,52 @@ def test_a_write_error_stops_capture_and_fails_the_sink(
         sink.close()
     assert isinstance(sink.writer.error, OSError)
     assert "data capture to" in caplog.text
+
+
+_FULL_DISK = """
+import datetime as dt, resource, signal, sys
+from pathlib import Path
+import numpy as np
+from ics_service.capture import CaptureWriter
+from ics_service.types import Captured
+
+data = Path(sys.argv[2]).read_bytes()
+# A disk that fills part-way through the third record: the write is cut there (EFBIG).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+writer = CaptureWriter(Path(sys.argv[1]), max_file_seconds=3600)
+for i in range(5):
+    item = Captured(data, "image/jpeg", np.zeros(10, np.float32))
+    writer.submit(f"e/{i}", dt.datetime.now(dt.UTC), item)
+writer.close()
+print(type(writer.error).__name__)
+"""
+
+
+def test_a_failed_write_publishes_complete_lines_only(photos: Path, tmp_path: Path) -> None:
+    photo = photos / "coffee.jpg"
+    line_bytes = len(base64.b64encode(photo.read_bytes()))
+    dest = tmp_path / "capture"
+    script = tmp_path / "full_disk.py"
+    script.write_text(_FULL_DISK)
+    done = subprocess.run(
+        [sys.executable, str(script), str(dest), str(photo), str(2 * line_bytes + 5000)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "OSError", done.stderr
+    assert "data capture to" in done.stderr
+    (f,) = capture_files(dest)
+    lines = f.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # ends with a complete line
+    assert [json.loads(line)["eventMetadata"]["inferenceId"] for line in lines[:-1]] == [
+        "e/0",
+        "e/1",
+    ]
+    assert not list(dest.rglob("*.part"))
 
 
 def test_a_reader_never_sees_a_file_being_written(photos: Path, tmp_path: Path) -> None:

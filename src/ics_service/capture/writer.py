@@ -6,13 +6,18 @@ sort by time. A file is written as a hidden `.NAME.part` next to its final place
 into place once complete (at the hour's end, at `max_file_bytes`, after `max_file_seconds`
 or when the writer closes): a reader of `*.jsonl` never sees a half line. A crash loses the
 hidden file being written (at most `max_file_seconds` or `max_file_bytes` of records) and
-the records still queued (at most `max_pending_bytes`).
+the records still queued (at most `max_pending_bytes`); the hidden file stays behind, never
+renamed, and is not cleaned up (another writer may be writing its own beside it). A failed
+write (a full disk) is cut off the file again, which is then published with its complete
+records only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
+import io
 import logging
 import os
 import queue
@@ -22,7 +27,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from ..config import Settings
 from ..errors import UsageError
@@ -55,9 +59,13 @@ class _OpenFile:
     hour: str
     part: Path
     final: Path
-    f: BinaryIO
+    #: Unbuffered: what the file holds is exactly what the writes returned.
+    f: io.FileIO
     opened: float
+    #: Bytes of complete lines.
     size: int = 0
+    #: A failed write left a cut line that could not be cut off: never published.
+    broken: bool = False
 
 
 def capture_root(settings: Settings) -> Path:
@@ -244,7 +252,11 @@ class CaptureWriter:
             f = None
         if f is None:
             f = self._file = self._open(hour, when)
-        f.f.write(line)
+        try:
+            _write_all(f.f, line)
+        except BaseException:
+            self._cut(f)
+            raise
         f.size += len(line)
         self.written += 1
         self._rotate_if_old()
@@ -254,7 +266,16 @@ class CaptureWriter:
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
         part = folder / f".{name}.part"
-        return _OpenFile(hour, part, folder / name, part.open("xb"), time.monotonic())
+        return _OpenFile(hour, part, folder / name, part.open("xb", buffering=0), time.monotonic())
+
+    def _cut(self, f: _OpenFile) -> None:
+        """After a failed write (a full disk), take the cut line off the file again, so
+        that what is published holds complete records only."""
+        try:
+            os.ftruncate(f.f.fileno(), f.size)
+        except OSError as e:
+            f.broken = True
+            log.error("data capture: %s ends with a cut line (%s); it is left hidden", f.part, e)
 
     def _rotate_if_old(self) -> None:
         f = self._file
@@ -267,8 +288,22 @@ class CaptureWriter:
         if f is None:
             return
         try:
-            f.f.flush()
-            os.fsync(f.f.fileno())
+            if not f.broken:
+                os.fsync(f.f.fileno())
         finally:
             f.f.close()
+        if f.broken:
+            return
+        if f.size == 0:  # its first line failed: nothing to publish
+            f.part.unlink(missing_ok=True)
+            return
         os.replace(f.part, f.final)
+
+
+def _write_all(f: io.FileIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, f"wrote nothing to {f.name}")
+        view = view[n:]
