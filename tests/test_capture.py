@@ -8,11 +8,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -652,6 +653,54 @@ def test_sagemaker_invocations_are_captured_as_answered(
     assert record.input_bytes == body
     assert record.inference_id.startswith("2")  # the day's real-time execution id / item
     assert record.inference_id.endswith("/0")
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def test_serving_never_waits_for_the_capture_and_counts_what_it_drops(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    body = (photos / "coffee.jpg").read_bytes()
+    # Room for one image at a time: concurrent requests find the queue full.
+    settings = Settings(home=ics_home, capture=str(dest), capture_queue_mb=len(body) / 2**20)
+    n = 12
+
+    def invoke(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.post("/invocations", content=body, headers={"Content-Type": "image/jpeg"})
+
+    async def concurrent() -> str:
+        async with client_of(create_app(settings, runtime=runtime)) as client:
+            answers = await asyncio.gather(*(invoke(client) for _ in range(n)))
+            assert [r.status_code for r in answers] == [200] * n
+            return (await client.get("/metrics")).text
+
+    async def disk_gone() -> str:
+        async with client_of(create_app(settings, runtime=runtime)) as client:
+            # The folder goes away: the writer fails; the requests are still answered.
+            root = dest / "ics" / "AllTraffic"
+            shutil.rmtree(root)
+            root.write_text("not a folder")
+            deadline = time.monotonic() + 20
+            while True:
+                r = await invoke(client)
+                assert r.status_code == 200, r.text
+                text = (await client.get("/metrics")).text
+                if _metric(text, 'ics_capture_dropped_total{reason="writer_failed"}'):
+                    return text
+                assert time.monotonic() < deadline, "no writer failure counted within 20 s"
+                await asyncio.sleep(0.05)
+
+    full = asyncio.run(concurrent())
+    captured = len(list(iter_records(dest)))
+    dropped = _metric(full, 'ics_capture_dropped_total{reason="queue_full"}')
+    assert captured + dropped == n
+    assert captured >= 1
+    failed = asyncio.run(disk_gone())
+    assert _metric(failed, "ics_capture_failed ") == 1.0
 
 
 @pytest.mark.slow
