@@ -16,11 +16,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
 
 import imagefiles as f
+from awsserver import REGION, AwsServer
 from cli import ics, ics_process
 from ics_service.config import load_settings
 from ics_service.errors import ExitCode
@@ -30,6 +32,7 @@ from ics_service.models.runtime import OnnxRuntime
 from ics_service.outputs import ResultsWriter
 from ics_service.report import collect, open_rows, psi, render
 from ics_service.report.drift import EPSILON
+from ics_service.report.pictures import PLACEHOLDER
 from ics_service.store import Store
 from ics_service.types import ErrorInfo, ItemResult, ItemStatus, ModelRef, Prediction
 
@@ -344,6 +347,36 @@ def test_show_writes_an_annotated_image(ics_home: Path, photos: Path) -> None:
     doc = json.loads(res.stdout)
     assert doc["label"] == "espresso" and doc["status"] == "SUCCEEDED"
     assert len(doc["top_k"]) == 5 and doc["top_k"][0]["confidence"] == doc["confidence"]
+
+
+def test_show_and_report_read_s3_with_the_storage_settings(
+    aws: AwsServer, ics_home: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=aws.url, region_name=REGION)
+    s3.create_bucket(Bucket="shots")
+    s3.put_object(Bucket="shots", Key="coffee.jpg", Body=(photos / "coffee.jpg").read_bytes())
+    # Only the storage setting knows the server: the AWS default would be the real one.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage = json.dumps({"s3": {"endpoint_url": aws.url}})
+    proc = ics_process(
+        "show",
+        "s3://shots/coffee.jpg",
+        "--json",
+        "--out",
+        str(ics_home / "c.png"),
+        env={"ICS_STORAGE": storage},
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert json.loads(proc.stdout)["label"] == "espresso"
+    # The report's contact sheet reads the result's image from S3 too: no placeholder.
+    results = ics_home / "results.jsonl"
+    generated_results(results, 1, label="espresso", confidence=0.5)
+    results.write_text(results.read_text().replace("/nowhere/0.jpg", "s3://shots/coffee.jpg"))
+    proc = ics_process(
+        "report", str(results), "--out", str(ics_home / "r"), env={"ICS_STORAGE": storage}
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert not has_colour(pixels(ics_home / "r" / "lowest.png"), PLACEHOLDER, 1000)
 
 
 def test_show_of_a_broken_image_is_one_line(ics_home: Path) -> None:
