@@ -31,8 +31,10 @@ from ics_service.models import get_card
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.outputs import ResultsWriter
 from ics_service.report import collect, open_rows, psi, render
-from ics_service.report.drift import EPSILON
+from ics_service.report.drift import EPSILON, compare
 from ics_service.report.pictures import PLACEHOLDER
+from ics_service.report.rows import ReportRow
+from ics_service.report.stats import Stats
 from ics_service.store import Store
 from ics_service.types import ErrorInfo, ItemResult, ItemStatus, ModelRef, Prediction
 
@@ -321,6 +323,61 @@ def test_psi_follows_its_formula() -> None:
     disjoint = 2 * (1 - EPSILON) * math.log(1 / EPSILON)
     assert psi({"a": 3}, {"b": 7}) == pytest.approx(disjoint)
     assert psi({}, {"a": 1}) == 0.0
+
+
+def _stats_of(labels: list[str], confidences: np.ndarray) -> Stats:
+    stats = Stats()
+    for label, c in zip(labels, confidences, strict=True):
+        stats.add(ReportRow(status="SUCCEEDED", label=label, confidence=float(c)))
+    return stats
+
+
+def test_two_samples_of_one_distribution_over_1000_labels_are_no_drift() -> None:
+    rng = np.random.default_rng(7)
+    names = [f"label-{i}" for i in range(1000)]
+    weights = 1.0 / np.arange(1, 1001)  # Zipf: a few labels common, most rare
+    weights /= weights.sum()
+
+    def sample(n: int) -> Stats:
+        return _stats_of(list(rng.choice(names, n, p=weights)), rng.beta(5, 2, n))
+
+    for n in (200, 1000):
+        drift = compare(sample(n), sample(n), 0.2)
+        assert not drift.drifted, (n, drift.line())
+    # A real shift of labels still reads as drift: the current source's labels are rare ones.
+    shifted = _stats_of(list(rng.choice(names[500:], 500)), rng.beta(5, 2, 500))
+    drift = compare(sample(500), shifted, 0.2)
+    assert drift.drifted and drift.label_psi > 1.0, drift.line()
+
+
+def test_a_source_with_no_classified_rows_is_not_comparable(ics_home: Path) -> None:
+    results = ics_home / "results.jsonl"
+    generated_results(results, 50, label="espresso", confidence=0.99)
+    failed = ics_home / "failed.jsonl"
+    writer = ResultsWriter(str(failed))
+    now = dt.datetime.now(dt.UTC)
+    writer.write(
+        [
+            ItemResult(
+                "x",
+                "0",
+                "/gone.jpg",
+                ItemStatus.FAILED,
+                0.94,
+                ModelRef("m", "1"),
+                now,
+                now,
+                error=ErrorInfo("SourceNotFound", "gone"),
+            )
+        ]
+    )
+    writer.close()
+    for source, baseline, who in ((failed, results, "SOURCE"), (results, failed, "the baseline")):
+        code, doc, output = report(str(source), "--baseline", str(baseline), "--out", "r")
+        assert code == ExitCode.DRIFT, output
+        assert doc is not None and doc["drift"]["drifted"]
+        assert f"DRIFT: not comparable: {who} has no classified rows" in doc["drift"]["line"]
+        assert_drawn(ics_home.parent / "r" / "drift.png")
 
 
 # --- ics show -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .drift import CONFIDENCE_BINS, Drift, confidence_bins
+from .drift import CONFIDENCE_BINS, OTHER, Drift, confidence_bins, kept_labels, label_bins
 from .stats import HISTOGRAM_BINS, Stats
 
 if TYPE_CHECKING:
@@ -170,13 +170,14 @@ def drift(baseline: Stats, current: Stats, result: Drift, path: Path) -> None:
         [f"{i / CONFIDENCE_BINS:.1f}" for i in range(CONFIDENCE_BINS)],
         f"Confidence (PSI {result.confidence_psi:.3f})",
     )
-    both = (baseline.labels + current.labels).most_common(15)
+    # The bins the label PSI is computed over: the baseline's most frequent labels, the rest.
+    b_labels, c_labels = label_bins(baseline.labels, current.labels)
     _shares(
         right,
-        baseline.labels,
-        current.labels,
-        [name for name, _ in both],
-        f"Labels, the 15 most frequent (PSI {result.label_psi:.3f})",
+        b_labels,
+        c_labels,
+        [*kept_labels(baseline.labels), OTHER],
+        f"Labels, the baseline's most frequent (PSI {result.label_psi:.3f})",
         horizontal=True,
     )
     _save(fig, path)
