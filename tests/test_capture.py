@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections.abc import Awaitable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 
 from cli import ics, ics_process
 from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
+from ics_service.capture.record import capture_record, encode
 from ics_service.capture.sink import CaptureSink
 from ics_service.config import Settings
 from ics_service.engine import ExecutionRunner
@@ -528,6 +530,56 @@ def test_the_reader_skips_a_cut_line_with_a_warning(
     with caplog.at_level(logging.WARNING):
         assert [r.inference_id for r in iter_records(f)] == ["e/0", "e/1"]
     assert f"{f}:3: not a capture record" in caplog.text
+
+
+@pytest.mark.slow
+def test_100000_records_over_2000_files_stream_with_few_files_open(tmp_path: Path) -> None:
+    # Two writers (variants) rotating every 50 records through one hour: their files
+    # interleave in time, and the reader merges them in order.
+    hour = dt.datetime(2026, 11, 29, 10, tzinfo=dt.UTC)
+    per_file, files_per_variant = 50, 1000
+    for v, variant in enumerate(("A", "B")):
+        folder = tmp_path / "ics" / variant / "2026/11/29/10"
+        folder.mkdir(parents=True)
+        for k in range(files_per_variant):
+            lines = []
+            for j in range(per_file):
+                n = 2 * (k * per_file + j) + v
+                when = hour + dt.timedelta(milliseconds=18 * n)
+                record = capture_record(
+                    inference_id=f"e/{n}",
+                    inference_time=when,
+                    mode="output",
+                    data=b"",
+                    content_type="image/jpeg",
+                    probs=[0.5, 0.25, 0.25],
+                )
+                lines.append(encode(record))
+                if j == 0:
+                    name = f"{when:%M-%S}-{when.microsecond // 1000:03d}-{v}{k:04d}.jsonl"
+            (folder / name).write_bytes(b"".join(lines))
+    total = 2 * per_file * files_per_variant
+
+    fds = Path("/proc/self/fd")
+    open_before = len(list(fds.iterdir()))
+    most_open = 0
+    tracemalloc.start()
+    try:
+        count = 0
+        last = None
+        for record in iter_records(tmp_path):
+            assert record.inference_id == f"e/{count}"
+            assert last is None or record.inference_time >= last
+            last = record.inference_time
+            count += 1
+            if count % 1000 == 0:
+                most_open = max(most_open, len(list(fds.iterdir())) - open_before)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == total
+    assert most_open <= 4, f"{most_open} files open at once"
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"
 
 
 # --- ics capture read and ground-truth ------------------------------------------------

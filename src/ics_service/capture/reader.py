@@ -153,6 +153,45 @@ def iter_records(path: str | Path, *, on_bad: OnBad = _warn) -> Iterator[Capture
     line that is not a record goes to `on_bad` (by default a warning) and is skipped."""
     files = capture_files(path)
     for _, hour in itertools.groupby(files, key=_hour_key):
-        yield from heapq.merge(
-            *(_read_file(f, on_bad) for f in hour), key=lambda r: r.inference_time
-        )
+        yield from _merge(list(hour), on_bad)
+
+
+def _first_time(path: Path) -> dt.datetime | None:
+    """The time of a file's first record, from its layout name (`yyyy/mm/dd/hh/MM-SS-mmm-…`);
+    None for a file named otherwise."""
+    try:
+        y, m, d, h = (int(p) for p in path.parent.parts[-4:])
+        minute, second, ms = (int(p) for p in path.name.split("-")[:3])
+        return dt.datetime(y, m, d, h, minute, second, ms * 1000, tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+def _merge(files: list[Path], on_bad: OnBad) -> Iterator[CaptureRecord]:
+    """The records of one hour's files in time order, opening a file only once the merge
+    reaches the time of its first record (its name): an hour of thousands of files is read
+    with few open at once. Files named otherwise are opened from the start."""
+    waiting = sorted(
+        ((t, f) for f in files if (t := _first_time(f)) is not None), key=lambda tf: tf[0]
+    )
+    heap: list[tuple[dt.datetime, int, CaptureRecord, Iterator[CaptureRecord]]] = []
+    opened = itertools.count()
+
+    def push(records: Iterator[CaptureRecord]) -> None:
+        for record in records:
+            heapq.heappush(heap, (record.inference_time, next(opened), record, records))
+            return
+
+    for f in files:
+        if _first_time(f) is None:
+            push(_read_file(f, on_bad))
+    at = 0
+    while heap or at < len(waiting):
+        while at < len(waiting) and (not heap or waiting[at][0] <= heap[0][0]):
+            push(_read_file(waiting[at][1], on_bad))
+            at += 1
+        if not heap:
+            continue
+        _, _, record, records = heapq.heappop(heap)
+        yield record
+        push(records)
