@@ -567,10 +567,10 @@ def test_100000_records_over_2000_files_stream_with_few_files_open(tmp_path: Pat
     try:
         count = 0
         last = None
-        for record in iter_records(tmp_path):
-            assert record.inference_id == f"e/{count}"
-            assert last is None or record.inference_time >= last
-            last = record.inference_time
+        for read in iter_records(tmp_path):
+            assert read.inference_id == f"e/{count}"
+            assert last is None or read.inference_time >= last
+            last = read.inference_time
             count += 1
             if count % 1000 == 0:
                 most_open = max(most_open, len(list(fds.iterdir())) - open_before)
