@@ -68,6 +68,23 @@ class _OpenFile:
     broken: bool = False
 
 
+def hour_folder(when: dt.datetime) -> str:
+    """The `yyyy/mm/dd/hh` folder (UTC) of a file whose first record is at `when`."""
+    return when.astimezone(dt.UTC).strftime("%Y/%m/%d/%H")
+
+
+def file_name(when: dt.datetime) -> str:
+    """A new file's name: its first record's minute, second and millisecond (UTC), so that
+    names sort by time, and a random part, so that writers never share one."""
+    when = when.astimezone(dt.UTC)
+    return f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
+
+
+def part_of(final: Path) -> Path:
+    """The hidden file that `final` is written as, until it is renamed into place complete."""
+    return final.with_name(f".{final.name}.part")
+
+
 def capture_root(settings: Settings) -> Path:
     """The endpoint and variant folder that the settings capture to."""
     assert settings.capture is not None
@@ -243,7 +260,7 @@ class CaptureWriter:
         )
         line = encode(record)
         when = entry.when.astimezone(dt.UTC)
-        hour = when.strftime("%Y/%m/%d/%H")
+        hour = hour_folder(when)
         f = self._file
         if f is not None and (
             f.hour != hour or (f.size and f.size + len(line) > self.max_file_bytes)
@@ -264,9 +281,9 @@ class CaptureWriter:
     def _open(self, hour: str, when: dt.datetime) -> _OpenFile:
         folder = self.root / hour
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
-        part = folder / f".{name}.part"
-        return _OpenFile(hour, part, folder / name, part.open("xb", buffering=0), time.monotonic())
+        final = folder / file_name(when)
+        part = part_of(final)
+        return _OpenFile(hour, part, final, part.open("xb", buffering=0), time.monotonic())
 
     def _cut(self, f: _OpenFile) -> None:
         """After a failed write (a full disk), take the cut line off the file again, so

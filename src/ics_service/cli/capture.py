@@ -11,7 +11,6 @@ import mimetypes
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -235,11 +234,14 @@ def capture_ground_truth(labels_csv: str, out: str, **kwargs: Any) -> None:
       1    some rows were not (each is named on stderr); the others were
       2    the CSV cannot be read or the folder cannot be written
     """
+    from ..capture.writer import file_name, hour_folder, part_of
+
     load_cli_settings(kwargs)
     now = dt.datetime.now(dt.UTC)
-    folder = Path(out) / now.strftime("%Y/%m/%d/%H")
-    name = f"{now:%M-%S}-{now.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
-    part = folder / f".{name}.part"
+    # Named and published as the capture writer does: the same tools read both.
+    folder = Path(out) / hour_folder(now)
+    name = file_name(now)
+    part = part_of(folder / name)
     written = bad = 0
     try:
         folder.mkdir(parents=True, exist_ok=True)

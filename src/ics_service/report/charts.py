@@ -81,15 +81,19 @@ def _bars(ax: Axes, counts: list[tuple[str, int]], colours: list[str] | None = N
     _whole_numbers(ax.xaxis)
 
 
+def status_order(stats: Stats) -> list[str]:
+    """The statuses seen, the known ones first in their usual order, then any other."""
+    known = [s for s in STATUS_COLOURS if s in stats.statuses]
+    return known + sorted(set(stats.statuses) - set(known))
+
+
 def status_counts(stats: Stats, path: Path) -> None:
     fig, ax = _figure(8.0, 3.0)
     ax.set_title("Items by status")
     if not stats.rows:
         _no_data(ax, "no items")
     else:
-        order = [s for s in STATUS_COLOURS if s in stats.statuses] + sorted(
-            set(stats.statuses) - set(STATUS_COLOURS)
-        )
+        order = status_order(stats)
         counts = [(s, stats.statuses[s]) for s in order]
         _bars(ax, counts, [STATUS_COLOURS.get(s, "#757575") for s in order])
     _save(fig, path)
