@@ -19,11 +19,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import jsonschema
 import numpy as np
 import pytest
 
+from awsserver import REGION, AwsServer
 from cli import ics, ics_process
 from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
 from ics_service.capture.record import capture_record, encode
@@ -316,7 +318,8 @@ def test_no_capture_writes_nothing_and_keeps_results_unchanged(
     ("flags", "says"),
     [
         (["--capture", "{file}"], "cannot be written"),
-        (["--capture", "s3://key:secret@bucket/prefix"], "not supported yet"),
+        (["--capture", "s3://key:hunter2@bucket/prefix"], "capture URL holds credentials"),
+        (["--capture", "gs://bucket/prefix"], "local folder or to s3://BUCKET/PREFIX"),
         (["--capture", "{dir}", "--capture-endpoint", "../up"], "capture_endpoint"),
         (["--capture", "{dir}", "--capture-sampling", "101"], "capture_sampling"),
     ],
@@ -331,8 +334,49 @@ def test_bad_capture_settings_are_usage_errors_before_any_work(
     assert res.exit_code == 2, res.output
     assert says in res.output
     assert "Traceback" not in res.output
-    assert "secret" not in res.output
+    assert "hunter2" not in res.output
     assert not (ics_home / "ics.db").exists()
+
+
+def test_capture_to_s3_uploads_each_complete_file_and_keeps_none_here(
+    aws: AwsServer, ics_home: Path, photos: Path
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=aws.url, region_name=REGION)
+    s3.create_bucket(Bucket="captures")
+    classify(
+        str(photos / "coffee.jpg"), str(photos / "camera.jpg"), "--capture", "s3://captures/run"
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="captures")["Contents"]]
+    (key,) = keys  # one file, and no probe left behind
+    parts = key.split("/")
+    assert parts[:3] == ["run", "ics", "AllTraffic"] and len(parts) == 8
+    dt.datetime.strptime("/".join(parts[3:7]), "%Y/%m/%d/%H")
+    body = s3.get_object(Bucket="captures", Key=key)["Body"].read().decode()
+    records = [json.loads(line) for line in body.splitlines()]
+    validator = schema_validator()
+    for record in records:
+        validator.validate(record)
+    assert sorted(r["eventMetadata"]["inferenceId"] for r in records) == sorted(
+        results_by_item(ics_home)
+    )
+    # Uploaded, so deleted from the spool.
+    assert not [p for p in (ics_home / "capture-spool").rglob("*") if p.is_file()]
+    # A bucket that does not exist is refused before any work.
+    res = ics("classify", str(photos / "coffee.jpg"), "--capture", "s3://no-such-bucket/x")
+    assert res.exit_code == 2, res.output
+    assert "bucket 'no-such-bucket' does not exist" in res.output
+
+
+def test_a_failed_upload_keeps_the_file_and_says_where(
+    aws: AwsServer, photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = CaptureWriter(tmp_path, upload_to="s3://missing-bucket/run")
+    writer.submit("e/0", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+    writer.close()
+    (kept,) = capture_files(tmp_path)
+    assert [r.inference_id for r in iter_records(kept)] == ["e/0"]
+    assert f"{kept} could not be uploaded to s3://missing-bucket/run/" in caplog.text
+    assert "it stays there" in caplog.text
 
 
 # --- the writer -----------------------------------------------------------------------

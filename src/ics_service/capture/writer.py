@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import functools
+import hashlib
 import io
 import logging
 import os
@@ -27,9 +28,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import Settings
-from ..errors import UsageError
+from ..errors import EnvironmentUnavailable, UsageError
 from ..types import Captured
 from .record import Mode, capture_record, encode, is_sampled
 
@@ -85,18 +87,38 @@ def part_of(final: Path) -> Path:
     return final.with_name(f".{final.name}.part")
 
 
-def capture_root(settings: Settings) -> Path:
-    """The endpoint and variant folder that the settings capture to."""
+def is_remote_capture(settings: Settings) -> bool:
+    return settings.capture is not None and "://" in settings.capture
+
+
+def capture_url(settings: Settings) -> str | None:
+    """The s3:// endpoint and variant prefix that files are uploaded to; None when local."""
+    if not is_remote_capture(settings):
+        return None
     assert settings.capture is not None
-    return (
-        Path(settings.capture).expanduser() / settings.capture_endpoint / settings.capture_variant
-    )
+    base = settings.capture.rstrip("/")
+    return f"{base}/{settings.capture_endpoint}/{settings.capture_variant}"
+
+
+def capture_root(settings: Settings) -> Path:
+    """The local endpoint and variant folder that the settings capture to: for a capture to
+    S3, a spool folder under the home that holds each file until it is uploaded."""
+    assert settings.capture is not None
+    if is_remote_capture(settings):
+        digest = hashlib.sha256(settings.capture.encode("utf-8")).hexdigest()[:16]
+        base = settings.home / "capture-spool" / digest
+    else:
+        base = Path(settings.capture).expanduser()
+    return base / settings.capture_endpoint / settings.capture_variant
 
 
 def check_capture_folder(settings: Settings) -> None:
     """Refuse (a usage error, before any work) a capture folder that cannot be written."""
     if settings.capture is None:
         return
+    url = capture_url(settings)
+    if url is not None:
+        _check_bucket(settings, url)
     root = capture_root(settings)
     probe = root / f".ics-probe-{uuid.uuid4().hex}"
     try:
@@ -110,6 +132,37 @@ def check_capture_folder(settings: Settings) -> None:
         ) from None
 
 
+def _check_bucket(settings: Settings, url: str) -> None:
+    """Refuse a capture bucket that cannot be written: a probe object is put and deleted."""
+    from .. import sources
+    from ..sources.remote import is_transient
+
+    sources.configure(settings)
+    fs, bucket, key = _fs_of(f"{url}/.ics-probe-{uuid.uuid4().hex}")
+    try:
+        fs.pipe_file(f"{bucket}/{key}", b"")
+        fs.rm_file(f"{bucket}/{key}")
+    except Exception as e:
+        why = str(e).strip() or type(e).__name__
+        if isinstance(e, FileNotFoundError):
+            why = f"bucket {bucket!r} does not exist"
+        if is_transient(e):
+            raise EnvironmentUnavailable(f"cannot reach the storage of {url}: {why}") from None
+        raise UsageError(
+            f"capture to {url} cannot be written ({why}); choose another --capture"
+        ) from None
+
+
+def _fs_of(url: str) -> tuple[Any, str, str]:
+    from ..sources import source_for
+    from ..sources.remote import FsspecSource, split_url
+
+    source = source_for(url)
+    assert isinstance(source, FsspecSource)
+    _, bucket, key = split_url(url)
+    return source.fs, bucket, key
+
+
 def open_capture(settings: Settings) -> CaptureWriter | None:
     """The settings' capture writer, or None when capture is off."""
     if settings.capture is None:
@@ -119,6 +172,7 @@ def open_capture(settings: Settings) -> CaptureWriter | None:
         mode=settings.capture_mode,
         sampling=settings.capture_sampling,
         max_pending_bytes=int(settings.capture_queue_mb * 1024 * 1024),
+        upload_to=capture_url(settings),
     )
 
 
@@ -139,8 +193,12 @@ class CaptureWriter:
         max_file_bytes: int = MAX_FILE_BYTES,
         max_file_seconds: float = MAX_FILE_SECONDS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        upload_to: str | None = None,
     ) -> None:
         self.root = root
+        #: s3://... that each complete file is uploaded to (the same relative key), then
+        #: deleted here; None: the files stay in root.
+        self.upload_to = upload_to
         self.mode: Mode = mode
         self.sampling = sampling
         self.max_file_bytes = max_file_bytes
@@ -315,6 +373,25 @@ class CaptureWriter:
             f.part.unlink(missing_ok=True)
             return
         os.replace(f.part, f.final)
+        if self.upload_to is not None:
+            self._upload(f.final)
+
+    def _upload(self, local: Path) -> None:
+        """Put a complete file at the same key under upload_to; keep it here if that fails."""
+        assert self.upload_to is not None
+        url = f"{self.upload_to}/{local.relative_to(self.root).as_posix()}"
+        try:
+            fs, bucket, key = _fs_of(url)
+            fs.put_file(str(local), f"{bucket}/{key}")
+        except Exception as e:
+            log.error(
+                "data capture: %s could not be uploaded to %s (%s); it stays there",
+                local,
+                url,
+                str(e).strip() or type(e).__name__,
+            )
+            return
+        local.unlink(missing_ok=True)
 
 
 def _write_all(f: io.FileIO, data: bytes) -> None:
