@@ -8,19 +8,27 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import shutil
+import subprocess
+import sys
 import threading
 import time
+import tracemalloc
+from collections.abc import Awaitable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import jsonschema
 import numpy as np
 import pytest
 
+from awsserver import REGION, AwsServer
 from cli import ics, ics_process
 from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
+from ics_service.capture.record import capture_record, encode
 from ics_service.capture.sink import CaptureSink
 from ics_service.config import Settings
 from ics_service.engine import ExecutionRunner
@@ -179,6 +187,35 @@ def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
     assert 0.20 <= len(captured) / n <= 0.40
 
 
+@pytest.mark.slow
+def test_a_run_capturing_many_times_its_queue_ends_and_captures_every_item(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    # The queue holds a quarter of the photos' bytes; the run pushes eight queues' worth
+    # through it. An item's room must be taken once and freed once, or the queue fills with
+    # leaked room and the run waits for ever.
+    jpgs = sorted(photos.glob("*.jpg")) * 2
+    total = sum(p.stat().st_size for p in jpgs)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in jpgs))
+    dest = tmp_path / "capture"
+    done = ics_process(
+        "classify",
+        f"@{listing}",
+        "--capture",
+        str(dest),
+        "--tolerated-failure-percentage",
+        "100",
+        "--no-progress",
+        env={"ICS_CAPTURE_QUEUE_MB": f"{total / 8 / 2**20:.6f}"},
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    by_item = results_by_item(ics_home)
+    assert len(by_item) == len(jpgs)
+    assert sorted(r.inference_id for r in iter_records(dest)) == sorted(by_item)
+
+
 def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
     ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
 ) -> None:
@@ -215,13 +252,63 @@ def test_a_resume_captures_the_items_it_runs_with_the_same_sampling(
     assert captured == sorted(i for i in ids if is_sampled(i, 50))
 
 
+class _FailsToClose:
+    """A sink (a results upload, say) that fails as the run ends."""
+
+    def write(self, results: Sequence[ItemResult]) -> None:
+        pass
+
+    def close(self) -> None:
+        raise EnvironmentUnavailable("results upload failed")
+
+
+def test_a_sink_failing_to_close_still_publishes_the_capture(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    settings = Settings(home=ics_home, capture=str(dest))
+    store = Store(settings.store_url)
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start([str(photos / "coffee.jpg")])
+        threads = {t.name for t in threading.enumerate()}
+        with pytest.raises(EnvironmentUnavailable, match="results upload failed"):
+            runner.run(execution, sinks=[_FailsToClose()])
+    finally:
+        store.close()
+    (record,) = iter_records(dest)
+    assert record.inference_id == f"{execution.id}/0"
+    assert not list(dest.rglob("*.part"))
+    assert "ics-capture" not in {t.name for t in threading.enumerate()} - threads
+
+
+def test_a_writer_that_never_captured_holds_no_thread(tmp_path: Path) -> None:
+    before = threading.active_count()
+    writer = CaptureWriter(tmp_path)
+    assert threading.active_count() == before
+    writer.close()
+    assert capture_files(tmp_path) == []
+
+
 def test_no_capture_writes_nothing_and_keeps_results_unchanged(
     ics_home: Path, photos: Path, tmp_path: Path
 ) -> None:
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
     classify(str(photos / "coffee.jpg"))
-    (row,) = results_by_item(ics_home).values()
-    assert "captured" not in row
-    assert not list(tmp_path.rglob("*.part"))
+    (plain,) = results_by_item(ics_home).values()
+    new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    # Without --capture: the store and the results file, and not one capture record.
+    assert not [p for p in new if p.suffix == ".jsonl" and p.parent.name != "results"]
+    assert not [p for p in new if p.name.endswith(".part")]
+    for f in (ics_home / "results").glob("*.jsonl"):
+        f.unlink()
+    classify(str(photos / "coffee.jpg"), "--capture", str(tmp_path / "capture"))
+    (captured,) = results_by_item(ics_home).values()
+    assert len(list(iter_records(tmp_path / "capture"))) == 1
+    # Capturing leaves the result rows as they were: the same fields, the same decision.
+    assert set(captured) == set(plain)
+    for key in ("uri", "status", "label", "label_index", "confidence", "top_k", "threshold"):
+        assert captured[key] == plain[key], key
 
 
 # --- refusals -------------------------------------------------------------------------
@@ -231,7 +318,8 @@ def test_no_capture_writes_nothing_and_keeps_results_unchanged(
     ("flags", "says"),
     [
         (["--capture", "{file}"], "cannot be written"),
-        (["--capture", "s3://key:secret@bucket/prefix"], "not supported yet"),
+        (["--capture", "s3://key:hunter2@bucket/prefix"], "capture URL holds credentials"),
+        (["--capture", "gs://bucket/prefix"], "local folder or to s3://BUCKET/PREFIX"),
         (["--capture", "{dir}", "--capture-endpoint", "../up"], "capture_endpoint"),
         (["--capture", "{dir}", "--capture-sampling", "101"], "capture_sampling"),
     ],
@@ -246,8 +334,49 @@ def test_bad_capture_settings_are_usage_errors_before_any_work(
     assert res.exit_code == 2, res.output
     assert says in res.output
     assert "Traceback" not in res.output
-    assert "secret" not in res.output
+    assert "hunter2" not in res.output
     assert not (ics_home / "ics.db").exists()
+
+
+def test_capture_to_s3_uploads_each_complete_file_and_keeps_none_here(
+    aws: AwsServer, ics_home: Path, photos: Path
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=aws.url, region_name=REGION)
+    s3.create_bucket(Bucket="captures")
+    classify(
+        str(photos / "coffee.jpg"), str(photos / "camera.jpg"), "--capture", "s3://captures/run"
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="captures")["Contents"]]
+    (key,) = keys  # one file, and no probe left behind
+    parts = key.split("/")
+    assert parts[:3] == ["run", "ics", "AllTraffic"] and len(parts) == 8
+    dt.datetime.strptime("/".join(parts[3:7]), "%Y/%m/%d/%H")
+    body = s3.get_object(Bucket="captures", Key=key)["Body"].read().decode()
+    records = [json.loads(line) for line in body.splitlines()]
+    validator = schema_validator()
+    for record in records:
+        validator.validate(record)
+    assert sorted(r["eventMetadata"]["inferenceId"] for r in records) == sorted(
+        results_by_item(ics_home)
+    )
+    # Uploaded, so deleted from the spool.
+    assert not [p for p in (ics_home / "capture-spool").rglob("*") if p.is_file()]
+    # A bucket that does not exist is refused before any work.
+    res = ics("classify", str(photos / "coffee.jpg"), "--capture", "s3://no-such-bucket/x")
+    assert res.exit_code == 2, res.output
+    assert "bucket 'no-such-bucket' does not exist" in res.output
+
+
+def test_a_failed_upload_keeps_the_file_and_says_where(
+    aws: AwsServer, photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = CaptureWriter(tmp_path, upload_to="s3://missing-bucket/run")
+    writer.submit("e/0", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+    writer.close()
+    (kept,) = capture_files(tmp_path)
+    assert [r.inference_id for r in iter_records(kept)] == ["e/0"]
+    assert f"{kept} could not be uploaded to s3://missing-bucket/run/" in caplog.text
+    assert "it stays there" in caplog.text
 
 
 # --- the writer -----------------------------------------------------------------------
@@ -303,16 +432,10 @@ def test_a_stopping_run_does_not_wait_for_room(photos: Path, tmp_path: Path) -> 
     assert [r.inference_id for r in iter_records(tmp_path)] == ["e/0"]
 
 
-def test_a_write_error_stops_capture_and_fails_the_sink(
-    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    sink = CaptureSink(CaptureWriter(blocker / "capture"))
-    captured = _captured(photos / "coffee.jpg")
-    result = ItemResult(
+def _result_of(item_id: str, captured: Captured) -> ItemResult:
+    return ItemResult(
         execution_id="e",
-        item_id="0",
+        item_id=item_id,
         uri="coffee.jpg",
         status=ItemStatus.SUCCEEDED,
         threshold=0.5,
@@ -321,12 +444,88 @@ def test_a_write_error_stops_capture_and_fails_the_sink(
         finished_at=dt.datetime.now(dt.UTC),
         captured=captured,
     )
+
+
+def test_the_sink_frees_the_room_the_run_took(photos: Path, tmp_path: Path) -> None:
+    captured = _captured(photos / "coffee.jpg")
+    writer = CaptureWriter(tmp_path, max_pending_bytes=2 * len(captured.data))
+    sink = CaptureSink(writer)
+    stop = threading.Event()
+
+    def run() -> None:  # ten times what the queue holds, reserved as the pipeline does
+        for i in range(20):
+            if writer.reserve_all([captured], stop):
+                sink.write([_result_of(str(i), captured)])
+
+    # On a thread, with a deadline: room taken twice and freed once makes it wait for ever.
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(20)
+    stop.set()
+    assert not thread.is_alive(), "the sink's items did not free their room within 20 s"
+    sink.close()
+    assert len(list(iter_records(tmp_path))) == 20
+
+
+def test_a_write_error_stops_capture_and_fails_the_sink(
+    photos: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    captured = _captured(photos / "coffee.jpg")
+    sink = CaptureSink(CaptureWriter(blocker / "capture", max_pending_bytes=len(captured.data)))
     assert sink.writer.reserve(captured)
-    sink.write([result])  # queued: the error comes from the writer's thread
+    sink.write([_result_of("0", captured)])  # queued: the error comes from the writer's thread
     with pytest.raises(EnvironmentUnavailable, match=r"data capture to .* failed"):
         sink.close()
     assert isinstance(sink.writer.error, OSError)
     assert "data capture to" in caplog.text
+
+
+_FULL_DISK = """
+import datetime as dt, resource, signal, sys
+from pathlib import Path
+import numpy as np
+from ics_service.capture import CaptureWriter
+from ics_service.types import Captured
+
+data = Path(sys.argv[2]).read_bytes()
+# A disk that fills part-way through the third record: the write is cut there (EFBIG).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))
+writer = CaptureWriter(Path(sys.argv[1]), max_file_seconds=3600)
+for i in range(5):
+    item = Captured(data, "image/jpeg", np.zeros(10, np.float32))
+    writer.submit(f"e/{i}", dt.datetime.now(dt.UTC), item)
+writer.close()
+print(type(writer.error).__name__)
+"""
+
+
+def test_a_failed_write_publishes_complete_lines_only(photos: Path, tmp_path: Path) -> None:
+    photo = photos / "coffee.jpg"
+    line_bytes = len(base64.b64encode(photo.read_bytes()))
+    dest = tmp_path / "capture"
+    script = tmp_path / "full_disk.py"
+    script.write_text(_FULL_DISK)
+    done = subprocess.run(
+        [sys.executable, str(script), str(dest), str(photo), str(2 * line_bytes + 5000)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "OSError", done.stderr
+    assert "data capture to" in done.stderr
+    (f,) = capture_files(dest)
+    lines = f.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # ends with a complete line
+    assert [json.loads(line)["eventMetadata"]["inferenceId"] for line in lines[:-1]] == [
+        "e/0",
+        "e/1",
+    ]
+    assert not list(dest.rglob("*.part"))
 
 
 def test_a_reader_never_sees_a_file_being_written(photos: Path, tmp_path: Path) -> None:
@@ -377,6 +576,56 @@ def test_the_reader_skips_a_cut_line_with_a_warning(
     assert f"{f}:3: not a capture record" in caplog.text
 
 
+@pytest.mark.slow
+def test_100000_records_over_2000_files_stream_with_few_files_open(tmp_path: Path) -> None:
+    # Two writers (variants) rotating every 50 records through one hour: their files
+    # interleave in time, and the reader merges them in order.
+    hour = dt.datetime(2026, 11, 29, 10, tzinfo=dt.UTC)
+    per_file, files_per_variant = 50, 1000
+    for v, variant in enumerate(("A", "B")):
+        folder = tmp_path / "ics" / variant / "2026/11/29/10"
+        folder.mkdir(parents=True)
+        for k in range(files_per_variant):
+            lines = []
+            for j in range(per_file):
+                n = 2 * (k * per_file + j) + v
+                when = hour + dt.timedelta(milliseconds=18 * n)
+                record = capture_record(
+                    inference_id=f"e/{n}",
+                    inference_time=when,
+                    mode="output",
+                    data=b"",
+                    content_type="image/jpeg",
+                    probs=[0.5, 0.25, 0.25],
+                )
+                lines.append(encode(record))
+                if j == 0:
+                    name = f"{when:%M-%S}-{when.microsecond // 1000:03d}-{v}{k:04d}.jsonl"
+            (folder / name).write_bytes(b"".join(lines))
+    total = 2 * per_file * files_per_variant
+
+    fds = Path("/proc/self/fd")
+    open_before = len(list(fds.iterdir()))
+    most_open = 0
+    tracemalloc.start()
+    try:
+        count = 0
+        last = None
+        for read in iter_records(tmp_path):
+            assert read.inference_id == f"e/{count}"
+            assert last is None or read.inference_time >= last
+            last = read.inference_time
+            count += 1
+            if count % 1000 == 0:
+                most_open = max(most_open, len(list(fds.iterdir())) - open_before)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == total
+    assert most_open <= 4, f"{most_open} files open at once"
+    assert peak < 20 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
 # --- ics capture read and ground-truth ------------------------------------------------
 
 
@@ -406,6 +655,47 @@ def test_capture_read_prints_rows_and_saves_the_images_back(
         original = Path(row["uri"]).read_bytes()
         assert saved.read_bytes() == original
         assert d["image"]["sha256"] == hashlib.sha256(original).hexdigest()
+
+
+def test_bad_records_are_skipped_one_by_one_and_names_never_collide(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    classify(str(photos / "coffee.jpg"), "--capture", str(dest))
+    (f,) = capture_files(dest)
+    good = json.loads(f.read_text())
+    not_base64 = json.loads(json.dumps(good))
+    not_base64["captureData"]["endpointInput"]["data"] = "!!"
+    not_text = json.loads(json.dumps(good))
+    not_text["captureData"]["endpointInput"]["data"] = 5
+    nan = json.loads(json.dumps(good))
+    nan["captureData"]["endpointOutput"]["data"] = "[NaN, 1.0]"
+    # The same item captured twice (another endpoint's copy): two records, one name.
+    f.write_text("".join(json.dumps(r) + "\n" for r in (good, not_base64, not_text, nan, good)))
+
+    table = ics("capture", "read", str(dest))
+    assert table.exit_code == 0, table.output
+    # The table decodes no image: the record whose data is not base64 is listed too.
+    assert "3 records" in table.stderr
+    assert f"{f}:3: not a capture record" in table.stderr
+    assert f"{f}:4: not a capture record" in table.stderr
+
+    out = tmp_path / "images"
+    res = ics("capture", "read", str(dest), "--json", "--save-images", str(out))
+    assert res.exit_code == 0, res.output
+    assert f"{f}:2: endpointInput.data is not base64" in res.stderr
+    assert "2 records, 1 skipped, 2 images written" in res.stderr
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(docs) == 2 and docs[0]["label"] == "espresso"
+    assert docs[0]["top_k"][0]["index"] == 967
+    assert len(docs[0]["top_k"]) == 5
+    original = (photos / "coffee.jpg").read_bytes()
+    saved = sorted(out.iterdir())
+    assert len(saved) == 2 and all(p.read_bytes() == original for p in saved)
+    # Again into the same folder: nothing is overwritten, and each refusal is said.
+    res = ics("capture", "read", str(dest), "--save-images", str(out))
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("already exists; image not written") == 2
 
 
 def test_ground_truth_records_from_a_csv(tmp_path: Path) -> None:
@@ -459,6 +749,54 @@ def test_sagemaker_invocations_are_captured_as_answered(
     assert record.input_bytes == body
     assert record.inference_id.startswith("2")  # the day's real-time execution id / item
     assert record.inference_id.endswith("/0")
+
+
+def _metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+def test_serving_never_waits_for_the_capture_and_counts_what_it_drops(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    dest = tmp_path / "capture"
+    body = (photos / "coffee.jpg").read_bytes()
+    # Room for one image at a time: concurrent requests find the queue full.
+    settings = Settings(home=ics_home, capture=str(dest), capture_queue_mb=len(body) / 2**20)
+    n = 12
+
+    def invoke(client: httpx.AsyncClient) -> Awaitable[httpx.Response]:
+        return client.post("/invocations", content=body, headers={"Content-Type": "image/jpeg"})
+
+    async def concurrent() -> str:
+        async with client_of(create_app(settings, runtime=runtime)) as client:
+            answers = await asyncio.gather(*(invoke(client) for _ in range(n)))
+            assert [r.status_code for r in answers] == [200] * n
+            return (await client.get("/metrics")).text
+
+    async def disk_gone() -> str:
+        async with client_of(create_app(settings, runtime=runtime)) as client:
+            # The folder goes away: the writer fails; the requests are still answered.
+            root = dest / "ics" / "AllTraffic"
+            shutil.rmtree(root)
+            root.write_text("not a folder")
+            deadline = time.monotonic() + 20
+            while True:
+                r = await invoke(client)
+                assert r.status_code == 200, r.text
+                text = (await client.get("/metrics")).text
+                if _metric(text, 'ics_capture_dropped_total{reason="writer_failed"}'):
+                    return text
+                assert time.monotonic() < deadline, "no writer failure counted within 20 s"
+                await asyncio.sleep(0.05)
+
+    full = asyncio.run(concurrent())
+    captured = len(list(iter_records(dest)))
+    dropped = _metric(full, 'ics_capture_dropped_total{reason="queue_full"}')
+    assert captured + dropped == n
+    assert captured >= 1
+    failed = asyncio.run(disk_gone())
+    assert _metric(failed, "ics_capture_failed ") == 1.0
 
 
 @pytest.mark.slow

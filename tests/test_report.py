@@ -16,11 +16,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
 
 import imagefiles as f
+from awsserver import REGION, AwsServer
 from cli import ics, ics_process
 from ics_service.config import load_settings
 from ics_service.errors import ExitCode
@@ -29,7 +31,10 @@ from ics_service.models import get_card
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.outputs import ResultsWriter
 from ics_service.report import collect, open_rows, psi, render
-from ics_service.report.drift import EPSILON
+from ics_service.report.drift import EPSILON, compare
+from ics_service.report.pictures import PLACEHOLDER
+from ics_service.report.rows import ReportRow
+from ics_service.report.stats import Stats
 from ics_service.store import Store
 from ics_service.types import ErrorInfo, ItemResult, ItemStatus, ModelRef, Prediction
 
@@ -320,6 +325,61 @@ def test_psi_follows_its_formula() -> None:
     assert psi({}, {"a": 1}) == 0.0
 
 
+def _stats_of(labels: list[str], confidences: np.ndarray) -> Stats:
+    stats = Stats()
+    for label, c in zip(labels, confidences, strict=True):
+        stats.add(ReportRow(status="SUCCEEDED", label=label, confidence=float(c)))
+    return stats
+
+
+def test_two_samples_of_one_distribution_over_1000_labels_are_no_drift() -> None:
+    rng = np.random.default_rng(7)
+    names = [f"label-{i}" for i in range(1000)]
+    weights = 1.0 / np.arange(1, 1001)  # Zipf: a few labels common, most rare
+    weights /= weights.sum()
+
+    def sample(n: int) -> Stats:
+        return _stats_of(list(rng.choice(names, n, p=weights)), rng.beta(5, 2, n))
+
+    for n in (200, 1000):
+        drift = compare(sample(n), sample(n), 0.2)
+        assert not drift.drifted, (n, drift.line())
+    # A real shift of labels still reads as drift: the current source's labels are rare ones.
+    shifted = _stats_of(list(rng.choice(names[500:], 500)), rng.beta(5, 2, 500))
+    drift = compare(sample(500), shifted, 0.2)
+    assert drift.drifted and drift.label_psi > 1.0, drift.line()
+
+
+def test_a_source_with_no_classified_rows_is_not_comparable(ics_home: Path) -> None:
+    results = ics_home / "results.jsonl"
+    generated_results(results, 50, label="espresso", confidence=0.99)
+    failed = ics_home / "failed.jsonl"
+    writer = ResultsWriter(str(failed))
+    now = dt.datetime.now(dt.UTC)
+    writer.write(
+        [
+            ItemResult(
+                "x",
+                "0",
+                "/gone.jpg",
+                ItemStatus.FAILED,
+                0.94,
+                ModelRef("m", "1"),
+                now,
+                now,
+                error=ErrorInfo("SourceNotFound", "gone"),
+            )
+        ]
+    )
+    writer.close()
+    for source, baseline, who in ((failed, results, "SOURCE"), (results, failed, "the baseline")):
+        code, doc, output = report(str(source), "--baseline", str(baseline), "--out", "r")
+        assert code == ExitCode.DRIFT, output
+        assert doc is not None and doc["drift"]["drifted"]
+        assert f"DRIFT: not comparable: {who} has no classified rows" in doc["drift"]["line"]
+        assert_drawn(ics_home.parent / "r" / "drift.png")
+
+
 # --- ics show -------------------------------------------------------------------------------
 
 
@@ -344,6 +404,36 @@ def test_show_writes_an_annotated_image(ics_home: Path, photos: Path) -> None:
     doc = json.loads(res.stdout)
     assert doc["label"] == "espresso" and doc["status"] == "SUCCEEDED"
     assert len(doc["top_k"]) == 5 and doc["top_k"][0]["confidence"] == doc["confidence"]
+
+
+def test_show_and_report_read_s3_with_the_storage_settings(
+    aws: AwsServer, ics_home: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=aws.url, region_name=REGION)
+    s3.create_bucket(Bucket="shots")
+    s3.put_object(Bucket="shots", Key="coffee.jpg", Body=(photos / "coffee.jpg").read_bytes())
+    # Only the storage setting knows the server: the AWS default would be the real one.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage = json.dumps({"s3": {"endpoint_url": aws.url}})
+    proc = ics_process(
+        "show",
+        "s3://shots/coffee.jpg",
+        "--json",
+        "--out",
+        str(ics_home / "c.png"),
+        env={"ICS_STORAGE": storage},
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert json.loads(proc.stdout)["label"] == "espresso"
+    # The report's contact sheet reads the result's image from S3 too: no placeholder.
+    results = ics_home / "results.jsonl"
+    generated_results(results, 1, label="espresso", confidence=0.5)
+    results.write_text(results.read_text().replace("/nowhere/0.jpg", "s3://shots/coffee.jpg"))
+    proc = ics_process(
+        "report", str(results), "--out", str(ics_home / "r"), env={"ICS_STORAGE": storage}
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert not has_colour(pixels(ics_home / "r" / "lowest.png"), PLACEHOLDER, 1000)
 
 
 def test_show_of_a_broken_image_is_one_line(ics_home: Path) -> None:
@@ -487,6 +577,20 @@ def test_bad_records_are_skipped_and_empty_charts_say_so(ics_home: Path) -> None
     code, doc, output = report(str(only_failures), "--out", "empty")
     assert code == ExitCode.OK, output
     assert_report(ics_home.parent / "empty")
+
+
+def test_a_non_finite_confidence_skips_its_row_not_the_report(ics_home: Path) -> None:
+    results = ics_home / "results.jsonl"
+    generated_results(results, 3, label="espresso", confidence=0.99)
+    good = read_jsonl(results)[0]
+    with results.open("a") as out:
+        for field, value in (("confidence", "NaN"), ("confidence", "Infinity")):
+            out.write(json.dumps(good).replace('"confidence": 0.99', f'"{field}": {value}', 1))
+            out.write("\n")
+    code, doc, output = report(str(results), "--out", "report")
+    assert code == ExitCode.OK, output
+    assert doc is not None and doc["rows"] == 3 and doc["skipped"] == 2
+    assert_report(ics_home.parent / "report")
 
 
 def test_progress_bar_on_request(ics_home: Path) -> None:

@@ -263,8 +263,9 @@ class Settings(BaseModel):
     # --- data capture (capture/) --------------------------------------------------------
     capture: str | None = Field(
         default=None,
-        description="Local folder that every classified item's input and output go to, in "
-        "SageMaker Model Monitor's data capture format; unset: no capture.",
+        description="Local folder or s3://BUCKET/PREFIX that every classified item's input "
+        "and output go to, in SageMaker Model Monitor's data capture format (to S3: each "
+        "file is uploaded once complete, with the storage settings); unset: no capture.",
     )
     capture_sampling: float = Field(
         default=100.0,
@@ -286,6 +287,12 @@ class Settings(BaseModel):
         default="AllTraffic",
         pattern=CAPTURE_NAME,
         description="Variant name: the folder under the endpoint's.",
+    )
+    capture_queue_mb: float = Field(
+        default=64.0,
+        gt=0.0,
+        description="Megabytes of images and probabilities that may wait for the capture "
+        "writer; past it, classification waits for the writer (backpressure).",
     )
     # --- `ics report` -------------------------------------------------------------------
     drift_psi_limit: float = Field(
@@ -372,10 +379,14 @@ class Settings(BaseModel):
         if isinstance(capture, str) and not capture.strip():
             raise ValueError("capture must name a folder")
         if isinstance(capture, str) and "://" in capture:
-            raise ValueError(
-                "capture goes to a local folder; object storage (s3://...) is not supported "
-                "yet: capture to a folder and copy it"
-            )
+            scheme, _, rest = capture.partition("://")
+            if scheme.lower() != "s3":
+                raise ValueError("capture goes to a local folder or to s3://BUCKET/PREFIX")
+            if "@" in rest.partition("/")[0]:
+                raise ValueError(
+                    "capture URL holds credentials; give them in the storage settings "
+                    "([storage.s3] key and secret) or the AWS environment"
+                )
         return data
 
     @field_validator("notify", mode="before")

@@ -14,6 +14,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +43,15 @@ class CaptureRecord:
 
     @property
     def input_bytes(self) -> bytes | None:
-        """The original image bytes (decoded from base64 on each call), or None."""
+        """The original image bytes (decoded from base64 on each call), or None; BadRecord
+        when the data is not base64."""
         endpoint_input = self.raw["captureData"].get("endpointInput")
         if endpoint_input is None:
             return None
-        return base64.b64decode(endpoint_input["data"], validate=True)
+        try:
+            return base64.b64decode(endpoint_input["data"], validate=True)
+        except ValueError as e:  # binascii.Error
+            raise BadRecord(f"endpointInput.data is not base64 ({e})") from None
 
 
 class BadRecord(ValueError):
@@ -65,6 +70,8 @@ def parse_record(raw: Any, path: Path, line: int) -> CaptureRecord:
         endpoint_output = capture.get("endpointOutput")
         if endpoint_input is None and endpoint_output is None:
             raise BadRecord("neither endpointInput nor endpointOutput")
+        if endpoint_input is not None and not isinstance(endpoint_input.get("data"), str):
+            raise BadRecord("endpointInput.data is not base64 text")
         probs = None if endpoint_output is None else _probabilities(endpoint_output)
         return CaptureRecord(
             event_id=str(meta["eventId"]),
@@ -93,9 +100,9 @@ def _probabilities(output: dict[str, Any]) -> list[float]:
     else:
         values = json.loads(data)
     if not isinstance(values, list) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
     ):
-        raise BadRecord("endpointOutput.data is not an array of numbers")
+        raise BadRecord("endpointOutput.data is not an array of finite numbers")
     return [float(v) for v in values]
 
 
@@ -146,6 +153,45 @@ def iter_records(path: str | Path, *, on_bad: OnBad = _warn) -> Iterator[Capture
     line that is not a record goes to `on_bad` (by default a warning) and is skipped."""
     files = capture_files(path)
     for _, hour in itertools.groupby(files, key=_hour_key):
-        yield from heapq.merge(
-            *(_read_file(f, on_bad) for f in hour), key=lambda r: r.inference_time
-        )
+        yield from _merge(list(hour), on_bad)
+
+
+def _first_time(path: Path) -> dt.datetime | None:
+    """The time of a file's first record, from its layout name (`yyyy/mm/dd/hh/MM-SS-mmm-…`);
+    None for a file named otherwise."""
+    try:
+        y, m, d, h = (int(p) for p in path.parent.parts[-4:])
+        minute, second, ms = (int(p) for p in path.name.split("-")[:3])
+        return dt.datetime(y, m, d, h, minute, second, ms * 1000, tzinfo=dt.UTC)
+    except ValueError:
+        return None
+
+
+def _merge(files: list[Path], on_bad: OnBad) -> Iterator[CaptureRecord]:
+    """The records of one hour's files in time order, opening a file only once the merge
+    reaches the time of its first record (its name): an hour of thousands of files is read
+    with few open at once. Files named otherwise are opened from the start."""
+    waiting = sorted(
+        ((t, f) for f in files if (t := _first_time(f)) is not None), key=lambda tf: tf[0]
+    )
+    heap: list[tuple[dt.datetime, int, CaptureRecord, Iterator[CaptureRecord]]] = []
+    opened = itertools.count()
+
+    def push(records: Iterator[CaptureRecord]) -> None:
+        for record in records:
+            heapq.heappush(heap, (record.inference_time, next(opened), record, records))
+            return
+
+    for f in files:
+        if _first_time(f) is None:
+            push(_read_file(f, on_bad))
+    at = 0
+    while heap or at < len(waiting):
+        while at < len(waiting) and (not heap or waiting[at][0] <= heap[0][0]):
+            push(_read_file(waiting[at][1], on_bad))
+            at += 1
+        if not heap:
+            continue
+        _, _, record, records = heapq.heappop(heap)
+        yield record
+        push(records)

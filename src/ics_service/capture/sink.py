@@ -20,8 +20,12 @@ class CaptureSink:
     def write(self, results: Sequence[ItemResult]) -> None:
         for r in results:
             if r.captured is not None:
+                # The pipeline took the item's room when it kept the bytes (reserve).
                 self.writer.submit(
-                    inference_id_of(r.execution_id, r.item_id), r.finished_at, r.captured
+                    inference_id_of(r.execution_id, r.item_id),
+                    r.finished_at,
+                    r.captured,
+                    reserved=True,
                 )
                 r.captured = None  # the image bytes are not kept a moment longer
         self._check()

@@ -6,26 +6,32 @@ sort by time. A file is written as a hidden `.NAME.part` next to its final place
 into place once complete (at the hour's end, at `max_file_bytes`, after `max_file_seconds`
 or when the writer closes): a reader of `*.jsonl` never sees a half line. A crash loses the
 hidden file being written (at most `max_file_seconds` or `max_file_bytes` of records) and
-the records still queued (at most `max_pending_bytes`).
+the records still queued (at most `max_pending_bytes`); the hidden file stays behind, never
+renamed, and is not cleaned up (another writer may be writing its own beside it). A failed
+write (a full disk) is cut off the file again, which is then published with its complete
+records only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
+import hashlib
+import io
 import logging
 import os
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 from ..config import Settings
-from ..errors import UsageError
+from ..errors import EnvironmentUnavailable, UsageError
 from ..types import Captured
 from .record import Mode, capture_record, encode, is_sampled
 
@@ -55,23 +61,64 @@ class _OpenFile:
     hour: str
     part: Path
     final: Path
-    f: BinaryIO
+    #: Unbuffered: what the file holds is exactly what the writes returned.
+    f: io.FileIO
     opened: float
+    #: Bytes of complete lines.
     size: int = 0
+    #: A failed write left a cut line that could not be cut off: never published.
+    broken: bool = False
+
+
+def hour_folder(when: dt.datetime) -> str:
+    """The `yyyy/mm/dd/hh` folder (UTC) of a file whose first record is at `when`."""
+    return when.astimezone(dt.UTC).strftime("%Y/%m/%d/%H")
+
+
+def file_name(when: dt.datetime) -> str:
+    """A new file's name: its first record's minute, second and millisecond (UTC), so that
+    names sort by time, and a random part, so that writers never share one."""
+    when = when.astimezone(dt.UTC)
+    return f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
+
+
+def part_of(final: Path) -> Path:
+    """The hidden file that `final` is written as, until it is renamed into place complete."""
+    return final.with_name(f".{final.name}.part")
+
+
+def is_remote_capture(settings: Settings) -> bool:
+    return settings.capture is not None and "://" in settings.capture
+
+
+def capture_url(settings: Settings) -> str | None:
+    """The s3:// endpoint and variant prefix that files are uploaded to; None when local."""
+    if not is_remote_capture(settings):
+        return None
+    assert settings.capture is not None
+    base = settings.capture.rstrip("/")
+    return f"{base}/{settings.capture_endpoint}/{settings.capture_variant}"
 
 
 def capture_root(settings: Settings) -> Path:
-    """The endpoint and variant folder that the settings capture to."""
+    """The local endpoint and variant folder that the settings capture to: for a capture to
+    S3, a spool folder under the home that holds each file until it is uploaded."""
     assert settings.capture is not None
-    return (
-        Path(settings.capture).expanduser() / settings.capture_endpoint / settings.capture_variant
-    )
+    if is_remote_capture(settings):
+        digest = hashlib.sha256(settings.capture.encode("utf-8")).hexdigest()[:16]
+        base = settings.home / "capture-spool" / digest
+    else:
+        base = Path(settings.capture).expanduser()
+    return base / settings.capture_endpoint / settings.capture_variant
 
 
 def check_capture_folder(settings: Settings) -> None:
     """Refuse (a usage error, before any work) a capture folder that cannot be written."""
     if settings.capture is None:
         return
+    url = capture_url(settings)
+    if url is not None:
+        _check_bucket(settings, url)
     root = capture_root(settings)
     probe = root / f".ics-probe-{uuid.uuid4().hex}"
     try:
@@ -85,12 +132,47 @@ def check_capture_folder(settings: Settings) -> None:
         ) from None
 
 
+def _check_bucket(settings: Settings, url: str) -> None:
+    """Refuse a capture bucket that cannot be written: a probe object is put and deleted."""
+    from .. import sources
+    from ..sources.remote import is_transient
+
+    sources.configure(settings)
+    fs, bucket, key = _fs_of(f"{url}/.ics-probe-{uuid.uuid4().hex}")
+    try:
+        fs.pipe_file(f"{bucket}/{key}", b"")
+        fs.rm_file(f"{bucket}/{key}")
+    except Exception as e:
+        why = str(e).strip() or type(e).__name__
+        if isinstance(e, FileNotFoundError):
+            why = f"bucket {bucket!r} does not exist"
+        if is_transient(e):
+            raise EnvironmentUnavailable(f"cannot reach the storage of {url}: {why}") from None
+        raise UsageError(
+            f"capture to {url} cannot be written ({why}); choose another --capture"
+        ) from None
+
+
+def _fs_of(url: str) -> tuple[Any, str, str]:
+    from ..sources import source_for
+    from ..sources.remote import FsspecSource, split_url
+
+    source = source_for(url)
+    assert isinstance(source, FsspecSource)
+    _, bucket, key = split_url(url)
+    return source.fs, bucket, key
+
+
 def open_capture(settings: Settings) -> CaptureWriter | None:
     """The settings' capture writer, or None when capture is off."""
     if settings.capture is None:
         return None
     return CaptureWriter(
-        capture_root(settings), mode=settings.capture_mode, sampling=settings.capture_sampling
+        capture_root(settings),
+        mode=settings.capture_mode,
+        sampling=settings.capture_sampling,
+        max_pending_bytes=int(settings.capture_queue_mb * 1024 * 1024),
+        upload_to=capture_url(settings),
     )
 
 
@@ -111,8 +193,12 @@ class CaptureWriter:
         max_file_bytes: int = MAX_FILE_BYTES,
         max_file_seconds: float = MAX_FILE_SECONDS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        upload_to: str | None = None,
     ) -> None:
         self.root = root
+        #: s3://... that each complete file is uploaded to (the same relative key), then
+        #: deleted here; None: the files stay in root.
+        self.upload_to = upload_to
         self.mode: Mode = mode
         self.sampling = sampling
         self.max_file_bytes = max_file_bytes
@@ -127,8 +213,9 @@ class CaptureWriter:
         self._pending = 0
         self._closed = False
         self._file: _OpenFile | None = None
+        # Started by the first item, so that a writer opened by a run that fails before it
+        # classifies anything (and may never be closed) leaves no thread behind.
         self._thread = threading.Thread(target=self._loop, name="ics-capture", daemon=True)
-        self._thread.start()
 
     def wants(self, inference_id: str) -> bool:
         """Whether this item is in the sample."""
@@ -136,14 +223,21 @@ class CaptureWriter:
 
     def reserve(self, captured: Captured, stop: threading.Event | None = None) -> bool:
         """Wait until the item fits in the queue's budget and take its room; False, and
-        nothing taken, when `stop` is set or the writer failed or closed first.
+        nothing taken, when `stop` is set or the writer failed or closed first."""
+        return self.reserve_all([captured], stop)
 
-        A batch run reserves on its inference thread, as soon as an item is classified,
-        so that the images on their way to the writer (through the recorder) count too.
+    def reserve_all(
+        self, captured: Sequence[Captured], stop: threading.Event | None = None
+    ) -> bool:
+        """`reserve` for several items at once: all their room, or none.
+
+        A batch run reserves on its inference thread, once a batch is classified, so that
+        the images on their way to the writer (through the recorder) count too. Each item
+        is then submitted with `reserved=True`, which frees its own share once written.
         """
-        size = _size(captured)
+        size = sum(_size(c) for c in captured)
         with self._cond:
-            # One entry always fits, however big, so a huge image cannot wait for ever.
+            # Room always fits when none is taken, however big, so nothing waits for ever.
             while self._pending and self._pending + size > self.max_pending_bytes:
                 if self._closed or self.error is not None or (stop is not None and stop.is_set()):
                     return False
@@ -152,6 +246,8 @@ class CaptureWriter:
                 return False
             self._pending += size
             self.high_water = max(self.high_water, self._pending)
+            if self._thread.ident is None:
+                self._thread.start()
         return True
 
     def submit(
@@ -169,8 +265,10 @@ class CaptureWriter:
             if self._closed:
                 return
             self._closed = True
-        self._q.put(None)
-        self._thread.join()
+            started = self._thread.ident is not None
+        if started:
+            self._q.put(None)
+            self._thread.join()
 
     def _loop(self) -> None:
         while True:
@@ -220,7 +318,7 @@ class CaptureWriter:
         )
         line = encode(record)
         when = entry.when.astimezone(dt.UTC)
-        hour = when.strftime("%Y/%m/%d/%H")
+        hour = hour_folder(when)
         f = self._file
         if f is not None and (
             f.hour != hour or (f.size and f.size + len(line) > self.max_file_bytes)
@@ -229,7 +327,11 @@ class CaptureWriter:
             f = None
         if f is None:
             f = self._file = self._open(hour, when)
-        f.f.write(line)
+        try:
+            _write_all(f.f, line)
+        except BaseException:
+            self._cut(f)
+            raise
         f.size += len(line)
         self.written += 1
         self._rotate_if_old()
@@ -237,9 +339,18 @@ class CaptureWriter:
     def _open(self, hour: str, when: dt.datetime) -> _OpenFile:
         folder = self.root / hour
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
-        part = folder / f".{name}.part"
-        return _OpenFile(hour, part, folder / name, part.open("xb"), time.monotonic())
+        final = folder / file_name(when)
+        part = part_of(final)
+        return _OpenFile(hour, part, final, part.open("xb", buffering=0), time.monotonic())
+
+    def _cut(self, f: _OpenFile) -> None:
+        """After a failed write (a full disk), take the cut line off the file again, so
+        that what is published holds complete records only."""
+        try:
+            os.ftruncate(f.f.fileno(), f.size)
+        except OSError as e:
+            f.broken = True
+            log.error("data capture: %s ends with a cut line (%s); it is left hidden", f.part, e)
 
     def _rotate_if_old(self) -> None:
         f = self._file
@@ -252,8 +363,41 @@ class CaptureWriter:
         if f is None:
             return
         try:
-            f.f.flush()
-            os.fsync(f.f.fileno())
+            if not f.broken:
+                os.fsync(f.f.fileno())
         finally:
             f.f.close()
+        if f.broken:
+            return
+        if f.size == 0:  # its first line failed: nothing to publish
+            f.part.unlink(missing_ok=True)
+            return
         os.replace(f.part, f.final)
+        if self.upload_to is not None:
+            self._upload(f.final)
+
+    def _upload(self, local: Path) -> None:
+        """Put a complete file at the same key under upload_to; keep it here if that fails."""
+        assert self.upload_to is not None
+        url = f"{self.upload_to}/{local.relative_to(self.root).as_posix()}"
+        try:
+            fs, bucket, key = _fs_of(url)
+            fs.put_file(str(local), f"{bucket}/{key}")
+        except Exception as e:
+            log.error(
+                "data capture: %s could not be uploaded to %s (%s); it stays there",
+                local,
+                url,
+                str(e).strip() or type(e).__name__,
+            )
+            return
+        local.unlink(missing_ok=True)
+
+
+def _write_all(f: io.FileIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, f"wrote nothing to {f.name}")
+        view = view[n:]

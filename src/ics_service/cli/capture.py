@@ -11,10 +11,9 @@ import mimetypes
 import os
 import re
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.table import Table
@@ -23,6 +22,10 @@ from ..config import default
 from ..errors import ExitCode, UsageError
 from .app import common_options, load_cli_settings, main, stdout_console
 from .render import outside
+
+if TYPE_CHECKING:
+    from ..capture import CaptureRecord
+    from ..types import Prediction
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,7 +103,9 @@ def capture_read(path: str, as_json: bool, save_images: str | None, **kwargs: An
     records are skipped with a warning.
     """
     from ..capture import iter_records
+    from ..capture.reader import BadRecord
     from ..models import get_card
+    from ..types import isoformat
 
     settings = load_cli_settings(kwargs).settings
     labels = get_card(settings.model).labels
@@ -115,21 +120,28 @@ def capture_read(path: str, as_json: bool, save_images: str | None, **kwargs: An
         table = Table(title="captured", title_justify="left")
         for col in ("time", "inference id", "type", "label", "confidence"):
             table.add_column(col, justify="right" if col == "confidence" else "left")
-    count = saved = 0
+    count = saved = skipped = 0
+    names: set[str] = set()
     for record in iter_records(path):
-        count += 1
         top = _top(record.probabilities, labels, settings.top_k)
-        data = record.input_bytes
-        if out_dir is not None and data is not None:
-            _save(out_dir, record.inference_id, record.content_type, data)
+        data = None
+        if out_dir is not None or as_json:  # the table shows no image: decode none
+            try:
+                data = record.input_bytes
+            except BadRecord as e:
+                click.echo(f"{record.path}:{record.line}: {e}; record skipped", err=True)
+                skipped += 1
+                continue
+        count += 1
+        if out_dir is not None and data is not None and _save(out_dir, record, data, names):
             saved += 1
         if table is not None:
             table.add_row(
-                _time(record.inference_time),
+                isoformat(record.inference_time),
                 outside(record.inference_id),
                 outside(record.content_type or ""),
-                outside(top[0]["label"] if top else ""),
-                f"{top[0]['confidence']:.3f}" if top else "",
+                outside(top[0].label if top else ""),
+                f"{top[0].confidence:.3f}" if top else "",
             )
             continue
         click.echo(
@@ -137,52 +149,64 @@ def capture_read(path: str, as_json: bool, save_images: str | None, **kwargs: An
                 {
                     "event_id": record.event_id,
                     "inference_id": record.inference_id,
-                    "inference_time": _time(record.inference_time),
+                    "inference_time": isoformat(record.inference_time),
                     "content_type": record.content_type,
                     "image": None
                     if data is None
                     else {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-                    "label": top[0]["label"] if top else None,
-                    "label_index": top[0]["index"] if top else None,
-                    "confidence": top[0]["confidence"] if top else None,
-                    "top_k": top,
+                    "label": top[0].label if top else None,
+                    "label_index": top[0].index if top else None,
+                    "confidence": top[0].confidence if top else None,
+                    "top_k": [
+                        {"label": p.label, "index": p.index, "confidence": p.confidence}
+                        for p in top
+                    ],
                 }
             )
         )
     if table is not None:
         stdout_console().print(table)
     note = f"{count} records"
+    if skipped:
+        note += f", {skipped} skipped"
     if out_dir is not None:
         note += f", {saved} images written to {out_dir}"
     click.echo(note, err=True)
 
 
-def _time(when: dt.datetime) -> str:
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _top(probs: list[float] | None, labels: tuple[str, ...], k: int) -> list[dict[str, Any]]:
+def _top(probs: list[float] | None, labels: tuple[str, ...], k: int) -> list[Prediction]:
     if not probs:
         return []
-    order = sorted(range(len(probs)), key=lambda i: probs[i], reverse=True)[:k]
-    return [
-        {
-            "label": labels[i] if len(probs) == len(labels) else f"class {i}",
-            "index": i,
-            "confidence": probs[i],
-        }
-        for i in order
-    ]
+    if len(probs) != len(labels):  # another model's capture: name the classes by index
+        labels = tuple(f"class {i}" for i in range(len(probs)))
+    import numpy as np
+
+    from ..engine.decide import decide
+
+    (decision,) = decide(np.asarray([probs]), threshold=0.0, top_k=k, labels=labels)
+    return decision.top_k
 
 
-def _save(out_dir: Path, inference_id: str, content_type: str | None, data: bytes) -> None:
-    ext = mimetypes.guess_extension(content_type or "") or ".bin"
+def _save(out_dir: Path, record: CaptureRecord, data: bytes, names: set[str]) -> bool:
+    """Write one image, named by its inference id; a name already taken (the same item
+    captured twice, or two ids that differ only in characters a file name cannot hold)
+    gets the record's eventId added; a file already there is kept (False)."""
+    ext = mimetypes.guess_extension(record.content_type or "") or ".bin"
     ext = {".jpe": ".jpg", ".jpeg": ".jpg"}.get(ext, ext)
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", inference_id).lstrip(".") or "image"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", record.inference_id).lstrip(".") or "image"
+    if name + ext in names:
+        event = re.sub(r"[^A-Za-z0-9._-]", "_", record.event_id)
+        name = f"{name}-{event}"
+    names.add(name + ext)
     try:
-        (out_dir / (name + ext)).write_bytes(data)
+        with (out_dir / (name + ext)).open("xb") as f:
+            f.write(data)
+    except FileExistsError:
+        click.echo(f"{out_dir / (name + ext)} already exists; image not written", err=True)
+        return False
     except OSError as e:
         raise UsageError(f"cannot write to --save-images {out_dir}: {e.strerror}") from None
+    return True
 
 
 @capture.command("ground-truth")
@@ -210,11 +234,14 @@ def capture_ground_truth(labels_csv: str, out: str, **kwargs: Any) -> None:
       1    some rows were not (each is named on stderr); the others were
       2    the CSV cannot be read or the folder cannot be written
     """
+    from ..capture.writer import file_name, hour_folder, part_of
+
     load_cli_settings(kwargs)
     now = dt.datetime.now(dt.UTC)
-    folder = Path(out) / now.strftime("%Y/%m/%d/%H")
-    name = f"{now:%M-%S}-{now.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
-    part = folder / f".{name}.part"
+    # Named and published as the capture writer does: the same tools read both.
+    folder = Path(out) / hour_folder(now)
+    name = file_name(now)
+    part = part_of(folder / name)
     written = bad = 0
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -125,10 +125,12 @@ def report(
       4    environment unavailable: the store or the disk
       5    drift: PSI over --psi-limit against --baseline
     """
+    from .. import sources
     from ..report import check_out, collect, open_rows, render
 
     loaded = load_cli_settings(kwargs)
     settings = loaded.settings
+    sources.configure(settings)  # the contact sheet reads S3 or HTTP images with these
     # A threshold given here is drawn; otherwise the one the results were decided with.
     threshold = settings.threshold if loaded.sources["threshold"] == "flag" else None
     folder = Path(out)
@@ -195,9 +197,11 @@ def show(image: str, out: str | None, as_json: bool, **kwargs: Any) -> None:
     The annotated PNG shows the image, its status and label, and a bar chart of its
     top-k confidences. Exit code 1 when the image cannot be read or decoded.
     """
+    from .. import sources
     from ..report.show import classify_one, draw
 
     settings = load_cli_settings(kwargs).settings
+    sources.configure(settings)  # an s3:// or https:// IMAGE is read with these
     name = Path(image).name or image
     target = Path(out) if out else Path(f"{Path(name).stem}.annotated.png")
     if not target.parent.is_dir():

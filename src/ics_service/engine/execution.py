@@ -286,7 +286,7 @@ class ExecutionRunner:
             capture=None
             if capture is None
             else lambda item: capture.wants(inference_id_of(execution.id, item.item_id)),
-            reserve_capture=None if capture is None else capture.reserve,
+            reserve_capture=None if capture is None else capture.reserve_all,
         )
 
         def emit(results: list[ItemResult]) -> None:

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class Pipeline:
     #: Whether data capture wants an item (its bytes and probabilities); None: capture off.
     capture: Callable[[Item], bool] | None = None
     #: Waits for room in data capture's queue (backpressure); False: the run is stopping.
-    reserve_capture: Callable[[Captured, threading.Event], bool] | None = None
+    reserve_capture: Callable[[Sequence[Captured], threading.Event], bool] | None = None
 
     def __post_init__(self) -> None:
         card = self.runtime.card
@@ -287,6 +287,7 @@ class Pipeline:
 
     def _classify(self, ready: list[_Decoded], buf: np.ndarray) -> list[ItemResult]:
         results: list[ItemResult] = []
+        held: list[tuple[ItemResult, Captured]] = []
         ok = [d for d in ready if d.error is None]
         for i, d in enumerate(ok):
             buf[i] = d.tensor
@@ -321,10 +322,14 @@ class Pipeline:
                     )
                     if d.data is not None and d.image is not None:
                         c = Captured(d.data, content_type_of(d.image.format), probs[i])
-                        reserve = self.reserve_capture
-                        if reserve is None or reserve(c, self._stop):
-                            results[-1].captured = c
+                        held.append((results[-1], c))
                         d.data = None
+                # The whole batch's room at once, taken only once it is classified: a thread
+                # waiting for room must hold none, or a queue smaller than a batch never frees.
+                reserve = self.reserve_capture
+                if held and (reserve is None or reserve([c for _, c in held], self._stop)):
+                    for result, c in held:
+                        result.captured = c
         for d in ready:
             if d.error is not None:
                 log.info(

@@ -118,11 +118,6 @@ def render(
     return summary
 
 
-def _status_order(stats: Stats) -> list[str]:
-    known = [s for s in charts.STATUS_COLOURS if s in stats.statuses]
-    return known + sorted(set(stats.statuses) - set(known))
-
-
 def _summary(
     stream: RowStream,
     stats: Stats,
@@ -138,7 +133,7 @@ def _summary(
         "out": str(out),
         "rows": stats.rows,
         "skipped": stream.skipped.count,
-        "statuses": {s: stats.statuses[s] for s in _status_order(stats)},
+        "statuses": {s: stats.statuses[s] for s in charts.status_order(stats)},
         "classified": stats.classified,
         "mean_confidence": None if mean is None else round(mean, 4),
         "threshold": threshold,

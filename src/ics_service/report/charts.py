@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .drift import CONFIDENCE_BINS, Drift, confidence_bins
+from .drift import CONFIDENCE_BINS, OTHER, Drift, confidence_bins, kept_labels, label_bins
 from .stats import HISTOGRAM_BINS, Stats
 
 if TYPE_CHECKING:
@@ -81,15 +81,19 @@ def _bars(ax: Axes, counts: list[tuple[str, int]], colours: list[str] | None = N
     _whole_numbers(ax.xaxis)
 
 
+def status_order(stats: Stats) -> list[str]:
+    """The statuses seen, the known ones first in their usual order, then any other."""
+    known = [s for s in STATUS_COLOURS if s in stats.statuses]
+    return known + sorted(set(stats.statuses) - set(known))
+
+
 def status_counts(stats: Stats, path: Path) -> None:
     fig, ax = _figure(8.0, 3.0)
     ax.set_title("Items by status")
     if not stats.rows:
         _no_data(ax, "no items")
     else:
-        order = [s for s in STATUS_COLOURS if s in stats.statuses] + sorted(
-            set(stats.statuses) - set(STATUS_COLOURS)
-        )
+        order = status_order(stats)
         counts = [(s, stats.statuses[s]) for s in order]
         _bars(ax, counts, [STATUS_COLOURS.get(s, "#757575") for s in order])
     _save(fig, path)
@@ -170,13 +174,14 @@ def drift(baseline: Stats, current: Stats, result: Drift, path: Path) -> None:
         [f"{i / CONFIDENCE_BINS:.1f}" for i in range(CONFIDENCE_BINS)],
         f"Confidence (PSI {result.confidence_psi:.3f})",
     )
-    both = (baseline.labels + current.labels).most_common(15)
+    # The bins the label PSI is computed over: the baseline's most frequent labels, the rest.
+    b_labels, c_labels = label_bins(baseline.labels, current.labels)
     _shares(
         right,
-        baseline.labels,
-        current.labels,
-        [name for name, _ in both],
-        f"Labels, the 15 most frequent (PSI {result.label_psi:.3f})",
+        b_labels,
+        c_labels,
+        [*kept_labels(baseline.labels), OTHER],
+        f"Labels, the baseline's most frequent (PSI {result.label_psi:.3f})",
         horizontal=True,
     )
     _save(fig, path)

@@ -5,8 +5,12 @@
 over bins i, where e_i is the baseline's share of rows in bin i and a_i the current
 source's. A share of 0 is replaced by EPSILON, so an empty bin adds a large but finite
 term. Confidence uses CONFIDENCE_BINS equal-width bins over [0, 1] (the last one closed);
-labels use one bin per label seen in either source, over the classified rows. Common
-reading: below 0.1 no shift, 0.1 to 0.2 a moderate shift, above 0.2 a significant one.
+labels use one bin for each of the baseline's most frequent labels (at most LABEL_BINS,
+each holding at least LABEL_MIN_SHARE of its classified rows) and one, OTHER, for every
+other label: with one bin per label (up to 1,000), two samples of a single distribution
+differ in most bins by chance alone and read as drift. Common reading: below 0.1 no
+shift, 0.1 to 0.2 a moderate shift, above 0.2 a significant one. A source with no
+classified rows cannot be compared: that is drift too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from .stats import HISTOGRAM_BINS, Stats
 CONFIDENCE_BINS = 10
 #: The share an empty bin counts as, so that ln(a/e) stays finite.
 EPSILON = 1e-4
+#: Labels with a bin of their own: the baseline's most frequent, each with at least this
+#: share of its rows (the usual rule for PSI bins); the rest share OTHER.
+LABEL_BINS = 20
+LABEL_MIN_SHARE = 0.05
+OTHER = "(other labels)"
 
 
 def psi(expected: Mapping[str, int], actual: Mapping[str, int]) -> float:
@@ -45,11 +54,36 @@ def confidence_bins(stats: Stats) -> Counter[str]:
     return Counter({f"{i / CONFIDENCE_BINS:.1f}": int(n) for i, n in enumerate(grouped)})
 
 
+def kept_labels(baseline: Counter[str]) -> list[str]:
+    """The labels with a bin of their own, most frequent first."""
+    total = sum(baseline.values())
+    return [
+        name
+        for name, n in baseline.most_common(LABEL_BINS)
+        if total and n / total >= LABEL_MIN_SHARE
+    ]
+
+
+def label_bins(baseline: Counter[str], current: Counter[str]) -> tuple[Counter[str], Counter[str]]:
+    """Both label counts over the baseline's frequent labels (kept_labels) and OTHER."""
+    kept = set(kept_labels(baseline))
+
+    def binned(counts: Counter[str]) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for name, n in counts.items():
+            out[name if name in kept else OTHER] += n
+        return out
+
+    return binned(baseline), binned(current)
+
+
 @dataclass(frozen=True)
 class Drift:
     confidence_psi: float
     label_psi: float
     limit: float
+    #: Why the sources cannot be compared (one has no classified rows); "" when they can.
+    not_comparable: str = ""
 
     @property
     def psi(self) -> float:
@@ -57,9 +91,11 @@ class Drift:
 
     @property
     def drifted(self) -> bool:
-        return self.psi > self.limit
+        return bool(self.not_comparable) or self.psi > self.limit
 
     def line(self) -> str:
+        if self.not_comparable:
+            return f"DRIFT: not comparable: {self.not_comparable}"
         verdict = "DRIFT" if self.drifted else "no drift"
         return (
             f"{verdict}: PSI confidence {self.confidence_psi:.3f}, labels {self.label_psi:.3f} "
@@ -68,8 +104,15 @@ class Drift:
 
 
 def compare(baseline: Stats, current: Stats, limit: float) -> Drift:
+    empty = [
+        name for name, s in (("the baseline", baseline), ("SOURCE", current)) if not s.classified
+    ]
     return Drift(
         confidence_psi=psi(confidence_bins(baseline), confidence_bins(current)),
-        label_psi=psi(baseline.labels, current.labels),
+        label_psi=psi(*label_bins(baseline.labels, current.labels)),
         limit=limit,
+        not_comparable=f"{' and '.join(empty)} {'have' if len(empty) > 1 else 'has'} no "
+        "classified rows"
+        if empty
+        else "",
     )

@@ -49,7 +49,7 @@ def thumbnail(row: ReportRow, preprocessor: Preprocessor) -> Image.Image:
         img, _ = preprocessor.decode(row.fetch())
     except IcsError as e:
         return _placeholder(e.type)
-    except (OSError, ValueError) as e:  # a capture record's bad base64, an I/O error
+    except Exception as e:  # one unreadable image (bad base64, I/O) must not end the sheet
         return _placeholder(type(e).__name__)
     return img.resize((TILE, TILE))
 

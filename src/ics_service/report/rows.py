@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -155,13 +156,21 @@ def _dict_row(d: dict[str, Any], max_bytes: int) -> ReportRow:
         status=status,
         time=parse_time(finished) if finished else None,
         label=d.get("label") or None,
-        confidence=None if confidence in (None, "") else float(confidence),
-        top_k=tuple((str(p["label"]), float(p["confidence"])) for p in top_k),
+        confidence=None if confidence in (None, "") else _finite("confidence", confidence),
+        top_k=tuple((str(p["label"]), _finite("top_k confidence", p["confidence"])) for p in top_k),
         error_type=d.get("error_type") or error.get("type") or None,
         uri=str(uri) if uri else None,
         fetch=fetcher(str(uri), max_bytes) if uri else None,
-        threshold=None if threshold in (None, "") else float(threshold),
+        threshold=None if threshold in (None, "") else _finite("threshold", threshold),
     )
+
+
+def _finite(name: str, value: Any) -> float:
+    """A number that the charts can place: NaN and infinity are refused (row skipped)."""
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} is {v}")
+    return v
 
 
 def parse_time(text: str) -> dt.datetime:

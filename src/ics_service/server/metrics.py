@@ -62,6 +62,15 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("ics_queue_depth", "Inputs waiting for the model.", registry=r)
+        self.capture_dropped = Counter(
+            "ics_capture_dropped",
+            "Sampled requests not captured: the capture queue was full, or the writer failed.",
+            ["reason"],
+            registry=r,
+        )
+        self.capture_failed = Gauge(
+            "ics_capture_failed", "1 once data capture has stopped on an error.", registry=r
+        )
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -79,6 +88,10 @@ class Metrics:
     def track_queue(self, depth: Callable[[], int]) -> None:
         """Report `depth()` as the queue depth at each scrape."""
         self.queue_depth.set_function(lambda: float(depth()))
+
+    def track_capture(self, failed: Callable[[], bool]) -> None:
+        """Report `failed()` as the capture's failure flag at each scrape."""
+        self.capture_failed.set_function(lambda: float(failed()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

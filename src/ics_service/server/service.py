@@ -115,6 +115,9 @@ class Service:
         metrics.track_queue(lambda: self.batcher.depth)
         self.log = RealtimeLog(store, self.model_ref) if settings.record_realtime else None
         self.capture = open_capture(settings)
+        if self.capture is not None:
+            capture = self.capture
+            metrics.track_capture(lambda: capture.error is not None)
         self.ready = True
 
     async def bounded(self, awaitable: Awaitable[T]) -> T:
@@ -173,10 +176,10 @@ class Service:
         )
         await self.record(result)
         if self.capture is not None:
-            await self._capture(self.capture, data, image, probs, result)
+            self._capture(self.capture, data, image, probs, result)
         return Outcome(result, probs, None)
 
-    async def _capture(
+    def _capture(
         self,
         capture: CaptureWriter,
         data: bytes,
@@ -184,17 +187,20 @@ class Service:
         probs: np.ndarray,
         result: ItemResult,
     ) -> None:
-        """Queue a sampled request for data capture; off the event loop, as a full capture
-        queue makes the caller wait."""
+        """Queue a sampled request for data capture without waiting: an answered request
+        is never held back by the capture; one that finds the queue full, or the writer
+        failed, is not captured and counted in ics_capture_dropped."""
         if result.execution_id:
             inference_id = inference_id_of(result.execution_id, result.item_id)
         else:  # record_realtime off: no execution and item ids to name it by
             inference_id = f"{REALTIME_PREFIX}{uuid.uuid4()}"
         if capture.wants(inference_id):
             captured = Captured(data, content_type_of(image.format), probs)
-            await asyncio.get_running_loop().run_in_executor(
-                None, capture.submit, inference_id, result.finished_at, captured
-            )
+            if capture.reserve(captured, _NO_WAIT):
+                capture.submit(inference_id, result.finished_at, captured, reserved=True)
+            else:
+                reason = "queue_full" if capture.error is None else "writer_failed"
+                self.metrics.capture_dropped.labels(reason).inc()
 
     def _result(
         self,
@@ -231,6 +237,11 @@ class Service:
             self.log.close()
         if self.capture is not None:
             self.capture.close()
+
+
+#: A stop already set: `CaptureWriter.reserve` answers at once instead of waiting for room.
+_NO_WAIT = threading.Event()
+_NO_WAIT.set()
 
 
 class RealtimeLog:
