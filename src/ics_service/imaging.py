@@ -158,7 +158,7 @@ _BYTES_PER_PIXEL: dict[str, int] = {
     "1": 7,  # 6.0: 1 byte, then RGB
     "L": 7,  # 6.0
     "P": 7,  # 6.0
-    "P+alpha": 10,  # 9.0: a palette with a transparent colour goes through RGBA
+    "P+alpha": 11,  # 9.0, later 10.3: a palette with a transparent colour goes through RGBA
     "LA": 13,  # 12.0
     "RGB": 9,  # 5.0; 8.0 and 8.3 when EXIF rotates it
     "RGBX": 9,
