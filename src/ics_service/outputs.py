@@ -7,8 +7,8 @@ import io
 import json
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -263,3 +263,28 @@ def _parquet_schema() -> Any:
         "attempts": pa.int64(),
     }
     return pa.schema([(c, types.get(c, pa.string())) for c in CSV_COLUMNS])
+
+
+def rebuilt_writer(path: str, fmt: str | None, results: Iterable[ItemResult]) -> ResultsWriter:
+    """A ResultsWriter for `path` that already holds `results` (an execution's, from the
+    store, when it is resumed: a crash may have cut its file); closed again if that fails."""
+    writer = ResultsWriter(path, fmt)
+    try:
+        for batch in _batched(results, 1000):
+            writer.write(batch)
+    except BaseException:
+        with suppress(Exception):
+            writer.close()
+        raise
+    return writer
+
+
+def _batched(results: Iterable[ItemResult], n: int) -> Iterator[list[ItemResult]]:
+    batch: list[ItemResult] = []
+    for r in results:
+        batch.append(r)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

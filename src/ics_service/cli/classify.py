@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -218,21 +217,17 @@ def run_and_report(
     resumed: bool = False,
 ) -> None:
     """Run the execution with a progress bar and a results file, print the summary, exit."""
-    from ..outputs import ResultsWriter
+    from ..outputs import rebuilt_writer
 
     settings = runner.settings
     results_path = results_path_of(settings, execution)
     with runner.ending_on_error(execution.id):
-        writer = ResultsWriter(results_path, execution.params.get("output_format"))
-        if resumed:
-            # The file is rebuilt from the store, the source of truth: a crash may have cut it.
-            try:
-                for batch in batched(runner.store.results(execution.id), 1000):
-                    writer.write(batch)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    writer.close()
-                raise
+        # A resumed execution's file is rebuilt from the store, the source of truth.
+        writer = rebuilt_writer(
+            results_path,
+            execution.params.get("output_format"),
+            runner.store.results(execution.id) if resumed else (),
+        )
     summary_to_stderr = results_path == "-"
     shown: list[ItemResult] = []
     started = time.perf_counter()
@@ -265,14 +260,3 @@ def run_and_report(
         first_result_s=first_result[0] if first_result else None,
     )
     sys.exit(EXIT_BY_STATUS[finished.status])
-
-
-def batched(results: Iterable[ItemResult], n: int) -> Iterator[list[ItemResult]]:
-    batch: list[ItemResult] = []
-    for r in results:
-        batch.append(r)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

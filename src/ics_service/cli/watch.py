@@ -15,7 +15,7 @@ from ..types import Execution, ExecutionStatus
 from .alerts import notify_option
 from .app import common_options, load_cli_settings, main, open_runner, signal_guard
 from .capture import capture_options
-from .classify import batched, results_path_of
+from .classify import results_path_of
 
 if TYPE_CHECKING:
     from ..engine import ExecutionRunner
@@ -172,16 +172,10 @@ def watch(
 def _results_file(runner: ExecutionRunner, execution: Execution) -> list[ResultSink]:
     """The micro-batch's results file, as `ics classify` writes it; for a resumed one,
     rebuilt from the store first (a crash may have cut it)."""
-    from ..outputs import ResultsWriter
+    from ..outputs import rebuilt_writer
 
-    writer = ResultsWriter(results_path_of(runner.settings, execution))
-    try:
-        for batch in batched(runner.store.results(execution.id), 1000):
-            writer.write(batch)
-    except BaseException:
-        writer.close()
-        raise
-    return [writer]
+    path = results_path_of(runner.settings, execution)
+    return [rebuilt_writer(path, None, runner.store.results(execution.id))]
 
 
 def _print_batch(

@@ -15,7 +15,6 @@ the queued ones end ABORTED and the running ones are stopped and end ABORTED.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -321,8 +320,10 @@ class Batches:
 
             execution = runner.prepare_resume(execution.id, cooperate=claimed)
             if output is not None:
+                from ..outputs import rebuilt_writer
+
                 with runner.ending_on_error(execution.id):
-                    sinks = [rebuilt(runner, execution, *output)]
+                    sinks = [rebuilt_writer(*output, runner.store.results(execution.id))]
         else:
             with runner.ending_on_error(job.execution_id):
                 # The rest is registered while the run classifies (engine/listing.py).
@@ -418,26 +419,3 @@ def results_path(settings: Settings, execution: Execution) -> tuple[str, str | N
     path = str(output) if output else str(settings.results_dir / f"{execution.id}.jsonl")
     check_output(path, fmt, settings.results_dir)
     return path, fmt
-
-
-def rebuilt(
-    runner: ExecutionRunner, execution: Execution, path: str, fmt: str | None
-) -> ResultSink:
-    """The results file rebuilt from the store (a crash may have cut it), for the run to
-    complete."""
-    from ..outputs import ResultsWriter
-
-    writer = ResultsWriter(path, fmt)
-    try:
-        batch = []
-        for result in runner.store.results(execution.id):
-            batch.append(result)
-            if len(batch) >= 1000:
-                writer.write(batch)
-                batch = []
-        writer.write(batch)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            writer.close()
-        raise
-    return writer
