@@ -97,6 +97,12 @@ def _scan(pid: int) -> tuple[list[int], dict[int, float]]:
     return out, cpu
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by the pid and every live process below it."""
+    pids, cpu = _scan(pid)
+    return sum(cpu.get(p, 0.0) for p in pids)
+
+
 def _hwm(pid: int) -> int:
     """VmHWM: the process's own peak RSS since its exec (Linux)."""
     try:

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from .common import Report, list_images
+from .measure import tree_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVERS = ("ics", "litserve")
@@ -154,7 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         report.ready()
         for i, clients in enumerate(passes):
             last = i == len(passes) - 1
+            cpu_before = tree_cpu_s(proc.pid)
             doc = load(base, args.folder, clients, args.max_s, args.out if last else None)
+            # The server's whole process tree (LitServe's workers too) during the pass.
+            used = tree_cpu_s(proc.pid) - cpu_before
+            requests = int(str(doc["requests"]))
+            doc["server_cpu_ms_per_request"] = round(used * 1e3 / requests, 3) if requests else None
             results.append(doc)
             print(json.dumps({"server": args.server, **doc}), file=sys.stderr, flush=True)
     finally:

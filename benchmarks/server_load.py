@@ -10,7 +10,9 @@ before the clock starts, so the disk is not measured.
                                      [--max-s 300] [--out answers.jsonl]
 
 Prints one JSON line on stdout: clients, requests, ok, errors (and a few error samples),
-wall_s, images_per_s (answered OK per second of the pass), p50/p90/p99/max latency in ms.
+wall_s, images_per_s (answered OK per second of the pass), p50/p90/p99/max latency in ms,
+and client_cpu_ms_per_request (this generator's own CPU during the pass: its share of the
+cores that a server on the same machine does not get).
 With --out, writes one line per answer (uri, status code, label_index, confidence).
 """
 
@@ -47,6 +49,7 @@ class Answer:
 class Pass:
     clients: int
     wall_s: float = 0.0
+    cpu_s: float = 0.0
     answers: list[Answer] = field(default_factory=list)
     stopped_early: bool = False
 
@@ -71,6 +74,9 @@ class Pass:
             "p90_ms": pct(90),
             "p99_ms": pct(99),
             "max_ms": round(float(lat.max()), 2) if lat.size else None,
+            "client_cpu_ms_per_request": (
+                round(self.cpu_s * 1e3 / len(self.answers), 3) if self.answers else None
+            ),
         }
 
 
@@ -96,6 +102,7 @@ async def run_pass(
     headers = {"Content-Type": content_type}
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
         started = time.perf_counter()
+        cpu_started = time.process_time()
         deadline = started + max_s
 
         async def one_client() -> None:
@@ -118,6 +125,7 @@ async def run_pass(
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
         result.wall_s = time.perf_counter() - started
+        result.cpu_s = time.process_time() - cpu_started
     return result
 
 

@@ -271,8 +271,14 @@ def test_serving_runners_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
         for r in runs
     }
     assert passes == {"serve": [(1, 8, 0), (32, 8, 0)], "litserve": [(1, 8, 0), (32, 8, 0)]}
+    for r in runs:
+        for p in r["report"]["passes"]:
+            # The server's process tree and the load generator each used some CPU per request.
+            assert p["server_cpu_ms_per_request"] > 0
+            assert p["client_cpu_ms_per_request"] > 0
     assert "## HTTP serving" in table
     assert "÷ LitServe" in table
+    assert "serve, 32 clients: ≥ 1.3 × LitServe at 32 clients" in table
 
 
 @pytest.mark.slow
