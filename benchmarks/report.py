@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from .quiet import busy_at_start, busy_run
 from .runners import DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config, Run
 
 
-def _med(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+def _med(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.median(vals) if vals else None
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
