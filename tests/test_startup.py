@@ -174,3 +174,23 @@ def test_the_garbage_collector_pauses_for_start_up_then_runs_again() -> None:
     finally:
         gc.unfreeze()  # this test process goes on: scan them again
         gc.enable()
+
+
+def test_the_engine_imports_without_sqlalchemy(tmp_path: Path) -> None:
+    # open_runner starts opening the model before the store's import: if importing the
+    # engine imported SQLAlchemy, the model would open only after it, and nothing overlaps.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, ics_service.engine, ics_service.models.background;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'rich')))",
+        ],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
