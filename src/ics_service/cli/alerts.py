@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-from rich.table import Table
 
 from ..errors import UsageError
 from .app import common_options, json_out, main, open_store, stdout_console
@@ -61,6 +60,8 @@ def alerts_list(failed: bool, limit: int, as_json: bool, **kwargs: Any) -> None:
     if as_json:
         json_out(rows)
         return
+    from rich.table import Table
+
     t = Table()
     for col in ("alert", "kind", "execution", "item", "created", "deliveries"):
         t.add_column(col)

@@ -8,17 +8,20 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
 
 from .. import __version__
 from ..config import LoadedSettings, Settings, load_settings
 from ..errors import ExitCode, IcsError, Interrupted
 from ..logs import configure_logging, printable
+from ..startup import pause_gc
 from ..types import ExecutionStatus
 from .signals import SignalGuard, guarded
+
+if TYPE_CHECKING:  # Rich is imported when something is printed with it
+    from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("ics_service.cli")
@@ -114,6 +117,8 @@ PIPE_WIDTH = 160
 
 
 def _console(file: Any) -> Console:
+    from rich.console import Console
+
     width = None if file.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
     return Console(file=file, highlight=False, width=width)
 
@@ -158,16 +163,20 @@ def main(ctx: click.Context) -> None:
 
 @contextmanager
 def open_runner(settings: Settings) -> Iterator[Any]:
-    from ..alerts.dispatcher import Alerting
     from ..engine import ExecutionRunner
     from ..engine.pipeline import plan_inference
-    from ..models import get_card, load_runtime
+    from ..models import get_card
+    from ..models.background import RuntimeLoading
+
+    card = get_card(settings.model)
+    threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
+    # The model opens on a thread while this one imports SQLAlchemy (with the alerts, below).
+    loading = RuntimeLoading(card, settings.models_dir, threads=threads)
+    from ..alerts.dispatcher import Alerting
     from ..store import Store
 
     alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
-    card = get_card(settings.model)
-    threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
-    runtime = load_runtime(card, settings.models_dir, threads=threads)
+    runtime = loading.result()
     store = Store(settings.store_url)
     try:
         alerting.attach(store)
@@ -200,6 +209,7 @@ def open_store(kwargs: dict[str, Any]) -> Iterator[Any]:
 
 def run() -> None:
     """Entry point: a bug becomes one line and exit code 3, its traceback a DEBUG log line."""
+    pause_gc()  # a process of its own: its start-up need not be scanned for garbage
     try:
         # The command installs its own handlers; these cover what runs around it.
         with guarded():

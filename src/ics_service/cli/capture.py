@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.table import Table
 
 from ..config import default
 from ..errors import ExitCode, UsageError
@@ -117,6 +116,8 @@ def capture_read(path: str, as_json: bool, save_images: str | None, **kwargs: An
             raise UsageError(f"cannot create --save-images {out_dir}: {e.strerror}") from None
     table = None
     if not as_json:
+        from rich.table import Table
+
         table = Table(title="captured", title_justify="left")
         for col in ("time", "inference id", "type", "label", "confidence"):
             table.add_column(col, justify="right" if col == "confidence" else "left")

@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import click
-from rich.table import Table
 
 from ..config import shown
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
@@ -36,6 +35,8 @@ def config_show(as_json: bool, **kwargs: Any) -> None:
             }
         )
         return
+    from rich.table import Table
+
     t = Table()
     t.add_column("setting")
     t.add_column("value")

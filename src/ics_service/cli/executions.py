@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import click
-from rich.table import Table
 
 from ..types import ExecutionStatus, ItemStatus, isoformat
 from .alerts import notify_option
@@ -50,6 +49,8 @@ def executions_list(limit: int, status: str | None, as_json: bool, **kwargs: Any
     if as_json:
         json_out([summary_doc(e, None, None) for e in rows])
         return
+    from rich.table import Table
+
     t = Table()
     for col in (
         "execution",
@@ -107,6 +108,8 @@ def executions_show(
         json_out(doc)
         return
     print_summary(e, None, None, as_json=False)
+    from rich.table import Table
+
     t = Table(show_header=False, box=None, padding=(0, 2))
     t.add_row("started", isoformat(e.started_at) or "")
     t.add_row("finished", isoformat(e.finished_at) or "")
@@ -134,6 +137,8 @@ def executions_history(execution_id: str, as_json: bool, **kwargs: Any) -> None:
     if as_json:
         json_out(events)
         return
+    from rich.table import Table
+
     t = Table()
     for col in ("id", "timestamp", "type", "item", "details"):
         t.add_column(col)

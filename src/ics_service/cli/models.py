@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import click
-from rich.table import Table
 
 from ..config import Settings
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
@@ -31,6 +30,8 @@ def models_list(as_json: bool, **kwargs: Any) -> None:
     if as_json:
         json_out(docs)
         return
+    from rich.table import Table
+
     t = Table()
     for col in ("name", "version", "input", "classes", "prepared", "description"):
         t.add_column(col)
@@ -57,6 +58,8 @@ def models_info(name: str, as_json: bool, **kwargs: Any) -> None:
     if as_json:
         json_out(doc)
         return
+    from rich.table import Table
+
     t = Table(show_header=False, box=None, padding=(0, 2))
     for key, value in doc.items():
         t.add_row(key, str(value))

@@ -8,29 +8,25 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
 
 from ..errors import INTERNAL_ERROR
 from ..logs import printable
 from ..types import Execution, ItemResult
 from .app import stderr_console, stdout_console
 
+# Rich is imported where something is printed with it: `--json` and no progress bar (a
+# pipe, a script) do without it.
+if TYPE_CHECKING:
+    from rich.text import Text
+
 
 def outside(text: str) -> Text:
     """Text from outside (file names, messages, names) as Rich shows it: never markup."""
+    from rich.text import Text
+
     return Text(printable(text))
 
 
@@ -43,6 +39,16 @@ def progress_bar(
     if not enabled:
         yield lambda _n: None
         return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     bar = Progress(
         TextColumn("classifying"),
         BarColumn(),
@@ -106,6 +112,9 @@ def print_summary(
     if as_json:
         click.echo(json.dumps(doc, indent=2), err=to_stderr)
         return
+    from rich.table import Table
+    from rich.text import Text
+
     console = stderr_console() if to_stderr else stdout_console()
     c = execution.counts
     t = Table(show_header=False, box=None, padding=(0, 2))
@@ -139,6 +148,8 @@ def print_summary(
 
 
 def styled_status(status: str) -> Text:
+    from rich.text import Text
+
     style = {
         "SUCCEEDED": "green",
         "LOW_CONFIDENCE": "yellow",
@@ -150,6 +161,8 @@ def styled_status(status: str) -> Text:
 
 
 def print_results_table(results: Sequence[ItemResult], to_stderr: bool = False) -> None:
+    from rich.table import Table
+
     console = stderr_console() if to_stderr else stdout_console()
     t = Table(title="results", title_justify="left")
     t.add_column("item", justify="right")

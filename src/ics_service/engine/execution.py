@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import sources
 from ..capture import inference_id_of, open_capture
@@ -21,7 +21,6 @@ from ..config import Settings
 from ..errors import INTERNAL_ERROR, IcsError, Interrupted, UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
-from ..store import Store
 from ..types import (
     ErrorInfo,
     Execution,
@@ -34,6 +33,9 @@ from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, r
 from .listing import BackgroundListing, tail_pending, unregistered
 from .pipeline import Pipeline, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
+
+if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
+    from ..store import Store
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from ..config import Settings
-from ..store import Store
 from ..types import Counts, ErrorInfo, Execution, ExecutionStatus, utcnow
+
+if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
+    from ..store import Store
 
 
 def final_status(counts: Counts, settings: Settings) -> tuple[ExecutionStatus, ErrorInfo | None]:

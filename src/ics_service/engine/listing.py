@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..store import Store
 from ..types import Item
+
+if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
+    from ..store import Store
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,12 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..store import Store
 from ..types import ItemResult, ItemStatus, Step
+
+if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
+    from ..store import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

