@@ -794,6 +794,8 @@ def render_method(b: Bench) -> list[str]:
     return [
         "## How it was measured",
         "",
+        "- ICS's modules are compiled to bytecode before the runs (as an installed package "
+        "is), so no runner process compiles them at start-up.",
         "- Corpus (`benchmarks/corpus.py`): scikit-image's bundled photos, each image a "
         "random crop, flip and colour jitter, resized to its class and saved as JPEG "
         "(quality 85-95); large ones get sensor-like grain so they compress like real "

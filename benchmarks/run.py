@@ -188,6 +188,17 @@ def _last_line(text: str) -> str:
 # --- the run --------------------------------------------------------------------------
 
 
+def compile_ics() -> None:
+    """Bytecode for ICS's own modules, as an installed package has: with
+    PYTHONDONTWRITEBYTECODE set (or an editable install never run yet) every runner process
+    would compile them again, which is not what a user's start-up costs."""
+    import compileall
+
+    import ics_service
+
+    compileall.compile_dir(Path(ics_service.__file__).parent, quiet=1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_args(argv)
     if cfg.rerender:
@@ -196,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     started_at = time.gmtime()
     first = load_snapshot()
+    compile_ics()
     ics = ics_command()
     notes: list[str] = []
     fp32 = model_info(ics, cfg.model, prepare=cfg.prepare, notes=notes)
