@@ -6,6 +6,10 @@ more up to `max_delay_s` after the oldest input arrived: the cores are busy then
 fuller batch costs no time. When the others are idle, it runs at once: on a CPU a batch is
 no cheaper per image than a single input, so a lone request never waits for company. The
 queue is bounded: `submit` refuses work beyond `max_queue` instead of letting memory grow.
+
+With a `solo` runtime (the same model on a session over every core), a batch that finds
+no other worker running and nothing else waiting runs on it: a lone request gets every
+core, while under load each worker's single-thread session keeps its own core busy.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class Batcher:
         self,
         runtime: ModelRuntime,
         *,
+        solo: ModelRuntime | None = None,
         max_batch_size: int,
         max_delay_s: float,
         max_queue: int,
@@ -57,6 +62,7 @@ class Batcher:
         on_batch: OnBatch | None = None,
     ) -> None:
         self.runtime = runtime
+        self.solo = solo
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.on_batch = on_batch
@@ -114,9 +120,11 @@ class Batcher:
                 assert isinstance(more, _Job)
                 jobs.append(more)
             with self._lock:
+                alone = self._running == 0 and self._q.empty()
                 self._running += 1
+            runtime = self.solo if alone and self.solo is not None else self.runtime
             try:
-                self._run(jobs, buf)
+                self._run(runtime, jobs, buf)
             finally:
                 with self._lock:
                     self._running -= 1
@@ -127,7 +135,7 @@ class Batcher:
         with self._lock:
             return self._running > 0
 
-    def _run(self, jobs: list[_Job], buf: np.ndarray) -> None:
+    def _run(self, runtime: ModelRuntime, jobs: list[_Job], buf: np.ndarray) -> None:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not live:
             return
@@ -135,7 +143,7 @@ class Batcher:
             buf[i] = job.tensor
         started = time.perf_counter()
         try:
-            probs = self.runtime.predict(buf[: len(live)])
+            probs = runtime.predict(buf[: len(live)])
         except Exception as e:
             error = e if isinstance(e, ItemError) else InferenceError(f"the model failed: {e}")
             log.error("inference failed on a batch of %d: %s", len(live), e)

@@ -59,18 +59,17 @@ def default_workers() -> int:
     return max(2, available_cpus())
 
 
-def plan_inference(threads: int, workers: int, *, serving: bool = False) -> tuple[int, int]:
+def plan_inference(threads: int, workers: int) -> tuple[int, int]:
     """(intra-op threads, inference workers), 0 meaning automatic for either.
 
-    By default a batch run (`ics classify`) runs one single-thread model session per core,
-    each on its own batches: measured on 2 cores, about 1.2 times one two-thread session,
-    which shares the cores with decoding less well. A server (`serving`) runs one session
-    on every core instead, so that a lone request has both cores (its serving figures are
-    in benchmarks/RESULTS.md).
+    By default one single-thread model session per core, each on its own batches: measured
+    on 2 cores, about 1.2 times one two-thread session, which shares the cores with
+    decoding less well. (A server adds a session on every core for a lone request:
+    `server.service.solo_threads`.)
     """
     cpus = available_cpus()
     if not threads and not workers:
-        return (cpus, 1) if serving else (1, cpus)
+        return 1, cpus
     if not workers:
         return threads, max(1, cpus // threads)
     if not threads:

@@ -11,9 +11,9 @@ from PIL import Image, ImageOps
 
 from ..config import Settings
 from ..engine.decide import Decision, decide
-from ..engine.pipeline import plan_inference
 from ..imaging import Limits, Preprocessor
 from ..models import get_card, load_runtime
+from ..models.runtime import available_cpus
 from ..sources import read
 from .pictures import annotated
 
@@ -35,10 +35,9 @@ def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     data = read(uri, settings.max_bytes)
     preprocessor = Preprocessor(card, Limits.from_settings(settings))
     tensor, info = preprocessor(data)
-    # One image: one session on every core, as the server runs a lone request.
-    threads, _ = plan_inference(
-        settings.inference_threads, settings.inference_workers, serving=True
-    )
+    # One image: one session on every core (unless the settings choose), as the server
+    # runs a lone request.
+    threads = settings.inference_threads or available_cpus()
     runtime = load_runtime(card, settings.models_dir, threads=threads)
     probs = runtime.predict(tensor[None])
     (decision,) = decide(

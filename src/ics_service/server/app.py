@@ -137,7 +137,9 @@ def _path(request: Request) -> str:
 
 
 def load_model(settings: Settings) -> ModelRuntime:
-    """The settings' model, planned for serving (one session on every core by default)."""
+    """The settings' model, planned for serving (by default a single-thread session shared by
+    one inference worker per core; the service adds a session on every core for a lone
+    request)."""
     from ..models import get_card, load_runtime
 
     threads, _ = plan_serving(settings)

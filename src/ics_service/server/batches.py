@@ -294,8 +294,8 @@ class Batches:
                 self._forget(job)
 
     def _runner(self, settings: Settings) -> ExecutionRunner:
-        # The server's model session was built for serving (one session on every core): run
-        # as many batches at once as it was planned for, not a batch run's one per core.
+        # The server's model session was planned for serving: run as many batches at once
+        # as it was planned for.
         threads, workers = plan_serving(self.settings)
         planned = settings.model_copy(
             update={"inference_threads": threads, "inference_workers": workers}

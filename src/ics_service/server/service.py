@@ -30,7 +30,7 @@ from ..engine.pipeline import default_workers, plan_inference
 from ..engine.recording import take_waiting
 from ..errors import ItemError, UsageError
 from ..imaging import Limits, Preprocessor
-from ..models.runtime import ModelRuntime
+from ..models.runtime import ModelRuntime, OnnxRuntime, available_cpus
 from ..store import Store
 from ..types import (
     Captured,
@@ -69,8 +69,22 @@ class Options:
 
 
 def plan_serving(settings: Settings) -> tuple[int, int]:
-    """(intra-op threads, inference workers) of a server's model."""
-    return plan_inference(settings.inference_threads, settings.inference_workers, serving=True)
+    """(intra-op threads, inference workers) of a server's model: as a batch run's."""
+    return plan_inference(settings.inference_threads, settings.inference_workers)
+
+
+def solo_threads(settings: Settings) -> int:
+    """Threads of the extra session a lone request runs on, 0 for none.
+
+    Under load every core runs a single-thread session on its own batches, as a batch run
+    does (the most images per second); but a request that finds the server idle would then
+    use one core of several. It runs on a session over every core instead, unless the
+    settings chose the sessions' threads or workers themselves.
+    """
+    cpus = available_cpus()
+    if settings.inference_threads or settings.inference_workers or cpus < 2:
+        return 0
+    return cpus
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class Service:
         )
         self.batcher = Batcher(
             runtime,
+            solo=_solo_runtime(runtime, solo_threads(settings)),
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue=settings.max_queue,
@@ -237,6 +252,13 @@ class Service:
             self.log.close()
         if self.capture is not None:
             self.capture.close()
+
+
+def _solo_runtime(runtime: ModelRuntime, threads: int) -> ModelRuntime | None:
+    """The same model on a session of `threads` threads, when it is an ONNX file."""
+    if not threads or not isinstance(runtime, OnnxRuntime):
+        return None
+    return OnnxRuntime(runtime.card, runtime.path, threads=threads)
 
 
 #: A stop already set: `CaptureWriter.reserve` answers at once instead of waiting for room.
