@@ -131,7 +131,36 @@ def agreement(fp32: ModelInfo, int8: ModelInfo, files: list[Path]) -> dict[str, 
     reference = OnnxRuntime(get_card(fp32.name), Path(fp32.path))
     candidate = OnnxRuntime(get_card(int8.name), Path(int8.path))
     a = agreement_on_files(reference, candidate, files)
-    return {"images": a.images, "top1_agreement": a.top1_rate, "top5_agreement": a.top5_rate}
+    doc: dict[str, Any] = {
+        "images": a.images,
+        "top1_agreement": a.top1_rate,
+        "top5_agreement": a.top5_rate,
+    }
+    doc["heldout"] = heldout_agreement(reference, candidate)
+    return doc
+
+
+def heldout_agreement(reference: Any, candidate: Any) -> dict[str, Any]:
+    """Agreement on photos from another source than the calibration photos (the corpus is
+    derived from them too): each held-out photo once, and 1,000 variations of them; a skip
+    with the reason when their Debian package is not installed."""
+    from ics_service.errors import ModelNotPrepared
+    from ics_service.models.agreement import heldout_agreement as measure
+    from ics_service.models.heldout import PACKAGE, package_version
+
+    try:
+        once, varied = measure(reference, candidate)
+    except ModelNotPrepared as e:
+        return {"skipped": str(e)}
+    return {
+        "source": f"{PACKAGE} {package_version() or '(version unknown)'}",
+        "photos": once.images,
+        "top1_agreement": once.top1_rate,
+        "top5_agreement": once.top5_rate,
+        "varied_images": varied.images,
+        "varied_top1_agreement": varied.top1_rate,
+        "varied_top5_agreement": varied.top5_rate,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

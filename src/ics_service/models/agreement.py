@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelNotPrepared
 from .calibration import EVALUATION, photo_batches, preprocess_batches
 from .runtime import ModelRuntime, OnnxRuntime
 
@@ -110,6 +111,21 @@ def throughput_ratio(
     return float(np.median(ref)), float(np.median(cand)), float(np.median(cand / ref))
 
 
+def heldout_agreement(
+    reference: ModelRuntime, candidate: ModelRuntime, *, variations: int = 1000, seed: int = 0
+) -> tuple[Agreement, Agreement]:
+    """`top1_agreement` on the photos held out from calibration (`heldout`): each photo
+    once, then `variations` random variations of them. Raises ModelNotPrepared when their
+    package is not installed."""
+    from . import heldout
+
+    paths = heldout.heldout_paths()
+    photos = preprocess_batches(reference.card, heldout.heldout_images(paths))
+    once = top1_agreement(reference, candidate, photos)
+    varied = preprocess_batches(reference.card, heldout.varied_heldout(paths, variations, seed))
+    return once, top1_agreement(reference, candidate, varied)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure a quantized model against its base: top-1 agreement on evaluation photos
     (never used for calibration) and interleaved throughput on pre-decoded tensors.
@@ -128,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-sizes", default="1,4,8,16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--files", type=Path, help="A folder of images to use instead.")
+    p.add_argument(
+        "--heldout",
+        action="store_true",
+        help="Use instead the photos held out from calibration (ics_service.models.heldout: "
+        "Debian's tuxpaint-stamps-default), each once, then -n variations of them.",
+    )
     args = p.parse_args(argv)
 
     models_dir = args.models_dir or load_settings().settings.models_dir
@@ -136,7 +158,21 @@ def main(argv: list[str] | None = None) -> None:
     prepare(card, models_dir)
     reference = OnnxRuntime(base, onnx_path(base, models_dir))
     candidate = OnnxRuntime(card, onnx_path(card, models_dir))
-    if args.files:
+    if args.heldout:
+        from . import heldout
+
+        try:
+            paths = heldout.heldout_paths()
+        except ModelNotPrepared as e:
+            raise SystemExit(str(e)) from None
+        tensors = list(preprocess_batches(base, heldout.heldout_images(paths)))
+        print(f"{card.name} vs {base.name} on {len(paths)} held-out photos: ", end="")
+        print(top1_agreement(reference, candidate, tensors))
+        tensors = list(
+            preprocess_batches(base, heldout.varied_heldout(paths, args.images, args.seed))
+        )
+        corpus = f"{args.images} variations of the held-out photos (seed {args.seed})"
+    elif args.files:
         from ..imaging import IMAGE_EXTENSIONS
 
         images = (f for f in args.files.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)

@@ -98,10 +98,20 @@ class QuantizeOptions:
     gptq: bool = False
     gptq_images: int = 64
     gptq_act_order: bool = False
+    #: The last `float_suffix` Conv or Gemm nodes left in FP32, with every node after the
+    #: one before them (1: the classifier, from the last convolution's activation on).
+    float_suffix: int = 0
+    #: uint8 weights (U8U8 kernels) instead of int8.
+    weight_uint8: bool = False
+    #: "qdq" (QuantizeLinear/DequantizeLinear pairs, fused by onnxruntime at load time) or
+    #: "qoperator" (QLinearConv and friends written into the file).
+    quant_format: str = "qdq"
 
     def __post_init__(self) -> None:
         if self.method not in ("minmax", "entropy", "percentile"):
             raise ValueError(f"unknown calibration method {self.method!r}")
+        if self.quant_format not in ("qdq", "qoperator"):
+            raise ValueError(f"unknown quantization format {self.quant_format!r}")
         if self.calibration_images < self.calibration_batch:
             raise ValueError(f"calibration needs at least {self.calibration_batch} images")
 
@@ -180,6 +190,8 @@ def quantize_model(
         exclude = list(options.nodes_to_exclude)
         if options.float_prefix:
             exclude += _prefix_nodes(model, options.float_prefix)
+        if options.float_suffix:
+            exclude += _suffix_nodes(model, options.float_suffix)
         overrides: dict[str, Any] = {}
         if options.reduce_range_gemm:
             for weight, axis in _gemm_weights(model):
@@ -217,13 +229,15 @@ def quantize_model(
                 str(pre),
                 str(qdq),
                 _Reader(_input_name(model), batches),
-                quant_format=q.QuantFormat.QDQ,
+                quant_format=(
+                    q.QuantFormat.QDQ if options.quant_format == "qdq" else q.QuantFormat.QOperator
+                ),
                 per_channel=options.per_channel,
                 reduce_range=options.reduce_range,
                 activation_type=(
                     q.QuantType.QInt8 if options.symmetric_activations else q.QuantType.QUInt8
                 ),
-                weight_type=q.QuantType.QInt8,
+                weight_type=q.QuantType.QUInt8 if options.weight_uint8 else q.QuantType.QInt8,
                 nodes_to_exclude=exclude or None,
                 calibrate_method=method,
                 extra_options=extra,
@@ -256,6 +270,13 @@ def _prefix_nodes(model: Any, convs: int) -> list[str]:
         if seen:
             names.append(str(node.name))
     return names
+
+
+def _suffix_nodes(model: Any, nodes: int) -> list[str]:
+    """Every node after the Conv or Gemm node that precedes the last `nodes` of them."""
+    weights = [i for i, n in enumerate(model.graph.node) if n.op_type in ("Conv", "Gemm")]
+    last_quantized = weights[-nodes - 1] if nodes < len(weights) else -1
+    return [str(n.name) for n in model.graph.node[last_quantized + 1 :]]
 
 
 def _weight_nodes(model: Any) -> list[tuple[Any, str]]:
