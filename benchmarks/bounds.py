@@ -142,14 +142,15 @@ def agreement(fp32: ModelInfo, int8: ModelInfo, files: list[Path]) -> dict[str, 
 
 def heldout_agreement(reference: Any, candidate: Any) -> dict[str, Any]:
     """Agreement on photos from another source than the calibration photos (the corpus is
-    derived from them too): each held-out photo once, and 1,000 variations of them; a skip
-    with the reason when their Debian package is not installed."""
+    derived from them too): each held-out photo once, and 1,000 variations of them, with
+    FP32's agreement with itself under ±0.5 grey level of noise on those; a skip with the
+    reason when their Debian package is not installed."""
     from ics_service.errors import ModelNotPrepared
     from ics_service.models.agreement import heldout_agreement as measure
     from ics_service.models.heldout import PACKAGE, package_version
 
     try:
-        once, varied = measure(reference, candidate)
+        once, varied, floor = measure(reference, candidate)
     except ModelNotPrepared as e:
         return {"skipped": str(e)}
     return {
@@ -160,6 +161,8 @@ def heldout_agreement(reference: Any, candidate: Any) -> dict[str, Any]:
         "varied_images": varied.images,
         "varied_top1_agreement": varied.top1_rate,
         "varied_top5_agreement": varied.top5_rate,
+        # FP32 against itself on the variations, each input moved by ±0.5 grey level.
+        "varied_noise_floor_top1": floor.top1_rate,
     }
 
 

@@ -65,6 +65,29 @@ def top1_agreement(
     return Agreement(images, top1, top5, diff / images if images else float("nan"))
 
 
+def noise_floor(
+    reference: ModelRuntime,
+    batches: Iterable[np.ndarray],
+    *,
+    grey_levels: float = 0.5,
+    seed: int = 0,
+) -> Agreement:
+    """The reference against itself on inputs moved by uniform noise of ±`grey_levels` of
+    0..255: how much of a candidate's disagreement any change of the input, however small,
+    would cause on these photos (the fragile ones have near ties)."""
+    rng = np.random.default_rng(seed)
+    step = grey_levels / float(np.mean(reference.card.std))
+
+    class _Noisy:
+        card = reference.card
+
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            noise = rng.uniform(-step, step, batch.shape).astype(batch.dtype)
+            return reference.predict(batch + noise)
+
+    return top1_agreement(reference, _Noisy(), batches)
+
+
 def agreement_on_files(
     reference: ModelRuntime,
     candidate: ModelRuntime,
@@ -113,17 +136,23 @@ def throughput_ratio(
 
 def heldout_agreement(
     reference: ModelRuntime, candidate: ModelRuntime, *, variations: int = 1000, seed: int = 0
-) -> tuple[Agreement, Agreement]:
+) -> tuple[Agreement, Agreement, Agreement]:
     """`top1_agreement` on the photos held out from calibration (`heldout`): each photo
-    once, then `variations` random variations of them. Raises ModelNotPrepared when their
-    package is not installed."""
+    once, then `variations` random variations of them; with the reference's `noise_floor`
+    on those variations. Raises ModelNotPrepared when their package is not installed."""
     from . import heldout
 
     paths = heldout.heldout_paths()
     photos = preprocess_batches(reference.card, heldout.heldout_images(paths))
     once = top1_agreement(reference, candidate, photos)
-    varied = preprocess_batches(reference.card, heldout.varied_heldout(paths, variations, seed))
-    return once, top1_agreement(reference, candidate, varied)
+    varied = list(
+        preprocess_batches(reference.card, heldout.varied_heldout(paths, variations, seed))
+    )
+    return (
+        once,
+        top1_agreement(reference, candidate, varied),
+        noise_floor(reference, varied, seed=seed),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         corpus = f"{args.images} varied photos (evaluation stream, seed {args.seed})"
     agreement = top1_agreement(reference, candidate, tensors)
     print(f"{card.name} vs {base.name} on {corpus}: {agreement}")
+    floor = noise_floor(reference, tensors, seed=args.seed)
+    print(f"{base.name} vs itself with ±0.5 grey level of noise on the same images: {floor}")
     pool = np.concatenate(tensors)
     for size in (int(b) for b in args.batch_sizes.split(",")):
         batch = np.ascontiguousarray(pool[:size])
