@@ -18,6 +18,11 @@ from ..errors import ModelNotPrepared
 from .calibration import EVALUATION, photo_batches, preprocess_batches
 from .runtime import ModelRuntime, OnnxRuntime
 
+#: A top-1 probability from which the reference's answer is not a near tie: on such photos
+#: a good INT8 model should never disagree (on the others, neither does FP32 with itself
+#: under half a grey level of noise: see `noise_floor`).
+CONFIDENT = 0.5
+
 
 @dataclass(frozen=True)
 class Agreement:
@@ -30,6 +35,10 @@ class Agreement:
     top5: int
     #: Mean over images of the largest absolute difference between the two probability vectors.
     mean_max_prob_diff: float
+    #: Images on which the reference's top-1 probability is at least CONFIDENT, and those of
+    #: them on which both models' top-1 class is the same.
+    confident: int = 0
+    confident_top1: int = 0
 
     @property
     def top1_rate(self) -> float:
@@ -39,11 +48,17 @@ class Agreement:
     def top5_rate(self) -> float:
         return self.top5 / self.images if self.images else float("nan")
 
+    @property
+    def confident_top1_rate(self) -> float:
+        return self.confident_top1 / self.confident if self.confident else float("nan")
+
     def __str__(self) -> str:
         return (
             f"top-1 agreement {self.top1_rate:.2%} ({self.top1}/{self.images}), "
             f"reference top-1 in top-5 {self.top5_rate:.2%}, "
-            f"mean max |Δp| {self.mean_max_prob_diff:.4f}"
+            f"mean max |Δp| {self.mean_max_prob_diff:.4f}; where the reference is confident "
+            f"(top-1 p ≥ {CONFIDENT}): {self.confident_top1_rate:.2%} "
+            f"({self.confident_top1}/{self.confident})"
         )
 
 
@@ -51,7 +66,7 @@ def top1_agreement(
     reference: ModelRuntime, candidate: ModelRuntime, batches: Iterable[np.ndarray]
 ) -> Agreement:
     """Run both runtimes on every batch of inputs (N, 3, H, W) and compare their answers."""
-    images = top1 = top5 = 0
+    images = top1 = top5 = confident = confident_top1 = 0
     diff = 0.0
     for batch in batches:
         ref = reference.predict(batch)
@@ -59,10 +74,15 @@ def top1_agreement(
         ref_top = ref.argmax(axis=1)
         cand_top5 = np.argpartition(-cand, 5, axis=1)[:, :5]
         images += len(batch)
-        top1 += int((cand.argmax(axis=1) == ref_top).sum())
+        same = cand.argmax(axis=1) == ref_top
+        top1 += int(same.sum())
+        sure = ref.max(axis=1) >= CONFIDENT
+        confident += int(sure.sum())
+        confident_top1 += int(same[sure].sum())
         top5 += int((cand_top5 == ref_top[:, None]).any(axis=1).sum())
         diff += float(np.abs(ref - cand).max(axis=1).sum())
-    return Agreement(images, top1, top5, diff / images if images else float("nan"))
+    mean_diff = diff / images if images else float("nan")
+    return Agreement(images, top1, top5, mean_diff, confident, confident_top1)
 
 
 def noise_floor(
