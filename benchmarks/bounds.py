@@ -1,7 +1,8 @@
 """Bounds: the bare model on pre-decoded tensors at each batch size, and the decode and
 preprocess cost per image on one core, from which the orchestrator computes the pipelined
 bound for the machine's cores. With --int8-json, also the INT8 model's throughput and its
-top-1 agreement with FP32.
+top-1 agreement with FP32, on the corpus and (with Debian's tuxpaint-stamps-default
+installed) on photos held out from calibration (ics_service.models.heldout).
 
     python -m benchmarks.bounds MODEL_JSON --small DIR [--large DIR] [--int8-json J]
 
@@ -123,7 +124,9 @@ def model_sweep(path: str, tensors: np.ndarray, min_s: float) -> dict[str, Any]:
     }
 
 
-def agreement(fp32: ModelInfo, int8: ModelInfo, files: list[Path]) -> dict[str, Any]:
+def agreement(
+    fp32: ModelInfo, int8: ModelInfo, files: list[Path], heldout_variations: int = 0
+) -> dict[str, Any]:
     """Top-1 agreement of the INT8 model with FP32, by ICS's own measure (models/agreement.py)."""
     from ics_service.models import OnnxRuntime, get_card
     from ics_service.models.agreement import agreement_on_files
@@ -131,7 +134,44 @@ def agreement(fp32: ModelInfo, int8: ModelInfo, files: list[Path]) -> dict[str, 
     reference = OnnxRuntime(get_card(fp32.name), Path(fp32.path))
     candidate = OnnxRuntime(get_card(int8.name), Path(int8.path))
     a = agreement_on_files(reference, candidate, files)
-    return {"images": a.images, "top1_agreement": a.top1_rate, "top5_agreement": a.top5_rate}
+    doc: dict[str, Any] = {
+        "images": a.images,
+        "top1_agreement": a.top1_rate,
+        "top5_agreement": a.top5_rate,
+        "confident_top1_agreement": a.confident_top1_rate,
+    }
+    if heldout_variations:
+        doc["heldout"] = heldout_agreement(reference, candidate, heldout_variations)
+    return doc
+
+
+def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[str, Any]:
+    """Agreement on photos from another source than the calibration photos (the corpus is
+    derived from them too): each held-out photo once, and `variations` variations, with
+    FP32's agreement with itself under ±0.5 grey level of noise on those; a skip with the
+    reason when their Debian package is not installed."""
+    from ics_service.errors import ModelNotPrepared
+    from ics_service.models.agreement import heldout_agreement as measure
+    from ics_service.models.heldout import PACKAGE, package_version
+
+    try:
+        once, varied, floor = measure(reference, candidate, variations=variations)
+    except ModelNotPrepared as e:
+        return {"skipped": str(e)}
+    return {
+        "source": f"{PACKAGE} {package_version() or '(version unknown)'}",
+        "photos": once.images,
+        "top1_agreement": once.top1_rate,
+        "top5_agreement": once.top5_rate,
+        "varied_images": varied.images,
+        "varied_top1_agreement": varied.top1_rate,
+        "varied_top5_agreement": varied.top5_rate,
+        # Where FP32's top-1 probability is at least 0.5: no near ties.
+        "varied_confident_images": varied.confident,
+        "varied_confident_top1_agreement": varied.confident_top1_rate,
+        # FP32 against itself on the variations, each input moved by ±0.5 grey level.
+        "varied_noise_floor_top1": floor.top1_rate,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         int8 = ModelInfo.load(args.int8_json)
         doc["int8"] = {"model": model_sweep(int8.path, tensors, args.min_s)}
         agree_files = [Path(f) for f in small[: args.agree_n]]
-        doc["int8"]["agreement"] = agreement(info, int8, agree_files)
+        doc["int8"]["agreement"] = agreement(info, int8, agree_files, args.agree_n)
     report.finish(len(small), **doc)
 
 

@@ -14,8 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelNotPrepared
 from .calibration import EVALUATION, photo_batches, preprocess_batches
 from .runtime import ModelRuntime, OnnxRuntime
+
+#: A top-1 probability from which the reference's answer is not a near tie: on such photos
+#: a good INT8 model should never disagree (on the others, neither does FP32 with itself
+#: under half a grey level of noise: see `noise_floor`).
+CONFIDENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class Agreement:
     top5: int
     #: Mean over images of the largest absolute difference between the two probability vectors.
     mean_max_prob_diff: float
+    #: Images on which the reference's top-1 probability is at least CONFIDENT, and those of
+    #: them on which both models' top-1 class is the same.
+    confident: int = 0
+    confident_top1: int = 0
 
     @property
     def top1_rate(self) -> float:
@@ -38,11 +48,17 @@ class Agreement:
     def top5_rate(self) -> float:
         return self.top5 / self.images if self.images else float("nan")
 
+    @property
+    def confident_top1_rate(self) -> float:
+        return self.confident_top1 / self.confident if self.confident else float("nan")
+
     def __str__(self) -> str:
         return (
             f"top-1 agreement {self.top1_rate:.2%} ({self.top1}/{self.images}), "
             f"reference top-1 in top-5 {self.top5_rate:.2%}, "
-            f"mean max |Δp| {self.mean_max_prob_diff:.4f}"
+            f"mean max |Δp| {self.mean_max_prob_diff:.4f}; where the reference is confident "
+            f"(top-1 p ≥ {CONFIDENT}): {self.confident_top1_rate:.2%} "
+            f"({self.confident_top1}/{self.confident})"
         )
 
 
@@ -50,7 +66,7 @@ def top1_agreement(
     reference: ModelRuntime, candidate: ModelRuntime, batches: Iterable[np.ndarray]
 ) -> Agreement:
     """Run both runtimes on every batch of inputs (N, 3, H, W) and compare their answers."""
-    images = top1 = top5 = 0
+    images = top1 = top5 = confident = confident_top1 = 0
     diff = 0.0
     for batch in batches:
         ref = reference.predict(batch)
@@ -58,10 +74,38 @@ def top1_agreement(
         ref_top = ref.argmax(axis=1)
         cand_top5 = np.argpartition(-cand, 5, axis=1)[:, :5]
         images += len(batch)
-        top1 += int((cand.argmax(axis=1) == ref_top).sum())
+        same = cand.argmax(axis=1) == ref_top
+        top1 += int(same.sum())
+        sure = ref.max(axis=1) >= CONFIDENT
+        confident += int(sure.sum())
+        confident_top1 += int(same[sure].sum())
         top5 += int((cand_top5 == ref_top[:, None]).any(axis=1).sum())
         diff += float(np.abs(ref - cand).max(axis=1).sum())
-    return Agreement(images, top1, top5, diff / images if images else float("nan"))
+    mean_diff = diff / images if images else float("nan")
+    return Agreement(images, top1, top5, mean_diff, confident, confident_top1)
+
+
+def noise_floor(
+    reference: ModelRuntime,
+    batches: Iterable[np.ndarray],
+    *,
+    grey_levels: float = 0.5,
+    seed: int = 0,
+) -> Agreement:
+    """The reference against itself on inputs moved by uniform noise of ±`grey_levels` of
+    0..255: how much of a candidate's disagreement any change of the input, however small,
+    would cause on these photos (the fragile ones have near ties)."""
+    rng = np.random.default_rng(seed)
+    step = grey_levels / float(np.mean(reference.card.std))
+
+    class _Noisy:
+        card = reference.card
+
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            noise = rng.uniform(-step, step, batch.shape).astype(batch.dtype)
+            return reference.predict(batch + noise)
+
+    return top1_agreement(reference, _Noisy(), batches)
 
 
 def agreement_on_files(
@@ -110,6 +154,27 @@ def throughput_ratio(
     return float(np.median(ref)), float(np.median(cand)), float(np.median(cand / ref))
 
 
+def heldout_agreement(
+    reference: ModelRuntime, candidate: ModelRuntime, *, variations: int = 1000, seed: int = 0
+) -> tuple[Agreement, Agreement, Agreement]:
+    """`top1_agreement` on the photos held out from calibration (`heldout`): each photo
+    once, then `variations` random variations of them; with the reference's `noise_floor`
+    on those variations. Raises ModelNotPrepared when their package is not installed."""
+    from . import heldout
+
+    paths = heldout.heldout_paths()
+    photos = preprocess_batches(reference.card, heldout.heldout_images(paths))
+    once = top1_agreement(reference, candidate, photos)
+    varied = list(
+        preprocess_batches(reference.card, heldout.varied_heldout(paths, variations, seed))
+    )
+    return (
+        once,
+        top1_agreement(reference, candidate, varied),
+        noise_floor(reference, varied, seed=seed),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Measure a quantized model against its base: top-1 agreement on evaluation photos
     (never used for calibration) and interleaved throughput on pre-decoded tensors.
@@ -128,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-sizes", default="1,4,8,16")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--files", type=Path, help="A folder of images to use instead.")
+    p.add_argument(
+        "--heldout",
+        action="store_true",
+        help="Use instead the photos held out from calibration (ics_service.models.heldout: "
+        "Debian's tuxpaint-stamps-default), each once, then -n variations of them.",
+    )
     args = p.parse_args(argv)
 
     models_dir = args.models_dir or load_settings().settings.models_dir
@@ -136,7 +207,21 @@ def main(argv: list[str] | None = None) -> None:
     prepare(card, models_dir)
     reference = OnnxRuntime(base, onnx_path(base, models_dir))
     candidate = OnnxRuntime(card, onnx_path(card, models_dir))
-    if args.files:
+    if args.heldout:
+        from . import heldout
+
+        try:
+            paths = heldout.heldout_paths()
+        except ModelNotPrepared as e:
+            raise SystemExit(str(e)) from None
+        tensors = list(preprocess_batches(base, heldout.heldout_images(paths)))
+        print(f"{card.name} vs {base.name} on {len(paths)} held-out photos: ", end="")
+        print(top1_agreement(reference, candidate, tensors))
+        tensors = list(
+            preprocess_batches(base, heldout.varied_heldout(paths, args.images, args.seed))
+        )
+        corpus = f"{args.images} variations of the held-out photos (seed {args.seed})"
+    elif args.files:
         from ..imaging import IMAGE_EXTENSIONS
 
         images = (f for f in args.files.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
@@ -148,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
         corpus = f"{args.images} varied photos (evaluation stream, seed {args.seed})"
     agreement = top1_agreement(reference, candidate, tensors)
     print(f"{card.name} vs {base.name} on {corpus}: {agreement}")
+    floor = noise_floor(reference, tensors, seed=args.seed)
+    print(f"{base.name} vs itself with ±0.5 grey level of noise on the same images: {floor}")
     pool = np.concatenate(tensors)
     for size in (int(b) for b in args.batch_sizes.split(",")):
         batch = np.ascontiguousarray(pool[:size])
