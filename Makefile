@@ -34,6 +34,7 @@ demo: $(VENV)/.demo
 # scripts/postgres.sh installs (Debian) and starts a local one. ICS_SKIP_POSTGRES=1 skips
 # those tests on purpose.
 test: $(VENV)/.test
+	@scripts/heldout-photos.sh || true
 	@if [ -z "$$ICS_TEST_POSTGRES_URL" ] && [ "$$ICS_SKIP_POSTGRES" != 1 ]; then \
 	    url="$$(scripts/postgres.sh start)" || { \
 	        echo "make test: cannot start a local PostgreSQL for the store tests (see above)." >&2; \
@@ -51,6 +52,7 @@ test: $(VENV)/.test
 # BENCH_ARGS=--help. About 25 minutes on 2 cores.
 # A quick run: make bench BENCH_N=200 BENCH_N_LARGE=10 BENCH_REPEATS=1 BENCH_MEM_N=0 BENCH_SCALING=0
 bench: $(VENV)/.bench
+	@scripts/heldout-photos.sh || true
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV)/.test
