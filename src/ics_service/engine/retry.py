@@ -41,6 +41,10 @@ def delay_seconds(policy: RetryPolicy, retry_number: int, rng: random.Random) ->
     return delay
 
 
+#: Jitter for the retries of every thread: seeding a generator per call would cost more
+#: than most calls that never retry.
+_JITTER = random.Random()
+
 OnRetry = Callable[[BaseException, int, float], None]
 
 
@@ -57,7 +61,6 @@ def call_with_retry(
     The last error is raised with an `attempts` attribute. A set `stop` ends the waiting
     (and the retrying) at once.
     """
-    rng = rng or random.Random()
     attempt = 1
     while True:
         try:
@@ -66,7 +69,7 @@ def call_with_retry(
             if attempt > policy.max_attempts or stop.is_set() or not matches(policy, e):
                 e.attempts = attempt  # type: ignore[attr-defined]
                 raise
-            delay = delay_seconds(policy, attempt, rng)
+            delay = delay_seconds(policy, attempt, rng or _JITTER)
             if on_retry is not None:
                 on_retry(e, attempt, delay)
             if stop.wait(delay):

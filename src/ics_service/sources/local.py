@@ -83,8 +83,14 @@ class LocalSource:
             fd = os.open(path, _OPEN_FLAGS)
             with os.fdopen(fd, "rb") as f:
                 # Checked again on what was opened: the path may have changed since the stat.
-                _check_regular(os.fstat(fd), shown, max_bytes)
-                data = f.read(max_bytes + 1)
+                st = os.fstat(fd)
+                _check_regular(st, shown, max_bytes)
+                # The size it has, not max_bytes: a read of max_bytes + 1 allocates that
+                # much first. One byte more shows a file still growing: then the rest too.
+                want = st.st_size + 1
+                data = f.read(want)
+                if len(data) == want:
+                    data += f.read(max_bytes + 1 - want)
         except FileNotFoundError:
             raise SourceNotFound(f"no such file: {shown}") from None
         except PermissionError:
