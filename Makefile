@@ -49,7 +49,7 @@ test: $(VENV)/.test
 # make variables): BENCH_N (small photos, 1500), BENCH_N_LARGE (100), BENCH_REPEATS (2),
 # BENCH_MEM_N (20000; 0 skips), BENCH_RUNNERS (subset), BENCH_SEED, BENCH_SCALING (0 skips
 # the scaling tables), BENCH_REQUIRE_QUIET=1 (publish nothing when busy); see
-# BENCH_ARGS=--help. About 25 minutes on 2 cores.
+# BENCH_ARGS=--help. The committed run took 22 minutes on 2 cores.
 # A quick run: make bench BENCH_N=200 BENCH_N_LARGE=10 BENCH_REPEATS=1 BENCH_MEM_N=0 BENCH_SCALING=0
 bench: $(VENV)/.bench
 	@scripts/heldout-photos.sh || true
