@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     args = ap.parse_args(argv)
+    from benchmarks.quiet import load_snapshot
 
+    started, load_before = time.gmtime(), load_snapshot()
     settings = load_settings(None, {}).settings
     card = get_card(args.model)
     runtime = load_runtime(card, args.models_dir or settings.models_dir, threads=1)
@@ -138,6 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         shown = "  ".join(f"{n} threads {r:6.2f}/s" for n, r in rates.items())
         print(f"large, {name:10s}: {shown}")
     if args.json:
+        from benchmarks.run import machine, run_id
+
+        mach = machine()
+        # What a reader needs to trace the figures: when, which commit, which CPU, how busy.
+        result = {
+            "run_id": run_id(started, mach),
+            "machine": mach,
+            "load_before": load_before,
+            "load_after": load_snapshot(),
+            **result,
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
