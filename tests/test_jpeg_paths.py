@@ -27,14 +27,28 @@ def test_simplejpeg_is_the_default() -> None:
 
 
 def takes_fast_path(data: bytes) -> bool:
+    """Whether the preprocessor decodes these bytes with simplejpeg: a JPEG that the draft
+    scales down, and that simplejpeg accepts."""
     img = Image.open(io.BytesIO(data))
+    full = img.size
     FAST._draft(img)
-    return _decode_jpeg(data, img) is not None
+    return img.size != full and _decode_jpeg(data, img) is not None
+
+
+def doubled(img: Image.Image) -> Image.Image:
+    """Twice the size: a photo the draft decodes at half scale (the model takes 256 → 224)."""
+    return img.resize((img.width * 2, img.height * 2), Image.Resampling.BILINEAR)
+
+
+def test_full_scale_jpegs_are_left_to_pillow() -> None:
+    data = f.jpeg()  # 600×400: no smaller DCT scale still covers the model's input
+    assert not takes_fast_path(data)
+    assert np.array_equal(FAST(data)[0], PILLOW(data)[0])
 
 
 def test_same_answers_on_real_photos(runtime: OnnxRuntime, photos: Path) -> None:
     files = sorted(p for p in photos.glob("*.jpg") if p.name != "broken.jpg")
-    datas = [p.read_bytes() for p in files] + [f.big_jpeg()]  # and a 12-megapixel one
+    datas = [f.jpeg(doubled(Image.open(p))) for p in files] + [f.big_jpeg()]  # and 12 MP
     assert len(datas) >= 10 and all(takes_fast_path(d) for d in datas)
     fast = np.stack([FAST(d)[0] for d in datas])
     slow = np.stack([PILLOW(d)[0] for d in datas])
@@ -49,7 +63,7 @@ def oriented(orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation
     # Not square, so that a wrong turn changes the size, and not symmetric.
-    return f.jpeg(f.coffee().crop((0, 0, 600, 300)), exif=exif.tobytes())
+    return f.jpeg(doubled(f.coffee().crop((0, 0, 600, 300))), exif=exif.tobytes())
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -76,8 +90,8 @@ def test_cmyk_is_left_to_pillow(runtime: OnnxRuntime) -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        f.jpeg(f.coffee().convert("L")),
-        f.jpeg(progressive=True),
+        f.jpeg(doubled(f.coffee().convert("L"))),
+        f.jpeg(doubled(f.coffee()), progressive=True),
         f.big_jpeg((3000, 4000)),  # portrait
     ],
     ids=["greyscale", "progressive", "12mp-portrait"],
