@@ -1,6 +1,8 @@
 """Scaled JPEG decoding: Pillow's draft mode against simplejpeg, and how many decode threads pay.
 
 Both paths run through ICS's own `Preprocessor` (every check, the same resize and crop),
+with `fast_jpeg` off (Pillow decodes every JPEG) and on (simplejpeg decodes those that the
+draft scales down; full-scale ones stay with Pillow, so there the two paths are one),
 on real photos: scikit-image's samples and the benchmark corpus's small (500×375) and
 large (4000×3000, 12-megapixel) JPEGs. For each path it reports the CPU time per image
 (the minimum of --repeats decodes of each image, averaged over the images), the pixels'

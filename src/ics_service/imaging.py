@@ -428,9 +428,10 @@ class Preprocessor:
 
 # --- JPEG through simplejpeg ---------------------------------------------------------------
 # simplejpeg's libjpeg-turbo decodes at the DCT scale that Pillow's draft chose, to the same
-# pixels (benchmarks/decode_compare.py checks it), from the bytes in one call: about 5 %
-# less CPU than Pillow's decoder on a 12-megapixel photo. Pillow still reads the header,
-# so every check above runs first, and it decodes whatever simplejpeg does not take.
+# pixels (benchmarks/decode_compare.py checks it), from the bytes in one call: about 4 %
+# less CPU than Pillow's decoder on a 12-megapixel photo, 4 % more at full scale (so only
+# drafted JPEGs come here). Pillow still reads the header, so every check above runs
+# first, and it decodes whatever simplejpeg does not take.
 
 #: EXIF orientation → the transpose that shows the photo upright (as ImageOps.exif_transpose).
 _UPRIGHT = {
