@@ -14,6 +14,7 @@ from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import write_samples
 
 DEFAULT_MODEL = "efficientnet-lite0"
+INT8_MODEL = "efficientnet-lite0-int8"
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,22 @@ def runtime(models_dir: Path) -> OnnxRuntime:
     from ics_service.models.prepare import onnx_path
 
     card = get_card(DEFAULT_MODEL)
+    return OnnxRuntime(card, onnx_path(card, models_dir))
+
+
+@pytest.fixture(scope="session")
+def int8_runtime(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
+    """The INT8 model, built by `ics models prepare` next to the session's FP32 model."""
+    from click.testing import CliRunner
+
+    from ics_service.cli import main
+    from ics_service.models.prepare import onnx_path
+
+    home = tmp_path_factory.mktemp("int8-home")
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    res = CliRunner().invoke(main, ["models", "prepare", INT8_MODEL, "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    card = get_card(INT8_MODEL)
     return OnnxRuntime(card, onnx_path(card, models_dir))
 
 

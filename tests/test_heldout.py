@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
-from ics_service.cli import main
 from ics_service.errors import ModelNotPrepared
-from ics_service.models import get_card, heldout
+from ics_service.models import heldout
 from ics_service.models.agreement import heldout_agreement, noise_floor
 from ics_service.models.calibration import EVALUATION, photo_batches
-from ics_service.models.prepare import onnx_path
 from ics_service.models.runtime import OnnxRuntime
 
 INT8 = "efficientnet-lite0-int8"
@@ -95,17 +92,6 @@ def test_the_installed_stamps_give_about_a_hundred_photos() -> None:
     paths = heldout.heldout_paths()
     assert 80 <= len(paths) <= 150, len(paths)
     assert not any("cartoon" in p.parts for p in paths)
-
-
-@pytest.fixture(scope="module")
-def int8_runtime(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
-    """The INT8 model, built by `ics models prepare` next to the session's FP32 model."""
-    home = tmp_path_factory.mktemp("int8-home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
-    res = CliRunner().invoke(main, ["models", "prepare", INT8, "--home", str(home)])
-    assert res.exit_code == 0, res.output
-    card = get_card(INT8)
-    return OnnxRuntime(card, onnx_path(card, models_dir))
 
 
 @needs_stamps

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from ics_service.cli import main
@@ -27,17 +26,6 @@ from ics_service.models.runtime import OnnxRuntime
 
 FP32 = "efficientnet-lite0"
 INT8 = "efficientnet-lite0-int8"
-
-
-@pytest.fixture(scope="module")
-def int8_runtime(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
-    """The INT8 model, built by `ics models prepare` next to the session's FP32 model."""
-    home = tmp_path_factory.mktemp("int8-home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
-    res = CliRunner().invoke(main, ["models", "prepare", INT8, "--home", str(home)])
-    assert res.exit_code == 0, res.output
-    card = get_card(INT8)
-    return OnnxRuntime(card, onnx_path(card, models_dir))
 
 
 def test_int8_card_has_the_fp32_preprocessing() -> None:
