@@ -834,7 +834,9 @@ def render_method(b: Bench) -> list[str]:
         "## How it was measured",
         "",
         "- ICS's modules are compiled to bytecode before the runs (as an installed package "
-        "is), so no runner process compiles them at start-up.",
+        "is), so no runner process compiles them at start-up; before each timed run every "
+        "file of its corpus is read once, so each runner starts with its photos in the page "
+        "cache.",
         "- Corpus (`benchmarks/corpus.py`): scikit-image's bundled photos, each image a "
         "random crop, flip and colour jitter, resized to its class and saved as JPEG "
         "(quality 85-95); large ones get sensor-like grain so they compress like real "
