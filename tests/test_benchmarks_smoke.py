@@ -128,6 +128,15 @@ def _bench(env: dict[str, str], *args: str, **knobs: str) -> subprocess.Complete
     )
 
 
+#: Knobs of a run of the small photos only: no large photos, memory, one-image or profile runs.
+SMALL_ONLY = {
+    "BENCH_N_LARGE": "0",
+    "BENCH_MEM_N": "0",
+    "BENCH_ONE_IMAGE_RUNS": "0",
+    "BENCH_PROFILE": "0",
+}
+
+
 def _run_bench(env: dict[str, str], **knobs: str) -> tuple[str, dict[str, object]]:
     r = _bench(env, **knobs)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -221,10 +230,7 @@ def test_ray_data_runner_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
     table, doc = _run_bench(
         bench_env,
         BENCH_RUNNERS="ray,ray-ics",
-        BENCH_N_LARGE="0",
-        BENCH_MEM_N="0",
-        BENCH_ONE_IMAGE_RUNS="0",
-        BENCH_PROFILE="0",
+        **SMALL_ONLY,
         BENCH_RAY_TUNE_N="8",
         BENCH_RAY_TUNE_S="600",
     )
@@ -258,10 +264,7 @@ def test_serving_runners_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
     table, doc = _run_bench(
         bench_env,
         BENCH_RUNNERS="serve,litserve",
-        BENCH_N_LARGE="0",
-        BENCH_MEM_N="0",
-        BENCH_ONE_IMAGE_RUNS="0",
-        BENCH_PROFILE="0",
+        **SMALL_ONLY,
     )
     assert _ok_runs(doc) == {("serve", "small"), ("litserve", "small")}
     runs = doc["runs"]
@@ -288,10 +291,7 @@ def test_capture_runner_beside_the_default_one_on_a_tiny_corpus(
     table, doc = _run_bench(
         bench_env,
         BENCH_RUNNERS="ics,ics-capture",
-        BENCH_N_LARGE="0",
-        BENCH_MEM_N="0",
-        BENCH_ONE_IMAGE_RUNS="0",
-        BENCH_PROFILE="0",
+        **SMALL_ONLY,
     )
     # ok means every image classified and every one of them captured (run.py's check).
     assert _ok_runs(doc) == {("ics", "small"), ("ics-capture", "small")}
@@ -306,10 +306,7 @@ def test_scaling_tables_against_corpus_size_and_pinned_cores(bench_env: dict[str
     table, doc = _run_bench(
         bench_env,
         BENCH_RUNNERS="ics,plain",
-        BENCH_N_LARGE="0",
-        BENCH_MEM_N="0",
-        BENCH_ONE_IMAGE_RUNS="0",
-        BENCH_PROFILE="0",
+        **SMALL_ONLY,
         BENCH_SCALING="1",
         BENCH_SCALING_N="4,8",
         BENCH_SCALING_CORES_N="6",
@@ -344,13 +341,7 @@ def _settings_of(doc: dict[str, object], key: str) -> dict[str, object]:
 def test_a_busy_machine_marks_every_row_and_require_quiet_refuses_to_publish(
     bench_env: dict[str, str], tmp_path: Path
 ) -> None:
-    quick = {
-        "BENCH_RUNNERS": "plain",
-        "BENCH_N_LARGE": "0",
-        "BENCH_MEM_N": "0",
-        "BENCH_ONE_IMAGE_RUNS": "0",
-        "BENCH_PROFILE": "0",
-    }
+    quick = {"BENCH_RUNNERS": "plain", **SMALL_ONLY}
     # Thresholds no machine meets, then thresholds every machine meets: the rule, not the
     # moment's load, decides.
     quiet = {"BENCH_BUSY_LOAD": "1000", "BENCH_BUSY_OTHERS": "1000"}
