@@ -350,11 +350,9 @@ def test_two_samples_of_one_distribution_over_1000_labels_are_no_drift() -> None
     assert drift.drifted and drift.label_psi > 1.0, drift.line()
 
 
-def test_a_source_with_no_classified_rows_is_not_comparable(ics_home: Path) -> None:
-    results = ics_home / "results.jsonl"
-    generated_results(results, 50, label="espresso", confidence=0.99)
-    failed = ics_home / "failed.jsonl"
-    writer = ResultsWriter(str(failed))
+def failed_results(path: Path) -> None:
+    """A results file (its format from the suffix) of one FAILED item: no row classified."""
+    writer = ResultsWriter(str(path))
     now = dt.datetime.now(dt.UTC)
     writer.write(
         [
@@ -372,6 +370,13 @@ def test_a_source_with_no_classified_rows_is_not_comparable(ics_home: Path) -> N
         ]
     )
     writer.close()
+
+
+def test_a_source_with_no_classified_rows_is_not_comparable(ics_home: Path) -> None:
+    results = ics_home / "results.jsonl"
+    generated_results(results, 50, label="espresso", confidence=0.99)
+    failed = ics_home / "failed.jsonl"
+    failed_results(failed)
     for source, baseline, who in ((failed, results, "SOURCE"), (results, failed, "the baseline")):
         code, doc, output = report(str(source), "--baseline", str(baseline), "--out", "r")
         assert code == ExitCode.DRIFT, output
@@ -556,24 +561,7 @@ def test_bad_records_are_skipped_and_empty_charts_say_so(ics_home: Path) -> None
     assert code == ExitCode.OK and doc is not None and doc["threshold"] == 0.5, output
     # Only failures: no confidences, labels, time series or images, and each chart says so.
     only_failures = ics_home / "failed.csv"
-    writer = ResultsWriter(str(only_failures))
-    now = dt.datetime.now(dt.UTC)
-    writer.write(
-        [
-            ItemResult(
-                "x",
-                "0",
-                "/gone.jpg",
-                ItemStatus.FAILED,
-                0.94,
-                ModelRef("m", "1"),
-                now,
-                now,
-                error=ErrorInfo("SourceNotFound", "gone"),
-            )
-        ]
-    )
-    writer.close()
+    failed_results(only_failures)
     code, doc, output = report(str(only_failures), "--out", "empty")
     assert code == ExitCode.OK, output
     assert_report(ics_home.parent / "empty")
