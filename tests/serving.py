@@ -3,6 +3,7 @@ a real `ics serve` process on a loopback port."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -29,6 +30,21 @@ async def client_of(app: FastAPI, **headers: str) -> AsyncIterator[httpx.AsyncCl
             transport=transport, base_url="http://ics.test", headers=headers, timeout=60.0
         ) as client:
             yield client
+
+
+async def finished(
+    client: httpx.AsyncClient, execution_id: str, deadline_s: float = 120.0
+) -> dict[str, Any]:
+    """The execution, through the API, once it has ended; fails after deadline_s."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        r = await client.get(f"/v1/executions/{execution_id}")
+        assert r.status_code == 200, r.text
+        doc: dict[str, Any] = r.json()
+        if doc["status"] != "RUNNING":
+            return doc
+        assert time.monotonic() < deadline, f"{execution_id} still RUNNING: {doc}"
+        await asyncio.sleep(0.1)
 
 
 def free_port() -> int:

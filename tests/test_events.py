@@ -5,14 +5,12 @@ The payloads are shaped as AWS and MinIO document and send them."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import logging
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,9 @@ from ics_service.server.events import EVENTS_WATCHER, BadEvent, parse_event
 from ics_service.store import Store
 from ics_service.store.watched import Seen, WatchState
 from ics_service.types import ErrorInfo, ExecutionStatus, ModelRef
-from serving import client_of, error_of, serve_process
+from serving import client_of, error_of, finished, serve_process
 
 pytestmark = pytest.mark.anyio
-
-DEADLINE_S = 120.0
 
 
 @pytest.fixture
@@ -227,16 +223,6 @@ def settings_of(home: Path, store_url: str, **kw: Any) -> Settings:
         record_realtime=False,
         **kw,
     )
-
-
-async def finished(client: httpx.AsyncClient, execution_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        doc: dict[str, Any] = (await client.get(f"/v1/executions/{execution_id}")).json()
-        if doc["status"] != "RUNNING":
-            return doc
-        assert time.monotonic() < deadline, f"{execution_id} still RUNNING: {doc}"
-        await asyncio.sleep(0.1)
 
 
 async def test_an_event_starts_one_execution_once_per_object(

@@ -3,7 +3,6 @@ middle of the listing is resumed exactly: every item once, none missed."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,7 +21,7 @@ from ics_service.models.runtime import OnnxRuntime
 from ics_service.server.app import create_app
 from ics_service.store import Store
 from ics_service.types import ErrorInfo, ExecutionStatus, ItemResult, ModelRef
-from serving import client_of
+from serving import client_of, finished
 
 #: Items registered in one transaction (the store's chunk): the run can start after these.
 FIRST_CHUNK = 1000
@@ -254,12 +253,7 @@ async def test_a_server_batch_classifies_before_its_listing_ends(
         r = await client.post("/v1/executions", json={"sources": ["slowlist://items/"]})
         assert r.status_code == 202, r.text
         execution_id = r.json()["execution_id"]
-        deadline = time.monotonic() + 120
-        while (doc := (await client.get(f"/v1/executions/{execution_id}")).json())[
-            "status"
-        ] == "RUNNING":
-            assert time.monotonic() < deadline, doc
-            await asyncio.sleep(0.1)
+        doc = await finished(client, execution_id)
     assert doc["status"] == "SUCCEEDED", doc
     assert slow_listing.read_before_listed  # the first chunk ran while the rest was listed
     assert doc["counts"]["total"] == slow_listing.total, doc

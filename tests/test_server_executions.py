@@ -26,7 +26,7 @@ from ics_service.server import create_app
 from ics_service.store import Store
 from ics_service.store.schema import executions
 from ics_service.types import ExecutionStatus, ModelRef
-from serving import client_of, error_of, serve_process
+from serving import client_of, error_of, finished, serve_process
 
 pytestmark = pytest.mark.anyio
 
@@ -60,19 +60,6 @@ def many(tmp_path: Path, photos: Path) -> Path:
         src = originals[i % len(originals)]
         os.link(src, folder / f"{i:04d}-{src.name}")
     return folder
-
-
-async def finished(client: httpx.AsyncClient, execution_id: str) -> dict[str, Any]:
-    """The execution once it has ended; fails after DEADLINE_S."""
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        r = await client.get(f"/v1/executions/{execution_id}")
-        assert r.status_code == 200, r.text
-        doc: dict[str, Any] = r.json()
-        if doc["status"] != "RUNNING":
-            return doc
-        assert time.monotonic() < deadline, f"{execution_id} still RUNNING: {doc}"
-        await asyncio.sleep(0.1)
 
 
 async def some_done(client: httpx.AsyncClient, execution_id: str) -> dict[str, Any]:

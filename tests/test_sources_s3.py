@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import io
 import json
@@ -42,7 +41,7 @@ from ics_service.sources.remote import FsspecSource, list_objects
 from ics_service.sources.web import HttpSource
 from ics_service.store import Store
 from ics_service.types import ExecutionStatus, ItemResult
-from serving import client_of
+from serving import client_of, finished
 
 
 def s3_client() -> Any:
@@ -442,12 +441,7 @@ async def test_the_api_reads_an_allowed_s3_uri_with_the_storage_settings(
         r = await client.post("/v1/executions", json={"sources": ["@s3://api/ok/m.csv"]})
         assert r.status_code == 202, r.text
         execution_id = r.json()["execution_id"]
-        deadline = time.monotonic() + 60
-        while (doc := (await client.get(f"/v1/executions/{execution_id}")).json())[
-            "status"
-        ] == "RUNNING":
-            assert time.monotonic() < deadline, doc
-            await asyncio.sleep(0.1)
+        doc = await finished(client, execution_id, deadline_s=60)
         assert doc["status"] == "SUCCEEDED", doc
         r = await client.get(f"/v1/executions/{execution_id}/results")
         records = r.json()["results"]

@@ -4,7 +4,6 @@ names classified end to end."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from ics_service.engine.watch import S3Feed
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
 from ics_service.sources import remote
-from serving import client_of
+from serving import client_of, finished
 from test_watch import batch_executions, wait_for, watch_items, watch_process
 
 BUCKET = "photos"
@@ -180,12 +179,7 @@ async def test_an_event_classifies_the_objects_it_names(
         r = await http.post("/v1/events", json=event)
         assert r.status_code == 202, r.text
         execution_id = r.json()["execution_id"]
-        deadline = time.monotonic() + 120
-        while (doc := (await http.get(f"/v1/executions/{execution_id}")).json())[
-            "status"
-        ] == "RUNNING":
-            assert time.monotonic() < deadline, doc
-            await asyncio.sleep(0.1)
+        doc = await finished(http, execution_id)
         assert doc["status"] == "SUCCEEDED", doc
         results: list[dict[str, Any]] = (
             await http.get(f"/v1/executions/{execution_id}/results")
