@@ -761,13 +761,8 @@ def _serving_bound(s: dict[str, dict[int, dict[str, Any]]], bounds: dict[str, An
     """What any server could reach on these cores with no HTTP work at all: the pipelined
     bound's model and decode core-seconds per image, plus the load generator's own."""
     pb = (bounds.get("pipelined") or {}).get("small")
-    decode = (bounds.get("decode") or {}).get("small")
     c = bounds.get("cpus")
-    model = max(
-        bounds.get("model_best_images_per_s") or 0.0,
-        bounds.get("model_per_core_sessions_images_per_s") or 0.0,
-    )
-    if not pb or not decode or not c or not model:
+    if not pb or not c:
         return []
     out = []
     for name in ("serve", "litserve"):
@@ -775,7 +770,7 @@ def _serving_bound(s: dict[str, dict[int, dict[str, Any]]], bounds: dict[str, An
             client = row.get("client_cpu_ms")
             if not clients or client is None:
                 continue
-            per_image = c / model + (decode["ics_ms"] + client) / 1e3
+            per_image = c / pb["bound"] + client / 1e3  # the bound's core-seconds, and the client's
             bound = c / per_image
             out.append(
                 f"{SERVER_NAMES[name]} at {clients} client(s): "
