@@ -64,6 +64,14 @@ def watch_items(store_url: str, watcher: str) -> list[dict[str, Any]]:
     ]
 
 
+def all_classified(store_url: str, watcher: str, n: int) -> bool:
+    """Whether the watcher has registered exactly n items and each has its result, read in
+    one query: two reads could see the earlier batch finished, then a new batch's pending
+    items."""
+    found = watch_items(store_url, watcher)
+    return len(found) == n and all(i["status"] for i in found)
+
+
 def batch_executions(store_url: str, watcher: str) -> list[Execution]:
     store = opened(store_url)
     if store is None:
@@ -281,13 +289,7 @@ def test_files_added_while_it_runs_are_classified_once(
         added = copies(photos, inbox, 5, start=3)
         (inbox / "sub").mkdir()
         added += copies(photos, inbox / "sub", 4, start=8)
-        wait_for(
-            "every file classified",
-            lambda: (
-                all(i["status"] for i in watch_items(store_url, "live"))
-                and len(watch_items(store_url, "live")) == 12
-            ),
-        )
+        wait_for("every file classified", lambda: all_classified(store_url, "live", 12))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
     finally:

@@ -26,7 +26,7 @@ from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
 from ics_service.sources import remote
 from serving import client_of, finished
-from test_watch import batch_executions, wait_for, watch_items, watch_process
+from test_watch import all_classified, batch_executions, wait_for, watch_items, watch_process
 
 BUCKET = "photos"
 
@@ -64,13 +64,7 @@ def test_objects_added_while_it_runs_are_classified_once(
         wait_for("the first objects", lambda: len(watch_items(store_url, "s3live")) == 3)
         # Later keys that sort before and between the earlier ones: no key cursor finds them.
         later = put(photos, ["in/a-early.jpg", "in/bb.jpg", "in/sub/z.jpg", "in/notes.json"])
-        wait_for(
-            "every object classified",
-            lambda: (
-                len(watch_items(store_url, "s3live")) == 6
-                and all(i["status"] for i in watch_items(store_url, "s3live"))
-            ),
-        )
+        wait_for("every object classified", lambda: all_classified(store_url, "s3live", 6))
         time.sleep(1.0)  # a few more polls: nothing is registered twice
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, log.read_text()
