@@ -634,9 +634,9 @@ def render_targets(b: Bench, s: dict[str, Any]) -> list[str]:
     if walls:
         rows.append(
             (
-                "`ics classify` on one image < 2 s (warm model cache)",
+                "start-up: `ics classify` on one image < 0.5 s, median (warm model cache)",
                 f"median {statistics.median(walls):.2f} s, max {max(walls):.2f} s",
-                max(walls) < 2.0,
+                statistics.median(walls) < 0.5,
             )
         )
     lines = ["## Targets", "", "| target | measured | |", "|---|---|---|"]
