@@ -324,9 +324,14 @@ def test_scaling_tables_against_corpus_size_and_pinned_cores(bench_env: dict[str
     one = [r for r in runs if r["size"] == "scale-n6-c1"]
     assert one and all(len(r["pinned"]) == 1 for r in one)
     assert _settings_of(doc, "ics/scale-n6-c1")["cpus"] == 1
+    # ICS's threads keep the pin: never more than the one core's worth of CPU time.
+    summary = doc["summary"]
+    assert isinstance(summary, dict)
+    assert summary["ics/scale-n6-c1"]["cores_used"] <= 1.05
     assert "## Scaling with work" in table
     if every > 1:
-        assert "## Scaling with cores" in table
+        cores_table = table.split("## Scaling with cores")[1].split("\n## ")[0]
+        assert "| cores used |" in cores_table
 
 
 def _settings_of(doc: dict[str, object], key: str) -> dict[str, object]:
