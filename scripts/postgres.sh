@@ -13,7 +13,8 @@
 #
 # Settings (environment): ICS_PG_USER (ics), ICS_PG_PASSWORD (ics), ICS_PG_DB (ics_test),
 # ICS_PG_VERSION (the newest installed major version), ICS_PG_CLUSTER (main).
-# The role gets CREATEDB: the tests create a scratch database or schema per test.
+# The role gets CREATEDB (the tests create a scratch database or schema per test) and
+# pg_signal_backend (their DROP DATABASE ... WITH (FORCE) may meet an autovacuum worker).
 set -euo pipefail
 
 PG_USER="${ICS_PG_USER:-ics}"
@@ -115,6 +116,11 @@ start_pg() {
         psql_su -c "CREATE ROLE \"$PG_USER\" LOGIN CREATEDB PASSWORD '$PG_PASSWORD'" >&2
     else
         psql_su -c "ALTER ROLE \"$PG_USER\" LOGIN CREATEDB PASSWORD '$PG_PASSWORD'" >&2
+    fi
+    # pg_signal_backend: a test's DROP DATABASE ... WITH (FORCE) may then end any process
+    # on that database, an autovacuum worker too, not only the role's own sessions.
+    if [ "$(psql_su -c "SELECT pg_has_role('$PG_USER', 'pg_signal_backend', 'member')")" != t ]; then
+        psql_su -c "GRANT pg_signal_backend TO \"$PG_USER\"" >&2
     fi
     if [ "$(psql_su -c "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'")" != 1 ]; then
         log "creating database $PG_DB"

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 POSTGRES_ENV = "ICS_TEST_POSTGRES_URL"
 SKIP_ENV = "ICS_SKIP_POSTGRES"
@@ -67,8 +68,28 @@ def _postgres_database(admin: Engine) -> Iterator[str]:
     try:
         yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_database(admin, name)
+
+
+def drop_database(admin: Engine, name: str, *, if_exists: bool = True) -> None:
+    """DROP DATABASE ... WITH (FORCE), again for up to 10 s while the server refuses it.
+
+    FORCE ends the other processes on the database, but only those the caller may signal:
+    without pg_signal_backend (`scripts/postgres.sh` grants it), a process of no role the
+    caller belongs to (every test connects as the one role, so most likely an autovacuum
+    worker) makes the DROP fail until it is gone.
+    """
+    deadline = time.monotonic() + 10.0
+    exists = "IF EXISTS " if if_exists else ""
+    while True:
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE {exists}"{name}" WITH (FORCE)'))
+            return
+        except ProgrammingError as e:
+            if "pg_signal_backend" not in str(e.orig) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture(

@@ -28,6 +28,7 @@ from ics_service.errors import INTERNAL_ERROR, ExitCode
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.store import Store
 from ics_service.types import Execution, ExecutionStatus, ItemResult, ModelRef
+from store_backends import drop_database
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -273,12 +274,10 @@ def test_a_lost_store_ends_the_run_with_a_clear_message(
             return bool(found) and found[0].counts.done > 0
 
         wait_for(some_done, "the first results")
-        with postgres_admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        drop_database(postgres_admin, name, if_exists=False)
         code, err = finish(proc)
     finally:
-        with postgres_admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_database(postgres_admin, name)
     assert code == ExitCode.ENVIRONMENT, err
     assert f"/{name}" in err  # the store is named...
     assert ":ics@" not in err and "***" in err  # ...without its password
