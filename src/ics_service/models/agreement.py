@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import ModelNotPrepared
 from .calibration import EVALUATION, photo_batches, preprocess_batches
+from .card import ModelCard
 from .runtime import ModelRuntime, OnnxRuntime
 
 #: A top-1 probability from which the reference's answer is not a near tie: on such photos
@@ -154,22 +155,28 @@ def throughput_ratio(
     return float(np.median(ref)), float(np.median(cand)), float(np.median(cand / ref))
 
 
-def heldout_agreement(
-    reference: ModelRuntime, candidate: ModelRuntime, *, variations: int = 1000, seed: int = 0
-) -> tuple[Agreement, Agreement, Agreement]:
-    """`top1_agreement` on the photos held out from calibration (`heldout`): each photo
-    once, then `variations` random variations of them; with the reference's `noise_floor`
-    on those variations. Raises ModelNotPrepared when their package is not installed."""
+def heldout_batches(
+    card: ModelCard, variations: int, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The photos held out from calibration (`heldout`) as the card's input batches: each
+    photo once, then `variations` random variations of them. Raises ModelNotPrepared when
+    their package is not installed."""
     from . import heldout
 
     paths = heldout.heldout_paths()
-    photos = preprocess_batches(reference.card, heldout.heldout_images(paths))
-    once = top1_agreement(reference, candidate, photos)
-    varied = list(
-        preprocess_batches(reference.card, heldout.varied_heldout(paths, variations, seed))
-    )
+    once = list(preprocess_batches(card, heldout.heldout_images(paths)))
+    varied = list(preprocess_batches(card, heldout.varied_heldout(paths, variations, seed)))
+    return once, varied
+
+
+def heldout_agreement(
+    reference: ModelRuntime, candidate: ModelRuntime, *, variations: int = 1000, seed: int = 0
+) -> tuple[Agreement, Agreement, Agreement]:
+    """`top1_agreement` on the held-out photos (`heldout_batches`), each once and then
+    their variations, with the reference's `noise_floor` on those variations."""
+    once, varied = heldout_batches(reference.card, variations, seed)
     return (
-        once,
+        top1_agreement(reference, candidate, once),
         top1_agreement(reference, candidate, varied),
         noise_floor(reference, varied, seed=seed),
     )
@@ -208,18 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     reference = OnnxRuntime(base, onnx_path(base, models_dir))
     candidate = OnnxRuntime(card, onnx_path(card, models_dir))
     if args.heldout:
-        from . import heldout
-
         try:
-            paths = heldout.heldout_paths()
+            photos, tensors = heldout_batches(base, args.images, args.seed)
         except ModelNotPrepared as e:
             raise SystemExit(str(e)) from None
-        tensors = list(preprocess_batches(base, heldout.heldout_images(paths)))
-        print(f"{card.name} vs {base.name} on {len(paths)} held-out photos: ", end="")
-        print(top1_agreement(reference, candidate, tensors))
-        tensors = list(
-            preprocess_batches(base, heldout.varied_heldout(paths, args.images, args.seed))
-        )
+        once = top1_agreement(reference, candidate, photos)
+        print(f"{card.name} vs {base.name} on {once.images} held-out photos: {once}")
         corpus = f"{args.images} variations of the held-out photos (seed {args.seed})"
     elif args.files:
         from ..imaging import IMAGE_EXTENSIONS

@@ -134,12 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(e)) from None
     version = package_version() or "unknown version"
     print(f"{len(paths)} photos from {PACKAGE} ({version}) under {args.root}")
-    for i, path in enumerate(paths):
+    for path in paths:
         print(path)
-        if args.write:
-            args.write.mkdir(parents=True, exist_ok=True)
-            name = f"{i:03d}-{path.stem}.jpg"
-            (args.write / name).write_bytes(_jpeg(flattened(path)))
+    if args.write:
+        args.write.mkdir(parents=True, exist_ok=True)
+        for i, (path, jpeg) in enumerate(zip(paths, heldout_images(paths), strict=True)):
+            (args.write / f"{i:03d}-{path.stem}.jpg").write_bytes(jpeg)
 
 
 if __name__ == "__main__":
