@@ -12,7 +12,6 @@ import base64
 import datetime as dt
 import heapq
 import itertools
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import jsonlines
 from ..errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ def _probabilities(output: dict[str, Any]) -> list[float]:
     if encoding == "CSV":
         values: Any = [float(v) for v in str(data).split(",")]
     else:
-        values = json.loads(data)
+        try:
+            values = jsonlines.loads(data)
+        except jsonlines.BadLine as e:
+            raise BadRecord(f"endpointOutput.data is {e}") from None
     if not isinstance(values, list) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
     ):
@@ -141,8 +144,8 @@ def _read_file(path: Path, on_bad: OnBad) -> Iterator[CaptureRecord]:
                 if not line.strip():
                     continue
                 try:
-                    yield parse_record(json.loads(line), path, n)
-                except (BadRecord, ValueError) as e:
+                    yield parse_record(jsonlines.loads(line), path, n)
+                except ValueError as e:  # BadRecord, BadLine
                     on_bad(path, n, str(e))
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None

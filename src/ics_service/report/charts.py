@@ -1,11 +1,19 @@
 """The report's matplotlib charts, one PNG each. matplotlib is imported here only, on use,
-and drawn through its Agg canvas (no pyplot, no display, no global figure state)."""
+and drawn through its Agg canvas (no pyplot, no display, no global figure state; only the
+text settings below are set, for the time a chart is drawn).
+
+Labels, error types and file names come from the records read: every chart is drawn with
+mathtext and TeX off (`plain_text`), so a label like `$\\frac{` is drawn as the text it is
+instead of being parsed as a formula (which raised, or drew something else).
+"""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -21,6 +29,25 @@ THRESHOLD_COLOUR = "#c62828"
 DPI = 100
 #: Labels shown in the most-frequent-labels chart.
 TOP_LABELS = 20
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def plain_text(chart: Callable[P, R]) -> Callable[P, R]:
+    """Draw `chart` with every string drawn as text: no mathtext ($...$), no TeX. Text
+    objects take parse_math when they are created, and tick labels are created while the
+    figure is saved, so the whole chart runs inside the setting."""
+
+    @functools.wraps(chart)
+    def drawn(*args: P.args, **kwargs: P.kwargs) -> R:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return chart(*args, **kwargs)
+
+    return drawn
 
 
 def _figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
@@ -48,6 +75,7 @@ def _whole_numbers(axis: Any) -> None:
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
+@plain_text
 def confidence_histogram(stats: Stats, threshold: float, path: Path) -> None:
     fig, ax = _figure()
     ax.set_title("Top confidence per classified item")
@@ -87,6 +115,7 @@ def status_order(stats: Stats) -> list[str]:
     return known + sorted(set(stats.statuses) - set(known))
 
 
+@plain_text
 def status_counts(stats: Stats, path: Path) -> None:
     fig, ax = _figure(8.0, 3.0)
     ax.set_title("Items by status")
@@ -99,6 +128,7 @@ def status_counts(stats: Stats, path: Path) -> None:
     _save(fig, path)
 
 
+@plain_text
 def top_labels(stats: Stats, path: Path) -> None:
     fig, ax = _figure(8.0, 6.0)
     ax.set_title(f"The {TOP_LABELS} most frequent labels")
@@ -109,6 +139,7 @@ def top_labels(stats: Stats, path: Path) -> None:
     _save(fig, path)
 
 
+@plain_text
 def failures(stats: Stats, path: Path) -> None:
     fig, ax = _figure(8.0, 3.5)
     ax.set_title("Failures by error type")
@@ -119,6 +150,7 @@ def failures(stats: Stats, path: Path) -> None:
     _save(fig, path)
 
 
+@plain_text
 def timeline(stats: Stats, threshold: float, path: Path) -> None:
     """Confidence of the inferences over time against the threshold (the original design's
     plot), on a uniform sample of at most TIMELINE_POINTS rows."""
@@ -160,6 +192,7 @@ def timeline(stats: Stats, threshold: float, path: Path) -> None:
     _save(fig, path)
 
 
+@plain_text
 def drift(baseline: Stats, current: Stats, result: Drift, path: Path) -> None:
     """The confidence and label distributions of both sources, side by side."""
     from matplotlib.figure import Figure

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import jsonlines
 from ..config import Settings
 from ..errors import ExecutionNotFound, StoreError, UsageError
 from ..types import ItemResult
@@ -146,7 +146,7 @@ def _dict_row(d: dict[str, Any], max_bytes: int) -> ReportRow:
         raise ValueError(f"unknown status {status!r}")
     top_k = d.get("top_k") or []
     if isinstance(top_k, str):
-        top_k = json.loads(top_k)
+        top_k = jsonlines.loads(top_k)
     error = d.get("error") or {}
     confidence = d.get("confidence")
     threshold = d.get("threshold")
@@ -195,9 +195,9 @@ def _jsonl_rows(path: Path, settings: Settings, skipped: Skipped) -> Iterator[Re
                 if not line.strip():
                     continue
                 try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as e:
-                    skipped.record(f"{path}, line {n}", f"not JSON ({e})")
+                    yield n, jsonlines.loads(line)
+                except jsonlines.BadLine as e:
+                    skipped.record(f"{path}, line {n}", str(e))
 
     return _rows_of(records(), path, settings, skipped)
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+from .. import jsonlines
 from ..errors import UsageError
 from .local import path_to_uri, uri_to_path
 from .remote import FsspecSource, bucket_problem, message, split_url
@@ -137,9 +137,9 @@ def _jsonl_rows(name: str, f: IO[str]) -> Iterator[Entry]:
         if not line.strip():
             continue
         try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"manifest {shown(name)} line {n} is not JSON: {e.msg}") from None
+            doc = jsonlines.loads(line)
+        except jsonlines.BadLine as e:
+            raise UsageError(f"manifest {shown(name)} line {n} is {e}") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("uri"), str) or not doc["uri"]:
             raise UsageError(
                 f'manifest {shown(name)} line {n}: each line must be an object with a "uri" string'
