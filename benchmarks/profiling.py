@@ -26,7 +26,7 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("start-up (imports)", re.compile(r"_find_and_load|_call_with_frames_removed")),
     ("model load", re.compile(r"load_runtime|_create_inference_session|OnnxRuntime\.__init__")),
     ("inference (onnxruntime)", re.compile(r"Session\.run|\.predict \(|runtime\.py")),
-    ("decide (softmax, top-k)", re.compile(r"engine/decide\.py")),
+    ("decide (softmax, top-k)", re.compile(r"\bdecide \([^)]*policies\.py")),
     ("decode + preprocess", re.compile(r"imaging\.py")),
     ("read files", re.compile(r"sources/.*\((read|_read)|LocalSource\.read")),
     ("list + register items", re.compile(r"sources/|add_items|Runner\.start|\bstart \(")),

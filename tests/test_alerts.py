@@ -25,11 +25,11 @@ from cli import ICS_BIN, ics
 from ics_service.alerts.channels import DeliveryError, channel_for, channel_of
 from ics_service.alerts.dispatcher import LEASE_FACTOR, LEASE_SLACK_S, Dispatcher
 from ics_service.alerts.planner import Planner
-from ics_service.alerts.subscriptions import Subscription
 from ics_service.config import load_settings
 from ics_service.errors import StoreError, UsageError
 from ics_service.store import Store
 from ics_service.store.outbox import NewAlert, Outbox
+from ics_service.subscriptions import Subscription
 from ics_service.types import (
     ErrorInfo,
     ExecutionStatus,

@@ -10,7 +10,7 @@ import numpy as np
 
 from ics_service.engine.batcher import Batcher
 from ics_service.imaging import Limits, Preprocessor
-from ics_service.models.card import ModelCard
+from ics_service.modelcard import ModelCard
 from ics_service.models.runtime import OnnxRuntime
 
 

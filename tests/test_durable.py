@@ -24,7 +24,6 @@ from ics_service import sources
 from ics_service.config import RetryPolicy, Settings, load_settings
 from ics_service.engine import ExecutionRunner, final_status
 from ics_service.engine.lifecycle import cancel_execution, is_orphaned
-from ics_service.engine.retry import delay_seconds
 from ics_service.errors import (
     ExitCode,
     InvalidImage,
@@ -34,6 +33,7 @@ from ics_service.errors import (
     UsageError,
 )
 from ics_service.models.runtime import ModelRuntime, OnnxRuntime
+from ics_service.policies import delay_seconds
 from ics_service.samples import load_photo
 from ics_service.store import Store
 from ics_service.types import Counts, Execution, ExecutionStatus, ItemStatus, ModelRef

@@ -23,7 +23,8 @@ import imagefiles as f
 from awsserver import MOTO_SERVER, REGION, AwsServer, _free_port
 from cli import ics, ics_process
 from ics_service import sources
-from ics_service.config import Settings, load_settings, shown
+from ics_service.cli.config import shown
+from ics_service.config import Settings, load_settings
 from ics_service.engine import ExecutionRunner
 from ics_service.errors import (
     ExitCode,

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .alerts.subscriptions import Subscription
 from .errors import ConfigError
+from .subscriptions import Subscription
 from .types import Step
 
 log = logging.getLogger(__name__)
@@ -425,42 +425,6 @@ class Settings(BaseModel):
     @property
     def results_dir(self) -> Path:
         return self.home / "results"
-
-
-#: Settings never shown as they are (`ics config show`, logs).
-SECRETS = ("api_token", "sigv4_secret_access_key")
-
-
-def shown(settings: Settings) -> dict[str, Any]:
-    """The settings as JSON values, secrets masked and the store URL's password hidden."""
-    from .store.connection import safe_url
-
-    values = settings.model_dump(mode="json")
-    for key in SECRETS:
-        if values.get(key):
-            values[key] = "***"
-    if values.get("store"):
-        values["store"] = safe_url(values["store"])
-    values["notify"] = [s.shown() for s in settings.notify]
-    if values.get("storage"):
-        values["storage"] = _masked(values["storage"])
-    return values
-
-
-#: Parts of storage option names whose values are secrets (key, secret, token, password,
-#: account_key, sas_token, connection_string, credentials...).
-_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
-
-
-def _masked(value: Any, name: str = "") -> Any:
-    """Storage options with every secret-looking value replaced by ***, however nested."""
-    if isinstance(value, dict):
-        return {k: _masked(v, str(k).lower()) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_masked(v, name) for v in value]
-    if value is not None and any(part in name for part in _SECRET_PARTS):
-        return "***"
-    return value
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .config import Settings, default
 from .errors import DecodeCancelled, ImageTooLarge, InvalidImage, UnsupportedFormat
-from .models.card import ModelCard
+from .modelcard import ModelCard
 from .types import ImageInfo
 
 # Pillow's decompression-bomb guard (Image.MAX_IMAGE_PIXELS) stays on: it is the last line

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from ..redact import hide_secrets
 from .delivery import DeliveryError, NotFromHere
-from .urls import hide_secrets
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from .subscriptions import Subscription
+    from ..subscriptions import Subscription
 
 
 class Channel(Protocol):

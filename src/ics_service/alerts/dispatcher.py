@@ -20,13 +20,14 @@ import time
 from collections.abc import Mapping
 
 from ..config import Settings
+from ..policies import delay_seconds
 from ..store import Store
 from ..store.outbox import Delivery, NewAlert, Outbox
+from ..subscriptions import Subscription
 from ..types import Step, utcnow
 from . import documents
 from .channels import Channel, DeliveryError, NotFromHere, channel_of
 from .planner import Planner
-from .subscriptions import Subscription
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,6 @@ class Dispatcher:
             )
 
     def _failed(self, d: Delivery, error: str, *, transient: bool) -> None:
-        from ..engine.retry import delay_seconds
-
         self.failed += 1
         attempt = d.attempts + 1
         if not transient or attempt > self.policy.max_attempts:

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..store.outbox import Held, NewAlert
+from ..subscriptions import Subscription
 from ..types import Execution, ExecutionStatus, ItemResult
 from . import documents
-from .subscriptions import Subscription
 
 
 class Planner:

@@ -20,8 +20,8 @@ import httpx
 
 from .. import __version__
 from ..errors import UsageError
+from ..redact import hide_secrets
 from .delivery import DeliveryError, retryable_status
-from .urls import hide_secrets
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:

@@ -182,7 +182,7 @@ def _top(probs: list[float] | None, labels: tuple[str, ...], k: int) -> list[Pre
         labels = tuple(f"class {i}" for i in range(len(probs)))
     import numpy as np
 
-    from ..engine.decide import decide
+    from ..policies import decide
 
     (decision,) = decide(np.asarray([probs]), threshold=0.0, top_k=k, labels=labels)
     return decision.top_k

@@ -7,8 +7,43 @@ from typing import Any
 
 import click
 
-from ..config import shown
+from ..config import Settings
+from ..store.connection import safe_url
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
+
+#: Settings never shown as they are (`ics config show`, logs).
+SECRETS = ("api_token", "sigv4_secret_access_key")
+
+
+def shown(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON values, secrets masked and the store URL's password hidden."""
+    values = settings.model_dump(mode="json")
+    for key in SECRETS:
+        if values.get(key):
+            values[key] = "***"
+    if values.get("store"):
+        values["store"] = safe_url(values["store"])
+    values["notify"] = [s.shown() for s in settings.notify]
+    if values.get("storage"):
+        values["storage"] = _masked(values["storage"])
+    return values
+
+
+#: Parts of storage option names whose values are secrets (key, secret, token, password,
+#: account_key, sas_token, connection_string, credentials...).
+_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
+
+
+def _masked(value: Any, name: str = "") -> Any:
+    """Storage options with every secret-looking value replaced by ***, however nested."""
+    if isinstance(value, dict):
+        return {k: _masked(v, str(k).lower()) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v, name) for v in value]
+    if value is not None and any(part in name for part in _SECRET_PARTS):
+        return "***"
+    return value
+
 
 # --- config ---------------------------------------------------------------------------
 

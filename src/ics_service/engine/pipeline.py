@@ -26,9 +26,8 @@ from ..config import RetryPolicy
 from ..errors import DecodeCancelled, InferenceError, ItemError
 from ..imaging import Preprocessor
 from ..models.runtime import ModelRuntime, available_cpus
+from ..policies import call_with_retry, decide
 from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, Step, utcnow
-from .decide import decide
-from .retry import call_with_retry
 
 log = logging.getLogger(__name__)
 

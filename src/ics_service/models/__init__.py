@@ -1,6 +1,6 @@
-"""Model registry, model cards and runtimes."""
+"""Model registry and runtimes; the model card is `ics_service.modelcard`."""
 
-from .card import ModelCard
+from ..modelcard import ModelCard
 from .prepare import load_runtime
 from .registry import MODELS, get_card
 from .runtime import ModelRuntime, OnnxRuntime

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelNotPrepared
+from ..modelcard import ModelCard
 from .calibration import EVALUATION, photo_batches, preprocess_batches
-from .card import ModelCard
 from .runtime import ModelRuntime, OnnxRuntime
 
 #: A top-1 probability from which the reference's answer is not a near tie: on such photos

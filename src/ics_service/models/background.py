@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from .card import ModelCard
+from ..modelcard import ModelCard
 from .prepare import is_prepared, load_runtime, onnx_path
 from .runtime import OnnxRuntime
 

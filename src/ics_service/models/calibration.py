@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from ..errors import ModelNotPrepared
-from .card import ModelCard
+from ..modelcard import ModelCard
 
 #: Streams of the photo corpora: the same seed never gives the same images to both.
 CALIBRATION = 0

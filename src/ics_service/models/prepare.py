@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelNotPrepared
-from .card import CONVERT_HINT, ModelCard
+from ..modelcard import CONVERT_HINT, ModelCard
 from .registry import get_card
 from .runtime import OnnxRuntime
 

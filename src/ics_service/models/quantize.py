@@ -100,8 +100,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelNotPrepared
+from ..modelcard import CONVERT_HINT, ModelCard
 from .calibration import CALIBRATION, photo_batches
-from .card import CONVERT_HINT, ModelCard
 
 log = logging.getLogger(__name__)
 

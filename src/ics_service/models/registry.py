@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..errors import ModelNotFound
-from .card import ModelCard
+from ..modelcard import ModelCard
 
 EFFICIENTNET_LITE0 = ModelCard(
     name="efficientnet-lite0",

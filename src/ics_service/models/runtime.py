@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .card import ModelCard
+from ..modelcard import ModelCard
 
 
 class ModelRuntime(Protocol):

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..capture.reader import CaptureRecord, iter_records
 from ..config import Settings
-from ..engine.decide import decide
 from ..models import get_card
+from ..policies import decide
 from .rows import Fetch, ReportRow, Skipped
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from ..config import Settings
-from ..engine.decide import Decision, decide
 from ..imaging import Limits, Preprocessor
 from ..models import get_card, load_runtime
 from ..models.runtime import available_cpus
+from ..policies import Decision, decide
 from ..sources import read
 from .pictures import annotated
 

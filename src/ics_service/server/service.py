@@ -23,7 +23,6 @@ from ..capture import CaptureWriter, inference_id_of, open_capture
 from ..capture.record import content_type_of
 from ..config import Settings
 from ..engine.batcher import Batcher
-from ..engine.decide import decide
 from ..engine.execution import REALTIME_PREFIX
 from ..engine.lifecycle import HEARTBEAT_SECONDS, is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
@@ -31,6 +30,7 @@ from ..engine.recording import take_waiting
 from ..errors import ItemError, UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime, OnnxRuntime, available_cpus
+from ..policies import decide
 from ..store import Store
 from ..types import (
     Captured,

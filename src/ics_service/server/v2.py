@@ -30,9 +30,9 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from .. import __version__
-from ..engine.decide import decide
 from ..errors import ItemError
-from ..models.card import ModelCard
+from ..modelcard import ModelCard
+from ..policies import decide
 from .service import Service
 
 log = logging.getLogger(__name__)

@@ -61,5 +61,5 @@ class ModelCard:
 
 @functools.cache
 def _load_labels(filename: str) -> tuple[str, ...]:
-    text = resources.files("ics_service.models").joinpath("data", filename).read_text("utf-8")
+    text = resources.files("ics_service").joinpath("models", "data", filename).read_text("utf-8")
     return tuple(line.strip() for line in text.splitlines() if line.strip())

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .urls import hide_secrets
+from .redact import hide_secrets
 
 #: The kinds an item or an execution raises (a subscription may filter on them).
 ITEM_KINDS = ("low_confidence", "item_failed", "execution_failed")
