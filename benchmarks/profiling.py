@@ -31,7 +31,7 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("read files", re.compile(r"sources/.*\((read|_read)|LocalSource\.read")),
     ("list + register items", re.compile(r"sources/|add_items|Runner\.start|\bstart \(")),
     ("store writes", re.compile(r"store/|sqlalchemy|StoreSink")),
-    ("results file", re.compile(r"outputs\.py")),
+    ("results file", re.compile(r"outputs/")),
     ("result records", re.compile(r"types\.py|Pipeline\._result")),
 )
 

@@ -24,7 +24,7 @@ from .rows import execution_from_row, utc
 from .schema import alerts, deliveries, executions, subscriptions
 
 if TYPE_CHECKING:
-    from .queries import Store
+    from .store import Store
 
 
 class DeliveryStatus(StrEnum):

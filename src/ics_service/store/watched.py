@@ -20,9 +20,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from ..types import Execution, ExecutionStatus, ModelRef, utcnow
 from .connection import store_errors
-from .queries import Store, new_execution_id
 from .rows import event_to_row, execution_from_row
 from .schema import events, executions, items, watched, watchers
+from .store import Store, new_execution_id
 
 #: Objects looked up per query (an IN list).
 _CHUNK = 500

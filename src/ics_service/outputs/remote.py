@@ -11,8 +11,8 @@ import secrets
 import time
 
 from ..errors import OutputError, UsageError
-from . import scheme_of, source_for
-from .remote import (
+from ..sources import scheme_of, source_for
+from ..sources.remote import (
     FsspecSource,
     bucket_problem,
     is_transient,

@@ -12,8 +12,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import OutputError, UsageError
-from .types import ItemResult
+from ..errors import OutputError, UsageError
+from ..types import ItemResult
 
 FORMATS = ("jsonl", "csv", "parquet")
 
@@ -116,7 +116,7 @@ def check_output(path: str | None, fmt: str | None, default_dir: Path) -> None:
         return
     if path == "-":
         return
-    from .sources.results import check_object, check_writable, is_remote
+    from .remote import check_object, check_writable, is_remote
 
     if is_remote(path):
         check_object(path)
@@ -158,7 +158,7 @@ class ResultsWriter:
     """A result sink writing one file; records are flushed as batches finish."""
 
     def __init__(self, path: str, fmt: str | None = None) -> None:
-        from .sources.results import is_remote, spool_path
+        from .remote import is_remote, spool_path
 
         self.format = format_for(path, fmt)
         #: Object storage gets the file whole when it is closed; until then it is spooled.
@@ -229,7 +229,7 @@ class ResultsWriter:
         with self._writing():
             self._close()
         if self.upload_to is not None:
-            from .sources.results import upload
+            from .remote import upload
 
             upload(self.path, self.upload_to)  # an upload that fails keeps the spool file
             Path(self.path).unlink(missing_ok=True)
