@@ -24,6 +24,10 @@ _CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.94, 0.97, 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+#: The methods counted by name; any other is counted as "other", so that a client cannot
+#: add label sets (a stranger's request is counted before it is refused).
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -31,7 +35,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "ics_http_requests",
-            "HTTP requests answered, by route, method and status code.",
+            "HTTP requests answered, by route template ('unmatched' for none), method (one of "
+            "GET HEAD POST PUT DELETE PATCH OPTIONS, else 'other') and status class (2xx...).",
             ["route", "method", "status"],
             registry=r,
         )
@@ -82,7 +87,9 @@ class Metrics:
             self.confidence.observe(result.confidence)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
+        """Count a request; `route` is the matched route's template or "unmatched"."""
+        method = method if method in METHODS else "other"
+        self.requests.labels(route, method, f"{status // 100}xx").inc()
         self.latency.labels(route).observe(seconds)
 
     def track_queue(self, depth: Callable[[], int]) -> None:
