@@ -15,7 +15,6 @@ URL from the request): it is logged with the command that confirms it, and answe
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import urllib.parse
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from ..store.watched import Seen, WatchState
 from ..types import Execution, ExecutionStatus
 from .batches import Batches
 from .executions import execution_doc
+from .jsonbody import BadJson, parse_json
 from .v1 import Forbidden, allowed_uri
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def parse_event(doc: Any) -> Parsed:
     sns_type = doc.get("Type")
     if sns_type == "Notification" and isinstance(doc.get("Message"), str):
         try:
-            inner = json.loads(doc["Message"])
-        except json.JSONDecodeError as e:
+            inner = parse_json(doc["Message"])
+        except BadJson as e:
             raise BadEvent(f"the SNS notification's Message is not JSON: {e}") from None
         parsed = parse_event(inner)
         parsed.kind = f"sns/{parsed.kind}"
@@ -188,8 +188,8 @@ async def post_event(request: Request) -> JSONResponse:
     # SNS posts its JSON as text/plain: the body is parsed whatever its content type.
     body = await request.body()
     try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8; too deeply nested
+        doc = parse_json(body)
+    except BadJson as e:
         raise BadEvent(f"the body is not JSON this server can read: {e}") from None
     parsed = parse_event(doc)
     if parsed.answer is not None:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import sources
 from ..errors import UsageError
+from .jsonbody import BadJson, parse_json
 from .service import Options, Service
 
 router = APIRouter()
@@ -125,8 +126,8 @@ async def _classify_parts(request: Request, service: Service, options: Options) 
 
 async def _json(request: Request) -> dict[str, Any]:
     try:
-        doc = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = parse_json(await request.body())
+    except BadJson as e:
         raise UsageError(f"the body is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise UsageError('the JSON body must be an object: {"image_base64": ...} or {"uri": ...}')

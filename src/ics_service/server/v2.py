@@ -33,6 +33,7 @@ from .. import __version__
 from ..errors import ItemError
 from ..modelcard import ModelCard
 from ..policies import decide
+from .jsonbody import BadJson, parse_json
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -283,8 +284,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
                 f"not {header_length!r}",
             )
     try:
-        doc = json.loads(body[:size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        doc = parse_json(body[:size])
+    except BadJson as e:
         hint = "" if header_length is not None else f" (binary tensors need {HEADER_LENGTH})"
         raise ProtocolError(400, f"the inference request is not valid JSON: {e}{hint}") from None
     if not isinstance(doc, dict):
