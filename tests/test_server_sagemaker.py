@@ -327,7 +327,8 @@ def test_sigv4_in_process(ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: byt
 def test_the_body_limit_holds_before_a_signature_is_checked(
     ics_home: Path, runtime: OnnxRuntime
 ) -> None:
-    # Checking a signature reads the body: the limit must stop an unsigned flood first.
+    # Checking a signature reads the body: the limit must stop a flood first, and what the
+    # headers alone rule out is refused unread.
     settings = Settings(
         home=ics_home,
         api_token=TOKEN,
@@ -336,20 +337,29 @@ def test_the_body_limit_holds_before_a_signature_is_checked(
         max_body_bytes=1_000_000,
     )
     flood = b"\0" * 30_000_000
-    auth = {"Authorization": "AWS4-HMAC-SHA256 Credential=x, SignedHeaders=host, Signature=0"}
+    made_up = {"Authorization": "AWS4-HMAC-SHA256 Credential=x, SignedHeaders=host, Signature=0"}
+    # A real signature by the configured key, of another body: only the body can refute it.
+    plausible = sigv4_headers(f"http://ics.test{ENDPOINT}", b"another body")
 
     async def post(client: httpx.AsyncClient) -> list[httpx.Response]:
         async def chunks() -> AsyncIterator[bytes]:
             for i in range(0, len(flood), 1 << 20):
                 yield flood[i : i + (1 << 20)]
 
-        sized = await client.post(ENDPOINT, content=flood, headers=auth)
-        streamed = await client.post(ENDPOINT, content=chunks(), headers=auth)
-        return [sized, streamed]
+        return [
+            await client.post(ENDPOINT, content=flood, headers=made_up),
+            await client.post(ENDPOINT, content=chunks(), headers=made_up),
+            await client.post(ENDPOINT, content=flood, headers=plausible),
+            await client.post(ENDPOINT, content=chunks(), headers=plausible),
+        ]
 
-    for response in in_process(settings, runtime, post):
-        assert response.status_code == 413, response.text
-        assert error_of(response)["type"] == "RequestTooLarge"
+    statuses = [(r.status_code, error_of(r)["type"]) for r in in_process(settings, runtime, post)]
+    assert statuses == [
+        (413, "RequestTooLarge"),  # by its Content-Length
+        (403, "Forbidden"),  # chunked, but the made-up signature cannot be valid
+        (413, "RequestTooLarge"),
+        (413, "RequestTooLarge"),  # while it streams, before the signature is checked
+    ]
 
 
 def clock_at(moment: dt.datetime) -> Callable[[], dt.datetime]:

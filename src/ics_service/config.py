@@ -205,6 +205,25 @@ class Settings(BaseModel):
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, description="A request not answered in this time gets a 504."
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="A request whose line and headers have not all arrived in this time gets "
+        "408 and its connection is closed.",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="A request body not all received in this time (from its headers) gets 408 "
+        "and its connection is closed.",
+    )
+    unauthenticated_body_memory: int = Field(
+        default=64_000_000,
+        ge=1,
+        description="Bytes that bodies read before their request is authenticated (SigV4 "
+        "signatures cover the body) may take at once, all such requests together; beyond, "
+        "503 with Retry-After, unread.",
+    )
     record_realtime: bool = Field(
         default=True,
         description="Record real-time results in the store, as items of one execution a day.",
@@ -402,7 +421,13 @@ class Settings(BaseModel):
     @property
     def token(self) -> str | None:
         """The API token: api_token, or the first line of token_file."""
-        if self.api_token:
+        if self.api_token is not None:
+            if not self.api_token.strip():
+                # An empty ICS_API_TOKEN would otherwise serve every route open.
+                raise ConfigError(
+                    "api_token is empty (ICS_API_TOKEN=''): set the token the API must "
+                    "require, or unset it to serve without one"
+                )
             return self.api_token
         if self.token_file is None:
             return None

@@ -65,9 +65,15 @@ def serve(**kwargs: Any) -> None:
     from ..capture import check_capture_folder
     from ..server import create_app
     from ..server.app import load_model
+    from ..server.connections import guarded_protocol
+    from ..server.sigv4 import verifier_of
     from ..store import Store
 
     settings = load_cli_settings(kwargs).settings
+    # A token that cannot guard anything (empty, an unreadable file) stops start-up here,
+    # before the model loads, as does a SigV4 key without its secret.
+    _ = settings.token
+    verifier_of(settings)
     check_capture_folder(settings)
     alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
@@ -85,6 +91,7 @@ def serve(**kwargs: Any) -> None:
                 app,
                 host=settings.host,
                 port=settings.port,
+                http=guarded_protocol(settings.header_timeout_s),
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),

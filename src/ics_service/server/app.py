@@ -1,5 +1,5 @@
 """The FastAPI app: the service, its routers (one module per protocol), error responses,
-and the wrappers (token, body limit, request log)."""
+and the wrappers (authentication, body limit and deadline, request log)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from ..store import Store
 from . import events, executions, sagemaker, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
-from .guards import BearerToken, BodyLimit, RequestLog
+from .guards import Authenticate, BodyBudget, BodyDeadline, BodyLimit, RequestLog
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
 from .sigv4 import verifier_of
@@ -117,15 +117,27 @@ def create_app(
             return await http_exception_handler(request, e)
         return error_response(path, e.status_code, "HTTPError", str(e.detail), headers=e.headers)
 
-    # The last added runs first: the body limit holds before the token check reads a body.
+    # The last added runs first: the body deadline and limit hold before the signature check
+    # reads a body. Any credential configured is enforced: SigV4 keys alone admit only
+    # signed SageMaker invocations.
     token = settings.token
     sigv4 = verifier_of(settings)
-    if token:
-        # SNS can send only the user and password of its endpoint URL (HTTP Basic).
-        app.add_middleware(BearerToken, token=token, sigv4=sigv4, basic_paths={"/v1/events"})
-    elif sigv4 is not None:
-        log.warning("SigV4 keys are set but no API token: every request is accepted unsigned")
+    if token or sigv4 is not None:
+        app.add_middleware(
+            Authenticate,
+            token=token,
+            sigv4=sigv4,
+            budget=BodyBudget(settings.unauthenticated_body_memory),
+            # SNS can send only the user and password of its endpoint URL (HTTP Basic).
+            basic_paths={"/v1/events"},
+        )
+    if token is None and sigv4 is not None:
+        log.warning(
+            "SigV4 keys are set but no API token: only SigV4-signed SageMaker invocations "
+            "are served (every other route but the health checks answers 401)"
+        )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
 
     # Added last, so outermost: it sees every answer, the wrappers' refusals included.
     app.add_middleware(RequestLog, metrics=metrics, logger=log)

@@ -1,18 +1,21 @@
-"""Wrappers around the app (plain ASGI middleware): the bearer token, the body limit and the
-request log.
+"""Wrappers around the app (plain ASGI middleware): authentication (bearer token, SigV4,
+HTTP Basic), the body limit, the body deadline and the request log.
 
 The routes know nothing of them, as Starlette builds its middleware stack by wrapping.
+Nothing is buffered for a client that has not proved who it is but a SigV4-signed body
+(the signature covers it), and those bodies share one memory budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import error_bytes, request_path
 
@@ -22,19 +25,45 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-#: Given the scope and the whole body, whether a request signed with AWS SigV4 is valid.
-SigV4Verifier = Callable[[Scope, bytes], bool]
+
+class SigV4Verifier(Protocol):
+    """Whether a request signed with AWS SigV4 is valid (given the scope and the whole body);
+    `precheck`: whether it can be, from its headers alone."""
+
+    def precheck(self, scope: Scope) -> bool: ...
+
+    def __call__(self, scope: Scope, body: bytes) -> bool: ...
+
 
 #: Routes that answer without a token: liveness probes, as load balancers and SageMaker
 #: call them unauthenticated.
 OPEN_PATHS = frozenset({"/ping", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
+#: A body at most this large that is refused unread is left for the server to drain, so the
+#: connection stays open and the client reads the answer; a larger one (or one of unknown
+#: length) closes the connection, as reading it would cost the time the refusal saves.
+DRAIN_BYTES = 65_536
+
+#: Seconds a client refused for lack of body memory is told to wait (Retry-After).
+BUSY_RETRY_AFTER_S = 1
+
 
 async def send_error(
-    scope: Scope, send: Send, status: int, kind: str, message: str, **headers: str
+    scope: Scope,
+    send: Send,
+    status: int,
+    kind: str,
+    message: str,
+    *,
+    unread: bool = False,
+    **headers: str,
 ) -> None:
+    """An error answer in the path's protocol shape. `unread`: the body was not read, and the
+    connection is closed after the answer unless what is left of it is small."""
     body = error_bytes(request_path(scope), kind, message)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if unread and _large_body(scope):
+        raw.append((b"connection", b"close"))
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
@@ -47,28 +76,67 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class BearerToken:
-    """Every request but the open paths must carry `Authorization: Bearer TOKEN`.
+def _declared_length(scope: Scope) -> int | None:
+    """The Content-Length, or None when absent or not a number."""
+    length = _header(scope, b"content-length")
+    return int(length) if length is not None and length.isdigit() else None
 
-    A request signed with AWS SigV4 (boto3 cannot send a bearer token) passes when
-    `sigv4` says its signature is valid; its body is read to check it, then replayed. On
-    `basic_paths`, HTTP Basic with the token as the password (any user) passes too: an
-    SNS subscription can send nothing else.
+
+def _large_body(scope: Scope) -> bool:
+    """Whether the request's body is over DRAIN_BYTES, or chunked (of unknown length)."""
+    length = _declared_length(scope)
+    if length is not None:
+        return length > DRAIN_BYTES
+    return _header(scope, b"transfer-encoding") is not None
+
+
+class BodyBudget:
+    """Bytes that bodies read before their request is authenticated may hold at once, all
+    requests together (one event loop: no lock)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        """Hold n more bytes; False (and nothing held) when that would exceed the budget."""
+        if self.held + n > self.max_bytes:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class Authenticate:
+    """Every request but the open paths must prove who sent it, by what is configured.
+
+    With a `token`: `Authorization: Bearer TOKEN`, and on `basic_paths` HTTP Basic with the
+    token as the password (any user), as an SNS subscription can send nothing else. With
+    `sigv4`: an AWS SigV4 signature of the SageMaker invocation paths (boto3 cannot send a
+    bearer token). A signature covers the body, so its body is read before the check and
+    replayed after: only once the headers leave it possible (`precheck`), and only while
+    `budget` has room for it; otherwise it is refused unread.
     """
 
     def __init__(
         self,
         app: ASGIApp,
-        token: str,
         *,
+        token: str | None,
+        sigv4: SigV4Verifier | None,
+        budget: BodyBudget,
         open_paths: Collection[str] = OPEN_PATHS,
-        sigv4: SigV4Verifier | None = None,
         basic_paths: Collection[str] = (),
     ) -> None:
+        if not token and sigv4 is None:
+            raise ValueError("Authenticate needs a token or a SigV4 verifier")
         self.app = app
-        self.token = token.encode()
+        self.token = token.encode() if token else None
         self.open_paths = open_paths
         self.sigv4 = sigv4
+        self.budget = budget
         self.basic_paths = basic_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,36 +145,96 @@ class BearerToken:
             return
         auth = _header(scope, b"authorization") or ""
         scheme, _, credentials = auth.partition(" ")
-        if scheme.lower() == "bearer":
+        if scheme.lower() == "bearer" and self.token is not None:
             # Constant time: a wrong token takes as long to refuse whatever it shares.
             if hmac.compare_digest(credentials.strip().encode(), self.token):
                 await self.app(scope, receive, send)
                 return
-            await send_error(scope, send, 403, "Forbidden", "the API token is wrong")
+            await self._forbidden(scope, send, "the API token is wrong")
             return
         if scheme == "AWS4-HMAC-SHA256" and self.sigv4 is not None:
-            body = await _read_body(receive)
-            if self.sigv4(scope, body):
-                await self.app(scope, _replay(body), send)
-                return
-            await send_error(scope, send, 403, "Forbidden", "the AWS SigV4 signature is not valid")
+            await self._signed(scope, receive, send, self.sigv4)
             return
-        basic = scope["path"] in self.basic_paths
+        basic = scope["path"] in self.basic_paths and self.token is not None
         if basic and scheme.lower() == "basic":
-            if hmac.compare_digest(_basic_password(credentials), self.token):
+            if hmac.compare_digest(_basic_password(credentials), self.token or b""):
                 await self.app(scope, receive, send)
                 return
-            await send_error(scope, send, 403, "Forbidden", "the API token is wrong")
+            await self._forbidden(scope, send, "the API token is wrong")
             return
+        if self.token is None:
+            message = (
+                "this server accepts only AWS SigV4-signed SageMaker invocations (POST "
+                "/invocations or /endpoints/NAME/invocations) by its configured access key"
+            )
+            challenge = "AWS4-HMAC-SHA256"
+        else:
+            message = "this server needs an API token: send `Authorization: Bearer TOKEN`" + (
+                " (or HTTP Basic with the token as the password)" if basic else ""
+            )
+            # SNS sends its endpoint URL's user and password only when challenged so.
+            challenge = 'Bearer, Basic realm="ics"' if basic else "Bearer"
         await send_error(
             scope,
             send,
             401,
             "Unauthorized",
-            "this server needs an API token: send `Authorization: Bearer TOKEN`"
-            + (" (or HTTP Basic with the token as the password)" if basic else ""),
-            # SNS sends its endpoint URL's user and password only when challenged so.
-            **{"WWW-Authenticate": 'Bearer, Basic realm="ics"' if basic else "Bearer"},
+            message,
+            unread=True,
+            **{"WWW-Authenticate": challenge},
+        )
+
+    async def _signed(
+        self, scope: Scope, receive: Receive, send: Send, verifier: SigV4Verifier
+    ) -> None:
+        if not verifier.precheck(scope):
+            await self._forbidden(scope, send, "the AWS SigV4 signature is not valid")
+            return
+        declared = _declared_length(scope) or 0
+        if not self.budget.take(declared):
+            await self._busy(scope, send)
+            return
+        held = declared
+        try:
+            chunks = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > held:  # longer than declared (or chunked): hold as it comes
+                    if not self.budget.take(size - held):
+                        await self._busy(scope, send)
+                        return
+                    held = size
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+            del chunks
+            valid = verifier(scope, body)
+        finally:
+            self.budget.give(held)
+        if valid:
+            await self.app(scope, _replay(body), send)
+            return
+        await self._forbidden(scope, send, "the AWS SigV4 signature is not valid")
+
+    async def _forbidden(self, scope: Scope, send: Send, message: str) -> None:
+        await send_error(scope, send, 403, "Forbidden", message, unread=True)
+
+    async def _busy(self, scope: Scope, send: Send) -> None:
+        await send_error(
+            scope,
+            send,
+            503,
+            "ServerBusy",
+            "the server holds as many unauthenticated request bodies as it may "
+            f"(unauthenticated_body_memory={self.budget.max_bytes:,} bytes); retry shortly",
+            unread=True,
+            **{"Retry-After": str(BUSY_RETRY_AFTER_S)},
         )
 
 
@@ -130,9 +258,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = _header(scope, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(scope, send)
+        length = _declared_length(scope)
+        if length is not None and length > self.max_bytes:
+            await self._refuse(scope, send, unread=True)
             return
         seen = 0
         started = False
@@ -157,13 +285,14 @@ class BodyLimit:
             if not started:
                 await self._refuse(scope, send)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
+    async def _refuse(self, scope: Scope, send: Send, *, unread: bool = False) -> None:
         await send_error(
             scope,
             send,
             413,
             "RequestTooLarge",
             f"the request body is over max_body_bytes={self.max_bytes:,}",
+            unread=unread,
         )
 
 
@@ -171,16 +300,65 @@ class _TooLarge(Exception):
     pass
 
 
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+class BodyDeadline:
+    """A body must all arrive within `timeout_s` of its headers: past that, 408, the
+    connection closed, and the app reads a disconnect.
+
+    Only the body is timed: once it has all arrived, the app takes as long as it takes.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        arrived = False  # the whole body
+        started = answered = False
+
+        async def timed() -> Message:
+            nonlocal arrived, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            if arrived:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                if started:  # the app answers as it reads (none does now): it ends its answer
+                    arrived = True
+                    return {"type": "http.disconnect"}
+                answered = True
+                await send_error(
+                    scope,
+                    send,
+                    408,
+                    "RequestTimeout",
+                    f"the request body did not all arrive within body_timeout_s={self.timeout_s:g}",
+                    Connection="close",
+                )
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                arrived = True
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            if answered:  # the app's answer to the disconnect it read: nobody to send it to
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed, tracked)
+        except Exception:
+            # What the app made of the disconnect (FastAPI: a 400), after the 408 went.
+            if not answered:
+                raise
 
 
 def _replay(body: bytes) -> Receive:

@@ -39,6 +39,10 @@ _AUTH = re.compile(
 )
 _AMZ_DATE = "%Y%m%dT%H%M%SZ"
 
+#: What `Verifier._head` finds in the headers: the headers by name, X-Amz-Date, the
+#: credential scope's day, region and service, the signed header names and the signature.
+_Head = tuple[dict[str, list[str]], str, str, str, str, list[str], str]
+
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
@@ -46,7 +50,8 @@ def _utcnow() -> dt.datetime:
 
 @dataclass(frozen=True)
 class Verifier:
-    """A `guards.SigV4Verifier`: whether a request is validly signed by `access_key_id`."""
+    """A `guards.SigV4Verifier`: whether a request is validly signed by `access_key_id`;
+    `precheck` rules out, before the body is read, what the headers alone can rule out."""
 
     access_key_id: str
     secret_access_key: str = field(repr=False)
@@ -54,29 +59,17 @@ class Verifier:
     region: str | None = None
     clock: Callable[[], dt.datetime] = _utcnow
 
+    def precheck(self, scope: Scope) -> bool:
+        """Whether the request can be validly signed, from what arrives before its body: the
+        method and path, the Authorization header's form, access key, credential scope and
+        signed headers, and X-Amz-Date. A request that fails here is refused unread."""
+        return self._head(scope) is not None
+
     def __call__(self, scope: Scope, body: bytes) -> bool:
-        if scope.get("method") != "POST" or not SIGNED_PATHS.fullmatch(scope.get("path", "")):
+        head = self._head(scope)
+        if head is None:
             return False
-        headers = _headers(scope)
-        match = _AUTH.fullmatch(",".join(headers.get("authorization", [])))
-        if match is None:
-            return False
-        credential = _split_credential(match["credential"])
-        if credential is None:
-            return False
-        key_id, day, region, service = credential
-        # Checked in constant time, as the signature is: neither says how close a guess was.
-        known_key = hmac.compare_digest(key_id.encode(), self.access_key_id.encode())
-        if not known_key or service != SERVICE:
-            return False
-        if self.region is not None and region != self.region:
-            return False
-        amz_date = _one(headers, "x-amz-date")
-        if amz_date is None or not self._fresh(amz_date) or amz_date[:8] != day:
-            return False
-        signed = match["signed"].split(";")
-        if signed != sorted(set(signed)) or not {"host", "x-amz-date"} <= set(signed):
-            return False
+        headers, amz_date, day, region, service, signed, signature = head
         payload_hash = hashlib.sha256(body).hexdigest()
         claimed = _one(headers, "x-amz-content-sha256")
         # A claimed hash (UNSIGNED-PAYLOAD included) must be the body's: the body is signed.
@@ -97,7 +90,35 @@ class Verifier:
         )
         key = signing_key(self.secret_access_key, day, region, service)
         expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected.encode(), match["signature"].encode())
+        return hmac.compare_digest(expected.encode(), signature.encode())
+
+    def _head(self, scope: Scope) -> _Head | None:
+        """The parts of the signature that the headers carry, or None if they rule it out."""
+        if scope.get("method") != "POST" or not SIGNED_PATHS.fullmatch(scope.get("path", "")):
+            return None
+        headers = _headers(scope)
+        match = _AUTH.fullmatch(",".join(headers.get("authorization", [])))
+        if match is None:
+            return None
+        credential = _split_credential(match["credential"])
+        if credential is None:
+            return None
+        key_id, day, region, service = credential
+        # Checked in constant time, as the signature is: neither says how close a guess was.
+        known_key = hmac.compare_digest(key_id.encode(), self.access_key_id.encode())
+        if not known_key or service != SERVICE:
+            return None
+        if self.region is not None and region != self.region:
+            return None
+        amz_date = _one(headers, "x-amz-date")
+        if amz_date is None or not self._fresh(amz_date) or amz_date[:8] != day:
+            return None
+        signed = match["signed"].split(";")
+        if signed != sorted(set(signed)) or not {"host", "x-amz-date"} <= set(signed):
+            return None
+        if not set(signed) <= headers.keys():
+            return None
+        return headers, amz_date, day, region, service, signed, match["signature"]
 
     def _fresh(self, amz_date: str) -> bool:
         try:
