@@ -22,10 +22,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cli import ICS_BIN
-from conftest import SKIP_ENV
 from ics_service.samples import load_photo
 from ics_service.server.metrics import METHODS
 from serving import Served, error_of, serve_process
+from store_backends import SKIP_ENV
 from test_server_sagemaker import ENDPOINT, KEY_ID, SECRET, TOKEN, sigv4_headers
 
 pytestmark = pytest.mark.slow
