@@ -418,8 +418,13 @@ async def test_shutdown_leaves_nothing_running(
         assert w.status is ExecutionStatus.ABORTED, w
         assert w.error is not None and "the server stopped before it ran" in w.error.message
         assert store.list_executions(status=ExecutionStatus.RUNNING) == []
-        # Another server does not resume them: they ended, they are no orphans.
-        app = create_app(settings_of(ics_home, store_url, [many]), runtime=runtime, store=store)
+        # Another server told not to resume interrupted executions leaves them ABORTED
+        # (by default it would resume them: test_server_resume.py).
+        app = create_app(
+            settings_of(ics_home, store_url, [many], resume_orphans=False),
+            runtime=runtime,
+            store=store,
+        )
         async with client_of(app) as client:
             listed = (await client.get("/v1/executions?status=RUNNING")).json()
             assert listed["executions"] == []

@@ -78,6 +78,12 @@ class ExecutionNotFound(UsageError):
     http_status = 404
 
 
+class ExecutionBusy(UsageError):
+    """The execution is running in a live process: it cannot be resumed now."""
+
+    http_status = 409
+
+
 class EnvironmentUnavailable(IcsError):
     """Something ICS needs from its host is missing or broken: the store, the disk."""
 

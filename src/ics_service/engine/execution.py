@@ -18,7 +18,7 @@ from .. import sources
 from ..capture import inference_id_of, open_capture
 from ..capture.sink import CaptureSink
 from ..config import Settings
-from ..errors import INTERNAL_ERROR, IcsError, Interrupted, UsageError
+from ..errors import INTERNAL_ERROR, ExecutionBusy, IcsError, Interrupted, UsageError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..types import (
@@ -170,14 +170,7 @@ class ExecutionRunner:
     def prepare_resume(self, execution_id: str, *, cooperate: Cooperate | None = None) -> Execution:
         """Take over an interrupted (or aborted) execution so that `run` finishes it."""
         execution = self.store.get_execution(execution_id)
-        if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
-            raise _still_running(execution)
-        pending = next(iter(self.store.pending_items(execution.id, page_size=1)), None)
-        if execution.items_listed and pending is None and execution.status.finished:
-            raise UsageError(
-                f"execution {execution.id} is {execution.status}: every item has its result "
-                f"(`ics executions show {execution.id} --results` shows them)"
-            )
+        check_resumable(self.store, execution)
         stop = cooperate() if cooperate is not None else None
         # Only if nobody took it since it was read: two servers (or a server and `ics
         # executions resume`) that find one orphan at once must not both run it.
@@ -407,8 +400,21 @@ def _close_all(sinks: Sequence[ResultSink], execution_id: str) -> list[BaseExcep
     return errors
 
 
-def _still_running(execution: Execution) -> UsageError:
-    return UsageError(
+def check_resumable(store: Store, execution: Execution) -> None:
+    """Refuse to resume an execution that runs in a live process (ExecutionBusy) or that
+    has every item's result (UsageError)."""
+    if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
+        raise _still_running(execution)
+    pending = next(iter(store.pending_items(execution.id, page_size=1)), None)
+    if execution.items_listed and pending is None and execution.status.finished:
+        raise UsageError(
+            f"execution {execution.id} is {execution.status}: every item has its result "
+            f"(`ics executions show {execution.id} --results` shows them)"
+        )
+
+
+def _still_running(execution: Execution) -> ExecutionBusy:
+    return ExecutionBusy(
         f"execution {execution.id} is still running (in {execution.owner}); "
         f"wait for it, or stop it with `ics executions cancel {execution.id}`"
     )

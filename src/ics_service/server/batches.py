@@ -9,8 +9,12 @@ is listed, so neither a list file nor a symlink in a folder reaches outside. Whi
 execution waits or is being listed, this module says the server is alive for it (the
 runner does once it runs), and a cancel request reaches it.
 
-At start-up, executions whose process died (orphans) are queued for resume; at shutdown
-the queued ones end ABORTED and the running ones are stopped and end ABORTED.
+At shutdown the queued executions end ABORTED and the running ones are stopped and end
+ABORTED. At start-up (unless `resume_orphans` is off) the server queues for resume the
+executions whose process died (orphans, left RUNNING) and the batch executions that a
+server started and a server's shutdown left ABORTED with work to do; executions cancelled
+by request stay cancelled. `POST /v1/executions/{id}/resume` (`Batches.resume`) queues any
+other interrupted execution, as `ics executions resume` runs it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ from typing import Any
 from .. import sources
 from ..config import Settings
 from ..engine.batcher import QueueFull
-from ..engine.execution import ExecutionRunner, check_name, execution_params, settings_for
+from ..engine.execution import (
+    ExecutionRunner,
+    check_name,
+    check_resumable,
+    execution_params,
+    settings_for,
+)
 from ..engine.lifecycle import (
     HEARTBEAT_SECONDS,
     cancel_execution,
@@ -54,6 +64,10 @@ ORPHANS_SCANNED = 10_000
 
 #: Executions waiting to run at most: beyond, 503 (each waiting one costs heartbeats).
 MAX_QUEUED = 100
+
+#: The params key that marks a batch execution started by `POST /v1/executions`: a server
+#: resumes such an execution at start-up when a server's shutdown aborted it.
+STARTED_BY_SERVER = "serve"
 
 
 class ShuttingDown(EnvironmentUnavailable):
@@ -81,6 +95,9 @@ class Job:
     cancelled: bool = False
     #: Created with its items already registered (a watcher's micro-batch): just run it.
     listed: bool = False
+    #: Resume it whatever its status (asked for, or aborted by a server's shutdown), not
+    #: only while it is an orphan.
+    resume: bool = False
 
 
 class Batches:
@@ -124,7 +141,7 @@ class Batches:
             check_source(spec, self.settings.allowed_sources)
         runner = self._runner(settings)
         execution, created = self.store.create_execution(
-            params=execution_params(settings, source_specs),
+            params=execution_params(settings, source_specs, **{STARTED_BY_SERVER: True}),
             model=runner.model_ref,
             threshold=settings.threshold,
             name=name,
@@ -161,6 +178,45 @@ class Batches:
             raise ShuttingDown("the server is shutting down: it starts no new execution")
         log.info("execution %s queued", execution.id, extra={"execution_id": execution.id})
         return execution
+
+    def resume(self, execution_id: str) -> Execution:
+        """Queue an interrupted execution to finish it, as `ics executions resume` does:
+        its pending items run with its own settings, items with a result are not redone.
+        One this server holds already is left as it is (asking twice resumes once)."""
+        execution = self.store.get_execution(execution_id)
+        if execution.id in self._jobs:
+            return execution
+        if self._closing:
+            raise ShuttingDown("the server is shutting down: it resumes no execution")
+        if is_realtime(execution):
+            raise UsageError(
+                f"execution {execution.id} holds real-time requests, which are not kept: "
+                "it cannot be resumed; send the requests again"
+            )
+        # Its items are listed again if it stopped while listing: only from where the
+        # server may read, as for a new one.
+        for spec in execution.params.get("sources") or []:
+            check_source(str(spec), self.settings.allowed_sources)
+        check_resumable(self.store, execution)
+        if len(self._queue) >= MAX_QUEUED:
+            raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
+        job = Job(execution.id, self._resume_settings(execution), None, owned=False, resume=True)
+        if not self._put(job):
+            raise ShuttingDown("the server is shutting down: it resumes no execution")
+        log.info(
+            "execution %s queued for resume", execution.id, extra={"execution_id": execution.id}
+        )
+        return self.store.get_execution(execution.id)
+
+    def _resume_settings(self, execution: Execution) -> Settings:
+        """The execution's own settings, alerting the subscriptions it started with."""
+        settings = settings_for(execution, self.settings)
+        if "subscriptions" in execution.params:
+            from ..alerts.dispatcher import recorded_subscriptions
+
+            notify = recorded_subscriptions(self.store, execution.params["subscriptions"])
+            settings = settings.model_copy(update={"notify": notify})
+        return settings
 
     def queued(self, execution_id: str) -> bool:
         """Whether the execution waits in this server's queue for a worker."""
@@ -221,11 +277,16 @@ class Batches:
             return job
 
     def _drop(self, job: Job, why: str) -> bool:
-        """End a job still waiting ABORTED; False when a worker has it already."""
+        """End a job still waiting ABORTED, cancelled; False when a worker has it already."""
         with self._lock:
             if job.phase is not Phase.QUEUED or job not in self._queue:
                 return False
             self._queue.remove(job)
+        # Cancelled stays cancelled: no later start-up resumes it.
+        try:
+            self.store.request_cancel(job.execution_id)
+        except IcsError as e:
+            log.error("could not record the cancel of %s: %s", job.execution_id, e)
         if job.owned:
             self._abort(job, why)
         else:
@@ -279,6 +340,42 @@ class Batches:
             )
             job = Job(execution.id, settings_for(execution, self.settings), None, owned=False)
             self._put(job)
+        self._queue_aborted()
+
+    def _queue_aborted(self) -> None:
+        """Queue the batch executions a server started and a server's shutdown left ABORTED
+        with items to run (not those cancelled by request, nor any `ics classify` ran)."""
+        try:
+            aborted = self.store.list_executions(
+                limit=ORPHANS_SCANNED, status=ExecutionStatus.ABORTED
+            )
+        except IcsError as e:
+            log.error("could not look for aborted executions to resume: %s", e)
+            return
+        for execution in reversed(aborted):
+            if execution.params.get(STARTED_BY_SERVER) is not True or execution.cancel_requested:
+                continue
+            try:
+                check_resumable(self.store, execution)
+            except IcsError:
+                continue  # every item has its result
+            try:
+                for spec in execution.params.get("sources") or []:
+                    check_source(str(spec), self.settings.allowed_sources)
+            except IcsError as e:
+                log.warning("execution %s not resumed: %s", execution.id, e)
+                continue
+            log.warning(
+                "execution %s was aborted when a server stopped: resuming it",
+                execution.id,
+                extra={"execution_id": execution.id},
+            )
+            try:
+                settings = self._resume_settings(execution)
+            except IcsError as e:
+                log.error("execution %s not resumed: %s", execution.id, e)
+                continue
+            self._put(Job(execution.id, settings, None, owned=False, resume=True))
 
     # --- the workers ------------------------------------------------------------------
 
@@ -309,7 +406,7 @@ class Batches:
             execution = self.store.get_execution(job.execution_id)
         elif job.sources is None:
             execution = self.store.get_execution(job.execution_id)
-            if not is_orphaned(execution):
+            if not job.resume and not is_orphaned(execution):
                 log.warning("execution %s is no longer orphaned: not resumed", execution.id)
                 return
             output = results_path(job.settings, execution)

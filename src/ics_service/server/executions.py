@@ -1,4 +1,5 @@
-"""Batch executions over HTTP: start one, list them, read one's results and history, cancel.
+"""Batch executions over HTTP: start one, list them, read one's results and history, cancel
+and resume.
 
 The routes are plain functions (FastAPI runs them on its thread pool): each reads or
 writes the store, which blocks. Running the executions is `Batches`' work.
@@ -238,3 +239,21 @@ def cancel(
     batches = _batches(request)
     execution = batches.cancel(execution_id, wait)
     return _answer(batches, execution, 202 if execution.status is ExecutionStatus.RUNNING else 200)
+
+
+@router.post(
+    "/v1/executions/{execution_id}/resume",
+    status_code=202,
+    summary="Finish an interrupted execution (aborted, cancelled, left by a dead process): "
+    "queued (202); items with a result are not redone",
+    responses={
+        400: {"description": "Every item has its result, or it cannot be resumed."},
+        403: {"description": "A source of the execution is outside allowed_sources."},
+        404: {"description": "No such execution."},
+        409: {"description": "It is running in a live process."},
+    },
+)
+def resume(execution_id: str, request: Request) -> JSONResponse:
+    batches = _batches(request)
+    execution = batches.resume(execution_id)
+    return _answer(batches, execution, 202)
