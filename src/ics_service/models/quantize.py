@@ -12,77 +12,8 @@ are judged on its separate evaluation stream, and on photos from another source 
 from calibration (`heldout`). `agreement.top1_agreement` compares two
 runtimes on any corpus; the benchmarks print it.
 
-What was measured on a 2-core AMD EPYC with AVX2 and no VNNI (top-1 agreement with FP32
-on 1,000 evaluation photos; `python -m ics_service.models.agreement` measures it):
-
-* Plain `quantize_static` (QDQ, per-channel, MinMax on 256 varied photos): 63.5 %;
-  Entropy or Percentile calibration: 63.5-64 %.
-* Without VNNI, onnxruntime multiplies uint8 activations by int8 weights with
-  `vpmaddubsw`, which adds neighbouring products into a saturating int16. The same QDQ
-  model run in float (no saturation) agrees on 84 %: saturation costs about 20 points.
-  7-bit weights (`reduce_range`) avoid it; uint8 weights (U8U8 kernels) avoid it too but
-  run at 1.1x FP32; 7-bit activations, or weights narrowed so that no calibrated pair can
-  saturate, cost more than 7-bit weights.
-* This model's top-1 is fragile on such photos (median FP32 confidence 0.37): noise of
-  ±0.5 grey level on the input changes it on 4.6 % of them, and the int8 input (which
-  cannot hold (x - 127.5) / 128 exactly) on 6.4 %. The first layers are also the most
-  sensitive to weight rounding (block 0's depthwise weights alone: 87 %). They run no
-  faster in int8 here, so `float_prefix` keeps the first three convolutions in FP32.
-* Round-to-nearest weights are then the largest error left: GPTQ (`gptq`) takes the
-  float-run agreement from 91 % to 96 % with 8-bit weights.
-* Chosen (the registry's card): float_prefix 3, GPTQ with act order, 7-bit GEMM weights,
-  MinMax: 94.7 % (94.8 % on the benchmark corpus), the FP32 top-1 always in its top 5.
-  Percentile 99.99 or batch-mean ranges moved it by about ±1 point (within the noise of
-  the calibration sample) at up to several times the build time.
-* Throughput on pre-decoded tensors is 1.4-1.6x FP32 at batch 1-16, as for the plain
-  all-int8 model: int8 depthwise convolutions gain only 1.1-1.5x over FP32 here.
-* `nodes_to_exclude` alone does not keep a node in FP32 when its input is quantized:
-  onnxruntime's WeightBiasQuantization pass quantizes its weights per tensor at load time
-  (and accuracy drops); exclude the producers of its input too, as `float_prefix` does.
-
-What was measured on a 2-core AMD EPYC WITH AVX-512 VNNI (onnxruntime 1.32.0; a shared,
-busy machine: the ratios are medians of turns interleaved with FP32, ±0.2 or so). Top-1
-agreement with FP32 on the 93 photos held out from calibration (`heldout`: another source),
-on 1,000 variations of them, and on 1,000 evaluation-stream photos; the ratio is images/s
-on pre-decoded tensors against FP32 at batch 1 and 8. Each row changes the card's options
-as it says ("8-bit": without `reduce_range_gemm`).
-
-    variant                                 held-out  variations  evaluation  b1    b8
-    plain quantize_static (per-channel)      89.2 %    81.2 %      83.4 %     1.96  2.29
-    per-tensor weights, float_prefix 3, GPTQ 87.1 %    79.1 %      85.9 %     2.00  2.34
-    8-bit, float_prefix 3, no GPTQ           90.3 %    88.4 %      91.0 %     2.07  2.53
-    the same as QOperator (no GPTQ there)    90.3 %    88.4 %      91.0 %     1.95  2.41
-    U8U8 (uint8 weights), float_prefix 3     92.5 %    89.0 %      90.7 %     0.24  0.21
-    8-bit, GPTQ, float_prefix 0              92.5 %    88.6 %      89.3 %     2.18  2.59
-    the card (7-bit GEMM weights)            92.5 %    93.2 %      95.0 %     2.01  2.19
-    the card, float_prefix 5, 512 photos     93.5 %    92.7 %      95.9 %     1.72  2.11
-    7-bit weights everywhere (reduce_range)  94.6 %    91.9 %      94.3 %     1.92  2.23
-    8-bit                                    94.6 %    94.1 %      96.2 %     2.26  3.47
-    8-bit, Entropy calibration               94.6 %    93.7 %      95.8 %     1.99  2.32
-    8-bit, Percentile 99.999                 95.7 %    93.5 %      96.4 %     1.94  2.39
-    8-bit, 512 calibration photos            97.8 %    93.5 %      96.6 %     2.15  2.52
-    8-bit, float_prefix 5                    96.8 %    93.8 %      96.2 %     2.06  2.55
-    8-bit, classifier in FP32 (float_suffix) 94.6 %    94.5 %      96.4 %     1.93  2.35
-
-* With VNNI every variant with int8 weights runs at about 2x FP32 or more: the throughput
-  target holds whatever the accuracy options. uint8 weights fall to a slow path (0.2x).
-* 8-bit weights gain about a point over the card's 7-bit GEMM weights here, where nothing
-  saturates, at the same speed (the two timed against each other: 0.98x at batch 1, 1.02x
-  at 8; the 3.47 above is FP32 slowed by other work); without VNNI they lose about 20
-  points (above). The card keeps 7-bit GEMM weights:
-  it is prepared once and may be copied to another machine, and a point is not worth a
-  model that silently answers worse where it lands on a CPU without VNNI.
-* No variant reaches 98 %, and the photos say why: FP32 against itself, each input moved
-  by ±0.5 grey level (`agreement.noise_floor`), agrees on 96.8 % of the held-out photos,
-  90.1 % of their variations and 95.2 % of the evaluation photos (median top-1
-  probability 0.39, 0.27, 0.37). The card is above that floor on the variations; between
-  the better variants the differences (1,000 images: about ±0.8 point) are noise. Where
-  FP32's top-1 probability is at least 0.5 (39 held-out photos, 269 variations, 396
-  evaluation photos) the card agrees on every one (the plain model: 99.3 %, 98.2 %).
-* A per-layer sensitivity scan (each convolution given its float input in turn, KL to
-  FP32 on evaluation photos) puts the largest gains in block 1 (its expand and depthwise
-  convolutions), the next ones in blocks 2-3: `float_prefix` 5 covers block 1, and did not
-  move the variations beyond the noise.
+What each variant tried measured, and why the registry's card has the options it has, is
+the experiment log on the Models page of the docs (docs/models.md).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ EFFICIENTNET_LITE0 = ModelCard(
     build={"kind": "efficientnet-lite", "variant": "efficientnet-lite0"},
 )
 
-#: The same network quantized to INT8 by `ics models prepare` (see models/quantize.py for
-#: each option, and why). Preprocessing is the FP32 card's, unchanged.
+#: The same network quantized to INT8 by `ics models prepare` (models/quantize.py has each
+#: option; why these were chosen is the experiment log in docs/models.md). Preprocessing
+#: is the FP32 card's, unchanged.
 EFFICIENTNET_LITE0_INT8 = replace(
     EFFICIENTNET_LITE0,
     name="efficientnet-lite0-int8",
