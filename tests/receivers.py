@@ -17,7 +17,7 @@ from typing import Any
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, *, max_age_s: float = 300) -> bool:
-    """A receiver's check of X-ICS-Signature, as README shows it."""
+    """A receiver's check of X-ICS-Signature, as docs/alerts.md shows it."""
     ts = headers.get("X-ICS-Timestamp", "")
     sig = headers.get("X-ICS-Signature", "")
     if not ts.isdigit() or abs(time.time() - int(ts)) > max_age_s:

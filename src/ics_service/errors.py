@@ -14,7 +14,7 @@ from .types import ErrorInfo
 
 
 class ExitCode(IntEnum):
-    """Every exit code of the `ics` command (documented in the README)."""
+    """Every exit code of the `ics` command (documented in docs/classify.md)."""
 
     #: The execution SUCCEEDED (or the command did what it was asked).
     OK = 0

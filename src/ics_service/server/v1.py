@@ -34,7 +34,7 @@ def service_of(request: Request) -> Service:
     return service
 
 
-_RESULT_SCHEMA = {"type": "object", "description": "A result record (see the README)."}
+_RESULT_SCHEMA = {"type": "object", "description": "A result record (see docs/classify.md)."}
 
 
 @router.post(
