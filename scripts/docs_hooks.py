@@ -3,6 +3,8 @@
 - `<!-- generated: settings -->` in a page becomes the table of every field of
   `ics_service.config.Settings` (and of a retry policy): name, type, default, environment
   variable, the flags that set it, description. Read at build time, so it cannot drift.
+  `<!-- generated: settings: GROUP -->` is the table of one group (the `# --- GROUP ---`
+  comment above the fields in config.py), for the page of that topic.
 - `<!-- generated: cli -->` becomes `ics --help` and the help of every command and
   subcommand, from the Click command tree.
 - Files of the repository outside docs/ that the pages link to (benchmark results, the
@@ -72,6 +74,9 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
         # (../../compare/...): in the site, the headings stay plain text.
         markdown = re.sub(r"^\[[^\]]+\]: \.\./\.\./.*$", "", markdown, flags=re.M)
     markdown = markdown.replace("<!-- generated: settings -->", settings_reference())
+    markdown = re.sub(
+        r"<!-- generated: settings: (.+?) -->", lambda m: settings_table(m.group(1)), markdown
+    )
     return markdown.replace("<!-- generated: cli -->", cli_reference())
 
 
@@ -122,7 +127,7 @@ def _default_text(value: Any) -> str:
     if value is None:
         return "unset"
     if isinstance(value, dict) and value and all(hasattr(v, "model_dump") for v in value.values()):
-        return "see [retry policies](#retry-policies)"
+        return "see [retry policies](settings.md#retry-policies)"
     if hasattr(value, "model_dump"):
         value = value.model_dump(mode="json")
     if isinstance(value, Path):
@@ -175,8 +180,15 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def settings_reference() -> str:
-    from ics_service.config import ENV_PREFIX, RetryPolicy, Settings, default
+_TABLE_HEAD = [
+    "| setting | type | default | environment, flags | meaning |",
+    "|---|---|---|---|---|",
+]
+
+
+def _setting_rows() -> dict[str, list[str]]:
+    """The settings table's rows, by the group (source comment) each field sits under."""
+    from ics_service.config import ENV_PREFIX, Settings, default
 
     flags = _flags()
     groups = _groups(Settings)
@@ -190,16 +202,26 @@ def settings_reference() -> str:
             f"{'<br>'.join(how)} | {_cell(info.description or '')} |"
         )
         by_group.setdefault(groups.get(name, "General"), []).append(row)
+    return by_group
+
+
+def settings_table(group: str) -> str:
+    """One group's table, for the page of its topic (`<!-- generated: settings: alerts -->`)."""
+    rows = _setting_rows()
+    if group not in rows:
+        raise ValueError(
+            f"no settings group {group!r}: the groups are the `# --- NAME ---` comments of "
+            f"Settings in src/ics_service/config.py: {', '.join(map(repr, rows))}"
+        )
+    return "\n".join([*_TABLE_HEAD, *rows[group]]) + "\n"
+
+
+def settings_reference() -> str:
+    from ics_service.config import RetryPolicy, default
+
     out = []
-    for title, rows in by_group.items():
-        out += [
-            f"### {title[:1].upper() + title[1:]}",
-            "",
-            "| setting | type | default | environment, flags | meaning |",
-            "|---|---|---|---|---|",
-            *rows,
-            "",
-        ]
+    for title, rows in _setting_rows().items():
+        out += [f"### {title[:1].upper() + title[1:]}", "", *_TABLE_HEAD, *rows, ""]
     out += [
         "### Retry policies",
         "",

@@ -230,8 +230,8 @@ class Settings(BaseModel):
     )
     allowed_sources: list[str] = Field(
         default_factory=list,
-        description="Prefixes (local folders) that `uri` inputs of the HTTP API may read; "
-        "empty: none.",
+        description="Prefixes (local folders, s3:// or http(s):// URLs) that `uri` inputs and "
+        "batch sources of the HTTP API may read; empty: none.",
     )
     resume_orphans: bool = Field(
         default=True,
