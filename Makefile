@@ -32,8 +32,9 @@ demo: $(VENV)/.demo
 	$(BIN)/ics models prepare efficientnet-lite0
 	$(BIN)/python -m ics_service.samples demo/photos
 	@echo
-	@echo "ics classify demo/photos --table --tolerated-failure-percentage 100"
-	@$(BIN)/ics classify demo/photos --table --tolerated-failure-percentage 100
+	@# broken.jpg FAILS alone (one failure tolerated); low-confidence photos are flagged.
+	@echo "ics classify demo/photos --table --tolerated-failure-count 1"
+	@$(BIN)/ics classify demo/photos --table --tolerated-failure-count 1
 
 # The store tests run on SQLite and on a real PostgreSQL: ICS_TEST_POSTGRES_URL names one, or
 # scripts/postgres.sh installs (Debian) and starts a local one. ICS_SKIP_POSTGRES=1 skips

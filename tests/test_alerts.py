@@ -26,7 +26,7 @@ from ics_service.alerts.channels import DeliveryError, channel_for, channel_of
 from ics_service.alerts.dispatcher import LEASE_FACTOR, LEASE_SLACK_S, Dispatcher
 from ics_service.alerts.planner import Planner
 from ics_service.config import load_settings
-from ics_service.errors import StoreError, UsageError
+from ics_service.errors import ExitCode, StoreError, UsageError
 from ics_service.store import Store
 from ics_service.store.outbox import NewAlert, Outbox
 from ics_service.subscriptions import Subscription
@@ -393,7 +393,7 @@ def test_classify_sends_each_alert_once_signed_and_to_the_kinds_a_file_asked_for
             "--log-level",
             "DEBUG",
         )
-        assert res.exit_code == 1, res.output  # low-confidence items: the execution FAILED
+        assert res.exit_code == 1, res.output  # broken.jpg FAILED: so did the execution
         e = only_execution(store_url)
         docs = receiver.wait_for(expected_alerts(e))
         posts = list(receiver.posts)
@@ -413,6 +413,55 @@ def test_classify_sends_each_alert_once_signed_and_to_the_kinds_a_file_asked_for
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert [d["kind"] for d in lines] == ["item_failed"]
     assert lines[0]["alert_id"] == failed["alert_id"]
+
+
+def test_low_confidence_items_are_flagged_not_failed_unless_asked(
+    ics_home: Path, photos: Path
+) -> None:
+    """Real processes and a real receiver: by default an execution whose only findings are
+    LOW_CONFIDENCE items SUCCEEDS (exit 0) and alerts them, but sends no execution_failed;
+    `--low-confidence fail` is the strict rule (FAILED, exit 1, execution_failed)."""
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    runs = {}
+    for rule in ("flag", "fail"):
+        with webhook_receiver() as receiver:
+            args = ["classify", str(photos), "--json", "--notify", receiver.url, "--name", rule]
+            if rule == "fail":
+                args += ["--low-confidence", "fail"]
+            proc = subprocess.run(
+                [str(ICS_BIN), *args], capture_output=True, text=True, timeout=120, check=False
+            )
+            summary = json.loads(proc.stdout)
+            low = summary["counts"]["LOW_CONFIDENCE"]
+            assert low > 0 and summary["counts"]["FAILED"] == 0, summary
+            # Every alert is in the outbox before the process exits; it sends them first.
+            docs = receiver.wait_for(low + (rule == "fail"))
+            time.sleep(0.5)  # nothing more arrives
+            runs[rule] = (proc, summary, [d["kind"] for d in receiver.docs()], docs)
+    proc, summary, kinds, _ = runs["flag"]
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert summary["status"] == "SUCCEEDED" and summary["error"] is None
+    assert kinds == ["low_confidence"] * summary["counts"]["LOW_CONFIDENCE"]
+    assert "Traceback" not in proc.stderr
+    proc, summary, kinds, docs = runs["fail"]
+    assert proc.returncode == ExitCode.FAILED, proc.stderr
+    assert summary["status"] == "FAILED"
+    assert summary["error"]["type"] == "States.ExceedToleratedFailureThreshold"
+    assert "LOW_CONFIDENCE" in summary["error"]["message"]
+    assert sorted(kinds) == sorted(
+        ["low_confidence"] * summary["counts"]["LOW_CONFIDENCE"] + ["execution_failed"]
+    )
+    (end,) = [d for d in docs if d["kind"] == "execution_failed"]
+    assert end["execution_id"] == summary["execution_id"]
+    store = Store(store_url, create=False)
+    try:
+        by_name = {e.name: e for e in store.list_executions()}
+    finally:
+        store.close()
+    assert by_name["flag"].status is ExecutionStatus.SUCCEEDED
+    assert by_name["flag"].params["low_confidence"] == "flag"
+    assert by_name["fail"].status is ExecutionStatus.FAILED
+    assert by_name["fail"].params["low_confidence"] == "fail"
 
 
 def test_a_digest_subscription_gets_one_summary_per_execution(

@@ -50,7 +50,7 @@ def mixed(tmp_path: Path, photos: Path) -> Path:
 def test_classify_folder_writes_one_result_per_item(ics_home: Path, mixed: Path) -> None:
     out = ics_home / "out.jsonl"
     res = ics("classify", str(mixed), str(mixed / "missing.jpg"), "-o", str(out), "--json")
-    # Low confidence and failed items fail it by default (a crash fails in `ics` itself).
+    # Failed items fail it by default (a crash fails in `ics` itself).
     assert res.exit_code == ExitCode.FAILED, res.output
     summary = json.loads(res.stdout)
     rows = read_jsonl(out)
@@ -93,19 +93,28 @@ def test_threshold_boundary_is_inclusive(ics_home: Path, photos: Path) -> None:
     at = ics("classify", coffee, "-o", "-", "--threshold", repr(confidence))
     assert at.exit_code == ExitCode.OK, at.output
     assert json.loads(at.stdout.splitlines()[0])["status"] == "SUCCEEDED"
-    above = ics("classify", coffee, "-o", "-", "--threshold", repr(math.nextafter(confidence, 1)))
-    assert above.exit_code == ExitCode.FAILED, above.output
-    assert json.loads(above.stdout.splitlines()[0])["status"] == "LOW_CONFIDENCE"
+    above = ("--threshold", repr(math.nextafter(confidence, 1)))
+    res = ics("classify", coffee, "-o", "-", *above)
+    assert res.exit_code == ExitCode.OK, res.output  # flagged, not failed
+    assert json.loads(res.stdout.splitlines()[0])["status"] == "LOW_CONFIDENCE"
+    res = ics("classify", coffee, "-o", "-", *above, "--low-confidence", "fail")
+    assert res.exit_code == ExitCode.FAILED, res.output
+    assert json.loads(res.stdout.splitlines()[0])["status"] == "LOW_CONFIDENCE"
 
 
 def test_exit_codes_and_tolerated_failures(ics_home: Path, photos: Path) -> None:
     ok, failed = ExitCode.OK, ExitCode.FAILED
     assert ics("classify", str(photos / "coffee.jpg")).exit_code == ok
-    assert ics("classify", str(photos)).exit_code == failed
-    assert ics("classify", str(photos), "--tolerated-failure-percentage", "100").exit_code == ok
-    assert ics("classify", str(photos), "--tolerated-failure-count", "1").exit_code == failed
-    assert ics("classify", str(photos), "--tolerated-failure-count", "100").exit_code == ok
-    assert ics("classify", str(photos), "--threshold", "0").exit_code == ok
+    # Some photos are LOW_CONFIDENCE: flagged by default, failures with --low-confidence fail.
+    assert ics("classify", str(photos)).exit_code == ok
+    strict = ("classify", str(photos), "--low-confidence", "fail")
+    assert ics(*strict).exit_code == failed
+    assert ics(*strict, "--tolerated-failure-percentage", "100").exit_code == ok
+    assert ics(*strict, "--tolerated-failure-count", "1").exit_code == failed
+    assert ics(*strict, "--tolerated-failure-count", "100").exit_code == ok
+    assert ics(*strict, "--threshold", "0").exit_code == ok
+    res = ics("classify", str(photos), "--low-confidence", "strict")
+    assert res.exit_code == ExitCode.USAGE, res.output
     empty = ics_home / "empty"
     empty.mkdir()
     res = ics("classify", str(empty))
@@ -124,7 +133,7 @@ def test_exit_codes_and_tolerated_failures(ics_home: Path, photos: Path) -> None
 
 def test_csv_and_parquet_outputs(ics_home: Path, photos: Path) -> None:
     res = ics("classify", str(photos), "-o", "r.csv")
-    assert res.exit_code == ExitCode.FAILED, res.output  # low-confidence photos, as by default
+    assert res.exit_code == ExitCode.OK, res.output
     with open("r.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert rows and len(rows) == len(list(photos.iterdir()))
@@ -132,7 +141,7 @@ def test_csv_and_parquet_outputs(ics_home: Path, photos: Path) -> None:
     assert coffee["label"] == "espresso" and json.loads(coffee["top_k"])[0]["index"] == 967
 
     res = ics("classify", str(photos), "-o", "r.parquet")
-    assert res.exit_code == ExitCode.FAILED, res.output
+    assert res.exit_code == ExitCode.OK, res.output
     table = pq.read_table("r.parquet").to_pylist()
     assert len(table) == len(rows)
     assert {r["label"] for r in table} == {r["label"] for r in rows}
@@ -143,7 +152,7 @@ def test_csv_and_parquet_outputs(ics_home: Path, photos: Path) -> None:
 
 
 def test_stdout_output_keeps_summary_off_stdout(ics_home: Path, photos: Path) -> None:
-    res = ics("classify", str(photos), "-o", "-", "--tolerated-failure-percentage", "100")
+    res = ics("classify", str(photos), "-o", "-")
     assert res.exit_code == ExitCode.OK, res.output
     lines = res.stdout.splitlines()
     assert lines and len(lines) == len(list(photos.iterdir()))
@@ -152,7 +161,7 @@ def test_stdout_output_keeps_summary_off_stdout(ics_home: Path, photos: Path) ->
 
 
 def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> None:
-    res = ics("classify", str(photos), "--json", "--name", "nightly")
+    res = ics("classify", str(photos), "--json", "--name", "nightly", "--low-confidence", "fail")
     assert res.exit_code == ExitCode.FAILED, res.output
     summary = json.loads(res.stdout)
     eid = summary["execution_id"]
@@ -170,6 +179,7 @@ def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> Non
     assert shown["execution_id"] == eid
     assert len(shown["results"]) == shown["counts"]["total"] == len(list(photos.iterdir()))
     assert shown["params"]["threshold"] == 0.94
+    assert shown["params"]["low_confidence"] == "fail"
 
     text = ics("executions", "show", eid, "--results")
     assert text.exit_code == ExitCode.OK, text.output

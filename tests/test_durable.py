@@ -214,19 +214,28 @@ def test_backoff_delays() -> None:
 def test_tolerated_failures(
     pct: float | None, cnt: int | None, failures: int, expected: str
 ) -> None:
-    settings = Settings(tolerated_failure_percentage=pct, tolerated_failure_count=cnt)
+    flagging = Settings(tolerated_failure_percentage=pct, tolerated_failure_count=cnt)
+    strict = flagging.model_copy(update={"low_confidence": "fail"})
     counts = Counts(total=100, succeeded=100 - failures, low_confidence=failures // 2)
     counts.failed = failures - counts.low_confidence
-    status, error = final_status(counts, settings)
+    status, error = final_status(counts, strict)
     assert status.value == expected
     if expected == "FAILED":
         assert error is not None and error.type == "States.ExceedToleratedFailureThreshold"
     else:
         assert error is None
+    # By default LOW_CONFIDENCE items are flagged: only FAILED ones count.
+    assert flagging.low_confidence == "flag"
+    only_low = Counts(total=100, succeeded=100 - failures, low_confidence=failures)
+    assert final_status(only_low, flagging) == (ExecutionStatus.SUCCEEDED, None)
+    only_failed = Counts(total=100, succeeded=100 - failures, failed=failures)
+    status, error = final_status(only_failed, flagging)
+    assert status.value == expected
+    assert error is None or error.message.startswith(f"{failures} of 100 items FAILED")
 
 
 def test_history_records_the_execution(ics_home: Path, photos: Path) -> None:
-    res = ics("classify", str(photos), "--json")
+    res = ics("classify", str(photos), "--json", "--low-confidence", "fail")
     assert res.exit_code == ExitCode.FAILED, res.output
     eid = json.loads(res.stdout)["execution_id"]
     events = _history(eid)
@@ -243,7 +252,7 @@ def test_history_records_the_execution(ics_home: Path, photos: Path) -> None:
     assert res.exit_code == ExitCode.OK, res.output
     assert "ExecutionFailed" in res.stdout
 
-    res = ics("classify", str(photos), "--json", "--tolerated-failure-percentage", "100")
+    res = ics("classify", str(photos), "--json")  # low-confidence items only flagged
     assert res.exit_code == ExitCode.OK, res.output
     eid = json.loads(res.stdout)["execution_id"]
     assert _history(eid)[-1]["type"] == "ExecutionSucceeded"
@@ -443,7 +452,19 @@ def test_kill_9_midway_then_resume(ics_home: Path, tmp_path: Path) -> None:
     _corpus(folder, 2000)
     out = tmp_path / "results.jsonl"
     proc = subprocess.Popen(
-        [str(ICS_BIN), "classify", str(folder), "-o", str(out), "--name", "big", "--json"],
+        # The strict rule, recorded with the execution: the resume below applies it too.
+        [
+            str(ICS_BIN),
+            "classify",
+            str(folder),
+            "-o",
+            str(out),
+            "--name",
+            "big",
+            "--json",
+            "--low-confidence",
+            "fail",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

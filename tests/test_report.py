@@ -92,7 +92,7 @@ def mixed(tmp_path: Path, photos: Path) -> Path:
 
 def classify(folder: Path, out: Path, *extra: str) -> dict[str, Any]:
     res = ics("classify", str(folder), "-o", str(out), "--json", *extra)
-    assert res.exit_code == ExitCode.FAILED, res.output  # low confidence items fail it
+    assert res.exit_code == ExitCode.FAILED, res.output  # the broken files fail it
     summary: dict[str, Any] = json.loads(res.stdout)
     return summary
 

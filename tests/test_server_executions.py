@@ -276,6 +276,28 @@ async def test_bad_requests_get_clear_errors(
         assert "no images found" in done["error"]["message"]
 
 
+async def test_a_batch_flags_low_confidence_items_unless_asked_to_fail_them(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    app = create_app(settings_of(ics_home, store_url, [photos]), runtime=runtime)
+    async with client_of(app) as client:
+        flagged = await finished(
+            client, (await start(client, sources=[str(photos)]))["execution_id"]
+        )
+        strict = await start(client, sources=[str(photos)], low_confidence="fail")
+        assert strict["params"]["low_confidence"] == "fail"
+        failed = await finished(client, strict["execution_id"])
+        r = await client.post(
+            "/v1/executions", json={"sources": [str(photos)], "low_confidence": "strict"}
+        )
+        assert r.status_code == 422, r.text
+    assert flagged["counts"]["LOW_CONFIDENCE"] > 0 and flagged["counts"]["FAILED"] == 0
+    assert flagged["status"] == "SUCCEEDED" and flagged["params"]["low_confidence"] == "flag"
+    assert failed["status"] == "FAILED"
+    assert failed["error"]["type"] == "States.ExceedToleratedFailureThreshold"
+
+
 async def test_cancel_stops_a_running_batch(
     ics_home: Path, many: Path, runtime: OnnxRuntime, store_url: str
 ) -> None:

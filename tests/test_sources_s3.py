@@ -157,7 +157,7 @@ def test_classify_reads_real_photos_from_s3_end_to_end(
     proc = ics_process(
         "classify", "s3://photos/in/", "--include", "c*.jpg", "-o", str(out), "--json"
     )
-    assert proc.returncode == ExitCode.FAILED, proc.stderr  # low-confidence cats and coins
+    assert proc.returncode == ExitCode.OK, proc.stderr  # low-confidence cats and coins: flagged
     records = [json.loads(line) for line in out.read_text().splitlines()]
     by_uri = {r["uri"]: r for r in records}
     assert sorted(by_uri) == [

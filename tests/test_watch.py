@@ -34,6 +34,7 @@ from ics_service.store import Store
 from ics_service.store.schema import executions, items
 from ics_service.store.watched import Seen, WatchState
 from ics_service.types import ErrorInfo, Execution, ExecutionStatus, ModelRef
+from receivers import webhook_receiver
 
 #: Most seconds a test waits for the watcher to get somewhere.
 DEADLINE_S = 120.0
@@ -350,6 +351,37 @@ def test_a_kill_9_in_the_middle_misses_none_and_repeats_none(
     assert set(counts.values()) == {1}, [u for u, n in counts.items() if n > 1]
     assert all(i["status"] for i in found)
     assert all(e.status.finished for e in batch_executions(store_url, "crash"))
+
+
+def test_watch_batches_flag_low_confidence_items_and_fail_only_when_asked(
+    ics_home: Path, photos: Path, inbox: Path
+) -> None:
+    """A real `ics watch --once` and a real receiver: micro-batches whose only findings are
+    LOW_CONFIDENCE items SUCCEED and send no execution_failed alert; with
+    `--low-confidence fail` they FAIL, alert it, and the exit status says so."""
+    for p in sorted(photos.iterdir()):
+        shutil.copy(p, inbox / p.name)
+    for rule in ("flag", "fail"):
+        with webhook_receiver() as receiver:
+            args = [str(ICS_BIN), "watch", str(inbox), "--once", "--settle", "0", "--json"]
+            args += ["--name", rule, "--notify", receiver.url, "--low-confidence", rule]
+            proc = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+            lines = [json.loads(line) for line in proc.stdout.splitlines()]
+            low = sum(doc["counts"]["LOW_CONFIDENCE"] for doc in lines)
+            failed = [doc for doc in lines if doc["status"] == "FAILED"]
+            docs = receiver.wait_for(low + len(failed))
+            time.sleep(0.5)  # and nothing more
+            kinds = Counter(d["kind"] for d in receiver.docs())
+        assert low > 0 and sum(doc["counts"]["FAILED"] for doc in lines) == 0, lines
+        assert len(docs) == low + len(failed)
+        if rule == "flag":
+            assert proc.returncode == 0, proc.stderr
+            assert {doc["status"] for doc in lines} == {"SUCCEEDED"}
+            assert kinds == {"low_confidence": low}
+        else:
+            assert proc.returncode == 1, proc.stderr
+            assert failed and all(doc["counts"]["LOW_CONFIDENCE"] for doc in failed)
+            assert kinds == {"low_confidence": low, "execution_failed": len(failed)}
 
 
 # --- completeness and polling, in process ----------------------------------------------

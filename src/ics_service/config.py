@@ -139,17 +139,24 @@ class Settings(BaseModel):
         description="Bytes of memory that images being decoded may take at once, shared by "
         "every decode thread; an image that alone needs more is ImageTooLarge.",
     )
+    low_confidence: Literal["flag", "fail"] = Field(
+        default="flag",
+        description="What LOW_CONFIDENCE items mean for their execution: 'flag' (they are "
+        "alerted and counted, and only FAILED items count against the tolerated failures) or "
+        "'fail' (they count as failures too, the strict rule).",
+    )
     tolerated_failure_percentage: float | None = Field(
         default=None,
         ge=0.0,
         le=100.0,
-        description="Percentage of LOW_CONFIDENCE or FAILED items an execution tolerates "
-        "(unset, with no count either: none).",
+        description="Percentage of failed items an execution tolerates: FAILED ones, and "
+        "LOW_CONFIDENCE ones with low_confidence = 'fail' (unset, with no count either: none).",
     )
     tolerated_failure_count: int | None = Field(
         default=None,
         ge=0,
-        description="Number of LOW_CONFIDENCE or FAILED items an execution tolerates.",
+        description="Number of failed items an execution tolerates: FAILED ones, and "
+        "LOW_CONFIDENCE ones with low_confidence = 'fail'.",
     )
     retry: dict[str, RetryPolicy] = Field(
         default_factory=_default_retry,

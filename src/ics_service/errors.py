@@ -18,7 +18,7 @@ class ExitCode(IntEnum):
 
     #: The execution SUCCEEDED (or the command did what it was asked).
     OK = 0
-    #: The execution FAILED: more LOW_CONFIDENCE or FAILED items than tolerated.
+    #: The execution FAILED: more failed items than tolerated (see `low_confidence`).
     FAILED = 1
     #: A usage or configuration error: fix the command line or the settings.
     USAGE = 2

@@ -87,6 +87,16 @@ def common_options(f: F) -> F:
     return f
 
 
+def low_confidence_option(f: F) -> F:
+    """--low-confidence flag|fail: whether LOW_CONFIDENCE items can fail the execution."""
+    return click.option(
+        "--low-confidence",
+        type=click.Choice(["flag", "fail"]),
+        help="LOW_CONFIDENCE items are flagged: alerted and counted, but only FAILED items "
+        "can fail the execution (flag, the default); or they count as failures too (fail).",
+    )(f)
+
+
 def load_cli_settings(kwargs: dict[str, Any]) -> LoadedSettings:
     """Build the settings from --config and the flags that are settings; set up logging."""
     overrides = dict(kwargs)
@@ -151,7 +161,8 @@ def main(ctx: click.Context) -> None:
     \b
     Exit codes:
       0    the execution SUCCEEDED (or the command did what was asked)
-      1    the execution FAILED: more LOW_CONFIDENCE or FAILED items than tolerated
+      1    the execution FAILED: more FAILED items than tolerated (LOW_CONFIDENCE
+           ones are flagged, and count too with --low-confidence fail)
       2    usage or configuration error: fix the command line or the settings
       3    internal error: a bug in ICS (see the message to report it)
       4    environment unavailable: the store, the disk or the port cannot be used

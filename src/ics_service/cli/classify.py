@@ -20,6 +20,7 @@ from .app import (
     EXIT_BY_STATUS,
     common_options,
     load_cli_settings,
+    low_confidence_option,
     main,
     open_runner,
     signal_guard,
@@ -94,15 +95,18 @@ log = logging.getLogger("ics_service.cli")
     help="Bytes that images being decoded may take at once, all decode threads together "
     f"(default {default('decode_memory'):,}); bigger images wait their turn.",
 )
+@low_confidence_option
 @click.option(
     "--tolerated-failure-percentage",
     type=float,
-    help="Percentage of LOW_CONFIDENCE/FAILED items tolerated before the execution FAILS.",
+    help="Percentage of failed items tolerated before the execution FAILS (FAILED items; "
+    "LOW_CONFIDENCE ones too with --low-confidence fail).",
 )
 @click.option(
     "--tolerated-failure-count",
     type=int,
-    help="Number of LOW_CONFIDENCE/FAILED items tolerated before the execution FAILS.",
+    help="Number of failed items tolerated before the execution FAILS (FAILED items; "
+    "LOW_CONFIDENCE ones too with --low-confidence fail).",
 )
 @click.option(
     "--include",
@@ -147,8 +151,8 @@ def classify(
     \b
     Exit codes:
       0    the execution SUCCEEDED
-      1    it FAILED: more LOW_CONFIDENCE or FAILED items than tolerated
-           (by default any at all)
+      1    it FAILED: more FAILED items than tolerated (by default any at all);
+           LOW_CONFIDENCE items count too with --low-confidence fail
       2    usage or configuration error (nothing was run)
       3    internal error: a bug in ICS
       4    environment unavailable: the store or the results disk cannot be used

@@ -122,10 +122,13 @@ def print_summary(
         "execution", outside(execution.id + (f"  ({execution.name})" if execution.name else ""))
     )
     t.add_row("status", styled_status(execution.status.value))
+    # LOW_CONFIDENCE items are flagged unless the execution ran with --low-confidence fail
+    # (executions recorded before that setting existed ran under the strict rule).
+    flagged = " (flagged)" if execution.params.get("low_confidence", "fail") == "flag" else ""
     t.add_row(
         "items",
-        f"{c.total} total: {c.succeeded} SUCCEEDED, {c.low_confidence} LOW_CONFIDENCE, "
-        f"{c.failed} FAILED",
+        f"{c.total} total: {c.succeeded} SUCCEEDED, {c.low_confidence} LOW_CONFIDENCE"
+        f"{flagged}, {c.failed} FAILED",
     )
     if internal:
         t.add_row(

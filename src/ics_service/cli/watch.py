@@ -13,7 +13,14 @@ from ..errors import ExitCode
 from ..logs import printable
 from ..types import Execution, ExecutionStatus
 from .alerts import notify_option
-from .app import common_options, load_cli_settings, main, open_runner, signal_guard
+from .app import (
+    common_options,
+    load_cli_settings,
+    low_confidence_option,
+    main,
+    open_runner,
+    signal_guard,
+)
 from .capture import capture_options
 from .classify import results_path_of
 
@@ -78,15 +85,18 @@ if TYPE_CHECKING:
 @click.option(
     "-m", "--model", help=f"Model name (default {default('model')}; see `ics models list`)."
 )
+@low_confidence_option
 @click.option(
     "--tolerated-failure-percentage",
     type=float,
-    help="Percentage of LOW_CONFIDENCE/FAILED items a micro-batch tolerates before it FAILS.",
+    help="Percentage of failed items a micro-batch tolerates before it FAILS (FAILED items; "
+    "LOW_CONFIDENCE ones too with --low-confidence fail).",
 )
 @click.option(
     "--tolerated-failure-count",
     type=int,
-    help="Number of LOW_CONFIDENCE/FAILED items a micro-batch tolerates before it FAILS.",
+    help="Number of failed items a micro-batch tolerates before it FAILS (FAILED items; "
+    "LOW_CONFIDENCE ones too with --low-confidence fail).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print each micro-batch as a JSON line.")
 @capture_options
@@ -119,8 +129,8 @@ def watch(
     Exit codes:
       0    stopped by SIGINT or SIGTERM between micro-batches; with --once, every
            micro-batch SUCCEEDED
-      1    with --once: a micro-batch FAILED (more LOW_CONFIDENCE or FAILED items
-           than tolerated)
+      1    with --once: a micro-batch FAILED (more FAILED items than tolerated;
+           LOW_CONFIDENCE ones count too with --low-confidence fail)
       2    usage or configuration error
       3    internal error: a bug in ICS
       4    environment unavailable: the store or the results disk cannot be used

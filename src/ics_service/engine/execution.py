@@ -60,6 +60,7 @@ def execution_params(
         "batch_size": settings.batch_size,
         "max_pixels": settings.max_pixels,
         "max_bytes": settings.max_bytes,
+        "low_confidence": settings.low_confidence,
         "tolerated_failure_percentage": settings.tolerated_failure_percentage,
         "tolerated_failure_count": settings.tolerated_failure_count,
         # Ids in the store's ics_subscriptions: a resume alerts them again.
@@ -71,6 +72,8 @@ def execution_params(
 def settings_for(execution: Execution, settings: Settings) -> Settings:
     """The settings an execution was started with (for resume), over the current ones."""
     keep = {k: v for k, v in execution.params.items() if k in RECORDED_SETTINGS}
+    # Executions recorded before the setting existed ran under the strict rule.
+    keep.setdefault("low_confidence", "fail")
     return settings.model_copy(update=keep)
 
 
@@ -82,6 +85,7 @@ RECORDED_SETTINGS = (
     "batch_size",
     "max_pixels",
     "max_bytes",
+    "low_confidence",
     "tolerated_failure_percentage",
     "tolerated_failure_count",
 )

@@ -15,12 +15,15 @@ if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy un
 
 
 def final_status(counts: Counts, settings: Settings) -> tuple[ExecutionStatus, ErrorInfo | None]:
-    """SUCCEEDED unless the failures (LOW_CONFIDENCE or FAILED) exceed the tolerated ones.
+    """SUCCEEDED unless the failures exceed the tolerated ones.
 
-    As in Step Functions: with neither tolerance set, no failure is tolerated; with one or
-    both set, exceeding either fails the execution.
+    Failures are the FAILED items, and the LOW_CONFIDENCE ones too with
+    `low_confidence = "fail"`; by default (`"flag"`) those are only flagged. As in Step
+    Functions: with neither tolerance set, no failure is tolerated; with one or both set,
+    exceeding either fails the execution.
     """
-    failures = counts.low_confidence + counts.failed
+    strict = settings.low_confidence == "fail"
+    failures = counts.failed + (counts.low_confidence if strict else 0)
     pct = settings.tolerated_failure_percentage
     cnt = settings.tolerated_failure_count
     exceeded = []
@@ -34,10 +37,15 @@ def final_status(counts: Counts, settings: Settings) -> tuple[ExecutionStatus, E
             exceeded.append(f"more than {pct:g}% tolerated")
     if not exceeded:
         return ExecutionStatus.SUCCEEDED, None
+    if strict:
+        message = (
+            f"{failures} of {counts.total} items LOW_CONFIDENCE or FAILED "
+            f"({counts.low_confidence} low confidence, {counts.failed} failed): "
+        )
+    else:
+        message = f"{failures} of {counts.total} items FAILED: "
     return ExecutionStatus.FAILED, ErrorInfo(
-        type="States.ExceedToleratedFailureThreshold",
-        message=f"{failures} of {counts.total} items LOW_CONFIDENCE or FAILED "
-        f"({counts.low_confidence} low confidence, {counts.failed} failed): " + ", ".join(exceeded),
+        type="States.ExceedToleratedFailureThreshold", message=message + ", ".join(exceeded)
     )
 
 

@@ -50,6 +50,11 @@ class BatchRequest(BaseModel):
     )
     threshold: float | None = Field(None, ge=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1, le=1000)
+    low_confidence: Literal["flag", "fail"] | None = Field(
+        None,
+        description="'flag': LOW_CONFIDENCE items are alerted and counted, only FAILED ones "
+        "count against the tolerated failures; 'fail': they count too.",
+    )
     tolerated_failure_percentage: float | None = Field(None, ge=0.0, le=100.0)
     tolerated_failure_count: int | None = Field(None, ge=0)
 
