@@ -160,6 +160,50 @@ def test_stdout_output_keeps_summary_off_stdout(ics_home: Path, photos: Path) ->
     assert "execution" in res.stderr
 
 
+def test_a_reader_that_leaves_stdout_early_fails_nothing(ics_home: Path, photos: Path) -> None:
+    """`ics classify -o - | head`: a real pipe whose reader closes it after one line. The
+    execution goes on to its true status, every result reaches the store, and the command
+    ends quietly with that status (no traceback, no FAILED)."""
+    folder = ics_home / "many"
+    folder.mkdir()
+    originals = sorted(photos.iterdir())
+    for i in range(40):
+        (folder / f"{i:02d}-{originals[i % len(originals)].name}").write_bytes(
+            originals[i % len(originals)].read_bytes()
+        )
+    # 100 predictions a record: some 400 kB of results, far more than a pipe holds.
+    args = [str(ICS_BIN), "classify", str(folder), "-o", "-", "--top-k", "100", "--json"]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = json.loads(proc.stdout.readline())
+        proc.stdout.close()  # the reader goes away, as `head -1` does
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == ExitCode.OK, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Error" not in err
+    summary = json.loads(err)
+    assert summary["execution_id"] == first["execution_id"]
+    assert summary["status"] == "SUCCEEDED"
+    assert 1 <= summary["reader_left_after"] < 40
+    store = Store(load_settings(None, {}).settings.store_url)
+    try:
+        execution = store.get_execution(first["execution_id"])
+        recorded = list(store.results(execution.id))
+    finally:
+        store.close()
+    assert execution.status is ExecutionStatus.SUCCEEDED
+    assert execution.counts.done == execution.counts.total == 40
+    assert sorted(int(r.item_id) for r in recorded) == list(range(40))
+
+    # The same through a shell pipeline, with the text summary: `head` sees the status.
+    shell = f"{ICS_BIN} classify {folder} -o - -k 100 | head -n 2; exit ${{PIPESTATUS[0]}}"
+    res = subprocess.run(
+        ["bash", "-c", shell], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert res.returncode == ExitCode.OK, res.stderr
+    assert len(res.stdout.splitlines()) == 2
+    assert "stdout's reader left after" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> None:
     res = ics("classify", str(photos), "--json", "--name", "nightly", "--low-confidence", "fail")
     assert res.exit_code == ExitCode.FAILED, res.output

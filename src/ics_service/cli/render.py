@@ -101,8 +101,12 @@ def print_summary(
     processed: int | None = None,
     failure_types: dict[str, int] | None = None,
     first_result_s: float | None = None,
+    reader_left_after: int | None = None,
 ) -> None:
     doc = summary_doc(execution, elapsed, results_path, processed)
+    if reader_left_after is not None:
+        # `-o -` whose reader closed stdout early (`| head`): how many records it took.
+        doc["reader_left_after"] = reader_left_after
     if first_result_s is not None:
         # From the process's start: what a person waits for, imports and model load included.
         doc["first_result_s"] = round(first_result_s, 3)
@@ -147,6 +151,12 @@ def print_summary(
         t.add_row("reason", outside(f"{execution.error.type}: {execution.error.message}"))
     if results_path:
         t.add_row("results", outside(results_path))
+    if reader_left_after is not None:
+        t.add_row(
+            "",
+            f"stdout's reader left after {reader_left_after} results; every result is in the "
+            f"store (`ics executions show {execution.id} --results`)",
+        )
     console.print(t)
 
 

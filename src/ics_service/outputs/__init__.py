@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import logging
+import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,6 +17,8 @@ from typing import IO, Any
 
 from ..errors import OutputError, UsageError
 from ..types import ItemResult
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("jsonl", "csv", "parquet")
 
@@ -166,7 +171,11 @@ class ResultsWriter:
         if self.upload_to is not None:
             path = spool_path(path)
         self.path = path
+        #: Records written (to stdout: those written before its reader left).
         self.count = 0
+        #: Writing to stdout, whose reader went away (`ics classify -o - | head`): what
+        #: follows is dropped. The store has every result; the reader wanted no more.
+        self.reader_gone = False
         self._parquet: Any = None
         self._file: IO[str] | None = None
         self._csv: Any = None
@@ -187,22 +196,38 @@ class ResultsWriter:
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """A failed write (disk full, I/O error) is an OutputError naming the file."""
+        """A failed write (disk full, I/O error) is an OutputError naming the file; stdout
+        closed by its reader (EPIPE) is no error: the writer stops writing there."""
         try:
             yield
         except OSError as e:
+            if self.path == "-" and e.errno == errno.EPIPE:
+                self._reader_left()
+                return
             raise OutputError(f"cannot write results to {self.path}: {e.strerror or e}") from None
 
+    def _reader_left(self) -> None:
+        self.reader_gone = True
+        log.info("the reader of stdout left after %d results; the rest are not written", self.count)
+        # What is still buffered for stdout, and Python's last flush at exit, go nowhere
+        # instead of raising BrokenPipeError again (as Python's documentation advises).
+        with suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, sys.stdout.fileno())
+            finally:
+                os.close(devnull)
+
     def write(self, results: Sequence[ItemResult]) -> None:
-        if not results:
+        if not results or self.reader_gone:
             return
         with self._writing():
             self._write(results)
 
     def _write(self, results: Sequence[ItemResult]) -> None:
-        self.count += len(results)
         if self.format == "parquet":
             self._write_parquet(results)
+            self.count += len(results)
             return
         assert self._file is not None
         if self._csv is not None:
@@ -214,6 +239,7 @@ class ResultsWriter:
                 buf.write("\n")
             self._file.write(buf.getvalue())
         self._file.flush()
+        self.count += len(results)
 
     def _write_parquet(self, results: Sequence[ItemResult]) -> None:
         import pyarrow as pa
