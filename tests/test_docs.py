@@ -121,6 +121,14 @@ def test_the_settings_reference_has_every_setting() -> None:
     assert "| `Notify` |" in page  # the retry defaults per step
 
 
+def test_a_topic_page_gets_its_group_of_settings_or_a_clear_error() -> None:
+    hooks = _hooks()
+    table = hooks.settings_table("alerts")  # type: ignore[attr-defined]
+    assert "| `notify_timeout_s` |" in table and "| `threshold` |" not in table
+    with pytest.raises(ValueError, match=r"no settings group 'alert'.*'alerts'"):
+        hooks.settings_table("alert")  # type: ignore[attr-defined]
+
+
 def test_the_cli_reference_has_every_command() -> None:
     from ics_service.cli import main
 
