@@ -17,7 +17,7 @@ from typing import Any
 from .common import cpus
 from .corpus import SIZES
 from .quiet import busy_at_start, busy_run
-from .runners import DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config, Run
+from .runners import APART_RUNNERS, DESCRIBE, ROOT, RUNNERS, SERVING_RUNNERS, Bench, Config, Run
 
 
 def _med(xs: Sequence[float | None]) -> float | None:
@@ -292,7 +292,7 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
         ics = (s.get(f"ics/{size}") or {}).get("images_per_s")
         for r in RUNNERS:
             row = s.get(f"{r}/{size}")
-            if row is None or r in SERVING_RUNNERS:
+            if row is None or r in SERVING_RUNNERS or r in APART_RUNNERS:
                 continue
             what = DESCRIBE.get(r, r).format(int8=cfg.int8_model)
             failed = (
@@ -322,6 +322,7 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
         lines += render_bounds(bounds, busy=bool((s.get("bounds/-") or {}).get("busy")))
     lines += render_targets(b, s)
     lines += render_serving(b, s)
+    lines += render_soak(b)
     lines += render_other(b, s)
     prof = b.extra.get("profile") or {}
     if prof.get("lines"):
@@ -581,6 +582,7 @@ def render_targets(b: Bench, s: dict[str, Any]) -> list[str]:
                 )
             )
     rows += _serving_targets(serving_summary(b), ips("ics/small"))
+    rows += _soak_targets(soak_reports(b))
     mem = b.extra.get("memory") or []
     if len(mem) == 2 and all(m["ok"] for m in mem):
         grow = mem[1]["peak_rss_mb"] - mem[0]["peak_rss_mb"]
@@ -767,6 +769,89 @@ def render_serving(b: Bench, summ: dict[str, Any]) -> list[str]:
     if ratios:
         lines += ["", "`ics serve` ÷ LitServe, images/s: " + "; ".join(ratios) + "."]
     lines += _serving_bound(s, summ.get("bounds") or {})
+    return [*lines, ""]
+
+
+def soak_reports(b: Bench) -> list[dict[str, Any]]:
+    """The soak's own figures (benchmarks.soak), one per successful run."""
+    runs = [r for r in b.runs if r.job.runner == "soak" and r.ok and r.m.report]
+    return [r.m.report["soak"] for r in runs if r.m.report and "soak" in r.m.report]
+
+
+def _soak_targets(soaks: list[dict[str, Any]]) -> list[tuple[str, str, bool | None]]:
+    """Issue 17's targets: the ordinary clients barely notice the hostile ones."""
+    if not soaks:
+        return []
+    k = soaks[-1]
+    calm, hostile = k["calm"], k["hostile"]
+    n = k["hostile_clients"]
+    rate, p99 = k["rate_ratio"], k["p99_ratio"]
+    peak, budget = hostile["peak_rss_mb"], k["rss_budget_mb"]
+    return [
+        (
+            f"soak: ordinary clients' rate beside {n} hostile ≥ 0.9 × alone",
+            f"{_fmt(rate, 3)} × ({_fmt(hostile['images_per_s'])} vs "
+            f"{_fmt(calm['images_per_s'])} images/s)",
+            None if rate is None else rate >= 0.9,
+        ),
+        (
+            f"soak: ordinary clients' p99 beside {n} hostile ≤ 1.5 × alone",
+            f"{_fmt(p99, 3)} × ({_fmt(hostile['p99_ms'])} vs {_fmt(calm['p99_ms'])} ms)",
+            None if p99 is None else p99 <= 1.5,
+        ),
+        (
+            "soak: server's peak RSS ≤ its peak alone + unauthenticated_body_memory",
+            f"{_fmt(peak, 0)} MB (budget {_fmt(budget, 0)} MB)",
+            peak <= budget,
+        ),
+        (
+            "soak: no errors seen by ordinary clients",
+            f"{calm['errors'] + hostile['errors']} errors",
+            calm["errors"] + hostile["errors"] == 0,
+        ),
+    ]
+
+
+def render_soak(b: Bench) -> list[str]:
+    """`ics serve` with ordinary clients alone, then beside hostile ones."""
+    soaks = soak_reports(b)
+    failed = [r for r in b.runs if r.job.runner == "soak" and not r.ok]
+    if not soaks and not failed:
+        return []
+    lines = ["## Soak: `ics serve` beside hostile clients", ""]
+    for r in failed:
+        lines.append(f"- A soak run failed: {r.problem}.")
+    if not soaks:
+        return [*lines, ""]
+    k = soaks[-1]
+    lines += [
+        f"`benchmarks/soak.py`: `ics serve` with an API token and SigV4 keys on loopback; "
+        f"{k['clients']} ordinary clients (bearer token, one small photo per request) for "
+        f"{k['duration_s']:g} s alone, then {k['duration_s']:g} s beside "
+        f"{k['hostile_clients']} hostile clients in their own process "
+        "(`benchmarks/hostile.py`: slow headers, slow bodies under a plausible signature, "
+        "made-up signatures, strange methods, huge declared lengths). The server's RSS is "
+        "sampled every 0.1 s; its budget is its peak alone plus the memory its settings let "
+        f"unauthenticated bodies take ({_fmt(k['body_budget_mb'], 0)} MB).",
+        "",
+        "| phase | images/s | p50 ms | p99 ms | errors | server peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("calm", "hostile"):
+        ph = k[name]
+        label = "alone" if name == "calm" else f"beside {k['hostile_clients']} hostile"
+        lines.append(
+            f"| {label} | {_fmt(ph['images_per_s'])} | {_fmt(ph['p50_ms'])} "
+            f"| {_fmt(ph['p99_ms'])} | {ph['errors']} | {_fmt(ph['peak_rss_mb'], 0)} |"
+        )
+    kinds = ((k["hostile"].get("hostile") or {}).get("kinds")) or {}
+    if kinds:
+        lines += ["", "What the hostile clients got (HTTP status: count; 0: no answer):", ""]
+        for kind, row in kinds.items():
+            answers = ", ".join(f"{st}: {c}" for st, c in row["answers"].items())
+            lines.append(
+                f"- {kind} ({row['clients']} clients): {row['attempts']} attempts; {answers}"
+            )
     return [*lines, ""]
 
 

@@ -73,6 +73,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         ("scaling_runners", d.scaling_runners, "runners of the scaling tables"),
         ("one_image_runs", d.one_image_runs, "runs of `ics classify` on one image"),
         ("bounds_min_s", d.bounds_min_s, "seconds per bound measurement"),
+        ("soak_s", d.soak_s, "seconds of each soak phase (ordinary clients alone, beside hostile)"),
+        ("soak_hostile", d.soak_hostile, "hostile clients of the soak"),
         ("agree_n", d.agree_n, "images for the INT8/FP32 top-1 agreement"),
         ("warmup", d.warmup, "one untimed pass of every runner on a tiny corpus first"),
         ("profile", d.profile, "py-spy profile of one ICS run"),
@@ -252,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.warmup:
         print("warm-up (untimed): every runner on 8 small photos", flush=True)
         for r in runners:
-            if r != "bounds":
+            if r not in ("bounds", "soak"):  # the soak runs for a set time, tiny or not
                 run_job(b, Job(r, "tiny", tiny, 8), 0, record=False)
     if cfg.ray_tune_s > 0 and {"ray", "ray-ics"} & set(runners):
         b.extra["ray_tuning"] = tune_ray(b, ensure_corpus(corpus_root, "small", cfg.ray_tune_n))
@@ -267,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"round {round_ + 1}/{cfg.repeats}", flush=True)
         before = first if round_ == 0 else load_snapshot()
         for job in order:
+            if job.runner == "soak" and round_ > 0:
+                continue  # two phases of soak_s each: once is enough, and bounded
             run_job(b, job, round_)
         rounds.append({"round": round_, "before": before, "after": load_snapshot()})
 
@@ -520,7 +524,7 @@ def _check(b: Bench, job: Job, m: Measurement, tag: str) -> Run:
     if m.rc != 0:
         run.problem = f"exit {m.rc}: {_last_line(m.stderr_tail)}"
         return run
-    if job.runner != "bounds":
+    if job.runner not in ("bounds", "soak"):  # the soak's clients loop for a set time
         lines = b.work / f"{tag}.jsonl"
         count = sum(1 for _ in lines.open()) if lines.exists() else 0
         if count != job.n:

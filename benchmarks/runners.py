@@ -75,6 +75,8 @@ class Runner:
     #: A server under load (benchmarks.server_bench): reported by client count, not in the
     #: whole-process tables.
     serving: bool = False
+    #: Reported in a section of its own (report.render_soak), not in the tables of rates.
+    apart: bool = False
 
 
 def _py(module: str, *args: str) -> list[str]:
@@ -174,6 +176,22 @@ def _litserve(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     )
 
 
+def _soak(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    store = f"sqlite:///{b.work / f'{tag}.db'}"
+    return _py(
+        "benchmarks.soak",
+        b.fp32_json(),
+        str(job.folder),
+        b.out_file(tag),
+        "--duration-s",
+        f"{b.cfg.soak_s:g}",
+        "--hostile",
+        str(b.cfg.soak_hostile),
+        "--store",
+        store,
+    )
+
+
 def _bounds(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     cmd = _py(
         "benchmarks.bounds",
@@ -226,6 +244,12 @@ REGISTRY: dict[str, Runner] = {
             "LitServe, batching (max 8, 5 ms), ICS's decode, same ONNX file",
             serving=True,
         ),
+        Runner(
+            "soak",
+            _soak,
+            "`ics serve` soak: 32 ordinary clients alone, then beside hostile ones",
+            apart=True,
+        ),
         Runner("bounds", _bounds),
     )
 }
@@ -234,6 +258,8 @@ RUNNERS = tuple(REGISTRY)
 LARGE_RUNNERS = tuple(r.name for r in REGISTRY.values() if r.large)
 #: Servers under load, reported apart (report.render_serving).
 SERVING_RUNNERS = tuple(r.name for r in REGISTRY.values() if r.serving)
+#: Runners reported in a section of their own.
+APART_RUNNERS = tuple(r.name for r in REGISTRY.values() if r.apart)
 #: What each runner is, for the table.
 DESCRIBE = {r.name: r.what for r in REGISTRY.values() if r.what}
 
@@ -267,6 +293,8 @@ class Config:
     scaling_runners: str = "ics,plain"
     one_image_runs: int = 3
     bounds_min_s: float = 1.0
+    soak_s: float = 60.0
+    soak_hostile: int = 200
     agree_n: int = 1000
     warmup: bool = True
     profile: bool = True

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,13 @@ async def run_pass(
     max_s: float,
     timeout_s: float = 60.0,
     content_type: str = "image/jpeg",
+    headers: Mapping[str, str] | None = None,
 ) -> Pass:
     """Send every image once, `clients` requests at a time; stop early after `max_s`."""
     result = Pass(clients=clients)
     next_index = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"Content-Type": content_type}
+    headers = {"Content-Type": content_type, **(headers or {})}
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
         started = time.perf_counter()
         cpu_started = time.process_time()

@@ -285,6 +285,40 @@ def test_serving_runners_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
+def test_soak_runner_for_a_few_seconds(bench_env: dict[str, str]) -> None:
+    table, doc = _run_bench(
+        bench_env,
+        BENCH_RUNNERS="soak",
+        **SMALL_ONLY,
+        BENCH_SOAK_S="3",
+        BENCH_SOAK_HOSTILE="10",
+    )
+    assert _ok_runs(doc) == {("soak", "small")}
+    runs = doc["runs"]
+    assert isinstance(runs, list) and len(runs) == 1  # once, not once a round
+    soak = runs[0]["report"]["soak"]
+    for phase in ("calm", "hostile"):
+        assert soak[phase]["ok"] > 0 and soak[phase]["errors"] == 0, soak[phase]
+        assert soak[phase]["peak_rss_mb"] > 0
+    kinds = soak["hostile"]["hostile"]["kinds"]
+    assert set(kinds) == {
+        "slow-headers",
+        "slow-body",
+        "fake-signature",
+        "random-method",
+        "huge-length",
+    }
+    assert all(k["attempts"] > 0 for k in kinds.values()), kinds
+    # Refused, every one: no hostile request was answered 2xx.
+    assert not any(s.startswith("2") for k in kinds.values() for s in k["answers"]), kinds
+    assert "## Soak: `ics serve` beside hostile clients" in table
+    assert "soak: ordinary clients' rate beside 10 hostile ≥ 0.9 × alone" in table
+    assert "soak: no errors seen by ordinary clients" in table
+    # Not a row of the tables of rates: its images/s is not a classify rate.
+    assert "ics serve` soak" not in table.split("## Soak")[0]
+
+
+@pytest.mark.slow
 def test_capture_runner_beside_the_default_one_on_a_tiny_corpus(
     bench_env: dict[str, str],
 ) -> None:
