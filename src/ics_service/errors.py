@@ -95,6 +95,11 @@ class StoreError(EnvironmentUnavailable):
     """The execution store cannot be reached, written, or is not an ICS store."""
 
 
+class StoreLost(StoreError):
+    """The store's SQLite file was deleted or replaced while this process used it: what it
+    recorded since went to a file nobody can open any more."""
+
+
 class OutputError(EnvironmentUnavailable):
     """A results file cannot be written (disk full, permissions, I/O error)."""
 

@@ -189,12 +189,25 @@ def open_runner(settings: Settings) -> Iterator[Any]:
     alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
     runtime = loading.result()
     store = Store(settings.store_url)
+    ended = False
     try:
         alerting.attach(store)
-        yield ExecutionRunner(settings, store, runtime)
+        try:
+            yield ExecutionRunner(settings, store, runtime)
+        except SystemExit:
+            ended = True
+            raise
+        ended = True
     finally:
-        alerting.close()
-        store.close()
+        try:
+            alerting.close()
+        finally:
+            try:
+                if ended:
+                    # The run's end was recorded: is the store that holds it still there?
+                    store.verify()
+            finally:
+                store.close()
 
 
 @contextmanager

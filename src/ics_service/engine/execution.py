@@ -18,7 +18,14 @@ from .. import sources
 from ..capture import inference_id_of, open_capture
 from ..capture.sink import CaptureSink
 from ..config import Settings
-from ..errors import INTERNAL_ERROR, ExecutionBusy, IcsError, Interrupted, UsageError
+from ..errors import (
+    INTERNAL_ERROR,
+    ExecutionBusy,
+    IcsError,
+    Interrupted,
+    StoreLost,
+    UsageError,
+)
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
 from ..types import (
@@ -362,6 +369,11 @@ class ExecutionRunner:
                     )
                     cancelled.set()
                     stop.set()
+            except StoreLost as e:
+                # Nothing this run records can be kept: stop it; its end fails with this.
+                log.error("%s", e, extra={"execution_id": execution_id})
+                stop.set()
+                return
             except Exception as e:  # a busy store must not kill the run
                 log.warning("heartbeat failed: %s", e, extra={"execution_id": execution_id})
 

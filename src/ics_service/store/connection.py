@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreLost
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,71 @@ def _sqlite_engine(parsed: URL, shown: str, *, create: bool) -> Engine:
             ) from None
     engine = create_engine(parsed, connect_args={"timeout": 30})
     event.listen(engine, "connect", _sqlite_pragmas)
+    guard = FileGuard(path, shown)
+    _GUARDS[engine] = guard
+    event.listen(engine, "checkout", guard.on_checkout)
+    # Before SQLite opens (and would create) the path again for a new connection.
+    event.listen(engine, "do_connect", guard.on_connect)
     return engine
+
+
+class FileGuard:
+    """Notices that a SQLite store's file was deleted or replaced under an open store.
+
+    SQLite keeps writing to the file it opened, so a store whose file is deleted goes on
+    committing into a file nobody can open again: every record since is lost without an
+    error. The guard remembers the file (device and inode) the first time a connection is
+    taken, and each later checkout (every transaction and read) checks that the path is
+    still that file: if not, StoreLost. `Store.verify()` checks once more at the end.
+    """
+
+    def __init__(self, path: Path, shown: str) -> None:
+        self.path = path
+        self.shown = shown
+        self.identity: tuple[int, int] | None = None
+        #: Once lost, lost for good: a file created at the path later (by SQLite itself,
+        #: for a new connection) may even get the lost file's inode number.
+        self.lost: str | None = None
+
+    def on_checkout(self, _dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        self.check()
+
+    def on_connect(self, *_args: Any) -> None:
+        if self.identity is not None:
+            self.check()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise StoreLost(self.lost)
+        try:
+            st = os.stat(self.path)
+            now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        except OSError:
+            return  # unreadable metadata: SQLite itself says what is wrong
+        if self.identity is None:
+            self.identity = now
+            return
+        if now == self.identity:
+            return
+        what = "deleted" if now is None else "replaced by another file"
+        self.lost = (
+            f"the execution store {self.shown} was {what} while this process used it: what "
+            "it recorded since then is lost (results files and capture keep their copies); "
+            "do not delete a store that a running command, ics serve or ics watch uses: "
+            "stop them first, then run again"
+        )
+        raise StoreLost(self.lost)
+
+
+#: The FileGuard of each SQLite engine.
+_GUARDS: weakref.WeakKeyDictionary[Engine, FileGuard] = weakref.WeakKeyDictionary()
+
+
+def file_guard(engine: Engine) -> FileGuard | None:
+    """The engine's FileGuard (a SQLite store), or None."""
+    return _GUARDS.get(engine)
 
 
 def _postgresql_engine(parsed: URL) -> Engine:

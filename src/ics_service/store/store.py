@@ -43,7 +43,7 @@ from ..types import (
     utcnow,
 )
 from . import migrations, outbox
-from .connection import open_engine, safe_url, store_errors
+from .connection import file_guard, open_engine, safe_url, store_errors
 from .rows import (
     Event,
     event_from_row,
@@ -108,6 +108,13 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def verify(self) -> None:
+        """StoreLost when the store's SQLite file was deleted or replaced since it was
+        opened (every checkout checks it too); nothing for PostgreSQL."""
+        guard = file_guard(self.engine)
+        if guard is not None:
+            guard.check()
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
