@@ -204,6 +204,63 @@ def test_a_reader_that_leaves_stdout_early_fails_nothing(ics_home: Path, photos:
     assert "stdout's reader left after" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_overlapping_sources_classify_each_image_once(ics_home: Path, photos: Path) -> None:
+    """`a/ a/*.jpg` and other ways to name the same files, in a real process: one item per
+    image (its first name kept), and the summary says how many were dropped."""
+    a = ics_home / "a"
+    shutil.copytree(photos, a / "sub")
+    shutil.copy(photos / "coffee.jpg", a / "top.jpg")
+    (ics_home / "link").symlink_to(a, target_is_directory=True)
+    n = len(list(photos.iterdir())) + 1
+    out = ics_home / "out.jsonl"
+    named = [
+        "a/",
+        "a/**/*.jpg",  # every image again
+        "./a/../a/top.jpg",
+        f"file://{a / 'sub' / 'coffee.jpg'}",
+        "link/sub",  # the same folder through a symlink
+    ]
+    proc = subprocess.run(
+        [str(ICS_BIN), "classify", *named, "-o", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ics_home,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["counts"]["total"] == n
+    assert summary["duplicates_dropped"] == n + 1 + 1 + (n - 1)
+    uris = [r["uri"] for r in read_jsonl(out)]
+    assert len(uris) == len(set(uris)) == n
+    assert set(uris) == {str(p) for p in a.rglob("*.jpg")}  # as the first SOURCE named them
+    text = subprocess.run(
+        [str(ICS_BIN), "classify", "a/", "a/top.jpg"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ics_home,
+    )
+    assert text.returncode == ExitCode.OK, text.stderr
+    assert "1 named again by another SOURCE: classified once" in text.stdout
+    events = ics("executions", "history", json.loads(proc.stdout)["execution_id"], "--json")
+    assert {"duplicates": summary["duplicates_dropped"]} in [
+        e["details"] for e in json.loads(events.stdout) if e["type"] == "DuplicatesDropped"
+    ]
+
+
+def test_canonical_uris() -> None:
+    from ics_service.sources import canonical_uri
+
+    assert canonical_uri("HTTP://Example.COM:80/a/B.jpg#x") == "http://example.com/a/B.jpg"
+    assert canonical_uri("https://example.com:443") == "https://example.com/"
+    assert canonical_uri("https://example.com:8443/x?q=1") == "https://example.com:8443/x?q=1"
+    assert canonical_uri("S3://bucket/Key.jpg") == "s3://bucket/Key.jpg"
+    assert canonical_uri("/tmp/../tmp/x.jpg") == canonical_uri("file:///tmp/x.jpg")
+
+
 def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> None:
     res = ics("classify", str(photos), "--json", "--name", "nightly", "--low-confidence", "fail")
     assert res.exit_code == ExitCode.FAILED, res.output

@@ -130,6 +130,39 @@ def test_a_stop_in_the_middle_of_the_listing_is_resumed_exactly(
         store.close()
 
 
+@pytest.mark.slow
+def test_a_listing_stopped_midway_with_duplicates_is_resumed_exactly(
+    ics_home: Path, runtime: OnnxRuntime, slow_listing: SlowListing
+) -> None:
+    """The same prefix named twice: the resume's listing drops the duplicates as the first
+    one did, registers only what is missing, and each item is classified once."""
+    slow_listing.slow.set()
+    store = Store(load_settings().settings.store_url)
+    try:
+        runner = runner_on(store, runtime)
+        execution, _ = runner.start(["slowlist://items/", "slowlist://items/"])
+        stop = threading.Event()
+
+        def on_results(results: Sequence[ItemResult]) -> None:
+            stop.set()
+
+        stopped = runner.run(execution, on_results=on_results, stop=stop)
+        assert stopped.status is ExecutionStatus.ABORTED and not stopped.items_listed
+        assert runner.duplicates_dropped(execution.id) is None  # its listing did not end
+        slow_listing.slow.clear()
+        resumer = runner_on(store, runtime)
+        finished = resumer.run(resumer.prepare_resume(execution.id))
+        assert finished.status is ExecutionStatus.SUCCEEDED, finished.error
+        assert finished.counts.total == slow_listing.total
+        assert resumer.duplicates_dropped(execution.id) == slow_listing.total
+        uris = [r.uri for r in store.results(execution.id)]
+        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
+        dropped = [e for e in store.history(execution.id) if e.type == "DuplicatesDropped"]
+        assert [e.details for e in dropped] == [{"duplicates": slow_listing.total}]
+    finally:
+        store.close()
+
+
 class Prefix:
     """A prefix whose keys can change between a crash and the resume."""
 

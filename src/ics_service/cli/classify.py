@@ -263,6 +263,7 @@ def run_and_report(
         failure_types=runner.store.failure_types(finished.id),
         first_result_s=first_result[0] if first_result else None,
         reader_left_after=writer.count if writer.reader_gone else None,
+        duplicates=runner.duplicates_dropped(finished.id),
     )
     # A reader of `-o -` that left early (`| head`) is no failure: the exit status is the
     # execution's, whose every result is in the store.

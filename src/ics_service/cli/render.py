@@ -102,8 +102,12 @@ def print_summary(
     failure_types: dict[str, int] | None = None,
     first_result_s: float | None = None,
     reader_left_after: int | None = None,
+    duplicates: int | None = None,
 ) -> None:
     doc = summary_doc(execution, elapsed, results_path, processed)
+    if duplicates is not None:
+        # Items that SOURCEs named more than once (`a/ a/*.jpg`): classified once each.
+        doc["duplicates_dropped"] = duplicates
     if reader_left_after is not None:
         # `-o -` whose reader closed stdout early (`| head`): how many records it took.
         doc["reader_left_after"] = reader_left_after
@@ -134,6 +138,8 @@ def print_summary(
         f"{c.total} total: {c.succeeded} SUCCEEDED, {c.low_confidence} LOW_CONFIDENCE"
         f"{flagged}, {c.failed} FAILED",
     )
+    if duplicates:
+        t.add_row("duplicates", f"{duplicates} named again by another SOURCE: classified once")
     if internal:
         t.add_row(
             "internal errors",

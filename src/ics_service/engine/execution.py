@@ -130,6 +130,8 @@ class ExecutionRunner:
         self.owner = owner_id()
         #: Listings of executions this runner started, for `run` to register as it goes.
         self._listings: dict[str, BackgroundListing] = {}
+        #: Items named twice that the listings `run` completed left out, by execution.
+        self._duplicates: dict[str, int] = {}
         sources.configure(settings)
 
     def start(
@@ -153,7 +155,10 @@ class ExecutionRunner:
             return existing, False
         log.info("listing %s", " ".join(source_specs))
         halt = threading.Event()
-        uris = sources.expand_items(source_specs, _selection(params), stopped=halt.is_set)
+        duplicates = sources.Duplicates()
+        uris = sources.expand_items(
+            source_specs, _selection(params), stopped=halt.is_set, duplicates=duplicates
+        )
         first = next(uris, None)
         if first is None:
             raise UsageError(f"no images found in {' '.join(source_specs)}")
@@ -173,10 +178,15 @@ class ExecutionRunner:
                 )
                 listed = _until(stop, itertools.chain([first], uris))
                 self._listings[execution.id] = BackgroundListing(
-                    self.store, execution.id, listed, halt=halt
+                    self.store, execution.id, listed, halt=halt, duplicates=duplicates
                 )
                 execution = self.store.get_execution(execution.id)
         return execution, created
+
+    def duplicates_dropped(self, execution_id: str) -> int | None:
+        """How many items named twice in the SOURCEs the run of this execution left out
+        (None: this runner did not list it, such as a resume of a listed execution)."""
+        return self._duplicates.get(execution_id)
 
     def prepare_resume(self, execution_id: str, *, cooperate: Cooperate | None = None) -> Execution:
         """Take over an interrupted (or aborted) execution so that `run` finishes it."""
@@ -200,14 +210,22 @@ class ExecutionRunner:
             if not execution.items_listed:
                 # The process died while listing: `run` lists again (as it runs, under its
                 # heartbeat) and registers the URIs not registered yet.
+                # The same listing again, duplicates dropped as the first time (the first
+                # URI of each image is kept, as the first listing kept it).
                 halt = threading.Event()
+                duplicates = sources.Duplicates()
                 specs = execution.params["sources"]
                 listed = sources.expand_items(
-                    specs, _selection(execution.params), stopped=halt.is_set
+                    specs, _selection(execution.params), stopped=halt.is_set, duplicates=duplicates
                 )
                 fresh = unregistered(self.store, execution.id, _until(stop, listed))
                 self._listings[execution.id] = BackgroundListing(
-                    self.store, execution.id, fresh, start_seq=execution.counts.total, halt=halt
+                    self.store,
+                    execution.id,
+                    fresh,
+                    start_seq=execution.counts.total,
+                    halt=halt,
+                    duplicates=duplicates,
                 )
             return self.store.get_execution(execution.id)
 
@@ -322,6 +340,8 @@ class ExecutionRunner:
                     if stop.is_set():
                         listing.halt.set()
                     listing.wait()
+                    if listing.complete and listing.duplicates is not None:
+                        self._duplicates[execution.id] = listing.duplicates.count
             finally:
                 if listing is not None:
                     # A run that fails stops its listing too, before its end is recorded.

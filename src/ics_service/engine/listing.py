@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..sources import Duplicates
 from ..types import Item
 
 if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
@@ -42,11 +43,14 @@ class BackgroundListing:
         *,
         start_seq: int = 0,
         halt: threading.Event | None = None,
+        duplicates: Duplicates | None = None,
     ) -> None:
         self.store = store
         self.execution_id = execution_id
         self._items = items
         self.start_seq = start_seq
+        #: The listing's count of items named twice (`sources.expand_items`), if it keeps one.
+        self.duplicates = duplicates
         self.error: BaseException | None = None
         #: Every item registered and the execution marked listed.
         self.complete = False
@@ -64,6 +68,11 @@ class BackgroundListing:
         try:
             self.store.add_items(self.execution_id, self._until_halted(), start_seq=self.start_seq)
             if not self.halt.is_set():
+                if self.duplicates is not None and self.duplicates.count:
+                    details = {"duplicates": self.duplicates.count}
+                    self.store.append_events(
+                        self.execution_id, [("DuplicatesDropped", None, details)]
+                    )
                 self.store.mark_listed(self.execution_id)
                 self.complete = True
         except BaseException as e:  # the run raises it (an Interrupted or a UsageError)

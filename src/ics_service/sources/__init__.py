@@ -6,9 +6,11 @@ scheme and raises a clear error for a scheme no source handles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -134,11 +136,67 @@ def expand_items(
     select: Selection | None = None,
     *,
     stopped: Callable[[], bool] | None = None,
+    duplicates: Duplicates | None = None,
 ) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """As `expand`, each URI with its metadata: the other fields of its CSV or JSON Lines
     manifest row, or None. The listing ends early once `stopped()` is true, which is asked
-    for every key listed, also those the selection leaves out."""
-    return _expand(specs, (), select or Selection(), stopped or _never)
+    for every key listed, also those the selection leaves out.
+
+    Each item comes once, as first listed, however many SOURCEs name it (`a/ a/*.jpg`):
+    items are told apart by `canonical_uri`; `duplicates` counts those left out."""
+    listed = _expand(specs, (), select or Selection(), stopped or _never)
+    return _unique(listed, duplicates if duplicates is not None else Duplicates())
+
+
+class Duplicates:
+    """How many items a listing left out because an earlier SOURCE named them already."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def canonical_uri(uri: str) -> str:
+    """What makes two URIs the same item: a local path made absolute with its folders'
+    symlinks resolved; a URL with its scheme (and an HTTP host) in lower case, without an
+    HTTP default port or fragment."""
+    if scheme_of(uri) == "file":
+        folder, name = os.path.split(os.path.abspath(uri_to_path(uri)))
+        return os.path.join(os.path.realpath(folder), name)
+    parts = urllib.parse.urlsplit(uri)
+    scheme, netloc, path, fragment = parts.scheme.lower(), parts.netloc, parts.path, parts.fragment
+    if scheme in ("http", "https"):
+        netloc = netloc.lower().removesuffix(":80" if scheme == "http" else ":443")
+        path, fragment = path or "/", ""
+    return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, fragment))
+
+
+#: Folders whose real path a listing remembers at once (a listing walks one at a time).
+_FOLDERS_KEPT = 4096
+
+
+def _unique(items: _Listed, duplicates: Duplicates) -> _Listed:
+    """The items whose canonical URI was not listed before. What is kept of each is a
+    16-byte digest (some 100 bytes an item in all), so memory stays modest over millions."""
+    seen: set[bytes] = set()
+    folders: dict[str, str] = {}
+    for uri, meta in items:
+        if scheme_of(uri) == "file":
+            folder, name = os.path.split(os.path.abspath(uri_to_path(uri)))
+            real = folders.get(folder)
+            if real is None:
+                if len(folders) >= _FOLDERS_KEPT:
+                    folders.clear()
+                real = folders[folder] = os.path.realpath(folder)
+            key = os.path.join(real, name)
+        else:
+            key = canonical_uri(uri)
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+        if digest in seen:
+            duplicates.count += 1
+            log.debug("%s is listed already: classified once", uri)
+            continue
+        seen.add(digest)
+        yield uri, meta
 
 
 def _never() -> bool:
@@ -210,11 +268,13 @@ def read(uri: str, max_bytes: int) -> bytes:
 
 
 __all__ = [
+    "Duplicates",
     "FsspecSource",
     "HttpSource",
     "LocalSource",
     "Selection",
     "Source",
+    "canonical_uri",
     "configure",
     "expand",
     "expand_items",
