@@ -8,6 +8,7 @@ exit code 4. Anything else is a bug: exit code 3, or `InternalError` on one item
 
 from __future__ import annotations
 
+import os
 from enum import IntEnum
 
 from .types import ErrorInfo
@@ -98,6 +99,39 @@ class StoreError(EnvironmentUnavailable):
 class StoreLost(StoreError):
     """The store's SQLite file was deleted or replaced while this process used it: what it
     recorded since went to a file nobody can open any more."""
+
+
+class PermissionDenied(EnvironmentUnavailable):
+    """A file or folder ICS must read or write is not open to this user (another user's
+    model cache, a folder without write permission)."""
+
+
+def permission_denied(e: PermissionError, what: str = "file", fix: str = "") -> PermissionDenied:
+    """The PermissionDenied of an OSError: names the file, the user and how to fix it."""
+    name = e.filename if e.filename is not None else "a file"
+    user = _user()
+    return PermissionDenied(
+        f"cannot use the {what} {name}: permission denied for {user}; "
+        + (
+            fix
+            or "make it readable (and its folder writable) for this user, e.g. chmod a+r, "
+            "or point ICS at files of this user (--home / ICS_HOME)"
+        )
+    )
+
+
+def _user() -> str:
+    """This process's user as messages name it: "user NAME (uid N)"."""
+    try:
+        uid = os.getuid()
+    except AttributeError:  # no uid on this platform
+        return "this user"
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
 
 
 class OutputError(EnvironmentUnavailable):

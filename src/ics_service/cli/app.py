@@ -14,7 +14,7 @@ import click
 
 from .. import __version__
 from ..config import LoadedSettings, Settings, load_settings
-from ..errors import ExitCode, IcsError, Interrupted
+from ..errors import ExitCode, IcsError, Interrupted, permission_denied
 from ..logs import configure_logging, printable
 from ..startup import pause_gc
 from ..types import ExecutionStatus
@@ -49,6 +49,9 @@ class IcsGroup(click.Group):
             return super().invoke(ctx)
         except IcsError as e:
             raise CliError(printable(str(e)), e.exit_code) from None
+        except PermissionError as e:  # a file of another user's: not a bug
+            denied = permission_denied(e)
+            raise CliError(printable(str(denied)), denied.exit_code) from None
         except (Interrupted, KeyboardInterrupt) as e:  # SIGINT or SIGTERM
             raise CliError(
                 printable(f"interrupted: {str(e) or 'stopped by a signal'}"),

@@ -62,6 +62,9 @@ def prepare(card: ModelCard, models_dir: Path, *, force: bool = False) -> Path:
     try:
         builder(card, tmp, base)
         digest = _sha256(tmp)
+        # mkstemp made it 0600: a model is read by every user of the cache, as any file
+        # this user creates would be (0666 less the umask).
+        tmp.chmod(0o666 & ~current_umask())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -69,6 +72,20 @@ def prepare(card: ModelCard, models_dir: Path, *, force: bool = False) -> Path:
     (path.parent / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("prepared %s at %s in %.1f s", card.name, path, meta["built_in_s"])
     return path
+
+
+def current_umask() -> int:
+    """This process's umask (from /proc on Linux: setting it to read it races threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sha256(path: Path) -> str:

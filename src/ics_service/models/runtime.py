@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import permission_denied
 from ..modelcard import ModelCard
 
 
@@ -39,6 +40,7 @@ def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
     """An onnxruntime CPU session with ICS's settings (the benchmarks' peers use it too)."""
     import onnxruntime as ort
 
+    check_readable(path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or available_cpus()
     opts.inter_op_num_threads = 1
@@ -49,6 +51,21 @@ def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_readable(path: str | Path) -> None:
+    """PermissionDenied naming the model file when this user cannot read it (onnxruntime
+    would only say "system error number 13")."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError as e:
+        raise permission_denied(
+            e,
+            "model file",
+            f"make it readable for this user (chmod a+r {path}), or prepare the model in a "
+            "models folder of this user's (`ics models prepare` with --home / ICS_HOME)",
+        ) from None
 
 
 class OnnxRuntime:
