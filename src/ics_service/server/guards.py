@@ -283,7 +283,8 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._refuse(scope, send)
+                # The rest is unread (and chunked: the connection closes, not drained).
+                await self._refuse(scope, send, unread=True)
 
     async def _refuse(self, scope: Scope, send: Send, *, unread: bool = False) -> None:
         await send_error(
