@@ -30,7 +30,7 @@ from ics_service.errors import ExitCode
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server import create_app
-from ics_service.server.v1 import allowed_uri
+from ics_service.server.allowed import allowed_uri
 from ics_service.store import Store
 from ics_service.types import ExecutionStatus, ModelRef
 from imagefiles import HEIC_HEAD, png_bomb, truncated_jpeg

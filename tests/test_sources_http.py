@@ -5,26 +5,38 @@ from __future__ import annotations
 import gzip
 import http.server
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 
-from cli import ics
+from cli import ICS_BIN, ics, ics_process
+from hostile import Hostile, hostile_server
 from ics_service import sources
+from ics_service.alerts.delivery import DeliveryError
+from ics_service.alerts.webhook import WebhookChannel
 from ics_service.errors import (
+    DecodeCancelled,
     ExitCode,
     ImageTooLarge,
     SourceNotFound,
     SourceUnavailable,
     SourceUnreadable,
 )
-from ics_service.sources import web as web_source
-from ics_service.sources.web import HttpSource, is_blocked
+from ics_service.fetch import is_blocked
+from ics_service.sources.web import HttpSource
+from receivers import webhook_receiver
+from serving import error_of, serve_process
 
 TOTAL = 200_000_000  # what the "big" answers would send if they were read to the end
 
@@ -67,6 +79,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, self.photo)
         elif path in ("/missing", "/gone"):
             self._send(404 if path == "/missing" else 410, b"no")
+        elif m := re.fullmatch(r"/status/(\d+)", path):
+            self._send(int(m[1]), b"status")
         elif path == "/busy":
             self._send(503, b"busy")
         elif path == "/forbidden":
@@ -255,14 +269,253 @@ def test_messages_show_urls_without_credentials(web: str) -> None:
     assert f"{web}/missing" in str(caught.value)
 
 
-def test_the_connected_address_is_checked_again(web: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DNS rebinding: the name resolved to a public address when checked, then connected to
-    a blocked one (played here by the loopback address, blocked for the test)."""
-    source = HttpSource(timeout_s=5)
-    monkeypatch.setattr(source, "_check_host", lambda url, uri: None)
-    real = web_source.is_blocked
-    monkeypatch.setattr(web_source, "is_blocked", lambda a: a == "127.0.0.1" or real(a))
-    with pytest.raises(SourceUnreadable, match=r"127\.0\.0\.1 is a link-local"):
-        source.read(f"{web}/ok.jpg", 10_000_000)
-    allowed = HttpSource(timeout_s=5, allow_link_local=True)
-    assert allowed.read(f"{web}/ok.jpg", 10_000_000) == _Handler.photo
+def test_the_address_checked_is_the_address_connected_to(
+    web: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: a name that resolves to a loopback address when first asked, and to
+    the metadata address after. It is looked up once per connection, and the connection
+    goes to the very address that was checked."""
+    port = web.rsplit(":", 1)[1]
+    answers = iter(["127.0.0.1"])
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def rebinding(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.test":
+            return real(host, *args, **kwargs)
+        looked_up.append(address := next(answers, "169.254.169.254"))
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://rebind.test:{port}/ok.jpg"
+    assert HttpSource(timeout_s=5).read(url, 10_000_000) == _Handler.photo
+    assert looked_up == ["127.0.0.1"]
+    with pytest.raises(SourceUnreadable, match=r"169\.254\.169\.254 is a link-local"):
+        HttpSource(timeout_s=5).read(url, 10_000_000)
+    assert looked_up == ["127.0.0.1", "169.254.169.254"]
+    allowed = HttpSource(timeout_s=0.5, allow_link_local=True)
+    with pytest.raises(SourceUnavailable):  # allowed, and nothing answers there
+        allowed.read(url, 10_000_000)
+
+
+# --- a hostile server in a process of its own ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile(photos: Path) -> Iterator[Hostile]:
+    with hostile_server(photos / "coffee.jpg") as server:
+        yield server
+
+
+@pytest.mark.parametrize("path", ["/drip-headers", "/drip-body", "/long-length"])
+def test_one_deadline_covers_connect_headers_and_body(hostile: Hostile, path: str) -> None:
+    """A byte a second keeps every single read within any per-read timeout: only a
+    deadline over the whole exchange ends it."""
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="not read whole within http_timeout_s=1 s"):
+        HttpSource(timeout_s=1).read(hostile.url + path, 10_000_000)
+    assert time.monotonic() - started < 2
+
+
+def test_lies_about_the_length_read_no_more_than_they_say(hostile: Hostile) -> None:
+    # Said 10, sent a whole photo: the 10 bytes said are the body.
+    assert len(HttpSource(timeout_s=5).read(f"{hostile.url}/short-length", 10_000_000)) == 10
+    # Said a terabyte: refused from the header, nothing of it read.
+    started = time.monotonic()
+    with pytest.raises(ImageTooLarge, match="Content-Length is 1,000,000,000,000 bytes"):
+        HttpSource(timeout_s=5).read(f"{hostile.url}/huge-length", 10_000_000)
+    assert time.monotonic() - started < 2
+
+
+def test_a_stop_ends_a_read_in_flight(hostile: Hostile) -> None:
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            HttpSource(timeout_s=3600).read(f"{hostile.url}/drip-headers", 10_000_000, stop=stop)
+        except BaseException as e:
+            outcome.append(e)
+
+    before = hostile.got.count("/drip-headers")
+    reader = threading.Thread(target=read)
+    reader.start()
+    hostile.wait_for("/drip-headers", before + 1)
+    stopped = time.monotonic()
+    stop.set()
+    reader.join(5)
+    assert not reader.is_alive() and time.monotonic() - stopped < 1
+    assert isinstance(outcome[0], DecodeCancelled), outcome
+
+
+def test_classify_ends_a_dripping_source_and_sigterm_ends_a_hung_read(
+    hostile: Hostile, ics_home: Path
+) -> None:
+    # One deadline per attempt: two attempts of a second each, then the item FAILED.
+    env = {"ICS_HTTP_TIMEOUT_S": "1", "ICS_RETRY": '{"SerializeImageData": {"max_attempts": 1}}'}
+    started = time.monotonic()
+    done = ics_process(
+        "classify",
+        f"{hostile.url}/drip-headers",
+        f"{hostile.url}/public/coffee.jpg",
+        "-o",
+        "out.jsonl",
+        env=env,
+        timeout=60,
+    )
+    assert time.monotonic() - started < 30, done.stderr
+    assert done.returncode == ExitCode.FAILED, done.stderr
+    got = {
+        r["uri"].rsplit("/", 1)[1]: (r["status"], (r["error"] or {}).get("type"), r["attempts"])
+        for r in map(json.loads, Path("out.jsonl").read_text().splitlines())
+    }
+    assert got == {
+        "drip-headers": ("FAILED", "SourceUnavailable", 2),
+        "coffee.jpg": ("SUCCEEDED", None, 1),
+    }
+
+    # With ten minutes to read, one SIGTERM ends the hung read at once.
+    before = hostile.got.count("/drip-body")
+    proc = subprocess.Popen(
+        [str(ICS_BIN), "classify", f"{hostile.url}/drip-body", "--name", "hung"],
+        env={**os.environ, "ICS_HTTP_TIMEOUT_S": "600"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        hostile.wait_for("/drip-body", before + 1)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == ExitCode.INTERRUPTED, err
+    assert time.monotonic() - signalled < 5, err
+    (doc,) = [e for e in json.loads(ics("executions", "list", "--json").stdout) if e["name"]]
+    # The item was not read: it stays pending for a resume, not FAILED.
+    assert (doc["name"], doc["status"]) == ("hung", "ABORTED"), doc
+    assert not json.loads(
+        ics("executions", "show", doc["execution_id"], "--json", "--results").stdout
+    )["results"]
+
+
+def test_serve_keeps_answering_while_uri_reads_drip(hostile: Hostile, photos: Path) -> None:
+    """Twelve `uri` requests to a source that drips its headers: they end at the deadline
+    (503), and requests of others are answered meanwhile, as fast as ever."""
+    env = {
+        **os.environ,
+        "ICS_ALLOWED_SOURCES": json.dumps([f"{hostile.url}/"]),
+        "ICS_HTTP_TIMEOUT_S": "3",
+    }
+    photo = (photos / "coffee.jpg").read_bytes()
+    with serve_process(env=env) as served:
+        answers: list[tuple[int, float]] = []
+
+        def dripping() -> None:
+            started = time.monotonic()
+            r = httpx.post(
+                f"{served.url}/v1/classify",
+                json={"uri": f"{hostile.url}/drip-headers"},
+                timeout=60,
+            )
+            answers.append((r.status_code, time.monotonic() - started))
+
+        before = hostile.got.count("/drip-headers")
+        threads = [threading.Thread(target=dripping) for _ in range(12)]
+        for t in threads:
+            t.start()
+        # Every read thread is held.
+        hostile.wait_for("/drip-headers", before + 8)
+        for _ in range(5):
+            started = time.monotonic()
+            r = httpx.post(
+                f"{served.url}/v1/classify",
+                content=photo,
+                headers={"Content-Type": "image/jpeg"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            assert time.monotonic() - started < 2
+        for t in threads:
+            t.join(30)
+        # Eight at once, then the four that waited for a read thread: all within 2 × 3 s.
+        assert sorted(status for status, _ in answers) == [503] * 12, answers
+        assert max(took for _, took in answers) < 10, answers
+
+
+def test_allowed_sources_hold_against_encoded_dots_and_redirects(
+    hostile: Hostile, photos: Path
+) -> None:
+    h = hostile.url
+    env = {**os.environ, "ICS_ALLOWED_SOURCES": json.dumps([f"{h}/public/"])}
+    with serve_process(env=env) as served:
+
+        def classify(uri: str) -> httpx.Response:
+            return httpx.post(f"{served.url}/v1/classify", json={"uri": uri}, timeout=30)
+
+        assert classify(f"{h}/public/coffee.jpg").status_code == 200
+        inside = f"{h}/public/coffee.jpg"
+        assert classify(f"{h}/public/redirect?to={urllib.parse.quote(inside)}").status_code == 200
+        for uri in (
+            f"{h}/public/%2e%2e/secret.jpg",
+            f"{h}/public/%2E%2E/secret.jpg",
+            f"{h}/public/..%2fsecret.jpg",
+            f"{h}/public/%252e%252e/secret.jpg",
+            f"{h}/public/..;/secret.jpg",
+            f"{h}/public/..\\secret.jpg",
+        ):
+            r = classify(uri)
+            assert r.status_code == 403 and error_of(r)["type"] == "Forbidden", (uri, r.text)
+        for target in (
+            f"{h}/secret.jpg",  # the same host, outside the prefix
+            f"{h}/public/../secret.jpg",
+            h.replace("127.0.0.1", "localhost") + "/public/coffee.jpg",  # another host name
+            f"{served.url}/metrics",  # the server itself
+            "http://169.254.169.254/latest/meta-data/",
+        ):
+            r = classify(f"{h}/public/redirect?to={urllib.parse.quote(target)}")
+            assert r.status_code == 403, (target, r.text)
+            assert error_of(r)["type"] == "SourceForbidden", (target, r.text)
+            assert "not under any allowed_sources prefix" in error_of(r)["message"]
+        # A batch execution's items are held to the same rule on every hop.
+        r = httpx.post(
+            f"{served.url}/v1/executions",
+            json={"sources": [f"{h}/public/redirect?to={urllib.parse.quote(f'{h}/secret.jpg')}"]},
+            timeout=30,
+        )
+        assert r.status_code == 202, r.text
+        execution_id = r.json()["execution_id"]
+        deadline = time.monotonic() + 60
+        while (doc := httpx.get(f"{served.url}/v1/executions/{execution_id}").json())[
+            "status"
+        ] == "RUNNING":
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.1)
+        results = httpx.get(f"{served.url}/v1/executions/{execution_id}/results").json()
+        assert [r["error"]["type"] for r in results["results"]] == ["SourceForbidden"], results
+    # The secret was never asked for, by any path.
+    assert not [t for t in hostile.got if "secret" in t.split("?")[0]], hostile.got
+
+
+def test_a_408_is_transient_for_sources_and_webhooks_alike(web: str) -> None:
+    with pytest.raises(SourceUnavailable, match="HTTP 408") as caught:
+        HttpSource(timeout_s=5).read(f"{web}/status/408", 10_000_000)
+    assert caught.value.retryable
+    with webhook_receiver(status=408) as receiver:
+        channel = WebhookChannel(receiver.url, timeout_s=5)
+        with pytest.raises(DeliveryError, match="HTTP 408") as refused:
+            channel.send({"alert_id": "a1"}, "t", "b")
+        channel.close()
+    assert refused.value.transient
+
+
+def test_a_webhook_that_drips_its_answer_is_given_up_at_the_deadline(hostile: Hostile) -> None:
+    channel = WebhookChannel(f"{hostile.url}/drip-headers", timeout_s=1)
+    started = time.monotonic()
+    with pytest.raises(DeliveryError, match="no whole answer within 1 s") as caught:
+        channel.send({"alert_id": "a1"}, "t", "b")
+    channel.close()
+    assert time.monotonic() - started < 2 and caught.value.transient

@@ -532,8 +532,8 @@ def test_configure_keeps_a_registered_source_and_closes_the_ones_it_replaces() -
         assert sources.source_for("https://h/x.jpg") is mine
         made = sources.source_for("http://h/x.jpg")
         assert isinstance(made, HttpSource) and made.timeout_s == 7
-        client = made.client
+        fetcher = made.fetcher
         sources.configure(Settings(http_timeout_s=8))
-        assert client.is_closed and sources.source_for("http://h/x.jpg") is not made
+        assert fetcher.closed and sources.source_for("http://h/x.jpg") is not made
     finally:
         sources.unregister("https")

@@ -157,6 +157,12 @@ class SourceUnreadable(ItemError):
     """The item exists but cannot be read (permissions, a folder, a special file)."""
 
 
+class SourceForbidden(ItemError):
+    """The item, or a redirect it answers with, is outside the server's allowed_sources."""
+
+    http_status = 403
+
+
 class SourceUnavailable(ItemError):
     """A transient failure reaching the item (timeouts, throttling, connection errors)."""
 
@@ -181,8 +187,8 @@ class ImageTooLarge(ItemError):
 
 
 class DecodeCancelled(ItemError):
-    """The run stopped while this image waited for decode memory: it was not decoded, and
-    the engine leaves its item pending instead of recording it."""
+    """The run stopped while this image was being read or waited for decode memory: it was
+    not decoded, and the engine leaves its item pending instead of recording it."""
 
     http_status = 503
 

@@ -19,7 +19,8 @@ import apprise
 from apprise.utils import cwe312
 
 from ..errors import UsageError
-from .delivery import DeliveryError, retryable_status
+from ..transient import transient_status
+from .delivery import DeliveryError
 
 # apprise's own tests for what in a URL is secret (its helpers carry no annotations).
 _looks_secret: Callable[[str], str] = cwe312.cwe312_word
@@ -170,7 +171,7 @@ class AppriseChannel:
         # A refusal (bad token or password, unknown channel, malformed request: HTTP 4xx,
         # SMTP 5xx) fails the same way each time; anything else (a connection error, HTTP
         # 5xx, SMTP 4xx) may pass later.
-        refused = [c for c in http if not retryable_status(c)]
+        refused = [c for c in http if not transient_status(c)]
         refused += [c for c in smtp if c >= 500]
         transient = not refused
         raise DeliveryError(

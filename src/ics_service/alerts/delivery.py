@@ -1,17 +1,7 @@
-"""The errors every alert channel raises when a delivery fails, and what all of them
-retry."""
+"""The errors every alert channel raises when a delivery fails. Which failures are retried
+is the rule of `ics_service.transient`, shared with the sources."""
 
 from __future__ import annotations
-
-#: HTTP answers worth trying again, for every channel that speaks HTTP (webhooks, apprise):
-#: any 5xx, and these 4xx (a timeout on the receiver's side, a conflict, too early, too
-#: many requests). Any other 4xx is a refusal: dead-lettered at once.
-RETRYABLE_4XX = frozenset({408, 409, 425, 429})
-
-
-def retryable_status(status: int) -> bool:
-    """Whether an HTTP answer that is not a success may pass if sent again."""
-    return status >= 500 or status in RETRYABLE_4XX
 
 
 class DeliveryError(Exception):

@@ -25,6 +25,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import UsageError
+from ..transient import transient_status
 from .delivery import DeliveryError, NotFromHere
 from .documents import clip
 
@@ -161,7 +162,7 @@ def _client_error(topic_arn: str, exc: ClientError) -> DeliveryError:
     code = str(error.get("Code", "Unknown"))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     message = _one_line(str(error.get("Message") or exc))
-    transient = code in _TRANSIENT_CODES or status >= 500 or status == 429
+    transient = code in _TRANSIENT_CODES or transient_status(status)
     if code == "NotFound":
         hint = ": create the topic or fix the ARN"
     elif code in ("AuthorizationError", "AccessDenied", "AccessDeniedException"):

@@ -8,6 +8,7 @@ refuse a replayed old request as well as a forged one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -16,24 +17,21 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
-from .. import __version__
+from .. import __version__, fetch
 from ..errors import UsageError
 from ..redact import hide_secrets
-from .delivery import DeliveryError, retryable_status
+from ..transient import transient_status
+from .delivery import DeliveryError
+
+#: The most of a receiver's answer read (its body is not used; a receiver that sends more
+#: is not waited for).
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
     """The X-ICS-Signature value of a body sent at timestamp."""
     mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
-
-
-def _phases(total_s: float) -> httpx.Timeout:
-    """httpx times each phase (connect, each write, each read) on its own: halves keep a
-    request that answers in one read within total_s."""
-    return httpx.Timeout(total_s / 2)
 
 
 class WebhookChannel:
@@ -45,14 +43,15 @@ class WebhookChannel:
         self.timeout_s = timeout_s
         # The secret is the subscription's to show (Subscription.shown), not part of the URL.
         self._shown = hide_secrets(url)
-        # One client (its connection pool and SSL context) for every send of the channel.
-        self._client = httpx.Client(timeout=_phases(timeout_s))
+        # One connection pool (and SSL context) for every send of the channel. Webhook URLs
+        # are the operator's own settings, so any address may be one.
+        self._fetcher = fetch.Fetcher(allow_link_local=True, user_agent=f"ics/{__version__}")
 
     def shown(self) -> str:
         return self._shown
 
     def close(self) -> None:
-        self._client.close()
+        self._fetcher.close()
 
     def send(
         self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
@@ -62,7 +61,6 @@ class WebhookChannel:
         payload = json.dumps(alert, separators=(",", ":"), default=str).encode()
         headers = {
             "Content-Type": "application/json",
-            "User-Agent": f"ics/{__version__}",
             "Idempotency-Key": str(alert["alert_id"]),
         }
         if self.secret is not None:
@@ -70,19 +68,26 @@ class WebhookChannel:
             headers["X-ICS-Timestamp"] = ts
             headers["X-ICS-Signature"] = signature(self.secret, ts, payload)
         try:
-            response = self._client.post(
-                self.url, content=payload, headers=headers, timeout=_phases(limit)
-            )
-        except httpx.TimeoutException:
-            raise DeliveryError(f"no answer within {limit:g} s") from None
-        except httpx.HTTPError as e:
-            raise DeliveryError(f"{type(e).__name__}: {e}") from None
-        status = response.status_code
+            with self._fetcher.open(
+                "POST", self.url, deadline=fetch.Deadline(limit), headers=headers, content=payload
+            ) as reply:
+                status, reason = reply.status, reply.reason
+                _drain(reply)
+        except fetch.TimedOut:
+            raise DeliveryError(f"no whole answer within {limit:g} s") from None
+        except fetch.FetchError as e:
+            raise DeliveryError(f"{type(e).__name__}: {e}", transient=e.transient) from None
         if 200 <= status < 300:
             return
-        transient = retryable_status(status)
+        transient = transient_status(status)
         raise DeliveryError(
-            f"HTTP {status} {response.reason_phrase}".rstrip()
-            + ("" if transient else " (refused: not retried)"),
+            f"HTTP {status} {reason}".rstrip() + ("" if transient else " (refused: not retried)"),
             transient=transient,
         )
+
+
+def _drain(reply: fetch.Reply) -> None:
+    """Read a short answer's body (the connection can then be used again); a longer or
+    slower one is not waited for: its status has said what happened."""
+    with contextlib.suppress(fetch.TooLarge, fetch.TimedOut, fetch.Unreachable):
+        reply.body(MAX_ANSWER_BYTES)

@@ -6,6 +6,7 @@ feed and an event that stops it, so any front end can drive it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -121,8 +122,17 @@ def check_name(name: str | None) -> None:
 class ExecutionRunner:
     """Starts, runs and resumes executions against one store with one model runtime."""
 
-    def __init__(self, settings: Settings, store: Store, runtime: ModelRuntime) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: ModelRuntime,
+        *,
+        confine: sources.Confine | None = None,
+    ) -> None:
         self.settings = settings
+        #: Which redirect targets an HTTP item may follow (a server's allowed_sources).
+        self.confine = confine
         self.store = store
         self.runtime = runtime
         card = runtime.card
@@ -297,7 +307,7 @@ class ExecutionRunner:
         pipeline = Pipeline(
             runtime=self.runtime,
             preprocess=Preprocessor(self.runtime.card, Limits.from_settings(s)),
-            reader=sources.read,
+            reader=functools.partial(sources.read, confine=self.confine),
             execution_id=execution.id,
             threshold=s.threshold,
             top_k=s.top_k,

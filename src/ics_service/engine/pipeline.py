@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,7 +31,13 @@ from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef
 
 log = logging.getLogger(__name__)
 
-Reader = Callable[[str, int], bytes]
+
+class Reader(Protocol):
+    def __call__(self, uri: str, max_bytes: int, *, stop: threading.Event) -> bytes:
+        """The item's bytes; a set `stop` may end the read (DecodeCancelled)."""
+        ...
+
+
 Emit = Callable[[list[ItemResult]], None]
 #: History events: (type, item seq or None, details).
 OnEvent = Callable[[str, int | None, dict[str, Any]], None]
@@ -217,7 +223,7 @@ class Pipeline:
 
         def attempt() -> tuple[np.ndarray, ImageInfo]:
             t0 = time.perf_counter()
-            data = self.reader(item.uri, self.preprocess.limits.max_bytes)
+            data = self.reader(item.uri, self.preprocess.limits.max_bytes, stop=self._stop)
             t1 = time.perf_counter()
             out = self.preprocess(data, stop=self._stop)
             if self.capture is not None and self.capture(item):

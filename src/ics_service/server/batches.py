@@ -51,8 +51,8 @@ from ..engine.recording import ResultSink
 from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
+from .allowed import Forbidden, allowed_uri, confine
 from .service import Service, is_realtime, plan_serving
-from .v1 import Forbidden, allowed_uri
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,12 @@ class Batches:
         planned = settings.model_copy(
             update={"inference_threads": threads, "inference_workers": workers}
         )
-        return ExecutionRunner(planned, self.store, self.service.runtime)
+        return ExecutionRunner(
+            planned,
+            self.store,
+            self.service.runtime,
+            confine=confine(self.settings.allowed_sources),
+        )
 
     def _run(self, job: Job) -> None:
         runner = self._runner(job.settings)

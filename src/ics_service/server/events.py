@@ -31,10 +31,10 @@ from ..errors import IcsError, UsageError
 from ..sources.remote import listed
 from ..store.watched import Seen, WatchState
 from ..types import Execution, ExecutionStatus
+from .allowed import Forbidden, allowed_uri
 from .batches import Batches
 from .executions import execution_doc
 from .jsonbody import BadJson, parse_json
-from .v1 import Forbidden, allowed_uri
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import queue
 import threading
@@ -19,10 +20,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .. import sources
 from ..capture import CaptureWriter, inference_id_of, open_capture
 from ..capture.record import content_type_of
 from ..config import Settings
-from ..engine.batcher import Batcher
+from ..engine.batcher import Batcher, QueueFull
 from ..engine.execution import REALTIME_PREFIX
 from ..engine.lifecycle import HEARTBEAT_SECONDS, is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
@@ -42,6 +44,7 @@ from ..types import (
     ModelRef,
     utcnow,
 )
+from .allowed import confine
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,11 @@ def is_realtime(execution: Execution) -> bool:
 
 #: How long a client should wait before trying again when the queue is full.
 RETRY_AFTER_S = 1
+#: `uri` reads run at once, on threads of their own: never on the decode pool, so that a
+#: slow source cannot hold the decoding (or the model) of other requests.
+READ_WORKERS = 8
+#: `uri` reads that may wait for a read thread; beyond, 503 with Retry-After.
+READ_QUEUE = 32
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,11 @@ class Service:
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers or default_workers(), thread_name_prefix="ics-decode"
         )
+        self.read_pool = ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="ics-read")
+        #: The stop events of the `uri` reads queued or running (see `read`).
+        self._reads: set[threading.Event] = set()
+        self._reads_lock = threading.Lock()
+        self._confine = confine(settings.allowed_sources)
         self.batcher = Batcher(
             runtime,
             solo=_solo_runtime(runtime, solo_threads(settings)),
@@ -144,6 +157,36 @@ class Service:
             threshold=self.settings.threshold if threshold is None else threshold,
             top_k=self.settings.top_k if top_k is None else top_k,
         )
+
+    async def read(self, uri: str) -> bytes:
+        """The bytes of a checked `uri` input, read on the read pool within
+        request_timeout_s (a 504 beyond) and http_timeout_s (a 503). A request that gives
+        up, or a server that stops, ends its read within a fraction of a second; redirects
+        are followed only under allowed_sources."""
+        stop = threading.Event()
+        with self._reads_lock:
+            if len(self._reads) >= READ_WORKERS + READ_QUEUE:
+                raise QueueFull(f"{len(self._reads)} uri reads are already in progress")
+            self._reads.add(stop)
+        read = functools.partial(
+            sources.read, uri, self.settings.max_bytes, stop=stop, confine=self._confine
+        )
+        try:
+            future = self.read_pool.submit(read)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            self._read_done(stop)
+            raise
+        future.add_done_callback(lambda _: self._read_done(stop))
+        try:
+            return await asyncio.wait_for(
+                asyncio.wrap_future(future), self.settings.request_timeout_s
+            )
+        finally:
+            stop.set()
+
+    def _read_done(self, stop: threading.Event) -> None:
+        with self._reads_lock:
+            self._reads.discard(stop)
 
     async def decode(self, data: bytes) -> tuple[np.ndarray, ImageInfo]:
         """The model's input for an encoded image, decoded on the decode pool."""
@@ -246,6 +289,10 @@ class Service:
     def close(self) -> None:
         """Finish the decodes, batches and records in flight, then release the pools."""
         self.ready = False
+        with self._reads_lock:
+            for stop in self._reads:
+                stop.set()
+        self.read_pool.shutdown(wait=True)
         self.decode_pool.shutdown(wait=True)  # first: a decode may still submit to the batcher
         self.batcher.close()
         if self.log is not None:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import os
-import posixpath
-import urllib.parse
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import sources
 from ..errors import UsageError
+from .allowed import allowed_uri
 from .jsonbody import BadJson, parse_json
 from .service import Options, Service
 
@@ -23,10 +19,6 @@ router = APIRouter()
 
 #: Content types taken as one raw image body.
 RAW_TYPES = ("image/", "application/x-image", "application/octet-stream")
-
-
-class Forbidden(UsageError):
-    http_status = 403
 
 
 def service_of(request: Request) -> Service:
@@ -168,66 +160,8 @@ async def _json_image(service: Service, doc: dict[str, Any]) -> tuple[bytes, str
             raise UsageError("uri must be a non-empty string")
         # Read what was checked: the resolved path, not a symlink that could change since.
         checked = allowed_uri(uri, service.settings.allowed_sources)
-        loop = asyncio.get_running_loop()
-        max_bytes = service.settings.max_bytes
-        data = await loop.run_in_executor(service.decode_pool, sources.read, checked, max_bytes)
-        return data, uri
+        return await service.read(checked), uri
     raise UsageError('the JSON body needs "image_base64" or "uri"')
-
-
-def allowed_uri(uri: str, allowed: list[str]) -> str:
-    """The uri to read, or Forbidden (403) outside every allowed source prefix: paths are
-    compared after resolving `..` and symlinks, so neither can escape a root, and the
-    resolved path is what is returned."""
-    if sources.scheme_of(uri) != "file":
-        if _literal_keys(uri) and not _plain_key(uri):
-            # An object store reads the key as written, not the normalised path checked.
-            raise Forbidden(f"uri {uri!r} has '.' or '..' segments in its key: not read")
-        if any(_url_under(uri, prefix) for prefix in allowed if _remote(prefix)):
-            return uri
-        raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
-    local = sources.uri_to_path(uri)
-    if "\0" in local:
-        raise UsageError(f"uri {uri!r} holds a NUL character: no file is named so")
-    path = os.path.realpath(local)
-    for prefix in allowed:
-        if not _remote(prefix) and _under(path, os.path.realpath(sources.uri_to_path(prefix))):
-            return sources.path_to_uri(path)
-    raise Forbidden(
-        f"uri {uri!r} is not under any allowed_sources prefix"
-        + ("" if allowed else " (none is configured: set allowed_sources)")
-    )
-
-
-def _remote(prefix: str) -> bool:
-    return sources.scheme_of(prefix) != "file"
-
-
-def _under(path: str, root: str) -> bool:
-    """Whether the normalised path is root or inside it (a path boundary, not a text prefix)."""
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _literal_keys(uri: str) -> bool:
-    """Whether the URI names an object store key (S3, GCS...), which is read as written."""
-    return sources.scheme_of(uri) not in ("http", "https")
-
-
-def _plain_key(uri: str) -> bool:
-    """No `.` or `..` segment in the key: no client would read it as the path it seems."""
-    key = uri.partition("://")[2].partition("/")[2]
-    return not any(p in (".", "..") for p in key.split("/"))
-
-
-def _url_under(uri: str, prefix: str) -> bool:
-    """Same scheme and host, and a path under the prefix's: an object store's key as
-    written, a URL's path normalised (no `..` escape)."""
-    u, p = urllib.parse.urlsplit(uri), urllib.parse.urlsplit(prefix)
-    if (u.scheme.lower(), u.netloc.lower()) != (p.scheme.lower(), p.netloc.lower()):
-        return False
-    if _literal_keys(uri):
-        return _under(u.path or "/", p.path or "/")
-    return _under(posixpath.normpath("/" + u.path), posixpath.normpath("/" + p.path))
 
 
 @router.get("/healthz", summary="Liveness: the process answers")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -19,7 +20,7 @@ from . import manifests
 from .local import LocalSource, path_to_uri, uri_to_path
 from .remote import FsspecSource, list_objects, sources_for, split_url
 from .select import Selection, base_of, relative
-from .web import HttpSource
+from .web import Confine, HttpSource
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -263,11 +264,24 @@ def _in_manifest(uri: str) -> str:
     return relative(base_of("."), uri)
 
 
-def read(uri: str, max_bytes: int) -> bytes:
-    return source_for(uri).read(uri, max_bytes)
+def read(
+    uri: str,
+    max_bytes: int,
+    *,
+    stop: threading.Event | None = None,
+    confine: Confine | None = None,
+) -> bytes:
+    """The item's bytes. An HTTP read ends when `stop` is set (DecodeCancelled) and follows
+    only the redirects that `confine` accepts; other sources have no redirects, and their
+    reads are bounded by their own timeouts."""
+    source = source_for(uri)
+    if isinstance(source, HttpSource):
+        return source.read(uri, max_bytes, stop=stop, confine=confine)
+    return source.read(uri, max_bytes)
 
 
 __all__ = [
+    "Confine",
     "Duplicates",
     "FsspecSource",
     "HttpSource",

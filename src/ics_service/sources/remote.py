@@ -34,6 +34,7 @@ from ..errors import (
     UsageError,
 )
 from ..imaging import IMAGE_EXTENSIONS
+from ..transient import transient_error, transient_status
 
 log = logging.getLogger(__name__)
 
@@ -263,16 +264,17 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
 
 
 def is_transient(e: BaseException) -> bool:
-    """Timeouts, throttling (SlowDown, 503), 5xx and lost connections."""
+    """Timeouts, throttling (SlowDown, 503), the statuses `transient_status` retries and
+    lost connections."""
     for err in _chain(e):
-        if isinstance(err, TimeoutError | asyncio.TimeoutError | ConnectionError):
+        if transient_error(err) or isinstance(err, asyncio.TimeoutError):
             return True
         if type(err).__name__ in _TRANSIENT_NAMES:
             return True
         if isinstance(err, OSError) and err.errno in _TRANSIENT_ERRNOS:
             return True
         status = _http_status(err)
-        if status is not None and (status >= 500 or status == 429):
+        if status is not None and transient_status(status):
             return True
     return False
 
