@@ -36,7 +36,7 @@ from typing import Any
 
 import httpcore
 
-from .transient import transient_status
+from .policies import transient_status
 
 #: Longest wait of one socket operation before the deadline and the stop event are looked
 #: at again.
@@ -55,7 +55,7 @@ class FetchError(Exception):
     """A request that got no usable answer. Messages never name the URL (callers do,
     as they may show it)."""
 
-    #: Whether the same request may pass if made again (see transient.py).
+    #: Whether the same request may pass if made again (`policies.transient_status`).
     transient = False
 
 

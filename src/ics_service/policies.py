@@ -7,6 +7,11 @@ never deterministic ones such as InvalidImage or ImageTooLarge.
 
 FilterLowConfidence (`decide`) turns class probabilities into a status, a label and the
 top k.
+
+Which failed outbound calls are worth making again is one rule for every caller (HTTP
+sources, webhooks and other HTTP alert channels, object storage): an HTTP answer is
+transient when it is a 5xx or one of `TRANSIENT_4XX` (any other 4xx is a refusal that the
+same request meets again); timeouts and lost or refused connections are transient.
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ from .errors import IcsError
 from .types import ItemStatus, Prediction
 
 T = TypeVar("T")
+
+#: 4xx answers that may pass when sent again: the server's own request timeout, a conflict,
+#: too early, too many requests.
+TRANSIENT_4XX = frozenset({408, 409, 425, 429})
+
+
+def transient_status(status: int) -> bool:
+    """Whether an HTTP answer that is not a success may pass if the request is made again."""
+    return status >= 500 or status in TRANSIENT_4XX
+
+
+def transient_error(error: BaseException) -> bool:
+    """Whether an exception (not an HTTP answer) is a timeout or a lost connection."""
+    return isinstance(error, TimeoutError | ConnectionError)
+
 
 ALL = "States.ALL"
 TRANSIENT = "States.Transient"

@@ -19,7 +19,7 @@ import apprise
 from apprise.utils import cwe312
 
 from ..errors import UsageError
-from ..transient import transient_status
+from ..policies import transient_status
 from .delivery import DeliveryError
 
 # apprise's own tests for what in a URL is secret (its helpers carry no annotations).

@@ -1,5 +1,5 @@
 """The errors every alert channel raises when a delivery fails. Which failures are retried
-is the rule of `ics_service.transient`, shared with the sources."""
+is the rule of `ics_service.policies.transient_status`, shared with the sources."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from ..errors import UsageError
-from ..transient import transient_status
+from ..policies import transient_status
 from .delivery import DeliveryError, NotFromHere
 from .documents import clip
 

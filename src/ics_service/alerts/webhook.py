@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 from .. import __version__, fetch
 from ..errors import UsageError
+from ..policies import transient_status
 from ..redact import hide_secrets
-from ..transient import transient_status
 from .delivery import DeliveryError
 
 #: The most of a receiver's answer read (its body is not used; a receiver that sends more

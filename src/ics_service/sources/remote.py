@@ -34,7 +34,7 @@ from ..errors import (
     UsageError,
 )
 from ..imaging import IMAGE_EXTENSIONS
-from ..transient import transient_error, transient_status
+from ..policies import transient_error, transient_status
 
 log = logging.getLogger(__name__)
 

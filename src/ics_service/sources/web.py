@@ -28,7 +28,7 @@ from ..errors import (
     SourceUnavailable,
     SourceUnreadable,
 )
-from ..transient import transient_status
+from ..policies import transient_status
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
