@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -317,6 +318,35 @@ def test_the_tables_the_queries_use_are_the_ones_the_migrations_build(
         assert migrated == describe_schema(declared)
     finally:
         declared.dispose()
+
+
+def test_registered_uris_come_from_the_uri_index_however_long_the_uri(
+    store_url: str, store_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resume's skip-by-URI lookup (migration 6's ix_ics_items_uri): exact matches of this
+    execution only, a URI longer than a PostgreSQL btree entry included, on a store migrated
+    from version 5 with its items already there."""
+    long = "https://example.com/a.jpg?X-Amz-Signature=" + secrets.token_hex(4000)
+    odd = "file:///photos/caf%C3%A9%20\u00fc.jpg"
+    with shipped_up_to(5, monkeypatch), opened(store_url) as store:
+        e = new_execution(store)
+        store.add_items(e.id, [*uris(2000), odd])
+    with opened(store_url) as store:
+        assert store.schema_version() == migrations.LATEST
+        other = new_execution(store)
+        store.add_items(other.id, uris(10, start=5000))
+        store.add_items(e.id, [long], start_seq=2001)
+        asked = [*uris(10, start=1995), long, odd, "file:///photos/none.jpg", *uris(3, start=5000)]
+        assert store.registered_uris(e.id, asked) == {*uris(5, start=1995), long, odd}
+        assert store.registered_uris(other.id, asked) == set(uris(3, start=5000))
+        if store_backend == "sqlite":
+            with store.engine.connect() as conn:
+                plan = conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN SELECT uri FROM ics_items "
+                    "WHERE execution_id = ? AND uri IN (?, ?)",
+                    (e.id, long, odd),
+                ).all()
+            assert "ix_ics_items_uri" in str(plan), plan
 
 
 def test_reopening_a_store_does_not_migrate_again(

@@ -221,6 +221,21 @@ def _v5(conn: Connection) -> None:
         conn.exec_driver_sql(index)
 
 
+#: Version 6: the index of resume's lookup of registered URIs (`Store.registered_uris`).
+#: PostgreSQL indexes an MD5 of the URI: a btree entry holds at most about 2,700 bytes,
+#: which a long URL (a presigned query string) can pass, and an insert would then fail.
+_V6_URI_INDEX = {
+    "sqlite": "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, uri)",
+    "postgresql": "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, md5(uri))",
+}
+
+
+def _v6(conn: Connection) -> None:
+    """ix_ics_items_uri: which of a chunk of listed URIs an execution registered is a few
+    index lookups, not a scan of all its items (a resume of a 1,000,000-item execution)."""
+    conn.exec_driver_sql(_V6_URI_INDEX[conn.dialect.name])
+
+
 #: (version, migration) in order. The last version is the schema this code expects.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _v1),
@@ -228,6 +243,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (3, _v3),
     (4, _v4),
     (5, _v5),
+    (6, _v6),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     Boolean,
     Column,
     DateTime,
@@ -78,6 +79,13 @@ items = Table(
     Column("metadata", Text, nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
+# Added by migration 6, per dialect (PostgreSQL: over md5(uri)); created here as DDL, as
+# the migration writes it, so that both dialects' tables match what the migrations build.
+for _dialect, _ddl in (
+    ("sqlite", "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, uri)"),
+    ("postgresql", "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, md5(uri))"),
+):
+    event.listen(items, "after_create", DDL(_ddl).execute_if(dialect=_dialect))  # type: ignore[no-untyped-call]
 
 
 # Pending items and recorded results, each in seq order: PostgreSQL cannot read

@@ -8,6 +8,7 @@ database failure surfaces as a StoreError naming the store, never as SQL.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import secrets
@@ -419,12 +420,18 @@ class Store:
         return seq - start_seq
 
     def registered_uris(self, execution_id: str, uris: Sequence[str]) -> set[str]:
-        """Which of uris the execution has registered as items."""
-        q = select(items.c.uri).where(
-            items.c.execution_id == execution_id, items.c.uri.in_(list(uris))
-        )
+        """Which of uris the execution has registered as items (through ix_ics_items_uri:
+        on PostgreSQL it indexes md5(uri), so the query looks up the digests)."""
+        wanted = set(uris)
+        if self.engine.dialect.name == "postgresql":
+            digests = [hashlib.md5(u.encode("utf-8", "surrogatepass")).hexdigest() for u in wanted]
+            match = func.md5(items.c.uri).in_(digests)
+        else:
+            match = items.c.uri.in_(list(wanted))
+        q = select(items.c.uri).where(items.c.execution_id == execution_id, match)
         with self._connect() as conn:
-            return {row.uri for row in conn.execute(q)}
+            # The digests match what was asked for (an MD5 collision would add a stranger).
+            return {row.uri for row in conn.execute(q)} & wanted
 
     def pending_items(
         self, execution_id: str, *, page_size: int = _PAGE, after: int = -1
