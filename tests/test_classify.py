@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import imagefiles as f
-from cli import ICS_BIN, ics
+from cli import ICS_BIN, ics, ics_process
 from ics_service.config import load_settings
 from ics_service.engine import ExecutionRunner
 from ics_service.errors import ExitCode
@@ -289,13 +289,36 @@ def test_executions_are_recorded_and_listed(ics_home: Path, photos: Path) -> Non
     assert res.exit_code == ExitCode.USAGE, res.output
     assert "Error: no execution 'nope' in " in res.output
 
+    # The name is as good as the id, in every command that takes one; a real process too.
+    proc = ics_process("executions", "show", "nightly", "--json")
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert json.loads(proc.stdout)["execution_id"] == eid
+    history = ics("executions", "history", "nightly", "--json")
+    assert history.exit_code == ExitCode.OK, history.output
+    assert json.loads(history.stdout)[0]["type"] == "ExecutionStarted"
+    cancel = ics("executions", "cancel", "nightly")
+    assert cancel.exit_code == ExitCode.OK and f"{eid}: FAILED" in cancel.stdout, cancel.output
+    resume = ics("executions", "resume", "nightly")
+    assert resume.exit_code == ExitCode.USAGE, resume.output
+    assert f"execution {eid} is FAILED: every item has its result" in resume.output
+    year = eid[:4]
+    res = ics("classify", str(photos / "coffee.jpg"), "--name", year)
+    assert res.exit_code == ExitCode.OK, res.output
+    res = ics("executions", "show", year)  # a name, and the start of the ids of both
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert f"Error: execution '{year}' is ambiguous: it is the name of " in res.output
+    assert eid in res.output
+    res = ics("classify", str(photos / "coffee.jpg"), "--name", eid.replace(eid[-6:], "abcdef"))
+    assert res.exit_code == ExitCode.USAGE, res.output
+    assert "has the form of an execution id" in res.output
+
     again = ics("classify", str(photos), "--json", "--name", "nightly")
     assert again.exit_code == ExitCode.FAILED, again.output  # that execution's outcome
     assert json.loads(again.stdout)["execution_id"] == eid  # a used name returns that one
     assert "already exists" in again.stderr
     res = ics("executions", "list", "--json")
     assert res.exit_code == ExitCode.OK, res.output
-    assert len(json.loads(res.stdout)) == 1
+    assert len(json.loads(res.stdout)) == 2  # and the one named after the year
 
 
 def test_json_logs_carry_execution_and_item(ics_home: Path, mixed: Path) -> None:

@@ -157,6 +157,27 @@ async def test_a_batch_runs_and_its_results_are_served(
         assert [e["execution_id"] for e in listed["executions"]] == [execution_id]
         assert listed["next"] is None
 
+        # By its name wherever an id is taken.
+        by_name = (await client.get("/v1/executions/nightly")).json()
+        assert by_name["execution_id"] == execution_id and by_name["status"] == "SUCCEEDED"
+        r = await client.get("/v1/executions/nightly/results?format=jsonl")
+        assert [json.loads(line) for line in r.text.splitlines()] == pages
+        named_events = (await client.get("/v1/executions/nightly/history")).json()["events"]
+        assert named_events == events
+        r = await client.post("/v1/executions/nightly/cancel")
+        assert r.status_code == 200 and r.json()["status"] == "SUCCEEDED", r.text
+        r = await client.post("/v1/executions/nightly/resume")
+        assert r.status_code == 400 and "every item has its result" in r.text, r.text
+        # A name that also starts another execution's id: the answer lists both.
+        other = await start(client, sources=[str(photos)], name=execution_id[:8])
+        await finished(client, other["execution_id"])
+        r = await client.get(f"/v1/executions/{execution_id[:8]}")
+        assert r.status_code == 400, r.text
+        message = error_of(r)["message"]
+        assert f"is the name of {other['execution_id']}" in message and execution_id in message
+        r = await client.get("/v1/executions/weekly")
+        assert r.status_code == 404 and error_of(r)["type"] == "ExecutionNotFound"
+
 
 async def test_executions_are_listed_a_page_at_a_time(
     ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path

@@ -835,6 +835,24 @@ def test_an_ambiguous_id_prefix_names_its_matches(store: Store) -> None:
     assert store.get_execution("20260101-120000-b2").id == two[1]
 
 
+def test_an_execution_is_found_by_its_name_unless_that_is_ambiguous(store: Store) -> None:
+    nightly = new_execution(store, name="nightly", execution_id="20260101-120000-c11111")
+    other = new_execution(store, name="2026", execution_id="20260102-120000-c22222")
+    assert store.get_execution("nightly").id == nightly.id
+    assert store.get_execution(nightly.id).id == nightly.id
+    assert store.get_execution("20260101").id == nightly.id  # a unique start of an id
+    # "2026" names one execution and starts the ids of both: which one is meant?
+    with pytest.raises(UsageError) as caught:
+        store.get_execution("2026")
+    assert not isinstance(caught.value, ExecutionNotFound)
+    assert str(caught.value) == (
+        f"execution '2026' is ambiguous: it is the name of {other.id} and the start of the "
+        f"id of {nightly.id}; give the full id"
+    )
+    with pytest.raises(ExecutionNotFound, match="no id, start of an id or name matches it"):
+        store.get_execution("weekly")
+
+
 def test_an_execution_name_is_used_once(store: Store) -> None:
     e, created = store.create_execution(
         params={"run": 1}, model=MODEL, threshold=0.94, name="nightly"

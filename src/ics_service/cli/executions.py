@@ -28,7 +28,10 @@ from .render import outside, print_results_table, print_summary, styled_status, 
 
 @main.group()
 def executions() -> None:
-    """Inspect, cancel and resume executions."""
+    """Inspect, cancel and resume executions.
+
+    EXECUTION_ID is an execution's id, a unique start of it, or the execution's name.
+    """
 
 
 @executions.command("list")
@@ -93,7 +96,7 @@ def executions_list(limit: int, status: str | None, as_json: bool, **kwargs: Any
 def executions_show(
     execution_id: str, with_results: bool, status: str | None, as_json: bool, **kwargs: Any
 ) -> None:
-    """Show one execution (a unique prefix of its id is enough)."""
+    """Show one execution: EXECUTION_ID is its id, a unique start of it, or its name."""
     with open_store(kwargs) as store:
         e = store.get_execution(execution_id)
         results = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -105,8 +106,17 @@ REALTIME_PREFIX = "realtime-"
 WATCH_PREFIX = "watch-"
 
 
+#: The form of an execution id (store.new_execution_id): no name may have it.
+_ID_FORM = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
+
+
 def check_name(name: str | None) -> None:
-    """Refuse an execution name that only the real-time executions may have."""
+    """Refuse an execution name kept for the real-time or watch executions, or one that has
+    the form of an id (executions are found by id or name: it would be another's id)."""
+    if name is not None and _ID_FORM.fullmatch(name):
+        raise UsageError(
+            f"execution name {name!r} has the form of an execution id; choose another name"
+        )
     if name is not None and name.startswith(REALTIME_PREFIX):
         raise UsageError(
             f"execution names starting with {REALTIME_PREFIX!r} are kept for the real-time "

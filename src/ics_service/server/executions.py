@@ -144,8 +144,11 @@ def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
 
 @router.get(
     "/v1/executions/{execution_id}",
-    summary="One execution (a unique prefix of its id is enough)",
-    responses={404: {"description": "No such execution."}},
+    summary="One execution, by id, a unique start of its id, or its name",
+    responses={
+        400: {"description": "Several executions match (the error lists them)."},
+        404: {"description": "No such execution."},
+    },
 )
 def get_execution(execution_id: str, request: Request) -> dict[str, Any]:
     batches = _batches(request)

@@ -209,31 +209,37 @@ class Store:
         return None if row is None else execution_from_row(row._mapping)
 
     def get_execution(self, execution_id: str) -> Execution:
-        """The execution with this id, or the only one whose id starts with it."""
+        """The execution with this id; else the one with this name, or the only one whose id
+        starts with it (a name that is also the start of other ids is ambiguous)."""
         with self._connect() as conn:
             row = conn.execute(select(executions).where(executions.c.id == execution_id)).first()
+            if row is not None:
+                return execution_from_row(row._mapping)
             matches: list[Row[Any]] = []
-            if row is None and execution_id:
+            if execution_id:
+                named = conn.execute(
+                    select(executions).where(executions.c.name == execution_id)
+                ).first()
+                matches = [] if named is None else [named]
                 # Accept a unique prefix, as people copy the start of an id. Compared with
                 # substr, not LIKE: `_` and `%` are plain characters, and case matters on
                 # SQLite (whose LIKE ignores it) as on PostgreSQL.
                 prefix = func.substr(executions.c.id, 1, len(execution_id))
-                matches = list(
-                    conn.execute(
-                        select(executions)
-                        .where(prefix == execution_id)
-                        .order_by(executions.c.id)
-                        .limit(_AMBIGUOUS_SHOWN + 1)
-                    ).all()
-                )
+                matches += conn.execute(
+                    select(executions)
+                    .where(prefix == execution_id)
+                    .order_by(executions.c.id)
+                    .limit(_AMBIGUOUS_SHOWN + 1)
+                ).all()
+        matches = list({m._mapping["id"]: m for m in matches}.values())
         if len(matches) > 1:
-            raise _ambiguous(execution_id, [m._mapping["id"] for m in matches])
-        row = row or (matches[0] if matches else None)
-        if row is None:
+            raise _ambiguous(execution_id, [m._mapping for m in matches])
+        if not matches:
             raise ExecutionNotFound(
-                f"no execution {execution_id!r} in {self.safe_url} (see `ics executions list`)"
+                f"no execution {execution_id!r} in {self.safe_url}: no id, start of an id "
+                "or name matches it (see `ics executions list`)"
             )
-        return execution_from_row(row._mapping)
+        return execution_from_row(matches[0]._mapping)
 
     def list_executions(
         self,
@@ -612,8 +618,16 @@ def _count_items(conn: Connection, execution_id: str) -> dict[str, int]:
     }
 
 
-def _ambiguous(prefix: str, ids: list[str]) -> UsageError:
+def _ambiguous(ref: str, rows: list[Any]) -> UsageError:
+    """Several executions answer to `ref`: the start of their ids, or the name of one."""
+    named = [str(r["id"]) for r in rows if r["name"] == ref]
+    ids = [str(r["id"]) for r in rows if r["name"] != ref]
     shown = ", ".join(ids[:_AMBIGUOUS_SHOWN]) + (", ..." if len(ids) > _AMBIGUOUS_SHOWN else "")
+    if not named:
+        return UsageError(
+            f"execution id prefix {ref!r} is ambiguous: it matches {shown}; give more characters"
+        )
     return UsageError(
-        f"execution id prefix {prefix!r} is ambiguous: it matches {shown}; give more characters"
+        f"execution {ref!r} is ambiguous: it is the name of {named[0]} and the start of the "
+        f"id of {shown}; give the full id"
     )
