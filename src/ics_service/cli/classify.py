@@ -239,7 +239,9 @@ def run_and_report(
     # Still being listed (it is registered as it runs): no total to show yet.
     shown_total = total if execution.items_listed else None
     first_result: list[float] = []  # seconds since the process started, when one came
-    with progress_bar(progress, shown_total, done) as advance:
+    with progress_bar(
+        progress, shown_total, done, listed=lambda: runner.listed_so_far(execution.id)
+    ) as advance:
 
         def on_results(results: Sequence[ItemResult]) -> None:
             if not first_result and results:
@@ -250,6 +252,7 @@ def run_and_report(
                 shown.extend(results)
 
         finished = runner.run(execution, sinks=[writer], on_results=on_results, stop=stop)
+        advance.settle(finished.counts.total)
     elapsed = time.perf_counter() - started
     if table:
         print_results_table(sorted(shown, key=lambda r: int(r.item_id)), summary_to_stderr)

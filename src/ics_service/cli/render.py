@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,36 +33,38 @@ def outside(text: str) -> Text:
 
 @contextmanager
 def progress_bar(
-    enabled: bool | None, total: int | None, done: int = 0
-) -> Iterator[Callable[[int], None]]:
+    enabled: bool | None,
+    total: int | None,
+    done: int = 0,
+    listed: Callable[[], tuple[int, bool] | None] | None = None,
+) -> Iterator[Advance]:
+    """A progress bar on stderr; `advance(n)` counts n more items done.
+
+    `total` None: the items are still being listed, and `listed()` says how many are known
+    so far and whether the listing has ended. Until it has, the total grows (shown as
+    "120/350+"), and neither a percentage nor an ETA is shown, as neither would be one.
+    """
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
-        yield lambda _n: None
+        yield Advance(lambda _n: None, lambda _total: None)
         return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    count, percent, eta = _total_columns()
     bar = Progress(
         TextColumn("classifying"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
+        count,
+        percent,
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        eta,
         console=stderr_console(),
         transient=False,
     )
-    task = bar.add_task("classify", total=total, completed=done, rate="")
+    final = total is not None or listed is None
+    task = bar.add_task("classify", total=total, completed=done, rate="", final=final)
     started = time.perf_counter()
     processed = 0
 
@@ -71,8 +74,86 @@ def progress_bar(
         rate = processed / max(time.perf_counter() - started, 1e-9)
         bar.update(task, advance=n, rate=f"{rate:,.0f} img/s")
 
-    with bar:
-        yield advance
+    ended = threading.Event()
+
+    def follow() -> None:
+        """The total as the listing grows it, until the listing has ended."""
+        while listed is not None:
+            state = listed()
+            if state is not None:
+                known, complete = state
+                bar.update(task, total=known, final=complete)
+                if complete:
+                    return
+            if ended.wait(0.1):
+                return
+
+    def settle(known: int) -> None:
+        ended.set()
+        if follower is not None:
+            follower.join()
+        bar.update(task, total=known, final=True)
+
+    follower = None
+    if not final:
+        follower = threading.Thread(target=follow, name="ics-progress-total", daemon=True)
+        follower.start()
+    try:
+        with bar:
+            yield Advance(advance, settle)
+    finally:
+        ended.set()
+        if follower is not None:
+            follower.join()
+
+
+class Advance:
+    """What `progress_bar` yields: `advance(n)` counts n more items done; `settle(total)`
+    gives the final total once the run has ended."""
+
+    def __init__(self, advance: Callable[[int], None], settle: Callable[[int], None]) -> None:
+        self._advance = advance
+        self.settle = settle
+
+    def __call__(self, n: int) -> None:
+        self._advance(n)
+
+
+def _total_columns() -> tuple[Any, Any, Any]:
+    """Columns for a total that may still grow: done/total, percentage, ETA."""
+    import datetime as dt
+
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    def final(task: Task) -> bool:
+        return bool(task.fields.get("final")) and task.total is not None
+
+    class Count(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            if task.total is None:
+                return Text(f"{task.completed:.0f}/?", style="progress.download")
+            more = "" if final(task) else "+"
+            return Text(f"{task.completed:.0f}/{task.total:.0f}{more}", style="progress.download")
+
+    class Percent(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            if not final(task):
+                return Text("")
+            return Text(f"{task.percentage:>3.0f}%", style="progress.percentage")
+
+    class Eta(ProgressColumn):
+        # Rich's own remaining-time column would guess from a total that may still grow.
+        def render(self, task: Task) -> Text:
+            if not final(task):
+                return Text("listing", style="progress.remaining")
+            remaining = task.time_remaining
+            if remaining is None:
+                return Text("ETA -:--:--", style="progress.remaining")
+            shown = dt.timedelta(seconds=max(0, round(remaining)))
+            return Text(f"ETA {shown}", style="progress.remaining")
+
+    return Count(), Percent(), Eta()
 
 
 def summary_doc(

@@ -53,6 +53,9 @@ _T = TypeVar("_T")
 #: How long a run that ends waits for its listing thread to stop.
 LISTING_STOP_SECONDS = 30.0
 
+#: Executions whose count of duplicates a runner keeps for `duplicates_dropped`.
+KEPT_COUNTS = 100
+
 #: Called once nothing may be interrupted by an exception any more; returns the stop event.
 Cooperate = Callable[[], threading.Event]
 
@@ -150,6 +153,8 @@ class ExecutionRunner:
         self.owner = owner_id()
         #: Listings of executions this runner started, for `run` to register as it goes.
         self._listings: dict[str, BackgroundListing] = {}
+        #: The listings `run` is registering now, by execution (see `listed_so_far`).
+        self._running: dict[str, BackgroundListing] = {}
         #: Items named twice that the listings `run` completed left out, by execution.
         self._duplicates: dict[str, int] = {}
         sources.configure(settings)
@@ -202,6 +207,14 @@ class ExecutionRunner:
                 )
                 execution = self.store.get_execution(execution.id)
         return execution, created
+
+    def listed_so_far(self, execution_id: str) -> tuple[int, bool] | None:
+        """While its items are being listed: (items known so far, whether the listing has
+        ended); None when this runner lists nothing for it (the total is the store's)."""
+        listing = self._listings.get(execution_id) or self._running.get(execution_id)
+        if listing is None:
+            return None
+        return listing.total, listing.done.is_set()
 
     def duplicates_dropped(self, execution_id: str) -> int | None:
         """How many items named twice in the SOURCEs the run of this execution left out
@@ -355,6 +368,7 @@ class ExecutionRunner:
                 if listing is None:
                     pipeline.run(self.store.pending_items(execution.id), emit, stop)
                 else:
+                    self._running[execution.id] = listing
                     listing.start()
                     pipeline.run(tail_pending(self.store, execution.id, listing, stop), emit, stop)
                     if stop.is_set():
@@ -362,10 +376,13 @@ class ExecutionRunner:
                     listing.wait()
                     if listing.complete and listing.duplicates is not None:
                         self._duplicates[execution.id] = listing.duplicates.count
+                        while len(self._duplicates) > KEPT_COUNTS:  # a server runs many
+                            del self._duplicates[next(iter(self._duplicates))]
             finally:
                 if listing is not None:
                     # A run that fails stops its listing too, before its end is recorded.
                     listing.stop(LISTING_STOP_SECONDS)
+                    self._running.pop(execution.id, None)
                 beating.set()
                 heart.join()
                 recorder.close()

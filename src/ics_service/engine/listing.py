@@ -54,6 +54,8 @@ class BackgroundListing:
         self.error: BaseException | None = None
         #: Every item registered and the execution marked listed.
         self.complete = False
+        #: Items listed so far (from start_seq on), for a progress bar's growing total.
+        self.listed = 0
         self.done = threading.Event()
         #: Set by the run when it stops for good: the listing stops at its next item (give
         #: the same event to `sources.expand_items(stopped=halt.is_set)` for it to stop at
@@ -84,7 +86,13 @@ class BackgroundListing:
         for entry in self._items:
             if self.halt.is_set():
                 return
+            self.listed += 1
             yield entry
+
+    @property
+    def total(self) -> int:
+        """The execution's items known so far: those registered before, and those listed."""
+        return self.start_seq + self.listed
 
     def wait(self) -> None:
         """Until the listing has ended (a signal may interrupt the wait)."""
