@@ -35,12 +35,8 @@ def _root(config: MkDocsConfig) -> Path:
 
 
 #: Repository files the site carries: where they are, and where they sit in the site.
+#: Besides these, every .md and .json file of benchmarks/ (out/ aside) keeps its place.
 REPO_FILES = {
-    "benchmarks/RESULTS.md": "benchmarks/RESULTS.md",
-    "benchmarks/LIMITS.md": "benchmarks/LIMITS.md",
-    "benchmarks/README.md": "benchmarks/README.md",
-    "benchmarks/results.json": "benchmarks/results.json",
-    "benchmarks/decode_compare.json": "benchmarks/decode_compare.json",
     "CHANGELOG.md": "changelog.md",
     "CONTRIBUTING.md": "contributing.md",
     "src/ics_service/capture/schema.json": "capture-schema.json",
@@ -50,14 +46,23 @@ REPO_FILES = {
 def on_files(files: Files, config: MkDocsConfig) -> Files:
     root = _root(config)
     sources = dict(REPO_FILES)
-    for path in sorted((root / "benchmarks" / "set-aside").glob("*")):
-        rel = path.relative_to(root).as_posix()
+    for rel in _benchmark_files(root):
         sources[rel] = rel
     for repo_path, site_path in sources.items():
         path = root / repo_path
         if path.is_file():
             files.append(File.generated(config, site_path, content=path.read_bytes()))
     return files
+
+
+def _benchmark_files(root: Path) -> list[str]:
+    """The benchmark results and notes (benchmarks/**/*.md, *.json), out/ aside."""
+    folder = root / "benchmarks"
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix in (".md", ".json") and p.is_file() and "out" not in p.relative_to(folder).parts
+    )
 
 
 def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
@@ -68,7 +73,7 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
         up = "../" * depth
         for repo_path, site_path in REPO_FILES.items():
             markdown = markdown.replace(f"]({up}{repo_path}", f"]({site_path}")
-        markdown = markdown.replace(f"]({up}benchmarks/set-aside/", "](benchmarks/set-aside/")
+        markdown = markdown.replace(f"]({up}benchmarks/", "](benchmarks/")
     if page.file.src_uri == "changelog.md":
         # Its link references are relative to the repository's page on GitHub
         # (../../compare/...): in the site, the headings stay plain text.
