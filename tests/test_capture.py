@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 import hashlib
+import http.server
 import json
 import logging
 import shutil
@@ -14,10 +15,10 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 import httpx
@@ -27,6 +28,7 @@ import pytest
 
 from awsserver import REGION, AwsServer
 from cli import ics, ics_process
+from ics_service import sources
 from ics_service.capture import CaptureWriter, capture_files, is_sampled, iter_records
 from ics_service.capture.record import capture_record, encode
 from ics_service.capture.sink import CaptureSink
@@ -36,6 +38,8 @@ from ics_service.errors import EnvironmentUnavailable
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server.app import create_app
+from ics_service.sources import storage
+from ics_service.sources.remote import FsspecSource
 from ics_service.store import Store
 from ics_service.types import Captured, ItemResult, ItemStatus, ModelRef
 from serving import client_of, serve_process
@@ -849,3 +853,110 @@ def test_the_schema_refuses_what_sagemaker_would_not_write() -> None:
     nothing = {**good, "captureData": {}}
     for bad in (no_version, wrong_mode, local_time, nothing):
         assert not validator.is_valid(bad), bad
+
+
+class _FlakyFront(http.server.BaseHTTPRequestHandler):
+    """In front of the moto server: answers the first `failures` PUTs of a capture file with
+    S3's 500 InternalError (transient), and passes every other request on to moto."""
+
+    protocol_version = "HTTP/1.1"  # so that a client's Expect: 100-continue is answered
+    upstream = ""
+    failures = 0
+    refused: ClassVar[list[str]] = []
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.command == "PUT" and ".ics-probe-" not in self.path and _FlakyFront.failures:
+            _FlakyFront.failures -= 1
+            _FlakyFront.refused.append(self.path)
+            error = (
+                b"<Error><Code>InternalError</Code>"
+                b"<Message>We encountered an internal error.</Message></Error>"
+            )
+            self.send_response(500)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "expect")}
+        r = httpx.request(
+            self.command, _FlakyFront.upstream + self.path, headers=headers, content=body
+        )
+        self.send_response(r.status_code)
+        for key, value in r.headers.items():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(r.content)))
+        self.end_headers()
+        self.wfile.write(r.content)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def flaky_front(aws: AwsServer) -> Iterator[str]:
+    _FlakyFront.upstream, _FlakyFront.failures, _FlakyFront.refused = aws.url, 0, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyFront)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
+def test_a_capture_upload_that_fails_transiently_is_retried_and_then_lands(
+    aws: AwsServer, flaky_front: str, photos: Path, tmp_path: Path
+) -> None:
+    s3 = boto3.client("s3", endpoint_url=aws.url, region_name=REGION)
+    s3.create_bucket(Bucket="captures")
+    previous = sources.source_for("s3://captures/x")
+    # No retries inside botocore: the retry seen is ICS's own.
+    options = {"endpoint_url": flaky_front, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    sources.register("s3", FsspecSource("s3", options))
+    try:
+        _FlakyFront.failures = 1
+        writer = CaptureWriter(tmp_path, upload_to="s3://captures/run")
+        writer.submit("e/0", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+        writer.close()
+    finally:
+        sources.register("s3", previous)
+    assert len(_FlakyFront.refused) == 1 and _FlakyFront.failures == 0
+    (key,) = [o["Key"] for o in s3.list_objects_v2(Bucket="captures")["Contents"]]
+    assert _FlakyFront.refused[0].endswith(key)
+    body = s3.get_object(Bucket="captures", Key=key)["Body"].read().decode()
+    assert [json.loads(line)["eventMetadata"]["inferenceId"] for line in body.splitlines()] == [
+        "e/0"
+    ]
+    # Uploaded, so not kept here.
+    assert capture_files(tmp_path) == []
+
+
+def test_an_upload_told_to_stop_does_not_retry(
+    aws: AwsServer, flaky_front: str, tmp_path: Path
+) -> None:
+    boto3.client("s3", endpoint_url=aws.url, region_name=REGION).create_bucket(Bucket="captures")
+    previous = sources.source_for("s3://captures/x")
+    options = {"endpoint_url": flaky_front, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    sources.register("s3", FsspecSource("s3", options))
+    local = tmp_path / "f.jsonl"
+    local.write_text("{}\n")
+    stop = threading.Event()
+    stop.set()
+    try:
+        _FlakyFront.failures = 3
+        started = time.monotonic()
+        with pytest.raises(Exception) as caught:
+            storage.upload(str(local), "s3://captures/run/f.jsonl", "capture files", stop=stop)
+    finally:
+        sources.register("s3", previous)
+    assert storage.is_transient(caught.value)
+    # One attempt, and none of the waits (1 + 2 + 4 s) before the retries.
+    assert len(_FlakyFront.refused) == 1 and time.monotonic() - started < 5.0

@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config import Settings
 from ..errors import EnvironmentUnavailable, UsageError
@@ -135,32 +134,21 @@ def check_capture_folder(settings: Settings) -> None:
 def _check_bucket(settings: Settings, url: str) -> None:
     """Refuse a capture bucket that cannot be written: a probe object is put and deleted."""
     from .. import sources
-    from ..sources.remote import is_transient
+    from ..sources import storage
 
     sources.configure(settings)
-    fs, bucket, key = _fs_of(f"{url}/.ics-probe-{uuid.uuid4().hex}")
+    bucket = url.partition("://")[2].partition("/")[0]
     try:
-        fs.pipe_file(f"{bucket}/{key}", b"")
-        fs.rm_file(f"{bucket}/{key}")
+        storage.probe(f"{url}/.ics-probe-", "capture files")
     except Exception as e:
         why = str(e).strip() or type(e).__name__
         if isinstance(e, FileNotFoundError):
             why = f"bucket {bucket!r} does not exist"
-        if is_transient(e):
+        if storage.is_transient(e):
             raise EnvironmentUnavailable(f"cannot reach the storage of {url}: {why}") from None
         raise UsageError(
             f"capture to {url} cannot be written ({why}); choose another --capture"
         ) from None
-
-
-def _fs_of(url: str) -> tuple[Any, str, str]:
-    from ..sources import source_for
-    from ..sources.remote import FsspecSource, split_url
-
-    source = source_for(url)
-    assert isinstance(source, FsspecSource)
-    _, bucket, key = split_url(url)
-    return source.fs, bucket, key
 
 
 def open_capture(settings: Settings) -> CaptureWriter | None:
@@ -377,12 +365,14 @@ class CaptureWriter:
             self._upload(f.final)
 
     def _upload(self, local: Path) -> None:
-        """Put a complete file at the same key under upload_to; keep it here if that fails."""
+        """Put a complete file at the same key under upload_to, retrying transient errors;
+        keep it here if that fails."""
+        from ..sources import storage
+
         assert self.upload_to is not None
         url = f"{self.upload_to}/{local.relative_to(self.root).as_posix()}"
         try:
-            fs, bucket, key = _fs_of(url)
-            fs.put_file(str(local), f"{bucket}/{key}")
+            storage.upload(str(local), url, "capture files")
         except Exception as e:
             log.error(
                 "data capture: %s could not be uploaded to %s (%s); it stays there",
