@@ -181,6 +181,11 @@ class Settings(BaseModel):
         default=None,
         description="Bearer token every API request must carry (ICS_API_TOKEN); unset: none.",
     )
+    docs_public: bool = Field(
+        default=False,
+        description="With an API token set, serve the API description (/openapi.json) without "
+        "it, so /docs opens with no token; by default the /docs page asks for the token.",
+    )
     token_file: Path | None = Field(
         default=None, description="File holding the API token (instead of api_token)."
     )

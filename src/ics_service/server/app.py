@@ -20,10 +20,10 @@ from ..engine.batcher import QueueFull
 from ..errors import IcsError
 from ..models.runtime import ModelRuntime
 from ..store import Store
-from . import events, executions, sagemaker, v1, v2
+from . import docs, events, executions, sagemaker, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
-from .guards import Authenticate, BodyBudget, BodyDeadline, BodyLimit, RequestLog
+from .guards import OPEN_PATHS, Authenticate, BodyBudget, BodyDeadline, BodyLimit, RequestLog
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
 from .sigv4 import verifier_of
@@ -66,10 +66,13 @@ def create_app(
         title="ICS, the Image Classification Service",
         version=__version__,
         lifespan=lifespan,
+        # ICS serves /docs itself, from local files (docs.py); ReDoc would load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for module in (v1, sagemaker, v2, executions, events):
+    for module in (v1, sagemaker, v2, executions, events, docs):
         app.include_router(module.router)
 
     # One set of handlers for every route: errors.py shapes the answer for the path (the
@@ -122,11 +125,18 @@ def create_app(
     # signed SageMaker invocations.
     token = settings.token
     sigv4 = verifier_of(settings)
+    # The docs page and its assets hold no data; the API description it reads does, unless
+    # the operator makes it public (docs_public).
+    open_paths = OPEN_PATHS | docs.OPEN_PATHS
+    if settings.docs_public:
+        open_paths |= {"/openapi.json"}
+    app.state.docs_need_token = bool(token or sigv4 is not None) and not settings.docs_public
     if token or sigv4 is not None:
         app.add_middleware(
             Authenticate,
             token=token,
             sigv4=sigv4,
+            open_paths=open_paths,
             budget=BodyBudget(settings.unauthenticated_body_memory),
             # SNS can send only the user and password of its endpoint URL (HTTP Basic).
             basic_paths={"/v1/events"},
