@@ -28,10 +28,10 @@ from ics_service.engine import watch as watch_module
 from ics_service.engine.execution import ExecutionRunner, execution_params
 from ics_service.engine.lifecycle import record_end
 from ics_service.engine.watch import FolderFeed, Watcher, default_name, feed_for
-from ics_service.errors import EnvironmentUnavailable, StoreError
+from ics_service.errors import EnvironmentUnavailable, ExitCode, StoreError
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.store import Store
-from ics_service.store.schema import executions, items
+from ics_service.store.schema import executions, items, watchers
 from ics_service.store.watched import Seen, WatchState
 from ics_service.types import ErrorInfo, Execution, ExecutionStatus, ModelRef
 from receivers import webhook_receiver
@@ -777,3 +777,103 @@ def test_watch_captures_and_alerts_like_classify(ics_home: Path, photos: Path, i
     kinds = [json.loads(line)["kind"] for line in alerts.read_text().splitlines()]
     assert kinds.count("item_failed") == 1
     assert kinds.count("low_confidence") == sum(d["counts"]["LOW_CONFIDENCE"] for d in docs)
+
+
+# --- ics watch forget -------------------------------------------------------------------------
+
+
+def watched_rows(store_url: str, watcher: str) -> int:
+    store = Store(store_url, create=False)
+    try:
+        return WatchState(store, watcher).count()
+    finally:
+        store.close()
+
+
+def watcher_owner(store_url: str, watcher: str) -> str | None:
+    """The process the store says runs the watcher."""
+    store = Store(store_url, create=False)
+    try:
+        with store.engine.connect() as conn:
+            owner = conn.execute(
+                select(watchers.c.owner).where(watchers.c.name == watcher)
+            ).scalar()
+        return None if owner is None else str(owner)
+    finally:
+        store.close()
+
+
+def forget(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(ICS_BIN), "watch", "forget", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_watch_forget_resets_a_stopped_watcher_and_refuses_a_running_one(
+    ics_home: Path, photos: Path, inbox: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    copies(photos, inbox, 3)
+    once = [str(ICS_BIN), "watch", str(inbox), "--name", "w", "--settle", "0", "--once"]
+    done = subprocess.run(once, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert watched_rows(store_url, "w") == 3
+
+    # Without a terminal, only --yes confirms.
+    res = forget("w")
+    assert res.returncode == ExitCode.USAGE, res.stderr
+    assert "deletes what it registered (3 files): confirm with --yes" in res.stderr
+    assert watched_rows(store_url, "w") == 3
+
+    # A running watcher of that name: refused, whatever the confirmation.
+    log = tmp_path / "watch.log"
+    proc = watch_process(str(inbox), "--name", "w", "--settle", "0", log=log)
+    try:
+        wait_for("the watcher to start", lambda: watcher_owner(store_url, "w"))
+        res = forget("w", "--yes")
+        assert res.returncode == ExitCode.USAGE, res.stderr
+        assert f"watcher w is running (in {socket.gethostname()}:{proc.pid})" in res.stderr
+        assert watched_rows(store_url, "w") == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        assert watcher_owner(store_url, "w") is None  # it recorded that it stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    # Stopped: forgotten, and the next start classifies the files again.
+    res = forget("w", "--yes")
+    assert res.returncode == 0, res.stderr
+    assert "watcher w: forgot 3 registered files" in res.stdout
+    assert watched_rows(store_url, "w") == 0
+    done = subprocess.run(once, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert watched_rows(store_url, "w") == 3
+    assert len(watch_items(store_url, "w")) == 6  # two micro-batches of the same 3 files
+    assert {e.name for e in batch_executions(store_url, "w")} == {"watch-w-1", "watch-w-2"}
+
+    # A watcher killed with SIGKILL recorded no stop: its process is gone, so it is no
+    # longer running, and forget goes ahead.
+    proc = watch_process(str(inbox), "--name", "w", "--settle", "0", log=log)
+    try:
+        wait_for("the watcher to start", lambda: watcher_owner(store_url, "w"))
+        assert forget("w", "--yes").returncode == ExitCode.USAGE
+        proc.kill()
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    res = forget("w", "--yes")
+    assert res.returncode == 0, res.stderr
+    assert watched_rows(store_url, "w") == 0
+    # Nothing registered: nothing to do, and an unknown name is no error.
+    res = forget("nobody-ran-this", "--yes")
+    assert res.returncode == 0 and "has registered nothing" in res.stdout

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..config import default
-from ..errors import ExitCode
+from ..errors import ExitCode, UsageError
 from ..logs import printable
 from ..types import Execution, ExecutionStatus
 from .alerts import notify_option
@@ -29,7 +29,23 @@ if TYPE_CHECKING:
     from ..engine.recording import ResultSink
 
 
-@main.command()
+class WatchCommand(click.Command):
+    """`ics watch SOURCE...`, and `ics watch forget NAME` when the first word is `forget`
+    (a folder named so is `./forget`): a group could not also take SOURCE arguments."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        if args and args[0] == "forget":
+            return watch_forget.make_context(f"{info_name} forget", args[1:], parent, **extra)
+        return super().make_context(info_name, args, parent, **extra)
+
+
+@main.command(cls=WatchCommand)
 @click.argument("sources", nargs=-1, required=True)
 @click.option(
     "--name",
@@ -123,7 +139,8 @@ def watch(
     restart (even after a crash) skips what is registered, resumes an unfinished
     micro-batch (one ended FAILED by an error, such as a full disk, included; one
     cancelled by `ics executions cancel` stays cancelled), and classifies what arrived
-    meanwhile. A file replaced with new content is classified again.
+    meanwhile. A file replaced with new content is classified again. `ics watch forget
+    NAME` deletes that state (a folder named forget is ./forget here).
 
     \b
     Exit codes:
@@ -205,3 +222,59 @@ def _print_batch(
             f"{c.low_confidence} low confidence, {c.failed} failed; results {path}"
         )
     )
+
+
+@click.command("forget")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@common_options
+def watch_forget(name: str, yes: bool, **kwargs: Any) -> None:
+    """Forget what watcher NAME has registered, so that its next start classifies every
+    file it finds again (the store keeps a row per file a watcher has seen).
+
+    Its micro-batch executions and their results stay; so does its batch counter (new
+    micro-batches get new names). Refused while the watcher runs (it records its process
+    and a heartbeat in the store): stop it first. Asks for confirmation unless --yes.
+    """
+    from ..engine.lifecycle import owner_gone
+    from ..engine.watch import check_watcher_name
+    from ..store.watched import WatchState
+    from .app import open_store
+
+    check_watcher_name(name)
+    with open_store(kwargs) as store:
+        state = WatchState(store, name)
+        count = state.count()
+        if not count:
+            click.echo(printable(f"watcher {name} has registered nothing: nothing to forget"))
+            return
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError(
+                    f"forgetting watcher {name} deletes what it registered ({count} files): "
+                    "confirm with --yes"
+                )
+            click.confirm(
+                printable(
+                    f"forget the {count} files watcher {name} registered? Its next start "
+                    "classifies them all again"
+                ),
+                abort=True,
+            )
+        forgotten = state.forget(owner_gone)
+        unfinished = state.unfinished()
+    click.echo(
+        printable(
+            f"watcher {name}: forgot {forgotten} registered files; its next start classifies "
+            "every file it finds again"
+        )
+    )
+    if unfinished:
+        click.echo(
+            printable(
+                f"note: {len(unfinished)} micro-batches of {name} are unfinished "
+                f"({', '.join(e.id for e in unfinished[:5])}"
+                f"{', ...' if len(unfinished) > 5 else ''}); its next start finishes them"
+            ),
+            err=True,
+        )

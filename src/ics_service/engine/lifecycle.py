@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import time
@@ -73,12 +74,19 @@ def is_orphaned(execution: Execution) -> bool:
     """RUNNING, but the process that ran it is gone (killed, crashed, machine restarted)."""
     if execution.status is not ExecutionStatus.RUNNING:
         return False
-    if execution.owner:
-        host, _, pid = execution.owner.rpartition(":")
+    return owner_gone(execution.owner, execution.heartbeat_at or execution.started_at)
+
+
+def owner_gone(owner: str | None, heartbeat_at: dt.datetime | None) -> bool:
+    """Whether the process `owner` (an `owner_id`), last heard of at heartbeat_at, is gone:
+    a dead process of this host, or no heartbeat for STALE_AFTER_SECONDS."""
+    if owner:
+        host, _, pid = owner.rpartition(":")
         if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
             return True
-    beat = execution.heartbeat_at or execution.started_at
-    return (utcnow() - beat).total_seconds() > STALE_AFTER_SECONDS
+    if heartbeat_at is None:
+        return True
+    return (utcnow() - heartbeat_at).total_seconds() > STALE_AFTER_SECONDS
 
 
 def record_end(

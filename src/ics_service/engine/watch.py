@@ -31,7 +31,7 @@ from ..sources.remote import S3_PROTOCOLS, FsspecSource, list_objects, listed, s
 from ..store.watched import Seen, WatchState
 from ..types import ErrorInfo, Execution, ExecutionStatus
 from .execution import ExecutionRunner, execution_params, settings_for
-from .lifecycle import STALE_AFTER_SECONDS, is_orphaned, record_end
+from .lifecycle import HEARTBEAT_SECONDS, STALE_AFTER_SECONDS, is_orphaned, record_end
 from .recording import ResultSink
 
 log = logging.getLogger(__name__)
@@ -458,6 +458,14 @@ class Watcher:
         complete and classified); returns the micro-batch executions run."""
         wake = threading.Event()
         started: list[Feed] = []
+        owner = self.runner.owner
+        # Who runs this watcher, kept alive while it runs: `ics watch forget` refuses then.
+        self.state.attach(owner)
+        beating = threading.Event()
+        heart = threading.Thread(
+            target=self._heartbeat, args=(owner, beating), name="ics-watch-beat", daemon=True
+        )
+        heart.start()
         try:
             for feed in self.feeds:
                 feed.start(wake.set)
@@ -484,7 +492,20 @@ class Watcher:
         finally:
             for feed in started:
                 feed.close()
+            beating.set()
+            heart.join()
+            try:
+                self.state.detach(owner)
+            except Exception as e:  # the store is gone: the heartbeat goes stale instead
+                log.warning("watcher %s: could not record that it stopped: %s", self.name, e)
         return self.executions
+
+    def _heartbeat(self, owner: str, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.state.beat(owner)
+            except Exception as e:  # a busy store must not stop the watcher
+                log.warning("watcher %s: heartbeat failed: %s", self.name, e)
 
     def _fresh(self, waiting: Iterable[Seen], stop: threading.Event) -> Iterator[list[Seen]]:
         """What the feeds found that is neither registered nor waiting, a slice at a time

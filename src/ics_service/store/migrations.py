@@ -236,6 +236,14 @@ def _v6(conn: Connection) -> None:
     conn.exec_driver_sql(_V6_URI_INDEX[conn.dialect.name])
 
 
+def _v7(conn: Connection) -> None:
+    """ics_watchers.owner and heartbeat_at: the process running a watcher now, so that
+    `ics watch forget` refuses to forget the state of a watcher that runs."""
+    ts = _V5_TYPES[conn.dialect.name]["ts"]
+    conn.exec_driver_sql("ALTER TABLE ics_watchers ADD COLUMN owner VARCHAR(255)")
+    conn.exec_driver_sql(f"ALTER TABLE ics_watchers ADD COLUMN heartbeat_at {ts}")
+
+
 #: (version, migration) in order. The last version is the schema this code expects.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _v1),
@@ -244,6 +252,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (4, _v4),
     (5, _v5),
     (6, _v6),
+    (7, _v7),
 ]
 LATEST = MIGRATIONS[-1][0]
 

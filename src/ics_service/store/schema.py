@@ -178,6 +178,10 @@ watchers = Table(
     # Micro-batches started so far: the next one's number (its execution name) comes from it.
     Column("batches", Integer, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Added by migration 7: the process running the watcher (NULL when none) and its
+    # last heartbeat.
+    Column("owner", String(255), nullable=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=True),
 )
 
 watched = Table(

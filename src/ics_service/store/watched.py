@@ -10,14 +10,16 @@ between "seen" and "registered", and never registered twice: the primary key of
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Insert, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Insert, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..errors import UsageError
 from ..types import Execution, ExecutionStatus, ModelRef, utcnow
 from .connection import store_errors
 from .rows import event_to_row, execution_from_row
@@ -163,6 +165,72 @@ class WatchState:
                 )
             )
         return self.store.get_execution(execution_id)
+
+    # --- who runs the watcher, and forgetting its state ---------------------------------
+
+    def attach(self, owner: str) -> None:
+        """Record that process `owner` runs this watcher now (its heartbeat starts now)."""
+        now = utcnow()
+        with self.store._begin() as conn:
+            conn.execute(
+                _dialect(conn)
+                .insert(watchers)
+                .values(name=self.watcher, batches=0, created_at=now, owner=owner, heartbeat_at=now)
+                .on_conflict_do_update(
+                    index_elements=[watchers.c.name], set_={"owner": owner, "heartbeat_at": now}
+                )
+            )
+
+    def beat(self, owner: str) -> None:
+        """The heartbeat of the process running this watcher (if it is still `owner`)."""
+        w = watchers.c
+        with self.store._begin() as conn:
+            conn.execute(
+                update(watchers)
+                .where(w.name == self.watcher, w.owner == owner)
+                .values(heartbeat_at=utcnow())
+            )
+
+    def detach(self, owner: str) -> None:
+        """Record that `owner` no longer runs this watcher."""
+        w = watchers.c
+        with self.store._begin() as conn:
+            conn.execute(
+                update(watchers)
+                .where(w.name == self.watcher, w.owner == owner)
+                .values(owner=None, heartbeat_at=None)
+            )
+
+    def count(self) -> int:
+        """How many objects (URI and version) this watcher has registered."""
+        q = select(func.count()).select_from(watched).where(watched.c.watcher == self.watcher)
+        with self.store._connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def forget(self, gone: Callable[[str | None, dt.datetime | None], bool]) -> int:
+        """Delete what this watcher registered (its ics_watched rows), so that its next
+        start classifies every object again; returns how many rows. Refused (UsageError)
+        while a process runs it: `gone(owner, heartbeat_at)` says whether the one recorded
+        is gone. Its batch counter is kept: new micro-batches do not reuse names."""
+        w = watchers.c
+        with self.store._begin() as conn:
+            # Takes the watcher's row lock (SQLite: the database's) first: a watcher that
+            # starts meanwhile waits for this transaction, and then finds nothing.
+            conn.execute(update(watchers).where(w.name == self.watcher).values(batches=w.batches))
+            row = conn.execute(
+                select(w.owner, w.heartbeat_at).where(w.name == self.watcher)
+            ).first()
+            if row is not None and row.owner is not None:
+                beat = row.heartbeat_at
+                if beat is not None and beat.tzinfo is None:  # SQLite keeps no zone: UTC
+                    beat = beat.replace(tzinfo=dt.UTC)
+                if not gone(row.owner, beat):
+                    raise UsageError(
+                        f"watcher {self.watcher} is running (in {row.owner}): stop it "
+                        "(SIGINT or SIGTERM), then forget it"
+                    )
+            deleted = conn.execute(delete(watched).where(watched.c.watcher == self.watcher))
+            return int(deleted.rowcount)
 
     def _next_batch(self, conn: Connection) -> int:
         values = {"name": self.watcher, "batches": 1, "created_at": utcnow()}
