@@ -11,6 +11,8 @@ misbehave, and prints `GOT <path>` when a request arrives (tests wait on that):
 - `/huge-length`: Content-Length 10^12, then bytes until the client hangs up.
 - `/redirect?to=URL`, `/public/redirect?to=URL`: 302 to URL (any host: another server, the
   client's own server).
+- `/slow-once/...`: the first request for a target as `/drip-body`, any later one served.
+- `/private/...`: 401 unless the request carries Basic authorization.
 - any path ending in `.jpg` (`/public/coffee.jpg`, `/secret.jpg`, also reached through
   `/public/%2e%2e/secret.jpg` by a server that decodes and resolves paths, as this one
   does): the photo, with a `X-Served-Path` header naming the resolved path.
@@ -31,6 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The request targets under /slow-once/ seen so far.
+_seen: set[str] = set()
+_seen_lock = threading.Lock()
+
 
 def _serve(conn: socket.socket, photo: bytes) -> None:
     with conn:
@@ -44,8 +50,17 @@ def _serve(conn: socket.socket, photo: bytes) -> None:
         print(f"GOT {target}", flush=True)
         parts = urllib.parse.urlsplit(target)
         path = parts.path
+        with _seen_lock:
+            first_time = target not in _seen
+            _seen.add(target)
+        if path.startswith("/slow-once/") and first_time:
+            path = "/drip-body"
+        if path.startswith("/private/") and b"\r\nauthorization: basic " not in data.lower():
+            path = "/unauthorized"
         try:
-            if path == "/drip-headers":
+            if path == "/unauthorized":
+                conn.sendall(b"HTTP/1.0 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+            elif path == "/drip-headers":
                 head = b"HTTP/1.0 200 OK\r\n" + b"X-Pad: " + b"a" * 7200 + b"\r\n\r\n"
                 for byte in head:
                     conn.sendall(bytes([byte]))

@@ -457,6 +457,10 @@ def test_allowed_sources_hold_against_encoded_dots_and_redirects(
             return httpx.post(f"{served.url}/v1/classify", json={"uri": uri}, timeout=30)
 
         assert classify(f"{h}/public/coffee.jpg").status_code == 200
+        # Credentials in a uri reach the read, never the result (nor the server's log).
+        presigned = classify(f"{h}/public/coffee.jpg?X-Amz-Signature=S1GSECRET")
+        assert presigned.json()["uri"] == f"{h}/public/coffee.jpg?X-Amz-Signature=***"
+        assert "/public/coffee.jpg?X-Amz-Signature=S1GSECRET" in hostile.got
         inside = f"{h}/public/coffee.jpg"
         assert classify(f"{h}/public/redirect?to={urllib.parse.quote(inside)}").status_code == 200
         for uri in (
@@ -496,6 +500,7 @@ def test_allowed_sources_hold_against_encoded_dots_and_redirects(
             time.sleep(0.1)
         results = httpx.get(f"{served.url}/v1/executions/{execution_id}/results").json()
         assert [r["error"]["type"] for r in results["results"]] == ["SourceForbidden"], results
+    _no_secret(served.output(), "the server's log")
     # The secret was never asked for, by any path.
     assert not [t for t in hostile.got if "secret" in t.split("?")[0]], hostile.got
 
@@ -519,3 +524,105 @@ def test_a_webhook_that_drips_its_answer_is_given_up_at_the_deadline(hostile: Ho
         channel.send({"alert_id": "a1"}, "t", "b")
     channel.close()
     assert time.monotonic() - started < 2 and caught.value.transient
+
+
+# --- credentials in URLs --------------------------------------------------------------
+
+SECRETS = ("S1GSECRET", "CR3DSECRET", "PA55SECRET", "T0KSECRET")
+
+
+def _no_secret(text: str, where: str) -> None:
+    leaked = [s for s in SECRETS if s in text]
+    assert not leaked, f"{leaked} in {where}"
+
+
+def test_credentials_in_urls_are_read_with_but_never_recorded(
+    hostile: Hostile, ics_home: Path
+) -> None:
+    h = hostile.url
+    presigned = f"{h}/public/coffee.jpg?X-Amz-Credential=CR3DSECRET&X-Amz-Signature=S1GSECRET&n=1"
+    private = h.replace("http://", "http://alice:PA55SECRET@") + "/private/rocket.jpg"
+    missing = f"{h}/public/missing.png?token=T0KSECRET"
+    Path("list.txt").write_text(f"{presigned}\n{missing}\n")
+    done = ics_process(
+        "classify",
+        private,
+        "@list.txt",
+        "-o",
+        "out.jsonl",
+        "--notify",
+        f"{(Path.cwd() / 'alerts.jsonl').as_uri()}",
+        "--log-level",
+        "info",
+        "--json",
+    )
+    assert done.returncode == ExitCode.FAILED, done.stderr
+    # The reads had what they needed: the presigned query, the user and password.
+    assert f"/public/coffee.jpg?{presigned.split('?')[1]}" in hostile.got
+    results = [json.loads(line) for line in Path("out.jsonl").read_text().splitlines()]
+    assert sorted((r["uri"], r["status"]) for r in results) == sorted(
+        [
+            (f"{h}/public/coffee.jpg?X-Amz-Credential=***&X-Amz-Signature=***&n=1", "SUCCEEDED"),
+            (h.replace("http://", "http://alice:***@") + "/private/rocket.jpg", "SUCCEEDED"),
+            (f"{h}/public/missing.png?token=***", "FAILED"),
+        ]
+    ), results
+    _no_secret(done.stdout + done.stderr, "the command's output and INFO log")
+    execution_id = results[0]["execution_id"]
+    shown = ics("executions", "show", execution_id, "--json", "--results")
+    _no_secret(shown.stdout, "executions show")
+    assert json.loads(shown.stdout)["params"]["sources"][0].startswith("http://alice:***@")
+    assert Path("alerts.jsonl").read_text().count("missing.png?token=***") >= 1
+    _no_secret(Path("alerts.jsonl").read_text(), "the alert documents")
+    for stored in (ics_home / "ics.db", Path(f"{ics_home}/ics.db-wal")):
+        if stored.exists():
+            _no_secret(stored.read_bytes().decode("latin-1"), str(stored))
+
+
+def test_a_resume_lists_the_sources_again_for_the_credentials_it_never_stored(
+    hostile: Hostile, ics_home: Path
+) -> None:
+    h = hostile.url
+
+    def interrupted(*sources: str) -> str:
+        """An execution stopped while its one item's read hangs: its id."""
+        before = len(hostile.got)
+        proc = subprocess.Popen(
+            [str(ICS_BIN), "classify", *sources, "--json"],
+            env={**os.environ, "ICS_HTTP_TIMEOUT_S": "600"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not any("/slow-once/" in t for t in hostile.got[before:]):
+                assert time.monotonic() < deadline, hostile.got
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == ExitCode.INTERRUPTED, err
+        listed = json.loads(ics("executions", "list", "--json").stdout)
+        return str(listed[0]["execution_id"])
+
+    # A manifest of presigned URLs: listed again, it gives the credentials back.
+    presigned = f"{h}/slow-once/coffee.jpg?X-Amz-Signature=S1GSECRET"
+    Path("list.txt").write_text(presigned + "\n")
+    execution_id = interrupted("@list.txt")
+    resumed = ics_process("executions", "resume", execution_id, "--json")
+    assert resumed.returncode == ExitCode.OK, resumed.stderr
+    assert hostile.got.count(presigned.removeprefix(h)) == 2
+    shown = json.loads(ics("executions", "show", execution_id, "--json", "--results").stdout)
+    assert [(r["uri"], r["status"]) for r in shown["results"]] == [
+        (f"{h}/slow-once/coffee.jpg?X-Amz-Signature=***", "SUCCEEDED")
+    ]
+    # A SOURCE with credentials in its own URL cannot be listed again: a clear refusal.
+    execution_id = interrupted(f"{h}/slow-once/rocket.jpg?sig=S1GSECRET")
+    refused = ics_process("executions", "resume", execution_id)
+    assert refused.returncode == ExitCode.USAGE, refused.stderr
+    assert "cannot be resumed" in refused.stderr and "new --name" in refused.stderr
+    _no_secret(refused.stderr, "the refusal")

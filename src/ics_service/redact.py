@@ -1,4 +1,5 @@
-"""Subscription URLs as they may be shown: passwords, query values and tokens hidden.
+"""URLs as they may be shown: subscription URLs with passwords, query values and tokens
+hidden; source URIs with their credentials (user information, presigned queries) hidden.
 
 The channels ICS implements itself (webhooks, files, SNS) keep their host and path but
 their password, query values and token-like path segments. Any other scheme is an apprise
@@ -10,7 +11,7 @@ dotted host name is hidden. A built apprise channel shows apprise's own masked U
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 #: Query parameters that are a subscription's options, shown as they are.
 PLAIN_PARAMS = ("ics-kinds", "ics-mode", "ics-rate")
@@ -59,3 +60,63 @@ def hide_secrets(url: str) -> str:
         safe="*,/",
     )
     return urlunsplit((parts.scheme, netloc, quote("/".join(segments), safe="/*:@"), query, ""))
+
+
+# --- source URIs ------------------------------------------------------------------------
+
+#: Query parameters whose values are credentials, by exact name (lower case): presigned
+#: URLs of S3 (SigV4 and V2), Google Cloud Storage, Azure (SAS `sig`) and CloudFront, and
+#: API keys.
+SECRET_PARAMS = frozenset(
+    {
+        "sig",
+        "key",
+        "apikey",
+        "api_key",
+        "awsaccesskeyid",
+        "googleaccessid",
+        "policy",
+        "key-pair-id",
+        "code",
+    }
+)
+#: Parts of query parameter names whose values are credentials (x-amz-signature,
+#: x-amz-credential, x-amz-security-token, x-goog-signature, access_token, password...).
+SECRET_PARTS = ("signature", "credential", "token", "secret", "password", "passwd")
+
+
+def _secret_param(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in SECRET_PARAMS or any(part in lowered for part in SECRET_PARTS)
+
+
+def redact_uri(uri: str) -> str:
+    """A source URI as records, logs and answers may hold it: the password of its user
+    information (or a lone user name, often a token) and the values of credential query
+    parameters (`SECRET_PARAMS`, `SECRET_PARTS`) replaced by ***. Everything else is kept
+    exactly as written, so two items stay two. A URI with no such part comes back as it is."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.lower() == "file" or ("@" not in rest and "?" not in rest):
+        return uri
+    authority_end = min(
+        (i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest)
+    )
+    authority, tail = rest[:authority_end], rest[authority_end:]
+    if "@" in authority:
+        user, _, host = authority.rpartition("@")
+        name, colon, _ = user.partition(":")
+        authority = f"{name}:{_MASK}@{host}" if colon else f"{_MASK}@{host}"
+    path, qmark, query = tail.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        pairs = []
+        for pair in query.split("&"):
+            name, eq, _ = pair.partition("=")
+            pairs.append(f"{name}={_MASK}" if eq and _secret_param(unquote_plus(name)) else pair)
+        path = f"{path}?{'&'.join(pairs)}{hash_}{fragment}"
+    return f"{scheme}{sep}{authority}{path}"
+
+
+def is_redacted(uri: str) -> bool:
+    """Whether a URI had a credential replaced by `redact_uri` (so it cannot be read as it is)."""
+    return _MASK in uri and redact_uri(uri) == uri and (f"{_MASK}@" in uri or f"={_MASK}" in uri)

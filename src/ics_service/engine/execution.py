@@ -6,7 +6,6 @@ feed and an event that stops it, so any front end can drive it.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import re
@@ -25,11 +24,13 @@ from ..errors import (
     ExecutionBusy,
     IcsError,
     Interrupted,
+    SourceUnreadable,
     StoreLost,
     UsageError,
 )
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime
+from ..redact import is_redacted, redact_uri
 from ..types import (
     ErrorInfo,
     Execution,
@@ -39,8 +40,8 @@ from ..types import (
     Step,
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
-from .listing import BackgroundListing, tail_pending, unregistered
-from .pipeline import Pipeline, plan_inference
+from .listing import BackgroundListing, Listed, tail_pending, unregistered
+from .pipeline import Pipeline, Reader, plan_inference
 from .recording import History, Recorder, ResultSink, StoreSink
 
 if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
@@ -63,9 +64,10 @@ Cooperate = Callable[[], threading.Event]
 def execution_params(
     settings: Settings, source_specs: Sequence[str], **extra: Any
 ) -> dict[str, Any]:
-    """What an execution records of how it was started (enough to resume it)."""
+    """What an execution records of how it was started (enough to resume it, except the
+    credentials of a SOURCE URL, which are never recorded: see `redact_uri`)."""
     return {
-        "sources": list(source_specs),
+        "sources": [redact_uri(spec) for spec in source_specs],
         "model": settings.model,
         "threshold": settings.threshold,
         "top_k": settings.top_k,
@@ -146,6 +148,8 @@ class ExecutionRunner:
         self.settings = settings
         #: Which redirect targets an HTTP item may follow (a server's allowed_sources).
         self.confine = confine
+        #: Per execution, the URIs with credentials of its items, by the URI stored.
+        self._secrets: dict[str, dict[str, str]] = {}
         self.store = store
         self.runtime = runtime
         card = runtime.card
@@ -178,7 +182,7 @@ class ExecutionRunner:
         check_name(name)
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
-        log.info("listing %s", " ".join(source_specs))
+        log.info("listing %s", " ".join(map(redact_uri, source_specs)))
         halt = threading.Event()
         duplicates = sources.Duplicates()
         uris = sources.expand_items(
@@ -201,7 +205,7 @@ class ExecutionRunner:
                 self.store.append_events(
                     execution.id, [("ExecutionStarted", None, {"params": execution.params})]
                 )
-                listed = _until(stop, itertools.chain([first], uris))
+                listed = self._redacted(execution.id, _until(stop, itertools.chain([first], uris)))
                 self._listings[execution.id] = BackgroundListing(
                     self.store, execution.id, listed, halt=halt, duplicates=duplicates
                 )
@@ -225,6 +229,7 @@ class ExecutionRunner:
         """Take over an interrupted (or aborted) execution so that `run` finishes it."""
         execution = self.store.get_execution(execution_id)
         check_resumable(self.store, execution)
+        needs_secrets = self._check_secrets(execution)
         stop = cooperate() if cooperate is not None else None
         # Only if nobody took it since it was read: two servers (or a server and `ics
         # executions resume`) that find one orphan at once must not both run it.
@@ -251,7 +256,8 @@ class ExecutionRunner:
                 listed = sources.expand_items(
                     specs, _selection(execution.params), stopped=halt.is_set, duplicates=duplicates
                 )
-                fresh = unregistered(self.store, execution.id, _until(stop, listed))
+                listed = self._redacted(execution.id, _until(stop, listed))
+                fresh = unregistered(self.store, execution.id, listed)
                 self._listings[execution.id] = BackgroundListing(
                     self.store,
                     execution.id,
@@ -260,13 +266,49 @@ class ExecutionRunner:
                     halt=halt,
                     duplicates=duplicates,
                 )
+            elif needs_secrets:
+                # The credentials of its item URIs were never stored: listed again, the
+                # sources name them (a manifest of presigned URLs, read again).
+                log.info("listing %s again for the credentials of its items", execution.id)
+                relisted = sources.expand_items(
+                    execution.params["sources"], _selection(execution.params)
+                )
+                for _ in self._redacted(execution.id, _until(stop, relisted)):
+                    pass
             return self.store.get_execution(execution.id)
+
+    def _check_secrets(self, execution: Execution) -> bool:
+        """Whether the pending items of an execution to resume have URIs whose credentials
+        were left out of the store (then its sources are listed again for them); a
+        UsageError when a SOURCE itself had them, as it cannot be listed again."""
+        pending = (item.uri for item in self.store.pending_items(execution.id))
+        if not any(is_redacted(uri) for uri in pending):
+            return False
+        hidden = [spec for spec in execution.params.get("sources", []) if is_redacted(spec)]
+        if hidden:
+            raise UsageError(
+                f"execution {execution.id} cannot be resumed: its source {hidden[0]} had "
+                "credentials in its URL (a password or a presigned query), which ICS never "
+                "stores; run `ics classify` again with that URL, under a new --name"
+            )
+        return True
+
+    def _redacted(self, execution_id: str, items: Listed) -> Listed:
+        """The listed items with their URIs as the store keeps them (`redact_uri`); the
+        URIs with credentials are kept in memory, for `run` to read."""
+        for uri, meta in items:
+            shown = redact_uri(uri)
+            if shown != uri:
+                self._secrets.setdefault(execution_id, {})[shown] = uri
+            yield shown, meta
 
     def list_while_running(
         self, execution_id: str, items: Iterator[tuple[str, dict[str, Any] | None]]
     ) -> None:
         """Have `run` register items (of an execution with none yet) as it runs them."""
-        self._listings[execution_id] = BackgroundListing(self.store, execution_id, items)
+        self._listings[execution_id] = BackgroundListing(
+            self.store, execution_id, self._redacted(execution_id, items)
+        )
 
     @contextmanager
     def ending_on_error(self, execution_id: str) -> Iterator[None]:
@@ -310,6 +352,22 @@ class ExecutionRunner:
                 extra={"execution_id": execution_id},
             )
 
+    def _reader(self, execution_id: str) -> Reader:
+        """Reads an item, by the URI with credentials the listing kept for it, if any."""
+        # The dict the listing fills as it goes (it may not have listed anything yet).
+        secrets = self._secrets.setdefault(execution_id, {})
+
+        def read(uri: str, max_bytes: int, *, stop: threading.Event) -> bytes:
+            real = secrets.get(uri)
+            if real is None and is_redacted(uri):
+                raise SourceUnreadable(
+                    f"{uri}: its credentials were never stored, and listing the sources "
+                    "again did not name it; classify it again with its full URL"
+                )
+            return sources.read(real or uri, max_bytes, stop=stop, confine=self.confine)
+
+        return read
+
     def run(
         self,
         execution: Execution,
@@ -330,7 +388,7 @@ class ExecutionRunner:
         pipeline = Pipeline(
             runtime=self.runtime,
             preprocess=Preprocessor(self.runtime.card, Limits.from_settings(s)),
-            reader=functools.partial(sources.read, confine=self.confine),
+            reader=self._reader(execution.id),
             execution_id=execution.id,
             threshold=s.threshold,
             top_k=s.top_k,
@@ -383,6 +441,7 @@ class ExecutionRunner:
                     # A run that fails stops its listing too, before its end is recorded.
                     listing.stop(LISTING_STOP_SECONDS)
                     self._running.pop(execution.id, None)
+                self._secrets.pop(execution.id, None)
                 beating.set()
                 heart.join()
                 recorder.close()

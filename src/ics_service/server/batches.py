@@ -49,6 +49,7 @@ from ..engine.lifecycle import (
 )
 from ..engine.recording import ResultSink
 from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
+from ..redact import redact_uri
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
 from .allowed import Forbidden, allowed_uri, confine
@@ -442,7 +443,7 @@ class Batches:
         """The job's items (URI, manifest metadata), each checked against allowed_sources,
         until it is stopped."""
         assert job.sources is not None
-        log.info("listing %s", " ".join(job.sources))
+        log.info("listing %s", " ".join(map(redact_uri, job.sources)))
         allowed = self.settings.allowed_sources
         listed = sources.expand_items(job.sources, stopped=job.stop.is_set)
         for n, (uri, meta) in enumerate(listed):
@@ -457,7 +458,7 @@ class Batches:
                     "execution %s: item %d is %s, outside allowed_sources",
                     job.execution_id,
                     n,
-                    uri,
+                    redact_uri(uri),
                     extra={"execution_id": job.execution_id},
                 )
                 raise Forbidden(

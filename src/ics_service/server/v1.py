@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..errors import UsageError
+from ..redact import redact_uri
 from .allowed import allowed_uri
 from .jsonbody import BadJson, parse_json
 from .service import Options, Service
@@ -160,7 +161,8 @@ async def _json_image(service: Service, doc: dict[str, Any]) -> tuple[bytes, str
             raise UsageError("uri must be a non-empty string")
         # Read what was checked: the resolved path, not a symlink that could change since.
         checked = allowed_uri(uri, service.settings.allowed_sources)
-        return await service.read(checked), uri
+        # The result keeps the uri as given, less its credentials (never recorded).
+        return await service.read(checked), redact_uri(uri)
     raise UsageError('the JSON body needs "image_base64" or "uri"')
 
 

@@ -37,15 +37,32 @@ _MIGRATION_LOCK = 0x1C5_5C4E
 _HOW_TO_NAME_A_STORE = "use sqlite:///PATH or postgresql://USER@HOST/DB"
 
 
+#: Query parameters of a store URL whose values are secrets (libpq's `password`,
+#: `sslpassword`; any other name with one of these parts).
+_SECRET_QUERY = ("password", "passwd", "secret", "token")
+
+
 def safe_url(url: str) -> str:
-    """The URL with its password hidden, also when it does not parse."""
+    """The URL with its password hidden, in its user information or its query (libpq takes
+    `?password=`), also when it does not parse."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
-    # Rendering escapes characters (sqlite:///file:PATH would read file%3APATH): without a
-    # password, the URL as the user wrote it is the clearer name.
-    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+        hidden = re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
+        return re.sub(
+            r"([?&][^=&]*(?:password|passwd|secret|token)[^=&]*=)[^&#]*",
+            r"\1***",
+            hidden,
+            flags=re.I,
+        )
+    secret = [k for k in parsed.query if any(p in k.lower() for p in _SECRET_QUERY)]
+    if parsed.password is None and not secret:
+        # Rendering escapes characters (sqlite:///file:PATH would read file%3APATH): without
+        # a secret, the URL as the user wrote it is the clearer name.
+        return url
+    if secret:
+        parsed = parsed.update_query_dict({k: "***" for k in secret})
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def open_engine(url: str, *, create: bool = True) -> Engine:
