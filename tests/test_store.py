@@ -38,6 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
+from cli import ics_process
 from ics_service.errors import ExecutionNotFound, ExitCode, StoreError, UsageError
 from ics_service.store import Store, migrations, schema
 from ics_service.types import (
@@ -642,6 +643,21 @@ def test_an_unreachable_postgresql_is_a_store_error_within_seconds() -> None:
         assert time.monotonic() - started < 20
         assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
         assert_for_people(outcome[0], names=make_url(url).render_as_string(hide_password=True))
+
+
+def test_a_password_in_the_store_urls_query_is_shown_by_nothing(ics_home: Path) -> None:
+    """libpq takes `?password=`: neither `ics config show` nor a store error shows it."""
+    url = "postgresql://ics@127.0.0.1:1/ics?password=hunter2secret&sslmode=disable"
+    env = {"ICS_STORE": url}
+    shown = ics_process("config", "show", "--json", env=env)
+    assert shown.returncode == ExitCode.OK, shown.stderr
+    assert json.loads(shown.stdout)["settings"]["store"]["value"] == (
+        "postgresql://ics@127.0.0.1:1/ics?password=***&sslmode=disable"
+    )
+    failed = ics_process("executions", "list", "--log-level", "debug", env=env)
+    assert failed.returncode == ExitCode.ENVIRONMENT, failed.stderr
+    assert "password=***" in failed.stderr
+    assert "hunter2secret" not in shown.stdout + failed.stdout + failed.stderr
 
 
 def test_a_store_that_does_not_exist_is_not_created_for_reading(tmp_path: Path) -> None:
