@@ -652,7 +652,7 @@ def test_ics_serve_process_logs_requests_and_drains_on_sigterm(ics_home: Path) -
 
 def test_a_request_that_gives_up_does_not_stop_the_recording(ics_home: Path) -> None:
     # A request cancelled by its timeout cancels its future: the log thread must live on.
-    from ics_service.server.service import RealtimeLog
+    from ics_service.engine.realtime import RealtimeLog
     from ics_service.types import ItemResult, ItemStatus, utcnow
 
     def result(i: int) -> ItemResult:

@@ -26,8 +26,9 @@ from ..config import RetryPolicy
 from ..errors import DecodeCancelled, InferenceError, ItemError
 from ..imaging import Preprocessor
 from ..models.runtime import ModelRuntime, available_cpus
-from ..policies import call_with_retry, decide
-from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ItemStatus, ModelRef, Step, utcnow
+from ..policies import Decision, call_with_retry, decide
+from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ModelRef, Step, utcnow
+from .results import item_result
 
 log = logging.getLogger(__name__)
 
@@ -314,16 +315,7 @@ class Pipeline:
                 for i, (d, dec) in enumerate(zip(ok, decisions, strict=True)):
                     d.timings_ms["inference"] = per_item
                     d.attempts = max(d.attempts, attempts)
-                    results.append(
-                        self._result(
-                            d,
-                            dec.status,
-                            label=dec.label,
-                            label_index=dec.index,
-                            confidence=dec.confidence,
-                            top_k=dec.top_k,
-                        )
-                    )
+                    results.append(self._result(d, dec))
                     if d.data is not None and d.image is not None:
                         c = Captured(d.data, content_type_of(d.image.format), probs[i])
                         held.append((results[-1], c))
@@ -343,22 +335,20 @@ class Pipeline:
                     d.error.message,
                     extra={"execution_id": self.execution_id, "item_id": d.item.item_id},
                 )
-                results.append(self._result(d, ItemStatus.FAILED, error=d.error))
+                results.append(self._result(d, d.error))
         return results
 
-    def _result(self, d: _Decoded, status: ItemStatus, **fields: Any) -> ItemResult:
-        return ItemResult(
-            execution_id=self.execution_id,
-            item_id=d.item.item_id,
-            uri=d.item.uri,
-            status=status,
+    def _result(self, d: _Decoded, outcome: Decision | ErrorInfo) -> ItemResult:
+        return item_result(
+            d.item.uri,
+            outcome,
             threshold=self.threshold,
             model=self.model_ref,
             started_at=d.started_at,
-            finished_at=utcnow(),
+            execution_id=self.execution_id,
+            item_id=d.item.item_id,
             image=d.image,
             attempts=d.attempts,
-            timings_ms={k: round(v, 3) for k, v in d.timings_ms.items()},
+            timings_ms=d.timings_ms,
             metadata=d.item.metadata,
-            **fields,
         )

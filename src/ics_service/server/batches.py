@@ -47,13 +47,14 @@ from ..engine.lifecycle import (
     owner_id,
     record_end,
 )
+from ..engine.realtime import is_realtime
 from ..engine.recording import ResultSink
 from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
 from ..redact import redact_uri
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
 from .allowed import Forbidden, allowed_uri, confine
-from .service import Service, is_realtime, plan_serving
+from .service import Service, plan_serving
 
 log = logging.getLogger(__name__)
 

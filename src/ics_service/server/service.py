@@ -9,12 +9,11 @@ import asyncio
 import datetime as dt
 import functools
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections.abc import Awaitable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,21 +25,19 @@ from ..capture.record import content_type_of
 from ..config import Settings
 from ..engine.batcher import Batcher, QueueFull
 from ..engine.execution import REALTIME_PREFIX
-from ..engine.lifecycle import HEARTBEAT_SECONDS, is_orphaned, owner_id
 from ..engine.pipeline import default_workers, plan_inference
-from ..engine.recording import take_waiting
-from ..errors import ItemError, UsageError
+from ..engine.realtime import RealtimeLog
+from ..engine.results import item_result
+from ..errors import ItemError
 from ..imaging import Limits, Preprocessor
 from ..models.runtime import ModelRuntime, OnnxRuntime, available_cpus
-from ..policies import decide
+from ..policies import Decision, decide
 from ..store import Store
 from ..types import (
     Captured,
-    Execution,
-    ExecutionStatus,
+    ErrorInfo,
     ImageInfo,
     ItemResult,
-    ItemStatus,
     ModelRef,
     utcnow,
 )
@@ -49,15 +46,6 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-#: Real-time results of one UTC day are the items of the execution named REALTIME_PREFIX
-#: and the day, with this parameter set (which no client can set).
-REALTIME = "realtime"
-
-
-def is_realtime(execution: Execution) -> bool:
-    return execution.params.get(REALTIME) is True
-
 
 #: How long a client should wait before trying again when the queue is full.
 RETRY_AFTER_S = 1
@@ -207,7 +195,7 @@ class Service:
             t1 = time.perf_counter()
             probs = await self.predict(tensor)
         except ItemError as e:
-            failed = self._result(uri, options, started, ItemStatus.FAILED, error=e.info())
+            failed = self._result(uri, e.info(), options, started)
             await self.record(failed)
             return Outcome(failed, None, e)
         t2 = time.perf_counter()
@@ -219,18 +207,11 @@ class Service:
         )
         result = self._result(
             uri,
+            d,
             options,
             started,
-            d.status,
-            label=d.label,
-            label_index=d.index,
-            confidence=d.confidence,
-            top_k=d.top_k,
             image=image,
-            timings_ms={
-                "decode": round((t1 - t0) * 1e3, 3),
-                "inference": round((t2 - t1) * 1e3, 3),
-            },
+            timings_ms={"decode": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3},
         )
         await self.record(result)
         if self.capture is not None:
@@ -263,21 +244,18 @@ class Service:
     def _result(
         self,
         uri: str,
+        outcome: Decision | ErrorInfo,
         options: Options,
         started: dt.datetime,
-        status: ItemStatus,
         **fields: Any,
     ) -> ItemResult:
         """A request's result; its execution and item ids come when it is recorded."""
-        return ItemResult(
-            execution_id="",
-            item_id="",
-            uri=uri,
-            status=status,
+        return item_result(
+            uri,
+            outcome,
             threshold=options.threshold,
             model=self.model_ref,
             started_at=started,
-            finished_at=utcnow(),
             **fields,
         )
 
@@ -311,117 +289,3 @@ def _solo_runtime(runtime: ModelRuntime, threads: int) -> ModelRuntime | None:
 #: A stop already set: `CaptureWriter.reserve` answers at once instead of waiting for room.
 _NO_WAIT = threading.Event()
 _NO_WAIT.set()
-
-
-class RealtimeLog:
-    """Records real-time results as items of one execution per UTC day, named
-    `realtime-YYYY-MM-DD`, in coalesced transactions on a thread of its own.
-
-    A request is answered once its result is in the store.
-    """
-
-    def __init__(self, store: Store, model: ModelRef) -> None:
-        self.store = store
-        self.model = model
-        self.owner = owner_id()
-        self._day: str | None = None
-        self._execution_id = ""
-        self._q: queue.Queue[tuple[ItemResult, Future[None]] | None] = queue.Queue()
-        self._end_orphaned_days()
-        self._thread = threading.Thread(target=self._loop, name="ics-realtime-log", daemon=True)
-        self._thread.start()
-
-    def _end_orphaned_days(self) -> None:
-        """End the real-time executions a dead server left RUNNING (today's is taken over
-        at the first request)."""
-        today = REALTIME_PREFIX + utcnow().strftime("%Y-%m-%d")
-        for e in self.store.list_executions(limit=1000, status=ExecutionStatus.RUNNING):
-            if is_realtime(e) and e.name != today and is_orphaned(e):
-                self.store.finish_execution(e.id, ExecutionStatus.SUCCEEDED)
-
-    def append(self, result: ItemResult) -> Future[None]:
-        done: Future[None] = Future()
-        self._q.put((result, done))
-        return done
-
-    def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            try:
-                first = self._q.get(timeout=HEARTBEAT_SECONDS)
-            except queue.Empty:
-                self._idle()
-                continue
-            if first is None:
-                break
-            waiting, closing = take_waiting(self._q)
-            self._write([first, *waiting])
-            if closing:
-                break
-        self._end_day()
-
-    def _idle(self) -> None:
-        """Say the day's execution is alive (others must not take it for orphaned), and end
-        it once the day is over."""
-        if self._day is None:
-            return
-        try:
-            if utcnow().strftime("%Y-%m-%d") != self._day:
-                self._end_day()
-            else:
-                self.store.heartbeat(self._execution_id)
-        except Exception as e:
-            log.warning("real-time execution %s: %s", self._execution_id, e)
-
-    def _write(self, batch: list[tuple[ItemResult, Future[None]]]) -> None:
-        # A request may have given up (a timeout) and cancelled its future meanwhile.
-        live = [(r, done) for r, done in batch if done.set_running_or_notify_cancel()]
-        try:
-            execution_id = self._execution_for(utcnow())
-            results = [r for r, _ in batch]
-            for r in results:
-                r.execution_id = execution_id
-            self.store.append_results(execution_id, results)
-            self.store.heartbeat(execution_id)
-        except Exception as e:
-            log.error("recording %d real-time results failed: %s", len(batch), e)
-            for _, done in live:
-                done.set_exception(e)
-            return
-        for _, done in live:
-            done.set_result(None)
-
-    def _execution_for(self, now: dt.datetime) -> str:
-        day = now.strftime("%Y-%m-%d")
-        if day == self._day:
-            return self._execution_id
-        self._end_day()
-        name = REALTIME_PREFIX + day
-        execution, _ = self.store.create_execution(
-            params={"sources": [], REALTIME: True, "tolerated_failure_percentage": 100.0},
-            model=self.model,
-            threshold=0.0,
-            name=name,
-        )
-        if not is_realtime(execution):
-            raise UsageError(
-                f"the execution named {name} ({execution.id}) is not a real-time one: rename it"
-            )
-        self.store.claim(execution.id, self.owner)
-        self.store.mark_listed(execution.id)
-        self._day, self._execution_id = day, execution.id
-        return execution.id
-
-    def _end_day(self) -> None:
-        """A day's execution ends SUCCEEDED when the day (or the server) ends: at the first
-        idle moment (a few seconds) or request after midnight UTC."""
-        if self._day is None:
-            return
-        try:
-            self.store.finish_execution(self._execution_id, ExecutionStatus.SUCCEEDED)
-        except Exception as e:
-            log.error("could not end the real-time execution %s: %s", self._execution_id, e)
-        self._day = None
