@@ -250,6 +250,80 @@ def test_report_of_a_capture_folder(ics_home: Path, photos: Path, runtime: OnnxR
     assert doc is not None and doc["rows"] == len(lines) - 6
 
 
+def test_a_report_over_capture_files_decides_at_the_runs_threshold(
+    ics_home: Path, photos: Path
+) -> None:
+    """A run at --threshold 0.5, captured: its capture's report decides each record at 0.5
+    (found in the store), as the run did; a --threshold given to the report wins."""
+    capture = ics_home / "capture"
+    results = ics_home / "results.jsonl"
+    res = ics(
+        "classify", str(photos), "--threshold", "0.5", "--capture", str(capture), "-o", str(results)
+    )
+    assert res.exit_code == ExitCode.OK, res.output
+    ran = Counter(json.loads(line)["status"] for line in results.read_text().splitlines())
+    assert ran["SUCCEEDED"] and ran["LOW_CONFIDENCE"]  # 0.5 splits these photos
+    code, doc, output = report(str(capture), "--out", str(ics_home / "r1"))
+    assert code == ExitCode.OK, output
+    assert doc is not None and doc["threshold"] == 0.5
+    assert doc["statuses"] == dict(ran)
+    code, doc, output = report(str(capture), "--out", str(ics_home / "r2"), "--threshold", "0.99")
+    assert code == ExitCode.OK, output
+    assert doc is not None and doc["threshold"] == 0.99
+    assert doc["statuses"].get("SUCCEEDED", 0) < ran["SUCCEEDED"]
+
+
+def test_the_contact_sheet_names_each_tiles_file(ics_home: Path, photos: Path) -> None:
+    from ics_service.report.pictures import contact_sheet, tile_name
+
+    pre = Preprocessor(get_card(PHOTO_MODEL), Limits())
+    coffee = str(photos / "coffee.jpg")
+
+    def sheet(uri: str) -> Image.Image:
+        row = ReportRow(
+            status="SUCCEEDED",
+            label="espresso",
+            confidence=0.9,
+            top_k=(("espresso", 0.9),),
+            uri=uri,
+            fetch=lambda: (photos / "coffee.jpg").read_bytes(),
+        )
+        path = ics_home / "sheet.png"
+        contact_sheet([row], pre, path)
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    assert tile_name(ReportRow(status="SUCCEEDED", uri=coffee)) == "coffee.jpg"
+    assert tile_name(ReportRow(status="SUCCEEDED", uri="s3://b/in/x.png")) == "x.png"
+    assert tile_name(ReportRow(status="SUCCEEDED", uri="20261207-1/3")) == "20261207-1/3"
+    one, other = np.asarray(sheet(coffee)), np.asarray(sheet(str(photos / "zz-other.jpg")))
+    differs = np.nonzero((one != other).any(axis=(1, 2)))[0]
+    # Only the caption's last line differs: the name, under the image and its labels.
+    assert differs.size and differs.min() > 192 + 3 * 19, differs
+
+
+def test_the_timeline_joins_only_the_points_of_one_run() -> None:
+    from ics_service.report.charts import segments
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def at(seconds: float, run: str, row: int) -> tuple[Any, ...]:
+        return (row, t0 + dt.timedelta(seconds=seconds), 0.5, "SUCCEEDED", run)
+
+    points = [
+        at(0, "a", 0),
+        at(0.5, "b", 1),  # another execution at the same time
+        at(1, "a", 2),
+        at(1.5, "b", 3),
+        at(2, "a", 4),
+        at(3600, "a", 5),  # an hour later: a gap in run a
+        at(3601, "a", 6),
+    ]
+    assert segments(points, timed=True) == [[0, 2, 4], [5, 6], [1, 3]]
+    untimed = [(i, None, 0.5, "SUCCEEDED", run) for i, run in enumerate("aabba")]
+    assert segments(untimed, timed=False) == [[0, 1, 4], [2, 3]]
+
+
 # --- drift --------------------------------------------------------------------------------
 
 

@@ -70,7 +70,8 @@ def _progress(enabled: bool | None, what: str, total: int | None) -> Iterator[Ca
     "--threshold",
     type=float,
     help="Threshold line drawn, and capture records are decided with (default: the one "
-    f"results were decided with; for captures the setting, {default('threshold')}).",
+    "results were decided with; for captures, the one their run recorded in the store, else "
+    f"the setting, {default('threshold')}).",
 )
 @click.option(
     "-m",
@@ -135,9 +136,9 @@ def report(
     threshold = settings.threshold if loaded.sources["threshold"] == "flag" else None
     folder = Path(out)
     check_out(folder)
-    stream = open_rows(source, settings)
+    stream = open_rows(source, settings, threshold=threshold)
     # The baseline is opened before the long read, so a bad one fails at once.
-    other = open_rows(baseline, settings) if baseline is not None else None
+    other = open_rows(baseline, settings, threshold=threshold) if baseline is not None else None
     with _progress(progress, source, stream.total) as advance:
         stats = collect(stream, lowest, advance)
     base = None

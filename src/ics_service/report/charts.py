@@ -10,15 +10,16 @@ instead of being parsed as a formula (which raised, or drew something else).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 
 from .drift import CONFIDENCE_BINS, OTHER, Drift, confidence_bins, kept_labels, label_bins
-from .stats import HISTOGRAM_BINS, Stats
+from .stats import HISTOGRAM_BINS, Stats, TimelinePoint
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -177,7 +178,14 @@ def timeline(stats: Stats, threshold: float, path: Path) -> None:
                 label=status,
                 zorder=3,
             )
-    ax.plot(xs, ys, color="#90a4ae", linewidth=0.8, zorder=2)
+    for segment in segments(points, timed):
+        ax.plot(
+            [xs[i] for i in segment],
+            [ys[i] for i in segment],
+            color="#90a4ae",
+            linewidth=0.8,
+            zorder=2,
+        )
     ax.axhline(threshold, color=THRESHOLD_COLOUR, linestyle="--", label=f"threshold {threshold:g}")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("confidence")
@@ -190,6 +198,39 @@ def timeline(stats: Stats, threshold: float, path: Path) -> None:
         ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     ax.legend(loc="lower left", fontsize=8)
     _save(fig, path)
+
+
+#: A pause this many times the typical one between a run's points breaks its line.
+GAP_FACTOR = 10.0
+
+
+def segments(points: Sequence[TimelinePoint], timed: bool) -> list[list[int]]:
+    """Indexes into `points` (in plotting order) of the points a line may join: those of
+    one run (execution), broken where the run paused far longer than it usually did."""
+    by_run: dict[str | None, list[int]] = {}
+    for i, p in enumerate(points):
+        by_run.setdefault(p[4], []).append(i)
+    out: list[list[int]] = []
+    for indexes in by_run.values():
+        if timed:
+            steps = [
+                (points[b][1] - points[a][1]).total_seconds()  # type: ignore[operator]
+                for a, b in itertools.pairwise(indexes)
+            ]
+            positive = sorted(s for s in steps if s > 0)
+            typical = positive[len(positive) // 2] if positive else 0.0
+            limit = max(typical * GAP_FACTOR, 1.0)
+            broken = [step > limit for step in steps]
+        else:  # rows without times: a run's points are joined in row order
+            broken = [False] * (len(indexes) - 1)
+        current = [indexes[0]]
+        for index, brk in zip(indexes[1:], broken, strict=True):
+            if brk:
+                out.append(current)
+                current = []
+            current.append(index)
+        out.append(current)
+    return [segment for segment in out if len(segment) > 1]
 
 
 @plain_text

@@ -18,7 +18,7 @@ from ..types import Prediction
 from .rows import ReportRow
 
 TILE = 192
-CAPTION = 62
+CAPTION = 78
 COLUMNS = 6
 BACKGROUND = (255, 255, 255)
 INK = (33, 33, 33)
@@ -65,6 +65,15 @@ def _placeholder(reason: str) -> Image.Image:
     return tile
 
 
+def tile_name(row: ReportRow) -> str:
+    """What names a tile's image: its file's name (the last part of a path or URL), or the
+    whole URI when it is no path (a capture record's EXECUTION_ID/ITEM_ID)."""
+    uri = row.uri or "?"
+    if uri.startswith("/") or "://" in uri:
+        return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+    return uri
+
+
 def contact_sheet(rows: Sequence[ReportRow], preprocessor: Preprocessor, path: Path) -> None:
     """A grid of the rows' images, each captioned with its top 3 labels and confidences."""
     if not rows:
@@ -95,6 +104,13 @@ def contact_sheet(rows: Sequence[ReportRow], preprocessor: Preprocessor, path: P
             draw.text(
                 (x, y + TILE + 3 + i * 19), _fit(draw, text, TILE, 13), fill=weight, font=font(13)
             )
+        # Which file it is, under its labels: the last line of the caption.
+        draw.text(
+            (x, y + TILE + 3 + 3 * 19),
+            _fit(draw, tile_name(row), TILE, 12),
+            fill=(97, 97, 97),
+            font=font(12),
+        )
     sheet.save(path, format="PNG")
 
 

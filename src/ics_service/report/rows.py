@@ -42,6 +42,9 @@ class ReportRow:
     fetch: Fetch | None = None
     #: The threshold the row was decided with, when the source records it.
     threshold: float | None = None
+    #: The execution (run) the row came from, when the source says: the confidence-over-time
+    #: chart joins only the points of one run.
+    run: str | None = None
 
 
 @dataclass
@@ -72,9 +75,16 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-def open_rows(source: str, settings: Settings) -> RowStream:
-    """The reader for SOURCE: a file or folder by its content, otherwise an execution id."""
-    from .capture import capture_rows
+def open_rows(source: str, settings: Settings, *, threshold: float | None = None) -> RowStream:
+    """The reader for SOURCE: a file or folder by its content, otherwise an execution id.
+
+    Capture records are decided at `threshold` if given, else at their runs' (capture.py).
+    """
+    from functools import partial
+
+    from .capture import capture_rows as decided
+
+    capture_rows = partial(decided, threshold=threshold)
 
     path = Path(source)
     if path.is_dir():
@@ -136,6 +146,7 @@ def result_row(r: ItemResult, max_bytes: int) -> ReportRow:
         uri=r.uri,
         fetch=fetcher(r.uri, max_bytes),
         threshold=r.threshold,
+        run=r.execution_id,
     )
 
 
@@ -162,6 +173,7 @@ def _dict_row(d: dict[str, Any], max_bytes: int) -> ReportRow:
         uri=str(uri) if uri else None,
         fetch=fetcher(str(uri), max_bytes) if uri else None,
         threshold=None if threshold in (None, "") else _finite("threshold", threshold),
+        run=str(d["execution_id"]) if d.get("execution_id") not in (None, "") else None,
     )
 
 

@@ -24,6 +24,10 @@ HISTOGRAM_BINS = 50
 TIMELINE_POINTS = 5000
 
 
+#: A point of the confidence-over-time chart: (row number, time, confidence, status, run).
+TimelinePoint = tuple[int, dt.datetime | None, float, str, str | None]
+
+
 @dataclass
 class Stats:
     lowest_n: int = 24
@@ -37,8 +41,8 @@ class Stats:
     last: dt.datetime | None = None
     #: The threshold the rows were decided with (the first one recorded).
     threshold: float | None = None
-    #: (row number, time, confidence, status): a uniform sample of the classified rows.
-    timeline: list[tuple[int, dt.datetime | None, float, str]] = field(default_factory=list)
+    #: (row number, time, confidence, status, run): a uniform sample of the classified rows.
+    timeline: list[TimelinePoint] = field(default_factory=list)
     _classified: int = 0
     #: Max-heap (by negated confidence) of the lowest-confidence rows.
     _lowest: list[tuple[float, int, ReportRow]] = field(default_factory=list)
@@ -61,14 +65,14 @@ class Stats:
         c = min(max(row.confidence, 0.0), 1.0)
         self.histogram[min(int(c * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
         self.confidence_sum += c
-        self._sample((self.rows, row.time, c, row.status))
+        self._sample((self.rows, row.time, c, row.status, row.run))
         entry = (-c, -self.rows, row)
         if len(self._lowest) < self.lowest_n:
             heapq.heappush(self._lowest, entry)
         elif entry > self._lowest[0]:
             heapq.heapreplace(self._lowest, entry)
 
-    def _sample(self, point: tuple[int, dt.datetime | None, float, str]) -> None:
+    def _sample(self, point: TimelinePoint) -> None:
         self._classified += 1
         if len(self.timeline) < TIMELINE_POINTS:
             self.timeline.append(point)
