@@ -461,6 +461,9 @@ def test_allowed_sources_hold_against_encoded_dots_and_redirects(
         presigned = classify(f"{h}/public/coffee.jpg?X-Amz-Signature=S1GSECRET")
         assert presigned.json()["uri"] == f"{h}/public/coffee.jpg?X-Amz-Signature=***"
         assert "/public/coffee.jpg?X-Amz-Signature=S1GSECRET" in hostile.got
+        refused = classify(f"{h}/secret.jpg?X-Amz-Signature=S1GSECRET")
+        assert refused.status_code == 403 and "X-Amz-Signature=***" in refused.text
+        _no_secret(refused.text, "a refusal")
         inside = f"{h}/public/coffee.jpg"
         assert classify(f"{h}/public/redirect?to={urllib.parse.quote(inside)}").status_code == 200
         for uri in (

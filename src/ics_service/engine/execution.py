@@ -190,7 +190,7 @@ class ExecutionRunner:
         )
         first = next(uris, None)
         if first is None:
-            raise UsageError(f"no images found in {' '.join(source_specs)}")
+            raise UsageError(f"no images found in {' '.join(map(redact_uri, source_specs))}")
         stop = cooperate() if cooperate is not None else None
         execution, created = self.store.create_execution(
             params=execution_params(self.settings, source_specs, **params),

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from .. import sources
 from ..errors import UsageError
+from ..redact import redact_uri
 
 #: Ports that http(s) URLs without one use.
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -31,12 +32,13 @@ def allowed_uri(uri: str, allowed: list[str]) -> str:
     compared after resolving `..` and symlinks, so neither can escape a root, and the
     resolved path is what is returned."""
     if sources.scheme_of(uri) != "file":
+        shown = redact_uri(uri)  # an answer or a log line never holds its credentials
         if _literal_keys(uri) and not _plain_key(uri):
             # An object store reads the key as written, not the normalised path checked.
-            raise Forbidden(f"uri {uri!r} has '.' or '..' segments in its key: not read")
+            raise Forbidden(f"uri {shown!r} has '.' or '..' segments in its key: not read")
         if remote_allowed(uri, allowed):
             return uri
-        raise Forbidden(f"uri {uri!r} is not under any allowed_sources prefix")
+        raise Forbidden(f"uri {shown!r} is not under any allowed_sources prefix")
     local = sources.uri_to_path(uri)
     if "\0" in local:
         raise UsageError(f"uri {uri!r} holds a NUL character: no file is named so")

@@ -434,7 +434,7 @@ class Batches:
                 listed = self._listed(job)
                 first = next(listed, None)
                 if first is None:
-                    raise UsageError(f"no images found in {' '.join(job.sources)}")
+                    raise UsageError(f"no images found in {' '.join(map(redact_uri, job.sources))}")
                 runner.list_while_running(job.execution_id, itertools.chain([first], listed))
             execution = self.store.get_execution(job.execution_id)
         job.phase = Phase.RUNNING
@@ -462,8 +462,9 @@ class Batches:
                     redact_uri(uri),
                     extra={"execution_id": job.execution_id},
                 )
+                named = " ".join(map(redact_uri, job.sources))
                 raise Forbidden(
-                    f"item {n} listed from {' '.join(job.sources)} is not under any "
+                    f"item {n} listed from {named} is not under any "
                     "allowed_sources prefix (a symlink or a list file leads outside; the "
                     "server log names it)"
                 ) from None
