@@ -35,6 +35,7 @@ from ics_service.store.schema import executions, items, watchers
 from ics_service.store.watched import Seen, WatchState
 from ics_service.types import ErrorInfo, Execution, ExecutionStatus, ModelRef
 from receivers import webhook_receiver
+from serving import serve_process
 
 #: Most seconds a test waits for the watcher to get somewhere.
 DEADLINE_S = 120.0
@@ -877,3 +878,17 @@ def test_watch_forget_resets_a_stopped_watcher_and_refuses_a_running_one(
     # Nothing registered: nothing to do, and an unknown name is no error.
     res = forget("nobody-ran-this", "--yes")
     assert res.returncode == 0 and "has registered nothing" in res.stdout
+
+
+@pytest.mark.slow
+def test_watch_forget_refuses_the_s3_events_watcher_of_a_running_server(
+    ics_home: Path,
+) -> None:
+    with serve_process(env={**os.environ, "ICS_HOME": str(ics_home)}) as served:
+        res = forget("s3-events", "--yes")
+        assert res.returncode == ExitCode.USAGE, res.stderr
+        assert f"watcher s3-events is running (in {socket.gethostname()}:" in res.stderr
+        served.proc.send_signal(signal.SIGTERM)
+        assert served.proc.wait(60) == 0, served.output()
+    res = forget("s3-events", "--yes")
+    assert res.returncode == 0 and "has registered nothing" in res.stdout, res.stderr

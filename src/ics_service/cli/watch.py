@@ -245,10 +245,7 @@ def watch_forget(name: str, yes: bool, **kwargs: Any) -> None:
     with open_store(kwargs) as store:
         state = WatchState(store, name)
         count = state.count()
-        if not count:
-            click.echo(printable(f"watcher {name} has registered nothing: nothing to forget"))
-            return
-        if not yes:
+        if count and not yes:
             if not sys.stdin.isatty():
                 raise UsageError(
                     f"forgetting watcher {name} deletes what it registered ({count} files): "
@@ -261,8 +258,11 @@ def watch_forget(name: str, yes: bool, **kwargs: Any) -> None:
                 ),
                 abort=True,
             )
-        forgotten = state.forget(owner_gone)
+        forgotten = state.forget(owner_gone)  # refused while the watcher runs
         unfinished = state.unfinished()
+    if not forgotten:
+        click.echo(printable(f"watcher {name} has registered nothing: nothing to forget"))
+        return
     click.echo(
         printable(
             f"watcher {name}: forgot {forgotten} registered files; its next start classifies "

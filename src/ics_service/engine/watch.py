@@ -347,6 +347,34 @@ def start_batch(
 OnBatch = Callable[[Execution, bool], None]
 
 
+class WatcherPresence:
+    """Records in the store that process `owner` runs the watcher, with a heartbeat every
+    HEARTBEAT_SECONDS, until closed: `ics watch forget` refuses meanwhile."""
+
+    def __init__(self, state: WatchState, owner: str) -> None:
+        self.state = state
+        self.owner = owner
+        state.attach(owner)
+        self._done = threading.Event()
+        self._heart = threading.Thread(target=self._beat, name="ics-watch-beat", daemon=True)
+        self._heart.start()
+
+    def _beat(self) -> None:
+        while not self._done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.state.beat(self.owner)
+            except Exception as e:  # a busy store must not stop the watcher
+                log.warning("watcher %s: heartbeat failed: %s", self.state.watcher, e)
+
+    def close(self) -> None:
+        self._done.set()
+        self._heart.join()
+        try:
+            self.state.detach(self.owner)
+        except Exception as e:  # the store is gone: the heartbeat goes stale instead
+            log.warning("watcher %s: could not record that it stopped: %s", self.state.watcher, e)
+
+
 class Watcher:
     """Micro-batches of new objects from some feeds, each run as an execution."""
 
@@ -458,14 +486,7 @@ class Watcher:
         complete and classified); returns the micro-batch executions run."""
         wake = threading.Event()
         started: list[Feed] = []
-        owner = self.runner.owner
-        # Who runs this watcher, kept alive while it runs: `ics watch forget` refuses then.
-        self.state.attach(owner)
-        beating = threading.Event()
-        heart = threading.Thread(
-            target=self._heartbeat, args=(owner, beating), name="ics-watch-beat", daemon=True
-        )
-        heart.start()
+        presence = WatcherPresence(self.state, self.runner.owner)
         try:
             for feed in self.feeds:
                 feed.start(wake.set)
@@ -492,20 +513,8 @@ class Watcher:
         finally:
             for feed in started:
                 feed.close()
-            beating.set()
-            heart.join()
-            try:
-                self.state.detach(owner)
-            except Exception as e:  # the store is gone: the heartbeat goes stale instead
-                log.warning("watcher %s: could not record that it stopped: %s", self.name, e)
+            presence.close()
         return self.executions
-
-    def _heartbeat(self, owner: str, done: threading.Event) -> None:
-        while not done.wait(HEARTBEAT_SECONDS):
-            try:
-                self.state.beat(owner)
-            except Exception as e:  # a busy store must not stop the watcher
-                log.warning("watcher %s: heartbeat failed: %s", self.name, e)
 
     def _fresh(self, waiting: Iterable[Seen], stop: threading.Event) -> Iterator[list[Seen]]:
         """What the feeds found that is neither registered nor waiting, a slice at a time

@@ -17,9 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, sources
 from ..config import Settings
 from ..engine.batcher import QueueFull
+from ..engine.watch import WatcherPresence
 from ..errors import IcsError
 from ..models.runtime import ModelRuntime
 from ..store import Store
+from ..store.watched import WatchState
 from . import docs, events, executions, sagemaker, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
@@ -51,12 +53,20 @@ def create_app(
         try:
             batches = Batches(service)
             app.state.batches = batches
+            presence: WatcherPresence | None = None
             try:
+                # The S3 events watcher runs while the server does: `ics watch forget`
+                # refuses to forget it meanwhile.
+                presence = WatcherPresence(
+                    WatchState(opened_store, events.EVENTS_WATCHER), batches.owner
+                )
                 events.resume_unfinished(batches)
                 yield
             finally:
                 # Blocking waits, off the event loop: requests may still be finishing.
                 await asyncio.to_thread(batches.close)
+                if presence is not None:
+                    await asyncio.to_thread(presence.close)
         finally:
             await asyncio.to_thread(service.close)
             if own_store:

@@ -182,13 +182,14 @@ class WatchState:
             )
 
     def beat(self, owner: str) -> None:
-        """The heartbeat of the process running this watcher (if it is still `owner`)."""
+        """The heartbeat of the process running this watcher: `owner`, or `owner` again
+        when another process of this watcher name stopped meanwhile (two may run at once)."""
         w = watchers.c
         with self.store._begin() as conn:
             conn.execute(
                 update(watchers)
-                .where(w.name == self.watcher, w.owner == owner)
-                .values(heartbeat_at=utcnow())
+                .where(w.name == self.watcher, or_(w.owner == owner, w.owner.is_(None)))
+                .values(owner=owner, heartbeat_at=utcnow())
             )
 
     def detach(self, owner: str) -> None:
