@@ -8,7 +8,6 @@ from typing import Any
 import click
 
 from ..config import Settings
-from ..store.connection import safe_url
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
 
 #: Settings never shown as they are (`ics config show`, logs).
@@ -17,6 +16,9 @@ SECRETS = ("api_token", "sigv4_secret_access_key")
 
 def shown(settings: Settings) -> dict[str, Any]:
     """The settings as JSON values, secrets masked and the store URL's password hidden."""
+    # Here, not at the top: `ics --help` imports this module and must not load SQLAlchemy.
+    from ..store.connection import safe_url
+
     values = settings.model_dump(mode="json")
     for key in SECRETS:
         if values.get(key):
