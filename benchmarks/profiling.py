@@ -27,7 +27,7 @@ STAGES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("model load", re.compile(r"load_runtime|_create_inference_session|OnnxRuntime\.__init__")),
     ("inference (onnxruntime)", re.compile(r"Session\.run|\.predict \(|runtime\.py")),
     ("decide (softmax, top-k)", re.compile(r"\bdecide \([^)]*policies\.py")),
-    ("decode + preprocess", re.compile(r"imaging\.py")),
+    ("decode + preprocess", re.compile(r"imaging/")),
     ("read files", re.compile(r"sources/.*\((read|_read)|LocalSource\.read")),
     ("list + register items", re.compile(r"sources/|add_items|Runner\.start|\bstart \(")),
     ("store writes", re.compile(r"store/|sqlalchemy|StoreSink")),

@@ -73,7 +73,8 @@ def test_profile_headline_groups_samples_by_stage_and_thread() -> None:
     raw = "\n".join(
         [
             "thread (1): MainThread;main (cli.py:1);predict (ics_service/models/runtime.py:9) 60",
-            "thread (2): ics-decode-0;worker (pipeline.py:1);decode (ics_service/imaging.py:5) 30",
+            "thread (2): ics-decode-0;worker (pipeline.py:1);"
+            "decode (ics_service/imaging/preprocess.py:5) 30",
             "thread (2): ics-decode-0;worker (pipeline.py:1);Queue.put (queue.py:140) 10",
         ]
     )

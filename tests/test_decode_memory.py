@@ -51,17 +51,18 @@ def decode(data):
         report["errors"].append(f"{type(e).__name__}: {e}")
 
 if args.get("one_by_one"):  # each file alone, after a first decode to warm the allocator
-    from ics_service.imaging import _memory_need, _open
+    from ics_service.imaging.formats import open_image
+    from ics_service.imaging.limits import memory_need
 
     for data in files:
         decode(data)
         base = reset_peak()
         decode(data)
         report["peaks"].append(status("VmHWM") - base)
-        img = _open(data)
+        img = open_image(data)
         full = img.size
         pre._draft(img)
-        report["needs"].append(_memory_need(img, full, len(data)))
+        report["needs"].append(memory_need(img, full, len(data)))
 else:
     if args.get("address_space"):
         limit = status("VmSize") + args["address_space"]

@@ -118,7 +118,7 @@ def test_signature_sniffing() -> None:
 def test_alpha_compositing_matches_pillows_alpha_composite(pre: Preprocessor) -> None:
     from PIL import Image
 
-    from ics_service.imaging import _to_rgb
+    from ics_service.imaging.preprocess import to_rgb
 
     # Every channel value against every alpha: ICS pastes through the alpha (fewer copies of
     # the image); the pixels must be exactly those of compositing onto opaque white.
@@ -129,4 +129,4 @@ def test_alpha_compositing_matches_pillows_alpha_composite(pre: Preprocessor) ->
     for mode in ("RGBA", "LA"):
         img = rgba.convert(mode)
         want = expected if mode == "RGBA" else Image.alpha_composite(white, img.convert("RGBA"))
-        assert np.array_equal(np.asarray(_to_rgb(img)), np.asarray(want.convert("RGB"))), mode
+        assert np.array_equal(np.asarray(to_rgb(img)), np.asarray(want.convert("RGB"))), mode

@@ -13,7 +13,8 @@ from PIL import Image
 
 import imagefiles as f
 from ics_service.errors import InvalidImage
-from ics_service.imaging import Limits, Preprocessor, _decode_jpeg
+from ics_service.imaging import Limits, Preprocessor
+from ics_service.imaging.jpeg import decode_jpeg
 from ics_service.models import get_card
 from ics_service.models.runtime import OnnxRuntime
 
@@ -32,7 +33,7 @@ def takes_fast_path(data: bytes) -> bool:
     img = Image.open(io.BytesIO(data))
     full = img.size
     FAST._draft(img)
-    return img.size != full and _decode_jpeg(data, img) is not None
+    return img.size != full and decode_jpeg(data, img) is not None
 
 
 def doubled(img: Image.Image) -> Image.Image:

@@ -17,8 +17,8 @@ from ..errors import InvalidImage, UnsupportedFormat
 
 # Pillow's decompression-bomb guard (Image.MAX_IMAGE_PIXELS) stays on: it is the last line
 # of defence inside plugins that allocate before ICS can look. It is a process-wide global,
-# so a Preprocessor only ever raises it to its own max_pixels (_raise_pillow_guard), and
-# ICS's own checks (_check_pixels, _declared_size) run first with each run's max_pixels.
+# so a Preprocessor only ever raises it to its own max_pixels (limits.raise_pillow_guard), and
+# ICS's own checks (Preprocessor._check_pixels, declared_size) run first with each run's max_pixels.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 #: Pillow's plugin (PIL.NAMEImagePlugin) of each format decoded. Pillow can open more (EPS,

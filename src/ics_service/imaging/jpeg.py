@@ -10,7 +10,7 @@ from PIL import ExifTags, Image
 # simplejpeg's libjpeg-turbo decodes at the DCT scale that Pillow's draft chose, to the same
 # pixels (benchmarks/decode_compare.py checks it), from the bytes in one call: about 4 %
 # less CPU than Pillow's decoder on a 12-megapixel photo, 4 % more at full scale (so only
-# drafted JPEGs come here). Pillow still reads the header, so every check above runs
+# drafted JPEGs come here). Pillow still reads the header, so every check of the Preprocessor runs
 # first, and it decodes whatever simplejpeg does not take.
 
 #: EXIF orientation → the transpose that shows the photo upright (as ImageOps.exif_transpose).
@@ -50,7 +50,7 @@ def decode_jpeg(data: bytes, img: Image.Image) -> Image.Image | None:
     if arr.shape[:2] != (h, w):
         return None
     out = Image.fromarray(arr)
-    # Freed before a rotation copies it: the memory need counted (_BYTES_PER_PIXEL, RGB)
+    # Freed before a rotation copies it: the memory need counted (limits, RGB)
     # has room for two 4-byte-a-pixel images, not for this array beside them.
     del arr
     method = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation, 1))

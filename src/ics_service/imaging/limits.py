@@ -15,6 +15,7 @@ from PIL import Image
 from ..config import Settings, default
 from ..errors import DecodeCancelled
 
+
 @dataclass(frozen=True)
 class Limits:
     """What an image may cost; the defaults are the settings' (config.Settings)."""
