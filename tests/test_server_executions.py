@@ -526,3 +526,32 @@ def test_ics_serve_resumes_a_killed_servers_batch_and_aborts_on_sigterm(
         assert store.list_executions(status=ExecutionStatus.RUNNING) == []
     finally:
         store.close()
+
+
+async def test_resume_is_refused_while_another_live_process_runs_it(
+    ics_home: Path, photos: Path, runtime: OnnxRuntime, tmp_path: Path
+) -> None:
+    """409 for an execution another live process holds (a sleeping child stands for it,
+    heard from just now), as `ics executions resume` refuses it."""
+    store_url = f"sqlite:///{tmp_path / 's.db'}"
+    store = Store(store_url)
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        e, _ = store.create_execution(
+            params=execution_params(Settings(), [str(photos)]),
+            model=ModelRef("efficientnet-lite0", "1"),
+            threshold=0.94,
+        )
+        store.add_items(e.id, [str(photos / "coffee.jpg")])
+        store.claim(e.id, f"{socket.gethostname()}:{other.pid}")
+        app = create_app(settings_of(ics_home, store_url, [photos]), runtime=runtime, store=store)
+        async with client_of(app) as client:
+            r = await client.post(f"/v1/executions/{e.id}/resume")
+            assert r.status_code == 409, r.text
+            assert error_of(r)["type"] == "ExecutionBusy"
+            assert f"is still running (in {socket.gethostname()}:{other.pid})" in r.text
+            assert (await client.get(f"/v1/executions/{e.id}")).json()["queued"] is False
+    finally:
+        other.kill()
+        other.wait()
+        store.close()
