@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import http.server
 import json
@@ -9,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -35,7 +37,7 @@ from ics_service.errors import (
 )
 from ics_service.fetch import is_blocked
 from ics_service.sources.web import HttpSource
-from receivers import webhook_receiver
+from receivers import SilentListener, webhook_receiver
 from serving import error_of, serve_process
 
 TOTAL = 200_000_000  # what the "big" answers would send if they were read to the end
@@ -629,3 +631,79 @@ def test_a_resume_lists_the_sources_again_for_the_credentials_it_never_stored(
     assert refused.returncode == ExitCode.USAGE, refused.stderr
     assert "cannot be resumed" in refused.stderr and "new --name" in refused.stderr
     _no_secret(refused.stderr, "the refusal")
+
+
+# --- https ------------------------------------------------------------------------------
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for `localhost` (its own CA) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_https_is_verified_for_the_name_and_its_handshake_is_under_the_deadline(
+    tmp_path: Path, photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpcore
+
+    cert, key = _self_signed(tmp_path)
+    _Handler.photo = (photos / "coffee.jpg").read_bytes()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    served.load_cert_chain(cert, key)
+    server.socket = served.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    # The test's CA stands in for the public ones (certifi) the product trusts.
+    trusted = ssl.create_default_context(cafile=str(cert))
+    monkeypatch.setattr(httpcore, "default_ssl_context", lambda: trusted)
+    port = server.server_address[1]
+    silent = SilentListener()
+    try:
+        source = HttpSource(timeout_s=1)
+        assert source.read(f"https://localhost:{port}/ok.jpg", 10_000_000) == _Handler.photo
+        # Connected by address, the certificate (for localhost) is not valid: a refusal,
+        # not retried.
+        with pytest.raises(SourceUnreadable, match=r"not valid for '127\.0\.0\.1'"):
+            source.read(f"https://127.0.0.1:{port}/ok.jpg", 10_000_000)
+        # A server that accepts and never answers the handshake: the deadline ends it.
+        started = time.monotonic()
+        with pytest.raises(SourceUnavailable, match="not read whole within"):
+            source.read(f"https://127.0.0.1:{silent.port}/ok.jpg", 10_000_000)
+        assert time.monotonic() - started < 2
+        source.close()
+    finally:
+        silent.close()
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()

@@ -81,6 +81,10 @@ class Refused(FetchError):
         self.address = address
 
 
+class Untrusted(FetchError):
+    """The server's TLS certificate is not valid for the host name (or not trusted)."""
+
+
 class BadRequest(FetchError):
     """The URL or request cannot be sent (no host, a scheme other than http(s))."""
 
@@ -182,10 +186,14 @@ class _Stream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
+        # wrap_socket takes the connection over (the plain socket is detached): from then
+        # on the TLS socket is what must be closed on a failure.
+        held: socket.socket = self._sock
         try:
             sock = ssl_context.wrap_socket(
                 self._sock, server_hostname=server_hostname, do_handshake_on_connect=False
             )
+            held = sock
             while True:
                 sock.settimeout(_deadline().slice())
                 try:
@@ -193,11 +201,14 @@ class _Stream(httpcore.NetworkStream):
                     return _Stream(sock)
                 except TimeoutError:
                     continue
+        except ssl.SSLCertVerificationError as e:
+            held.close()
+            raise Untrusted(e.verify_message or str(e)) from None
         except OSError as e:
-            self._sock.close()
+            held.close()
             raise httpcore.ConnectError(str(e) or type(e).__name__) from e
         except BaseException:
-            self._sock.close()
+            held.close()
             raise
 
     def get_extra_info(self, info: str) -> Any:
