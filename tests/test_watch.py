@@ -26,8 +26,9 @@ from cli import ICS_BIN, ics
 from ics_service.config import Settings
 from ics_service.engine import watch as watch_module
 from ics_service.engine.execution import ExecutionRunner, execution_params
+from ics_service.engine.feeds import FolderFeed, feed_for
 from ics_service.engine.lifecycle import record_end
-from ics_service.engine.watch import FolderFeed, Watcher, default_name, feed_for
+from ics_service.engine.watch import Watcher, default_name
 from ics_service.errors import EnvironmentUnavailable, ExitCode, StoreError
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.store import Store

@@ -21,7 +21,7 @@ from awsserver import REGION, AwsServer
 from cli import ICS_BIN
 from ics_service import sources
 from ics_service.config import Settings
-from ics_service.engine.watch import S3Feed
+from ics_service.engine.feeds import S3Feed
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
 from ics_service.sources import remote

@@ -155,7 +155,8 @@ def watch(
            of the watcher finishes it
     """
     from ..capture import check_capture_folder
-    from ..engine.watch import Watcher, check_watcher_name, default_name, feed_for
+    from ..engine.feeds import feed_for
+    from ..engine.watch import Watcher, check_watcher_name, default_name
 
     guard = signal_guard()
     settings = load_cli_settings(kwargs).settings
