@@ -29,6 +29,7 @@ from .guards import OPEN_PATHS, Authenticate, BodyBudget, BodyDeadline, BodyLimi
 from .metrics import Metrics
 from .service import RETRY_AFTER_S, Service, plan_serving
 from .sigv4 import verifier_of
+from .v2_wire import ProtocolError
 
 log = logging.getLogger("ics_service.server")
 
@@ -91,8 +92,8 @@ def create_app(
     async def ics_error(request: Request, e: IcsError) -> JSONResponse:
         return error_response(_path(request), e.http_status, e.type, str(e), named=True)
 
-    @app.exception_handler(v2.ProtocolError)
-    async def protocol_error(request: Request, e: v2.ProtocolError) -> JSONResponse:
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
         return error_response(_path(request), e.status, "ProtocolError", str(e), headers=e.headers)
 
     @app.exception_handler(QueueFull)
