@@ -37,6 +37,11 @@ class ExitCode(IntEnum):
 INTERNAL_ERROR = "InternalError"
 
 
+def install_hint(extra: str) -> str:
+    """How to install one of the package's extras (scripts/install-check.py checks each)."""
+    return f"pip install 'ics-service[{extra}]' (in a clone of ICS: pip install '.[{extra}]')"
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM: stop now (exit code 130). A BaseException, so that no `except
     Exception` swallows it, and not a KeyboardInterrupt, which Click would turn into exit 1."""

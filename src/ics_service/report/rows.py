@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from .. import jsonlines
 from ..config import Settings
-from ..errors import ExecutionNotFound, StoreError, UsageError
+from ..errors import ExecutionNotFound, StoreError, UsageError, install_hint
 from ..types import ItemResult
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,7 @@ def _parquet_rows(path: Path, settings: Settings, skipped: Skipped) -> Iterator[
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError(
-            f"reading {path} needs pyarrow: pip install 'ics-service[parquet]'"
-        ) from None
+        raise UsageError(f"reading {path} needs pyarrow: {install_hint('parquet')}") from None
     try:
         parquet = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own kinds for a file that is not Parquet

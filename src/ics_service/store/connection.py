@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
-from ..errors import StoreError, StoreLost
+from ..errors import StoreError, StoreLost, install_hint
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,7 @@ def _postgresql_engine(parsed: URL) -> Engine:
     try:
         return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (ImportError, NoSuchModuleError):
-        raise StoreError(
-            "a PostgreSQL store needs psycopg: pip install 'ics-service[postgres]'"
-        ) from None
+        raise StoreError(f"a PostgreSQL store needs psycopg: {install_hint('postgres')}") from None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
