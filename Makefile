@@ -2,29 +2,37 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+# Every install takes its versions from the lock (`make lock` writes it; see CONTRIBUTING.md).
+LOCK := requirements/lock.txt
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c $(LOCK)
+# What the tests and lint need: every extra (the install check installs each in its own venv).
+TEST_EXTRAS := convert,samples,parquet,postgres,bench,docs,test
 
-.PHONY: demo test lint format bench docs clean
+.PHONY: demo test lint format bench docs lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The default install: the package, the converter (torch CPU) and the sample photos.
-$(VENV)/.demo: pyproject.toml | $(BIN)/python
+$(VENV)/.demo: pyproject.toml $(LOCK) | $(BIN)/python
+	@echo "make: installing ICS with the convert and samples extras into $(VENV) from $(LOCK)"
 	$(PIP) -e '.[convert,samples]'
 	touch $@
 
-$(VENV)/.bench: pyproject.toml | $(BIN)/python
+$(VENV)/.bench: pyproject.toml $(LOCK) | $(BIN)/python
+	@echo "make: installing ICS with the convert, samples and bench extras into $(VENV) from $(LOCK)"
 	$(PIP) -e '.[convert,samples,bench]'
 	touch $@
 
 # The tests include a smoke run of every benchmark runner, Ray Data's among them, and the
 # docs build.
-$(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[convert,samples,test,bench,docs]'
+$(VENV)/.test: pyproject.toml $(LOCK) | $(BIN)/python
+	@echo "make: installing ICS with the extras $(TEST_EXTRAS) into $(VENV) from $(LOCK)"
+	$(PIP) -e '.[$(TEST_EXTRAS)]'
 	touch $@
 
-$(VENV)/.docs: pyproject.toml | $(BIN)/python
+$(VENV)/.docs: pyproject.toml $(LOCK) | $(BIN)/python
+	@echo "make: installing ICS with the docs extra into $(VENV) from $(LOCK)"
 	$(PIP) -e '.[docs]'
 	touch $@
 
@@ -42,20 +50,14 @@ demo: $(VENV)/.demo
 COV_FLOOR ?= 65
 
 # The store tests run on SQLite and on a real PostgreSQL: ICS_TEST_POSTGRES_URL names one, or
-# scripts/postgres.sh installs (Debian) and starts a local one. ICS_SKIP_POSTGRES=1 skips
-# those tests on purpose.
+# scripts/test-services.sh starts the local one (scripts/postgres.sh) and stops it at the end.
+# ICS_SKIP_POSTGRES=1 skips those tests on purpose. Before pytest, the install check installs
+# the built wheel into a fresh venv, with no extras and then each extra, and runs it there.
 test: $(VENV)/.test
 	@scripts/heldout-photos.sh || true
-	@if [ -z "$$ICS_TEST_POSTGRES_URL" ] && [ "$$ICS_SKIP_POSTGRES" != 1 ]; then \
-	    url="$$(scripts/postgres.sh start)" || { \
-	        echo "make test: cannot start a local PostgreSQL for the store tests (see above)." >&2; \
-	        echo "  Set ICS_TEST_POSTGRES_URL=postgresql://USER:PASSWORD@HOST/DB (a role that may" >&2; \
-	        echo "  create databases), or ICS_SKIP_POSTGRES=1 to skip those tests on purpose." >&2; \
-	        exit 1; }; \
-	    export ICS_TEST_POSTGRES_URL="$$url"; \
-	fi; \
-	$(BIN)/python -m pytest --cov=ics_service --cov-report=term:skip-covered \
-	    --cov-fail-under=$(COV_FLOOR) $(PYTEST_ARGS)
+	@scripts/test-services.sh sh -c \
+	    '$(BIN)/python scripts/install-check.py && $(BIN)/python -m pytest "$$@"' pytest \
+	    --cov=ics_service --cov-report=term:skip-covered --cov-fail-under=$(COV_FLOOR) $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory docs
 
 # The docs site (docs/, mkdocs.yml) into site/, offline; --strict fails on a broken link or
@@ -74,14 +76,24 @@ bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 format: $(VENV)/.test
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks scripts
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+
+# Write requirements/lock.txt again from pyproject.toml, keeping the pins that still fit
+# (LOCK_ARGS=--upgrade moves every pin to the newest release; --upgrade-package NAME one).
+# pip-tools runs from its own venv, so the project's pip stays as the lock has it.
+lock:
+	@[ -x $(VENV)-lock/bin/pip-compile ] || { $(PYTHON) -m venv $(VENV)-lock && \
+	    $(VENV)-lock/bin/python -m pip install --disable-pip-version-check -q 'pip-tools==7.7.0'; }
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)-lock/bin/pip-compile -q --all-extras \
+	    --strip-extras --allow-unsafe --no-emit-find-links --no-emit-index-url $(LOCK_ARGS) \
+	    -o $(LOCK) pyproject.toml
 
 clean:
-	rm -rf $(VENV) demo site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV)-lock demo site .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@
 #                                database, and print the URL for ICS_TEST_POSTGRES_URL
 #   scripts/postgres.sh stop     stop the cluster
 #   scripts/postgres.sh status   show the cluster (pg_lsclusters)
+#   scripts/postgres.sh running  exit 0 when the cluster is installed and running, 1 if not
 #   scripts/postgres.sh url      print the URL without touching anything
 #
 # Idempotent: running `start` again on a machine where it is installed and running only
@@ -148,13 +149,18 @@ stop)
 status)
     pg_lsclusters
     ;;
+running)
+    version="$(pg_version)"
+    [ -n "$version" ] && command -v pg_ctlcluster >/dev/null 2>&1 &&
+        as_root pg_ctlcluster "$version" "$PG_CLUSTER" status >/dev/null 2>&1
+    ;;
 url)
     version="$(pg_version)"
     [ -n "$version" ] || die "no PostgreSQL server installed"
     echo "postgresql://$PG_USER:$PG_PASSWORD@127.0.0.1:$(cluster_port "$version")/$PG_DB"
     ;;
 *)
-    echo "usage: $0 start|stop|status|url" >&2
+    echo "usage: $0 start|stop|status|running|url" >&2
     exit 2
     ;;
 esac
