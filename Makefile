@@ -79,6 +79,7 @@ lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
+	$(BIN)/mypy scripts/install-check.py
 	$(BIN)/lint-imports
 
 format: $(VENV)/.test

@@ -85,6 +85,7 @@ MODULES_NEEDING_EXTRA: dict[str, str] = {}
 INDIRECT: dict[str, str] = {
     "s3fs": "fsspec loads it for s3:// sources and results",
     "python-multipart": "FastAPI parses multipart form uploads with it",
+    "httptools": "uvicorn's HttpToolsProtocol, which server/connections.py extends, imports it",
     "psycopg": "SQLAlchemy's postgresql+psycopg dialect loads it",
 }
 
@@ -535,9 +536,18 @@ def scratch_postgres(url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def scratch() -> Path:
+    """A folder for the fresh environment (1.5 GB with torch): in memory where there is room,
+    as writing and deleting that many files on a disk mounted with `discard` takes a while."""
+    shm = Path("/dev/shm")
+    if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4 << 30:
+        return Path(tempfile.mkdtemp(prefix="ics-install-check-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="ics-install-check-"))
+
+
 def check(keep: bool) -> None:
     started = time.monotonic()
-    folder = Path(tempfile.mkdtemp(prefix="ics-install-check-"))
+    folder = scratch()
     local = None
     try:
         with step("requirements/lock.txt pins every requirement of pyproject.toml"):
