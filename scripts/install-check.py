@@ -21,8 +21,9 @@ and packaging from the test extra, and the package itself to prepare the model).
 5. fails on a distribution that pyproject declares and nothing imports (INDIRECT lists
    the few that are loaded by another package, with what loads them).
 
-Packages are installed from the lock, offline, out of a wheelhouse that the first run
-with a given lock downloads (~/.cache/ics-install-check/, or under $XDG_CACHE_HOME).
+Packages are installed from the lock, offline, out of a wheelhouse in
+~/.cache/ics-install-check/wheels (or under $XDG_CACHE_HOME): a pin that is not there
+yet has pip download every pin of the product and its extras into it first.
 
     .venv/bin/python scripts/install-check.py          what `make test` runs
     .venv/bin/python scripts/install-check.py --keep   and leave the environment for a look
@@ -324,41 +325,30 @@ def check_package_data(wheel: Path) -> None:
         )
 
 
-def wheelhouse(wheel: Path) -> Path:
-    """A folder with every distribution the lock pins for the product and its extras."""
-    import tomllib
-
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = sorted(line for line in LOCK.read_text().splitlines() if "==" in line)
-    wanted = [pins, project.get("dependencies"), project.get("optional-dependencies")]
-    key = hashlib.sha256(json.dumps(wanted).encode()).hexdigest()[:16]
-    # Beside pip's own cache: a new clone (CI's) finds it there.
+def wheelhouse() -> Path:
+    """Where the fresh environment's distributions come from, offline: beside pip's own cache,
+    so that a new clone (CI's) finds it filled."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    parent = Path(cache) / "ics-install-check"
-    house = parent / key
-    if house.is_dir():
-        house.touch()  # recently used: kept
-        return house
-    # Keep the two most recently used besides (another branch's lock, say).
-    kept = sorted(parent.glob("[!.]*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    stale = [p for p in parent.glob(".partial-*") if time.time() - p.stat().st_mtime > 3600]
-    for old in [*kept[2:], *stale]:
-        shutil.rmtree(old, ignore_errors=True)
-    parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
+    house = Path(cache) / "ics-install-check" / "wheels"
+    house.mkdir(parents=True, exist_ok=True)
+    return house
+
+
+def fill(house: Path, wheel: Path) -> None:
+    """Download every distribution the lock pins for the product and its extras into house,
+    then drop the files of versions the lock no longer pins."""
     extras = ",".join(EXTRA_MODULES)
     with step(f"downloaded the locked distributions into {house}"):
-        run(
-            [*PIP, "download", "-q", "-c", LOCK, "-d", partial, f"{wheel}[{extras}]"],
-            timeout=1200,
-        )
-    for own in partial.glob(f"{PACKAGE}-*"):
-        own.unlink()
-    try:
-        partial.rename(house)
-    except OSError:  # another run filled it meanwhile
-        shutil.rmtree(partial, ignore_errors=True)
-    return house
+        run([*PIP, "download", "-q", "-c", LOCK, "-d", house, f"{wheel}[{extras}]"], timeout=1200)
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", line)
+        if m:
+            pins[norm(m[1])] = m[2]
+    for f in house.iterdir():
+        name, _, rest = f.name.partition("-")
+        if pins.get(norm(name)) != rest.partition("-")[0]:
+            f.unlink()
 
 
 class Local:
@@ -425,24 +415,14 @@ class Fresh:
 
     def install(self, extra: str | None = None) -> None:
         target = f"{self.wheel}[{extra}]" if extra else str(self.wheel)
-        run(
-            [
-                *PIP,
-                "--python",
-                self.bin / "python",
-                "install",
-                "-q",
-                "--no-index",
-                "--find-links",
-                self.house,
-                "--no-compile",
-                "-c",
-                LOCK,
-                target,
-            ],
-            env=self.env,  # no PYTHONPATH: pip must not find the checkout's package
-            timeout=900,
-        )
+        cmd: list[str | Path] = [*PIP, "--python", self.bin / "python", "install", "-q"]
+        cmd += ["--no-index", "--find-links", self.house, "--no-compile", "-c", LOCK, target]
+        # No PYTHONPATH: pip must not find the checkout's package.
+        try:
+            run(cmd, env=self.env, timeout=900)
+        except Failed:  # a pin not downloaded yet (a new lock), or a real conflict: shown then
+            fill(self.house, self.wheel)
+            run(cmd, env=self.env, timeout=900)
         if extra:
             self.extras.append(extra)
 
@@ -556,7 +536,7 @@ def check(keep: bool) -> None:
             wheel = build(folder / "dist")
         with step("the wheel holds every data file of the package"):
             check_package_data(wheel)
-        house = wheelhouse(wheel)
+        house = wheelhouse()
         with step(f"installed {wheel.name} with no extras into a fresh venv at {folder}"):
             fresh = Fresh(folder, house, wheel)
         with step("every module imports; every module the package imports is installed"):
