@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -175,13 +176,24 @@ def test_modes_leave_out_the_half_not_captured(
         assert read.probabilities.index(max(read.probabilities)) == 967  # espresso
 
 
+def _linked_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """A hard link per path under a name of its own: one item each, no bytes copied."""
+    folder.mkdir()
+    copies = [folder / f"{i}-{p.name}" for i, p in enumerate(paths)]
+    for path, copy in zip(paths, copies, strict=True):
+        os.link(path, copy)
+    return copies
+
+
 @pytest.mark.slow
 def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
     ics_home: Path, photos: Path, tmp_path: Path
 ) -> None:
     n = 300
     listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{photos / 'coffee.jpg'}\n" for _ in range(n)))
+    # Names of their own: a run classifies each file once, however often it is listed.
+    copies = _linked_copies([photos / "coffee.jpg"] * n, tmp_path / "copies")
+    listing.write_text("".join(f"{p}\n" for p in copies))
     dest = tmp_path / "capture"
     classify(f"@{listing}", "--capture", str(dest), "--capture-sampling", "30")
     by_item = results_by_item(ics_home)
@@ -198,7 +210,7 @@ def test_a_run_capturing_many_times_its_queue_ends_and_captures_every_item(
     # The queue holds a quarter of the photos' bytes; the run pushes eight queues' worth
     # through it. An item's room must be taken once and freed once, or the queue fills with
     # leaked room and the run waits for ever.
-    jpgs = sorted(photos.glob("*.jpg")) * 2
+    jpgs = _linked_copies(sorted(photos.glob("*.jpg")) * 2, tmp_path / "copies")
     total = sum(p.stat().st_size for p in jpgs)
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in jpgs))
