@@ -55,6 +55,7 @@ COV_FLOOR ?= 65
 # the built wheel into a fresh venv, with no extras and then each extra, and runs it there.
 test: $(VENV)/.test
 	@scripts/heldout-photos.sh || true
+	@scripts/debian-package.sh /usr/bin/chromium chromium "the browser tests" || true
 	@scripts/test-services.sh sh -c \
 	    '$(BIN)/python scripts/install-check.py && $(BIN)/python -m pytest "$$@"' pytest \
 	    --cov=ics_service --cov-report=term:skip-covered --cov-fail-under=$(COV_FLOOR) $(PYTEST_ARGS)

@@ -109,11 +109,14 @@ def test_a_real_server_serves_the_docs_and_every_asset_itself(ics_home: Path) ->
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian's chromium is not installed (make test installs it)"
+)
 def test_a_browser_opens_the_docs_with_the_token(ics_home: Path) -> None:
     """Headless Chromium, offline: the page asks for the token, refuses a wrong one, and
     with the right one shows the API (its requests carry it); a reload keeps it."""
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # the test extra; Chromium comes from Debian
+
     env = {**os.environ, "ICS_API_TOKEN": TOKEN}
     with serve_process(env=env) as served, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
