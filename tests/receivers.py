@@ -1,5 +1,6 @@
 """Real receivers of alerts for tests: an HTTP server that records POSTs and checks their
-signatures, and a listener that accepts connections and never answers."""
+signatures, and a listener that accepts connections and never answers; and `serve_http`,
+which serves any request handler of a test's own on a free loopback port."""
 
 from __future__ import annotations
 
@@ -132,3 +133,18 @@ class SilentListener:
         for conn in self.connections:
             conn.close()
         self.sock.close()
+
+
+@contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve `handler` on 127.0.0.1 (a thread per request) and yield the server's base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()

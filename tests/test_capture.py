@@ -43,6 +43,7 @@ from ics_service.sources import storage
 from ics_service.sources.remote import FsspecSource
 from ics_service.store import Store
 from ics_service.types import Captured, ItemResult, ItemStatus, ModelRef
+from receivers import serve_http
 from serving import client_of, serve_process
 
 
@@ -913,15 +914,8 @@ class _FlakyFront(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def flaky_front(aws: AwsServer) -> Iterator[str]:
     _FlakyFront.upstream, _FlakyFront.failures, _FlakyFront.refused = aws.url, 0, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyFront)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    with serve_http(_FlakyFront) as url:
+        yield url
 
 
 def test_a_capture_upload_that_fails_transiently_is_retried_and_then_lands(

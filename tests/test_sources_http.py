@@ -37,7 +37,7 @@ from ics_service.errors import (
 )
 from ics_service.fetch import is_blocked
 from ics_service.sources.web import HttpSource
-from receivers import SilentListener, webhook_receiver
+from receivers import SilentListener, serve_http, webhook_receiver
 from serving import error_of, serve_process
 
 TOTAL = 200_000_000  # what the "big" answers would send if they were read to the end
@@ -145,16 +145,8 @@ def web(photos: Path) -> Iterator[str]:
     _Handler.sent.clear()
     _Handler.done.clear()
     _Handler.encodings.clear()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    with serve_http(_Handler) as url:
+        yield url
 
 
 def test_reads_a_url_and_lists_it_as_one_item(web: str) -> None:

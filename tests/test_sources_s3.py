@@ -7,7 +7,6 @@ import io
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from ics_service.sources.remote import FsspecSource, list_objects
 from ics_service.sources.web import HttpSource
 from ics_service.store import Store
 from ics_service.types import ExecutionStatus, ItemResult
+from receivers import serve_http
 from serving import client_of, finished
 
 
@@ -329,15 +329,8 @@ class _FlakyS3(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky_s3() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyS3)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    with serve_http(_FlakyS3) as url:
+        yield url
 
 
 def test_throttling_is_transient_and_the_retry_policy_reads_it_in_the_end(
