@@ -6,6 +6,7 @@ misbehave, and prints `GOT <path>` when a request arrives (tests wait on that):
 
 - `/drip-headers`: the status line and headers one byte every 0.5 s, for an hour.
 - `/drip-body`: headers at once, then a body of Content-Length 100,000 a byte a second.
+- `/drip-short-body`: the same with Content-Length 1,000 (a body small enough to read).
 - `/short-length`: Content-Length 10, then the whole photo (a lie: more than it said).
 - `/long-length`: Content-Length 100,000, ten bytes, then nothing, connection open.
 - `/huge-length`: Content-Length 10^12, then bytes until the client hangs up.
@@ -65,9 +66,10 @@ def _serve(conn: socket.socket, photo: bytes) -> None:
                 for byte in head:
                     conn.sendall(bytes([byte]))
                     time.sleep(0.5)
-            elif path == "/drip-body":
-                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n")
-                for _ in range(100_000):
+            elif path in ("/drip-body", "/drip-short-body"):
+                size = 100_000 if path == "/drip-body" else 1000
+                conn.sendall(f"HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+                for _ in range(size):
                     conn.sendall(b"x")
                     time.sleep(1)
             elif path == "/short-length":

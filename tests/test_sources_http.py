@@ -26,7 +26,7 @@ from cli import ICS_BIN, ics, ics_process
 from hostile import Hostile, hostile_server
 from ics_service import sources
 from ics_service.alerts.delivery import DeliveryError
-from ics_service.alerts.webhook import WebhookChannel
+from ics_service.alerts.webhook import DRAIN_S, WebhookChannel
 from ics_service.errors import (
     DecodeCancelled,
     ExitCode,
@@ -521,6 +521,18 @@ def test_a_webhook_that_drips_its_answer_is_given_up_at_the_deadline(hostile: Ho
         channel.send({"alert_id": "a1"}, "t", "b")
     channel.close()
     assert time.monotonic() - started < 2 and caught.value.transient
+
+
+def test_a_webhook_whose_body_drips_after_a_200_is_delivered_without_waiting(
+    hostile: Hostile,
+) -> None:
+    """The status line decides delivery; the body after it is read for at most DRAIN_S."""
+    channel = WebhookChannel(f"{hostile.url}/drip-short-body", timeout_s=20)
+    started = time.monotonic()
+    channel.send({"alert_id": "a1"}, "t", "b")  # delivered: no DeliveryError
+    took = time.monotonic() - started
+    channel.close()
+    assert DRAIN_S <= took < DRAIN_S + 2, took
 
 
 # --- credentials in URLs --------------------------------------------------------------

@@ -130,6 +130,10 @@ class Deadline:
         """How long the next socket operation may wait."""
         return min(self.left(), SLICE_S)
 
+    def narrow(self, seconds: float) -> None:
+        """End at most seconds from now (the rest of an exchange given less time)."""
+        self.at = min(self.at, time.monotonic() + seconds)
+
 
 #: The deadline of the request the current thread is making (httpcore calls the network
 #: backend on the requesting thread).
@@ -318,8 +322,6 @@ class Reply:
     reason: str
     #: Header names in lower case; the first of repeated headers.
     headers: dict[str, str]
-    #: The address connected to.
-    peer: str | None
     _response: httpcore.Response
 
     @property
@@ -430,13 +432,10 @@ class Fetcher:
                     extensions={"timeout": {"connect": None, "read": None, "write": None}},
                 ) as response,
             ):
-                stream = response.extensions.get("network_stream")
-                peer = stream.get_extra_info("server_addr") if stream is not None else None
                 yield Reply(
                     status=response.status,
                     reason=response.extensions.get("reason_phrase", b"").decode("latin-1"),
                     headers=_headers(response.headers),
-                    peer=str(peer[0]) if peer else None,
                     _response=response,
                 )
         finally:

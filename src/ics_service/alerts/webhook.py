@@ -26,6 +26,8 @@ from .delivery import DeliveryError
 #: The most of a receiver's answer read (its body is not used; a receiver that sends more
 #: is not waited for).
 MAX_ANSWER_BYTES = 64 * 1024
+#: The most seconds spent reading the body of an answer whose status has arrived.
+DRAIN_S = 1.0
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -56,7 +58,8 @@ class WebhookChannel:
     def send(
         self, alert: Mapping[str, Any], title: str, body: str, *, timeout_s: float | None = None
     ) -> None:
-        """POST the document, within timeout_s (at most the channel's own timeout)."""
+        """POST the document, within timeout_s (at most the channel's own timeout). The
+        status line decides: 2xx is delivered, whatever the body that follows it does."""
         limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         payload = json.dumps(alert, separators=(",", ":"), default=str).encode()
         headers = {
@@ -67,11 +70,13 @@ class WebhookChannel:
             ts = str(int(time.time()))
             headers["X-ICS-Timestamp"] = ts
             headers["X-ICS-Signature"] = signature(self.secret, ts, payload)
+        deadline = fetch.Deadline(limit)
         try:
             with self._fetcher.open(
-                "POST", self.url, deadline=fetch.Deadline(limit), headers=headers, content=payload
+                "POST", self.url, deadline=deadline, headers=headers, content=payload
             ) as reply:
                 status, reason = reply.status, reply.reason
+                deadline.narrow(DRAIN_S)
                 _drain(reply)
         except fetch.TimedOut:
             raise DeliveryError(f"no whole answer within {limit:g} s") from None
@@ -87,7 +92,8 @@ class WebhookChannel:
 
 
 def _drain(reply: fetch.Reply) -> None:
-    """Read a short answer's body (the connection can then be used again); a longer or
-    slower one is not waited for: its status has said what happened."""
-    with contextlib.suppress(fetch.TooLarge, fetch.TimedOut, fetch.Unreachable):
+    """Read a short answer's body within the deadline left (at most DRAIN_S), so that the
+    connection can be used again; a longer or slower one is not waited for (its connection
+    is closed): the status has said what happened."""
+    with contextlib.suppress(fetch.FetchError):
         reply.body(MAX_ANSWER_BYTES)
