@@ -35,9 +35,10 @@ from ics_service.capture.record import capture_record, encode
 from ics_service.capture.sink import CaptureSink
 from ics_service.config import Settings
 from ics_service.engine import ExecutionRunner
-from ics_service.errors import EnvironmentUnavailable
+from ics_service.errors import EnvironmentUnavailable, OutputError
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models.runtime import OnnxRuntime
+from ics_service.outputs import ResultsWriter
 from ics_service.server.app import create_app
 from ics_service.sources import storage
 from ics_service.sources.remote import FsspecSource
@@ -966,3 +967,38 @@ def test_an_upload_told_to_stop_does_not_retry(
     assert storage.is_transient(caught.value)
     # One attempt, and none of the waits (1 + 2 + 4 s) before the retries.
     assert len(_FlakyFront.refused) == 1 and time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize("output", ["capture", "results"])
+def test_the_upload_at_close_of_a_stopping_run_is_tried_once(
+    aws: AwsServer, flaky_front: str, photos: Path, tmp_path: Path, output: str
+) -> None:
+    """The run's stop event reaches the uploads of capture files and of a results file: a
+    transient failure keeps the file here at once instead of waiting 1 + 2 + 4 s."""
+    boto3.client("s3", endpoint_url=aws.url, region_name=REGION).create_bucket(Bucket="captures")
+    previous = sources.source_for("s3://captures/x")
+    options = {"endpoint_url": flaky_front, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    sources.register("s3", FsspecSource("s3", options))
+    stop = threading.Event()
+    try:
+        _FlakyFront.failures = 3
+        if output == "capture":
+            writer = CaptureWriter(tmp_path, upload_to="s3://captures/run", stop=stop)
+            writer.submit("e/0", dt.datetime.now(dt.UTC), _captured(photos / "coffee.jpg"))
+            stop.set()
+            started = time.monotonic()
+            writer.close()
+            kept = capture_files(tmp_path)
+        else:
+            results = ResultsWriter("s3://captures/run/results.jsonl", stop=stop)
+            stop.set()
+            started = time.monotonic()
+            with pytest.raises(OutputError, match="the results are kept in"):
+                results.close()
+            kept = [Path(results.path)]
+        took = time.monotonic() - started
+    finally:
+        sources.register("s3", previous)
+    assert len(_FlakyFront.refused) == 1 and took < 5.0, (_FlakyFront.refused, took)
+    assert len(kept) == 1 and kept[0].exists()
+    kept[0].unlink()

@@ -151,8 +151,11 @@ def _check_bucket(settings: Settings, url: str) -> None:
         ) from None
 
 
-def open_capture(settings: Settings) -> CaptureWriter | None:
-    """The settings' capture writer, or None when capture is off."""
+def open_capture(
+    settings: Settings, stop: threading.Event | None = None
+) -> CaptureWriter | None:
+    """The settings' capture writer, or None when capture is off; `stop`: the run's stop
+    event (see CaptureWriter.stop)."""
     if settings.capture is None:
         return None
     return CaptureWriter(
@@ -161,6 +164,7 @@ def open_capture(settings: Settings) -> CaptureWriter | None:
         sampling=settings.capture_sampling,
         max_pending_bytes=int(settings.capture_queue_mb * 1024 * 1024),
         upload_to=capture_url(settings),
+        stop=stop,
     )
 
 
@@ -182,8 +186,12 @@ class CaptureWriter:
         max_file_seconds: float = MAX_FILE_SECONDS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         upload_to: str | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.root = root
+        #: Set (the run is stopping): each upload makes one attempt, without waiting to
+        #: retry; a file that fails stays in root.
+        self.stop = stop
         #: s3://... that each complete file is uploaded to (the same relative key), then
         #: deleted here; None: the files stay in root.
         self.upload_to = upload_to
@@ -372,7 +380,7 @@ class CaptureWriter:
         assert self.upload_to is not None
         url = f"{self.upload_to}/{local.relative_to(self.root).as_posix()}"
         try:
-            storage.upload(str(local), url, "capture files")
+            storage.upload(str(local), url, "capture files", stop=self.stop)
         except Exception as e:
             log.error(
                 "data capture: %s could not be uploaded to %s (%s); it stays there",

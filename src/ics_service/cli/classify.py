@@ -231,6 +231,7 @@ def run_and_report(
             results_path,
             execution.params.get("output_format"),
             runner.store.results(execution.id) if resumed else (),
+            stop=stop,
         )
     summary_to_stderr = results_path == "-"
     shown: list[ItemResult] = []

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -160,7 +161,9 @@ def _check_folder(folder: Path) -> None:
 class ResultsWriter:
     """A result sink writing one file; records are flushed as batches finish."""
 
-    def __init__(self, path: str, fmt: str | None = None) -> None:
+    def __init__(
+        self, path: str, fmt: str | None = None, *, stop: threading.Event | None = None
+    ) -> None:
         from .remote import is_remote, spool_path
 
         self.format = format_for(path, fmt)
@@ -169,6 +172,8 @@ class ResultsWriter:
         if self.upload_to is not None:
             path = spool_path(path)
         self.path = path
+        #: Set: the upload at close makes one attempt, without waiting to retry.
+        self.stop = stop
         #: Records written (to stdout: those written before its reader left).
         self.count = 0
         #: Writing to stdout, whose reader went away (`ics classify -o - | head`): what
@@ -255,7 +260,7 @@ class ResultsWriter:
         if self.upload_to is not None:
             from .remote import upload
 
-            upload(self.path, self.upload_to)  # an upload that fails keeps the spool file
+            upload(self.path, self.upload_to, stop=self.stop)  # an upload that fails keeps the spool file
             Path(self.path).unlink(missing_ok=True)
 
     def _close(self) -> None:
@@ -289,10 +294,17 @@ def _parquet_schema() -> Any:
     return pa.schema([(c, types.get(c, pa.string())) for c in CSV_COLUMNS])
 
 
-def rebuilt_writer(path: str, fmt: str | None, results: Iterable[ItemResult]) -> ResultsWriter:
+def rebuilt_writer(
+    path: str,
+    fmt: str | None,
+    results: Iterable[ItemResult],
+    *,
+    stop: threading.Event | None = None,
+) -> ResultsWriter:
     """A ResultsWriter for `path` that already holds `results` (an execution's, from the
-    store, when it is resumed: a crash may have cut its file); closed again if that fails."""
-    writer = ResultsWriter(path, fmt)
+    store, when it is resumed: a crash may have cut its file); closed again if that fails.
+    `stop`: the run's stop event (see ResultsWriter.stop)."""
+    writer = ResultsWriter(path, fmt, stop=stop)
     try:
         for batch in _batched(results, 1000):
             writer.write(batch)

@@ -6,6 +6,7 @@ the run ends.
 from __future__ import annotations
 
 import os
+import threading
 
 from ..errors import OutputError, UsageError
 from ..sources import scheme_of, storage
@@ -38,13 +39,14 @@ def check_writable(path: str) -> None:
         raise storage_error(e, failed, path, bucket, "write there") from None
 
 
-def upload(local: str, path: str) -> None:
-    """Put the finished local results file at path, retrying transient errors. When it
-    cannot, an OutputError says where the local file is kept (the caller keeps it)."""
+def upload(local: str, path: str, *, stop: threading.Event | None = None) -> None:
+    """Put the finished local results file at path, retrying transient errors (no more
+    once `stop` is set). When it cannot, an OutputError says where the local file is kept
+    (the caller keeps it)."""
     storage.storage_for(path, "results")
     protocol, bucket, _ = split_url(path)
     try:
-        storage.upload(local, path, "results")
+        storage.upload(local, path, "results", stop=stop)
     except Exception as e:
         why = bucket_problem(e, protocol, bucket, "write there") or message(e)
         raise OutputError(
