@@ -221,13 +221,9 @@ def _v5(conn: Connection) -> None:
         conn.exec_driver_sql(index)
 
 
-#: Version 6: the index of resume's lookup of registered URIs (`Store.registered_uris`).
-#: PostgreSQL indexes an MD5 of the URI: a btree entry holds at most about 2,700 bytes,
-#: which a long URL (a presigned query string) can pass, and an insert would then fail.
-_V6_URI_INDEX = {
-    "sqlite": "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, uri)",
-    "postgresql": "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, md5(uri))",
-}
+#: Version 6: the index of resume's lookup of registered URIs, one fixed SQL text per
+#: dialect shared with schema.py (which says why PostgreSQL's is over md5(uri)).
+_V6_URI_INDEX = schema.ITEMS_URI_INDEX
 
 
 def _v6(conn: Connection) -> None:

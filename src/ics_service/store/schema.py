@@ -79,12 +79,17 @@ items = Table(
     Column("metadata", Text, nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
-# Added by migration 6, per dialect (PostgreSQL: over md5(uri)); created here as DDL, as
-# the migration writes it, so that both dialects' tables match what the migrations build.
-for _dialect, _ddl in (
-    ("sqlite", "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, uri)"),
-    ("postgresql", "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, md5(uri))"),
-):
+#: The index of resume's lookup of registered URIs (`Store.registered_uris`), per dialect.
+#: PostgreSQL indexes an MD5 of the URI: a btree entry holds at most about 2,700 bytes,
+#: which a long URL (a presigned query string) can pass, and an insert would then fail.
+#: Migration 6 runs this SQL as it is, so it is fixed text: never edit it (a changed index
+#: is a new migration). The tables created here get it too, so that both dialects' tables
+#: match what the migrations build.
+ITEMS_URI_INDEX = {
+    "sqlite": "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, uri)",
+    "postgresql": "CREATE INDEX ix_ics_items_uri ON ics_items (execution_id, md5(uri))",
+}
+for _dialect, _ddl in ITEMS_URI_INDEX.items():
     event.listen(items, "after_create", DDL(_ddl).execute_if(dialect=_dialect))  # type: ignore[no-untyped-call]
 
 
