@@ -22,6 +22,7 @@ import imagefiles as f
 from awsserver import MOTO_SERVER, REGION, AwsServer, _free_port
 from cli import ics, ics_process
 from ics_service import sources
+from ics_service.capture.writer import check_capture_folder
 from ics_service.cli.config import shown
 from ics_service.config import Settings, load_settings
 from ics_service.engine import ExecutionRunner
@@ -36,6 +37,7 @@ from ics_service.errors import (
 )
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.outputs import ResultsWriter
+from ics_service.outputs.remote import check_writable
 from ics_service.server.app import create_app
 from ics_service.sources.remote import FsspecSource, list_objects
 from ics_service.sources.web import HttpSource
@@ -474,6 +476,38 @@ def test_a_key_that_cannot_be_listed_is_still_an_item_and_its_read_names_the_buc
     message = str(caught.value)
     assert "bucket 'guarded' refused the credentials (InvalidAccessKeyId)" in message
     assert "check AWS_ACCESS_KEY_ID" in message and "s3cr3t-value" not in message
+
+
+def _check_destination(output: str, bucket: str, home: Path) -> None:
+    if output == "results":
+        check_writable(f"s3://{bucket}/out/run.jsonl")
+    else:
+        check_capture_folder(Settings(home=home, capture=f"s3://{bucket}/cap"))
+
+
+@pytest.mark.parametrize("output", ["results", "capture"])
+def test_results_and_capture_destinations_are_probed_alike(
+    aws: AwsServer, ics_home: Path, output: str
+) -> None:
+    """One probe and one reading of its error (storage.check_writable) for both outputs."""
+    bucket_with("probed", {})
+    _check_destination(output, "probed", ics_home)  # writable: nothing raised
+    assert "Contents" not in s3_client().list_objects_v2(Bucket="probed")  # no probe left
+    with pytest.raises(UsageError, match="bucket 'nowhere' does not exist; check its name"):
+        _check_destination(output, "nowhere", ics_home)
+
+
+@pytest.mark.parametrize("output", ["results", "capture"])
+def test_refused_credentials_are_named_alike_for_results_and_capture(
+    locked_server: str, ics_home: Path, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    sources.configure(Settings(home=ics_home))  # a fresh client, with these credentials
+    with pytest.raises(UsageError) as caught:
+        _check_destination(output, "guarded", ics_home)
+    assert "bucket 'guarded' refused the credentials (InvalidAccessKeyId)" in str(caught.value)
+    assert "s3cr3t-value" not in str(caught.value)
 
 
 class _ClosedSink:

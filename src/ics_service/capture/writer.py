@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
-from ..errors import EnvironmentUnavailable, UsageError
+from ..errors import UsageError
 from ..types import Captured
 from .record import Mode, capture_record, encode, is_sampled
 
@@ -137,18 +137,8 @@ def _check_bucket(settings: Settings, url: str) -> None:
     from ..sources import storage
 
     sources.configure(settings)
-    bucket = url.partition("://")[2].partition("/")[0]
-    try:
-        storage.probe(f"{url}/.ics-probe-", "capture files")
-    except Exception as e:
-        why = str(e).strip() or type(e).__name__
-        if isinstance(e, FileNotFoundError):
-            why = f"bucket {bucket!r} does not exist"
-        if storage.is_transient(e):
-            raise EnvironmentUnavailable(f"cannot reach the storage of {url}: {why}") from None
-        raise UsageError(
-            f"capture to {url} cannot be written ({why}); choose another --capture"
-        ) from None
+    failed = f"cannot capture to {settings.capture}"
+    storage.check_writable(f"{url}/.ics-probe-", "capture files", failed)
 
 
 def open_capture(

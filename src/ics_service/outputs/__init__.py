@@ -260,7 +260,8 @@ class ResultsWriter:
         if self.upload_to is not None:
             from .remote import upload
 
-            upload(self.path, self.upload_to, stop=self.stop)  # an upload that fails keeps the spool file
+            # An upload that fails keeps the spool file.
+            upload(self.path, self.upload_to, stop=self.stop)
             Path(self.path).unlink(missing_ok=True)
 
     def _close(self) -> None:

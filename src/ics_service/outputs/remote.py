@@ -10,7 +10,7 @@ import threading
 
 from ..errors import OutputError, UsageError
 from ..sources import scheme_of, storage
-from ..sources.remote import bucket_problem, message, split_url, storage_error
+from ..sources.remote import bucket_problem, message, split_url
 
 
 def is_remote(path: str) -> bool:
@@ -30,13 +30,8 @@ def check_writable(path: str) -> None:
     to it is written and deleted (UsageError naming the bucket, EnvironmentUnavailable when
     the storage cannot be reached)."""
     storage.storage_for(path, "results")
-    _, bucket, _ = split_url(path)
     check_object(path)
-    try:
-        storage.probe(f"{path}.ics-check-", "results")
-    except Exception as e:
-        failed = f"cannot write results to {path}"
-        raise storage_error(e, failed, path, bucket, "write there") from None
+    storage.check_writable(f"{path}.ics-check-", "results", f"cannot write results to {path}")
 
 
 def upload(local: str, path: str, *, stop: threading.Event | None = None) -> None:

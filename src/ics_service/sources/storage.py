@@ -15,9 +15,9 @@ from collections.abc import Sequence
 
 from ..errors import UsageError
 from . import source_for
-from .remote import FsspecSource, is_transient, message, split_url
+from .remote import FsspecSource, is_transient, message, split_url, storage_error
 
-__all__ = ["UPLOAD_BACKOFF", "is_transient", "probe", "storage_for", "upload"]
+__all__ = ["UPLOAD_BACKOFF", "check_writable", "is_transient", "probe", "storage_for", "upload"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,19 @@ def probe(url: str, what: str) -> None:
         source.fs.rm_file(name)
     except Exception as e:
         log.warning("could not delete the write check %s: %s", name, message(e))
+
+
+def check_writable(url: str, what: str, failed: str) -> None:
+    """Refuse, before any work, a destination that cannot be written: `probe(url, what)`,
+    its failure as the command's error (`storage_error`: a UsageError naming the bucket and
+    the fix, EnvironmentUnavailable when the storage cannot be reached). `failed` opens the
+    message ("cannot write results to s3://b/k")."""
+    storage_for(url, what)
+    _, bucket, _ = split_url(url)
+    try:
+        probe(url, what)
+    except Exception as e:
+        raise storage_error(e, failed, url, bucket, "write there") from None
 
 
 def upload(
