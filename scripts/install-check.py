@@ -77,10 +77,6 @@ EXTRA_MODULES: dict[str, dict[str, str]] = {
     "samples": {"skimage": "samples.py and models/calibration.py read its bundled photos"},
 }
 
-#: Modules of the package that cannot be imported without an extra, and that extra. The
-#: import of every other module must work in the install without extras.
-MODULES_NEEDING_EXTRA: dict[str, str] = {}
-
 #: Distributions the package declares but imports under no name of theirs, and what loads
 #: them: each must still be installed where it is declared.
 INDIRECT: dict[str, str] = {
@@ -151,9 +147,6 @@ def probe(extras: Sequence[str], *, final: bool) -> int:
         problems.append(f"{PACKAGE} was imported from {root}, not from this environment")
 
     for info in pkgutil.walk_packages(package.__path__, f"{PACKAGE}."):
-        needs = MODULES_NEEDING_EXTRA.get(info.name)
-        if needs is not None and needs not in extras:
-            continue
         try:
             importlib.import_module(info.name)
         except Exception as e:  # any failure to import is the finding
