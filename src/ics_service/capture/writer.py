@@ -141,9 +141,7 @@ def _check_bucket(settings: Settings, url: str) -> None:
     storage.check_writable(f"{url}/.ics-probe-", "capture files", failed)
 
 
-def open_capture(
-    settings: Settings, stop: threading.Event | None = None
-) -> CaptureWriter | None:
+def open_capture(settings: Settings, stop: threading.Event | None = None) -> CaptureWriter | None:
     """The settings' capture writer, or None when capture is off; `stop`: the run's stop
     event (see CaptureWriter.stop)."""
     if settings.capture is None:
