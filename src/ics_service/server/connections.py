@@ -32,8 +32,11 @@ def guarded_protocol(
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes = 0
+        #: Bytes received since the current head began, as they came (see data_received).
+        _head_raw = 0
+        _in_head = True
         _head_timer: asyncio.TimerHandle | None = None
-        _refusal: tuple[int, str, str] | None = None
+        _too_large = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -43,9 +46,21 @@ def guarded_protocol(
             self._stop_head_clock()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes) -> None:
+            # httptools calls on_header only once a header has ended, and until then joins
+            # each chunk of it onto the last: one header that never ends would grow without
+            # bound. So the head is also counted as it arrives, a chunk at a time.
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                self._head_raw += len(data)
+                if self._head_raw > max_head_bytes:
+                    self._refuse_too_large()
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_bytes = 0
+            self._head_raw = 0
+            self._in_head = True
             if self._head_timer is None:
                 self._start_head_clock()
 
@@ -58,25 +73,33 @@ def guarded_protocol(
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
+            self._in_head = False
             self._stop_head_clock()
             super().on_headers_complete()
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn's answer to a parse error, which _count's exception is.
-            if self._refusal is None:
+            if not self._too_large:
                 super().send_400_response(msg)
             else:
-                self._refuse(*self._refusal)
+                self._refuse_too_large()
 
         def _count(self, n: int) -> None:
             self._head_bytes += n
             if self._head_bytes > max_head_bytes:
-                self._refusal = (
-                    431,
-                    "RequestHeaderFieldsTooLarge",
-                    f"the request line and headers are over {max_head_bytes:,} bytes",
-                )
+                self._too_large = True
                 raise _HeadTooLarge  # httptools stops parsing; uvicorn calls send_400_response
+
+        def _refuse_too_large(self) -> None:
+            if self.cycle is not None and not self.cycle.response_complete:
+                # Pipelined behind a request still answering: no answer can go in order.
+                self.transport.close()
+                return
+            self._refuse(
+                431,
+                "RequestHeaderFieldsTooLarge",
+                f"the request line and headers are over {max_head_bytes:,} bytes",
+            )
 
         def _start_head_clock(self) -> None:
             self._head_timer = self.loop.call_later(header_timeout_s, self._head_too_slow)
