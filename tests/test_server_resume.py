@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,74 @@ def test_resume_refuses_sources_outside_allowed_sources_and_cancelled_stays_canc
         r = httpx.post(f"{served.url}/v1/executions/{ids[1]}/resume", headers=AUTH, timeout=30)
         assert r.status_code == 202, r.text
         assert wait(served, ids[1], "end")["status"] == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_resume_asked_many_times_at_once_queues_one_job_that_cancel_and_shutdown_reach(
+    ics_home: Path, many: Path, tmp_path: Path
+) -> None:
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+    env = {**os.environ, "ICS_HOME": str(ics_home), "ICS_API_TOKEN": TOKEN}
+    config = tmp_path / "ics.toml"
+    config.write_text(
+        f"allowed_sources = [{json.dumps(str(many))}]\n"
+        "tolerated_failure_percentage = 100.0\n"
+        "resume_orphans = false\n"
+        "max_running_executions = 2\n"
+        'log_level = "INFO"\n'
+    )
+    with serve_process("--config", str(config), env=env) as served:
+        r = httpx.post(
+            f"{served.url}/v1/executions", json={"sources": [str(many)]}, headers=AUTH, timeout=60
+        )
+        assert r.status_code == 202, r.text
+        execution_id = r.json()["execution_id"]
+        wait(served, execution_id, "more")
+        sigterm(served)
+
+    def resume_at_once(served: Served, n: int = 16) -> None:
+        """n resume requests sent together: each is answered 202, one job is queued."""
+        url = f"{served.url}/v1/executions/{execution_id}/resume"
+        barrier = threading.Barrier(n)
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            with httpx.Client(headers=AUTH, timeout=60) as client:
+                barrier.wait()
+                answers.append(client.post(url))
+
+        threads = [threading.Thread(target=ask) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [a.status_code for a in answers] == [202] * n, [a.text for a in answers]
+
+    with serve_process("--config", str(config), env=env) as served:
+        resume_at_once(served)
+        doc = wait(
+            served, execution_id, "more", above=len(results_by_item(store_url, execution_id))
+        )
+        # One job, held by the server: a cancel reaches it.
+        r = httpx.post(
+            f"{served.url}/v1/executions/{execution_id}/cancel", headers=AUTH, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["status"] == "ABORTED", r.text
+        # Once more, then a shutdown: it stops the one job at once (an untracked job would
+        # hold the shutdown for its 30 s wait).
+        resume_at_once(served)
+        wait(served, execution_id, "more", above=done_count(doc))
+        started = time.monotonic()
+        sigterm(served)
+        assert time.monotonic() - started < 15, served.output()
+        assert served.output().count(f"execution {execution_id} queued for resume") == 2
+    assert get_status(store_url, execution_id) is ExecutionStatus.ABORTED
+    assert len(results_by_item(store_url, execution_id)) < 600  # and none twice
+
+
+def get_status(store_url: str, execution_id: str) -> ExecutionStatus:
+    store = Store(store_url, create=False)
+    try:
+        return store.get_execution(execution_id).status
+    finally:
+        store.close()

@@ -156,7 +156,7 @@ class Batches:
                 execution.id, [("ExecutionStarted", None, {"params": execution.params})]
             )
         job = Job(execution.id, settings, list(source_specs))
-        if not self._put(job):
+        if self._put(job) is not job:
             self._abort(job, "the server stopped before it ran")
             raise ShuttingDown("the server is shutting down: it starts no new execution")
         log.info("execution %s queued", execution.id, extra={"execution_id": execution.id})
@@ -175,7 +175,7 @@ class Batches:
         if execution is None:
             return None
         job = Job(execution.id, settings, None, listed=True)
-        if not self._put(job):
+        if self._put(job) is not job:
             self._abort(job, "the server stopped before it ran")
             raise ShuttingDown("the server is shutting down: it starts no new execution")
         log.info("execution %s queued", execution.id, extra={"execution_id": execution.id})
@@ -203,8 +203,11 @@ class Batches:
         if len(self._queue) >= MAX_QUEUED:
             raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
         job = Job(execution.id, self._resume_settings(execution), None, owned=False, resume=True)
-        if not self._put(job):
+        held = self._put(job)
+        if held is None:
             raise ShuttingDown("the server is shutting down: it resumes no execution")
+        if held is not job:  # asked twice at once: the first is queued, this one is it
+            return self.store.get_execution(execution.id)
         log.info(
             "execution %s queued for resume", execution.id, extra={"execution_id": execution.id}
         )
@@ -259,14 +262,18 @@ class Batches:
 
     # --- the queue --------------------------------------------------------------------
 
-    def _put(self, job: Job) -> bool:
+    def _put(self, job: Job) -> Job | None:
+        """Queue the job and return it; when this server holds its execution already, the
+        job that does (this one is not queued); None when the server is closing."""
         with self._lock:
             if self._closing:
-                return False
+                return None
+            if (held := self._jobs.get(job.execution_id)) is not None:
+                return held
             self._jobs[job.execution_id] = job
             self._queue.append(job)
             self._ready.notify()
-        return True
+        return job
 
     def _take(self) -> Job | None:
         with self._lock:
@@ -317,7 +324,9 @@ class Batches:
 
     def _forget(self, job: Job) -> None:
         with self._lock:
-            self._jobs.pop(job.execution_id, None)
+            # Only this job's entry: another job for the same execution is not forgotten.
+            if self._jobs.get(job.execution_id) is job:
+                del self._jobs[job.execution_id]
 
     def _queue_orphans(self) -> None:
         """Queue the executions whose process died, to resume them with their own settings."""
