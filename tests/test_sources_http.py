@@ -440,6 +440,43 @@ def test_serve_keeps_answering_while_uri_reads_drip(hostile: Hostile, photos: Pa
         assert max(took for _, took in answers) < 10, answers
 
 
+def test_serve_ends_the_uri_reads_of_clients_that_left(hostile: Hostile, photos: Path) -> None:
+    """Clients that ask for a dripping `uri` and leave free their read threads at once,
+    long before any deadline: a read for a client still there is then answered."""
+    env = {
+        **os.environ,
+        "ICS_ALLOWED_SOURCES": json.dumps([f"{hostile.url}/"]),
+        "ICS_HTTP_TIMEOUT_S": "600",
+        "ICS_REQUEST_TIMEOUT_S": "600",
+    }
+    with serve_process(env=env) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        body = json.dumps({"uri": f"{hostile.url}/drip-headers"}).encode()
+        request = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        before = hostile.got.count("/drip-headers")
+        # As many as there are read threads (8) and places to wait for one (32).
+        for i in range(40):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                if i < 8:
+                    hostile.wait_for("/drip-headers", before + i + 1)
+                else:
+                    time.sleep(0.05)  # read, and waiting for a read thread
+        # Every one of them has left: a read for a client still here is served at once.
+        started = time.monotonic()
+        r = httpx.post(
+            f"{served.url}/v1/classify",
+            json={"uri": f"{hostile.url}/public/coffee.jpg"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 10
+        assert hostile.got.count("/drip-headers") - before == 40
+
+
 def test_allowed_sources_hold_against_encoded_dots_and_redirects(
     hostile: Hostile, photos: Path
 ) -> None:

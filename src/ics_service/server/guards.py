@@ -218,7 +218,7 @@ class Authenticate:
         finally:
             self.budget.give(held)
         if valid:
-            await self.app(scope, _replay(body), send)
+            await self.app(scope, _replay(body, receive), send)
             return
         await self._forbidden(scope, send, "the AWS SigV4 signature is not valid")
 
@@ -362,13 +362,13 @@ class BodyDeadline:
                 raise
 
 
-def _replay(body: bytes) -> Receive:
+def _replay(body: bytes, receive_more: Receive) -> Receive:
     sent = False
 
     async def receive() -> Message:
         nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
+        if sent:  # what comes after the body: the client's disconnect, when it leaves
+            return await receive_more()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 

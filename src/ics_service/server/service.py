@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,6 +54,8 @@ RETRY_AFTER_S = 1
 READ_WORKERS = 8
 #: `uri` reads that may wait for a read thread; beyond, 503 with Retry-After.
 READ_QUEUE = 32
+#: How often a `uri` read asks whether its client is still there.
+GONE_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,12 @@ class Service:
             top_k=self.settings.top_k if top_k is None else top_k,
         )
 
-    async def read(self, uri: str) -> bytes:
+    async def read(self, uri: str, gone: Callable[[], Awaitable[bool]] | None = None) -> bytes:
         """The bytes of a checked `uri` input, read on the read pool within
         request_timeout_s (a 504 beyond) and http_timeout_s (a 503). A request that gives
-        up, or a server that stops, ends its read within a fraction of a second; redirects
-        are followed only under allowed_sources."""
+        up, whose client is gone (`gone()` true, asked every GONE_POLL_S), or a server that
+        stops, ends its read within a fraction of a second; redirects are followed only
+        under allowed_sources."""
         stop = threading.Event()
         with self._reads_lock:
             if len(self._reads) >= READ_WORKERS + READ_QUEUE:
@@ -165,12 +168,17 @@ class Service:
             self._read_done(stop)
             raise
         future.add_done_callback(lambda _: self._read_done(stop))
+        # uvicorn does not cancel a request whose client left: without a watch, its read
+        # would hold a read slot until a deadline.
+        watch = None if gone is None else asyncio.create_task(_stop_when_gone(gone, stop))
         try:
             return await asyncio.wait_for(
                 asyncio.wrap_future(future), self.settings.request_timeout_s
             )
         finally:
             stop.set()
+            if watch is not None:
+                watch.cancel()
 
     def _read_done(self, stop: threading.Event) -> None:
         with self._reads_lock:
@@ -284,6 +292,14 @@ def _solo_runtime(runtime: ModelRuntime, threads: int) -> ModelRuntime | None:
     if not threads or not isinstance(runtime, OnnxRuntime):
         return None
     return OnnxRuntime(runtime.card, runtime.path, threads=threads)
+
+
+async def _stop_when_gone(gone: Callable[[], Awaitable[bool]], stop: threading.Event) -> None:
+    while not stop.is_set():
+        if await gone():
+            stop.set()
+            return
+        await asyncio.sleep(GONE_POLL_S)
 
 
 #: A stop already set: `CaptureWriter.reserve` answers at once instead of waiting for room.

@@ -86,7 +86,7 @@ async def classify(
         threshold = _field(doc, "threshold", float, threshold)
         top_k = _field(doc, "top_k", int, top_k)
         options = _checked(service, threshold, top_k)
-        data, uri = await _json_image(service, doc)
+        data, uri = await _json_image(service, doc, request)
     elif kind.startswith(RAW_TYPES) or not kind:
         options = service.options(threshold, top_k)
         data, uri = await request.body(), "request"
@@ -146,7 +146,7 @@ def _checked(service: Service, threshold: float | None, top_k: int | None) -> Op
     return service.options(threshold, top_k)
 
 
-async def _json_image(service: Service, doc: dict[str, Any]) -> tuple[bytes, str]:
+async def _json_image(service: Service, doc: dict[str, Any], request: Request) -> tuple[bytes, str]:
     if "image_base64" in doc:
         encoded = doc["image_base64"]
         if not isinstance(encoded, str):
@@ -162,7 +162,7 @@ async def _json_image(service: Service, doc: dict[str, Any]) -> tuple[bytes, str
         # Read what was checked: the resolved path, not a symlink that could change since.
         checked = allowed_uri(uri, service.settings.allowed_sources)
         # The result keeps the uri as given, less its credentials (never recorded).
-        return await service.read(checked), redact_uri(uri)
+        return await service.read(checked, gone=request.is_disconnected), redact_uri(uri)
     raise UsageError('the JSON body needs "image_base64" or "uri"')
 
 
