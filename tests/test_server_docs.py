@@ -90,6 +90,30 @@ async def test_public_docs_need_no_token_and_the_api_still_does(
         await check_docs(client, public=True)
 
 
+async def test_with_sigv4_keys_alone_the_docs_page_says_docs_public_opens_it(
+    ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    settings = Settings(
+        home=ics_home,
+        record_realtime=False,
+        sigv4_access_key_id="AKIADOCSTEST0000",
+        sigv4_secret_access_key="secret",
+    )
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        r = await client.get("/docs")
+        assert r.status_code == 200, r.text
+        # No token to ask for: no form asking for one, and no Swagger UI that could not load.
+        assert 'data-token="closed"' in r.text and "docs_public = true" in r.text
+        assert "ICS_API_TOKEN" not in r.text and not referenced(r.text)
+        assert (await client.get("/openapi.json")).status_code == 401
+    settings = settings.model_copy(update={"docs_public": True})
+    async with client_of(create_app(settings, runtime=runtime)) as client:
+        page = (await client.get("/docs")).text
+        assert 'data-token="none"' in page and "/docs/ics-docs.js" in referenced(page)
+        assert (await client.get("/openapi.json")).status_code == 200
+        assert (await client.get("/v1/executions")).status_code == 401
+
+
 def test_a_real_server_serves_the_docs_and_every_asset_itself(ics_home: Path) -> None:
     env = {**os.environ, "ICS_API_TOKEN": TOKEN}
     with (

@@ -183,16 +183,18 @@ class Settings(BaseModel):
     )
     docs_public: bool = Field(
         default=False,
-        description="With an API token set, serve the API description (/openapi.json) without "
-        "it, so /docs opens with no token; by default the /docs page asks for the token.",
+        description="Serve the API description (/openapi.json) without credentials, so /docs "
+        "opens with no token; by default the /docs page asks for the API token (with SigV4 "
+        "keys and no token, only this setting opens /docs).",
     )
     token_file: Path | None = Field(
         default=None, description="File holding the API token (instead of api_token)."
     )
     sigv4_access_key_id: str | None = Field(
         default=None,
-        description="With a token set, SigV4-signed SageMaker runtime requests from this AWS "
-        "access key are accepted too (boto3 cannot send a bearer token).",
+        description="Accept SigV4-signed SageMaker runtime requests from this AWS access key "
+        "(boto3 cannot send a bearer token); enforced with or without an API token, and "
+        "without one only signed invocations are served.",
     )
     sigv4_secret_access_key: str | None = Field(
         default=None, description="The secret of sigv4_access_key_id, to verify signatures."

@@ -141,7 +141,12 @@ def create_app(
     open_paths = OPEN_PATHS | docs.OPEN_PATHS
     if settings.docs_public:
         open_paths |= {"/openapi.json"}
-    app.state.docs_need_token = bool(token or sigv4 is not None) and not settings.docs_public
+    # "token": the page asks for it. "closed": SigV4 keys without a token guard the API, and
+    # a browser can sign nothing: the page says docs_public is what opens it.
+    if settings.docs_public or (not token and sigv4 is None):
+        app.state.docs_access = "public"
+    else:
+        app.state.docs_access = "token" if token else "closed"
     if token or sigv4 is not None:
         app.add_middleware(
             Authenticate,

@@ -4,7 +4,9 @@ The page and its assets (Swagger UI's script and style sheet, from the `fastapi-
 package, and ICS's own small script) hold no data: they are open to everyone. What the page
 reads, `/openapi.json`, needs the API token unless `docs_public` is set; the page asks for
 the token, keeps it in the tab's session storage (never in a URL or a cookie) and sends it
-as `Authorization: Bearer` with every request it makes, "Try it out" included.
+as `Authorization: Bearer` with every request it makes, "Try it out" included. A server
+guarded by SigV4 keys alone has no token to ask for: its page says that only
+`docs_public = true` opens the docs.
 """
 
 from __future__ import annotations
@@ -64,6 +66,20 @@ It stays in this browser tab only and goes with every request the page makes.</p
 <div id="swagger-ui"></div>
 <script src="/docs/swagger-ui-bundle.js"></script>
 <script src="/docs/ics-docs.js"></script>
+</body>
+</html>
+"""
+
+_CLOSED_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+</head>
+<body data-token="closed" style="font-family: sans-serif; margin: 1em 2em">
+<p>This server accepts only AWS SigV4-signed requests (it has SigV4 keys and no API token),
+which a browser cannot send, so its API description is not served here. Set
+<code>docs_public = true</code> (ICS_DOCS_PUBLIC=1) to serve it, and this page, to anyone.</p>
 </body>
 </html>
 """
@@ -135,8 +151,11 @@ _SCRIPT = """"use strict";
 @router.get("/docs")
 def docs_page(request: Request) -> HTMLResponse:
     title = html.escape(request.app.title)
-    needs = request.app.state.docs_need_token
-    page = _PAGE.format(title=title, token="required" if needs else "none")
+    access = request.app.state.docs_access
+    if access == "closed":
+        page = _CLOSED_PAGE.format(title=title)
+    else:
+        page = _PAGE.format(title=title, token="required" if access == "token" else "none")
     return HTMLResponse(
         page, headers={"Content-Security-Policy": _CSP, "Cache-Control": "no-store"}
     )
