@@ -252,15 +252,18 @@ def test_one_deadline_covers_the_whole_read(web: str) -> None:
 
 def test_messages_show_urls_without_credentials(web: str) -> None:
     source = HttpSource(timeout_s=5)
-    with pytest.raises(
-        SourceUnreadable, match=r"redirected to http://169\.254\.169\.254/x\?\.\.\.\)"
-    ):
+    # As records show them (`redact_uri`): each secret value hidden, the rest as written.
+    with pytest.raises(SourceUnreadable) as caught:
         source.read(f"{web}/presigned", 10_000_000)
+    assert _shown(
+        "redirected to http://169.254.169.254/x?X-Amz-Credential=***&X-Amz-Security-Token=***)"
+    ).search(str(caught.value)), caught.value
+    assert "AKIASECRETKEY" not in str(caught.value) and "=tok" not in str(caught.value)
     userinfo = web.replace("http://", "http://alice:pa55word@")
-    with pytest.raises(SourceNotFound) as caught:
+    with pytest.raises(SourceNotFound) as missing:
         source.read(f"{userinfo}/missing", 10_000_000)
-    assert "pa55word" not in str(caught.value) and "alice" not in str(caught.value)
-    assert f"{web}/missing" in str(caught.value)
+    assert "pa55word" not in str(missing.value)
+    assert _shown(f"{userinfo.replace('pa55word', '***')}/missing").search(str(missing.value))
 
 
 def test_the_address_checked_is_the_address_connected_to(
@@ -490,10 +493,12 @@ def test_allowed_sources_hold_against_encoded_dots_and_redirects(
         assert classify(f"{h}/public/coffee.jpg").status_code == 200
         # Credentials in a uri reach the read, never the result (nor the server's log).
         presigned = classify(f"{h}/public/coffee.jpg?X-Amz-Signature=S1GSECRET")
-        assert presigned.json()["uri"] == f"{h}/public/coffee.jpg?X-Amz-Signature=***"
+        assert _shown(f"{h}/public/coffee.jpg?X-Amz-Signature=***").fullmatch(
+            presigned.json()["uri"]
+        ), presigned.json()
         assert "/public/coffee.jpg?X-Amz-Signature=S1GSECRET" in hostile.got
         refused = classify(f"{h}/secret.jpg?X-Amz-Signature=S1GSECRET")
-        assert refused.status_code == 403 and "X-Amz-Signature=***" in refused.text
+        assert refused.status_code == 403 and "X-Amz-Signature=***~" in refused.text
         _no_secret(refused.text, "a refusal")
         inside = f"{h}/public/coffee.jpg"
         assert classify(f"{h}/public/redirect?to={urllib.parse.quote(inside)}").status_code == 200
@@ -582,6 +587,18 @@ def _no_secret(text: str, where: str) -> None:
     assert not leaked, f"{leaked} in {where}"
 
 
+def _shown(uri: str) -> re.Pattern[str]:
+    """The URI as records show it, each *** standing for a hidden value (*** and a digest)."""
+    return re.compile(re.escape(uri).replace(re.escape("***"), r"\*\*\*~[0-9a-f]{8}"))
+
+
+def _same(got: list[tuple[str, str]], expected: list[tuple[str, str]]) -> None:
+    """got (URI, status) pairs are the expected ones, URIs as `_shown` patterns."""
+    assert len(got) == len(expected), got
+    for pattern, status in expected:
+        assert any(_shown(pattern).fullmatch(u) and s == status for u, s in got), (pattern, got)
+
+
 def test_credentials_in_urls_are_read_with_but_never_recorded(
     hostile: Hostile, ics_home: Path
 ) -> None:
@@ -606,18 +623,19 @@ def test_credentials_in_urls_are_read_with_but_never_recorded(
     # The reads had what they needed: the presigned query, the user and password.
     assert f"/public/coffee.jpg?{presigned.split('?')[1]}" in hostile.got
     results = [json.loads(line) for line in Path("out.jsonl").read_text().splitlines()]
-    assert sorted((r["uri"], r["status"]) for r in results) == sorted(
+    _same(
+        [(r["uri"], r["status"]) for r in results],
         [
             (f"{h}/public/coffee.jpg?X-Amz-Credential=***&X-Amz-Signature=***&n=1", "SUCCEEDED"),
             (h.replace("http://", "http://alice:***@") + "/private/rocket.jpg", "SUCCEEDED"),
             (f"{h}/public/missing.png?token=***", "FAILED"),
-        ]
-    ), results
+        ],
+    )
     _no_secret(done.stdout + done.stderr, "the command's output and INFO log")
     execution_id = results[0]["execution_id"]
     shown = ics("executions", "show", execution_id, "--json", "--results")
     _no_secret(shown.stdout, "executions show")
-    assert json.loads(shown.stdout)["params"]["sources"][0].startswith("http://alice:***@")
+    assert json.loads(shown.stdout)["params"]["sources"][0].startswith("http://alice:***~")
     assert Path("alerts.jsonl").read_text().count("missing.png?token=***") >= 1
     _no_secret(Path("alerts.jsonl").read_text(), "the alert documents")
     for stored in (ics_home / "ics.db", Path(f"{ics_home}/ics.db-wal")):
@@ -663,15 +681,35 @@ def test_a_resume_lists_the_sources_again_for_the_credentials_it_never_stored(
     assert resumed.returncode == ExitCode.OK, resumed.stderr
     assert hostile.got.count(presigned.removeprefix(h)) == 2
     shown = json.loads(ics("executions", "show", execution_id, "--json", "--results").stdout)
-    assert [(r["uri"], r["status"]) for r in shown["results"]] == [
-        (f"{h}/slow-once/coffee.jpg?X-Amz-Signature=***", "SUCCEEDED")
-    ]
+    _same(
+        [(r["uri"], r["status"]) for r in shown["results"]],
+        [(f"{h}/slow-once/coffee.jpg?X-Amz-Signature=***", "SUCCEEDED")],
+    )
     # A SOURCE with credentials in its own URL cannot be listed again: a clear refusal.
     execution_id = interrupted(f"{h}/slow-once/rocket.jpg?sig=S1GSECRET")
     refused = ics_process("executions", "resume", execution_id)
     assert refused.returncode == ExitCode.USAGE, refused.stderr
     assert "cannot be resumed" in refused.stderr and "new --name" in refused.stderr
     _no_secret(refused.stderr, "the refusal")
+
+
+def test_urls_that_differ_only_in_a_secret_stay_two_items_each_read_with_its_own(
+    hostile: Hostile, ics_home: Path
+) -> None:
+    h = hostile.url
+    cat, dog = (f"{h}/public/img.jpg?key=CAT{s}&sig=S1GSECRET" for s in ("A", "B"))
+    Path("list.txt").write_text(f"{cat}\n{dog}\n")
+    done = ics_process("classify", "@list.txt", "-o", "out.jsonl", "--json")
+    assert done.returncode == ExitCode.OK, done.stderr
+    # Each item was read with its own query, not one of them twice.
+    for uri in (cat, dog):
+        assert hostile.got.count(uri.removeprefix(h)) == 1, hostile.got
+    results = [json.loads(line) for line in Path("out.jsonl").read_text().splitlines()]
+    uris = {r["uri"] for r in results}
+    assert len(results) == 2 == len(uris), results
+    for uri in uris:
+        assert _shown(f"{h}/public/img.jpg?key=***&sig=***").fullmatch(uri), uri
+    _no_secret(Path("out.jsonl").read_text(), "the results")
 
 
 # --- https ------------------------------------------------------------------------------

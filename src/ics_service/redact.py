@@ -10,6 +10,7 @@ dotted host name is hidden. A built apprise channel shows apprise's own masked U
 
 from __future__ import annotations
 
+import hashlib
 import re
 from urllib.parse import parse_qsl, quote, unquote_plus, urlencode, urlsplit, urlunsplit
 
@@ -64,59 +65,80 @@ def hide_secrets(url: str) -> str:
 
 # --- source URIs ------------------------------------------------------------------------
 
-#: Query parameters whose values are credentials, by exact name (lower case): presigned
-#: URLs of S3 (SigV4 and V2), Google Cloud Storage, Azure (SAS `sig`) and CloudFront, and
-#: API keys.
-SECRET_PARAMS = frozenset(
-    {
-        "sig",
-        "key",
-        "apikey",
-        "api_key",
-        "awsaccesskeyid",
-        "googleaccessid",
-        "policy",
-        "key-pair-id",
-        "code",
-    }
+#: Names (lower case) whose values are credentials though no part of them says so: the
+#: signatures of Azure SAS (`sig`), CloudFront and S3 V2 (`policy`), OAuth codes.
+SECRET_NAMES = frozenset({"sig", "code", "policy"})
+#: Parts of names whose values are credentials: x-amz-signature, x-amz-credential,
+#: x-amz-security-token, googleaccessid's key, access_token, api_key, apikey, access_key,
+#: key-pair-id, account_key, sas_token, connection_string, password, sslpassword, auth...
+SECRET_PARTS = (
+    "signature",
+    "credential",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "key",
+    "auth",
+    "sas",
+    "connection_string",
+    "googleaccessid",
 )
-#: Parts of query parameter names whose values are credentials (x-amz-signature,
-#: x-amz-credential, x-amz-security-token, x-goog-signature, access_token, password...).
-SECRET_PARTS = ("signature", "credential", "token", "secret", "password", "passwd")
 
 
-def _secret_param(name: str) -> bool:
+def secret_name(name: str) -> bool:
+    """Whether a query parameter or option of this name holds a credential: the one rule
+    for source URIs, the store URL and storage options alike."""
     lowered = name.lower()
-    return lowered in SECRET_PARAMS or any(part in lowered for part in SECRET_PARTS)
+    return lowered in SECRET_NAMES or any(part in lowered for part in SECRET_PARTS)
+
+
+#: How a hidden value is stored: *** and a digest that keeps two URIs two (see `redact_uri`).
+_HIDDEN = re.compile(r"\*\*\*~[0-9a-f]{8}")
+
+
+def _hidden(value: str) -> bool:
+    return _HIDDEN.fullmatch(value) is not None
 
 
 def redact_uri(uri: str) -> str:
     """A source URI as records, logs and answers may hold it: the password of its user
     information (or a lone user name, often a token) and the values of credential query
-    parameters (`SECRET_PARAMS`, `SECRET_PARTS`) replaced by ***. Everything else is kept
-    exactly as written, so two items stay two. A URI with no such part comes back as it is."""
+    parameters (`secret_name`) replaced by `***~D`, where D is 8 hex digits of the SHA-256
+    of the whole URI. Everything else is kept exactly as written, so two URIs that differ
+    only in a secret stay two items. A URI with no such part, or already redacted, comes
+    back as it is."""
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme.lower() == "file" or ("@" not in rest and "?" not in rest):
         return uri
+    # The digest is of the whole URI, not of the secret alone: a presigned URL's signature
+    # makes it unguessable, where a hash of a short password could be brute-forced offline.
+    # A URI whose only secret is a weak password still lets a reader of the records test
+    # guesses of it; 8 digits (32 bits) are enough to keep a listing's items apart.
+    mask = f"{_MASK}~{hashlib.sha256(uri.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
     authority_end = min(
         (i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest)
     )
     authority, tail = rest[:authority_end], rest[authority_end:]
     if "@" in authority:
         user, _, host = authority.rpartition("@")
-        name, colon, _ = user.partition(":")
-        authority = f"{name}:{_MASK}@{host}" if colon else f"{_MASK}@{host}"
+        name, colon, password = user.partition(":")
+        if colon:
+            authority = f"{name}:{password if _hidden(password) else mask}@{host}"
+        elif not _hidden(user):
+            authority = f"{mask}@{host}"
     path, qmark, query = tail.partition("?")
     if qmark:
         query, hash_, fragment = query.partition("#")
         pairs = []
         for pair in query.split("&"):
-            name, eq, _ = pair.partition("=")
-            pairs.append(f"{name}={_MASK}" if eq and _secret_param(unquote_plus(name)) else pair)
+            name, eq, value = pair.partition("=")
+            hide = eq and secret_name(unquote_plus(name)) and not _hidden(value)
+            pairs.append(f"{name}={mask}" if hide else pair)
         path = f"{path}?{'&'.join(pairs)}{hash_}{fragment}"
     return f"{scheme}{sep}{authority}{path}"
 
 
 def is_redacted(uri: str) -> bool:
     """Whether a URI had a credential replaced by `redact_uri` (so it cannot be read as it is)."""
-    return _MASK in uri and redact_uri(uri) == uri and (f"{_MASK}@" in uri or f"={_MASK}" in uri)
+    return _HIDDEN.search(uri) is not None and redact_uri(uri) == uri

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..config import Settings
+from ..redact import secret_name
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
 
 #: Settings never shown as they are (`ics config show`, logs).
@@ -31,18 +32,14 @@ def shown(settings: Settings) -> dict[str, Any]:
     return values
 
 
-#: Parts of storage option names whose values are secrets (key, secret, token, password,
-#: account_key, sas_token, connection_string, credentials...).
-_SECRET_PARTS = ("key", "secret", "token", "password", "credential", "connection_string", "sas")
-
-
 def _masked(value: Any, name: str = "") -> Any:
-    """Storage options with every secret-looking value replaced by ***, however nested."""
+    """Storage options with every secret-looking value (`secret_name`) replaced by ***,
+    however nested."""
     if isinstance(value, dict):
         return {k: _masked(v, str(k).lower()) for k, v in value.items()}
     if isinstance(value, list):
         return [_masked(v, name) for v in value]
-    if value is not None and any(part in name for part in _SECRET_PARTS):
+    if value is not None and secret_name(name):
         return "***"
     return value
 

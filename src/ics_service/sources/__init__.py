@@ -158,15 +158,17 @@ class Duplicates:
 
 def canonical_uri(uri: str) -> str:
     """What makes two URIs the same item: a local path made absolute with its folders'
-    symlinks resolved; a URL with its scheme (and an HTTP host) in lower case, without an
-    HTTP default port or fragment."""
+    symlinks resolved; a URL with its scheme (and an HTTP host, not its user information)
+    in lower case, without an HTTP default port or fragment."""
     if scheme_of(uri) == "file":
         folder, name = os.path.split(os.path.abspath(uri_to_path(uri)))
         return os.path.join(os.path.realpath(folder), name)
     parts = urllib.parse.urlsplit(uri)
     scheme, netloc, path, fragment = parts.scheme.lower(), parts.netloc, parts.path, parts.fragment
     if scheme in ("http", "https"):
-        netloc = netloc.lower().removesuffix(":80" if scheme == "http" else ":443")
+        # The host only: a user name or password is case-sensitive.
+        user, at, host = netloc.rpartition("@")
+        netloc = user + at + host.lower().removesuffix(":80" if scheme == "http" else ":443")
         path, fragment = path or "/", ""
     return urllib.parse.urlunsplit((scheme, netloc, path, parts.query, fragment))
 

@@ -29,6 +29,7 @@ from ..errors import (
     SourceUnreadable,
 )
 from ..policies import transient_status
+from ..redact import redact_uri
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -99,56 +100,44 @@ class HttpSource:
             except fetch.TooLarge as e:
                 raise ImageTooLarge(f"{e}, over max_bytes={max_bytes:,}") from None
             except fetch.Stopped:
-                raise DecodeCancelled(f"stopped while reading {shown_url(uri)}") from None
+                raise DecodeCancelled(f"stopped while reading {redact_uri(uri)}") from None
             except fetch.TimedOut:
                 raise SourceUnavailable(
-                    f"timed out reading {shown_url(uri)}: not read whole within "
+                    f"timed out reading {redact_uri(uri)}: not read whole within "
                     f"http_timeout_s={self.timeout_s:g} s"
                 ) from None
             except fetch.Refused as e:
-                via = "" if url == uri else f" (redirected to {shown_url(url)})"
+                via = "" if url == uri else f" (redirected to {redact_uri(url)})"
                 raise SourceUnreadable(
-                    f"refused to read {shown_url(uri)}{via}: {e}; set http_allow_link_local "
+                    f"refused to read {redact_uri(uri)}{via}: {e}; set http_allow_link_local "
                     "to read from it"
                 ) from None
             except fetch.BadRequest as e:
-                raise SourceUnreadable(f"cannot read {shown_url(url)}: {e}") from None
+                raise SourceUnreadable(f"cannot read {redact_uri(url)}: {e}") from None
             except fetch.FetchError as e:
                 kind = SourceUnavailable if e.transient else SourceUnreadable
-                raise kind(f"cannot reach {shown_url(url)}: {e}") from None
-        raise SourceUnreadable(f"{shown_url(uri)} redirects more than {MAX_REDIRECTS} times")
-
-
-def shown_url(url: str) -> str:
-    """url as messages, results and logs may show it: without user name, password, query
-    string or fragment (presigned URLs carry credentials in their query)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        netloc = parts.netloc.rpartition("@")[2]
-        hidden = "?..." if parts.query else ""
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", "")) + hidden
-    except ValueError:
-        return url.split("?", 1)[0].split("#", 1)[0]
+                raise kind(f"cannot reach {redact_uri(url)}: {e}") from None
+        raise SourceUnreadable(f"{redact_uri(uri)} redirects more than {MAX_REDIRECTS} times")
 
 
 def _next_hop(reply: Reply, url: str, uri: str, seen: set[str], confine: Confine | None) -> str:
-    shown = shown_url(uri)
+    shown = redact_uri(uri)
     target = str(urllib.parse.urljoin(url, reply.headers["location"]))
     if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
-        raise SourceUnreadable(f"{shown} redirects to {shown_url(target)}, which is not http(s)")
+        raise SourceUnreadable(f"{shown} redirects to {redact_uri(target)}, which is not http(s)")
     if confine is not None and not confine(target):
         raise SourceForbidden(
-            f"{shown} redirects to {shown_url(target)}, which is not under any "
+            f"{shown} redirects to {redact_uri(target)}, which is not under any "
             "allowed_sources prefix: not followed"
         )
     if target in seen:
-        raise SourceUnreadable(f"{shown} redirects in a loop (back to {shown_url(target)})")
+        raise SourceUnreadable(f"{shown} redirects in a loop (back to {redact_uri(target)})")
     seen.add(target)
     return target
 
 
 def _check_status(status: int, uri: str) -> None:
-    shown = shown_url(uri)
+    shown = redact_uri(uri)
     if status in (404, 410):
         raise SourceNotFound(f"no such item: {shown} (HTTP {status})")
     if status >= 400 and transient_status(status):
@@ -161,7 +150,7 @@ def _body(reply: Reply, max_bytes: int, uri: str) -> bytes:
     encoding = reply.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise SourceUnreadable(
-            f"{shown_url(uri)} was sent with Content-Encoding {encoding!r} although it was "
+            f"{redact_uri(uri)} was sent with Content-Encoding {encoding!r} although it was "
             "asked for as is (identity); serve images uncompressed"
         )
     return reply.body(max_bytes)

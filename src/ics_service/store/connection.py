@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from ..errors import StoreError, StoreLost, install_hint
+from ..redact import secret_name
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +38,20 @@ _MIGRATION_LOCK = 0x1C5_5C4E
 _HOW_TO_NAME_A_STORE = "use sqlite:///PATH or postgresql://USER@HOST/DB"
 
 
-#: Query parameters of a store URL whose values are secrets (libpq's `password`,
-#: `sslpassword`; any other name with one of these parts).
-_SECRET_QUERY = ("password", "passwd", "secret", "token")
-
-
 def safe_url(url: str) -> str:
     """The URL with its password hidden, in its user information or its query (libpq takes
-    `?password=`), also when it does not parse."""
+    `?password=`; any name that `secret_name` takes for a secret), also when it does not
+    parse."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         hidden = re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
         return re.sub(
-            r"([?&][^=&]*(?:password|passwd|secret|token)[^=&]*=)[^&#]*",
-            r"\1***",
+            r"([?&])([^=&]*)=([^&#]*)",
+            lambda m: f"{m[1]}{m[2]}={'***' if secret_name(m[2]) else m[3]}",
             hidden,
-            flags=re.I,
         )
-    secret = [k for k in parsed.query if any(p in k.lower() for p in _SECRET_QUERY)]
+    secret = [k for k in parsed.query if secret_name(k)]
     if parsed.password is None and not secret:
         # Rendering escapes characters (sqlite:///file:PATH would read file%3APATH): without
         # a secret, the URL as the user wrote it is the clearer name.
