@@ -392,7 +392,8 @@ def _dead_owner() -> str:
 async def test_orphans_are_resumed_at_start_up(
     ics_home: Path, photos: Path, runtime: OnnxRuntime, store_url: str
 ) -> None:
-    settings = settings_of(ics_home, store_url, [], threshold=0.2)
+    # The one killed while listing is listed again: only from where the server may read.
+    settings = settings_of(ics_home, store_url, [photos], threshold=0.2)
     model = ModelRef(runtime.card.name, runtime.card.version)
     images = sorted(str(p) for p in photos.iterdir())
     store = Store(store_url)

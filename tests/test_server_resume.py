@@ -270,3 +270,63 @@ def get_status(store_url: str, execution_id: str) -> ExecutionStatus:
         return store.get_execution(execution_id).status
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_a_resume_checks_every_item_it_lists_again_against_allowed_sources(
+    ics_home: Path, photos: Path, tmp_path: Path
+) -> None:
+    """A symlink inside an allowed folder fails the batch as it is listed; listing it again
+    on a resume must refuse it too, not register and read the file outside."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    for photo in sorted(photos.iterdir()):
+        (allowed / photo.name).write_bytes(photo.read_bytes())
+    (outside / "secret.jpg").write_bytes((photos / "coffee.jpg").read_bytes())
+    (allowed / "zz-link.jpg").symlink_to(outside / "secret.jpg")
+    config = tmp_path / "ics.toml"
+    config.write_text(f"allowed_sources = [{json.dumps(str(allowed))}]\n")
+    env = {**os.environ, "ICS_HOME": str(ics_home), "ICS_API_TOKEN": TOKEN}
+    store_url = f"sqlite:///{ics_home / 'ics.db'}"
+
+    with serve_process("--config", str(config), env=env) as served:
+        r = httpx.post(
+            f"{served.url}/v1/executions",
+            json={"sources": [str(allowed)]},
+            headers=AUTH,
+            timeout=60,
+        )
+        assert r.status_code == 202, r.text
+        execution_id = r.json()["execution_id"]
+        failed = wait(served, execution_id, "end")
+        assert failed["status"] == "FAILED", failed
+        assert "not under any allowed_sources prefix" in failed["error"]["message"], failed
+        # Resumable (it stopped while listing): listed again, the link is refused again.
+        url = f"{served.url}/v1/executions/{execution_id}/resume"
+        r = httpx.post(url, headers=AUTH, timeout=30)
+        assert r.status_code == 202, r.text
+        # Taken over (RUNNING) before ExecutionResumed is recorded: then wait for its end.
+        deadline = time.monotonic() + DEADLINE_S
+        while not any(ev["type"] == "ExecutionResumed" for ev in _history(store_url, execution_id)):
+            assert time.monotonic() < deadline, served.output()
+            time.sleep(0.05)
+        again = wait(served, execution_id, "end")
+        assert again["status"] == "FAILED", again
+        assert "not under any allowed_sources prefix" in again["error"]["message"], again
+        assert "zz-link.jpg is outside allowed_sources" in served.output()
+    store = Store(store_url, create=False)
+    try:
+        read = [r.uri for r in store.results(execution_id)]
+        listed = [item.uri for item in store.pending_items(execution_id)]
+    finally:
+        store.close()
+    assert not [u for u in read + listed if "zz-link" in u or "secret" in u], (read, listed)
+
+
+def _history(store_url: str, execution_id: str) -> list[dict[str, Any]]:
+    store = Store(store_url, create=False)
+    try:
+        return [{"type": ev.type} for ev in store.history(execution_id)]
+    finally:
+        store.close()

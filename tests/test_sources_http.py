@@ -27,6 +27,8 @@ from hostile import Hostile, hostile_server
 from ics_service import sources
 from ics_service.alerts.delivery import DeliveryError
 from ics_service.alerts.webhook import DRAIN_S, WebhookChannel
+from ics_service.config import load_settings
+from ics_service.engine.execution import ExecutionRunner
 from ics_service.errors import (
     DecodeCancelled,
     ExitCode,
@@ -36,7 +38,10 @@ from ics_service.errors import (
     SourceUnreadable,
 )
 from ics_service.fetch import is_blocked
+from ics_service.models.runtime import OnnxRuntime
 from ics_service.sources.web import HttpSource
+from ics_service.store import Store
+from ics_service.types import ExecutionStatus
 from receivers import SilentListener, serve_http, webhook_receiver
 from serving import error_of, serve_process
 
@@ -710,6 +715,30 @@ def test_urls_that_differ_only_in_a_secret_stay_two_items_each_read_with_its_own
     for uri in uris:
         assert _shown(f"{h}/public/img.jpg?key=***&sig=***").fullmatch(uri), uri
     _no_secret(Path("out.jsonl").read_text(), "the results")
+
+
+def test_credentials_are_let_go_of_as_their_items_finish(
+    hostile: Hostile, ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    h = hostile.url
+    Path("list.txt").write_text(
+        "".join(f"{h}/public/{i}.jpg?X-Amz-Signature=S1GSECRET{i}\n" for i in range(12))
+    )
+    settings = load_settings(None, {"batch_size": 2}).settings
+    store = Store(settings.store_url)
+    try:
+        runner = ExecutionRunner(settings, store, runtime)
+        execution, _ = runner.start(["@list.txt"])
+        held: list[int] = []
+        finished = runner.run(
+            execution,
+            on_results=lambda _r: held.append(len(runner._secrets.get(execution.id, {}))),
+        )
+    finally:
+        store.close()
+    assert finished.status is ExecutionStatus.SUCCEEDED, finished
+    # Each URI with credentials is held until its item's result, no longer.
+    assert len(held) > 1 and held[-1] == 0, held
 
 
 # --- https ------------------------------------------------------------------------------

@@ -144,10 +144,14 @@ class ExecutionRunner:
         runtime: ModelRuntime,
         *,
         confine: sources.Confine | None = None,
+        check_item: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         #: Which redirect targets an HTTP item may follow (a server's allowed_sources).
         self.confine = confine
+        #: Raises for a listed item URI that may not be read (a server's allowed_sources):
+        #: every listing, a resume's included, passes its items through it.
+        self.check_item = check_item
         #: Per execution, the URIs with credentials of its items, by the URI stored.
         self._secrets: dict[str, dict[str, str]] = {}
         self.store = store
@@ -185,8 +189,10 @@ class ExecutionRunner:
         log.info("listing %s", " ".join(map(redact_uri, source_specs)))
         halt = threading.Event()
         duplicates = sources.Duplicates()
-        uris = sources.expand_items(
-            source_specs, _selection(params), stopped=halt.is_set, duplicates=duplicates
+        uris = self._checked(
+            sources.expand_items(
+                source_specs, _selection(params), stopped=halt.is_set, duplicates=duplicates
+            )
         )
         first = next(uris, None)
         if first is None:
@@ -256,7 +262,7 @@ class ExecutionRunner:
                 listed = sources.expand_items(
                     specs, _selection(execution.params), stopped=halt.is_set, duplicates=duplicates
                 )
-                listed = self._redacted(execution.id, _until(stop, listed))
+                listed = self._redacted(execution.id, _until(stop, self._checked(listed)))
                 fresh = unregistered(self.store, execution.id, listed)
                 self._listings[execution.id] = BackgroundListing(
                     self.store,
@@ -273,7 +279,7 @@ class ExecutionRunner:
                 relisted = sources.expand_items(
                     execution.params["sources"], _selection(execution.params)
                 )
-                for _ in self._redacted(execution.id, _until(stop, relisted)):
+                for _ in self._redacted(execution.id, _until(stop, self._checked(relisted))):
                     pass
             return self.store.get_execution(execution.id)
 
@@ -293,9 +299,18 @@ class ExecutionRunner:
             )
         return True
 
+    def _checked(self, items: Listed) -> Listed:
+        """The listed items, each passed through `check_item` (which raises to refuse one)."""
+        check = self.check_item
+        for item in items:
+            if check is not None:
+                check(item[0])
+            yield item
+
     def _redacted(self, execution_id: str, items: Listed) -> Listed:
-        """The listed items with their URIs as the store keeps them (`redact_uri`); the
-        URIs with credentials are kept in memory, for `run` to read."""
+        """The listed items with their URIs as the store keeps them (`redact_uri`, unique to
+        each URI); the URIs with credentials are kept in memory, for `run` to read, until
+        the item's result is recorded."""
         for uri, meta in items:
             shown = redact_uri(uri)
             if shown != uri:
@@ -306,6 +321,7 @@ class ExecutionRunner:
         self, execution_id: str, items: Iterator[tuple[str, dict[str, Any] | None]]
     ) -> None:
         """Have `run` register items (of an execution with none yet) as it runs them."""
+        items = self._checked(items)
         self._listings[execution_id] = BackgroundListing(
             self.store, execution_id, self._redacted(execution_id, items)
         )
@@ -404,8 +420,12 @@ class ExecutionRunner:
             reserve_capture=None if capture is None else capture.reserve_all,
         )
 
+        secrets = self._secrets.setdefault(execution.id, {})
+
         def emit(results: list[ItemResult]) -> None:
             recorder.put(results)
+            for result in results:  # read for good: its credentials are needed no more
+                secrets.pop(result.uri, None)
             if on_results is not None:
                 on_results(results)
 

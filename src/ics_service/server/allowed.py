@@ -11,6 +11,7 @@ passes a `/public/` prefix. The HTTP source asks `confine` of every redirect tar
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from .. import sources
 from ..errors import UsageError
 from ..redact import redact_uri
+
+log = logging.getLogger(__name__)
 
 #: Ports that http(s) URLs without one use.
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -50,6 +53,24 @@ def allowed_uri(uri: str, allowed: list[str]) -> str:
         f"uri {uri!r} is not under any allowed_sources prefix"
         + ("" if allowed else " (none is configured: set allowed_sources)")
     )
+
+
+def item_check(allowed: list[str]) -> Callable[[str], None]:
+    """What a listing asks of each item it lists (a new batch's, a resume's): Forbidden
+    (403) outside allowed_sources. The error does not name the item, which the log does: a
+    list file named in a list file may be outside, and its lines must not reach the client."""
+
+    def check(uri: str) -> None:
+        try:
+            allowed_uri(uri, allowed)
+        except Forbidden:
+            log.warning("listed item %s is outside allowed_sources: refused", redact_uri(uri))
+            raise Forbidden(
+                "an item listed is not under any allowed_sources prefix (a symlink or a list "
+                "file leads outside; the server log names it)"
+            ) from None
+
+    return check
 
 
 def confine(allowed: list[str]) -> Callable[[str], bool]:

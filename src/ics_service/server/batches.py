@@ -53,7 +53,7 @@ from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
 from ..redact import redact_uri
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
-from .allowed import Forbidden, allowed_uri, confine
+from .allowed import allowed_uri, confine, item_check
 from .service import Service, plan_serving
 
 log = logging.getLogger(__name__)
@@ -413,6 +413,7 @@ class Batches:
             self.store,
             self.service.runtime,
             confine=confine(self.settings.allowed_sources),
+            check_item=item_check(self.settings.allowed_sources),
         )
 
     def _run(self, job: Job) -> None:
@@ -450,33 +451,13 @@ class Batches:
         runner.run(execution, sinks=sinks, stop=job.stop)
 
     def _listed(self, job: Job) -> Iterator[tuple[str, dict[str, Any] | None]]:
-        """The job's items (URI, manifest metadata), each checked against allowed_sources,
-        until it is stopped."""
+        """The job's items (URI, manifest metadata) until it is stopped (the runner checks
+        each against allowed_sources as it registers it)."""
         assert job.sources is not None
         log.info("listing %s", " ".join(map(redact_uri, job.sources)))
-        allowed = self.settings.allowed_sources
-        listed = sources.expand_items(job.sources, stopped=job.stop.is_set)
-        for n, (uri, meta) in enumerate(listed):
+        for uri, meta in sources.expand_items(job.sources, stopped=job.stop.is_set):
             if job.stop.is_set():
                 break
-            try:
-                allowed_uri(uri, allowed)
-            except Forbidden:
-                # The path goes to the log only: a list file named in a list file may be
-                # outside, and its lines must not reach the client.
-                log.warning(
-                    "execution %s: item %d is %s, outside allowed_sources",
-                    job.execution_id,
-                    n,
-                    redact_uri(uri),
-                    extra={"execution_id": job.execution_id},
-                )
-                named = " ".join(map(redact_uri, job.sources))
-                raise Forbidden(
-                    f"item {n} listed from {named} is not under any "
-                    "allowed_sources prefix (a symlink or a list file leads outside; the "
-                    "server log names it)"
-                ) from None
             yield uri, meta
         if job.stop.is_set():
             why = "cancelled by request" if job.cancelled else "stopped with the server"
