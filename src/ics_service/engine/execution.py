@@ -397,7 +397,7 @@ class ExecutionRunner:
         s = self.settings
         history = History(self.store, execution.id, full=s.history == "full")
         all_sinks: list[ResultSink] = [StoreSink(self.store, execution.id, history), *sinks]
-        capture = open_capture(s)
+        capture = open_capture(s, stop)
         if capture is not None:
             all_sinks.append(CaptureSink(capture))
         recorder = Recorder(all_sinks, on_error=lambda _e: stop.set())

@@ -132,7 +132,9 @@ class Service:
         )
         metrics.track_queue(lambda: self.batcher.depth)
         self.log = RealtimeLog(store, self.model_ref) if settings.record_realtime else None
-        self.capture = open_capture(settings)
+        #: Set as the server closes: a capture upload then makes one attempt, no retries.
+        self.closing = threading.Event()
+        self.capture = open_capture(settings, self.closing)
         if self.capture is not None:
             capture = self.capture
             metrics.track_capture(lambda: capture.error is not None)
@@ -275,6 +277,7 @@ class Service:
     def close(self) -> None:
         """Finish the decodes, batches and records in flight, then release the pools."""
         self.ready = False
+        self.closing.set()
         with self._reads_lock:
             for stop in self._reads:
                 stop.set()
