@@ -9,7 +9,6 @@ import hashlib
 import http.server
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from ics_service.sources import storage
 from ics_service.sources.remote import FsspecSource
 from ics_service.store import Store
 from ics_service.types import Captured, ItemResult, ItemStatus, ModelRef
+from imagefiles import linked_copies
 from receivers import serve_http
 from serving import client_of, serve_process
 
@@ -178,15 +178,6 @@ def test_modes_leave_out_the_half_not_captured(
         assert read.probabilities.index(max(read.probabilities)) == 967  # espresso
 
 
-def _linked_copies(paths: list[Path], folder: Path) -> list[Path]:
-    """A hard link per path under a name of its own: one item each, no bytes copied."""
-    folder.mkdir()
-    copies = [folder / f"{i}-{p.name}" for i, p in enumerate(paths)]
-    for path, copy in zip(paths, copies, strict=True):
-        os.link(path, copy)
-    return copies
-
-
 @pytest.mark.slow
 def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
     ics_home: Path, photos: Path, tmp_path: Path
@@ -194,7 +185,7 @@ def test_a_real_run_at_30_percent_captures_exactly_the_sampled_items(
     n = 300
     listing = tmp_path / "list.txt"
     # Names of their own: a run classifies each file once, however often it is listed.
-    copies = _linked_copies([photos / "coffee.jpg"] * n, tmp_path / "copies")
+    copies = linked_copies([photos / "coffee.jpg"] * n, tmp_path / "copies")
     listing.write_text("".join(f"{p}\n" for p in copies))
     dest = tmp_path / "capture"
     classify(f"@{listing}", "--capture", str(dest), "--capture-sampling", "30")
@@ -212,7 +203,7 @@ def test_a_run_capturing_many_times_its_queue_ends_and_captures_every_item(
     # The queue holds a quarter of the photos' bytes; the run pushes eight queues' worth
     # through it. An item's room must be taken once and freed once, or the queue fills with
     # leaked room and the run waits for ever.
-    jpgs = _linked_copies(sorted(photos.glob("*.jpg")) * 2, tmp_path / "copies")
+    jpgs = linked_copies(sorted(photos.glob("*.jpg")) * 2, tmp_path / "copies")
     total = sum(p.stat().st_size for p in jpgs)
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{p}\n" for p in jpgs))

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+import imagefiles as f
 from ics_service.store import Store
 from ics_service.types import ExecutionStatus
 from serving import Served, serve_process
@@ -28,12 +29,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 def many(tmp_path: Path, photos: Path) -> Path:
     """600 images: hard links to the photos."""
-    folder = tmp_path / "many"
-    folder.mkdir()
     originals = sorted(photos.iterdir())
-    for i in range(600):
-        src = originals[i % len(originals)]
-        os.link(src, folder / f"{i:04d}-{src.name}")
+    folder = tmp_path / "many"
+    f.linked_copies([originals[i % len(originals)] for i in range(600)], folder)
     return folder
 
 

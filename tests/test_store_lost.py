@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import imagefiles as f
 from cli import ICS_BIN
 from ics_service.errors import ExitCode, StoreLost
 from ics_service.store import Store
@@ -20,12 +21,9 @@ from ics_service.types import ModelRef
 @pytest.fixture
 def many(tmp_path: Path, photos: Path) -> Path:
     """3,000 images (hard links to the photos): a run that lasts a while."""
-    folder = tmp_path / "many"
-    folder.mkdir()
     originals = sorted(photos.iterdir())
-    for i in range(3000):
-        src = originals[i % len(originals)]
-        os.link(src, folder / f"{i:04d}-{src.name}")
+    folder = tmp_path / "many"
+    f.linked_copies([originals[i % len(originals)] for i in range(3000)], folder)
     return folder
 
 
