@@ -787,11 +787,13 @@ def _soak_targets(soaks: list[dict[str, Any]]) -> list[tuple[str, str, bool | No
     n = k["hostile_clients"]
     rate, p99 = k["rate_ratio"], k["p99_ratio"]
     peak, budget = hostile["peak_rss_mb"], k["rss_budget_mb"]
+    bound = (k.get("bound") or {}).get("rate_ratio")
+    allows = f"; the machine allows {_fmt(bound, 3)} ×" if bound is not None else ""
     return [
         (
             f"soak: ordinary clients' rate beside {n} hostile ≥ 0.9 × alone",
             f"{_fmt(rate, 3)} × ({_fmt(hostile['images_per_s'])} vs "
-            f"{_fmt(calm['images_per_s'])} images/s)",
+            f"{_fmt(calm['images_per_s'])} images/s{allows})",
             None if rate is None else rate >= 0.9,
         ),
         (
@@ -844,6 +846,7 @@ def render_soak(b: Bench) -> list[str]:
             f"| {label} | {_fmt(ph['images_per_s'])} | {_fmt(ph['p50_ms'])} "
             f"| {_fmt(ph['p99_ms'])} | {ph['errors']} | {_fmt(ph['peak_rss_mb'], 0)} |"
         )
+    lines += _soak_cpu(k)
     kinds = ((k["hostile"].get("hostile") or {}).get("kinds")) or {}
     if kinds:
         lines += ["", "What the hostile clients got (HTTP status: count; 0: no answer):", ""]
@@ -853,6 +856,53 @@ def render_soak(b: Bench) -> list[str]:
                 f"- {kind} ({row['clients']} clients): {row['attempts']} attempts; {answers}"
             )
     return [*lines, ""]
+
+
+def _soak_cpu(k: dict[str, Any]) -> list[str]:
+    """Where the CPU went in each phase of the soak, and the rate ratio it allows."""
+    bound = k.get("bound")
+    if not bound or "cpu" not in k["calm"]:
+        return []  # a run from before the soak recorded its CPU
+    lines = [
+        "",
+        "CPU seconds over the ordinary clients' window (server: its process tree; "
+        "others: what none of the soak's processes used, kernel work charged to none "
+        "included):",
+        "",
+        "| phase | wall s | server s | server ms/request | ordinary clients s "
+        "| hostile clients s | others s | cores busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("calm", "hostile"):
+        c = k[name]["cpu"]
+        label = "alone" if name == "calm" else f"beside {k['hostile_clients']} hostile"
+        lines.append(
+            f"| {label} | {_fmt(c['wall_s'])} | {_fmt(c['server_s'])} "
+            f"| {_fmt(c['server_ms_per_request'])} | {_fmt(c['clients_s'])} "
+            f"| {_fmt(c['hostile_s'])} | {_fmt(c['others_s'])} "
+            f"| {_fmt(c['machine_cores_used'], 2)} of {c['cores']} |"
+        )
+    rate, ratio = k.get("rate_ratio"), bound.get("rate_ratio")
+    measured = (
+        f" Measured: {_fmt(rate, 3)} ×, {_fmt(bound.get('measured_over_bound'), 3)} of that bound."
+        if rate is not None
+        else ""
+    )
+    cpu_bound = "CPU-bound" if bound["alone_cpu_bound"] else "**not** CPU-bound"
+    lines += [
+        "",
+        f"The bound: alone, server and ordinary clients used {_fmt(bound['alone_cores_used'], 2)}"
+        f" cores (the machine was busy {_fmt(bound['alone_machine_share'] * 100, 1)} % of "
+        f"its cores' time: {cpu_bound}); beside them the hostile generator used "
+        f"{_fmt(bound['hostile_generator_cores'], 2)} cores. Were every ordinary request to "
+        "cost what it cost alone, and the server to spend nothing on hostile connections, "
+        f"the ordinary clients could reach {_fmt(ratio, 3)} × their rate alone.{measured} "
+        f"The server's own extra CPU for the hostile connections: "
+        f"{_fmt(bound['server_extra_s'])} s ({_fmt(bound['server_extra_cores'], 3)} cores, "
+        f"{_fmt(bound['server_extra_ms_per_hostile_attempt'], 2)} ms per hostile attempt, "
+        f"about {bound['hostile_attempts_in_window']:,} in the window).",
+    ]
+    return lines
 
 
 SERVER_NAMES = {"serve": "`ics serve`", "litserve": "LitServe"}

@@ -16,6 +16,15 @@ errors, the server's peak RSS in each phase, and the memory the server may hold 
 hostile clients by its settings (unauthenticated_body_memory). OUT.jsonl gets one line
 per photo of the folder (its last answer in the hostile phase), as the harness counts.
 Exits non-zero only when the soak could not run (the server did not start).
+
+Every process of the soak shares the same cores, so each phase also records where the CPU
+went over the ordinary clients' window (`cpu`): the server's (its process tree), the
+ordinary clients' (this process), the hostile clients' (their process) and the whole
+machine's (/proc/stat). From these, `bound`: the rate ratio the ordinary clients could
+reach beside the hostile ones if the server spent nothing on hostile connections (the
+cores the hostile generator leaves, over the cores server and clients used alone, at most
+1), and the server's own extra CPU for the hostile connections (its CPU beside them less
+what the same ordinary requests cost it alone).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -32,7 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import Report
+from .common import Report, cpus
+from .measure import tree_cpu_s
 from .server_bench import ROOT, free_port, server_command, stop, wait_ready
 from .server_load import Pass, load_images, run_pass
 
@@ -41,6 +52,77 @@ KEY_ID = "AKIASOAKTESTKEY00001"
 SECRET = "soak/secret/0123456789abcdefghijklmnop"
 #: The server's default unauthenticated_body_memory (config.Settings), stated in its env.
 BODY_BUDGET = 64_000_000
+#: Seconds the hostile clients are at it before the ordinary clients start (at most).
+LEAD_S = 2.0
+#: Machine busy for this share of its cores' time or more: the phase was CPU-bound.
+CPU_BOUND_SHARE = 0.95
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[bytes]:
+    """/proc/PID/stat's fields after the command name (state first); [] when gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def own_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads), children not included."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / _TICKS if fields else 0.0
+
+
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds of the server: its live process tree, plus the children it has reaped."""
+    fields = _stat(pid)
+    reaped = (int(fields[13]) + int(fields[14])) / _TICKS if fields else 0.0
+    return tree_cpu_s(pid) + reaped
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent on anything but idle and iowait since boot (/proc/stat)."""
+    with open("/proc/stat", "rb") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: within user/nice]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICKS
+
+
+class CpuClock:
+    """The CPU seconds of the server, the ordinary clients (this process), the hostile
+    clients (when there are any) and the whole machine, between `start` and `stop`."""
+
+    def __init__(self, server: int, hostile: int | None) -> None:
+        self.server = server
+        self.hostile = hostile
+
+    def _now(self) -> dict[str, float]:
+        return {
+            "wall_s": time.perf_counter(),
+            "server_s": server_cpu_s(self.server),
+            "clients_s": own_cpu_s(os.getpid()),
+            "hostile_s": own_cpu_s(self.hostile) if self.hostile else 0.0,
+            "machine_busy_s": machine_busy_s(),
+        }
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def stop(self) -> dict[str, Any]:
+        end = self._now()
+        out: dict[str, Any] = {k: round(end[k] - self.started[k], 3) for k in end}
+        # What no process of the soak used: other processes, and kernel work charged to none.
+        out["others_s"] = round(
+            out["machine_busy_s"] - out["server_s"] - out["clients_s"] - out["hostile_s"], 3
+        )
+        out["cores"] = cpus()
+        out["machine_cores_used"] = round(
+            (end["machine_busy_s"] - self.started["machine_busy_s"])
+            / (end["wall_s"] - self.started["wall_s"]),
+            3,
+        )
+        return out
 
 
 class RssSampler:
@@ -93,6 +175,8 @@ def phase(
     name: str, url: str, pid: int, images: list[tuple[str, bytes]], args: argparse.Namespace
 ) -> tuple[dict[str, Any], Pass]:
     hostile: subprocess.Popen[str] | None = None
+    lead_s = min(LEAD_S, args.duration_s / 10)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     if name == "hostile":
         hostile = subprocess.Popen(
             [
@@ -102,8 +186,9 @@ def phase(
                 url,
                 "--clients",
                 str(args.hostile),
+                # At it for the whole of the ordinary clients' window, the lead and a margin.
                 "--duration-s",
-                str(args.duration_s),
+                str(args.duration_s + lead_s + 1.0),
                 "--access-key-id",
                 KEY_ID,
             ],
@@ -111,14 +196,30 @@ def phase(
             stdout=subprocess.PIPE,
             text=True,
         )
-        time.sleep(min(2.0, args.duration_s / 10))  # the hostile ones are at it first
+        time.sleep(lead_s)  # the hostile ones are at it first
+    clock = CpuClock(pid, hostile.pid if hostile is not None else None)
     with RssSampler(pid) as rss:
+        clock.start()
         done = ordinary(url, images, args.clients, args.duration_s)
-    doc: dict[str, Any] = {"phase": name, **done.summary(), "peak_rss_mb": rss.peak / 1e6}
+        cpu = clock.stop()
+    ok = done.summary()["ok"]
+    cpu["server_ms_per_request"] = round(cpu["server_s"] * 1e3 / ok, 3) if ok else None
+    doc: dict[str, Any] = {
+        "phase": name,
+        **done.summary(),
+        "peak_rss_mb": rss.peak / 1e6,
+        "cpu": cpu,
+    }
     if hostile is not None:
         out, _ = hostile.communicate(timeout=args.duration_s + 120)
         doc["hostile"] = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
         doc["hostile_exit"] = hostile.returncode
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # Its whole life (start-up, lead and margin included), as wait4 reports it.
+        cpu["hostile_lifetime_s"] = round(
+            after.ru_utime + after.ru_stime - children_before.ru_utime - children_before.ru_stime,
+            3,
+        )
     print(json.dumps(doc), file=sys.stderr, flush=True)
     return doc, done
 
@@ -180,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                 + "\n"
             )
     rate = (hostile["images_per_s"] or 0) / calm["images_per_s"] if calm["images_per_s"] else None
+    bound = cpu_bound(calm, hostile)
     p99 = hostile["p99_ms"] / calm["p99_ms"] if calm["p99_ms"] and hostile["p99_ms"] else None
     report.finish(
         int(calm["ok"]) + int(hostile["ok"]),
@@ -195,8 +297,70 @@ def main(argv: list[str] | None = None) -> None:
             # The most hostile clients may make the server hold: the body budget.
             "rss_budget_mb": calm["peak_rss_mb"] + BODY_BUDGET / 1e6,
             "server_exit": rc,
+            "bound": {
+                **bound,
+                "measured_over_bound": (
+                    round(rate / bound["rate_ratio"], 4) if rate and bound["rate_ratio"] else None
+                ),
+            },
         },
     )
+
+
+def cpu_bound(calm: dict[str, Any], hostile: dict[str, Any]) -> dict[str, Any]:
+    """What the machine allows the ordinary clients beside the hostile generator.
+
+    If each ordinary request cost the server and the clients the CPU it cost them alone,
+    and the server spent nothing on hostile connections, the ordinary rate beside the
+    hostile clients would be, relative to alone, the cores left once the hostile generator
+    (and the others' use seen alone) are taken, over the cores server and clients used
+    alone; at most 1, as alone they may have left some idle. The server's extra CPU is what
+    it used beside the hostile clients less what the same number of ordinary requests cost
+    it alone.
+    """
+    a, h = calm["cpu"], hostile["cpu"]
+    cores = a["cores"]
+    alone_used = (a["server_s"] + a["clients_s"]) / a["wall_s"]
+    others_alone = max(0.0, a["others_s"] / a["wall_s"])
+    hostile_cores = h["hostile_s"] / h["wall_s"]
+    left = cores - hostile_cores - others_alone
+    ratio = min(1.0, left / alone_used) if alone_used > 0 else None
+    server_ms = a["server_s"] / calm["ok"] if calm["ok"] else None
+    extra_s = h["server_s"] - hostile["ok"] * server_ms if server_ms is not None else None
+    generator = hostile.get("hostile") or {}
+    # The hostile clients' attempts within the window, at their average rate.
+    attempts = sum(k["attempts"] for k in (generator.get("kinds") or {}).values()) * (
+        h["wall_s"] / generator["duration_s"] if generator.get("duration_s") else 0.0
+    )
+
+    def per_request(phase: dict[str, Any], key: str) -> float | None:
+        return round(phase["cpu"][key] * 1e3 / phase["ok"], 3) if phase["ok"] else None
+
+    return {
+        "cores": cores,
+        "alone_cores_used": round(alone_used, 4),
+        "alone_machine_share": round(a["machine_busy_s"] / (cores * a["wall_s"]), 4),
+        "alone_cpu_bound": a["machine_busy_s"] >= CPU_BOUND_SHARE * cores * a["wall_s"],
+        "others_alone_cores": round(others_alone, 4),
+        "others_hostile_cores": round(h["others_s"] / h["wall_s"], 4),
+        "hostile_generator_cores": round(hostile_cores, 4),
+        "hostile_generator_share": round(hostile_cores / cores, 4),
+        "rate_ratio": round(ratio, 4) if ratio is not None else None,
+        "server_extra_s": round(extra_s, 3) if extra_s is not None else None,
+        "server_extra_cores": round(extra_s / h["wall_s"], 4) if extra_s is not None else None,
+        "hostile_attempts_in_window": round(attempts),
+        "server_extra_ms_per_hostile_attempt": (
+            round(extra_s * 1e3 / attempts, 3) if extra_s is not None and attempts else None
+        ),
+        "server_ms_per_request": {
+            "alone": per_request(calm, "server_s"),
+            "hostile": per_request(hostile, "server_s"),
+        },
+        "clients_ms_per_request": {
+            "alone": per_request(calm, "clients_s"),
+            "hostile": per_request(hostile, "clients_s"),
+        },
+    }
 
 
 if __name__ == "__main__":

@@ -312,7 +312,21 @@ def test_soak_runner_for_a_few_seconds(bench_env: dict[str, str]) -> None:
     assert all(k["attempts"] > 0 for k in kinds.values()), kinds
     # Refused, every one: no hostile request was answered 2xx.
     assert not any(s.startswith("2") for k in kinds.values() for s in k["answers"]), kinds
+    # Where the CPU went in each phase, the hostile generator's own included.
+    for phase in ("calm", "hostile"):
+        cpu = soak[phase]["cpu"]
+        assert cpu["server_s"] > 0 and cpu["clients_s"] > 0 and cpu["wall_s"] > 0, cpu
+        assert cpu["server_ms_per_request"] > 0, cpu
+    assert soak["calm"]["cpu"]["hostile_s"] == 0
+    assert soak["hostile"]["cpu"]["hostile_s"] > 0
+    bound = soak["bound"]
+    assert 0 < bound["rate_ratio"] <= 1, bound
+    assert bound["measured_over_bound"] == pytest.approx(
+        soak["rate_ratio"] / bound["rate_ratio"], rel=1e-3
+    )
     assert "## Soak: `ics serve` beside hostile clients" in table
+    assert "| phase | wall s | server s | server ms/request |" in table
+    assert "the machine allows" in table
     assert "soak: ordinary clients' rate beside 10 hostile ≥ 0.9 × alone" in table
     assert "soak: no errors seen by ordinary clients" in table
     # Not a row of the tables of rates: its images/s is not a classify rate.
