@@ -469,7 +469,8 @@ class Settings(BaseModel):
 @dataclass(frozen=True)
 class LoadedSettings:
     settings: Settings
-    #: For each setting: "default", "file PATH", "env ICS_NAME" or "flag".
+    #: For each setting: "default", "file PATH", "env ICS_NAME" or "flag"; the threshold
+    #: may be "card NAME" (the model card's own, set by the CLI when none other is).
     sources: dict[str, str]
     config_file: Path | None
 

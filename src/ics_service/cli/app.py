@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -106,7 +107,30 @@ def load_cli_settings(kwargs: dict[str, Any]) -> LoadedSettings:
     config_file = overrides.pop("config_file", None)
     loaded = load_settings(config_file, overrides, flag_names=_flag_names())
     configure_logging(loaded.settings.log_level, loaded.settings.log_format)
-    return loaded
+    return with_card_threshold(loaded)
+
+
+def with_card_threshold(loaded: LoadedSettings) -> LoadedSettings:
+    """The model card's own threshold as the default threshold: a threshold set in the
+    file, the environment or a flag still wins. A model that cannot be found leaves the
+    settings as they are (the command that uses it says what is wrong)."""
+    if loaded.sources["threshold"] != "default":
+        return loaded
+    from ..errors import UsageError
+    from ..models import get_card
+
+    settings = loaded.settings
+    try:
+        card = get_card(settings.model, settings)
+    except UsageError:
+        return loaded
+    if card.threshold is None:
+        return loaded
+    return replace(
+        loaded,
+        settings=settings.model_copy(update={"threshold": card.threshold}),
+        sources={**loaded.sources, "threshold": f"card {card.name}"},
+    )
 
 
 def _flag_names() -> dict[str, str]:
@@ -182,7 +206,7 @@ def open_runner(settings: Settings) -> Iterator[Any]:
     from ..models import get_card
     from ..models.background import RuntimeLoading
 
-    card = get_card(settings.model)
+    card = get_card(settings.model, settings)
     threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
     # The model opens on a thread while this one imports SQLAlchemy (with the alerts, below).
     loading = RuntimeLoading(card, settings.models_dir, threads=threads)

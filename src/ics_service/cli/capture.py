@@ -107,7 +107,7 @@ def capture_read(path: str, as_json: bool, save_images: str | None, **kwargs: An
     from ..types import isoformat
 
     settings = load_cli_settings(kwargs).settings
-    labels = get_card(settings.model).labels
+    labels = get_card(settings.model, settings).labels
     out_dir = Path(save_images) if save_images else None
     if out_dir is not None:
         try:

@@ -48,7 +48,8 @@ _CLOSE = object()
 
 
 class Batcher:
-    """Class probabilities for single inputs (3, H, W), computed in dynamic batches."""
+    """Class probabilities for single inputs (the card's input_shape), computed in dynamic
+    batches."""
 
     def __init__(
         self,
@@ -98,8 +99,7 @@ class Batcher:
             t.join()
 
     def _loop(self) -> None:
-        size = self.runtime.card.input_size
-        buf = np.empty((self.max_batch_size, 3, size, size), dtype=np.float32)
+        buf = np.empty((self.max_batch_size, *self.runtime.card.input_shape), dtype=np.float32)
         while True:
             first = self._q.get()
             if first is _CLOSE:

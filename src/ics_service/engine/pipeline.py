@@ -253,8 +253,7 @@ class Pipeline:
     def _infer_loop(self, q: queue.Queue[object], emit: Emit) -> None:
         """Take what is ready (up to batch_size), classify it, emit; until a _DONE arrives."""
         card = self.runtime.card
-        size = card.input_size
-        buf = np.empty((self.batch_size, 3, size, size), dtype=np.float32)
+        buf = np.empty((self.batch_size, *card.input_shape), dtype=np.float32)
         done = False
         while not done:
             ready: list[_Decoded] = []

@@ -214,7 +214,9 @@ class Watcher:
             from .pipeline import plan_inference
 
             threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
-            runtime = load_runtime(get_card(settings.model), settings.models_dir, threads=threads)
+            runtime = load_runtime(
+                get_card(settings.model, settings), settings.models_dir, threads=threads
+            )
         return ExecutionRunner(settings, self.runner.store, runtime)
 
     def run(self, stop: threading.Event, *, once: bool = False) -> list[Execution]:

@@ -25,7 +25,8 @@ from .limits import ICO_BYTES_PER_PIXEL, DecodeBudget, Limits, memory_need, rais
 
 
 class Preprocessor:
-    """Turns encoded image bytes into the model's normalised input (3, H, W) float32.
+    """Turns encoded image bytes into the model's normalised input (3, H, W) or (H, W, 3)
+    float32, as the card's layout says.
 
     One instance is shared by every decode thread of a run: it owns their decode memory
     budget (`limits.decode_memory`).
@@ -42,8 +43,13 @@ class Preprocessor:
             "bilinear": Image.Resampling.BILINEAR,
             "bicubic": Image.Resampling.BICUBIC,
         }[card.interpolation]
-        self._mean = np.asarray(card.mean, dtype=np.float32).reshape(3, 1, 1)
-        self._inv_std = (1.0 / np.asarray(card.std, dtype=np.float32)).reshape(3, 1, 1)
+        self._nchw = card.layout == "NCHW"
+        channel_shape = (3, 1, 1) if self._nchw else (1, 1, 3)
+        self._mean = np.asarray(card.mean, dtype=np.float32).reshape(channel_shape)
+        self._inv_std = (1.0 / np.asarray(card.std, dtype=np.float32)).reshape(channel_shape)
+        self._scale = card.scale
+        self._bgr = card.channels == "BGR"
+        self._squash = card.resize_mode == "squash"
         self.budget = DecodeBudget(limits.decode_memory)
         raise_pillow_guard(limits.max_pixels)
 
@@ -54,14 +60,22 @@ class Preprocessor:
         return self.normalise(np.asarray(img)), info
 
     def normalise(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(H, W, 3) uint8 → (3, H, W) float32, (x - mean) / std, in two passes.
+        """(H, W, 3) uint8 RGB → the card's layout and channel order, float32,
+        (x * scale - mean) / std, in two passes (three with a scale).
 
         Written through `out=` from the strided uint8 view: `transpose().astype()` first
         would cost about 7 times as much.
         """
+        pixels = rgb[:, :, ::-1] if self._bgr else rgb
+        if self._nchw:
+            pixels = pixels.transpose(2, 0, 1)
         if out is None:
-            out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
-        np.subtract(rgb.transpose(2, 0, 1), self._mean, out=out, casting="unsafe")
+            out = np.empty(pixels.shape, dtype=np.float32)
+        if self._scale == 1.0:
+            np.subtract(pixels, self._mean, out=out, casting="unsafe")
+        else:
+            np.multiply(pixels, np.float32(self._scale), out=out, casting="unsafe")
+            out -= self._mean
         out *= self._inv_std
         return out
 
@@ -173,12 +187,16 @@ class Preprocessor:
         return to_rgb(img)
 
     def _resize_crop(self, img: Image.Image) -> Image.Image:
-        # Resize the shorter side to resize_size and centre-crop size×size, in one resample
-        # of just the source region that the crop keeps.
+        # Resize the shorter side (or, squashing, each side) to resize_size and centre-crop
+        # size×size, in one resample of just the source region that the crop keeps.
         w, h = img.size
-        scale = self.resize_size / min(w, h)
-        crop_w = min(w, self.size / scale)
-        crop_h = min(h, self.size / scale)
+        if self._squash:
+            crop_w = w * self.size / self.resize_size
+            crop_h = h * self.size / self.resize_size
+        else:
+            scale = self.resize_size / min(w, h)
+            crop_w = min(w, self.size / scale)
+            crop_h = min(h, self.size / scale)
         left = (w - crop_w) / 2
         top = (h - crop_h) / 2
         return img.resize(

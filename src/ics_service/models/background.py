@@ -6,7 +6,7 @@ SQLAlchemy (measured: a 60 ms session alongside a 130 ms SQLAlchemy import took
 130 ms). Only the session is built there. onnxruntime itself is imported first, on the
 caller's thread, so that the thread imports nothing; and a model that is not
 prepared yet is prepared as before, by `result()` on the caller's thread (that imports
-torch).
+torch); so is a model of another kind than ONNX opened.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 
 from ..modelcard import ModelCard
-from .prepare import is_prepared, load_runtime, onnx_path
-from .runtime import OnnxRuntime
+from .factory import load_runtime, onnx_file
+from .runtime import ModelRuntime, OnnxRuntime
 
 
 class RuntimeLoading:
@@ -24,15 +24,17 @@ class RuntimeLoading:
 
     def __init__(self, card: ModelCard, models_dir: Path, *, threads: int = 0) -> None:
         self.card = card
-        self._runtime: OnnxRuntime | None = None
+        self._runtime: ModelRuntime | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._models_dir, self._threads = models_dir, threads
-        if not is_prepared(card, models_dir):
-            return  # result() prepares it: the caller checks its other settings first
+        path = onnx_file(card, models_dir)
+        if card.kind != "onnx" or not path.is_file():
+            # result() prepares it, or opens a runtime of another kind (or says why it
+            # cannot): the caller checks its other settings first.
+            return
         import onnxruntime  # noqa: F401  # here, not on the thread (see the module's doc)
 
-        path = onnx_path(card, models_dir)
         self._thread = threading.Thread(
             target=self._open, args=(path, threads), name="ics-model-open", daemon=True
         )
@@ -44,7 +46,7 @@ class RuntimeLoading:
         except BaseException as e:  # raised by result(), in the caller's thread
             self._error = e
 
-    def result(self) -> OnnxRuntime:
+    def result(self) -> ModelRuntime:
         if self._thread is None and self._runtime is None:
             self._runtime = load_runtime(self.card, self._models_dir, threads=self._threads)
         if self._thread is not None:

@@ -148,10 +148,11 @@ _BUILDERS: dict[str, Builder] = {
 }
 
 
-def load_runtime(
+def load_bundled(
     card: ModelCard, models_dir: Path, *, threads: int = 0, auto_prepare: bool = True
 ) -> OnnxRuntime:
-    """Open the card's ONNX file, preparing it first when it is missing and torch is here."""
+    """Open a bundled card's ONNX file, preparing it first when it is missing and torch is
+    here (`factory.load_runtime` opens any card)."""
     if not is_prepared(card, models_dir):
         if not auto_prepare:
             raise ModelNotPrepared(

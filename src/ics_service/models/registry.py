@@ -1,11 +1,18 @@
-"""The models ICS knows by name."""
+"""The models ICS knows by name: the bundled cards, and the models added to the model home.
+
+An added model lives in `<models_dir>/<name>/` (its card.toml, model.onnx, labels.txt);
+a bundled model's prepared files are in `<models_dir>/<name>/<version>/`, with no card.toml.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from pathlib import Path
 
-from ..errors import ModelNotFound
-from ..modelcard import ModelCard
+from ..config import Settings
+from ..errors import ConfigError, ModelNotFound
+from ..modelcard import CARD_FILE, ModelCard
 
 EFFICIENTNET_LITE0 = ModelCard(
     name="efficientnet-lite0",
@@ -37,15 +44,87 @@ EFFICIENTNET_LITE0_INT8 = replace(
     },
 )
 
+#: The bundled models.
 MODELS: dict[str, ModelCard] = {
     card.name: card for card in (EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_INT8)
 }
 
+#: A name an added model may have: it names its folder, so no path separators or dots
+#: first; no ":" either, which marks an ad hoc remote model (`sagemaker:ENDPOINT`).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-def get_card(name: str) -> ModelCard:
+
+def check_name(name: str) -> None:
+    """ConfigError unless `name` can name an added model."""
+    if not NAME_RE.fullmatch(name) or name.endswith("."):
+        raise ConfigError(
+            f"bad model name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (it names the model's folder)"
+        )
+
+
+def models_dir_of(where: Settings | Path) -> Path:
+    return where.models_dir if isinstance(where, Settings) else where
+
+
+def added_dir(name: str, where: Settings | Path) -> Path:
+    """The folder of the added model `name` (whether or not it exists)."""
+    check_name(name)
+    return models_dir_of(where) / name
+
+
+def added_card(name: str, where: Settings | Path) -> ModelCard | None:
+    """The card of the added model `name`, or None when no model of that name was added."""
+    if not NAME_RE.fullmatch(name):
+        return None
+    folder = models_dir_of(where) / name
+    path = folder / CARD_FILE
     try:
-        return MODELS[name]
-    except KeyError:
-        raise ModelNotFound(
-            f"unknown model {name!r}; known models: {', '.join(MODELS)} (see `ics models list`)"
-        ) from None
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the card of model {name} ({path}): {e}") from None
+    card = ModelCard.from_toml(text, folder, where=str(path))
+    if card.name != name:
+        raise ConfigError(
+            f"{path} names model {card.name!r}, not {name!r}: the folder and the card's name "
+            f"must agree (`ics models remove {name}` and add it again)"
+        )
+    return card
+
+
+def added_cards(where: Settings | Path) -> list[ModelCard]:
+    """The added models' cards, by name."""
+    folder = models_dir_of(where)
+    try:
+        names = sorted(p.parent.name for p in folder.glob(f"*/{CARD_FILE}"))
+    except OSError:
+        return []
+    cards = []
+    for name in names:
+        if name in MODELS:
+            continue
+        card = added_card(name, folder)
+        if card is not None:
+            cards.append(card)
+    return cards
+
+
+def all_cards(where: Settings | Path) -> list[ModelCard]:
+    """Every model ICS knows: the bundled ones, then the added ones."""
+    return [*MODELS.values(), *added_cards(where)]
+
+
+def get_card(name: str, where: Settings | Path | None = None) -> ModelCard:
+    """The card of a bundled model, or of one added to `where`'s model home."""
+    card = MODELS.get(name)
+    if card is None and where is not None:
+        card = added_card(name, where)
+    if card is not None:
+        return card
+    known = [*MODELS, *(c.name for c in added_cards(where))] if where is not None else [*MODELS]
+    raise ModelNotFound(
+        f"unknown model {name!r}; known models: {', '.join(known)} (see `ics models list`; "
+        "`ics models add` adds one)"
+    )

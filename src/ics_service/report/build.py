@@ -64,7 +64,7 @@ def render(
     """
     line = threshold if threshold is not None else stats.threshold
     line = settings.threshold if line is None else line
-    preprocessor = Preprocessor(get_card(settings.model), Limits.from_settings(settings))
+    preprocessor = Preprocessor(get_card(settings.model, settings), Limits.from_settings(settings))
     drift: Drift | None = None
     shown = [
         Chart("status.png", "Items by status", "SUCCEEDED, LOW_CONFIDENCE and FAILED items."),

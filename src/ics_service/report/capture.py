@@ -35,7 +35,7 @@ def capture_rows(
 ) -> Iterator[ReportRow]:
     """The records of a capture file or folder tree, in inferenceTime order, decided at
     `threshold` if given, else at the threshold each record's run recorded."""
-    labels = get_card(settings.model).labels
+    labels = get_card(settings.model, settings).labels
     recorded = RecordedThresholds(settings)
     try:
         yield from _rows(path, settings, skipped, labels, threshold, recorded)

@@ -31,7 +31,7 @@ class Shown:
 
 def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     """The decision for one image (raises the ItemError that would fail its item)."""
-    card = get_card(settings.model)
+    card = get_card(settings.model, settings)
     data = read(uri, settings.max_bytes)
     preprocessor = Preprocessor(card, Limits.from_settings(settings))
     tensor, info = preprocessor(data)

@@ -181,4 +181,4 @@ def load_model(settings: Settings) -> ModelRuntime:
     from ..models import get_card, load_runtime
 
     threads, _ = plan_serving(settings)
-    return load_runtime(get_card(settings.model), settings.models_dir, threads=threads)
+    return load_runtime(get_card(settings.model, settings), settings.models_dir, threads=threads)

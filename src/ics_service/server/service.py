@@ -192,7 +192,8 @@ class Service:
         return await loop.run_in_executor(self.decode_pool, self.preprocess, data)
 
     async def predict(self, tensor: np.ndarray) -> np.ndarray:
-        """Class probabilities (C,) of one input (3, H, W), batched with other requests."""
+        """Class probabilities (C,) of one input (the card's input_shape), batched with other
+        requests."""
         return await asyncio.wrap_future(self.batcher.submit(tensor))
 
     async def classify(self, data: bytes, uri: str, options: Options) -> Outcome:

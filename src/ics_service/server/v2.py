@@ -3,9 +3,10 @@ inference, with Triton's classification and binary tensor data extensions.
 
 The model takes one of two inputs per request: `INPUT`, encoded images (BYTES, shape [N] or
 [N, 1]), decoded, classified and recorded like /v1/classify results; or `INPUT_TENSOR`, the
-model's own input (FP32, [N, 3, H, W] as the card says), classified but not recorded (there is
-no image). Both go through the service's dynamic batcher. Its output `probabilities` is FP32
-[N, C], or with `"parameters": {"classification": k}` BYTES [N, k] of "score:index:label".
+model's own input (FP32, [N, 3, H, W] or [N, H, W, 3] as the card says), classified but not
+recorded (there is no image). Both go through the service's dynamic batcher. Its output
+`probabilities` is FP32 [N, C], or with `"parameters": {"classification": k}` BYTES [N, k]
+of "score:index:label".
 
 Errors are `{"error": "message"}` as the protocol writes them: tritonclient reads `error` as a
 string (it cannot print the ICS API's `{"type", "message"}` object). This module holds the
@@ -94,14 +95,13 @@ async def server_metadata() -> dict[str, Any]:
 
 
 def model_metadata(card: ModelCard) -> dict[str, Any]:
-    size = card.input_size
     return {
         "name": card.name,
         "versions": [card.version],
         "platform": PLATFORM,
         "inputs": [
             {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
-            {"name": TENSOR, "datatype": "FP32", "shape": [-1, 3, size, size]},
+            {"name": TENSOR, "datatype": "FP32", "shape": [-1, *card.input_shape]},
         ],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(card.labels)]}],
     }

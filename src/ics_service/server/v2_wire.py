@@ -225,18 +225,19 @@ def _flat(data: list[Any]) -> Iterator[Any]:
 
 
 def _expected(card: ModelCard) -> str:
-    return f"[-1, 3, {card.input_size}, {card.input_size}]"
+    return str([-1, *card.input_shape])
 
 
 def _tensor(
     spec: dict[str, Any], shape: list[int], raw: bytes | None, card: ModelCard
 ) -> np.ndarray:
     size = card.input_size
-    if len(shape) != 4 or shape[1:] != [3, size, size]:
+    if len(shape) != 4 or shape[1:] != list(card.input_shape):
         raise ProtocolError(
             400,
             f"input {TENSOR}: shape {shape} does not match the model's input {_expected(card)} "
-            f"(N images, RGB, {size}x{size}, normalised as the model card says)",
+            f"(N images, {card.channels}, {size}x{size}, {card.layout}, normalised as the "
+            "model card says)",
         )
     _check_count(TENSOR, shape)
     count = math.prod(shape)

@@ -1,0 +1,414 @@
+"""Adding a user's model to the model home, and removing it: `ics models add/remove`.
+
+A model is checked before it is added: its ONNX input against the card (rank, layout,
+size, float type), its output width against the labels, and one real inference on a
+sample photo (a batch of two, through the card's own preprocessing) whose answers must be
+finite scores of the card's kind. Then its files are copied into `<models_dir>/<name>/`
+with a card.toml that records where they came from and the model's sha256, in one rename.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+import tempfile
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ConfigError, UsageError
+from ..modelcard import CARD_FILE, ModelCard, read_labels
+from .registry import MODELS, added_card, check_name, get_card
+
+MODEL_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+#: The fields `--like MODEL` takes from a registered card: how its inputs are made and what
+#: its outputs are (a fine-tuned variant of it is fed the same way).
+PREPROCESSING = (
+    "input_size",
+    "crop_pct",
+    "resize",
+    "resize_mode",
+    "interpolation",
+    "mean",
+    "std",
+    "scale",
+    "layout",
+    "channels",
+    "outputs",
+)
+#: How far from 1 a row of probabilities may sum (float32 softmax, and rounding in models).
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+class ModelRejected(UsageError):
+    """A model that `ics models add` refused: the message says what to fix."""
+
+
+@dataclass
+class AddRequest:
+    """What `ics models add` was given: files, and card fields that override the card's."""
+
+    name: str
+    onnx: Path | None = None
+    labels: Path | None = None
+    card_file: Path | None = None
+    like: str | None = None
+    replace_existing: bool = False
+    #: Card fields given as options (None: not given).
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sample_photo() -> bytes:
+    """A real photo shipped with ICS (scikit-image's CC0 `coffee`, 336×224), for checks."""
+    return resources.files("ics_service").joinpath("models", "data", "sample.jpg").read_bytes()
+
+
+@dataclass
+class Draft:
+    """The card's fields as the request gives them, before the model completes them."""
+
+    values: dict[str, Any]
+    onnx: Path
+    labels: Path
+    #: Whether the layout was given (by an option, --card or --like), not assumed.
+    layout_given: bool
+
+
+def draft_card(req: AddRequest, models_dir: Path) -> Draft:
+    """The card the request describes: --card's, then --like's preprocessing, then options."""
+    values: dict[str, Any] = {}
+    onnx, labels = req.onnx, req.labels
+    if req.card_file is not None:
+        try:
+            text = req.card_file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read the card {req.card_file}: {e}") from None
+        where = f"card {req.card_file}"
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where} is not valid TOML: {e}") from None
+        data["name"] = req.name
+        # Checked as a card; the size may be left to the model's input shape.
+        checked = {"input_size": 224, **data}
+        base = ModelCard.from_mapping(checked, req.card_file.resolve().parent, where=where)
+        values = {k: getattr(base, k) for k in data if k in CARD_FIELDS}
+        if onnx is None and base.model_path is not None:
+            onnx = Path(base.model_path)
+        if labels is None and base.labels_path is not None:
+            labels = Path(base.labels_path)
+    if req.like is not None:
+        like = get_card(req.like, models_dir)
+        values.update({k: getattr(like, k) for k in PREPROCESSING})
+    values.update({k: v for k, v in req.fields.items() if v is not None})
+    if onnx is None:
+        raise UsageError("no model file: give --onnx FILE (or model_file in --card's card)")
+    if labels is None:
+        raise UsageError("no labels: give --labels FILE (or labels_file in --card's card)")
+    for key in ("labels_file", "labels_path", "model_path", "build", "source", "kind"):
+        values.pop(key, None)
+    values["name"] = req.name
+    return Draft(values, onnx, labels, layout_given="layout" in values)
+
+
+#: The fields of a card.
+CARD_FIELDS = frozenset(f.name for f in fields(ModelCard))
+
+
+def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
+    """Check the model and copy it into `<models_dir>/<name>/`; its card and notes of what
+    was taken from the model itself (input size, layout)."""
+    check_name(req.name)
+    if req.name in MODELS:
+        raise UsageError(
+            f"{req.name} is a bundled model's name: choose another name for yours (bundled "
+            "models cannot be replaced)"
+        )
+    folder = models_dir / req.name
+    if folder.exists() and not req.replace_existing:
+        what = "an added model" if (folder / CARD_FILE).is_file() else "a folder"
+        raise UsageError(
+            f"{req.name} is already {what} in {models_dir}: give --replace to replace it, "
+            "or choose another name"
+        )
+    draft = draft_card(req, models_dir)
+    labels = _check_labels(draft.labels)
+    digest = sha256_of(draft.onnx) if draft.onnx.is_file() else ""
+    # The content hash's start: results name the exact weights they were decided with.
+    draft.values.setdefault("version", digest[:12])
+    draft.values.setdefault("description", f"added from {draft.onnx.name}")
+    draft.values["source"] = {
+        "onnx": str(draft.onnx.resolve()),
+        "labels": str(draft.labels.resolve()),
+        **({"card": str(req.card_file.resolve())} if req.card_file else {}),
+        **({"like": req.like} if req.like else {}),
+        "sha256": digest,
+        "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ics_version": __version__,
+    }
+    card, notes = check_onnx(draft, labels)
+    _install(card, draft.onnx, labels, models_dir)
+    installed = added_card(req.name, models_dir)
+    assert installed is not None
+    return installed, notes
+
+
+def _check_labels(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise ModelRejected(f"labels file {path} does not exist (or is not a file)")
+    labels = read_labels(path)
+    if not labels:
+        raise ModelRejected(f"labels file {path} has no labels: write one class name a line")
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels, 1):
+        if label in seen:
+            raise ModelRejected(
+                f"labels file {path}: label {label!r} is the {_nth(seen[label])} and the "
+                f"{_nth(i)} label: each class needs a name of its own"
+            )
+        seen[label] = i
+    return labels
+
+
+def _nth(i: int) -> str:
+    suffix = "th" if 10 <= i % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(i % 10, "th")
+    return f"{i}{suffix}"
+
+
+def check_onnx(draft: Draft, labels: tuple[str, ...]) -> tuple[ModelCard, list[str]]:
+    """The card, completed from the model's input (size, and layout when not given) and
+    checked against the model by one real inference; ModelRejected says what to fix."""
+    import onnxruntime as ort
+
+    from .runtime import onnx_session
+
+    path = draft.onnx
+    if not path.is_file():
+        raise ModelRejected(f"model file {path} does not exist (or is not a file)")
+    try:
+        session = onnx_session(path, threads=1)
+    except Exception as e:  # onnxruntime raises its own types for files it cannot load
+        raise ModelRejected(
+            f"{path} is not an ONNX model that onnxruntime {ort.__version__} can open: "
+            f"{_first_line(e)}"
+        ) from None
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        names = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+        raise ModelRejected(
+            f"{path} has {len(inputs)} inputs ({names}); ICS feeds one image tensor: export "
+            "the model with a single input"
+        )
+    inp = inputs[0]
+    if inp.type != "tensor(float)":
+        raise ModelRejected(
+            f"{path}'s input {inp.name} is {inp.type}; ICS feeds float32 images "
+            "(tensor(float)): export the model with a float32 input"
+        )
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise ModelRejected(
+            f"{path}'s input {inp.name} has rank {len(shape)} (shape {shape}); ICS feeds "
+            "images as (N, 3, H, W) or (N, H, W, 3): a rank-4 input with a batch axis"
+        )
+    notes: list[str] = []
+    values = draft.values
+    if not draft.layout_given and shape[3] == 3 and shape[1] != 3:
+        values["layout"] = "NHWC"
+        notes.append(f"layout NHWC (the model's input {inp.name} is {shape})")
+    layout = values.get("layout", "NCHW")
+    channels = shape[1] if layout == "NCHW" else shape[3]
+    if isinstance(channels, int) and channels != 3:
+        other = "NHWC" if layout == "NCHW" else "NCHW"
+        fits_other = shape[3 if layout == "NCHW" else 1] == 3
+        hint = f": give --layout {other}" if fits_other else ": ICS feeds 3 colour channels"
+        raise ModelRejected(
+            f"{path}'s input {inp.name} is {shape}, not {layout} with 3 channels "
+            f"({_shape_text(layout)}){hint}"
+        )
+    hw = shape[2:4] if layout == "NCHW" else shape[1:3]
+    fixed = [d for d in hw if isinstance(d, int) and d > 0]
+    if "input_size" not in values:
+        if len(fixed) != 2 or fixed[0] != fixed[1]:
+            raise ModelRejected(
+                f"{path}'s input {inp.name} is {shape}: it does not say a square image size, "
+                "so give --size PIXELS"
+            )
+        values["input_size"] = fixed[0]
+        notes.append(f"input size {fixed[0]} (the model's input {inp.name} is {shape})")
+    for d in fixed:
+        if d != values["input_size"]:
+            raise ModelRejected(
+                f"{path}'s input {inp.name} is {shape} but the card says "
+                f"{values['input_size']}×{values['input_size']}: give --size {d}"
+            )
+    batch = shape[0]
+    if isinstance(batch, int) and batch > 0:
+        raise ModelRejected(
+            f"{path}'s input {inp.name} has a fixed batch size {batch} (shape {shape}); ICS "
+            "runs batches of several images: export it with a dynamic batch axis (torch: "
+            "dynamic_axes={'input': {0: 'batch'}})"
+        )
+    out = session.get_outputs()[0]
+    if len(out.shape) != 2:
+        raise ModelRejected(
+            f"{path}'s output {out.name} has shape {out.shape}; ICS reads (N, classes) scores"
+        )
+    width = out.shape[1]
+    if isinstance(width, int) and width != len(labels):
+        raise ModelRejected(_width_message(path, out.name, width, draft.labels, len(labels)))
+    try:
+        card = ModelCard(
+            **values,
+            kind="onnx",
+            labels_path=str(draft.labels.resolve()),
+            model_path=str(path.resolve()),
+        )
+    except (ConfigError, TypeError) as e:
+        raise ModelRejected(str(e)) from None
+    _check_inference(card, session, inp.name, out.name, path, draft.labels, len(labels))
+    return card, notes
+
+
+def _shape_text(layout: str) -> str:
+    return "N, 3, H, W" if layout == "NCHW" else "N, H, W, 3"
+
+
+def _width_message(path: Path, out: str, width: int, labels: Path, n: int) -> str:
+    return (
+        f"{path}'s output {out} has {width} classes but the labels file {labels} has {n} "
+        f"labels: give a labels file of {width} lines, one class name a line, in the model's "
+        "output order"
+    )
+
+
+def _check_inference(
+    card: ModelCard,
+    session: Any,
+    in_name: str,
+    out_name: str,
+    path: Path,
+    labels: Path,
+    n_labels: int,
+) -> None:
+    from ..imaging import Limits, Preprocessor
+
+    pre = Preprocessor(card, Limits())
+    img, _ = pre.decode(sample_photo())
+    rgb = np.asarray(img)
+    # Two different images (the photo and its mirror): a batch axis that works.
+    batch = np.stack([pre.normalise(rgb), pre.normalise(np.ascontiguousarray(rgb[:, ::-1]))])
+    try:
+        out = np.asarray(session.run([out_name], {in_name: batch})[0])
+    except Exception as e:
+        raise ModelRejected(
+            f"{path} failed on a sample photo preprocessed as the card says "
+            f"({_shape_text(card.layout)} = {list(batch.shape)}, float32): {_first_line(e)}"
+        ) from None
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise ModelRejected(
+            f"{path} answered a batch of 2 images with shape {list(out.shape)}; ICS reads "
+            "(N, classes) scores, one row per image"
+        )
+    if out.shape[1] != n_labels:
+        raise ModelRejected(_width_message(path, out_name, out.shape[1], labels, n_labels))
+    if not np.isfinite(out).all():
+        raise ModelRejected(
+            f"{path} answered a sample photo with NaN or infinite scores: the model is broken, "
+            "or the card's preprocessing (--mean, --std, --scale) does not fit it"
+        )
+    if card.outputs == "logits":
+        return
+    low, high = float(out.min()), float(out.max())
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise ModelRejected(
+            f"{path} answered scores from {low:g} to {high:g}, which are not probabilities: "
+            "give --outputs logits if the model outputs logits"
+        )
+    if card.outputs == "probabilities":
+        sums = out.sum(axis=1)
+        worst = float(sums[np.abs(sums - 1).argmax()])
+        if abs(worst - 1) > PROBABILITY_SUM_TOLERANCE:
+            raise ModelRejected(
+                f"{path}'s probabilities for a sample photo sum to {worst:g}, not 1: give "
+                "--outputs logits if they are logits, or --outputs sigmoid for a "
+                "multi-label model"
+            )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _install(card: ModelCard, onnx: Path, labels: tuple[str, ...], models_dir: Path) -> None:
+    """Write the model's folder next to its place and rename it there (a replaced model's
+    folder is moved aside first, then deleted)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".adding-{card.name}-", dir=models_dir))
+    try:
+        staging.chmod(0o777 & ~_umask())
+        shutil.copyfile(onnx, staging / MODEL_FILE)
+        (staging / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
+        final = models_dir / card.name
+        installed = replace(
+            card,
+            model_path=str(final / MODEL_FILE),
+            labels_path=str(final / LABELS_FILE),
+            labels_file=LABELS_FILE,
+        )
+        (staging / CARD_FILE).write_text(installed.to_toml(), encoding="utf-8")
+        if sha256_of(staging / MODEL_FILE) != card.source["sha256"]:
+            raise ModelRejected(f"{onnx} changed while it was being added: add it again")
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".removing-{card.name}-", dir=models_dir))
+            final.rename(old / card.name)
+        staging.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    from .prepare import current_umask
+
+    return current_umask()
+
+
+def remove_model(name: str, models_dir: Path) -> ModelCard:
+    """Delete an added model's folder; bundled models are refused."""
+    if name in MODELS:
+        raise UsageError(
+            f"{name} is bundled with ICS and cannot be removed (its prepared files are in "
+            f"{models_dir / name}; `ics models prepare --force {name}` rebuilds them)"
+        )
+    card = get_card(name, models_dir)
+    folder = models_dir / name
+    trash = Path(tempfile.mkdtemp(prefix=f".removing-{name}-", dir=models_dir))
+    folder.rename(trash / name)
+    shutil.rmtree(trash, ignore_errors=True)
+    return card
+
+
+def card_doc(card: ModelCard) -> dict[str, Any]:
+    doc = asdict(card)
+    doc["mean"], doc["std"] = list(card.mean), list(card.std)
+    return doc
