@@ -107,7 +107,8 @@ class Settings(BaseModel):
         default=0.94,
         ge=0.0,
         le=1.0,
-        description="Top confidence at or above which an item SUCCEEDS.",
+        description="Top confidence at or above which an item SUCCEEDS (when not set, the "
+        "model card's own threshold if it has one).",
     )
     top_k: int = Field(default=5, ge=1, le=1000, description="Predictions kept per item.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Images per inference batch.")

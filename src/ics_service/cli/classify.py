@@ -54,7 +54,8 @@ log = logging.getLogger("ics_service.cli")
     "-t",
     "--threshold",
     type=float,
-    help=f"Top confidence needed to SUCCEED (default {default('threshold')}).",
+    help="Top confidence needed to SUCCEED (default: the model card's threshold, else "
+    f"{default('threshold')}).",
 )
 @click.option(
     "-k", "--top-k", type=int, help=f"Predictions kept per image (default {default('top_k')})."

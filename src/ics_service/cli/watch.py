@@ -96,7 +96,8 @@ class WatchCommand(click.Command):
     "-t",
     "--threshold",
     type=float,
-    help=f"Top confidence needed to SUCCEED (default {default('threshold')}).",
+    help="Top confidence needed to SUCCEED (default: the model card's threshold, else "
+    f"{default('threshold')}).",
 )
 @click.option(
     "-m", "--model", help=f"Model name (default {default('model')}; see `ics models list`)."
