@@ -380,7 +380,8 @@ def tune_ray(b: Bench, folder: Path) -> list[dict[str, Any]]:
         last = tried[-1]["wall_s"] if tried else 0.0
         if tried and spent + last > cfg.ray_tune_s:
             b.notes.append(
-                f"Ray tuning stopped after {len(tried)} configurations: its budget of "
+                f"Ray tuning stopped after {len(tried)} configuration"
+                f"{'s' if len(tried) > 1 else ''}: its budget of "
                 f"{cfg.ray_tune_s:g} s (BENCH_RAY_TUNE_S) was spent."
             )
             break

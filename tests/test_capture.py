@@ -586,11 +586,11 @@ def test_the_reader_skips_a_cut_line_with_a_warning(
 
 
 @pytest.mark.slow
-def test_100000_records_over_2000_files_stream_with_few_files_open(tmp_path: Path) -> None:
-    # Two writers (variants) rotating every 50 records through one hour: their files
+def test_40000_records_over_2000_files_stream_with_few_files_open(tmp_path: Path) -> None:
+    # Two writers (variants) rotating every 20 records through one hour: their files
     # interleave in time, and the reader merges them in order.
     hour = dt.datetime(2026, 11, 29, 10, tzinfo=dt.UTC)
-    per_file, files_per_variant = 50, 1000
+    per_file, files_per_variant = 20, 1000
     for v, variant in enumerate(("A", "B")):
         folder = tmp_path / "ics" / variant / "2026/11/29/10"
         folder.mkdir(parents=True)
@@ -598,7 +598,7 @@ def test_100000_records_over_2000_files_stream_with_few_files_open(tmp_path: Pat
             lines = []
             for j in range(per_file):
                 n = 2 * (k * per_file + j) + v
-                when = hour + dt.timedelta(milliseconds=18 * n)
+                when = hour + dt.timedelta(milliseconds=45 * n)
                 record = capture_record(
                     inference_id=f"e/{n}",
                     inference_time=when,

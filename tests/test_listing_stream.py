@@ -20,11 +20,13 @@ from ics_service.errors import UsageError
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server.app import create_app
 from ics_service.store import Store
+from ics_service.store import store as store_module
 from ics_service.types import ErrorInfo, ExecutionStatus, ItemResult, ModelRef
 from serving import client_of, finished
 
-#: Items registered in one transaction (the store's chunk): the run can start after these.
-FIRST_CHUNK = 1000
+#: Items registered in one transaction (the store's chunk, made smaller than its 1,000 here
+#: to keep these runs short): the run can start after these.
+FIRST_CHUNK = 100
 
 
 class SlowListing:
@@ -59,7 +61,8 @@ class SlowListing:
 
 
 @pytest.fixture
-def slow_listing() -> Iterator[SlowListing]:
+def slow_listing(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowListing]:
+    monkeypatch.setattr(store_module, "_INSERT_CHUNK", FIRST_CHUNK)
     source = SlowListing(FIRST_CHUNK + 200)
     sources.register("slowlist", source)
     yield source
@@ -84,7 +87,7 @@ def test_classifying_starts_before_the_listing_ends(
         assert finished.status is ExecutionStatus.SUCCEEDED, finished.error
         assert finished.items_listed and finished.counts.total == slow_listing.total
         uris = [r.uri for r in store.results(execution.id)]
-        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
+        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(slow_listing.total)]
     finally:
         store.close()
 
@@ -125,7 +128,7 @@ def test_a_stop_in_the_middle_of_the_listing_is_resumed_exactly(
         assert finished.items_listed and finished.counts.total == slow_listing.total
         uris = [r.uri for r in store.results(execution.id)]
         assert len(uris) == slow_listing.total  # each item once
-        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
+        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(slow_listing.total)]
     finally:
         store.close()
 
@@ -156,7 +159,7 @@ def test_a_listing_stopped_midway_with_duplicates_is_resumed_exactly(
         assert finished.counts.total == slow_listing.total
         assert resumer.duplicates_dropped(execution.id) == slow_listing.total
         uris = [r.uri for r in store.results(execution.id)]
-        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(1200)]
+        assert sorted(uris) == [f"slowlist://items/{i:05d}.jpg" for i in range(slow_listing.total)]
         dropped = [e for e in store.history(execution.id) if e.type == "DuplicatesDropped"]
         assert [e.details for e in dropped] == [{"duplicates": slow_listing.total}]
     finally:

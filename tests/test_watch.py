@@ -570,7 +570,8 @@ def test_a_batch_of_a_watcher_that_dies_later_is_resumed_while_it_runs(
             assert not watcher.executions  # being run by the other one
             other.kill()
             other.wait(30)
-            wait_for("the dead watcher's batch", lambda: watcher.executions)
+            # Within a few looks, however long the watcher's own rescan interval is.
+            wait_for("the dead watcher's batch", lambda: watcher.executions, deadline_s=10)
         finally:
             stop.set()
             thread.join(DEADLINE_S)

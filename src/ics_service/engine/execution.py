@@ -53,6 +53,8 @@ _T = TypeVar("_T")
 
 #: How long a run that ends waits for its listing thread to stop.
 LISTING_STOP_SECONDS = 30.0
+#: ... and after a signal that stops at once (a listing blocked in a read is not waited for).
+LISTING_AT_ONCE_SECONDS = 1.0
 
 #: Executions whose count of duplicates a runner keeps for `duplicates_dropped`.
 KEPT_COUNTS = 100
@@ -440,6 +442,7 @@ class ExecutionRunner:
             daemon=True,
         )
         listing = self._listings.pop(execution.id, None)
+        at_once = False
         with self.ending_on_error(execution.id):
             heart.start()
             try:
@@ -456,10 +459,15 @@ class ExecutionRunner:
                         self._duplicates[execution.id] = listing.duplicates.count
                         while len(self._duplicates) > KEPT_COUNTS:  # a server runs many
                             del self._duplicates[next(iter(self._duplicates))]
+            except (Interrupted, KeyboardInterrupt):
+                # A signal that stops at once (the third): a listing blocked in a read (a
+                # FIFO, a hung mount) is not waited for; the process ends with it.
+                at_once = True
+                raise
             finally:
                 if listing is not None:
                     # A run that fails stops its listing too, before its end is recorded.
-                    listing.stop(LISTING_STOP_SECONDS)
+                    listing.stop(LISTING_AT_ONCE_SECONDS if at_once else LISTING_STOP_SECONDS)
                     self._running.pop(execution.id, None)
                 self._secrets.pop(execution.id, None)
                 beating.set()

@@ -247,7 +247,9 @@ class Watcher:
                 waiting = self._flush(waiting, stop, drain=once and not unsettled)
                 if once and not waiting and not unsettled:
                     break
-                _wait(wake, stop, self._tick(bool(waiting or unsettled)))
+                # Never past the next look for batches that a dead watcher left.
+                until_recovery = recovered + STALE_AFTER_SECONDS - time.monotonic()
+                _wait(wake, stop, min(self._tick(bool(waiting or unsettled)), until_recovery))
         finally:
             for feed in started:
                 feed.close()
