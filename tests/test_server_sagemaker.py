@@ -4,23 +4,28 @@ process and end to end with boto3's real `sagemaker-runtime` client, SigV4 inclu
 from __future__ import annotations
 
 import asyncio
+import csv
 import datetime as dt
 import io
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
+import botocore.parsers
+import botocore.session
 import httpx
 import numpy as np
 import pytest
 from botocore.auth import SIGV4_TIMESTAMP, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from botocore.exceptions import ClientError
+from botocore.eventstream import ChecksumMismatch, EventStream
+from botocore.exceptions import ClientError, EventStreamError
 from PIL import Image
 
 from ics_service.config import Settings
@@ -29,6 +34,8 @@ from ics_service.errors import ConfigError
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server.app import create_app
+from ics_service.server.errors import error_response
+from ics_service.server.sagemaker_wire import CSV, JSON, JSON_LINES, payload_parts, stream_error
 from ics_service.server.sigv4 import Verifier, verifier_of
 from ics_service.store import Store
 from ics_service.types import ItemResult, ItemStatus
@@ -192,55 +199,142 @@ def test_a_bad_image_is_a_4xx_error_and_recorded_failed(
         "truncated": coffee_jpeg[:200],
     }
 
-    async def body(client: httpx.AsyncClient) -> dict[str, tuple[int, dict[str, Any]]]:
+    async def body(client: httpx.AsyncClient) -> dict[str, tuple[httpx.Response, Any]]:
         out = {}
         for name, data in bad.items():
             r = await client.post(
                 ENDPOINT, content=data, headers={"Content-Type": "application/x-image"}
             )
-            out[name] = (r.status_code, error_of(r))
+            # SageMaker's ModelError points at ICS's record of the request.
+            record = (await client.get(r.json()["LogStreamArn"])).json()["results"]
+            out[name] = (r, record)
         # The server still answers a good image afterwards.
         r = await client.post("/invocations", content=coffee_jpeg)
         check_probabilities(r.json())
         return out
 
     errors = in_process(settings, runtime, body)
-    for name, (status, error) in errors.items():
-        assert 400 <= status < 500, (name, status, error)
+    for name, (r, record) in errors.items():
+        assert r.status_code == 424, (name, r.text)
+        assert r.headers["x-amzn-ErrorType"] == "ModelError"
+        error = error_of(r)
         assert error["type"] in ("InvalidImage", "UnsupportedFormat"), (name, error)
         assert error["message"]
+        doc = r.json()
+        assert doc["OriginalStatusCode"] in (415, 422)
+        assert doc["OriginalMessage"] == f"{error['type']}: {error['message']}"
+        assert doc["Message"].startswith(f"Received client error ({doc['OriginalStatusCode']})")
+        assert doc["LogStreamArn"] in doc["Message"]
+        assert [(x["uri"], x["status"], x["error"]) for x in record] == [
+            (ENDPOINT, "FAILED", error)
+        ]
     failed = [r for r in realtime_results(settings) if r.status is ItemStatus.FAILED]
     assert len(failed) == len(bad)
     assert all(r.uri == ENDPOINT and r.error is not None for r in failed)
 
 
 @pytest.mark.parametrize(
-    ("accept", "status"),
+    ("accept", "media"),
     [
-        ("application/json", 200),
-        ("*/*", 200),
-        ("application/*", 200),
-        ("text/html, application/json;q=0.5", 200),
-        ("Application/JSON; charset=utf-8", 200),
-        ("text/csv", 406),
-        ("application/json;q=0, text/csv", 406),
-        ("application/x-npy", 406),
+        ("application/json", JSON),
+        ("*/*", JSON),
+        ("application/*", JSON),
+        ("text/html, application/json;q=0.5", JSON),
+        ("Application/JSON; charset=utf-8", JSON),
+        ("text/csv", CSV),
+        ("application/json;q=0, text/csv", CSV),
+        ("application/jsonlines", JSON_LINES),
+        ("application/json;q=0.5, application/jsonlines", JSON_LINES),
+        ("application/x-npy", None),
+        ("text/html", None),
     ],
 )
 def test_accept(
-    ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes, accept: str, status: int
+    ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes, accept: str, media: str | None
 ) -> None:
     async def body(client: httpx.AsyncClient) -> httpx.Response:
         return await client.post("/invocations", content=coffee_jpeg, headers={"Accept": accept})
 
     r = in_process(Settings(home=ics_home), runtime, body)
-    assert r.status_code == status, r.text
-    if status == 200:
-        check_probabilities(r.json())
-    else:
+    if media is None:
+        assert r.status_code == 400, r.text
+        assert r.headers["x-amzn-ErrorType"] == "ValidationError"
         error = error_of(r)
         assert error["type"] == "NotAcceptable"
-        assert "application/json" in error["message"]
+        assert r.json()["Message"] == error["message"]
+        assert all(m in error["message"] for m in (JSON, JSON_LINES, CSV))
+        return
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].split(";")[0] == media
+    check_probabilities(parsed(media, r.content))
+
+
+def parsed(media: str, body: bytes) -> Any:
+    """The probabilities (a list in class order) or rows (dicts) of an answer in `media`."""
+    if media == JSON:
+        return json.loads(body)
+    if media == JSON_LINES:
+        rows = [json.loads(line) for line in body.decode().splitlines()]
+    else:
+        rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert all(set(row) == {"index", "label", "probability"} for row in rows), rows[:2]
+    if len(rows) < 1000:
+        return [
+            {**r, "index": int(r["index"]), "probability": float(r["probability"])} for r in rows
+        ]
+    assert [int(r["index"]) for r in rows] == list(range(1000))
+    return [float(r["probability"]) for r in rows]
+
+
+def test_custom_attributes(ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes) -> None:
+    settings = Settings(home=ics_home)
+    cases = [
+        # (CustomAttributes, Accept, status)
+        ("top_k=3", JSON, 200),
+        ("trace-id=abc; top_k=2 , threshold=0.99", CSV, 200),
+        ("threshold=0.5,top_k=1", JSON_LINES, 200),
+        ("trace-id=abc", JSON, 200),
+        ("top_k=abc", JSON, 400),
+        ("top_k=0", JSON, 400),
+        ("top_k=1001", JSON, 400),
+        ("threshold=2", JSON, 400),
+        ("threshold=high", JSON, 400),
+    ]
+
+    async def body(client: httpx.AsyncClient) -> list[httpx.Response]:
+        return [
+            await client.post(
+                ENDPOINT,
+                content=coffee_jpeg,
+                headers={"X-Amzn-SageMaker-Custom-Attributes": attributes, "Accept": accept},
+            )
+            for attributes, accept, _ in cases
+        ]
+
+    answers = in_process(settings, runtime, body)
+    for (attributes, _, status), r in zip(cases, answers, strict=True):
+        assert r.status_code == status, (attributes, r.text)
+        if status == 200:  # echoed as sent
+            assert r.headers["X-Amzn-SageMaker-Custom-Attributes"] == attributes
+        else:
+            assert r.headers["x-amzn-ErrorType"] == "ValidationError"
+            assert attributes.split("=")[0] in error_of(r)["message"]
+    top3, top2, top1, everything = (
+        parsed(a, r.content) for (_, a, _), r in zip(cases[:4], answers[:4], strict=True)
+    )
+    assert top3[0]["index"] == ESPRESSO and len(top3) == 3
+    assert top3[0]["label"] == "espresso" and top3[0]["probability"] > 0.9
+    assert [row["index"] for row in top2] == [row["index"] for row in top3[:2]]
+    assert [row["index"] for row in top1] == [ESPRESSO]
+    check_probabilities(everything)
+    # threshold: the decision the request is recorded with (espresso is about 0.96).
+    results = realtime_results(settings)
+    assert [(r.threshold, r.status, len(r.top_k)) for r in results] == [
+        (settings.threshold, ItemStatus.SUCCEEDED, 3),
+        (0.99, ItemStatus.LOW_CONFIDENCE, 2),
+        (0.5, ItemStatus.SUCCEEDED, 1),
+        (settings.threshold, ItemStatus.SUCCEEDED, settings.top_k),
+    ]
 
 
 def test_sigv4_in_process(ics_home: Path, runtime: OnnxRuntime, coffee_jpeg: bytes) -> None:
@@ -353,12 +447,16 @@ def test_the_body_limit_holds_before_a_signature_is_checked(
             await client.post(ENDPOINT, content=chunks(), headers=plausible),
         ]
 
-    statuses = [(r.status_code, error_of(r)["type"]) for r in in_process(settings, runtime, post)]
+    statuses = [
+        (r.status_code, r.headers["x-amzn-ErrorType"], error_of(r)["type"])
+        for r in in_process(settings, runtime, post)
+    ]
     assert statuses == [
-        (413, "RequestTooLarge"),  # by its Content-Length
-        (403, "Forbidden"),  # chunked, but the made-up signature cannot be valid
-        (413, "RequestTooLarge"),
-        (413, "RequestTooLarge"),  # while it streams, before the signature is checked
+        (413, "ValidationError", "RequestTooLarge"),  # by its Content-Length
+        (403, "Forbidden", "Forbidden"),  # chunked, but the made-up signature cannot be valid
+        (413, "ValidationError", "RequestTooLarge"),
+        # while it streams, before the signature is checked
+        (413, "ValidationError", "RequestTooLarge"),
     ]
 
 
@@ -471,6 +569,11 @@ def test_boto3_invoke_endpoint_with_token_and_sigv4(
             with pytest.raises(ClientError) as caught:
                 invoke(client, coffee_jpeg)
             assert status_of(caught.value) == 403
+            # botocore reads the code and the message the server gives.
+            assert caught.value.response["Error"] == {
+                "Code": "Forbidden",
+                "Message": "the AWS SigV4 signature is not valid",
+            }
 
         # Unsigned and unauthenticated: refused; the health check stays open.
         plain = httpx.post(served.url + ENDPOINT, content=coffee_jpeg, timeout=30)
@@ -496,15 +599,244 @@ def test_boto3_invoke_endpoint_without_token(
         client = sagemaker_runtime(served.url, key_id="AKIAANYKEY0000000000", secret="any")
         check_probabilities(invoke(client, coffee_jpeg))
         check_probabilities(invoke(client, encoded(fmt="PNG"), Accept="application/json"))
-        with pytest.raises(ClientError) as caught:
-            invoke(client, coffee_jpeg, Accept="text/csv")
-        assert status_of(caught.value) == 406
-        with pytest.raises(ClientError) as caught:
+        with pytest.raises(client.exceptions.ValidationError) as caught:
+            invoke(client, coffee_jpeg, Accept="application/x-npy")
+        assert status_of(caught.value) == 400
+        with pytest.raises(client.exceptions.ModelError) as caught:
             invoke(client, b"not an image")
-        assert 400 <= status_of(caught.value) < 500
+        assert status_of(caught.value) == 424
         assert httpx.get(served.url + "/ping", timeout=30).status_code == 200
 
     results = realtime_results(Settings(home=ics_home))
     assert [r.uri for r in results] == [ENDPOINT] * 3
     assert [r.label_index for r in results[:2]] == [ESPRESSO, ESPRESSO]
     assert results[2].status is ItemStatus.FAILED
+
+
+# --- SageMaker's wire format, read by botocore's own parsers ----------------------------
+
+
+def sagemaker_model() -> Any:
+    return botocore.session.get_session().get_service_model("sagemaker-runtime")
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "code", "aws_status"),
+    [
+        (400, "NotAcceptable", "ValidationError", 400),
+        (413, "RequestTooLarge", "ValidationError", 413),
+        (408, "RequestTimeout", "ValidationError", 408),
+        (422, "InvalidRequest", "ValidationError", 400),
+        (422, "InvalidImage", "ModelError", 424),
+        (413, "ImageTooLarge", "ModelError", 424),
+        (500, "InferenceError", "ModelError", 424),
+        (504, "Timeout", "ModelError", 424),
+        (503, "QueueFull", "ThrottlingException", 503),
+        (503, "ServerBusy", "ThrottlingException", 503),
+        (503, "ModelUnavailable", "ServiceUnavailable", 503),
+        (503, "DecodeCancelled", "ServiceUnavailable", 503),
+        (503, "ModelNotPrepared", "ModelNotReadyException", 429),
+        (503, "StoreLost", "InternalFailure", 500),
+        (500, "InternalError", "InternalFailure", 500),
+        (403, "Forbidden", "Forbidden", 403),
+    ],
+)
+def test_errors_as_botocore_parses_them(status: int, kind: str, code: str, aws_status: int) -> None:
+    message = f"what went wrong ({kind})"
+    response = error_response(ENDPOINT, status, kind, message, headers={"Retry-After": "1"})
+    model = sagemaker_model()
+    headers = {k.lower(): v for k, v in response.headers.items()}
+    wire: dict[str, Any] = {
+        "status_code": response.status_code,
+        "headers": headers,
+        "body": bytes(response.body),
+    }
+    parser = botocore.parsers.create_parser("rest-json")
+    parsed = parser.parse(wire, model.operation_model("InvokeEndpoint").output_shape)
+    assert response.status_code == aws_status
+    assert parsed["Error"]["Code"] == code
+    assert headers["retry-after"] == "1"
+    error_shape = model.shape_for_error_code(code)
+    if code == "ModelError":
+        assert error_shape is not None
+        fields = parser.parse(wire, error_shape)
+        assert fields["OriginalStatusCode"] == status
+        assert fields["OriginalMessage"] == f"{kind}: {message}"
+        assert parsed["Error"]["Message"] == fields["Message"]
+        side = "client" if status < 500 else "server"
+        assert fields["Message"].startswith(f"Received {side} error ({status}) from model")
+        assert "LogStreamArn" not in fields  # nothing was recorded
+    else:
+        assert parsed["Error"]["Message"] == message
+        # Every code but ICS's own (kept) and throttling is a modeled exception of boto3.
+        modeled = code not in ("Forbidden", "ThrottlingException")
+        assert (error_shape is not None) is modeled, code
+
+
+def test_response_stream_framing_as_botocore_reads_it() -> None:
+    model = sagemaker_model()
+    shape = model.operation_model("InvokeEndpointWithResponseStream").output_shape
+    body_shape = shape.members["Body"]
+    # The parser botocore's rest-json parser gives the EventStream of a streamed body.
+    parser = botocore.parsers.EventStreamJSONParser()
+
+    class Raw:
+        """The raw body botocore's EventStream reads: chunks as they come off the socket."""
+
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        def stream(self) -> Iterator[bytes]:
+            for i in range(0, len(self.data), 1000):  # boundaries that split messages
+                yield self.data[i : i + 1000]
+
+        def close(self) -> None:
+            pass
+
+    def events(data: bytes) -> Any:
+        return EventStream(Raw(data), body_shape, parser, "InvokeEndpointWithResponseStream")
+
+    answer = json.dumps(list(np.linspace(0, 1, 3000))).encode()
+    parts = b"".join(payload_parts(answer, size=4096))
+    got = [event["PayloadPart"]["Bytes"] for event in events(parts)]
+    assert len(got) == -(-len(answer) // 4096) and b"".join(got) == answer
+    assert [e["PayloadPart"]["Bytes"] for e in events(b"".join(payload_parts(b"")))] == [b""]
+
+    for kind, code in (
+        ("ModelStreamError", "ModelInvocationTimeExceeded"),
+        ("InternalStreamFailure", None),
+    ):
+        stream = events(b"".join(payload_parts(b"[1]")) + stream_error(kind, "it broke", code))
+        with pytest.raises(EventStreamError) as caught:
+            for _ in stream:
+                pass
+        assert caught.value.response["Error"] == {"Code": kind, "Message": "it broke"}
+
+    # A flipped bit fails botocore's CRC check.
+    broken = bytearray(b"".join(payload_parts(b"[1]")))
+    broken[-6] ^= 1
+    with pytest.raises(ChecksumMismatch):
+        list(events(bytes(broken)))
+
+
+# --- end to end: every SageMaker error, CustomAttributes, Accept and the response stream --
+
+
+def png_of(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 60, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def streamed(client: Any, body: bytes, **extra: str) -> tuple[Any, list[bytes]]:
+    """The response of invoke_endpoint_with_response_stream and its payload parts."""
+    response = client.invoke_endpoint_with_response_stream(
+        EndpointName="ics", ContentType="application/x-image", Body=body, **extra
+    )
+    return response, [event["PayloadPart"]["Bytes"] for event in response["Body"]]
+
+
+@pytest.mark.slow
+def test_boto3_sees_sagemaker_errors_attributes_formats_and_streams(
+    ics_home: Path, aws_env: None, coffee_jpeg: bytes
+) -> None:
+    env = {
+        **os.environ,
+        # One input at a time with room for one waiting: a burst overflows the queue.
+        "ICS_MAX_QUEUE": "1",
+        "ICS_MAX_BATCH_SIZE": "1",
+        "ICS_INFERENCE_WORKERS": "1",
+        "ICS_INFERENCE_THREADS": "1",
+        "ICS_MAX_PIXELS": "1000000",
+    }
+    with serve_process(env=env) as served:
+        client = boto3.client(
+            "sagemaker-runtime",
+            endpoint_url=served.url,
+            region_name="us-east-1",
+            aws_access_key_id="AKIAANYKEY0000000000",
+            aws_secret_access_key="any",
+            config=botocore.config.Config(
+                retries={"total_max_attempts": 1}, max_pool_connections=32
+            ),
+        )
+        # CustomAttributes: echoed, top_k understood; Accept honoured.
+        response = client.invoke_endpoint(
+            EndpointName="ics",
+            ContentType="application/x-image",
+            Body=coffee_jpeg,
+            Accept=CSV,
+            CustomAttributes="trace=42,top_k=2",
+        )
+        assert response["CustomAttributes"] == "trace=42,top_k=2"
+        assert response["ContentType"] == f"{CSV}; charset=utf-8"
+        top2 = parsed(CSV, response["Body"].read())
+        assert top2[0]["index"] == ESPRESSO and len(top2) == 2
+
+        # ValidationError: the request, whatever the image.
+        with pytest.raises(client.exceptions.ValidationError) as bad_request:
+            invoke(client, coffee_jpeg, CustomAttributes="top_k=many")
+        assert "top_k='many'" in bad_request.value.response["Error"]["Message"]
+        with pytest.raises(client.exceptions.ValidationError) as bad_accept:
+            invoke(client, coffee_jpeg, Accept="image/png")
+        assert bad_accept.value.response["Error"]["Message"].startswith(
+            "cannot answer Accept: image/png"
+        )
+
+        # ModelError: an image the model cannot take, pointing at ICS's record of it.
+        with pytest.raises(client.exceptions.ModelError) as not_an_image:
+            invoke(client, b"not an image")
+        error = not_an_image.value.response
+        assert error["OriginalStatusCode"] == 422
+        assert error["OriginalMessage"].startswith("InvalidImage: ")
+        assert error["Error"]["Message"].startswith("Received client error (422) from model")
+        record = httpx.get(served.url + error["LogStreamArn"], timeout=30).json()["results"]
+        assert [(r["status"], r["error"]["type"]) for r in record] == [("FAILED", "InvalidImage")]
+        with pytest.raises(client.exceptions.ModelError) as too_large:
+            invoke(client, png_of(1100, 1000))
+        assert too_large.value.response["OriginalStatusCode"] == 413
+        assert "max_pixels" in too_large.value.response["OriginalMessage"]
+
+        # The response stream: the answer in payload parts, attributes echoed.
+        response, parts = streamed(client, coffee_jpeg, CustomAttributes="trace=7")
+        assert response["ContentType"] == JSON and response["CustomAttributes"] == "trace=7"
+        assert len(parts) > 1
+        check_probabilities(json.loads(b"".join(parts)))
+        response, parts = streamed(client, coffee_jpeg, Accept=JSON_LINES)
+        assert response["ContentType"] == JSON_LINES
+        check_probabilities(parsed(JSON_LINES, b"".join(parts)))
+        # Errors before the stream starts are the call's own.
+        with pytest.raises(client.exceptions.ModelError):
+            streamed(client, b"not an image")
+        with pytest.raises(client.exceptions.ValidationError):
+            streamed(client, coffee_jpeg, Accept="image/png")
+
+        # ThrottlingException when the queue is full, with Retry-After.
+        throttled = []
+        for _ in range(3):
+            with ThreadPoolExecutor(32) as pool:
+                outcomes = list(pool.map(lambda _: _try(client, coffee_jpeg), range(32)))
+            throttled = [e for e in outcomes if e is not None]
+            if throttled:
+                break
+        assert throttled, "no request of three bursts of 32 was throttled"
+        for e in throttled:
+            assert e.response["Error"]["Code"] == "ThrottlingException", e.response
+            assert e.response["Error"]["Message"].startswith("the server is busy")
+            assert e.response["ResponseMetadata"]["HTTPHeaders"]["retry-after"] == "1"
+
+        # InternalFailure: ICS's own failure (its store is gone).
+        (ics_home / "ics.db").unlink()
+        with pytest.raises(client.exceptions.InternalFailure) as internal:
+            invoke(client, coffee_jpeg)
+        assert (
+            "was deleted while this process used it" in internal.value.response["Error"]["Message"]
+        )
+
+
+def _try(client: Any, body: bytes) -> ClientError | None:
+    try:
+        invoke(client, body)
+    except ClientError as e:
+        return e
+    return None

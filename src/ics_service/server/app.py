@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, sources
@@ -27,6 +27,7 @@ from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
 from .guards import OPEN_PATHS, Authenticate, BodyBudget, BodyDeadline, BodyLimit, RequestLog
 from .metrics import Metrics
+from .sagemaker_wire import speaks_sagemaker
 from .service import RETRY_AFTER_S, Service, plan_serving
 from .sigv4 import verifier_of
 from .v2_wire import ProtocolError
@@ -106,6 +107,23 @@ def create_app(
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> Response:
+        # What no handler above takes is a bug: SageMaker's clients read it as InternalFailure;
+        # elsewhere Starlette's own answer. The traceback is logged either way.
+        path = _path(request)
+        if not speaks_sagemaker(path):
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        return error_response(
+            path,
+            500,
+            "InternalError",
+            (
+                f"an internal failure ({type(e).__name__}: a bug in ICS; its traceback is in the "
+                "server's log, please report it)"
+            ),
+        )
+
     @app.exception_handler(TimeoutError)
     async def timeout(request: Request, _e: TimeoutError) -> JSONResponse:
         return error_response(
@@ -125,9 +143,10 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        # FastAPI's own answer (`{"detail": ...}`) but on /v2, where clients read `error`.
+        # FastAPI's own answer (`{"detail": ...}`) but on /v2, where clients read `error`,
+        # and on SageMaker's routes, where they read `Message`.
         path = _path(request)
-        if not speaks_protocol(path):
+        if not speaks_protocol(path) and not speaks_sagemaker(path):
             return await http_exception_handler(request, e)
         return error_response(path, e.status_code, "HTTPError", str(e.detail), headers=e.headers)
 

@@ -2,7 +2,9 @@
 
 The Open Inference Protocol's errors (/v2) are `{"error": "message"}`: tritonclient reads
 `error` as a string and cannot print an object. Everywhere else (the ICS API, SageMaker)
-they are `{"error": {"type", "message"}}`. The app's exception handlers and the wrappers
+they are `{"error": {"type", "message"}}`; on the SageMaker invocation routes, that and
+SageMaker runtime's own error (the `x-amzn-ErrorType` header, `Message`..., with SageMaker's
+status: see `sagemaker_wire.aws_error`). The app's exception handlers and the wrappers
 (token, body limit) all answer through here.
 """
 
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from .sagemaker_wire import aws_error, speaks_sagemaker
 
 #: Paths of the Open Inference Protocol.
 PROTOCOL_PREFIX = "/v2"
@@ -41,9 +45,15 @@ def error_body(path: str, kind: str, message: str, *, named: bool = False) -> di
     return {"error": {"type": kind, "message": message}}
 
 
-def error_bytes(path: str, kind: str, message: str) -> bytes:
-    """`error_body` encoded, for the wrappers that answer with plain ASGI messages."""
-    return json.dumps(error_body(path, kind, message)).encode()
+def error_answer(
+    path: str, status: int, kind: str, message: str
+) -> tuple[int, bytes, dict[str, str]]:
+    """The status, encoded body and headers of an error, for the wrappers that answer with
+    plain ASGI messages."""
+    if speaks_sagemaker(path):
+        aws = aws_error(status, kind, message)
+        return aws.status, json.dumps(aws.body).encode(), aws.headers()
+    return status, json.dumps(error_body(path, kind, message)).encode(), {}
 
 
 def error_response(
@@ -55,6 +65,9 @@ def error_response(
     named: bool = False,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
+    if speaks_sagemaker(path):
+        aws = aws_error(status, kind, message)
+        return JSONResponse(aws.body, status_code=aws.status, headers=aws.headers(headers))
     return JSONResponse(
         error_body(path, kind, message, named=named),
         status_code=status,

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
-from .errors import error_bytes, request_path
+from .errors import error_answer, request_path
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -60,11 +60,11 @@ async def send_error(
 ) -> None:
     """An error answer in the path's protocol shape. `unread`: the body was not read, and the
     connection is closed after the answer unless what is left of it is small."""
-    body = error_bytes(request_path(scope), kind, message)
+    status, body, own = error_answer(request_path(scope), status, kind, message)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if unread and _large_body(scope):
         raw.append((b"connection", b"close"))
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    raw += [(k.lower().encode(), v.encode()) for k, v in {**headers, **own}.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 
@@ -165,7 +165,8 @@ class Authenticate:
         if self.token is None:
             message = (
                 "this server accepts only AWS SigV4-signed SageMaker invocations (POST "
-                "/invocations or /endpoints/NAME/invocations) by its configured access key"
+                "/invocations or /endpoints/NAME/invocations[-response-stream]) by its "
+                "configured access key"
             )
             challenge = "AWS4-HMAC-SHA256"
         else:

@@ -1,21 +1,26 @@
 """The SageMaker container contract (`GET /ping`, `POST /invocations`) and the SageMaker
-runtime API path `POST /endpoints/{name}/invocations`, which boto3's
-`sagemaker-runtime.invoke_endpoint(EndpointName=name, ...)` posts to when given an
-`endpoint_url`. Any endpoint name is this server's one model.
+runtime API paths `POST /endpoints/{name}/invocations` and
+`POST /endpoints/{name}/invocations-response-stream`, which boto3's `sagemaker-runtime`
+`invoke_endpoint` and `invoke_endpoint_with_response_stream` (EndpointName=name) post to when
+given an `endpoint_url`. Any endpoint name is this server's one model.
 
 - `/ping`: 200 `{"status": "ready", "model": NAME}` once the model is loaded (503 before).
   Open without a token, as SageMaker's health check sends none.
 - Invocations: the body is one encoded image, whatever image content type the client claims
   (image/*, application/x-image, application/octet-stream, or none): the decoder goes by the
-  bytes, not the label. The answer is the model's whole softmax, a JSON array of floats (1000
-  for ImageNet), in the model's class order, as the original ClassifyImage Lambda reads it.
-- `Accept`: absent, `*/*`, `application/*` or `application/json` (q > 0) gets the JSON
-  array; anything else is refused with 406 before the image is classified, as SageMaker has
-  only the one answer format here.
-- Every invocation is classified like `POST /v1/classify` (the default threshold and top k)
-  and recorded in the store as an item of the day's real-time execution (when
-  `record_realtime` is on), with the request path as its uri; an image that cannot be read is
-  recorded FAILED and answered 4xx with `{"error": {"type", "message"}}`.
+  bytes, not the label. The answer is the model's whole softmax in the model's class order:
+  by default a JSON array of floats (1000 for ImageNet), as the original ClassifyImage
+  Lambda reads it; `Accept` may ask for application/jsonlines or text/csv instead (see
+  `sagemaker_wire.render`), and a `CustomAttributes` of `top_k=N` for the N most probable
+  classes only, `threshold=X` for the decision's threshold. CustomAttributes come back as
+  sent.
+- The response stream answers the same, as PayloadPart events of an AWS event stream.
+- Every invocation is classified like `POST /v1/classify` and recorded in the store as an
+  item of the day's real-time execution (when `record_realtime` is on), with the request
+  path as its uri.
+- Errors are SageMaker runtime's (`sagemaker_wire.aws_error`): boto3 raises them as
+  `client.exceptions.ModelError`, `ValidationError`... with ICS's message; an image that
+  cannot be read is recorded FAILED and answered ModelError (424).
 - With an API token configured, invocations take `Authorization: Bearer TOKEN` or, when
   sigv4_access_key_id / sigv4_secret_access_key are set, a valid AWS SigV4 signature by
   that key (see `sigv4`).
@@ -23,21 +28,17 @@ runtime API path `POST /endpoints/{name}/invocations`, which boto3's
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import UsageError
+from . import sagemaker_wire as wire
 from .service import Service
 from .v1 import readyz
 
 router = APIRouter()
-
-#: Media ranges whose answer is the JSON array of probabilities.
-JSON_RANGES = frozenset({"*/*", "application/*", "application/json"})
 
 _OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -51,17 +52,19 @@ _OPENAPI: dict[str, Any] = {
     "responses": {
         "200": {
             "content": {
-                "application/json": {"schema": {"type": "array", "items": {"type": "number"}}}
+                "application/json": {"schema": {"type": "array", "items": {"type": "number"}}},
+                "application/jsonlines": {},
+                "text/csv": {},
             }
         },
-        "406": {"description": "`Accept` excludes application/json"},
-        "4XX": {"description": '`{"error": {"type", "message"}}`'},
+        "400": {"description": "ValidationError: a bad Accept or CustomAttributes"},
+        "424": {"description": "ModelError: the model could not take the image"},
+        "4XX": {
+            "description": "SageMaker's error (x-amzn-ErrorType; `Message`...), with ICS's "
+            '`{"error": {"type", "message"}}`'
+        },
     },
 }
-
-
-class NotAcceptable(UsageError):
-    http_status = 406
 
 
 @router.get(
@@ -84,44 +87,57 @@ def _invocation(path: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 @_invocation("/invocations")
 async def invocations(request: Request) -> Response:
-    return await _invoke(request)
+    return await _invoke(request, request.headers.get("accept"))
 
 
 @_invocation("/endpoints/{name}/invocations")
 async def endpoint_invocations(request: Request, name: str) -> Response:
-    return await _invoke(request)
+    return await _invoke(request, request.headers.get("accept"))
 
 
-async def _invoke(request: Request) -> Response:
-    service: Service = request.app.state.service
-    _check_accept(request.headers.get("accept"))
-    data = await request.body()
-    uri = request.url.path
-    outcome = await service.bounded(service.classify(data, uri, service.options()))
-    probs = outcome.raise_error()
-    return Response(json.dumps(probs.tolist()), media_type="application/json")
-
-
-def _check_accept(accept: str | None) -> None:
-    """Refuse (406) an Accept header that admits no JSON answer."""
-    if accept is None or not accept.strip():
-        return
-    for media_range in accept.split(","):
-        kind, *params = (p.strip() for p in media_range.split(";"))
-        if kind.lower() in JSON_RANGES and _quality(params) > 0:
-            return
-    raise NotAcceptable(
-        f"cannot answer Accept: {accept}: the answer is application/json "
-        "(a JSON array of class probabilities)"
+@router.post(
+    "/endpoints/{name}/invocations-response-stream",
+    summary="Class probabilities of one image (raw body), as an AWS event stream of "
+    "PayloadPart events (InvokeEndpointWithResponseStream)",
+    response_description="application/vnd.amazon.eventstream",
+    openapi_extra={**_OPENAPI, "responses": {"200": {"content": {wire.EVENT_STREAM: {}}}}},
+)
+async def endpoint_invocations_stream(request: Request, name: str) -> Response:
+    answer = await _invoke(request, request.headers.get(wire.STREAM_ACCEPT))
+    if answer.status_code != 200:  # an error before the stream starts: the call's own
+        return answer
+    headers = {wire.STREAM_CONTENT_TYPE: answer.media_type or wire.JSON}
+    if wire.CUSTOM_ATTRIBUTES in answer.headers:
+        headers[wire.CUSTOM_ATTRIBUTES] = answer.headers[wire.CUSTOM_ATTRIBUTES]
+    return StreamingResponse(
+        _parts(bytes(answer.body)), media_type=wire.EVENT_STREAM, headers=headers
     )
 
 
-def _quality(params: list[str]) -> float:
-    for param in params:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "q":
-            try:
-                return float(value)
-            except ValueError:
-                return 0.0
-    return 1.0
+async def _parts(answer: bytes) -> AsyncIterator[bytes]:
+    """The answer's PayloadPart events. The image is classified before the stream starts,
+    so that its errors are the call's own (ModelError...), as SageMaker answers a container
+    that fails before it streams: nothing is left to fail once the stream has started."""
+    for part in wire.payload_parts(answer):
+        yield part
+
+
+async def _invoke(request: Request, accept: str | None) -> Response:
+    service: Service = request.app.state.service
+    media = wire.negotiate(accept)
+    raw = request.headers.get(wire.CUSTOM_ATTRIBUTES)
+    labels = service.runtime.card.labels
+    attributes = wire.custom_attributes(raw, len(labels))
+    data = await request.body()
+    uri = request.url.path
+    options = service.options(attributes.threshold, attributes.top_k)
+    outcome = await service.bounded(service.classify(data, uri, options))
+    headers = {} if raw is None else {wire.CUSTOM_ATTRIBUTES: raw}
+    if outcome.error is not None:
+        e = outcome.error
+        aws = wire.aws_error(e.http_status, e.type, str(e), record=wire.record_of(outcome.result))
+        return JSONResponse(aws.body, status_code=aws.status, headers=aws.headers(headers))
+    assert outcome.probs is not None
+    top = None if attributes.top_k is None else outcome.result.top_k
+    answer = wire.render(media, outcome.probs, top, labels)
+    return Response(answer, media_type=media, headers=headers)
