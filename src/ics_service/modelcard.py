@@ -83,6 +83,17 @@ class ModelCard:
     #: Where the model came from: the file or class it was added from, the content hash
     #: (sha256 of model.onnx), when; an endpoint or URL for remote kinds.
     source: dict[str, Any] = field(default_factory=dict)
+    #: Encode the squashed image as a JPEG of this quality and decode it again before the
+    #: crop, as some models' reference pipelines did (resize_mode "squash" only; None: no
+    #: round trip). The image is then resized whole, round-tripped and cropped, step by step.
+    jpeg_quality: int | None = None
+    #: Decode JPEGs at a reduced DCT scale while the resize size stays covered (faster; the
+    #: pixels differ slightly from a full decode). False decodes every pixel, as the
+    #: reference pipeline of a model fitted on full decodes does.
+    reduced_decode: bool = True
+    #: A multi-label card's (outputs "sigmoid") thresholds of single labels: label ->
+    #: threshold. A label not named here is decided against the run's threshold.
+    label_thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_card(self)
@@ -108,6 +119,24 @@ class ModelCard:
             return read_labels(self.labels_path)
         return _load_labels(self.labels_file)
 
+    @property
+    def multi_label(self) -> bool:
+        return self.outputs == "sigmoid"
+
+    def decision_thresholds(self, threshold: float) -> tuple[float, ...] | None:
+        """Each label's threshold for a multi-label card (its own, else `threshold`); None for
+        a single-label card, whose top label alone is compared to `threshold`."""
+        if not self.multi_label:
+            return None
+        labels = self.labels
+        unknown = sorted(set(self.label_thresholds) - set(labels))
+        if unknown:
+            raise ConfigError(
+                f"model {self.name}: label_thresholds names {', '.join(map(repr, unknown))}, "
+                "which is not one of its labels; use the names of its labels file"
+            )
+        return tuple(self.label_thresholds.get(label, threshold) for label in labels)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -127,6 +156,9 @@ class ModelCard:
             "num_classes": len(self.labels),
             "outputs": self.outputs,
             "threshold": self.threshold,
+            "jpeg_quality": self.jpeg_quality,
+            "reduced_decode": self.reduced_decode,
+            "label_thresholds": dict(self.label_thresholds),
             "source": dict(self.source),
         }
 
@@ -247,6 +279,28 @@ def check_card(card: ModelCard) -> None:
     choice("interpolation", card.interpolation, INTERPOLATIONS)
     choice("channels", card.channels, CHANNELS)
     choice("resize_mode", card.resize_mode, RESIZE_MODES)
+    if card.jpeg_quality is not None:
+        if isinstance(card.jpeg_quality, bool) or not isinstance(card.jpeg_quality, int):
+            problems.append(f"jpeg_quality must be a whole number, not {card.jpeg_quality!r}")
+        elif not 1 <= card.jpeg_quality <= 100:
+            problems.append(f"jpeg_quality must be 1 to 100, not {card.jpeg_quality}")
+        if card.resize_mode != "squash":
+            problems.append(
+                "jpeg_quality needs resize_mode = 'squash' (the round trip comes between the "
+                "resize and the crop)"
+            )
+    if not isinstance(card.reduced_decode, bool):
+        problems.append(f"reduced_decode must be true or false, not {card.reduced_decode!r}")
+    if not isinstance(card.label_thresholds, dict):
+        problems.append("label_thresholds must be a table of label = threshold")
+    else:
+        if card.label_thresholds and card.outputs != "sigmoid":
+            problems.append(
+                "label_thresholds are for a multi-label model (outputs = 'sigmoid'); a "
+                "single-label model's top label is compared to its threshold"
+            )
+        for label, value in card.label_thresholds.items():
+            number(f"label_thresholds.{label}", value, 0.0, 1.0)
     if not isinstance(card.source, dict) or not isinstance(card.build, dict):
         problems.append("source and build must be tables")
     if problems:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import RetryPolicy
 from .errors import IcsError
-from .types import ItemStatus, Prediction
+from .types import ItemStatus, LabelScore, Prediction
 
 T = TypeVar("T")
 
@@ -116,12 +116,27 @@ class Decision:
     index: int
     confidence: float
     top_k: list[Prediction]
+    #: A multi-label decision's labels at or over their thresholds; None for single-label.
+    over: list[LabelScore] | None = None
 
 
 def decide(
-    probs: np.ndarray, *, threshold: float, top_k: int, labels: tuple[str, ...]
+    probs: np.ndarray,
+    *,
+    threshold: float,
+    top_k: int,
+    labels: tuple[str, ...],
+    label_thresholds: Sequence[float] | None = None,
 ) -> list[Decision]:
-    """One decision per row of probs (N, C): SUCCEEDED when the top confidence >= threshold."""
+    """One decision per row of probs (N, C).
+
+    Single-label (`label_thresholds` None): SUCCEEDED when the top confidence >= threshold.
+    Multi-label (one threshold per label; `threshold` is then unused): every label at or
+    over its own threshold is kept; SUCCEEDED when there is one, its label the most
+    confident of them; LOW_CONFIDENCE when none reached its threshold, its label the top one.
+    """
+    if label_thresholds is not None:
+        return _decide_multi(probs, top_k=top_k, labels=labels, thresholds=label_thresholds)
     n, c = probs.shape
     k = min(top_k, c)
     if k < c:
@@ -137,4 +152,28 @@ def decide(
         # reported confidence counts as reached.
         status = ItemStatus.SUCCEEDED if best.confidence >= threshold else ItemStatus.LOW_CONFIDENCE
         out.append(Decision(status, best.label, best.index, best.confidence, preds))
+    return out
+
+
+def _decide_multi(
+    probs: np.ndarray, *, top_k: int, labels: tuple[str, ...], thresholds: Sequence[float]
+) -> list[Decision]:
+    limits = np.asarray(thresholds, dtype=np.float64)
+    out = []
+    for d, row in zip(decide(probs, threshold=0.0, top_k=top_k, labels=labels), probs, strict=True):
+        # float64 on the float32 values reported, as for one label.
+        reached = np.flatnonzero(row.astype(np.float64) >= limits)
+        order = reached[np.argsort(-row[reached], kind="stable")]
+        over = [LabelScore(labels[i], int(i), float(row[i]), float(limits[i])) for i in order]
+        if over:
+            best = over[0]
+            out.append(
+                Decision(
+                    ItemStatus.SUCCEEDED, best.label, best.index, best.confidence, d.top_k, over
+                )
+            )
+        else:
+            out.append(
+                Decision(ItemStatus.LOW_CONFIDENCE, d.label, d.index, d.confidence, d.top_k, [])
+            )
     return out

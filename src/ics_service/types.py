@@ -78,6 +78,16 @@ class Prediction:
 
 
 @dataclass(frozen=True, slots=True)
+class LabelScore:
+    """A label of a multi-label model that reached its own threshold."""
+
+    label: str
+    index: int
+    confidence: float
+    threshold: float
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRef:
     name: str
     version: str
@@ -115,6 +125,10 @@ class ItemResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: The item's manifest fields besides its URI (None when it was not from a manifest).
     metadata: dict[str, Any] | None = None
+    #: A multi-label model's every label at or over its own threshold, most confident
+    #: first (empty: none reached its threshold); None for a single-label model and for a
+    #: FAILED item.
+    labels: list[LabelScore] | None = None
     #: For data capture only (never serialised): set when capture is on and the item sampled.
     captured: Captured | None = field(default=None, repr=False, compare=False)
 
@@ -137,6 +151,7 @@ class ItemResult:
             "finished_at": isoformat(self.finished_at),
             "timings_ms": self.timings_ms,
             "metadata": self.metadata,
+            "labels": None if self.labels is None else [asdict(x) for x in self.labels],
         }
 
     @classmethod
@@ -159,6 +174,7 @@ class ItemResult:
             finished_at=dt.datetime.fromisoformat(d["finished_at"]),
             timings_ms=d.get("timings_ms") or {},
             metadata=d.get("metadata"),
+            labels=None if d.get("labels") is None else [LabelScore(**x) for x in d["labels"]],
         )
 
 

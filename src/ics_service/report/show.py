@@ -41,7 +41,11 @@ def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     runtime = load_runtime(card, settings.models_dir, threads=threads)
     probs = runtime.predict(tensor[None])
     (decision,) = decide(
-        probs, threshold=settings.threshold, top_k=settings.top_k, labels=card.labels
+        probs,
+        threshold=settings.threshold,
+        top_k=settings.top_k,
+        labels=card.labels,
+        label_thresholds=card.decision_thresholds(settings.threshold),
     )
     return Shown(decision, info.width, info.height, info.format), data
 

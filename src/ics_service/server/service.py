@@ -210,11 +210,13 @@ class Service:
             await self.record(failed)
             return Outcome(failed, None, e)
         t2 = time.perf_counter()
+        card = self.runtime.card
         (d,) = decide(
             probs[None, :],
             threshold=options.threshold,
             top_k=options.top_k,
-            labels=self.runtime.card.labels,
+            labels=card.labels,
+            label_thresholds=card.decision_thresholds(options.threshold),
         )
         result = self._result(
             uri,
