@@ -159,6 +159,22 @@ def _fraction(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(f"{value!r}: give a number such as 0.00392 or 1/255") from None
 
 
+def _label_thresholds(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> dict[str, float] | None:
+    out: dict[str, float] = {}
+    for item in value:
+        label, sep, number = item.rpartition("=")
+        try:
+            threshold = float(number)
+        except ValueError:
+            threshold = -1.0
+        if not sep or not label.strip() or not 0.0 <= threshold <= 1.0:
+            raise click.BadParameter(f"{item!r}: give LABEL=THRESHOLD, a threshold 0 to 1")
+        out[label.strip()] = threshold
+    return out or None
+
+
 def _number(text: str) -> float:
     if "/" in text:
         num, den = text.split("/", 1)
@@ -226,8 +242,19 @@ def _number(text: str) -> float:
 @click.option("--channels", type=click.Choice(["RGB", "BGR"]), help="Channel order (default RGB).")
 @click.option(
     "--outputs",
-    type=click.Choice(["logits", "probabilities"]),
-    help="What the model outputs: logits (softmax is applied; the default) or probabilities.",
+    type=click.Choice(["logits", "probabilities", "sigmoid"]),
+    help="What the model outputs: logits (softmax is applied; the default), probabilities, or "
+    "sigmoid: independent per-label probabilities of a multi-label model (each label decided "
+    "against its own threshold).",
+)
+@click.option(
+    "--label-threshold",
+    "label_thresholds",
+    multiple=True,
+    callback=_label_thresholds,
+    metavar="LABEL=THRESHOLD",
+    help="A multi-label model's threshold for one label (repeatable); the others use the "
+    "model's threshold.",
 )
 @click.option(
     "--threshold",
@@ -271,6 +298,7 @@ def models_add(
         "layout": kwargs.pop("layout"),
         "channels": kwargs.pop("channels"),
         "outputs": kwargs.pop("outputs"),
+        "label_thresholds": kwargs.pop("label_thresholds"),
         "threshold": kwargs.pop("card_threshold"),
         "description": kwargs.pop("description"),
         "version": kwargs.pop("model_version"),

@@ -41,6 +41,8 @@ PREPROCESSING = (
     "scale",
     "layout",
     "channels",
+    "jpeg_quality",
+    "reduced_decode",
     "outputs",
 )
 #: How far from 1 a row of probabilities may sum (float32 softmax, and rounding in models).
@@ -281,6 +283,7 @@ def check_onnx(draft: Draft, labels: tuple[str, ...]) -> tuple[ModelCard, list[s
         )
     except (ConfigError, TypeError) as e:
         raise ModelRejected(str(e)) from None
+    card.decision_thresholds(0.5)  # a label threshold for a label it has not is refused
     _check_inference(card, session, inp.name, out.name, path, draft.labels, len(labels))
     return card, notes
 
