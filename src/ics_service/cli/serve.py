@@ -49,7 +49,8 @@ def serve(**kwargs: Any) -> None:
       POST /v1/executions               a batch execution; GET /v1/executions[/ID[/results
                                         |/history]], POST /v1/executions/ID/cancel
       GET  /ping, POST /invocations     the SageMaker container contract, and
-      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3)
+      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3), and its
+           [-response-stream]           response stream
       /v2/...                           the Open Inference Protocol (tritonclient)
       GET  /healthz, /readyz            liveness and readiness
       GET  /metrics                     Prometheus metrics
