@@ -865,13 +865,13 @@ def _soak_cpu(k: dict[str, Any]) -> list[str]:
         return []  # a run from before the soak recorded its CPU
     lines = [
         "",
-        "CPU seconds over the ordinary clients' window (server: its process tree; "
-        "others: what none of the soak's processes used, kernel work charged to none "
-        "included):",
+        "CPU seconds over the ordinary clients' window (server: its process tree; others: "
+        "what none of the soak's processes got: other processes, kernel work charged to "
+        "none, and the hypervisor's steal, shown apart too):",
         "",
         "| phase | wall s | server s | server ms/request | ordinary clients s "
-        "| hostile clients s | others s | cores busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| hostile clients s | others s | steal s | cores busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("calm", "hostile"):
         c = k[name]["cpu"]
@@ -879,7 +879,7 @@ def _soak_cpu(k: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {label} | {_fmt(c['wall_s'])} | {_fmt(c['server_s'])} "
             f"| {_fmt(c['server_ms_per_request'])} | {_fmt(c['clients_s'])} "
-            f"| {_fmt(c['hostile_s'])} | {_fmt(c['others_s'])} "
+            f"| {_fmt(c['hostile_s'])} | {_fmt(c['others_s'])} | {_fmt(c.get('steal_s'))} "
             f"| {_fmt(c['machine_cores_used'], 2)} of {c['cores']} |"
         )
     rate, ratio = k.get("rate_ratio"), bound.get("rate_ratio")
@@ -893,12 +893,16 @@ def _soak_cpu(k: dict[str, Any]) -> list[str]:
         "",
         f"The bound: alone, server and ordinary clients used {_fmt(bound['alone_cores_used'], 2)}"
         f" cores (the machine was busy {_fmt(bound['alone_machine_share'] * 100, 1)} % of "
-        f"its cores' time: {cpu_bound}); beside them the hostile generator used "
-        f"{_fmt(bound['hostile_generator_cores'], 2)} cores. Were every ordinary request to "
-        "cost what it cost alone, and the server to spend nothing on hostile connections, "
-        f"the ordinary clients could reach {_fmt(ratio, 3)} × their rate alone.{measured} "
-        f"The server's own extra CPU for the hostile connections: "
-        f"{_fmt(bound['server_extra_s'])} s ({_fmt(bound['server_extra_cores'], 3)} cores, "
+        f"its cores' time: {cpu_bound}). Beside the hostile clients, their generator used "
+        f"{_fmt(bound['hostile_generator_cores'], 2)} cores and other work "
+        f"{_fmt(bound['others_hostile_cores'], 2)}, leaving "
+        f"{_fmt(bound.get('left_hostile_cores'), 2)} to server and clients. Were every "
+        "ordinary request to cost what it cost alone, and the server to spend nothing on "
+        "hostile connections, the ordinary clients could reach "
+        f"{_fmt(ratio, 3)} × their rate alone ({_fmt(bound.get('idle_machine_rate_ratio'), 3)}"
+        f" × on a machine with no other work).{measured} The server's own extra CPU for the "
+        f"hostile connections: {_fmt(bound['server_extra_s'])} s "
+        f"({_fmt(bound['server_extra_cores'], 3)} cores, "
         f"{_fmt(bound['server_extra_ms_per_hostile_attempt'], 2)} ms per hostile attempt, "
         f"about {bound['hostile_attempts_in_window']:,} in the window).",
     ]

@@ -21,10 +21,10 @@ Every process of the soak shares the same cores, so each phase also records wher
 went over the ordinary clients' window (`cpu`): the server's (its process tree), the
 ordinary clients' (this process), the hostile clients' (their process) and the whole
 machine's (/proc/stat). From these, `bound`: the rate ratio the ordinary clients could
-reach beside the hostile ones if the server spent nothing on hostile connections (the
-cores the hostile generator leaves, over the cores server and clients used alone, at most
-1), and the server's own extra CPU for the hostile connections (its CPU beside them less
-what the same ordinary requests cost it alone).
+reach beside the hostile ones if the server spent nothing on hostile connections (the CPU
+the hostile generator and other work leave to server and clients, over the CPU they used
+alone, at most 1), and the server's own extra CPU for the hostile connections (its CPU
+beside them less what the same ordinary requests cost it alone).
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ def server_cpu_s(pid: int) -> float:
     return tree_cpu_s(pid) + reaped
 
 
-def machine_busy_s() -> float:
-    """CPU seconds all cores spent on anything but idle and iowait since boot (/proc/stat)."""
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds all cores spent on anything but idle and iowait since boot, and of those
+    the hypervisor's steal (/proc/stat)."""
     with open("/proc/stat", "rb") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal [guest guest_nice: within user/nice]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICKS
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICKS, ticks[7] / _TICKS
 
 
 class CpuClock:
@@ -98,12 +99,14 @@ class CpuClock:
         self.hostile = hostile
 
     def _now(self) -> dict[str, float]:
+        busy, steal = machine_cpu_s()
         return {
             "wall_s": time.perf_counter(),
             "server_s": server_cpu_s(self.server),
             "clients_s": own_cpu_s(os.getpid()),
             "hostile_s": own_cpu_s(self.hostile) if self.hostile else 0.0,
-            "machine_busy_s": machine_busy_s(),
+            "machine_busy_s": busy,
+            "steal_s": steal,
         }
 
     def start(self) -> None:
@@ -112,7 +115,8 @@ class CpuClock:
     def stop(self) -> dict[str, Any]:
         end = self._now()
         out: dict[str, Any] = {k: round(end[k] - self.started[k], 3) for k in end}
-        # What no process of the soak used: other processes, and kernel work charged to none.
+        # What no process of the soak got: other processes, kernel work charged to none, and
+        # the hypervisor's steal.
         out["others_s"] = round(
             out["machine_busy_s"] - out["server_s"] - out["clients_s"] - out["hostile_s"], 3
         )
@@ -312,18 +316,19 @@ def cpu_bound(calm: dict[str, Any], hostile: dict[str, Any]) -> dict[str, Any]:
 
     If each ordinary request cost the server and the clients the CPU it cost them alone,
     and the server spent nothing on hostile connections, the ordinary rate beside the
-    hostile clients would be, relative to alone, the cores left once the hostile generator
-    (and the others' use seen alone) are taken, over the cores server and clients used
-    alone; at most 1, as alone they may have left some idle. The server's extra CPU is what
-    it used beside the hostile clients less what the same number of ordinary requests cost
-    it alone.
+    hostile clients would be, relative to alone, the CPU left to server and clients beside
+    them (the cores less the hostile generator's and what other work took in that phase)
+    over the CPU they used alone; at most 1, as alone they may have left some idle.
+    `idle_machine_rate_ratio` is the same with no other work in either phase: the share of
+    the cores the hostile generator leaves. The server's extra CPU is what it used beside
+    the hostile clients less what the same number of ordinary requests cost it alone.
     """
     a, h = calm["cpu"], hostile["cpu"]
     cores = a["cores"]
     alone_used = (a["server_s"] + a["clients_s"]) / a["wall_s"]
-    others_alone = max(0.0, a["others_s"] / a["wall_s"])
     hostile_cores = h["hostile_s"] / h["wall_s"]
-    left = cores - hostile_cores - others_alone
+    others_hostile = max(0.0, h["others_s"] / h["wall_s"])
+    left = cores - hostile_cores - others_hostile
     ratio = min(1.0, left / alone_used) if alone_used > 0 else None
     server_ms = a["server_s"] / calm["ok"] if calm["ok"] else None
     extra_s = h["server_s"] - hostile["ok"] * server_ms if server_ms is not None else None
@@ -341,11 +346,13 @@ def cpu_bound(calm: dict[str, Any], hostile: dict[str, Any]) -> dict[str, Any]:
         "alone_cores_used": round(alone_used, 4),
         "alone_machine_share": round(a["machine_busy_s"] / (cores * a["wall_s"]), 4),
         "alone_cpu_bound": a["machine_busy_s"] >= CPU_BOUND_SHARE * cores * a["wall_s"],
-        "others_alone_cores": round(others_alone, 4),
-        "others_hostile_cores": round(h["others_s"] / h["wall_s"], 4),
+        "others_alone_cores": round(a["others_s"] / a["wall_s"], 4),
+        "others_hostile_cores": round(others_hostile, 4),
         "hostile_generator_cores": round(hostile_cores, 4),
         "hostile_generator_share": round(hostile_cores / cores, 4),
+        "left_hostile_cores": round(left, 4),
         "rate_ratio": round(ratio, 4) if ratio is not None else None,
+        "idle_machine_rate_ratio": round(1 - hostile_cores / cores, 4),
         "server_extra_s": round(extra_s, 3) if extra_s is not None else None,
         "server_extra_cores": round(extra_s / h["wall_s"], 4) if extra_s is not None else None,
         "hostile_attempts_in_window": round(attempts),
