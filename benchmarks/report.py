@@ -869,15 +869,16 @@ def _soak_cpu(k: dict[str, Any]) -> list[str]:
         "what none of the soak's processes got: other processes, kernel work charged to "
         "none, and the hypervisor's steal, shown apart too):",
         "",
-        "| phase | wall s | server s | server ms/request | ordinary clients s "
-        "| hostile clients s | others s | steal s | cores busy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| phase | wall s | server s | of which its event loop s | server ms/request "
+        "| ordinary clients s | hostile clients s | others s | steal s | cores busy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in ("calm", "hostile"):
         c = k[name]["cpu"]
         label = "alone" if name == "calm" else f"beside {k['hostile_clients']} hostile"
         lines.append(
             f"| {label} | {_fmt(c['wall_s'])} | {_fmt(c['server_s'])} "
+            f"| {_fmt(c.get('server_loop_s'))} "
             f"| {_fmt(c['server_ms_per_request'])} | {_fmt(c['clients_s'])} "
             f"| {_fmt(c['hostile_s'])} | {_fmt(c['others_s'])} | {_fmt(c.get('steal_s'))} "
             f"| {_fmt(c['machine_cores_used'], 2)} of {c['cores']} |"
@@ -902,7 +903,8 @@ def _soak_cpu(k: dict[str, Any]) -> list[str]:
         f"{_fmt(ratio, 3)} × their rate alone ({_fmt(bound.get('idle_machine_rate_ratio'), 3)}"
         f" × on a machine with no other work).{measured} The server's own extra CPU for the "
         f"hostile connections: {_fmt(bound['server_extra_s'])} s "
-        f"({_fmt(bound['server_extra_cores'], 3)} cores, "
+        f"({_fmt(bound.get('server_loop_extra_s'))} s of it on its event loop's thread; "
+        f"{_fmt(bound['server_extra_cores'], 3)} cores, "
         f"{_fmt(bound['server_extra_ms_per_hostile_attempt'], 2)} ms per hostile attempt, "
         f"about {bound['hostile_attempts_in_window']:,} in the window).",
     ]

@@ -74,6 +74,17 @@ def own_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS if fields else 0.0
 
 
+def loop_cpu_s(pid: int) -> float:
+    """CPU seconds of a process's main thread: the server's event loop, where every
+    connection is accepted, parsed and answered (inference and decoding run on others)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def server_cpu_s(pid: int) -> float:
     """CPU seconds of the server: its live process tree, plus the children it has reaped."""
     fields = _stat(pid)
@@ -103,6 +114,7 @@ class CpuClock:
         return {
             "wall_s": time.perf_counter(),
             "server_s": server_cpu_s(self.server),
+            "server_loop_s": loop_cpu_s(self.server),
             "clients_s": own_cpu_s(os.getpid()),
             "hostile_s": own_cpu_s(self.hostile) if self.hostile else 0.0,
             "machine_busy_s": busy,
@@ -332,6 +344,12 @@ def cpu_bound(calm: dict[str, Any], hostile: dict[str, Any]) -> dict[str, Any]:
     ratio = min(1.0, left / alone_used) if alone_used > 0 else None
     server_ms = a["server_s"] / calm["ok"] if calm["ok"] else None
     extra_s = h["server_s"] - hostile["ok"] * server_ms if server_ms is not None else None
+    # Of which on the event loop's thread (connections) and on the others (the model's).
+    loop_extra_s = (
+        h.get("server_loop_s", 0.0) - hostile["ok"] * a.get("server_loop_s", 0.0) / calm["ok"]
+        if calm["ok"]
+        else None
+    )
     generator = hostile.get("hostile") or {}
     # The hostile clients' attempts within the window, at their average rate.
     attempts = sum(k["attempts"] for k in (generator.get("kinds") or {}).values()) * (
@@ -355,6 +373,7 @@ def cpu_bound(calm: dict[str, Any], hostile: dict[str, Any]) -> dict[str, Any]:
         "idle_machine_rate_ratio": round(1 - hostile_cores / cores, 4),
         "server_extra_s": round(extra_s, 3) if extra_s is not None else None,
         "server_extra_cores": round(extra_s / h["wall_s"], 4) if extra_s is not None else None,
+        "server_loop_extra_s": round(loop_extra_s, 3) if loop_extra_s is not None else None,
         "hostile_attempts_in_window": round(attempts),
         "server_extra_ms_per_hostile_attempt": (
             round(extra_s * 1e3 / attempts, 3) if extra_s is not None and attempts else None
