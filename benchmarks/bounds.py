@@ -148,16 +148,29 @@ def agreement(
 def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[str, Any]:
     """Agreement on photos from another source than the calibration photos (the corpus is
     derived from them too): each held-out photo once, and `variations` variations, with
-    FP32's agreement with itself under ±0.5 grey level of noise on those; a skip with the
-    reason when their Debian package is not installed."""
+    FP32's agreement with itself under ±0.5 grey level of noise on those; top-1 classes
+    and the workflow's decisions at the default threshold; a skip with the reason when
+    their Debian package is not installed."""
     from ics_service.errors import ModelNotPrepared
     from ics_service.models.agreement import heldout_agreement as measure
-    from ics_service.models.heldout import PACKAGE, package_version
+    from ics_service.models.heldout import PACKAGE, STAMPS_DIR, heldout_paths, package_version
 
     try:
-        once, varied, floor = measure(reference, candidate, variations=variations)
+        paths = heldout_paths()
+        once, varied, floor = measure(reference, candidate, variations=variations, paths=paths)
     except ModelNotPrepared as e:
         return {"skipped": str(e)}
+    labels = reference.card.labels
+
+    def flip(f: Any) -> dict[str, Any]:
+        return {
+            "photo": paths[f.index].relative_to(STAMPS_DIR).as_posix(),
+            "fp32": {"label": labels[f.reference_label], "p": f.reference_p},
+            "int8": {"label": labels[f.candidate_label], "p": f.candidate_p},
+            "decision_differs": f.decision_differs(once.threshold),
+            "top1_differs": f.reference_label != f.candidate_label,
+        }
+
     return {
         "source": f"{PACKAGE} {package_version() or '(version unknown)'}",
         "photos": once.images,
@@ -171,6 +184,22 @@ def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[s
         "varied_confident_top1_agreement": varied.confident_top1_rate,
         # FP32 against itself on the variations, each input moved by ±0.5 grey level.
         "varied_noise_floor_top1": floor.top1_rate,
+        # The workflow's decision (SUCCEEDED at or above the threshold, else
+        # LOW_CONFIDENCE): INT8's against FP32's, on the photos and on their variations.
+        "threshold": once.threshold,
+        "decision_agreement": once.decision_rate,
+        "decision_flips": once.images - once.decisions,
+        "confident_photos": once.confident,
+        "confident_top1_agreement": once.confident_top1_rate,
+        "confident_top1_misses": once.confident - once.confident_top1,
+        "varied_decision_agreement": varied.decision_rate,
+        "varied_decision_flips": varied.images - varied.decisions,
+        "varied_confident_top1_misses": varied.confident - varied.confident_top1,
+        "varied_noise_floor_decisions": floor.decision_rate,
+        # Mean over the photos of the largest |p_INT8 - p_FP32| of any class.
+        "mean_max_prob_diff": once.mean_max_prob_diff,
+        # The photos whose decision flips, or whose top-1 differs where FP32 is confident.
+        "flips": [flip(f) for f in once.flips],
     }
 
 

@@ -26,6 +26,7 @@ def effective(ics: str, model_path: str) -> dict[str, Any]:
         return (shown.get(name) or {}).get("value")
 
     from ics_service.engine.pipeline import default_workers, plan_inference
+    from ics_service.models.device import resolve_device
     from ics_service.models.runtime import available_cpus, onnx_session
 
     from .common import session_settings
@@ -33,14 +34,16 @@ def effective(ics: str, model_path: str) -> dict[str, Any]:
     threads, workers = plan_inference(
         int(value("inference_threads") or 0), int(value("inference_workers") or 0)
     )
+    device = resolve_device(str(value("device") or "cpu"))
     return {
         "cpus": available_cpus(),
+        "device": device.name,
         "batch_size": value("batch_size"),
         "decode_threads": int(value("decode_workers") or 0) or default_workers(),
         "inference_sessions": workers,
         "preprocess": "ics_service.imaging.Preprocessor",
         # ICS builds its sessions with this function: one built here reads back the options.
-        **session_settings(onnx_session(model_path, threads=threads)),
+        **session_settings(onnx_session(model_path, threads=threads, device=device)),
     }
 
 

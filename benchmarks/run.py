@@ -58,6 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         ("prepare", d.prepare, "run `ics models prepare` for a model that is not prepared"),
         ("model", d.model, "FP32 model"),
         ("int8_model", d.int8_model, "INT8 model (skipped with a note when ICS lacks it)"),
+        ("device", d.device, "ICS's device (cpu, cuda[:N], auto: ICS_DEVICE of its runners)"),
         ("http_concurrency", d.http_concurrency, "concurrent requests of the HTTP design"),
         ("ray_actors", d.ray_actors, "Ray actor pool size (when not tuned)"),
         ("ray_actor_cpus", d.ray_actor_cpus, "CPUs reserved by each Ray actor (when not tuned)"),
@@ -344,7 +345,7 @@ def ics_settings(b: Bench, cores: set[int]) -> dict[str, Any]:
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env=clean_env(ICS_HOME=str(b.home)),
+            env=clean_env(ICS_HOME=str(b.home), ICS_DEVICE=b.cfg.device),
             preexec_fn=functools.partial(os.sched_setaffinity, 0, cpu_list) if cpu_list else None,
         )
         key = str(c) if c else "all"
@@ -467,7 +468,7 @@ def run_job(b: Bench, job: Job, round_: int, *, label: str = "", record: bool = 
     warm_page_cache(job.folder)
     m = run_measured(
         cmd,
-        env=clean_env(ICS_HOME=str(b.home), RAY_USAGE_STATS_ENABLED="0"),
+        env=clean_env(ICS_HOME=str(b.home), ICS_DEVICE=b.cfg.device, RAY_USAGE_STATS_ENABLED="0"),
         cwd=ROOT,
         timeout_s=b.cfg.timeout_s,
         log_path=b.work / f"{tag}.log",
@@ -561,7 +562,7 @@ def profile_ics(b: Bench, folder: Path) -> dict[str, Any]:
     print("profile: py-spy record of `ics classify` on the small photos", flush=True)
     m = run_measured(
         cmd,
-        env=clean_env(ICS_HOME=str(b.home)),
+        env=clean_env(ICS_HOME=str(b.home), ICS_DEVICE=b.cfg.device),
         cwd=ROOT,
         timeout_s=b.cfg.timeout_s,
         log_path=b.cfg.out / "profile-ics.log",

@@ -278,6 +278,7 @@ class Config:
     prepare: bool = True
     model: str = "efficientnet-lite0"
     int8_model: str = "efficientnet-lite0-int8"
+    device: str = "cpu"
     http_concurrency: int = 2
     ray_actors: int = 1
     ray_actor_cpus: float = 0.5

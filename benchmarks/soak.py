@@ -259,7 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("ICS_") or k == "ICS_HOME"},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("ICS_") or k in ("ICS_HOME", "ICS_DEVICE")
+        },
         "ICS_API_TOKEN": TOKEN,
         "ICS_SIGV4_ACCESS_KEY_ID": KEY_ID,
         "ICS_SIGV4_SECRET_ACCESS_KEY": SECRET,

@@ -151,6 +151,7 @@ def test_health_and_metadata(runtime: OnnxRuntime, ics_home: Path) -> None:
                 {"name": "INPUT_TENSOR", "datatype": "FP32", "shape": [-1, 3, 224, 224]},
             ],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}],
+            "parameters": {"device": "cpu"},
         }
         assert (await client.get(f"/v2/models/{MODEL}/versions/1")).json() == meta
         for path in (f"/v2/models/{MODEL}/ready", f"/v2/models/{MODEL}/versions/1/ready"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ _ENV_NOT_SETTINGS = {"ICS_CONFIG", "ICS_SKIP_POSTGRES"}
 
 #: Endpoint and variant names (SageMaker's rule): they are folder names of the capture.
 CAPTURE_NAME = r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$"
+
+#: Values of the `device` setting: cpu, auto, cuda or cuda:N (models/device.py resolves them).
+DEVICE_SPEC = re.compile(r"cpu|auto|cuda(?::\d{1,3})?")
+
+#: `ics serve`'s batch limit when max_batch_size is unset: on a CPU a bigger batch buys
+#: nothing per image, a GPU does more work per run the fuller its batches.
+CPU_MAX_BATCH = 8
+CUDA_MAX_BATCH = 64
 
 #: The steps that have a retry policy.
 RETRY_STEPS = (Step.SERIALIZE_IMAGE_DATA, Step.CLASSIFY_IMAGE, Step.NOTIFY)
@@ -112,6 +121,13 @@ class Settings(BaseModel):
     )
     top_k: int = Field(default=5, ge=1, le=1000, description="Predictions kept per item.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Images per inference batch.")
+    device: str = Field(
+        default="cpu",
+        description="Where models run: 'cpu'; 'cuda' or 'cuda:N' (GPU N through onnxruntime's "
+        "CUDA provider, from the onnxruntime-gpu package; missing, ICS stops with exit 4 and "
+        "never falls back to the CPU); or 'auto' (CUDA when onnxruntime has it, else the "
+        "CPU; the choice is logged).",
+    )
     decode_workers: int = Field(
         default=0, ge=0, le=256, description="Threads reading and decoding images (0: automatic)."
     )
@@ -200,8 +216,12 @@ class Settings(BaseModel):
     sigv4_secret_access_key: str | None = Field(
         default=None, description="The secret of sigv4_access_key_id, to verify signatures."
     )
-    max_batch_size: int = Field(
-        default=8, ge=1, le=1024, description="Most requests classified in one model run."
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Most requests `ics serve` classifies in one model run (unset: "
+        f"{CPU_MAX_BATCH} on the CPU, {CUDA_MAX_BATCH} on a CUDA device).",
     )
     max_delay_ms: float = Field(
         default=5.0,
@@ -396,6 +416,16 @@ class Settings(BaseModel):
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        spec = v.strip().lower()
+        if DEVICE_SPEC.fullmatch(spec) is None:
+            raise ValueError("device must be cpu, cuda, cuda:N (N: the GPU's index) or auto")
+        return spec
 
     @field_validator("retry", mode="after")
     @classmethod

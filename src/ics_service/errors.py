@@ -2,8 +2,8 @@
 
 Per-item errors (`ItemError`) end one item FAILED with `error.type` set to the class
 name; they never stop an execution. `UsageError` and its kind end a command with exit
-code 2 and a message that says what to fix; `EnvironmentUnavailable` (store, disk) with
-exit code 4. Anything else is a bug: exit code 3, or `InternalError` on one item.
+code 2 and a message that says what to fix; `EnvironmentUnavailable` (store, disk, device)
+with exit code 4. Anything else is a bug: exit code 3, or `InternalError` on one item.
 """
 
 from __future__ import annotations
@@ -137,6 +137,11 @@ def _user() -> str:
         return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
     except (ImportError, KeyError):
         return f"uid {uid}"
+
+
+class DeviceUnavailable(EnvironmentUnavailable):
+    """The device the settings ask the model to run on is not here: no CUDA provider in the
+    installed onnxruntime, or one that cannot start (missing libraries, no such GPU)."""
 
 
 class OutputError(EnvironmentUnavailable):

@@ -101,6 +101,17 @@ def low_confidence_option(f: F) -> F:
     )(f)
 
 
+def device_option(f: F) -> F:
+    """--device cpu|cuda[:N]|auto: where the model runs."""
+    return click.option(
+        "--device",
+        metavar="cpu|cuda[:N]|auto",
+        help="Where the model runs: cpu (the default), cuda or cuda:N (GPU N, with the "
+        "onnxruntime-gpu package; missing: exit 4, no fallback), or auto (CUDA when "
+        "onnxruntime has it, else the CPU; says which).",
+    )(f)
+
+
 def load_cli_settings(kwargs: dict[str, Any]) -> LoadedSettings:
     """Build the settings from --config and the flags that are settings; set up logging."""
     overrides = dict(kwargs)
@@ -205,11 +216,13 @@ def open_runner(settings: Settings) -> Iterator[Any]:
     from ..engine.pipeline import plan_inference
     from ..models import get_card
     from ..models.background import RuntimeLoading
+    from ..models.device import resolve_device
 
     card = get_card(settings.model, settings)
+    device = resolve_device(settings.device)
     threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
     # The model opens on a thread while this one imports SQLAlchemy (with the alerts, below).
-    loading = RuntimeLoading(card, settings.models_dir, threads=threads)
+    loading = RuntimeLoading(card, settings.models_dir, threads=threads, device=device)
     from ..alerts.dispatcher import Alerting
     from ..store import Store
 

@@ -19,6 +19,7 @@ from .alerts import notify_option
 from .app import (
     EXIT_BY_STATUS,
     common_options,
+    device_option,
     load_cli_settings,
     low_confidence_option,
     main,
@@ -96,6 +97,7 @@ log = logging.getLogger("ics_service.cli")
     help="Bytes that images being decoded may take at once, all decode threads together "
     f"(default {default('decode_memory'):,}); bigger images wait their turn.",
 )
+@device_option
 @low_confidence_option
 @click.option(
     "--tolerated-failure-percentage",

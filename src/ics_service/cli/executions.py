@@ -11,6 +11,7 @@ from ..types import ExecutionStatus, ItemStatus, isoformat
 from .alerts import notify_option
 from .app import (
     common_options,
+    device_option,
     json_out,
     load_cli_settings,
     main,
@@ -185,6 +186,7 @@ def executions_cancel(execution_id: str, wait: float, as_json: bool, **kwargs: A
 @click.option("--workers", "decode_workers", type=int, help="Decode threads.")
 @click.option("--threads", "inference_threads", type=int, help="onnxruntime threads per batch.")
 @click.option("--inference-workers", type=int, help="Batches run at once on the model.")
+@device_option
 @capture_options
 @notify_option
 @common_options

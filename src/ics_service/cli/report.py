@@ -14,7 +14,14 @@ import click
 from ..config import default
 from ..errors import ExitCode, ItemError
 from ..logs import printable
-from .app import common_options, load_cli_settings, main, stderr_console, stdout_console
+from .app import (
+    common_options,
+    device_option,
+    load_cli_settings,
+    main,
+    stderr_console,
+    stdout_console,
+)
 from .render import outside, styled_status
 
 
@@ -191,6 +198,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("-t", "--threshold", type=float, help="Top confidence needed to SUCCEED.")
 @click.option("-m", "--model", help=f"Model name (default {default('model')}).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON document.")
+@device_option
 @common_options
 def show(image: str, out: str | None, as_json: bool, **kwargs: Any) -> None:
     """Classify one image, print its top-k labels and write it annotated with them.

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from typing import Any
 
 import click
 
-from ..config import default
+from ..config import CPU_MAX_BATCH, CUDA_MAX_BATCH, default
 from ..errors import EnvironmentUnavailable
 from .alerts import notify_option
-from .app import common_options, load_cli_settings, main
+from .app import common_options, device_option, load_cli_settings, main
 from .capture import capture_options
+
+log = logging.getLogger("ics_service.cli")
 
 
 @main.command()
@@ -27,7 +30,8 @@ from .capture import capture_options
 @click.option(
     "--max-batch-size",
     type=int,
-    help=f"Most requests classified in one model run (default {default('max_batch_size')}).",
+    help=f"Most requests classified in one model run (default {CPU_MAX_BATCH} on the CPU, "
+    f"{CUDA_MAX_BATCH} on a CUDA device).",
 )
 @click.option(
     "--max-delay-ms",
@@ -37,6 +41,7 @@ from .capture import capture_options
     "default, batches form from what arrives while the model runs.",
 )
 @click.option("--workers", "decode_workers", type=int, help="Decode threads (default: automatic).")
+@device_option
 @capture_options
 @notify_option
 @common_options
@@ -82,7 +87,17 @@ def serve(**kwargs: Any) -> None:
     store = Store(settings.store_url)
     try:
         alerting.attach(store)
-        app = create_app(settings, runtime=load_model(settings), store=store)
+        runtime = load_model(settings)
+        app = create_app(settings, runtime=runtime, store=store)
+        device = getattr(getattr(runtime, "device", None), "name", "cpu")
+        log.info(
+            "serving %s %s on %s at http://%s:%d",
+            runtime.card.name,
+            runtime.card.version,
+            device,
+            settings.host,
+            settings.port,
+        )
         # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
         # raises them again for the handlers it found: ignored, so the exit is a clean 0.
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -15,6 +15,7 @@ from ..types import Execution, ExecutionStatus
 from .alerts import notify_option
 from .app import (
     common_options,
+    device_option,
     load_cli_settings,
     low_confidence_option,
     main,
@@ -102,6 +103,7 @@ class WatchCommand(click.Command):
 @click.option(
     "-m", "--model", help=f"Model name (default {default('model')}; see `ics models list`)."
 )
+@device_option
 @low_confidence_option
 @click.option(
     "--tolerated-failure-percentage",

@@ -211,11 +211,15 @@ class Watcher:
         runtime = self.runner.runtime
         if settings.model != self.runner.settings.model:
             from ..models import get_card, load_runtime
+            from ..models.device import resolve_device
             from .pipeline import plan_inference
 
             threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
             runtime = load_runtime(
-                get_card(settings.model, settings), settings.models_dir, threads=threads
+                get_card(settings.model, settings),
+                settings.models_dir,
+                threads=threads,
+                device=resolve_device(settings.device),
             )
         return ExecutionRunner(settings, self.runner.store, runtime)
 

@@ -1,6 +1,9 @@
 """How closely a candidate model (an INT8 variant) answers like its reference, and how fast.
 
-`python -m ics_service.models.agreement` measures a quantized model against its base; the
+Two measures: top-1 agreement (the same class), and decision agreement (the same
+SUCCEEDED/LOW_CONFIDENCE status at a threshold, decided by the workflow's own rule,
+`policies.decide`): the decision is what users of the workflow see. `python -m
+ics_service.models.agreement` measures a quantized model against its base; the
 benchmarks report the same agreement.
 """
 
@@ -14,8 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import default
 from ..errors import ModelNotPrepared
 from ..modelcard import ModelCard
+from ..policies import decide
+from ..types import ItemStatus
 from .calibration import EVALUATION, photo_batches, preprocess_batches
 from .runtime import ModelRuntime, OnnxRuntime
 
@@ -23,6 +29,25 @@ from .runtime import ModelRuntime, OnnxRuntime
 #: a good INT8 model should never disagree (on the others, neither does FP32 with itself
 #: under half a grey level of noise: see `noise_floor`).
 CONFIDENT = 0.5
+
+#: The threshold decisions are compared at unless told: the workflow's default.
+DEFAULT_THRESHOLD: float = default("threshold")
+
+
+@dataclass(frozen=True)
+class Flip:
+    """An image on which the candidate decides otherwise than the reference (SUCCEEDED
+    against LOW_CONFIDENCE), or gives another top-1 class where the reference is confident."""
+
+    #: The image's place in the order the batches gave them.
+    index: int
+    reference_label: int
+    reference_p: float
+    candidate_label: int
+    candidate_p: float
+
+    def decision_differs(self, threshold: float) -> bool:
+        return (self.reference_p >= threshold) != (self.candidate_p >= threshold)
 
 
 @dataclass(frozen=True)
@@ -40,10 +65,21 @@ class Agreement:
     #: them on which both models' top-1 class is the same.
     confident: int = 0
     confident_top1: int = 0
+    #: The threshold of the decisions, and the images on which both models' decision
+    #: (SUCCEEDED or LOW_CONFIDENCE) is the same.
+    threshold: float = DEFAULT_THRESHOLD
+    decisions: int = 0
+    #: The images whose decision differs, or whose top-1 differs where the reference is
+    #: confident, in order.
+    flips: tuple[Flip, ...] = ()
 
     @property
     def top1_rate(self) -> float:
         return self.top1 / self.images if self.images else float("nan")
+
+    @property
+    def decision_rate(self) -> float:
+        return self.decisions / self.images if self.images else float("nan")
 
     @property
     def top5_rate(self) -> float:
@@ -59,31 +95,67 @@ class Agreement:
             f"reference top-1 in top-5 {self.top5_rate:.2%}, "
             f"mean max |Δp| {self.mean_max_prob_diff:.4f}; where the reference is confident "
             f"(top-1 p ≥ {CONFIDENT}): {self.confident_top1_rate:.2%} "
-            f"({self.confident_top1}/{self.confident})"
+            f"({self.confident_top1}/{self.confident}); the same decision at threshold "
+            f"{self.threshold:g}: {self.decision_rate:.2%} ({self.decisions}/{self.images})"
         )
 
 
+def statuses(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Whether each row (N, C) SUCCEEDS at the threshold, by the workflow's own rule."""
+    labels = tuple(str(i) for i in range(probs.shape[1]))
+    decided = decide(probs, threshold=threshold, top_k=1, labels=labels)
+    return np.array([d.status is ItemStatus.SUCCEEDED for d in decided], dtype=bool)
+
+
 def top1_agreement(
-    reference: ModelRuntime, candidate: ModelRuntime, batches: Iterable[np.ndarray]
+    reference: ModelRuntime,
+    candidate: ModelRuntime,
+    batches: Iterable[np.ndarray],
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> Agreement:
-    """Run both runtimes on every batch of inputs (N, 3, H, W) and compare their answers."""
-    images = top1 = top5 = confident = confident_top1 = 0
+    """Run both runtimes on every batch of inputs (N, 3, H, W) and compare their answers:
+    top-1 classes, and decisions at `threshold`."""
+    images = top1 = top5 = confident = confident_top1 = decisions = 0
     diff = 0.0
+    flips: list[Flip] = []
     for batch in batches:
         ref = reference.predict(batch)
         cand = candidate.predict(batch)
-        ref_top = ref.argmax(axis=1)
+        ref_top, cand_top = ref.argmax(axis=1), cand.argmax(axis=1)
         cand_top5 = np.argpartition(-cand, 5, axis=1)[:, :5]
-        images += len(batch)
-        same = cand.argmax(axis=1) == ref_top
+        same = cand_top == ref_top
         top1 += int(same.sum())
         sure = ref.max(axis=1) >= CONFIDENT
         confident += int(sure.sum())
         confident_top1 += int(same[sure].sum())
         top5 += int((cand_top5 == ref_top[:, None]).any(axis=1).sum())
         diff += float(np.abs(ref - cand).max(axis=1).sum())
+        agree = statuses(ref, threshold) == statuses(cand, threshold)
+        decisions += int(agree.sum())
+        for i in np.flatnonzero(~agree | (sure & ~same)):
+            flips.append(
+                Flip(
+                    images + int(i),
+                    int(ref_top[i]),
+                    float(ref[i, ref_top[i]]),
+                    int(cand_top[i]),
+                    float(cand[i, cand_top[i]]),
+                )
+            )
+        images += len(batch)
     mean_diff = diff / images if images else float("nan")
-    return Agreement(images, top1, top5, mean_diff, confident, confident_top1)
+    return Agreement(
+        images,
+        top1,
+        top5,
+        mean_diff,
+        confident,
+        confident_top1,
+        threshold,
+        decisions,
+        tuple(flips),
+    )
 
 
 def noise_floor(
@@ -92,6 +164,7 @@ def noise_floor(
     *,
     grey_levels: float = 0.5,
     seed: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> Agreement:
     """The reference against itself on inputs moved by uniform noise of ±`grey_levels` of
     0..255: how much of a candidate's disagreement any change of the input, however small,
@@ -106,7 +179,7 @@ def noise_floor(
             noise = rng.uniform(-step, step, batch.shape).astype(batch.dtype)
             return reference.predict(batch + noise)
 
-    return top1_agreement(reference, _Noisy(), batches)
+    return top1_agreement(reference, _Noisy(), batches, threshold=threshold)
 
 
 def agreement_on_files(
@@ -156,29 +229,37 @@ def throughput_ratio(
 
 
 def heldout_batches(
-    card: ModelCard, variations: int, seed: int = 0
+    card: ModelCard, variations: int, seed: int = 0, paths: list[Path] | None = None
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The photos held out from calibration (`heldout`) as the card's input batches: each
-    photo once, then `variations` random variations of them. Raises ModelNotPrepared when
-    their package is not installed."""
+    """The photos held out from calibration (`heldout`; or `paths`, found by it) as the
+    card's input batches: each photo once, then `variations` random variations of them.
+    Raises ModelNotPrepared when their package is not installed."""
     from . import heldout
 
-    paths = heldout.heldout_paths()
+    if paths is None:
+        paths = heldout.heldout_paths()
     once = list(preprocess_batches(card, heldout.heldout_images(paths)))
     varied = list(preprocess_batches(card, heldout.varied_heldout(paths, variations, seed)))
     return once, varied
 
 
 def heldout_agreement(
-    reference: ModelRuntime, candidate: ModelRuntime, *, variations: int = 1000, seed: int = 0
+    reference: ModelRuntime,
+    candidate: ModelRuntime,
+    *,
+    variations: int = 1000,
+    seed: int = 0,
+    threshold: float = DEFAULT_THRESHOLD,
+    paths: list[Path] | None = None,
 ) -> tuple[Agreement, Agreement, Agreement]:
-    """`top1_agreement` on the held-out photos (`heldout_batches`), each once and then
-    their variations, with the reference's `noise_floor` on those variations."""
-    once, varied = heldout_batches(reference.card, variations, seed)
+    """`top1_agreement` on the held-out photos (`heldout_batches`), each once (in the order
+    of `heldout.heldout_paths`) and then their variations, with the reference's
+    `noise_floor` on those variations."""
+    once, varied = heldout_batches(reference.card, variations, seed, paths)
     return (
-        top1_agreement(reference, candidate, once),
-        top1_agreement(reference, candidate, varied),
-        noise_floor(reference, varied, seed=seed),
+        top1_agreement(reference, candidate, once, threshold=threshold),
+        top1_agreement(reference, candidate, varied, threshold=threshold),
+        noise_floor(reference, varied, seed=seed, threshold=threshold),
     )
 
 

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from ..modelcard import ModelCard
+from .device import CPU, Device
 from .factory import load_runtime, onnx_file
 from .runtime import ModelRuntime, OnnxRuntime
 
@@ -22,8 +23,11 @@ from .runtime import ModelRuntime, OnnxRuntime
 class RuntimeLoading:
     """A model runtime being opened; `result()` waits for it and raises what opening raised."""
 
-    def __init__(self, card: ModelCard, models_dir: Path, *, threads: int = 0) -> None:
+    def __init__(
+        self, card: ModelCard, models_dir: Path, *, threads: int = 0, device: Device = CPU
+    ) -> None:
         self.card = card
+        self.device = device
         self._runtime: ModelRuntime | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -42,13 +46,15 @@ class RuntimeLoading:
 
     def _open(self, path: Path, threads: int) -> None:
         try:
-            self._runtime = OnnxRuntime(self.card, path, threads=threads)
+            self._runtime = OnnxRuntime(self.card, path, threads=threads, device=self.device)
         except BaseException as e:  # raised by result(), in the caller's thread
             self._error = e
 
     def result(self) -> ModelRuntime:
         if self._thread is None and self._runtime is None:
-            self._runtime = load_runtime(self.card, self._models_dir, threads=self._threads)
+            self._runtime = load_runtime(
+                self.card, self._models_dir, threads=self._threads, device=self.device
+            )
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ModelNotPrepared
 from ..modelcard import ModelCard
+from .device import CPU, Device
 from .runtime import ModelRuntime, OnnxRuntime, check_readable
 
 
@@ -19,11 +20,15 @@ def onnx_file(card: ModelCard, models_dir: Path) -> Path:
     return onnx_path(card, models_dir)
 
 
-def _load_onnx(card: ModelCard, models_dir: Path, threads: int, auto_prepare: bool) -> ModelRuntime:
+def _load_onnx(
+    card: ModelCard, models_dir: Path, threads: int, auto_prepare: bool, device: Device = CPU
+) -> ModelRuntime:
     if card.model_path is None:  # bundled: prepared from its weights when missing
         from .prepare import load_bundled
 
-        return load_bundled(card, models_dir, threads=threads, auto_prepare=auto_prepare)
+        return load_bundled(
+            card, models_dir, threads=threads, device=device, auto_prepare=auto_prepare
+        )
     path = Path(card.model_path)
     if not path.is_file():
         raise ModelNotPrepared(
@@ -31,7 +36,7 @@ def _load_onnx(card: ModelCard, models_dir: Path, threads: int, auto_prepare: bo
             f"(`ics models add {card.name} --replace ...`) or `ics models remove {card.name}`"
         )
     check_readable(path)
-    return OnnxRuntime(card, path, threads=threads)
+    return OnnxRuntime(card, path, threads=threads, device=device)
 
 
 #: Opens a card's runtime: (card, models_dir, threads, auto_prepare) → runtime.
@@ -43,14 +48,22 @@ LOADERS: dict[str, Loader] = {
 
 
 def load_runtime(
-    card: ModelCard, models_dir: Path, *, threads: int = 0, auto_prepare: bool = True
+    card: ModelCard,
+    models_dir: Path,
+    *,
+    threads: int = 0,
+    device: Device = CPU,
+    auto_prepare: bool = True,
 ) -> ModelRuntime:
     """The runtime of the card's kind. A bundled ONNX model that is not prepared yet is
-    prepared first when torch is here (`auto_prepare`)."""
+    prepared first when torch is here (`auto_prepare`). An ONNX model runs on `device`;
+    a runtime of another kind decides where it runs itself."""
     loader = LOADERS.get(card.kind)
     if loader is None:
         raise ModelNotPrepared(
             f"model {card.name} is a {card.kind!r} model, which this ICS cannot run; it runs "
             f"{', '.join(LOADERS)} models"
         )
+    if card.kind == "onnx":
+        return _load_onnx(card, models_dir, threads, auto_prepare, device)
     return loader(card, models_dir, threads, auto_prepare)

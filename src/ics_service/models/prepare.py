@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import ModelNotPrepared, install_hint
 from ..modelcard import CONVERT_HINT, ModelCard
+from .device import CPU, Device
 from .registry import get_card
 from .runtime import OnnxRuntime
 
@@ -186,10 +187,15 @@ _BUILDERS: dict[str, Builder] = {
 
 
 def load_bundled(
-    card: ModelCard, models_dir: Path, *, threads: int = 0, auto_prepare: bool = True
+    card: ModelCard,
+    models_dir: Path,
+    *,
+    threads: int = 0,
+    device: Device = CPU,
+    auto_prepare: bool = True,
 ) -> OnnxRuntime:
-    """Open a bundled card's ONNX file, preparing it first when it is missing and torch is
-    here (`factory.load_runtime` opens any card)."""
+    """Open a bundled card's ONNX file on `device`, preparing it first when it is missing
+    and torch is here (`factory.load_runtime` opens any card)."""
     if not is_prepared(card, models_dir):
         if not auto_prepare:
             raise ModelNotPrepared(
@@ -205,4 +211,4 @@ def load_bundled(
                 f"{e}. Run `ics models prepare {card.name}`{where}, or copy its model.onnx "
                 f"to {onnx_path(card, models_dir)}"
             ) from None
-    return OnnxRuntime(card, onnx_path(card, models_dir), threads=threads)
+    return OnnxRuntime(card, onnx_path(card, models_dir), threads=threads, device=device)

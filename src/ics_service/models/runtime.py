@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import permission_denied
 from ..modelcard import ModelCard
+from .device import CPU, Device, check_session, cuda_failure
 
 
 class ModelRuntime(Protocol):
@@ -36,8 +37,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
-    """An onnxruntime CPU session with ICS's settings (the benchmarks' peers use it too)."""
+def onnx_session(path: str | Path, *, threads: int = 0, device: Device = CPU) -> Any:
+    """An onnxruntime session on `device` with ICS's settings (the benchmarks' peers use it
+    too); DeviceUnavailable when a CUDA device's provider does not start."""
     import onnxruntime as ort
 
     check_readable(path)
@@ -50,7 +52,18 @@ def onnx_session(path: str | Path, *, threads: int = 0) -> Any:
     # not spin, or they steal the time decoding needs.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        # No fallback: onnxruntime would otherwise retry on the CPU, saying so only on stdout.
+        session = ort.InferenceSession(
+            str(path), opts, providers=device.providers(), enable_fallback=0
+        )
+    except (RuntimeError, ValueError) as e:
+        failure = cuda_failure(e, device)
+        if failure is None:
+            raise
+        raise failure from None
+    check_session(session, device)
+    return session
 
 
 def check_readable(path: str | Path) -> None:
@@ -69,12 +82,15 @@ def check_readable(path: str | Path) -> None:
 
 
 class OnnxRuntime:
-    """A model card's ONNX file run by onnxruntime on the CPU."""
+    """A model card's ONNX file run by onnxruntime on the CPU or a CUDA device."""
 
-    def __init__(self, card: ModelCard, path: Path, *, threads: int = 0) -> None:
+    def __init__(
+        self, card: ModelCard, path: Path, *, threads: int = 0, device: Device = CPU
+    ) -> None:
         self.card = card
         self.path = path
-        self.session = onnx_session(path, threads=threads)
+        self.device = device
+        self.session = onnx_session(path, threads=threads, device=device)
         self.input_name = self.session.get_inputs()[0].name
         self._logits = card.outputs == "logits"
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from ..config import Settings
 from ..imaging import Limits, Preprocessor
 from ..models import get_card, load_runtime
+from ..models.device import resolve_device
 from ..models.runtime import available_cpus
 from ..policies import Decision, decide
 from ..sources import read
@@ -38,7 +39,8 @@ def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     # One image: one session on every core (unless the settings choose), as the server
     # runs a lone request.
     threads = settings.inference_threads or available_cpus()
-    runtime = load_runtime(card, settings.models_dir, threads=threads)
+    device = resolve_device(settings.device)
+    runtime = load_runtime(card, settings.models_dir, threads=threads, device=device)
     probs = runtime.predict(tensor[None])
     (decision,) = decide(
         probs,

@@ -198,6 +198,9 @@ def load_model(settings: Settings) -> ModelRuntime:
     one inference worker per core; the service adds a session on every core for a lone
     request)."""
     from ..models import get_card, load_runtime
+    from ..models.device import resolve_device
 
     threads, _ = plan_serving(settings)
-    return load_runtime(get_card(settings.model, settings), settings.models_dir, threads=threads)
+    card = get_card(settings.model, settings)
+    device = resolve_device(settings.device)
+    return load_runtime(card, settings.models_dir, threads=threads, device=device)

@@ -22,7 +22,7 @@ import numpy as np
 from .. import sources
 from ..capture import CaptureWriter, inference_id_of, open_capture
 from ..capture.record import content_type_of
-from ..config import Settings
+from ..config import CPU_MAX_BATCH, CUDA_MAX_BATCH, Settings
 from ..engine.batcher import Batcher, QueueFull
 from ..engine.execution import REALTIME_PREFIX
 from ..engine.pipeline import default_workers, plan_inference
@@ -71,6 +71,23 @@ def plan_serving(settings: Settings) -> tuple[int, int]:
     return plan_inference(settings.inference_threads, settings.inference_workers)
 
 
+#: Inference workers of a model on a CUDA device unless inference_workers says otherwise:
+#: one runs a batch on the GPU while the other gathers the next.
+CUDA_WORKERS = 2
+
+
+def on_cuda(runtime: ModelRuntime) -> bool:
+    """Whether the runtime runs its model on a CUDA device."""
+    device = getattr(runtime, "device", None)
+    return bool(getattr(device, "is_cuda", False))
+
+
+def max_batch(settings: Settings, runtime: ModelRuntime) -> int:
+    """The server's batch limit for this runtime: max_batch_size, or its device's default."""
+    default = CUDA_MAX_BATCH if on_cuda(runtime) else CPU_MAX_BATCH
+    return settings.max_batch_size or default
+
+
 def solo_threads(settings: Settings) -> int:
     """Threads of the extra session a lone request runs on, 0 for none.
 
@@ -112,6 +129,8 @@ class Service:
         self.metrics = metrics
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
+        #: Where the model runs ("cpu", "cuda:0"), for runtimes that run it here.
+        self.device: str | None = getattr(getattr(runtime, "device", None), "name", None)
         self.preprocess = Preprocessor(card, Limits.from_settings(settings))
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers or default_workers(), thread_name_prefix="ics-decode"
@@ -121,13 +140,18 @@ class Service:
         self._reads: set[threading.Event] = set()
         self._reads_lock = threading.Lock()
         self._confine = confine(settings.allowed_sources)
+        workers = plan_serving(settings)[1]
+        solo = solo_threads(settings)
+        if on_cuda(runtime):
+            # The GPU runs the batches: fewer, fuller ones, and no second session.
+            workers, solo = settings.inference_workers or CUDA_WORKERS, 0
         self.batcher = Batcher(
             runtime,
-            solo=_solo_runtime(runtime, solo_threads(settings)),
-            max_batch_size=settings.max_batch_size,
+            solo=_solo_runtime(runtime, solo),
+            max_batch_size=max_batch(settings, runtime),
             max_delay_s=settings.max_delay_ms / 1000.0,
             max_queue=settings.max_queue,
-            workers=plan_serving(settings)[1],
+            workers=workers,
             on_batch=metrics.observe_batch,
         )
         metrics.track_queue(lambda: self.batcher.depth)
@@ -297,7 +321,7 @@ def _solo_runtime(runtime: ModelRuntime, threads: int) -> ModelRuntime | None:
     """The same model on a session of `threads` threads, when it is an ONNX file."""
     if not threads or not isinstance(runtime, OnnxRuntime):
         return None
-    return OnnxRuntime(runtime.card, runtime.path, threads=threads)
+    return OnnxRuntime(runtime.card, runtime.path, threads=threads, device=runtime.device)
 
 
 async def _stop_when_gone(gone: Callable[[], Awaitable[bool]], stop: threading.Event) -> None:

@@ -180,7 +180,9 @@ async def readyz(request: Request) -> Response:
     service: Service | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
-    return JSONResponse({"status": "ready", "model": service.model_ref.name})
+    return JSONResponse(
+        {"status": "ready", "model": service.model_ref.name, "device": service.device}
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics (text exposition format)")

@@ -94,8 +94,9 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
-def model_metadata(card: ModelCard) -> dict[str, Any]:
-    return {
+def model_metadata(card: ModelCard, device: str | None = None) -> dict[str, Any]:
+    """The model's metadata; `parameters.device` says where it runs (cpu, cuda:N)."""
+    doc: dict[str, Any] = {
         "name": card.name,
         "versions": [card.version],
         "platform": PLATFORM,
@@ -105,18 +106,23 @@ def model_metadata(card: ModelCard) -> dict[str, Any]:
         ],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(card.labels)]}],
     }
+    if device is not None:
+        doc["parameters"] = {"device": device}
+    return doc
 
 
 @router.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
 async def metadata(request: Request, name: str) -> dict[str, Any]:
-    return model_metadata(_model(request, name).runtime.card)
+    service = _model(request, name)
+    return model_metadata(service.runtime.card, service.device)
 
 
 @router.get(
     "/v2/models/{name}/versions/{version}", summary="Open Inference Protocol: model metadata"
 )
 async def version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
-    return model_metadata(_model(request, name, version).runtime.card)
+    service = _model(request, name, version)
+    return model_metadata(service.runtime.card, service.device)
 
 
 @router.get("/v2/models/{name}/ready", summary="Open Inference Protocol: the model is ready")
