@@ -222,8 +222,7 @@ async def _infer(request: Request, service: Service) -> Response:
 def _in_flight(service: Service) -> int:
     """How many inputs of one request may wait for the model at once: a batch's worth, and
     never the whole queue (a request must not refuse itself with QueueFull)."""
-    settings = service.settings
-    return max(1, min(settings.max_batch_size, settings.max_queue // 2))
+    return max(1, min(service.batcher.max_batch_size, service.settings.max_queue // 2))
 
 
 class _InputFailed(Exception):
