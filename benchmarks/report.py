@@ -608,7 +608,8 @@ def decision_targets(h: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
         ),
         (
             f"INT8 top-1 equals FP32's on 100 % of held-out photos where FP32's top-1 ≥ 0.5 "
-            f"({h['confident_photos']} photos; {h['varied_confident_images']:,} variations)",
+            f"({_n(h['confident_photos'], 'photo')}; "
+            f"{_n(h['varied_confident_images'], 'variation')})",
             f"{h['confident_top1_agreement']:.1%} ({_n(misses[0], 'miss', 'misses')}); "
             f"{h['varied_confident_top1_agreement']:.1%} ({_n(misses[1], 'miss', 'misses')})",
             None if not h["confident_photos"] else misses == (0, 0),
