@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,27 @@ def test_a_threshold_flag_sets_the_labels_without_their_own(
     assert grey["status"] == "SUCCEEDED"
     assert sorted(over(grey)) == [("green", 0.5), ("red", 0.5)]  # blue: 0.51 < 0.95
     assert records["navy"]["status"] == "LOW_CONFIDENCE"
+
+
+def test_a_report_of_the_capture_decides_as_the_run_did(
+    home: Path, model_files: dict[str, Path]
+) -> None:
+    """Captured probabilities decided again by `ics report` with the labels' own thresholds:
+    the same statuses as the run (navy's blue, at 0.89, is not over its 0.95)."""
+    capture, out = home / "capture", home / "captured.jsonl"
+    res = ics_process(
+        "classify", str(model_files["photos"]), "--model", "tricolour", "--capture",
+        str(capture), "-o", str(out), "--home", str(home),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    ran = Counter(json.loads(line)["status"] for line in out.read_text().splitlines())
+    assert ran == {"SUCCEEDED": 2, "LOW_CONFIDENCE": 2}
+    res = ics_process(
+        "report", str(capture), "--model", "tricolour", "--out", str(home / "report"),
+        "--json", "--home", str(home),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["statuses"] == dict(ran)
 
 
 def test_a_threshold_for_a_label_the_model_has_not_is_refused(

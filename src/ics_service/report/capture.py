@@ -20,6 +20,7 @@ import numpy as np
 from ..capture.reader import CaptureRecord, iter_records
 from ..config import Settings
 from ..errors import ExecutionNotFound, StoreError, UsageError
+from ..modelcard import ModelCard
 from ..models import get_card
 from ..policies import decide
 from .rows import Fetch, ReportRow, Skipped
@@ -35,10 +36,10 @@ def capture_rows(
 ) -> Iterator[ReportRow]:
     """The records of a capture file or folder tree, in inferenceTime order, decided at
     `threshold` if given, else at the threshold each record's run recorded."""
-    labels = get_card(settings.model, settings).labels
+    card = get_card(settings.model, settings)
     recorded = RecordedThresholds(settings)
     try:
-        yield from _rows(path, settings, skipped, labels, threshold, recorded)
+        yield from _rows(path, settings, skipped, card, threshold, recorded)
     finally:
         recorded.close()
 
@@ -47,10 +48,11 @@ def _rows(
     path: Path,
     settings: Settings,
     skipped: Skipped,
-    labels: tuple[str, ...],
+    card: ModelCard,
     threshold: float | None,
     recorded: RecordedThresholds,
 ) -> Iterator[ReportRow]:
+    labels = card.labels
 
     def bad(file: Path, line: int, why: str) -> None:
         skipped.record(f"{file}, line {line}", f"not a capture record ({why})")
@@ -68,7 +70,13 @@ def _rows(
             continue
         line = threshold if threshold is not None else recorded.of(record.inference_id)
         line = settings.threshold if line is None else line
-        best = decide(probs[None], threshold=line, top_k=3, labels=labels)[0]
+        best = decide(
+            probs[None],
+            threshold=line,
+            top_k=3,
+            labels=labels,
+            label_thresholds=card.decision_thresholds(line),
+        )[0]
         yield ReportRow(
             status=best.status.value,
             time=record.inference_time,
