@@ -102,6 +102,24 @@ def _ics_int8(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     return b.ics_cmd(job.folder, tag, model=b.int8["name"])
 
 
+def _ics_sagemaker(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    from .remote_model import ENDPOINT
+
+    labels = b.work / f"{tag}-labels.txt"
+    return [
+        *_py(
+            "benchmarks.remote_model",
+            b.fp32_json(),
+            f"sqlite:///{b.work / f'{tag}-server.db'}",
+            str(labels),
+            "--",
+        ),
+        *b.ics_cmd(job.folder, tag, model=f"sagemaker:{ENDPOINT}"),
+        "--labels",
+        str(labels),
+    ]
+
+
 def _plain(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
     return _py("benchmarks.plain_loop", b.fp32_json(), str(job.folder), b.out_file(tag))
 
@@ -222,6 +240,12 @@ REGISTRY: dict[str, Runner] = {
             "`ics classify --capture`: as `ics`, every image and its probabilities captured",
         ),
         Runner("ics-int8", _ics_int8, "`ics classify --model {int8}`"),
+        Runner(
+            "ics-sagemaker",
+            _ics_sagemaker,
+            "`ics classify --model sagemaker:…`: the same model behind a local `ics serve`, "
+            "reached by boto3 (the server's start-up and CPU count)",
+        ),
         Runner("plain", _plain, "plain loop: PIL + onnxruntime, one image at a time", large=True),
         Runner(
             "plain-ics",

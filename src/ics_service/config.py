@@ -144,6 +144,20 @@ class Settings(BaseModel):
         le=256,
         description="Batches run at once on the one model session (0: automatic, one per core).",
     )
+    remote_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Requests to a remote model (sagemaker:, v2:) in flight at once; the decode "
+        "threads keep reading and decoding meanwhile.",
+    )
+    remote_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=600.0,
+        description="Timeout of one request to a remote model (connect, send and the whole "
+        "answer); a request that times out is retried by the ClassifyImage policy.",
+    )
     max_pixels: int = Field(
         default=64_000_000, ge=1, description="Images with more pixels are refused before decoding."
     )

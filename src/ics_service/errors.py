@@ -214,3 +214,18 @@ class InferenceError(ItemError):
     """The model runtime failed on this item's batch."""
 
     http_status = 500
+
+
+class EndpointUnavailable(ModelUnavailable):
+    """A remote model (a SageMaker endpoint, a v2 server) cannot be reached, is throttling
+    or answers 5xx: retried by the ClassifyImage policy, and the item's error once it stays
+    down."""
+
+    http_status = 503
+
+
+class ModelError(InferenceError):
+    """A remote model answered this item with an error of its own (SageMaker's ModelError, a
+    4xx of a v2 server) or with an answer ICS cannot read; the message names the endpoint."""
+
+    http_status = 502

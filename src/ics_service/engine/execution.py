@@ -41,7 +41,7 @@ from ..types import (
 )
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
 from .listing import BackgroundListing, Listed, tail_pending, unregistered
-from .pipeline import Pipeline, Reader, plan_inference
+from .pipeline import Pipeline, Reader, plan_batches
 from .recording import History, Recorder, ResultSink, StoreSink
 
 if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
@@ -403,6 +403,13 @@ class ExecutionRunner:
         if capture is not None:
             all_sinks.append(CaptureSink(capture))
         recorder = Recorder(all_sinks, on_error=lambda _e: stop.set())
+        batch_size, inference_workers = plan_batches(
+            self.runtime,
+            batch_size=s.batch_size,
+            threads=s.inference_threads,
+            workers=s.inference_workers,
+            remote_concurrency=s.remote_concurrency,
+        )
         pipeline = Pipeline(
             runtime=self.runtime,
             preprocess=Preprocessor(self.runtime.card, Limits.from_settings(s)),
@@ -410,9 +417,9 @@ class ExecutionRunner:
             execution_id=execution.id,
             threshold=s.threshold,
             top_k=s.top_k,
-            batch_size=s.batch_size,
+            batch_size=batch_size,
             workers=s.decode_workers,
-            inference_workers=plan_inference(s.inference_threads, s.inference_workers)[1],
+            inference_workers=inference_workers,
             retry_read=s.retry[Step.SERIALIZE_IMAGE_DATA],
             retry_classify=s.retry[Step.CLASSIFY_IMAGE],
             on_event=history.add,

@@ -23,9 +23,9 @@ import numpy as np
 from ..capture import Captured
 from ..capture.record import content_type_of
 from ..config import RetryPolicy
-from ..errors import DecodeCancelled, InferenceError, ItemError
+from ..errors import DecodeCancelled, InferenceError, ItemError, ModelError
 from ..imaging import Preprocessor
-from ..models.runtime import ModelRuntime, available_cpus
+from ..models.runtime import ModelRuntime, available_cpus, takes_bytes
 from ..policies import Decision, call_with_retry, decide
 from ..types import ErrorInfo, ImageInfo, Item, ItemResult, ModelRef, Step, utcnow
 from .results import item_result
@@ -53,7 +53,8 @@ class _Decoded:
     error: ErrorInfo | None = None
     attempts: int = 1
     timings_ms: dict[str, float] = field(default_factory=dict)
-    #: The original bytes, kept only for an item that data capture samples.
+    #: The original bytes, kept for a runtime that takes them (a remote model) and for an
+    #: item that data capture samples.
     data: bytes | None = None
 
 
@@ -81,6 +82,22 @@ def plan_inference(threads: int, workers: int) -> tuple[int, int]:
     if not threads:
         return max(1, cpus // workers), workers
     return threads, workers
+
+
+def plan_batches(
+    runtime: ModelRuntime, *, batch_size: int, threads: int, workers: int, remote_concurrency: int
+) -> tuple[int, int]:
+    """(batch size, inference workers) for the runtime.
+
+    A remote model (a runtime with `remote = True`) gets `remote_concurrency` workers, each
+    with one request in flight, so that waiting on the network never holds up the decode
+    threads; its batches are at most its `max_batch` (1 for a SageMaker endpoint, which
+    takes one image per invocation). A local model gets `plan_inference`'s workers.
+    """
+    if getattr(runtime, "remote", False):
+        most = getattr(runtime, "max_batch", None) or batch_size
+        return min(batch_size, most), remote_concurrency
+    return batch_size, plan_inference(threads, workers)[1]
 
 
 def _error_info(e: BaseException) -> ErrorInfo:
@@ -118,6 +135,9 @@ class Pipeline:
         self.labels = card.labels
         self.label_thresholds = card.decision_thresholds(self.threshold)
         self.workers = self.workers or default_workers()
+        #: The runtime is sent the encoded images (a remote endpoint decodes them itself);
+        #: they are still decoded here first, so a broken image never reaches it.
+        self.takes_bytes = takes_bytes(self.runtime)
         self._stop = threading.Event()
 
     def run(self, items: Iterable[Item], emit: Emit, stop: threading.Event | None = None) -> None:
@@ -223,13 +243,18 @@ class Pipeline:
         d = _Decoded(item=item, started_at=utcnow())
         timings: dict[str, float] = {}
 
-        def attempt() -> tuple[np.ndarray, ImageInfo]:
+        def attempt() -> tuple[np.ndarray | None, ImageInfo]:
             t0 = time.perf_counter()
             data = self.reader(item.uri, self.preprocess.limits.max_bytes, stop=self._stop)
             t1 = time.perf_counter()
-            out = self.preprocess(data, stop=self._stop)
-            if self.capture is not None and self.capture(item):
+            out: tuple[np.ndarray | None, ImageInfo]
+            if self.takes_bytes:
+                out = None, self.preprocess.decode(data, stop=self._stop)[1]
                 d.data = data
+            else:
+                out = self.preprocess(data, stop=self._stop)
+                if self.capture is not None and self.capture(item):
+                    d.data = data
             timings["read"] = (t1 - t0) * 1e3
             timings["decode"] = (time.perf_counter() - t1) * 1e3
             return out
@@ -254,7 +279,11 @@ class Pipeline:
     def _infer_loop(self, q: queue.Queue[object], emit: Emit) -> None:
         """Take what is ready (up to batch_size), classify it, emit; until a _DONE arrives."""
         card = self.runtime.card
-        buf = np.empty((self.batch_size, *card.input_shape), dtype=np.float32)
+        buf = (
+            None
+            if self.takes_bytes
+            else np.empty((self.batch_size, *card.input_shape), dtype=np.float32)
+        )
         done = False
         while not done:
             ready: list[_Decoded] = []
@@ -274,10 +303,26 @@ class Pipeline:
             if ready:
                 emit(self._classify(ready, buf))
 
-    def _predict(self, batch: np.ndarray) -> tuple[np.ndarray, int]:
+    def _predict(self, ok: list[_Decoded], buf: np.ndarray | None) -> tuple[np.ndarray, int]:
+        predict: Callable[[], np.ndarray]
+        if buf is None:
+            images = [d.data or b"" for d in ok]
+            types = [content_type_of(None if d.image is None else d.image.format) for d in ok]
+
+            def predict() -> np.ndarray:
+                return self.runtime.predict_bytes(images, content_types=types)  # type: ignore[attr-defined, no-any-return]
+        else:
+            for i, d in enumerate(ok):
+                buf[i] = d.tensor
+                d.tensor = None
+            batch = buf[: len(ok)]
+
+            def predict() -> np.ndarray:
+                return self.runtime.predict(batch)
+
         def attempt() -> np.ndarray:
             try:
-                return self.runtime.predict(batch)
+                return predict()
             except ItemError:
                 raise
             except Exception as e:
@@ -290,22 +335,28 @@ class Pipeline:
             on_retry=self._retried(Step.CLASSIFY_IMAGE, None),
         )
 
-    def _classify(self, ready: list[_Decoded], buf: np.ndarray) -> list[ItemResult]:
+    def _classify(self, ready: list[_Decoded], buf: np.ndarray | None) -> list[ItemResult]:
         results: list[ItemResult] = []
         held: list[tuple[ItemResult, Captured]] = []
         ok = [d for d in ready if d.error is None]
-        for i, d in enumerate(ok):
-            buf[i] = d.tensor
-            d.tensor = None
         if ok:
             t0 = time.perf_counter()
             try:
-                probs, attempts = self._predict(buf[: len(ok)])
+                probs, attempts = self._predict(ok, buf)
             except Exception as e:
+                if isinstance(e, ModelError) and self.takes_bytes and len(ok) > 1:
+                    # A remote model refused the batch: one image may be to blame (the
+                    # server decodes differently), so each is sent alone, and only its own
+                    # fails.
+                    log.warning("%s; sending each of the %d images alone", e, len(ok))
+                    for d in ok:
+                        results.extend(self._classify([d], buf))
+                    return results + self._failed([d for d in ready if d not in ok])
                 log.error("inference failed on a batch of %d: %s", len(ok), e)
                 for d in ok:
                     d.error = _error_info(e)
                     d.attempts = max(d.attempts, getattr(e, "attempts", 1))
+                    d.data = None
                 ok = []
             else:
                 per_item = (time.perf_counter() - t0) * 1e3 / len(ok)
@@ -320,16 +371,24 @@ class Pipeline:
                     d.timings_ms["inference"] = per_item
                     d.attempts = max(d.attempts, attempts)
                     results.append(self._result(d, dec))
-                    if d.data is not None and d.image is not None:
+                    wanted = not self.takes_bytes or (
+                        self.capture is not None and self.capture(d.item)
+                    )
+                    if wanted and d.data is not None and d.image is not None:
                         c = Captured(d.data, content_type_of(d.image.format), probs[i])
                         held.append((results[-1], c))
-                        d.data = None
+                    d.data = None
                 # The whole batch's room at once, taken only once it is classified: a thread
                 # waiting for room must hold none, or a queue smaller than a batch never frees.
                 reserve = self.reserve_capture
                 if held and (reserve is None or reserve([c for _, c in held], self._stop)):
                     for result, c in held:
                         result.captured = c
+        return results + self._failed(ready)
+
+    def _failed(self, ready: list[_Decoded]) -> list[ItemResult]:
+        """The results of the items that failed (the others are left out)."""
+        results = []
         for d in ready:
             if d.error is not None:
                 log.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,27 @@ class ModelRuntime(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, shape (N, num_classes), float32."""
         ...
+
+
+class BytesRuntime(Protocol):
+    """A runtime sent the encoded images instead of tensors (a remote endpoint decodes them
+    itself): `takes = "bytes"`. The engine still decodes every image first, so that a broken
+    one ends FAILED before any remote call."""
+
+    card: ModelCard
+    takes: str
+
+    def predict_bytes(
+        self, images: Sequence[bytes], *, content_types: Sequence[str] | None = None
+    ) -> np.ndarray:
+        """Class probabilities, shape (len(images), num_classes), float32; `content_types`
+        are the images' MIME types (image/jpeg...) where the caller knows them."""
+        ...
+
+
+def takes_bytes(runtime: object) -> bool:
+    """Whether the runtime is sent encoded images (`BytesRuntime`) rather than tensors."""
+    return getattr(runtime, "takes", "tensor") == "bytes"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
