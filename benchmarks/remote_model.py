@@ -7,7 +7,8 @@ The runner starts the server on a free port (its start-up counts in the whole-pr
 as every runner's does; the steady rate is `ics classify`'s own), waits until it is ready,
 writes the served model's labels to LABELS (the endpoint answers bare probabilities), runs
 the `ics classify` command line given after `--` with boto3 pointed at the server, prints
-that command's JSON summary as its own and stops the server.
+that command's JSON summary as its own, stops the server and removes its store and the
+labels file.
 
     python -m benchmarks.remote_model MODEL_JSON SERVER_STORE_URL LABELS -- ics classify ...
 """
@@ -53,6 +54,15 @@ def write_labels(path: Path, model_json: str) -> None:
     path.write_text(r.stdout, encoding="utf-8")
 
 
+def _remove(store: str, labels: Path) -> None:
+    """The server's SQLite store and the labels file: this run's alone."""
+    labels.unlink(missing_ok=True)
+    if store.startswith("sqlite:///"):
+        db = Path(store.removeprefix("sqlite:///"))
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            path.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args_in = sys.argv[1:] if argv is None else argv
     if "--" not in args_in:
@@ -89,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         finally:
             rc = stop(proc)
+            _remove(args.server_store, args.labels)
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
         if r.returncode != 0 or rc not in (0, -15):

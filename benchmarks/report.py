@@ -707,6 +707,17 @@ def render_targets(b: Bench, s: dict[str, Any]) -> list[str]:
                 cost <= 0.10,
             )
         )
+    remote = (s.get("ics-sagemaker/small") or {}).get("steady_images_per_s")
+    local = (s.get("ics/small") or {}).get("steady_images_per_s")
+    if remote and local:
+        rows.append(
+            (
+                "remote model: `sagemaker:` to a local `ics serve`, steady rate beside the "
+                "local model's (the network hop's cost; no target)",
+                f"{remote / local:.2f} × ({_fmt(remote)} vs {_fmt(local)} images/s)",
+                None,
+            )
+        )
     captured = ips("ics-capture/small")
     if captured and full:
         cost = 1 - captured / full

@@ -4,9 +4,9 @@
 - `sagemaker`: answers `POST /endpoints/NAME/invocations` as a SageMaker runtime does, by
   the endpoint's name: `throttle-N-...` refuses the first N calls with a
   ThrottlingException, `model-error` answers a ModelError (424), `labelled` names its
-  classes in the answer, `predictions` answers `{"predictions": [[...]]}`, any other a JSON
-  array. Its three class probabilities depend on the TargetModel header. `GET /calls` lists
-  what each invocation carried.
+  classes in the answer, `predictions` answers `{"predictions": [[...]]}`, `slow-...` takes
+  0.2 s, any other answers a JSON array. Its three class probabilities depend on the
+  TargetModel header. `GET /calls` lists what each invocation carried.
 - `v2`: an Open Inference Protocol model `peer` taking FP32 [-1, 3, S, S] (or NHWC) tensors,
   answering softmax(per-channel means) as FP32 [-1, 3]; `--json-only` leaves out the binary
   tensor data extension. `GET /calls` lists each inference's batch size and encoding.
@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,6 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class SageMakerPeer(_Handler):
     throttled: ClassVar[dict[str, int]] = {}
+    in_flight: ClassVar[list[int]] = [0]
 
     def do_POST(self) -> None:
         body = self._body()
@@ -78,6 +80,18 @@ class SageMakerPeer(_Handler):
         name = parts[2]
         target = self.headers.get("X-Amzn-SageMaker-Target-Model")
         with self.lock:
+            self.in_flight[0] += 1
+            now = self.in_flight[0]
+        try:
+            self._invoke(name, target, body, now)
+        finally:
+            with self.lock:
+                self.in_flight[0] -= 1
+
+    def _invoke(self, name: str, target: str | None, body: bytes, in_flight: int) -> None:
+        if name.startswith("slow-"):
+            time.sleep(0.2)
+        with self.lock:
             self.calls.append(
                 {
                     "endpoint": name,
@@ -87,6 +101,7 @@ class SageMakerPeer(_Handler):
                     "accept": self.headers.get("Accept"),
                     "bytes": len(body),
                     "signed": self.headers.get("Authorization", "").startswith("AWS4-HMAC"),
+                    "in_flight": in_flight,
                 }
             )
             if name.startswith("throttle-"):
@@ -189,7 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     handler: type[_Handler]
     if args.kind == "sagemaker":
-        handler = type("Handler", (SageMakerPeer,), {"throttled": {}})
+        handler = type("Handler", (SageMakerPeer,), {"throttled": {}, "in_flight": [0]})
     else:
         handler = type(
             "Handler",
@@ -216,6 +231,8 @@ def peer(kind: str, *args: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def calls(url: str) -> list[dict[str, Any]]:

@@ -355,6 +355,19 @@ def test_capture_runner_beside_the_default_one_on_a_tiny_corpus(
 
 
 @pytest.mark.slow
+def test_remote_model_runner_beside_the_local_one_on_a_tiny_corpus(
+    bench_env: dict[str, str],
+) -> None:
+    table, doc = _run_bench(bench_env, BENCH_RUNNERS="ics,ics-sagemaker", **SMALL_ONLY)
+    # ok: `ics classify --model sagemaker:...` classified every image through `ics serve`.
+    assert _ok_runs(doc) == {("ics", "small"), ("ics-sagemaker", "small")}
+    assert "`ics classify --model sagemaker:…`" in table
+    assert "remote model: `sagemaker:` to a local `ics serve`" in table
+    # The server's store and the labels file are the run's own: gone with it.
+    assert not list((Path(bench_env["BENCH_OUT"]) / "runs").glob("ics-sagemaker*-server.db*"))
+
+
+@pytest.mark.slow
 def test_scaling_tables_against_corpus_size_and_pinned_cores(bench_env: dict[str, str]) -> None:
     table, doc = _run_bench(
         bench_env,

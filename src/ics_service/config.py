@@ -111,7 +111,16 @@ class Settings(BaseModel):
         description="Execution store URL (sqlite:///PATH or postgresql://...); "
         "default sqlite:///HOME/ics.db.",
     )
-    model: str = Field(default="efficientnet-lite0", description="Model name (`ics models list`).")
+    model: str = Field(
+        default="efficientnet-lite0",
+        description="Model name (`ics models list`), or a remote model: "
+        "sagemaker:ENDPOINT[/VARIANT] or v2:http(s)://HOST:PORT/v2/models/NAME.",
+    )
+    labels: Path | None = Field(
+        default=None,
+        description="Labels file (one class a line) of a remote model given as "
+        "sagemaker:... or v2:..., where the endpoint answers bare probabilities.",
+    )
     threshold: float = Field(
         default=0.94,
         ge=0.0,

@@ -117,6 +117,8 @@ class ModelCard:
     def labels(self) -> tuple[str, ...]:
         if self.labels_path is not None:
             return read_labels(self.labels_path)
+        if not self.labels_file:  # a remote model whose endpoint has not named them yet
+            raise ConfigError(f"model {self.name} has no labels file: give it with --labels FILE")
         return _load_labels(self.labels_file)
 
     @property

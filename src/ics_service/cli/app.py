@@ -217,12 +217,19 @@ def open_runner(settings: Settings) -> Iterator[Any]:
     from ..models import get_card
     from ..models.background import RuntimeLoading
     from ..models.device import resolve_device
+    from ..models.remote import RemoteOptions
 
     card = get_card(settings.model, settings)
     device = resolve_device(settings.device)
     threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
     # The model opens on a thread while this one imports SQLAlchemy (with the alerts, below).
-    loading = RuntimeLoading(card, settings.models_dir, threads=threads, device=device)
+    loading = RuntimeLoading(
+        card,
+        settings.models_dir,
+        threads=threads,
+        device=device,
+        remote=RemoteOptions.of(settings),
+    )
     from ..alerts.dispatcher import Alerting
     from ..store import Store
 
@@ -248,6 +255,9 @@ def open_runner(settings: Settings) -> Iterator[Any]:
                     store.verify()
             finally:
                 store.close()
+                close = getattr(runtime, "close", None)  # a remote model's connections
+                if close is not None:
+                    close()
 
 
 @contextmanager

@@ -64,7 +64,14 @@ log = logging.getLogger("ics_service.cli")
 @click.option(
     "-m",
     "--model",
-    help=f"Model name (default {default('model')}; see `ics models list`).",
+    help=f"Model name (default {default('model')}; see `ics models list`), or a remote "
+    "model: sagemaker:ENDPOINT[/VARIANT] or v2:http(s)://HOST:PORT/v2/models/NAME.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False),
+    help="Labels file (one class a line) of a remote --model sagemaker:... or v2:... whose "
+    "endpoint answers bare probabilities.",
 )
 @click.option(
     "--batch-size", type=int, help=f"Images per inference batch (default {default('batch_size')})."

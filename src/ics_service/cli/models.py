@@ -91,7 +91,12 @@ def model_doc(name: str, settings: Settings) -> dict[str, Any]:
     path = onnx_file(card, settings.models_dir) if card.kind == "onnx" else None
     prepared = path.is_file() if path is not None else True
     if card.added:
-        origin = str(card.source.get("onnx") or card.source.get("python") or "added")
+        origin = str(
+            card.source.get("onnx")
+            or card.source.get("python")
+            or card.source.get("spec")
+            or "added"
+        )
     else:
         origin = "bundled"
     return {
@@ -190,9 +195,26 @@ def _number(text: str) -> float:
     help="The model's ONNX file: one float32 image input, (N, classes) scores out.",
 )
 @click.option(
+    "--sagemaker",
+    metavar="ENDPOINT[/VARIANT]",
+    help="A SageMaker endpoint (boto3's sagemaker-runtime, its standard chain of region, "
+    "endpoint URL and credentials), sent each image's bytes.",
+)
+@click.option(
+    "--target-model",
+    help="With --sagemaker: the model of a multi-model endpoint (boto3's TargetModel).",
+)
+@click.option(
+    "--v2",
+    "v2_url",
+    metavar="URL",
+    help="A model of an Open Inference Protocol server: http(s)://HOST:PORT/v2/models/NAME.",
+)
+@click.option(
     "--labels",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Class names, one per line, in the order of the model's outputs.",
+    help="Class names, one per line, in the order of the model's outputs (a remote model "
+    "that names its classes needs none).",
 )
 @click.option(
     "--card",
@@ -274,6 +296,9 @@ def _number(text: str) -> float:
 def models_add(
     name: str,
     onnx: Path | None,
+    sagemaker: str | None,
+    target_model: str | None,
+    v2_url: str | None,
     labels: Path | None,
     card_file: Path | None,
     like: str | None,
@@ -283,7 +308,11 @@ def models_add(
 ) -> None:
     """Add a model of your own under NAME: checked (input and output shapes against the
     card and labels, one real inference on a sample photo), then copied into the model
-    home with its card and content hash. Use it with --model NAME."""
+    home with its card and content hash. Use it with --model NAME.
+
+    A remote model (--sagemaker ENDPOINT[/VARIANT], --v2 URL) is checked by classifying the
+    sample photo through it; its card and labels (from --labels, or named by the endpoint)
+    are written to the model home."""
     from ..models.added import AddRequest, add_model
 
     card_fields = {
@@ -304,6 +333,21 @@ def models_add(
         "version": kwargs.pop("model_version"),
     }
     settings = load_cli_settings(kwargs).settings
+    if sagemaker is not None or v2_url is not None or target_model is not None:
+        if onnx is not None or card_file is not None or like is not None:
+            raise UsageError("a remote model (--sagemaker, --v2) has no --onnx, --card or --like")
+        card = _add_remote(
+            name, sagemaker, target_model, v2_url, labels, settings, card_fields, replace_existing
+        )
+        if as_json:
+            json_out(model_doc(card.name, settings))
+            return
+        click.echo(
+            f"added {card.name} ({card.kind} {card.source['spec'].partition(':')[2]}, "
+            f"{len(card.labels)} classes) in {settings.models_dir / card.name}; use it with "
+            f"--model {card.name}"
+        )
+        return
     if onnx is None and card_file is None:
         raise UsageError("give the model's file: --onnx FILE (or --card CARD.toml)")
     req = AddRequest(
@@ -325,6 +369,41 @@ def models_add(
         f"added {card.name} (version {card.version}, {len(card.labels)} classes, "
         f"sha256 {card.source['sha256'][:16]}...) in {settings.models_dir / card.name}; "
         f"use it with --model {card.name}"
+    )
+
+
+def _add_remote(
+    name: str,
+    sagemaker: str | None,
+    target_model: str | None,
+    v2_url: str | None,
+    labels: Path | None,
+    settings: Settings,
+    card_fields: dict[str, Any],
+    replace_existing: bool,
+) -> Any:
+    from ..models.remote import RemoteOptions, add_remote
+    from ..models.sagemaker import endpoint_of
+
+    if sagemaker is not None and v2_url is not None:
+        raise UsageError("give --sagemaker or --v2, not both")
+    if sagemaker is not None:
+        endpoint, _, variant = sagemaker.removeprefix("sagemaker:").partition("/")
+        spec = str(endpoint_of(endpoint, variant or None, target_model))
+    elif v2_url is None:
+        raise UsageError("--target-model goes with --sagemaker ENDPOINT")
+    else:
+        if target_model is not None:
+            raise UsageError("--target-model goes with --sagemaker, not --v2")
+        spec = "v2:" + v2_url.removeprefix("v2:")
+    return add_remote(
+        name,
+        spec,
+        labels=labels,
+        models_dir=settings.models_dir,
+        options=RemoteOptions.of(settings),
+        fields=card_fields,
+        replace_existing=replace_existing,
     )
 
 

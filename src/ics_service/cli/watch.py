@@ -101,7 +101,16 @@ class WatchCommand(click.Command):
     f"{default('threshold')}).",
 )
 @click.option(
-    "-m", "--model", help=f"Model name (default {default('model')}; see `ics models list`)."
+    "-m",
+    "--model",
+    help=f"Model name (default {default('model')}; see `ics models list`), or a remote "
+    "model: sagemaker:ENDPOINT[/VARIANT] or v2:http(s)://HOST:PORT/v2/models/NAME.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False),
+    help="Labels file (one class a line) of a remote --model sagemaker:... or v2:... whose "
+    "endpoint answers bare probabilities.",
 )
 @device_option
 @low_confidence_option

@@ -5,6 +5,12 @@ the inference loop takes whatever is ready (up to batch_size), runs the model on
 emits the results. Pillow, numpy and onnxruntime release the GIL, so the two stages run
 in parallel on separate cores, and the bounded queue keeps memory flat for any number of
 items.
+
+A remote model (`plan_batches`) gets `remote_concurrency` inference workers, each with one
+request in flight; one sent encoded images (`takes_bytes`: a SageMaker endpoint) still has
+every image read and decoded here first, so a broken image ends FAILED without a call, and
+gets the bytes instead of a tensor. When it refuses a whole batch (ModelError), each image
+of the batch is sent again alone, so that only the one to blame fails.
 """
 
 from __future__ import annotations

@@ -212,6 +212,7 @@ class Watcher:
         if settings.model != self.runner.settings.model:
             from ..models import get_card, load_runtime
             from ..models.device import resolve_device
+            from ..models.remote import RemoteOptions
             from .pipeline import plan_inference
 
             threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
@@ -220,6 +221,7 @@ class Watcher:
                 settings.models_dir,
                 threads=threads,
                 device=resolve_device(settings.device),
+                remote=RemoteOptions.of(settings),
             )
         return ExecutionRunner(settings, self.runner.store, runtime)
 

@@ -135,19 +135,7 @@ CARD_FIELDS = frozenset(f.name for f in fields(ModelCard))
 def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
     """Check the model and copy it into `<models_dir>/<name>/`; its card and notes of what
     was taken from the model itself (input size, layout)."""
-    check_name(req.name)
-    if req.name in MODELS:
-        raise UsageError(
-            f"{req.name} is a bundled model's name: choose another name for yours (bundled "
-            "models cannot be replaced)"
-        )
-    folder = models_dir / req.name
-    if folder.exists() and not req.replace_existing:
-        what = "an added model" if (folder / CARD_FILE).is_file() else "a folder"
-        raise UsageError(
-            f"{req.name} is already {what} in {models_dir}: give --replace to replace it, "
-            "or choose another name"
-        )
+    check_new_name(req.name, models_dir, replace_existing=req.replace_existing)
     draft = draft_card(req, models_dir)
     labels = _check_labels(draft.labels)
     digest = sha256_of(draft.onnx) if draft.onnx.is_file() else ""
@@ -164,10 +152,24 @@ def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
         "ics_version": __version__,
     }
     card, notes = check_onnx(draft, labels)
-    _install(card, draft.onnx, labels, models_dir)
-    installed = added_card(req.name, models_dir)
-    assert installed is not None
-    return installed, notes
+    return install(card, draft.onnx, labels, models_dir), notes
+
+
+def check_new_name(name: str, models_dir: Path, *, replace_existing: bool) -> None:
+    """UsageError unless a model may be added under `name`."""
+    check_name(name)
+    if name in MODELS:
+        raise UsageError(
+            f"{name} is a bundled model's name: choose another name for yours (bundled "
+            "models cannot be replaced)"
+        )
+    folder = models_dir / name
+    if folder.exists() and not replace_existing:
+        what = "an added model" if (folder / CARD_FILE).is_file() else "a folder"
+        raise UsageError(
+            f"{name} is already {what} in {models_dir}: give --replace to replace it, "
+            "or choose another name"
+        )
 
 
 def _check_labels(path: Path) -> tuple[str, ...]:
@@ -359,24 +361,28 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _install(card: ModelCard, onnx: Path, labels: tuple[str, ...], models_dir: Path) -> None:
-    """Write the model's folder next to its place and rename it there (a replaced model's
-    folder is moved aside first, then deleted)."""
+def install(
+    card: ModelCard, onnx: Path | None, labels: tuple[str, ...], models_dir: Path
+) -> ModelCard:
+    """Write the model's folder (its model file, none for a remote model; its labels and
+    card) next to its place and rename it there (a replaced model's folder is moved aside
+    first, then deleted); the card as the registry now reads it."""
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".adding-{card.name}-", dir=models_dir))
     try:
         staging.chmod(0o777 & ~_umask())
-        shutil.copyfile(onnx, staging / MODEL_FILE)
+        if onnx is not None:
+            shutil.copyfile(onnx, staging / MODEL_FILE)
         (staging / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
         final = models_dir / card.name
         installed = replace(
             card,
-            model_path=str(final / MODEL_FILE),
+            model_path=None if onnx is None else str(final / MODEL_FILE),
             labels_path=str(final / LABELS_FILE),
             labels_file=LABELS_FILE,
         )
         (staging / CARD_FILE).write_text(installed.to_toml(), encoding="utf-8")
-        if sha256_of(staging / MODEL_FILE) != card.source["sha256"]:
+        if onnx is not None and sha256_of(staging / MODEL_FILE) != card.source["sha256"]:
             raise ModelRejected(f"{onnx} changed while it was being added: add it again")
         old = None
         if final.exists():
@@ -388,6 +394,9 @@ def _install(card: ModelCard, onnx: Path, labels: tuple[str, ...], models_dir: P
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    added = added_card(card.name, models_dir)
+    assert added is not None
+    return added
 
 
 def _umask() -> int:

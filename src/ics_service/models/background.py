@@ -17,6 +17,7 @@ from pathlib import Path
 from ..modelcard import ModelCard
 from .device import CPU, Device
 from .factory import load_runtime, onnx_file
+from .remote import RemoteOptions
 from .runtime import ModelRuntime, OnnxRuntime
 
 
@@ -24,10 +25,17 @@ class RuntimeLoading:
     """A model runtime being opened; `result()` waits for it and raises what opening raised."""
 
     def __init__(
-        self, card: ModelCard, models_dir: Path, *, threads: int = 0, device: Device = CPU
+        self,
+        card: ModelCard,
+        models_dir: Path,
+        *,
+        threads: int = 0,
+        device: Device = CPU,
+        remote: RemoteOptions | None = None,
     ) -> None:
         self.card = card
         self.device = device
+        self._remote = remote
         self._runtime: ModelRuntime | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -53,7 +61,11 @@ class RuntimeLoading:
     def result(self) -> ModelRuntime:
         if self._thread is None and self._runtime is None:
             self._runtime = load_runtime(
-                self.card, self._models_dir, threads=self._threads, device=self.device
+                self.card,
+                self._models_dir,
+                threads=self._threads,
+                device=self.device,
+                remote=self._remote,
             )
         if self._thread is not None:
             self._thread.join()

@@ -8,7 +8,11 @@ from pathlib import Path
 from ..errors import ModelNotPrepared
 from ..modelcard import ModelCard
 from .device import CPU, Device
+from .remote import PREFIXES, RemoteOptions
 from .runtime import ModelRuntime, OnnxRuntime, check_readable
+
+#: The kinds run by a remote endpoint (models/remote.py).
+REMOTE_KINDS = tuple(PREFIXES)
 
 
 def onnx_file(card: ModelCard, models_dir: Path) -> Path:
@@ -54,15 +58,20 @@ def load_runtime(
     threads: int = 0,
     device: Device = CPU,
     auto_prepare: bool = True,
+    remote: RemoteOptions | None = None,
 ) -> ModelRuntime:
     """The runtime of the card's kind. A bundled ONNX model that is not prepared yet is
     prepared first when torch is here (`auto_prepare`). An ONNX model runs on `device`;
-    a runtime of another kind decides where it runs itself."""
+    a remote model (sagemaker, v2) runs with the `remote` options (timeout, concurrency)."""
+    if card.kind in REMOTE_KINDS:
+        from .remote import open_remote
+
+        return open_remote(card, models_dir, remote or RemoteOptions())
     loader = LOADERS.get(card.kind)
     if loader is None:
         raise ModelNotPrepared(
             f"model {card.name} is a {card.kind!r} model, which this ICS cannot run; it runs "
-            f"{', '.join(LOADERS)} models"
+            f"{', '.join([*LOADERS, *REMOTE_KINDS])} models"
         )
     if card.kind == "onnx":
         return _load_onnx(card, models_dir, threads, auto_prepare, device)

@@ -44,6 +44,9 @@ EFFICIENTNET_LITE0_INT8 = replace(
     },
 )
 
+#: The prefixes of ad hoc remote models (models/remote.py).
+REMOTE_PREFIXES = ("sagemaker:", "v2:")
+
 #: Yahoo's Open-NSFW, the content-moderation model, with the preprocessing of Yahoo's own
 #: classify_nsfw.py (the model was fitted on it): the whole image to 256×256 (bilinear),
 #: a JPEG round trip (Pillow's default quality, 75), the centre 224×224, BGR, minus the
@@ -152,7 +155,12 @@ def all_cards(where: Settings | Path) -> list[ModelCard]:
 
 
 def get_card(name: str, where: Settings | Path | None = None) -> ModelCard:
-    """The card of a bundled model, or of one added to `where`'s model home."""
+    """The card of a bundled model, of one added to `where`'s model home, or of an ad hoc
+    remote model (`sagemaker:ENDPOINT`, `v2:URL`; its labels file is the `labels` setting)."""
+    if name.startswith(REMOTE_PREFIXES):
+        from .remote import remote_card
+
+        return remote_card(name, labels=where.labels if isinstance(where, Settings) else None)
     card = MODELS.get(name)
     if card is None and where is not None:
         card = added_card(name, where)

@@ -1,129 +1,250 @@
-"""What the remote model runtimes (`sagemaker`, `v2remote`) share: reading an answer's
-probabilities (and labels, where it names them), checking them against the card, and the
-small image a runtime sends to learn an endpoint's labels."""
+"""Remote models: the cards of `sagemaker:` and `v2:` models (ad hoc, from a spec such as
+`sagemaker:ENDPOINT/VARIANT` or `v2:http://HOST:PORT/v2/models/NAME`, or added by name with
+`ics models add NAME --sagemaker ... / --v2 ...`), and opening their runtimes.
+
+A remote model's labels come from a labels file, or from the endpoint itself where it names
+them: a SageMaker answer with `labels`, a v2 server with the classification extension (ICS,
+Triton with a labels file). Labels learned so are kept beside the model home
+(`<models_dir>/.remote/`), or in an added model's folder.
+"""
 
 from __future__ import annotations
 
-import io
-import math
-from collections.abc import Sequence
-from typing import Any
+import datetime
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from .. import __version__
+from ..errors import (
+    ConfigError,
+    EndpointUnavailable,
+    EnvironmentUnavailable,
+    ModelError,
+    UsageError,
+)
+from ..modelcard import ModelCard, read_labels
+from .registry import REMOTE_PREFIXES
 
-from ..errors import ModelError
-from ..modelcard import ModelCard
-from .runtime import softmax
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .runtime import ModelRuntime
 
-#: Keys of a JSON answer that hold the probabilities, as SageMaker containers write them
-#: (TensorFlow Serving's "predictions", scikit-learn's "prediction", JumpStart's
-#: "probabilities").
-PROBABILITY_KEYS = ("predictions", "prediction", "probabilities", "scores")
-#: Keys of a JSON answer that name the classes.
-LABEL_KEYS = ("labels", "classes")
+#: The card kinds served by a remote endpoint, and the prefix of each one's ad hoc spec.
+PREFIXES = dict(zip(("sagemaker", "v2"), REMOTE_PREFIXES, strict=True))
+#: The input size a remote card gets when nothing says otherwise: the engine decodes every
+#: image at it (a check that it decodes) before sending the encoded bytes.
+DEFAULT_INPUT_SIZE = 224
+#: Where labels learned from an ad hoc model's endpoint are kept, under the model home.
+LEARNED_DIR = ".remote"
 
 
-def probabilities_of(doc: Any, *, where: str) -> tuple[list[list[float]], list[str] | None]:
-    """The rows of class probabilities of an answer, and its labels when it names them.
+@dataclass(frozen=True)
+class RemoteOptions:
+    """The settings remote runtimes run with (read once from the settings, passed down)."""
 
-    Accepts a JSON array of numbers (one image), an array of such arrays (one per image), or
-    an object holding either under `PROBABILITY_KEYS`, with the labels under `LABEL_KEYS`.
-    ModelError, naming `where`, for anything else.
-    """
-    labels = None
-    if isinstance(doc, dict):
-        key = next((k for k in PROBABILITY_KEYS if k in doc), None)
-        if key is None:
-            raise ModelError(
-                f"{where} answered a JSON object without probabilities (keys: "
-                f"{', '.join(sorted(map(str, doc))[:8]) or 'none'}); ICS reads "
-                f"{', '.join(PROBABILITY_KEYS)} or a bare JSON array"
-            )
-        label_key = next((k for k in LABEL_KEYS if k in doc), None)
-        if label_key is not None:
-            labels = doc[label_key]
-            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-                raise ModelError(f"{where} answered {label_key} that is not a list of strings")
-        doc = doc[key]
-    if isinstance(doc, list) and doc and all(_is_number(x) for x in doc):
-        return [doc], labels
-    if (
-        isinstance(doc, list)
-        and doc
-        and all(isinstance(row, list) and row and all(_is_number(x) for x in row) for row in doc)
-    ):
-        return doc, labels
-    raise ModelError(
-        f"{where} answered {_kind(doc)}, not class probabilities (a JSON array of numbers, "
-        "or an array of them per image)"
+    timeout_s: float = 30.0
+    concurrency: int = 8
+
+    @classmethod
+    def of(cls, settings: Settings) -> RemoteOptions:
+        return cls(timeout_s=settings.remote_timeout_s, concurrency=settings.remote_concurrency)
+
+
+def is_remote_spec(name: str) -> bool:
+    """Whether a model name is an ad hoc remote model (`sagemaker:...`, `v2:...`)."""
+    return name.startswith(tuple(PREFIXES.values()))
+
+
+def remote_source(spec: str) -> tuple[str, dict[str, Any]]:
+    """(kind, source) of a remote spec; UsageError saying what is wrong with it."""
+    if spec.startswith(PREFIXES["sagemaker"]):
+        from .sagemaker import parse_spec
+
+        endpoint = parse_spec(spec)
+        source: dict[str, Any] = {"spec": str(endpoint), "endpoint": endpoint.name}
+        if endpoint.variant:
+            source["variant"] = endpoint.variant
+        if endpoint.target_model:
+            source["target_model"] = endpoint.target_model
+        return "sagemaker", source
+    if spec.startswith(PREFIXES["v2"]):
+        from .v2remote import parse_url
+
+        model = parse_url(spec)
+        return "v2", {"spec": PREFIXES["v2"] + model.url, "url": model.url}
+    raise UsageError(
+        f"{spec!r} is not a remote model: write sagemaker:ENDPOINT[/VARIANT] or "
+        "v2:http(s)://HOST:PORT/v2/models/NAME"
     )
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+def remote_card(
+    spec: str, *, name: str | None = None, labels: Path | None = None, **fields: Any
+) -> ModelCard:
+    """The card of a remote model: `name` (default: the spec itself, for an ad hoc model),
+    labels from `labels` (or, when None, from the endpoint once it is opened), and any other
+    card fields given (a threshold, and for a v2 model taking tensors its preprocessing)."""
+    kind, source = remote_source(spec)
+    if name is None:
+        source["ad_hoc"] = True
+    values: dict[str, Any] = {
+        "name": name or source["spec"],
+        "version": source.get("variant", "endpoint") if kind == "sagemaker" else "1",
+        "description": f"{'SageMaker endpoint' if kind == 'sagemaker' else 'v2 model'} "
+        f"{source['spec'].partition(':')[2]}",
+        "input_size": DEFAULT_INPUT_SIZE,
+        "outputs": "probabilities",
+        **{k: v for k, v in fields.items() if v is not None},
+        "kind": kind,
+        "labels_file": "",
+        "labels_path": None if labels is None else str(labels.resolve()),
+        "source": source,
+    }
+    if kind == "v2":
+        from .v2remote import parse_url
+
+        values["version"] = fields.get("version") or parse_url(source["url"]).version or "1"
+    return ModelCard(**values)
 
 
-def _kind(doc: Any) -> str:
-    if isinstance(doc, list):
-        return "an empty array" if not doc else "an array of something other than numbers"
-    return f"a JSON {type(doc).__name__}"
+def open_remote(card: ModelCard, models_dir: Path, options: RemoteOptions) -> ModelRuntime:
+    """The runtime of a remote card, its labels learned from the endpoint when the card has
+    no labels file (ConfigError when the endpoint cannot name them)."""
+    runtime: Any
+    if card.kind == "sagemaker":
+        from .sagemaker import SageMakerRuntime, endpoint_of
+
+        endpoint = endpoint_of(
+            card.source["endpoint"], card.source.get("variant"), card.source.get("target_model")
+        )
+        runtime = SageMakerRuntime(
+            card, endpoint, timeout_s=options.timeout_s, concurrency=options.concurrency
+        )
+    else:
+        from .v2remote import V2Runtime, parse_url
+
+        runtime = V2Runtime(card, parse_url(card.source["url"]), timeout_s=options.timeout_s)
+    try:
+        if card.source.get("ad_hoc"):
+            runtime.card = card = _fitted(runtime, card)
+        if card.labels_path is None:
+            labels = learn_labels(runtime, card)
+            path = _keep_learned(models_dir, card, labels)
+            runtime.card = replace(card, labels_path=str(path))
+        if card.kind == "v2":
+            runtime.check_card(runtime.card)
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime  # type: ignore[no-any-return]
 
 
-def checked(
-    rows: Sequence[Sequence[float]] | np.ndarray,
-    card: ModelCard,
+def _fitted(runtime: Any, card: ModelCard) -> ModelCard:
+    """An ad hoc v2 card fitted to what the model's metadata says: its input's size and
+    layout (a tensor input), its version."""
+    if card.kind != "v2":
+        return card
+    meta = runtime.meta
+    changes: dict[str, Any] = {}
+    if meta.input_size is not None:
+        changes.update(input_size=meta.input_size, layout=meta.layout)
+    return replace(card, **changes) if changes else card
+
+
+def learn_labels(runtime: Any, card: ModelCard) -> list[str]:
+    """The labels an endpoint names itself, asked with one inference of the sample photo;
+    ConfigError saying to give a labels file when it does not name them."""
+    from .added import sample_photo
+
+    where = runtime.endpoint.describe() if card.kind == "sagemaker" else runtime.where
+    try:
+        if card.kind == "sagemaker":
+            classes, labels = runtime.labels_of_endpoint(sample_photo())
+        else:
+            labels = runtime.labels_of_server(sample_photo())
+            classes = runtime.meta.classes
+    except EndpointUnavailable as e:
+        raise EnvironmentUnavailable(
+            f"{e}; ICS asks it for its labels before it classifies (or give --labels FILE)"
+        ) from None
+    except ModelError as e:
+        raise ConfigError(f"{e}; give its labels file with --labels FILE") from None
+    if not labels:
+        count = f" ({classes} classes)" if classes else ""
+        raise ConfigError(
+            f"{where} answers bare probabilities{count} and names no classes: give its "
+            f"labels file, one class a line, with --labels FILE (model {card.name})"
+        )
+    return list(labels)
+
+
+def _keep_learned(models_dir: Path, card: ModelCard, labels: list[str]) -> Path:
+    """Write labels learned from an endpoint where the card can read them."""
+    key = hashlib.sha256(str(card.source.get("spec", card.name)).encode()).hexdigest()[:16]
+    folder = models_dir / LEARNED_DIR / key
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "labels.txt"
+        tmp = folder / f".labels-{hashlib.sha256(str(id(labels)).encode()).hexdigest()[:8]}"
+        tmp.write_text("\n".join(labels) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        raise EnvironmentUnavailable(
+            f"cannot keep the labels that {card.name} named in {folder}: {e}"
+        ) from None
+    return path
+
+
+def add_remote(
+    name: str,
+    spec: str,
     *,
-    where: str,
-    count: int,
-    labels: Sequence[str] | None = None,
-) -> np.ndarray:
-    """The answer as (count, C) float32 scores the engine can decide on: softmax applied for
-    a "logits" card; ModelError naming `where` when it does not fit the card's labels."""
-    probs = np.asarray(rows, dtype=np.float32)
-    want = card.labels
-    if probs.ndim != 2 or probs.shape[0] != count:
-        raise ModelError(f"{where} answered {probs.shape[0]} rows of scores for {count} images")
-    if probs.shape[1] != len(want):
-        raise ModelError(
-            f"{where} answered {probs.shape[1]} class scores, but the model has "
-            f"{len(want)} labels: give the labels file of this endpoint (--labels FILE)"
-        )
-    if labels is not None and tuple(labels) != want:
-        first = next(
-            (i for i, (a, b) in enumerate(zip(labels, want, strict=False)) if a != b),
-            min(len(labels), len(want)),
-        )
-        raise ModelError(
-            f"{where} names its classes, and they differ from the model's labels file at "
-            f"index {first}: remove the labels file to use the endpoint's own labels, or fix it"
-        )
-    if not np.isfinite(probs).all():
-        raise ModelError(f"{where} answered scores that are not finite numbers (NaN or inf)")
-    if card.outputs == "logits":
-        return softmax(probs)
-    if probs.min() < 0.0 or probs.max() > 1.0 + 1e-3:
-        raise ModelError(
-            f"{where} answered scores outside 0..1 (from {probs.min():g} to {probs.max():g}): "
-            "if they are logits, register the model with --outputs logits"
-        )
-    return probs
+    labels: Path | None,
+    models_dir: Path,
+    options: RemoteOptions,
+    fields: dict[str, Any],
+    replace_existing: bool = False,
+) -> ModelCard:
+    """`ics models add NAME --sagemaker ... / --v2 ...`: the card checked against the endpoint
+    (its metadata, one real inference of the sample photo, the labels' count), then written
+    to `<models_dir>/<NAME>/` with its labels."""
+    from .added import ModelRejected, check_new_name, install, sample_photo
 
+    check_new_name(name, models_dir, replace_existing=replace_existing)
+    draft = remote_card(spec, name=name, labels=labels, **fields)
+    draft = replace(
+        draft,
+        source={
+            **draft.source,
+            **({"labels": str(labels.resolve())} if labels is not None else {}),
+            "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "ics_version": __version__,
+        },
+    )
+    if labels is not None:
+        if not labels.is_file():
+            raise ModelRejected(f"labels file {labels} does not exist (or is not a file)")
+        read_labels(labels)
+    runtime: Any = open_remote(draft, models_dir, options)
+    try:
+        card: ModelCard = runtime.card
+        if card.kind == "v2" and "input_size" not in fields:
+            card = _fitted(runtime, card)
+            runtime.check_card(card)
+        image = sample_photo()
+        try:
+            if runtime.takes == "bytes":
+                runtime.predict_bytes([image], content_types=["image/jpeg"])
+            else:
+                from ..imaging import Limits, Preprocessor
 
-def probe_image() -> bytes:
-    """A small JPEG (a colour gradient) to send where an endpoint must be asked something."""
-    from PIL import Image
-
-    side = 64
-    ramp = np.linspace(0, 255, side, dtype=np.float32)
-    rgb = np.stack(
-        [np.add.outer(ramp, ramp) / 2, np.tile(ramp, (side, 1)), np.tile(ramp[:, None], side)],
-        axis=-1,
-    ).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def seconds(value: float) -> str:
-    """A duration for messages: 30 s, 0.5 s."""
-    return f"{value:g} s" if math.isfinite(value) else "ever"
+                tensor, _ = Preprocessor(card, Limits())(image)
+                runtime.predict(tensor[None])
+        except (ModelError, EndpointUnavailable) as e:
+            raise ModelRejected(f"{e} (classifying the sample photo, to check the model)") from None
+        learned = tuple(read_labels(card.labels_path)) if card.labels_path else ()
+    finally:
+        runtime.close()
+    return install(card, None, learned, models_dir)

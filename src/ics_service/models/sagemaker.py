@@ -26,7 +26,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, EndpointUnavailable, ModelError, UsageError
 from ..modelcard import ModelCard
-from .remote import checked, probabilities_of
+from .answers import checked, probabilities_of
 
 #: The prefix of a SageMaker model spec: `sagemaker:ENDPOINT[/VARIANT][?target_model=M]`.
 PREFIX = "sagemaker:"
@@ -239,6 +239,14 @@ class SageMakerRuntime:
         return checked(
             rows, self.card, where=self.endpoint.describe(), count=len(images), labels=labels
         )
+
+    def labels_of_endpoint(self, image: bytes) -> tuple[int, list[str] | None]:
+        """How many classes the endpoint answers for `image` (a JPEG), and their names
+        when its answer gives them (`{"probabilities": [...], "labels": [...]}`)."""
+        rows, labels = probabilities_of(
+            self.invoke(image, "image/jpeg"), where=self.endpoint.describe()
+        )
+        return len(rows[0]), labels
 
     def invoke(self, body: bytes, content_type: str) -> Any:
         """One invocation's answer, read as JSON."""

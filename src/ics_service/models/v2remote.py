@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__, fetch
 from ..errors import EndpointUnavailable, EnvironmentUnavailable, ModelError, UsageError
 from ..modelcard import ModelCard
-from .remote import checked
+from .answers import checked
 
 #: The prefix of a v2 model spec.
 PREFIX = "v2:"
@@ -102,6 +102,8 @@ class Metadata:
     #: The server offers the binary tensor data extension.
     binary: bool
     platform: str = ""
+    #: The extensions the server's metadata names.
+    extensions: tuple[str, ...] = ()
 
     @property
     def layout(self) -> str:
@@ -238,6 +240,7 @@ def read_metadata(model: ModelUrl, client: _Client) -> Metadata:
         classes=classes,
         binary=binary,
         platform=str(doc.get("platform", "")),
+        extensions=tuple(str(x) for x in extensions),
     )
 
 
@@ -295,13 +298,13 @@ class V2Runtime:
         self.takes = "bytes" if self.meta.datatype == "BYTES" else "tensor"
         self.max_batch = self.meta.max_batch
         self._infer_url = model.url + "/infer"
-        self.check_card(card)
 
     def __repr__(self) -> str:
         return f"V2Runtime({self.card.name!r}, {self.model.url})"
 
     def check_card(self, card: ModelCard) -> None:
-        """UsageError when the card's preprocessing cannot make the model's input."""
+        """UsageError when the card's preprocessing cannot make the model's input (checked
+        when the runtime is opened: `remote.open_remote`)."""
         size = self.meta.input_size
         if size is not None and card.input_size != size:
             raise UsageError(
@@ -314,7 +317,8 @@ class V2Runtime:
                 f"{self.where} takes {self.meta.layout} tensors, but model {card.name}'s card "
                 f"says layout = {layout}"
             )
-        if self.meta.classes is not None and self.meta.classes != len(card.labels):
+        known = card.labels_path is not None or bool(card.labels_file)  # else: learned later
+        if known and self.meta.classes is not None and self.meta.classes != len(card.labels):
             raise UsageError(
                 f"{self.where} answers {self.meta.classes} class scores, but model "
                 f"{card.name} has {len(card.labels)} labels: give the model's labels file"
@@ -416,6 +420,41 @@ class V2Runtime:
                 f"{self.where} answered output {self.meta.output_name} with shape {shape} "
                 f"that does not hold {count} rows of scores"
             ) from None
+
+    def labels_of_server(self, image: bytes) -> list[str] | None:
+        """The model's labels, asked of a server that offers the classification extension
+        (Triton with a labels file, ICS): one inference of `image` (or of a zero tensor)
+        with every class named. None when the server cannot name them."""
+        classes = self.meta.classes
+        if not classes or "classification" not in self.meta.extensions:
+            return None
+        if self.takes == "bytes":
+            spec: dict[str, Any] = {"name": self.meta.input_name, "datatype": "BYTES"}
+            spec["shape"] = [1] if len(self.meta.shape) == 1 else [1, 1]
+            raw = _U32.pack(len(image)) + image
+        else:
+            shape = [1, *self.meta.shape[1:]]
+            spec = {"name": self.meta.input_name, "datatype": "FP32", "shape": shape}
+            raw = np.zeros(shape, dtype="<f4").tobytes()
+        if not self.meta.binary:
+            return None
+        spec["parameters"] = {"binary_data_size": len(raw)}
+        out = {"name": self.meta.output_name, "parameters": {"classification": classes}}
+        header = json.dumps({"inputs": [spec], "outputs": [out]}).encode()
+        headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+        _, answer = self.client.call("POST", self._infer_url, headers=headers, content=header + raw)
+        try:
+            doc = json.loads(answer)
+            strings = doc["outputs"][0]["data"]
+            named = {}
+            for text in strings:
+                _, index, label = str(text).split(":", 2)
+                named[int(index)] = label
+        except (ValueError, KeyError, IndexError, TypeError):
+            return None
+        if sorted(named) != list(range(classes)):
+            return None
+        return [named[i] for i in range(classes)]
 
     def close(self) -> None:
         self.client.close()

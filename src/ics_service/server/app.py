@@ -18,7 +18,7 @@ from .. import __version__, sources
 from ..config import Settings
 from ..engine.batcher import QueueFull
 from ..engine.watch import WatcherPresence
-from ..errors import IcsError
+from ..errors import IcsError, UsageError
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..store.watched import WatchState
@@ -201,6 +201,23 @@ def load_model(settings: Settings) -> ModelRuntime:
     from ..models.device import resolve_device
 
     threads, _ = plan_serving(settings)
+    from ..models.remote import RemoteOptions
+    from ..models.runtime import takes_bytes
+
     card = get_card(settings.model, settings)
     device = resolve_device(settings.device)
-    return load_runtime(card, settings.models_dir, threads=threads, device=device)
+    runtime = load_runtime(
+        card,
+        settings.models_dir,
+        threads=threads,
+        device=device,
+        remote=RemoteOptions.of(settings),
+    )
+    if takes_bytes(runtime):
+        runtime.close()  # type: ignore[attr-defined]
+        raise UsageError(
+            f"ics serve cannot serve {card.name}: it is a remote model sent encoded images "
+            "(a SageMaker endpoint or a v2 model taking BYTES), which the server's batcher "
+            "cannot feed; classify with it (`ics classify --model ...`), or serve a local one"
+        )
+    return runtime

@@ -1,0 +1,370 @@
+"""Remote models in the workflow: `--model sagemaker:ENDPOINT` (boto3's sagemaker-runtime) and
+`--model v2:URL` (the Open Inference Protocol), against real processes on loopback: ICS's own
+`ics serve` (its SageMaker and /v2 routes), and the small servers of remote_peers.py, which
+answer as a SageMaker endpoint throttling or failing does, and as an FP32-tensor v2 model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cli import ics, ics_process
+from ics_service.errors import ExitCode
+from ics_service.modelcard import ModelCard
+from remote_peers import LABELS, calls, peer
+from serving import Served, free_port, serve_process
+
+#: ClassifyImage retried fast: 3 attempts in all, no jitter.
+FAST_RETRY = json.dumps(
+    {"ClassifyImage": {"interval_seconds": 0.05, "max_attempts": 2, "jitter": "NONE"}}
+)
+ESPRESSO = 967
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_name(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {Path(r["uri"]).name: r for r in rows}
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """boto3's chain with test credentials and region, and nothing of the machine's."""
+    for var in list(os.environ):
+        if var.startswith("AWS_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAICSTEST000000000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "ics-test-secret")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+
+
+@pytest.fixture(scope="module")
+def ics_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A real `ics serve` of the default model: the far side of sagemaker: and v2:."""
+    home = tmp_path_factory.mktemp("serve-home")
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ICS_", "AWS_"))}
+    env["ICS_HOME"] = str(home)
+    with serve_process(env=env) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def sagemaker_peer() -> Iterator[str]:
+    with peer("sagemaker") as url:
+        yield url
+
+
+@pytest.fixture
+def photos3(tmp_path: Path, photos: Path) -> Path:
+    """Three real photos and a broken file."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("coffee.jpg", "chelsea.jpg", "camera.jpg"):
+        shutil.copy(photos / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    return folder
+
+
+@pytest.fixture
+def labels_file(tmp_path: Path) -> Path:
+    path = tmp_path / "peer-labels.txt"
+    path.write_text("\n".join(LABELS) + "\n")
+    return path
+
+
+@pytest.fixture
+def imagenet_labels(ics_home: Path, tmp_path: Path) -> Path:
+    res = ics("models", "info", "efficientnet-lite0", "--labels")
+    assert res.exit_code == 0, res.output
+    path = tmp_path / "imagenet.txt"
+    path.write_text(res.stdout)
+    return path
+
+
+def classify(*args: str) -> tuple[int, dict[str, Any], list[dict[str, Any]], str]:
+    """`ics classify ARGS` in process: exit code, JSON summary, results, output."""
+    out = Path.cwd() / f"out-{len(list(Path.cwd().glob('out-*')))}.jsonl"
+    res = ics("classify", *args, "-o", str(out), "--json", "--no-progress")
+    summary = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
+    rows = read_jsonl(out) if out.exists() else []
+    return res.exit_code, summary, rows, res.output
+
+
+# --- SageMaker ------------------------------------------------------------------------------
+
+
+def test_sagemaker_model_against_ics_serve_gives_the_local_answers(
+    ics_home: Path,
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    ics_server: Served,
+    photos3: Path,
+    imagenet_labels: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", ics_server.url)
+    code, summary, rows, output = classify(
+        str(photos3), "--model", "sagemaker:ics-endpoint", "--labels", str(imagenet_labels)
+    )
+    assert code == ExitCode.FAILED, output  # broken.jpg
+    _, _, local, _ = classify(str(photos3))
+    remote, here = by_name(rows), by_name(local)
+    assert set(remote) == set(here) == {"coffee.jpg", "chelsea.jpg", "camera.jpg", "broken.jpg"}
+    assert remote["coffee.jpg"]["label"] == "espresso"
+    assert remote["coffee.jpg"]["status"] == "SUCCEEDED"
+    for name in ("coffee.jpg", "chelsea.jpg", "camera.jpg"):
+        r, h = remote[name], here[name]
+        assert (r["status"], r["label_index"]) == (h["status"], h["label_index"])
+        assert r["confidence"] == pytest.approx(h["confidence"], abs=1e-5)
+        assert r["model"]["name"] == "sagemaker:ics-endpoint"
+    # Decoded here first: the broken file fails as it does locally, and is never sent.
+    assert remote["broken.jpg"]["error"]["type"] == here["broken.jpg"]["error"]["type"]
+    assert summary["counts"]["FAILED"] == 1
+
+
+def test_sagemaker_throttling_is_retried_by_ics_alone(
+    ics_home: Path,
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    sagemaker_peer: str,
+    photos3: Path,
+    labels_file: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", sagemaker_peer)
+    monkeypatch.setenv("ICS_RETRY", FAST_RETRY)
+    (photos3 / "broken.jpg").unlink()
+    for name in ("chelsea.jpg", "camera.jpg"):
+        (photos3 / name).unlink()
+    code, summary, rows, output = classify(
+        str(photos3), "--model", "sagemaker:throttle-2-a/blue", "--labels", str(labels_file)
+    )
+    assert code == ExitCode.OK, output
+    (row,) = rows
+    assert (row["status"], row["label"], row["attempts"]) == ("SUCCEEDED", "cat", 3)
+    sent = [c for c in calls(sagemaker_peer) if c["endpoint"] == "throttle-2-a"]
+    # Two throttled, one answered: botocore's own retries are off, so none multiply.
+    assert len(sent) == 3
+    assert all(c["variant"] == "blue" and c["signed"] for c in sent)
+    assert {c["content_type"] for c in sent} == {"image/jpeg"}
+    assert {c["accept"] for c in sent} == {"application/json"}
+    history = ics("executions", "history", summary["execution_id"], "--json")
+    retried = [e for e in json.loads(history.stdout) if e["type"] == "TaskRetried"]
+    assert [e["details"]["error"] for e in retried] == ["EndpointUnavailable"] * 2
+    assert "is throttling: ThrottlingException: Rate exceeded" in retried[0]["details"]["cause"]
+
+
+def test_an_endpoint_that_stays_down_ends_items_failed(
+    ics_home: Path, aws: None, monkeypatch: pytest.MonkeyPatch, photos3: Path, labels_file: Path
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("ICS_RETRY", FAST_RETRY)
+    code, _, rows, output = classify(
+        str(photos3), "--model", "sagemaker:gone", "--labels", str(labels_file)
+    )
+    assert code == ExitCode.FAILED, output
+    rows_by = by_name(rows)
+    for name in ("coffee.jpg", "chelsea.jpg", "camera.jpg"):
+        error = rows_by[name]["error"]
+        assert error["type"] == "EndpointUnavailable"
+        assert "SageMaker endpoint gone cannot be reached" in error["message"]
+        assert rows_by[name]["attempts"] == 3
+    assert rows_by["broken.jpg"]["error"]["type"] == "InvalidImage"
+
+
+def test_a_model_error_names_the_endpoint_and_is_not_retried(
+    ics_home: Path,
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    sagemaker_peer: str,
+    photos3: Path,
+    labels_file: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", sagemaker_peer)
+    before = len(calls(sagemaker_peer))
+    code, _, rows, output = classify(
+        str(photos3), "--model", "sagemaker:model-error", "--labels", str(labels_file)
+    )
+    assert code == ExitCode.FAILED, output
+    failed = [r for r in rows if r["error"]["type"] == "ModelError"]
+    assert len(failed) == 3
+    message = failed[0]["error"]["message"]
+    assert "SageMaker endpoint model-error" in message and "the model crashed" in message
+    assert all(r["attempts"] == 1 for r in failed)
+    # The broken image never left: three calls for three photos.
+    assert len(calls(sagemaker_peer)) - before == 3
+
+
+def test_target_model_answer_formats_and_labels_from_the_answer(
+    ics_home: Path,
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    sagemaker_peer: str,
+    photos3: Path,
+    labels_file: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", sagemaker_peer)  # the general variable works too
+    (photos3 / "broken.jpg").unlink()
+    model = "sagemaker:predictions?target_model=model-b.tar.gz"
+    code, _, rows, output = classify(str(photos3), "--model", model, "--labels", str(labels_file))
+    assert code == ExitCode.OK, output
+    assert {r["label"] for r in rows} == {"bird"}
+    assert [r["confidence"] for r in rows] == pytest.approx([0.8] * 3)
+    sent = [c for c in calls(sagemaker_peer) if c["endpoint"] == "predictions"]
+    assert {c["target_model"] for c in sent} == {"model-b.tar.gz"}
+    # An answer that names its classes needs no labels file.
+    code, _, rows, output = classify(str(photos3), "--model", "sagemaker:labelled")
+    assert code == ExitCode.OK, output
+    assert {r["label"] for r in rows} == {"cat"}
+    # One that does not, does.
+    res = ics("classify", str(photos3), "--model", "sagemaker:plain", "--no-progress")
+    assert res.exit_code == ExitCode.USAGE
+    assert "--labels FILE" in res.output and "sagemaker:plain" in res.output
+
+
+def test_remote_calls_run_concurrently_within_remote_concurrency(
+    ics_home: Path,
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    sagemaker_peer: str,
+    photos: Path,
+    labels_file: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", sagemaker_peer)
+    monkeypatch.setenv("ICS_REMOTE_CONCURRENCY", "3")
+    code, _, rows, output = classify(
+        str(photos), "--model", "sagemaker:slow-a", "--labels", str(labels_file)
+    )
+    assert code == ExitCode.OK, output
+    assert len(rows) == len(list(photos.glob("*.jpg")))
+    sent = [c for c in calls(sagemaker_peer) if c["endpoint"] == "slow-a"]
+    assert max(c["in_flight"] for c in sent) == 3
+
+
+# --- v2 (Open Inference Protocol) -----------------------------------------------------------
+
+
+def test_v2_model_on_ics_serve_sends_encoded_images_and_learns_the_labels(
+    ics_home: Path, ics_server: Served, photos3: Path
+) -> None:
+    url = f"v2:{ics_server.url}/v2/models/efficientnet-lite0"
+    code, _, rows, output = classify(str(photos3), "--model", url, "--batch-size", "4")
+    assert code == ExitCode.FAILED, output  # broken.jpg
+    _, _, local, _ = classify(str(photos3))
+    remote, here = by_name(rows), by_name(local)
+    for name in ("coffee.jpg", "chelsea.jpg", "camera.jpg"):
+        r, h = remote[name], here[name]
+        assert (r["status"], r["label"]) == (h["status"], h["label"])
+        assert r["confidence"] == pytest.approx(h["confidence"], abs=1e-5)
+    assert remote["coffee.jpg"]["label"] == "espresso"  # named by the server (no --labels)
+    assert remote["broken.jpg"]["error"]["type"] == "InvalidImage"
+
+
+@pytest.mark.parametrize("json_only", [False, True], ids=["binary", "json"])
+def test_v2_model_taking_tensors_gets_the_cards_preprocessing_in_batches(
+    ics_home: Path, photos: Path, labels_file: Path, json_only: bool
+) -> None:
+    from ics_service.imaging import Limits, Preprocessor
+
+    with peer("v2", "--size", "32", *(["--json-only"] if json_only else [])) as url:
+        code, _, rows, output = classify(
+            str(photos),
+            "--model",
+            f"v2:{url}/v2/models/peer",
+            "--labels",
+            str(labels_file),
+            "--batch-size",
+            "4",
+            "--threshold",
+            "0.0",
+        )
+        assert code == ExitCode.OK, output
+        sent = calls(url)
+    n = len(list(photos.glob("*.jpg")))
+    assert len(rows) == n
+    assert sum(c["batch"] for c in sent) == n and max(c["batch"] for c in sent) > 1
+    assert {c["binary"] for c in sent} == {not json_only}
+    # The peer answers softmax(per-channel means) of the tensor it got: the card's
+    # preprocessing (its defaults) at the model's size (32, from its metadata), sent intact.
+    preprocess = Preprocessor(
+        ModelCard(name="peer", version="1", description="", input_size=32), Limits()
+    )
+    for row in rows[:3]:
+        tensor, _ = preprocess(Path(row["uri"]).read_bytes())
+        means = tensor.mean(axis=(1, 2), dtype=np.float64)
+        want = np.exp(means - means.max()) / np.exp(means - means.max()).sum()
+        got = {p["label"]: p["confidence"] for p in row["top_k"]}
+        assert [got[label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_v2_server_down_stops_before_classifying(ics_home: Path, photos3: Path) -> None:
+    url = f"v2:http://127.0.0.1:{free_port()}/v2/models/m"
+    res = ics("classify", str(photos3), "--model", url, "--no-progress")
+    assert res.exit_code == ExitCode.ENVIRONMENT, res.output
+    assert "cannot be reached" in res.output
+
+
+# --- registered by name -----------------------------------------------------------------------
+
+
+def test_remote_models_added_by_name(
+    ics_home: Path,
+    aws: None,
+    monkeypatch: pytest.MonkeyPatch,
+    sagemaker_peer: str,
+    ics_server: Served,
+    photos3: Path,
+    labels_file: Path,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", sagemaker_peer)
+    monkeypatch.setenv("ICS_HOME", str(ics_home.parent / "home-of-its-own"))  # models added here
+    res = ics(
+        "models",
+        "add",
+        "pets",
+        "--sagemaker",
+        "plain/blue",
+        "--labels",
+        str(labels_file),
+        "--threshold",
+        "0.9",
+    )
+    assert res.exit_code == 0, res.output
+    res = ics("models", "add", "lite", "--v2", f"{ics_server.url}/v2/models/efficientnet-lite0")
+    assert res.exit_code == 0, res.output
+    listed = ics("models", "list", "--json")
+    kinds = {m["name"]: m["kind"] for m in json.loads(listed.stdout)}
+    assert kinds["pets"] == "sagemaker" and kinds["lite"] == "v2"
+    (photos3 / "broken.jpg").unlink()
+    code, _, rows, output = classify(str(photos3), "--model", "pets")
+    assert code == ExitCode.OK, output
+    assert {(r["label"], r["threshold"], r["model"]["name"]) for r in rows} == {
+        ("cat", 0.9, "pets")
+    }
+    code, _, rows, output = classify(str(photos3), "--model", "lite")
+    assert code == ExitCode.OK, output
+    assert by_name(rows)["coffee.jpg"]["label"] == "espresso"
+    info = json.loads(ics("models", "info", "lite", "--json").stdout)
+    assert info["source"]["spec"] == f"v2:{ics_server.url}/v2/models/efficientnet-lite0"
+    assert info["num_classes"] == 1000 and info["origin"] == info["source"]["spec"]
+    # A real process too: the added model's card is read from the model home.
+    out = ics_home.parent / "pets.jsonl"
+    done = ics_process("classify", str(photos3 / "coffee.jpg"), "--model", "pets", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert [r["label"] for r in read_jsonl(out)] == ["cat"]
+    # Checked on add: an endpoint that fails the sample photo is refused, and not added.
+    res = ics("models", "add", "broken", "--sagemaker", "model-error", "--labels", str(labels_file))
+    assert res.exit_code == ExitCode.USAGE
+    assert "the model crashed" in res.output and "sample photo" in res.output
+    assert "broken" not in ics("models", "list").stdout
