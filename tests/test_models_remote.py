@@ -25,7 +25,9 @@ from serving import Served, free_port, serve_process
 FAST_RETRY = json.dumps(
     {"ClassifyImage": {"interval_seconds": 0.05, "max_attempts": 2, "jitter": "NONE"}}
 )
-ESPRESSO = 967
+#: The far side's max_pixels: the 872 x 1000 hubble_deep_field photo is over it, the
+#: photos3 ones (at most 512 x 512) are not.
+SERVER_MAX_PIXELS = 300_000
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -57,6 +59,8 @@ def ics_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     (home / "models").symlink_to(models_dir, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ICS_", "AWS_"))}
     env["ICS_HOME"] = str(home)
+    # Smaller than the clients' limit: the server refuses photos that they decode well.
+    env["ICS_MAX_PIXELS"] = str(SERVER_MAX_PIXELS)
     with serve_process(env=env) as served:
         yield served
 
@@ -269,6 +273,28 @@ def test_v2_model_on_ics_serve_sends_encoded_images_and_learns_the_labels(
         assert r["confidence"] == pytest.approx(h["confidence"], abs=1e-5)
     assert remote["coffee.jpg"]["label"] == "espresso"  # named by the server (no --labels)
     assert remote["broken.jpg"]["error"]["type"] == "InvalidImage"
+
+
+def test_a_batch_the_server_refuses_is_sent_again_image_by_image(
+    ics_home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ics_server: Served,
+    photos3: Path,
+    photos: Path,
+) -> None:
+    (photos3 / "broken.jpg").unlink()
+    shutil.copy(photos / "hubble_deep_field.jpg", photos3)
+    # One request at a time: the photos decoded meanwhile go together in the next batch.
+    monkeypatch.setenv("ICS_REMOTE_CONCURRENCY", "1")
+    url = f"v2:{ics_server.url}/v2/models/efficientnet-lite0"
+    code, _, rows, output = classify(str(photos3), "--model", url, "--batch-size", "4")
+    assert code == ExitCode.FAILED, output
+    remote = by_name(rows)
+    error = remote.pop("hubble_deep_field.jpg")["error"]
+    assert error["type"] == "ModelError"
+    assert "ImageTooLarge" in error["message"] and "efficientnet-lite0" in error["message"]
+    assert {r["status"] for r in remote.values()} <= {"SUCCEEDED", "LOW_CONFIDENCE"}
+    assert remote["coffee.jpg"]["label"] == "espresso"
 
 
 @pytest.mark.parametrize("json_only", [False, True], ids=["binary", "json"])
