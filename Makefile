@@ -78,15 +78,15 @@ bench: $(VENV)/.bench
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts examples
+	$(BIN)/ruff format --check src tests benchmarks scripts examples
 	$(BIN)/mypy
 	$(BIN)/mypy scripts/install-check.py
 	$(BIN)/lint-imports
 
 format: $(VENV)/.test
-	$(BIN)/ruff format src tests benchmarks scripts
-	$(BIN)/ruff check --fix src tests benchmarks scripts
+	$(BIN)/ruff format src tests benchmarks scripts examples
+	$(BIN)/ruff check --fix src tests benchmarks scripts examples
 
 # Write requirements/lock.txt again from pyproject.toml, keeping the pins that still fit
 # (LOCK_ARGS=--upgrade moves every pin to the newest release; --upgrade-package NAME one).

@@ -14,6 +14,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -105,6 +106,40 @@ def refused(*args: str) -> str:
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "Traceback" not in proc.stderr
     return proc.stderr
+
+
+def test_a_card_reads_back_from_its_toml_and_bad_fields_say_what_to_fix(tmp_path: Path) -> None:
+    from ics_service.errors import ConfigError
+    from ics_service.modelcard import ModelCard
+
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    card = ModelCard(
+        name="m",
+        version="1",
+        description='quotes " and \\ and ü',
+        input_size=96,
+        layout="NHWC",
+        scale=1 / 255,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        resize=110,
+        resize_mode="squash",
+        channels="BGR",
+        threshold=0.8,
+        labels_path=str(tmp_path / "labels.txt"),
+        model_path=str(tmp_path / "model.onnx"),
+        source={"sha256": "ab", "added_at": "2026-01-01T00:00:00Z"},
+    )
+    back = ModelCard.from_toml(card.to_toml(), tmp_path)
+    assert back == replace(card, labels_file="labels.txt")  # the name of the file beside it
+    assert back.labels == ("a", "b") and back.input_shape == (96, 96, 3)
+    assert back.resize_size == 110
+    with pytest.raises(ConfigError, match=r"layout must be one of NCHW, NHWC, not 'nhwc'"):
+        ModelCard.from_toml('name = "m"\ninput_size = 96\nlayout = "nhwc"\n', tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) colour"):
+        ModelCard.from_toml('name = "m"\ninput_size = 96\ncolour = 1\n', tmp_path)
+    with pytest.raises(ConfigError, match=r"threshold must be at least 0 and at most 1"):
+        ModelCard.from_toml('name = "m"\ninput_size = 96\nthreshold = 2\n', tmp_path)
 
 
 def test_added_model_classifies_and_serves(
@@ -209,15 +244,26 @@ def test_layout_scale_and_outputs_are_honoured(
     )
     assert json.loads(run_ok("models", "info", "like", "--json"))["layout"] == "NHWC"
 
+    # A card.toml of its own, its files named relative to it.
+    card = user_models["nhwc"].parent / "card.toml"
+    card.write_text(
+        'model_file = "nhwc.onnx"\nlabels_file = "labels.txt"\nlayout = "NHWC"\n'
+        'outputs = "probabilities"\ninput_size = 160\nthreshold = 0.7\nversion = "2024.1"\n'
+    )
+    run_ok("models", "add", "carded", "--card", str(card))
+    carded = json.loads(run_ok("models", "info", "carded", "--json"))
+    assert (carded["layout"], carded["threshold"], carded["version"]) == ("NHWC", 0.7, "2024.1")
+    assert carded["source"]["card"] == str(card)
+
     answers = {}
-    for name in ("base", "nhwc", "scaled", "like"):
+    for name in ("base", "nhwc", "scaled", "like", "carded"):
         out = home / f"{name}.jsonl"
         run_ok("classify", str(photos), "--model", name, "-o", str(out), "--json")
         answers[name] = {
             Path(r["uri"]).name: (r["label"], r["confidence"])
             for r in map(json.loads, out.read_text().splitlines())
         }
-    for name in ("nhwc", "scaled", "like"):
+    for name in ("nhwc", "scaled", "like", "carded"):
         for photo, (label, confidence) in answers["base"].items():
             assert answers[name][photo][0] == label, (name, photo)
             assert answers[name][photo][1] == pytest.approx(confidence, abs=1e-4), (name, photo)
@@ -305,3 +351,116 @@ def test_bad_models_are_refused_with_what_to_fix(
         "models", "add", "m", "--onnx", onnx, "--labels", labels, "--replace", "--threshold", "0.5"
     )
     assert json.loads(run_ok("models", "info", "m", "--json"))["threshold"] == 0.5
+
+
+# --- Python models ------------------------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def colour_images(folder: Path) -> Path:
+    """Three PNGs, each of one colour, and a JPEG that is mostly green with a red square."""
+    from PIL import Image
+
+    folder.mkdir()
+    for name, rgb in (("red", (220, 30, 20)), ("green", (10, 200, 40)), ("blue", (0, 20, 230))):
+        Image.new("RGB", (120, 80), rgb).save(folder / f"{name}.png")
+    img = Image.new("RGB", (300, 200), (20, 180, 30))
+    img.paste((230, 0, 0), (0, 0, 60, 60))
+    img.save(folder / "mostly-green.jpg", quality=90)
+    return folder
+
+
+def with_path(*folders: Path) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join([*map(str, folders), os.environ["PYTHONPATH"]])}
+
+
+def test_python_model_added_by_class_runs_through_the_engine_and_the_server(
+    home: Path, tmp_path: Path
+) -> None:
+    images = colour_images(tmp_path / "colours")
+    spec = "dominant_colour:DominantColour"
+    out = run_ok("models", "add", "colours", "--python", spec, env=with_path(EXAMPLES))
+    assert "added colours (python" in out
+    info = json.loads(run_ok("models", "info", "colours", "--json"))
+    assert info["kind"] == "python" and info["source"]["python"] == spec
+    assert info["source"]["path"] == str(EXAMPLES)  # later runs import it from there
+    assert info["input_size"] == 64 and info["threshold"] == 0.5
+    assert run_ok("models", "info", "colours", "--labels").split() == ["red", "green", "blue"]
+
+    # No PYTHONPATH now: the card says where the class is.
+    results = home / "colours.jsonl"
+    run_ok("classify", str(images), "--model", "colours", "-o", str(results))
+    rows = {Path(r["uri"]).name: r for r in map(json.loads, results.read_text().splitlines())}
+    assert {name: r["label"] for name, r in rows.items()} == {
+        "red.png": "red",
+        "green.png": "green",
+        "blue.png": "blue",
+        "mostly-green.jpg": "green",
+    }
+    assert all(r["status"] == "SUCCEEDED" and r["threshold"] == 0.5 for r in rows.values())
+    assert rows["red.png"]["model"]["name"] == "colours"
+
+    with serve_process("--model", "colours") as served:
+        r = httpx.post(
+            f"{served.url}/v1/classify",
+            content=(images / "blue.png").read_bytes(),
+            headers={"Content-Type": "image/png"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["label"] == "blue"
+
+
+def test_python_model_of_an_entry_point_and_broken_classes(home: Path, tmp_path: Path) -> None:
+    images = colour_images(tmp_path / "colours")
+    # What `pip install` of a package declaring the entry point leaves on sys.path.
+    site = tmp_path / "site"
+    dist = site / "ics_colour_models-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ics-colour-models\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[ics.models]\ndominant-colour = dominant_colour:DominantColour\n"
+    )
+    (site / "broken_models.py").write_text(
+        "import numpy as np\n"
+        "class NaNs:\n"
+        "    card = {'classes': ['a', 'b']}\n"
+        "    def load(self, card): pass\n"
+        "    def predict(self, batch): return np.full((len(batch), 2), np.nan)\n"
+        "class Narrow:\n"
+        "    card = {'classes': ['a', 'b', 'c']}\n"
+        "    def load(self, card): pass\n"
+        "    def predict(self, batch): return np.ones((len(batch), 2)) / 2\n"
+        "class Crashes:\n"
+        "    card = {'classes': ['a', 'b']}\n"
+        "    def load(self, card): raise RuntimeError('no weights here')\n"
+        "    def predict(self, batch): pass\n"
+        "class NoPredict:\n"
+        "    def load(self, card): pass\n"
+    )
+    env = with_path(site, EXAMPLES)
+    listed = {
+        d["name"]: d for d in json.loads(ics_process("models", "list", "--json", env=env).stdout)
+    }
+    assert listed["dominant-colour"]["kind"] == "python"
+    assert listed["dominant-colour"]["source"]["distribution"] == "ics-colour-models"
+    results = home / "ep.jsonl"
+    proc = ics_process(
+        "classify", str(images / "red.png"), "-m", "dominant-colour", "-o", str(results), env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = map(json.loads, results.read_text().splitlines())
+    assert row["label"] == "red" and row["model"]["name"] == "dominant-colour"
+
+    def refused_with(spec: str) -> str:
+        proc = ics_process("models", "add", "x", "--python", spec, env=env)
+        assert proc.returncode == 2, proc.stderr
+        return proc.stderr
+
+    assert "NaN or infinite scores" in refused_with("broken_models:NaNs")
+    assert "answered 2 scores per image but has 3 labels" in refused_with("broken_models:Narrow")
+    assert "failed to load: RuntimeError: no weights here" in refused_with("broken_models:Crashes")
+    assert "has no predict method" in refused_with("broken_models:NoPredict")
+    assert "cannot import 'no_such_module'" in refused_with("no_such_module:Model")
+    assert "write it as module:Class" in refused_with("broken_models")

@@ -78,6 +78,9 @@ class ModelCard:
     threshold: float | None = None
     #: Absolute path of the labels file of an added model (bundled cards use labels_file).
     labels_path: str | None = None
+    #: The class names themselves, for a model whose card is written in code (a Python
+    #: model's); over labels_path and labels_file.
+    classes: tuple[str, ...] | None = None
     #: Absolute path of the model file of an added ONNX model.
     model_path: str | None = None
     #: Where the model came from: the file or class it was added from, the content hash
@@ -110,11 +113,13 @@ class ModelCard:
 
     @property
     def added(self) -> bool:
-        """Whether it was added with `ics models add` (not bundled with ICS)."""
-        return self.labels_path is not None
+        """Whether it is a user's model (added, or registered by entry point), not bundled."""
+        return bool(self.source)
 
     @property
     def labels(self) -> tuple[str, ...]:
+        if self.classes is not None:
+            return self.classes
         if self.labels_path is not None:
             return read_labels(self.labels_path)
         if not self.labels_file:  # a remote model whose endpoint has not named them yet
@@ -172,7 +177,9 @@ class ModelCard:
             value = getattr(self, f.name)
             if f.name in ("labels_path", "model_path", "build"):
                 continue
-            if f.name == "labels_file" and self.labels_path is not None:
+            if f.name == "labels_file":
+                if self.labels_path is None:
+                    continue  # a bundled file of ICS's, or the card's own classes
                 value = Path(self.labels_path).name
             if isinstance(value, dict):
                 tables.append((f.name, value))
@@ -213,6 +220,8 @@ class ModelCard:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         data.setdefault("version", "1")
         data.setdefault("description", "")
+        if isinstance(data.get("classes"), list):
+            data["classes"] = tuple(str(c) for c in data["classes"])
         for key in ("mean", "std"):
             if key in data:
                 if not isinstance(data[key], list | tuple) or len(data[key]) != 3:
@@ -303,6 +312,10 @@ def check_card(card: ModelCard) -> None:
             )
         for label, value in card.label_thresholds.items():
             number(f"label_thresholds.{label}", value, 0.0, 1.0)
+    if card.classes is not None and (
+        not card.classes or not all(isinstance(c, str) and c.strip() for c in card.classes)
+    ):
+        problems.append("classes must be a non-empty list of class names")
     if not isinstance(card.source, dict) or not isinstance(card.build, dict):
         problems.append("source and build must be tables")
     if problems:

@@ -124,7 +124,7 @@ def models_prepare(names: tuple[str, ...], force: bool, **kwargs: Any) -> None:
     for name in names or tuple(MODELS):
         card = get_card(name, settings)
         if card.added:
-            click.echo(f"{name}: added with `ics models add`, nothing to prepare")
+            click.echo(f"{name}: not a bundled model, nothing to prepare")
             continue
         extra = None if names else missing_extra(card)
         if extra is not None:
@@ -224,6 +224,13 @@ def _number(text: str) -> float:
     "options given beside it win over its fields.",
 )
 @click.option(
+    "--python",
+    "python_class",
+    metavar="MODULE:CLASS",
+    help="A Python model: a class with load(card) and predict(batch) (see docs/models.md), "
+    "importable by ICS (installed, or on PYTHONPATH when added).",
+)
+@click.option(
     "--like",
     help="Take a registered model's preprocessing and outputs (a fine-tuned variant of it).",
 )
@@ -302,13 +309,14 @@ def models_add(
     labels: Path | None,
     card_file: Path | None,
     like: str | None,
+    python_class: str | None,
     replace_existing: bool,
     as_json: bool,
     **kwargs: Any,
 ) -> None:
-    """Add a model of your own under NAME: checked (input and output shapes against the
-    card and labels, one real inference on a sample photo), then copied into the model
-    home with its card and content hash. Use it with --model NAME.
+    """Add a model of your own under NAME: an ONNX file or a Python class, checked (input and
+    output shapes against the card and labels, one real inference on a sample photo), then
+    copied into the model home with its card and content hash. Use it with --model NAME.
 
     A remote model (--sagemaker ENDPOINT[/VARIANT], --v2 URL) is checked by classifying the
     sample photo through it; its card and labels (from --labels, or named by the endpoint)
@@ -334,8 +342,10 @@ def models_add(
     }
     settings = load_cli_settings(kwargs).settings
     if sagemaker is not None or v2_url is not None or target_model is not None:
-        if onnx is not None or card_file is not None or like is not None:
-            raise UsageError("a remote model (--sagemaker, --v2) has no --onnx, --card or --like")
+        if onnx is not None or card_file is not None or like is not None or python_class:
+            raise UsageError(
+                "a remote model (--sagemaker, --v2) has no --onnx, --python, --card or --like"
+            )
         card = _add_remote(
             name, sagemaker, target_model, v2_url, labels, settings, card_fields, replace_existing
         )
@@ -348,14 +358,15 @@ def models_add(
             f"--model {card.name}"
         )
         return
-    if onnx is None and card_file is None:
-        raise UsageError("give the model's file: --onnx FILE (or --card CARD.toml)")
+    if onnx is None and card_file is None and python_class is None:
+        raise UsageError("give the model: --onnx FILE, --python MODULE:CLASS or --card CARD.toml")
     req = AddRequest(
         name=name,
         onnx=onnx,
         labels=labels,
         card_file=card_file,
         like=like,
+        python=python_class,
         replace_existing=replace_existing,
         fields=card_fields,
     )
@@ -365,10 +376,11 @@ def models_add(
         return
     for note in notes:
         click.echo(f"from the model: {note}", err=True)
+    digest = card.source.get("sha256")
     click.echo(
-        f"added {card.name} (version {card.version}, {len(card.labels)} classes, "
-        f"sha256 {card.source['sha256'][:16]}...) in {settings.models_dir / card.name}; "
-        f"use it with --model {card.name}"
+        f"added {card.name} ({card.kind}, version {card.version}, {len(card.labels)} classes"
+        + (f", sha256 {digest[:16]}..." if digest else "")
+        + f") in {settings.models_dir / card.name}; use it with --model {card.name}"
     )
 
 
@@ -415,5 +427,4 @@ def models_remove(name: str, **kwargs: Any) -> None:
     from ..models.added import remove_model
 
     settings = load_cli_settings(kwargs).settings
-    card = remove_model(name, settings.models_dir)
-    click.echo(f"removed {card.name} (version {card.version})")
+    click.echo(f"removed {remove_model(name, settings.models_dir)}")

@@ -412,7 +412,7 @@ class ExecutionRunner:
         )
         pipeline = Pipeline(
             runtime=self.runtime,
-            preprocess=Preprocessor(self.runtime.card, Limits.from_settings(s)),
+            preprocess=Preprocessor.for_runtime(self.runtime, Limits.from_settings(s)),
             reader=self._reader(execution.id),
             execution_id=execution.id,
             threshold=s.threshold,

@@ -10,12 +10,13 @@ import io
 import math
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import ImageTooLarge, InvalidImage
+from ..errors import ImageTooLarge, InferenceError, InvalidImage
 from ..modelcard import ModelCard
 from ..types import ImageInfo
 from .formats import ICO_MAGIC, declared_size, describe, open_image
@@ -33,9 +34,19 @@ class Preprocessor:
     budget (`limits.decode_memory`).
     """
 
-    def __init__(self, card: ModelCard, limits: Limits, *, fast_jpeg: bool = True) -> None:
-        """`fast_jpeg=False` has Pillow decode JPEGs too (benchmarks/decode_compare.py)."""
+    def __init__(
+        self,
+        card: ModelCard,
+        limits: Limits,
+        *,
+        fast_jpeg: bool = True,
+        custom: Callable[[np.ndarray], Any] | None = None,
+    ) -> None:
+        """`fast_jpeg=False` has Pillow decode JPEGs too (benchmarks/decode_compare.py).
+        `custom` replaces the card's normalisation: a Python model's own `preprocess`, given
+        the decoded, resized and cropped (H, W, 3) uint8 RGB image."""
         self.card = card
+        self._custom = custom
         self.fast_jpeg = fast_jpeg and simplejpeg() is not None
         self.limits = limits
         self.size = card.input_size
@@ -55,11 +66,36 @@ class Preprocessor:
         self.budget = DecodeBudget(limits.decode_memory)
         raise_pillow_guard(limits.max_pixels)
 
+    @classmethod
+    def for_runtime(cls, runtime: Any, limits: Limits) -> Preprocessor:
+        """A model runtime's preprocessing: its card's, or its own `preprocess` when it has
+        one (a Python model's)."""
+        return cls(runtime.card, limits, custom=getattr(runtime, "preprocess", None))
+
     def __call__(
         self, data: bytes, stop: threading.Event | None = None
     ) -> tuple[np.ndarray, ImageInfo]:
         img, info = self.decode(data, stop)
-        return self.normalise(np.asarray(img)), info
+        return self.input_of(np.asarray(img)), info
+
+    def input_of(self, rgb: np.ndarray) -> np.ndarray:
+        """A decoded (H, W, 3) uint8 RGB image → the model's input: the card's normalisation
+        or the model's own preprocess."""
+        if self._custom is None:
+            return self.normalise(rgb)
+        name = self.card.name
+        try:
+            out = np.asarray(self._custom(rgb), dtype=np.float32)
+        except Exception as e:
+            raise InferenceError(
+                f"model {name}'s preprocess failed: {type(e).__name__}: {e}"
+            ) from e
+        if out.shape != self.card.input_shape:
+            raise InferenceError(
+                f"model {name}'s preprocess returned shape {list(out.shape)}; its card's "
+                f"input is {list(self.card.input_shape)}"
+            )
+        return out
 
     def normalise(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """(H, W, 3) uint8 RGB → the card's layout and channel order, float32,

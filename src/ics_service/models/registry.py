@@ -150,13 +150,19 @@ def added_cards(where: Settings | Path) -> list[ModelCard]:
 
 
 def all_cards(where: Settings | Path) -> list[ModelCard]:
-    """Every model ICS knows: the bundled ones, then the added ones."""
-    return [*MODELS.values(), *added_cards(where)]
+    """Every model ICS knows: the bundled ones, the added ones, then the Python models of
+    installed packages' entry points (group `ics.models`) of other names."""
+    from .python import entry_point_cards
+
+    cards = [*MODELS.values(), *added_cards(where)]
+    names = {c.name for c in cards}
+    return cards + [c for c in entry_point_cards() if c.name not in names]
 
 
 def get_card(name: str, where: Settings | Path | None = None) -> ModelCard:
-    """The card of a bundled model, of one added to `where`'s model home, or of an ad hoc
-    remote model (`sagemaker:ENDPOINT`, `v2:URL`; its labels file is the `labels` setting)."""
+    """The card of a bundled model, of one added to `where`'s model home, of a Python
+    model registered by an installed package's entry point, or of an ad hoc remote model
+    (`sagemaker:ENDPOINT`, `v2:URL`; its labels file is the `labels` setting)."""
     if name.startswith(REMOTE_PREFIXES):
         from .remote import remote_card
 
@@ -164,9 +170,13 @@ def get_card(name: str, where: Settings | Path | None = None) -> ModelCard:
     card = MODELS.get(name)
     if card is None and where is not None:
         card = added_card(name, where)
+    if card is None:
+        from .python import find_entry_point
+
+        card = find_entry_point(name)
     if card is not None:
         return card
-    known = [*MODELS, *(c.name for c in added_cards(where))] if where is not None else [*MODELS]
+    known = [c.name for c in all_cards(where)] if where is not None else [*MODELS]
     raise ModelNotFound(
         f"unknown model {name!r}; known models: {', '.join(known)} (see `ics models list`; "
         "`ics models add` adds one)"

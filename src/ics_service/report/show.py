@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from ..config import Settings
@@ -34,13 +35,14 @@ def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     """The decision for one image (raises the ItemError that would fail its item)."""
     card = get_card(settings.model, settings)
     data = read(uri, settings.max_bytes)
-    preprocessor = Preprocessor(card, Limits.from_settings(settings))
-    tensor, info = preprocessor(data)
+    limits = Limits.from_settings(settings)
+    img, info = Preprocessor(card, limits).decode(data)  # a bad image fails before the model
     # One image: one session on every core (unless the settings choose), as the server
     # runs a lone request.
     threads = settings.inference_threads or available_cpus()
     device = resolve_device(settings.device)
     runtime = load_runtime(card, settings.models_dir, threads=threads, device=device)
+    tensor = Preprocessor.for_runtime(runtime, limits).input_of(np.asarray(img))
     probs = runtime.predict(tensor[None])
     (decision,) = decide(
         probs,

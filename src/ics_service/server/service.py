@@ -131,7 +131,7 @@ class Service:
         self.model_ref = ModelRef(name=card.name, version=card.version)
         #: Where the model runs ("cpu", "cuda:0"), for runtimes that run it here.
         self.device: str | None = getattr(getattr(runtime, "device", None), "name", None)
-        self.preprocess = Preprocessor(card, Limits.from_settings(settings))
+        self.preprocess = Preprocessor.for_runtime(runtime, Limits.from_settings(settings))
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers or default_workers(), thread_name_prefix="ics-decode"
         )
