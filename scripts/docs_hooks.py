@@ -40,6 +40,7 @@ REPO_FILES = {
     "CHANGELOG.md": "changelog.md",
     "CONTRIBUTING.md": "contributing.md",
     "src/ics_service/capture/schema.json": "capture-schema.json",
+    "examples/dominant_colour.py": "examples/dominant_colour.py",
 }
 
 
