@@ -152,6 +152,7 @@ def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[s
     and the workflow's decisions at the default threshold; a skip with the reason when
     their Debian package is not installed."""
     from ics_service.errors import ModelNotPrepared
+    from ics_service.models.agreement import CONFIDENT, NOISE_GREY_LEVELS
     from ics_service.models.agreement import heldout_agreement as measure
     from ics_service.models.heldout import PACKAGE, STAMPS_DIR, heldout_paths, package_version
 
@@ -187,6 +188,10 @@ def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[s
         # The workflow's decision (SUCCEEDED at or above the threshold, else
         # LOW_CONFIDENCE): INT8's against FP32's, on the photos and on their variations.
         "threshold": once.threshold,
+        # What "confident" means (FP32's top-1 probability at least this), and the noise of
+        # the noise floor (± this many grey levels of 0..255 on every input value).
+        "confident_at": CONFIDENT,
+        "noise_grey_levels": NOISE_GREY_LEVELS,
         "decision_agreement": once.decision_rate,
         "decision_flips": once.images - once.decisions,
         "confident_photos": once.confident,

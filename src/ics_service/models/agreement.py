@@ -30,6 +30,9 @@ from .runtime import ModelRuntime, OnnxRuntime
 #: under half a grey level of noise: see `noise_floor`).
 CONFIDENT = 0.5
 
+#: The noise of `noise_floor`: ± this many grey levels (of 0..255) on every input value.
+NOISE_GREY_LEVELS = 0.5
+
 #: The threshold decisions are compared at unless told: the workflow's default.
 DEFAULT_THRESHOLD: float = default("threshold")
 
@@ -162,7 +165,7 @@ def noise_floor(
     reference: ModelRuntime,
     batches: Iterable[np.ndarray],
     *,
-    grey_levels: float = 0.5,
+    grey_levels: float = NOISE_GREY_LEVELS,
     seed: int = 0,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> Agreement:
