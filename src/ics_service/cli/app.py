@@ -203,7 +203,8 @@ def main(ctx: click.Context) -> None:
            ones are flagged, and count too with --low-confidence fail)
       2    usage or configuration error: fix the command line or the settings
       3    internal error: a bug in ICS (see the message to report it)
-      4    environment unavailable: the store, the disk or the port cannot be used
+      4    environment unavailable: the store, the disk, the port or the --device
+           cannot be used
       5    drift: `ics report --baseline` found a PSI over the limit
       130  interrupted by SIGINT or SIGTERM (the execution is ABORTED)
     """
