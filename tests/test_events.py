@@ -323,7 +323,7 @@ async def test_deletions_subscriptions_and_bad_bodies(
             "SubscribeURL": "https://sns.us-west-2.amazonaws.com/?Action=ConfirmSubscription",
             "Timestamp": "2026-11-29T12:00:00.000Z",
         }
-        with caplog.at_level(logging.WARNING, logger="ics_service.server.events"):
+        with caplog.at_level(logging.WARNING, logger="ics_service.server.clients"):
             r = await client.post("/v1/events", json=confirm)
         assert r.status_code == 200, r.text
         assert r.json()["confirmed"] is False

@@ -275,6 +275,13 @@ class Settings(BaseModel):
         description="A request body not all received in this time (from its headers) gets 408 "
         "and its connection is closed.",
     )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="HTTP connections `ics serve` keeps open at most; a new one beyond closes "
+        "the connection idle the longest, or, with none idle, is answered 503 and closed "
+        "unread. Unset: the open-file limit (ulimit -n) less 256, within 32 and 10,000.",
+    )
     unauthenticated_body_memory: int = Field(
         default=64_000_000,
         ge=1,

@@ -11,6 +11,9 @@ import json
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from .types import isoformat, utcnow
@@ -101,3 +104,114 @@ def configure_logging(level: str, fmt: str) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+class Throttle(logging.Filter):
+    """A filter that lets through the first `burst` records of each message (its template,
+    before arguments) per `window_s`, and of the rest logs one summary line per window:
+    strangers cannot grow a log without bound by repeating what makes a line.
+
+    The summary is logged when the window ends (by a timer), or at `flush()`. At most
+    `max_messages` messages are followed; a message beyond them is let through.
+    """
+
+    def __init__(
+        self,
+        burst: int = 10,
+        window_s: float = 60.0,
+        *,
+        max_messages: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self.max_messages = max_messages
+        self.clock = clock
+        self._lock = threading.Lock()
+        # template -> [window start, let through, held back, a record to log the summary as]
+        self._windows: dict[tuple[str, str], list[Any]] = {}
+        self._timer: threading.Timer | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "ics_throttle_summary", False):
+            return True
+        key = (record.name, str(record.msg))
+        now = self.clock()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and now - window[0] >= self.window_s:
+                due = self._take_summary(key, window, now)
+                window = None
+            else:
+                due = None
+            if window is None:
+                if len(self._windows) >= self.max_messages and key not in self._windows:
+                    letting = True
+                else:
+                    self._windows[key] = [now, 1, 0, record]
+                    letting = True
+            elif window[1] < self.burst:
+                window[1] += 1
+                letting = True
+            else:
+                window[2] += 1
+                window[3] = record
+                letting = False
+                self._arm(window[0] + self.window_s - now)
+        if due is not None:
+            _log_summary(*due)
+        return letting
+
+    def flush(self) -> None:
+        """Log the summary of every window that has held lines back, and start them anew."""
+        now = self.clock()
+        with self._lock:
+            due = [
+                self._take_summary(key, window, now)
+                for key, window in list(self._windows.items())
+                if window[2] and now - window[0] >= self.window_s
+            ]
+            self._timer = None
+            if any(w[2] for w in self._windows.values()):
+                self._arm(min(w[0] for w in self._windows.values() if w[2]) + self.window_s - now)
+        for summary in due:
+            if summary is not None:
+                _log_summary(*summary)
+
+    def close(self) -> None:
+        """Log every summary now, whether its window has ended or not, and stop the timer."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            now = self.clock()
+            due = [
+                self._take_summary(key, w, now) for key, w in list(self._windows.items()) if w[2]
+            ]
+        for summary in due:
+            if summary is not None:
+                _log_summary(*summary)
+
+    def _take_summary(
+        self, key: tuple[str, str], window: list[Any], now: float
+    ) -> tuple[logging.LogRecord, int, float] | None:
+        del self._windows[key]
+        return (window[3], window[2], now - window[0]) if window[2] else None
+
+    def _arm(self, delay: float) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(max(delay, 0.0), self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+
+def _log_summary(last: logging.LogRecord, held: int, seconds: float) -> None:
+    logging.getLogger(last.name).log(
+        last.levelno,
+        "%d more like this in the last %.0f s, not logged one by one: %s",
+        held,
+        seconds,
+        last.getMessage(),
+        extra={"ics_throttle_summary": True},
+    )

@@ -17,6 +17,10 @@ from .capture import capture_options
 
 log = logging.getLogger("ics_service.cli")
 
+#: Loggers whose lines a client can cause, one per request: uvicorn's (malformed requests,
+#: upgrades) and the server's lines about what a request asked.
+THROTTLED_LOGGERS = ("uvicorn.error", "ics_service.server.clients")
+
 
 @main.command()
 @click.option("--host", help=f"Address to bind (default {default('host')}).")
@@ -69,9 +73,10 @@ def serve(**kwargs: Any) -> None:
 
     from ..alerts.dispatcher import Alerting
     from ..capture import check_capture_folder
+    from ..logs import Throttle
     from ..server import create_app
     from ..server.app import load_model
-    from ..server.connections import guarded_protocol
+    from ..server.connections import connection_limit, guarded_protocol
     from ..server.sigv4 import verifier_of
     from ..store import Store
 
@@ -85,6 +90,12 @@ def serve(**kwargs: Any) -> None:
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
     # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
     store = Store(settings.store_url)
+    # A line per malformed request (uvicorn's), or per request of a kind strangers can send,
+    # would let them grow the log without bound: past a few a minute, a summary line.
+    throttle = Throttle()
+    throttled = [logging.getLogger(name) for name in THROTTLED_LOGGERS]
+    for logger in throttled:
+        logger.addFilter(throttle)
     try:
         alerting.attach(store)
         runtime = load_model(settings)
@@ -107,7 +118,13 @@ def serve(**kwargs: Any) -> None:
                 app,
                 host=settings.host,
                 port=settings.port,
-                http=guarded_protocol(settings.header_timeout_s),
+                http=guarded_protocol(
+                    settings.header_timeout_s,
+                    max_connections=connection_limit(settings.max_connections),
+                    metrics=app.state.metrics,
+                ),
+                # No route is a WebSocket: an upgrade is answered as plain HTTP.
+                ws="none",
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
@@ -122,5 +139,8 @@ def serve(**kwargs: Any) -> None:
                 "above); choose another --port or --host"
             ) from None
     finally:
+        throttle.close()
+        for logger in throttled:
+            logger.removeFilter(throttle)
         alerting.close()
         store.close()

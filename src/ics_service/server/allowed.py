@@ -20,7 +20,8 @@ from .. import sources
 from ..errors import UsageError
 from ..redact import redact_uri
 
-log = logging.getLogger(__name__)
+#: Lines a request causes, one per request: throttled by `ics serve` (cli/serve.py).
+clients_log = logging.getLogger("ics_service.server.clients")
 
 #: Ports that http(s) URLs without one use.
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -64,7 +65,9 @@ def item_check(allowed: list[str]) -> Callable[[str], None]:
         try:
             allowed_uri(uri, allowed)
         except Forbidden:
-            log.warning("listed item %s is outside allowed_sources: refused", redact_uri(uri))
+            clients_log.warning(
+                "listed item %s is outside allowed_sources: refused", redact_uri(uri)
+            )
             raise Forbidden(
                 "an item listed is not under any allowed_sources prefix (a symlink or a list "
                 "file leads outside; the server log names it)"

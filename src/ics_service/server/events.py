@@ -37,6 +37,8 @@ from .executions import execution_doc
 from .jsonbody import BadJson, parse_json
 
 log = logging.getLogger(__name__)
+#: Lines a request causes, one per request: throttled by `ics serve` (cli/serve.py).
+clients_log = logging.getLogger("ics_service.server.clients")
 
 router = APIRouter()
 
@@ -129,7 +131,7 @@ def _subscription(doc: dict[str, Any]) -> Parsed:
     if not isinstance(topic, str) or not isinstance(token, str):
         raise BadEvent("the SNS SubscriptionConfirmation lacks TopicArn or Token")
     command = f"aws sns confirm-subscription --topic-arn {topic} --token {token}"
-    log.warning(
+    clients_log.warning(
         "SNS asks to confirm the subscription of this server to %s: not confirmed "
         "automatically; to receive its notifications, run: %s",
         topic,

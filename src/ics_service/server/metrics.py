@@ -28,6 +28,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: add label sets (a stranger's request is counted before it is refused).
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
+#: Why a request or connection was refused before it reached the app (connections.py).
+REFUSALS = ("malformed", "header_timeout", "header_too_large", "connection_limit", "idle_closed")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -46,6 +49,20 @@ class Metrics:
             ["route"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
+        )
+        self.refused = Counter(
+            "ics_http_refused",
+            "Requests and connections refused before they reach the app (so not in "
+            "ics_http_requests), by reason: malformed (HTTP that cannot be parsed, 400), "
+            "header_timeout (408), header_too_large (431), connection_limit (a connection over "
+            "max_connections, 503), idle_closed (an idle connection closed to make room).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSALS:
+            self.refused.labels(reason)
+        self.connections = Gauge(
+            "ics_http_connections", "HTTP connections open at the scrape.", registry=r
         )
         self.batch_size = Histogram(
             "ics_batch_size",
@@ -95,6 +112,10 @@ class Metrics:
     def track_queue(self, depth: Callable[[], int]) -> None:
         """Report `depth()` as the queue depth at each scrape."""
         self.queue_depth.set_function(lambda: float(depth()))
+
+    def track_connections(self, count: Callable[[], int]) -> None:
+        """Report `count()` as the open connections at each scrape."""
+        self.connections.set_function(lambda: float(count()))
 
     def track_capture(self, failed: Callable[[], bool]) -> None:
         """Report `failed()` as the capture's failure flag at each scrape."""
