@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 
 from cli import ics, ics_process
+from ics_service.config import load_settings
+from ics_service.engine.execution import settings_for
 from ics_service.errors import ExitCode
 from ics_service.modelcard import ModelCard
+from ics_service.store import Store
 from remote_peers import LABELS, calls, peer
 from serving import Served, free_port, serve_process
 
@@ -167,6 +170,17 @@ def test_sagemaker_throttling_is_retried_by_ics_alone(
     retried = [e for e in json.loads(history.stdout) if e["type"] == "TaskRetried"]
     assert [e["details"]["error"] for e in retried] == ["EndpointUnavailable"] * 2
     assert "is throttling: ThrottlingException: Rate exceeded" in retried[0]["details"]["cause"]
+    # A resume runs with the same model and labels file, from whatever folder.
+    shown = json.loads(ics("executions", "show", summary["execution_id"], "--json").stdout)
+    assert shown["params"]["model"] == "sagemaker:throttle-2-a/blue"
+    assert shown["params"]["labels"] == str(labels_file.resolve())
+    settings = load_settings(None, {}).settings
+    store = Store(settings.store_url)
+    try:
+        execution = store.get_execution(summary["execution_id"])
+    finally:
+        store.close()
+    assert settings_for(execution, settings).labels == labels_file.resolve()
 
 
 def test_an_endpoint_that_stays_down_ends_items_failed(

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import sources
@@ -71,6 +72,8 @@ def execution_params(
     return {
         "sources": [redact_uri(spec) for spec in source_specs],
         "model": settings.model,
+        # A remote model's labels file (a resume reads the same one, from any folder).
+        "labels": None if settings.labels is None else str(settings.labels.resolve()),
         "threshold": settings.threshold,
         "top_k": settings.top_k,
         "batch_size": settings.batch_size,
@@ -88,6 +91,8 @@ def execution_params(
 def settings_for(execution: Execution, settings: Settings) -> Settings:
     """The settings an execution was started with (for resume), over the current ones."""
     keep = {k: v for k, v in execution.params.items() if k in RECORDED_SETTINGS}
+    if keep.get("labels") is not None:
+        keep["labels"] = Path(keep["labels"])
     # Executions recorded before the setting existed ran under the strict rule.
     keep.setdefault("low_confidence", "fail")
     return settings.model_copy(update=keep)
@@ -96,6 +101,7 @@ def settings_for(execution: Execution, settings: Settings) -> Settings:
 #: Settings recorded in an execution's params: a resume runs with the same ones.
 RECORDED_SETTINGS = (
     "model",
+    "labels",
     "threshold",
     "top_k",
     "batch_size",

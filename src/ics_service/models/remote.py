@@ -81,7 +81,7 @@ def remote_source(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def remote_card(
-    spec: str, *, name: str | None = None, labels: Path | None = None, **fields: Any
+    spec: str, *, name: str | None = None, labels: Path | str | None = None, **fields: Any
 ) -> ModelCard:
     """The card of a remote model: `name` (default: the spec itself, for an ad hoc model),
     labels from `labels` (or, when None, from the endpoint once it is opened), and any other
@@ -99,7 +99,7 @@ def remote_card(
         **{k: v for k, v in fields.items() if v is not None},
         "kind": kind,
         "labels_file": "",
-        "labels_path": None if labels is None else str(labels.resolve()),
+        "labels_path": None if labels is None else str(Path(labels).resolve()),
         "source": source,
     }
     if kind == "v2":
