@@ -4,14 +4,13 @@
 
 A remote model's labels come from a labels file, or from the endpoint itself where it names
 them: a SageMaker answer with `labels`, a v2 server with the classification extension (ICS,
-Triton with a labels file). Labels learned so are kept beside the model home
-(`<models_dir>/.remote/`), or in an added model's folder.
+Triton with a labels file). Labels learned so are the card's `classes` while it runs, and
+an added model's labels file.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +35,6 @@ PREFIXES = dict(zip(("sagemaker", "v2"), REMOTE_PREFIXES, strict=True))
 #: The input size a remote card gets when nothing says otherwise: the engine decodes every
 #: image at it (a check that it decodes) before sending the encoded bytes.
 DEFAULT_INPUT_SIZE = 224
-#: Where labels learned from an ad hoc model's endpoint are kept, under the model home.
-LEARNED_DIR = ".remote"
 
 
 @dataclass(frozen=True)
@@ -129,10 +126,8 @@ def open_remote(card: ModelCard, models_dir: Path, options: RemoteOptions) -> Mo
     try:
         if card.source.get("ad_hoc"):
             runtime.card = card = _fitted(runtime, card)
-        if card.labels_path is None:
-            labels = learn_labels(runtime, card)
-            path = _keep_learned(models_dir, card, labels)
-            runtime.card = replace(card, labels_path=str(path))
+        if card.labels_path is None and card.classes is None:
+            runtime.card = replace(card, classes=tuple(learn_labels(runtime, card)))
         if card.kind == "v2":
             runtime.check_card(runtime.card)
     except BaseException:
@@ -178,23 +173,6 @@ def learn_labels(runtime: Any, card: ModelCard) -> list[str]:
             f"labels file, one class a line, with --labels FILE (model {card.name})"
         )
     return list(labels)
-
-
-def _keep_learned(models_dir: Path, card: ModelCard, labels: list[str]) -> Path:
-    """Write labels learned from an endpoint where the card can read them."""
-    key = hashlib.sha256(str(card.source.get("spec", card.name)).encode()).hexdigest()[:16]
-    folder = models_dir / LEARNED_DIR / key
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "labels.txt"
-        tmp = folder / f".labels-{hashlib.sha256(str(id(labels)).encode()).hexdigest()[:8]}"
-        tmp.write_text("\n".join(labels) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as e:
-        raise EnvironmentUnavailable(
-            f"cannot keep the labels that {card.name} named in {folder}: {e}"
-        ) from None
-    return path
 
 
 def add_remote(
@@ -244,7 +222,7 @@ def add_remote(
                 runtime.predict(tensor[None])
         except (ModelError, EndpointUnavailable) as e:
             raise ModelRejected(f"{e} (classifying the sample photo, to check the model)") from None
-        learned = tuple(read_labels(card.labels_path)) if card.labels_path else ()
+        labels_named = card.labels
     finally:
         runtime.close()
-    return install(card, None, learned, models_dir)
+    return install(replace(card, classes=None), None, labels_named, models_dir)

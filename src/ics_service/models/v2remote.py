@@ -317,7 +317,8 @@ class V2Runtime:
                 f"{self.where} takes {self.meta.layout} tensors, but model {card.name}'s card "
                 f"says layout = {layout}"
             )
-        known = card.labels_path is not None or bool(card.labels_file)  # else: learned later
+        # Else the labels are learned from the server once it is open (remote.open_remote).
+        known = card.classes is not None or card.labels_path is not None or bool(card.labels_file)
         if known and self.meta.classes is not None and self.meta.classes != len(card.labels):
             raise UsageError(
                 f"{self.where} answers {self.meta.classes} class scores, but model "
