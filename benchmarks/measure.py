@@ -14,11 +14,15 @@ parent's RSS as its maximum, so it reports the orchestrator's size, not the runn
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import pty
 import signal
+import struct
 import subprocess
 import tempfile
+import termios
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -196,11 +200,18 @@ def run_measured(
     log_path: Path | None = None,
     report_path: Path | None = None,
     pin: Sequence[int] = (),
+    tty: bool = False,
 ) -> Measurement:
     """Run cmd to the end; stdout is kept, stderr goes to log_path (its tail is kept).
 
-    With `pin`, the process and everything it starts run on those CPUs only.
+    With `pin`, the process and everything it starts run on those CPUs only. With `tty`,
+    stdout and stderr are one pseudo-terminal (TTY_COLUMNS × TTY_ROWS), as in a person's
+    terminal: what the process writes there is kept as stdout, and in log_path.
     """
+    if tty:
+        return _run_on_tty(
+            cmd, env=env, cwd=cwd, timeout_s=timeout_s, poll_s=poll_s, log_path=log_path, pin=pin
+        )
     full_env = dict(os.environ if env is None else env)
     if report_path is not None:
         report_path.unlink(missing_ok=True)
@@ -264,6 +275,105 @@ def run_measured(
         report=report,
         stdout=stdout,
         stderr_tail=stderr_tail,
+        others_cores=round(sampler.others_s / wall, 3) if wall > 0 else None,
+        pinned=sorted(cpus),
+    )
+
+
+#: The size of the pseudo-terminal of a `tty` run: a common terminal window's.
+TTY_COLUMNS, TTY_ROWS = 120, 40
+
+
+def _run_on_tty(
+    cmd: Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | Path | None,
+    timeout_s: float,
+    poll_s: float,
+    log_path: Path | None,
+    pin: Sequence[int],
+) -> Measurement:
+    """`run_measured` with stdout and stderr on a pseudo-terminal, read as it is written."""
+    full_env = dict(os.environ if env is None else env)
+    # A terminal says what it is: without TERM, Rich and others take it for a dumb one.
+    full_env.setdefault("TERM", "xterm-256color")
+    full_env.pop("COLUMNS", None)
+    full_env.pop("LINES", None)
+    cpus = set(pin)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", TTY_ROWS, TTY_COLUMNS, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        # Read as the process writes, so that it never blocks on a full terminal buffer;
+        # EIO once every writer has closed the terminal.
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    reader = threading.Thread(target=drain, daemon=True, name="bench-tty")
+    try:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=slave,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=pinned if cpus else None,
+        )
+        os.close(slave)
+        slave = -1
+        reader.start()
+        sampler = _TreeSampler(proc.pid, poll_s)
+        sampler.start()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _kill_group(proc.pid)
+
+        timer = threading.Timer(timeout_s, expire)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.done.set()
+        sampler.join()
+        _kill_group(proc.pid)
+        reader.join(timeout=10)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    transcript = b"".join(chunks)
+    if log_path is not None:
+        log_path.write_bytes(transcript)
+    text = transcript.decode("utf-8", "replace")
+    return Measurement(
+        cmd=list(cmd),
+        rc=proc.returncode,
+        wall_s=wall,
+        tree_peak_rss_mb=sampler.peak / MB,
+        hwm_mb=sampler.hwm / MB,
+        cpu_s=max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values())),
+        timed_out=expired.is_set(),
+        stdout=text,
+        stderr_tail=text[-3000:],
         others_cores=round(sampler.others_s / wall, 3) if wall > 0 else None,
         pinned=sorted(cpus),
     )

@@ -204,6 +204,7 @@ def write_outputs(b: Bench, mach: dict[str, Any]) -> bool:
         "machine": mach,
         "models": {"fp32": b.fp32, "int8": b.int8},
         "summary": s,
+        "one_image": one_image_summary(b),
         "runs": [r.to_doc() for r in b.runs],
         "extra": {k: v for k, v in b.extra.items() if k != "large_folder"},
         "notes": b.notes,
@@ -323,6 +324,7 @@ def render(b: Bench, s: dict[str, Any], mach: dict[str, Any]) -> str:
     lines += render_targets(b, s)
     lines += render_serving(b, s)
     lines += render_soak(b)
+    lines += render_one_image(b, one_image_summary(b))
     lines += render_other(b, s)
     prof = b.extra.get("profile") or {}
     if prof.get("lines"):
@@ -739,8 +741,93 @@ def render_targets(b: Bench, s: dict[str, Any]) -> list[str]:
                 statistics.median(walls) < 0.5,
             )
         )
+    rows += _one_image_targets(one_image_summary(b))
     lines = ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {_target(ok)} |" for t, m, ok in rows]
+    return [*lines, ""]
+
+
+#: One image, by what a person types (run.ONE_IMAGE_PATHS), as the report names them.
+ONE_IMAGE_NAMES = {
+    "terminal": "`ics classify ONE.jpg` on a terminal (progress bar, summary table)",
+    "json": "`ics classify ONE.jpg --json` into a pipe",
+    "plain": "plain loop on the one image",
+}
+#: The target of issue 18: the default output on a terminal within 2 × the plain loop.
+ONE_IMAGE_TARGET = 2.0
+
+
+def one_image_summary(b: Bench) -> dict[str, Any]:
+    """Medians of the one-image runs per path (wall and CPU seconds, whole process), and
+    each ICS path's ratio to the plain loop; empty for a run without them."""
+    paths = b.extra.get("one_image_paths") or {}
+    out: dict[str, Any] = {}
+    for path, runs in paths.items():
+        ok = [r for r in runs if r["ok"]]
+        out[path] = {
+            "runs": len(runs),
+            "ok": len(ok),
+            "problems": sorted({r["problem"] for r in runs if not r["ok"]}),
+            "wall_s": _med([r["wall_s"] for r in ok]),
+            "min_s": min((r["wall_s"] for r in ok), default=None),
+            "max_s": max((r["wall_s"] for r in ok), default=None),
+            "cpu_s": _med([r["cpu_s"] for r in ok]),
+            "busy": any(busy_run(r.get("others_cores"), b.cfg.busy_others) for r in runs),
+        }
+    plain = (out.get("plain") or {}).get("wall_s")
+    for path in ("terminal", "json"):
+        if path in out:
+            out[path]["over_plain"] = _ratio(out[path]["wall_s"], plain)
+    return out
+
+
+def _one_image_targets(one: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
+    term, js, plain = (one.get(k) or {} for k in ("terminal", "json", "plain"))
+    if not term:
+        return []
+    r = term.get("over_plain")
+    return [
+        (
+            f"one image, default output on a terminal: ≤ {ONE_IMAGE_TARGET:g} × the plain "
+            "loop's whole process, medians",
+            f"{_fmt(r, 2)} × ({_fmt(term.get('wall_s'), 3)} s vs {_fmt(plain.get('wall_s'), 3)}"
+            f" s; `--json` {_fmt(js.get('wall_s'), 3)} s, {_fmt(js.get('over_plain'), 2)} ×)",
+            None if r is None else r <= ONE_IMAGE_TARGET,
+        )
+    ]
+
+
+def render_one_image(b: Bench, one: dict[str, Any]) -> list[str]:
+    """The one-image table: what a person waits for, each way, as a whole process."""
+    if not one:
+        return []
+    lines = [
+        "## One image, as a person runs it",
+        "",
+        f"Each way {b.cfg.one_image_runs} times, interleaved, after one untimed run of each "
+        "(the default store and results folder of a fresh ICS home, the model cache warm); "
+        "whole process, start to exit. On a terminal stdout and stderr are one "
+        "pseudo-terminal, so the progress bar and the summary table are drawn as for a "
+        "person.",
+        "",
+        "| way | median s | range s | CPU s | ÷ plain loop | runs |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    for path, name in ONE_IMAGE_NAMES.items():
+        row = one.get(path)
+        if not row:
+            continue
+        failed = (
+            f" ({row['runs'] - row['ok']} FAILED: {'; '.join(row['problems'])})"
+            if (row["ok"] < row["runs"])
+            else ""
+        )
+        busy = " · **busy**" if row["busy"] else ""
+        lines.append(
+            f"| {name}{busy} | {_fmt(row['wall_s'], 3)} | {_fmt(row['min_s'], 3)}–"
+            f"{_fmt(row['max_s'], 3)} | {_fmt(row['cpu_s'], 2)} | "
+            f"{_fmt(row.get('over_plain'), 2)} | {row['ok']} of {row['runs']}{failed} |"
+        )
     return [*lines, ""]
 
 

@@ -72,7 +72,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         ("scaling_n", d.scaling_n, "corpus sizes of the scaling table (small photos)"),
         ("scaling_cores_n", d.scaling_cores_n, "corpus size of the cores table"),
         ("scaling_runners", d.scaling_runners, "runners of the scaling tables"),
-        ("one_image_runs", d.one_image_runs, "runs of `ics classify` on one image"),
+        (
+            "one_image_runs",
+            d.one_image_runs,
+            "runs of `ics classify` on one image (each way: terminal, --json, plain loop)",
+        ),
         ("bounds_min_s", d.bounds_min_s, "seconds per bound measurement"),
         ("soak_s", d.soak_s, "seconds of each soak phase (ordinary clients alone, beside hostile)"),
         ("soak_hostile", d.soak_hostile, "hostile clients of the soak"),
@@ -288,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_job(b, Job("ics", "one", one, 1), i, record=False).to_doc()
             for i in range(cfg.one_image_runs)
         ]
+        b.extra["one_image_paths"] = one_image_paths(b, one)
     if cfg.profile and "ics" in runners:
         b.extra["profile"] = profile_ics(b, small)
 
@@ -307,6 +312,92 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed = [r for r in b.runs if not r.ok]
     if failed:
         raise SystemExit(f"{len(failed)} runs failed; see {b.work}/*.log")
+
+
+#: The ways one image is classified as a whole process, by what a person types.
+ONE_IMAGE_PATHS = ("terminal", "json", "plain")
+
+
+def one_image_paths(b: Bench, folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """One image as a person classifies it: `ics classify ONE.jpg` on a terminal (the
+    progress bar and the summary table, the default store and results file), the same with
+    `--json` into a pipe, and the plain loop; interleaved, one untimed run of each first
+    (the default store is created once, as for a person's second run)."""
+    (image,) = sorted(folder.glob("*.jpg"))
+    home = b.cfg.out / "home-one"
+    home.mkdir(parents=True, exist_ok=True)
+    models = home / "models"
+    if not models.is_symlink():
+        models.symlink_to((b.home / "models").resolve(), target_is_directory=True)
+    env = clean_env(ICS_HOME=str(home))
+    commands = {
+        "terminal": [b.ics, "classify", str(image)],
+        "json": [b.ics, "classify", str(image), "--json"],
+        "plain": [
+            sys.executable,
+            "-m",
+            "benchmarks.plain_loop",
+            b.fp32_json(),
+            str(folder),
+            str(b.work / "one-plain.jsonl"),
+        ],
+    }
+    out: dict[str, list[dict[str, Any]]] = {k: [] for k in ONE_IMAGE_PATHS}
+    for i in range(-1, b.cfg.one_image_runs):
+        # Each round starts at another path, so drift of the machine hits all alike.
+        order = ONE_IMAGE_PATHS[i % 3 :] + ONE_IMAGE_PATHS[: i % 3]
+        for path in order:
+            m = run_measured(
+                commands[path],
+                env=env,
+                cwd=ROOT,
+                timeout_s=b.cfg.timeout_s,
+                log_path=b.work / f"one-{path}-r{i}.log",
+                tty=path == "terminal",
+            )
+            problem = _one_image_problem(path, m)
+            if i < 0:
+                if problem:
+                    b.notes.append(f"one image, {path}: the untimed first run {problem}.")
+                continue
+            doc = {
+                "path": path,
+                "round": i,
+                "ok": not problem,
+                "problem": problem,
+                "wall_s": m.wall_s,
+                "cpu_s": m.cpu_s,
+                "peak_rss_mb": m.peak_rss_mb,
+                "others_cores": m.others_cores,
+                "rc": m.rc,
+            }
+            out[path].append(doc)
+            print(
+                f"  one image {path:<9} {m.wall_s:6.3f} s  cpu {m.cpu_s:5.2f} s  "
+                + ("ok" if not problem else f"FAILED: {problem}"),
+                flush=True,
+            )
+    return out
+
+
+def _one_image_problem(path: str, m: Measurement) -> str:
+    """Why a one-image run does not count; empty when it classified its image."""
+    if m.timed_out:
+        return "timed out"
+    if path == "terminal":
+        # The person's view: the progress bar, then the summary table, on the terminal.
+        if m.rc != 0 or "classifying" not in m.stdout or "status" not in m.stdout:
+            return f"exit {m.rc}, no progress bar and summary: {_last_line(m.stdout)}"
+        return ""
+    if path == "json":
+        try:
+            counts = json.loads(m.stdout).get("counts", {})
+        except json.JSONDecodeError:
+            return f"exit {m.rc}, no JSON summary: {_last_line(m.stderr_tail)}"
+        if m.rc != 0 or counts.get("total") != 1:
+            return f"exit {m.rc}, counts {counts}"
+        return ""
+    return "" if m.rc == 0 else f"exit {m.rc}: {_last_line(m.stderr_tail)}"
 
 
 def scaling_jobs(cfg: Config, runners: Sequence[str], corpus_root: Path) -> list[Job]:

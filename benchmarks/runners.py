@@ -316,7 +316,7 @@ class Config:
     scaling_n: str = "100,1000,10000"
     scaling_cores_n: int = 1000
     scaling_runners: str = "ics,plain"
-    one_image_runs: int = 3
+    one_image_runs: int = 5
     bounds_min_s: float = 1.0
     soak_s: float = 60.0
     soak_hostile: int = 200

@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the repository, not
 from benchmarks.corpus import SIZES, ensure_corpus, make_image  # noqa: E402
 from benchmarks.measure import run_measured  # noqa: E402
 from benchmarks.profiling import summarise  # noqa: E402
-from benchmarks.report import bound_summary  # noqa: E402
+from benchmarks.report import bound_summary, one_image_summary, render_targets  # noqa: E402
+from benchmarks.runners import Bench, Config  # noqa: E402
 
 #: Tiny runs: a few images, short bound measurements, no warm-up, no model preparation.
 SMOKE_ENV = {
@@ -104,6 +105,50 @@ def test_pipelined_bound_is_the_better_schedule() -> None:
     assert b["shared_cores"] == pytest.approx(1 / (1 / 400 + 0.002 / 2))
     assert b["per_core"] == pytest.approx(1 / (1 / 450 + 0.002 / 2))
     assert b["bound"] == max(b["shared_cores"], b["per_core"])
+
+
+def test_a_tty_run_has_a_terminal_on_stdout_and_stderr(tmp_path: Path) -> None:
+    show = (
+        "import os, sys\n"
+        "print('out', sys.stdout.isatty(), os.get_terminal_size(1).columns, os.environ['TERM'])\n"
+        "print('err', sys.stderr.isatty(), file=sys.stderr)\n"
+    )
+    log = tmp_path / "tty.log"
+    m = run_measured(
+        [sys.executable, "-c", show], env={**os.environ, "TERM": "dumb"}, log_path=log, tty=True
+    )
+    assert m.rc == 0, m.stdout
+    # Both streams on the one terminal, in the order written; the caller's TERM is kept.
+    assert m.stdout.replace("\r\n", "\n") == "out True 120 dumb\nerr True\n"
+    assert log.read_bytes().decode() == m.stdout
+    assert m.wall_s > 0 and m.cpu_s >= 0
+    piped = run_measured([sys.executable, "-c", show], env={**os.environ, "TERM": "dumb"})
+    assert piped.rc != 0  # no terminal to measure on a pipe: get_terminal_size raises
+
+
+def test_one_image_target_is_the_terminal_run_against_the_plain_loop() -> None:
+    def runs(*walls: float, ok: bool = True) -> list[dict[str, object]]:
+        return [
+            {"ok": ok, "problem": "" if ok else "exit 3", "wall_s": w, "cpu_s": w / 2}
+            for w in walls
+        ]
+
+    b = Bench(cfg=Config(), ics="ics", fp32={}, int8=None, home=Path())
+    b.extra["one_image_paths"] = {
+        "terminal": runs(0.7, 0.5, 0.62),
+        "json": [*runs(0.5, 0.48), *runs(9.0, ok=False)],
+        "plain": runs(0.3, 0.31, 0.29),
+    }
+    one = one_image_summary(b)
+    assert one["terminal"]["wall_s"] == 0.62
+    assert one["terminal"]["over_plain"] == pytest.approx(0.62 / 0.3)
+    # A failed run counts as a failure, not as a time.
+    assert one["json"]["wall_s"] == pytest.approx(0.49) and one["json"]["ok"] == 2
+    (row,) = [line for line in render_targets(b, {}) if "one image, default output" in line]
+    assert "2.07 ×" in row and "**missed**" in row
+    b.extra["one_image_paths"]["terminal"] = runs(0.55)
+    (row,) = [line for line in render_targets(b, {}) if "one image, default output" in line]
+    assert "1.83 ×" in row and "| met |" in row
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +267,31 @@ def test_every_runner_but_ray_on_a_tiny_corpus(bench_env: dict[str, str]) -> Non
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert results.read_text() == table
+
+
+@pytest.mark.slow
+def test_one_image_on_a_terminal_with_json_and_the_plain_loop(bench_env: dict[str, str]) -> None:
+    table, doc = _run_bench(
+        bench_env,
+        BENCH_RUNNERS="ics",
+        **{**SMALL_ONLY, "BENCH_ONE_IMAGE_RUNS": "1"},
+        BENCH_N="2",
+    )
+    extra = doc["extra"]
+    assert isinstance(extra, dict)
+    # One image as a person runs it: on a terminal, with --json, and the plain loop.
+    paths = extra["one_image_paths"]
+    assert {k: [r["ok"] for r in v] for k, v in paths.items()} == {
+        "terminal": [True],
+        "json": [True],
+        "plain": [True],
+    }, paths
+    one = doc["one_image"]
+    assert isinstance(one, dict) and one["terminal"]["over_plain"] > 0
+    assert "## One image, as a person runs it" in table
+    assert "one image, default output on a terminal" in table
+    terminal = (Path(bench_env["BENCH_OUT"]) / "runs" / "one-terminal-r0.log").read_text()
+    assert "classifying" in terminal and "SUCCEEDED" in terminal  # drawn as for a person
 
 
 @pytest.mark.slow
