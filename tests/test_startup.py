@@ -196,3 +196,59 @@ def test_the_engine_imports_without_sqlalchemy(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+#: Runs `ics ARGS` in a real process with an exit handler and a non-daemon thread of its own.
+_RUN_WITH_HANDLERS = """
+import atexit, sys, threading, time
+handler_out, thread_out, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+atexit.register(lambda: open(handler_out, "w").write("ran"))
+def late():
+    time.sleep(1.0)
+    open(thread_out, "w").write("finished")
+if thread_out != "-":
+    threading.Thread(target=late).start()
+from ics_service.cli import run
+sys.argv = ["ics", *args]
+run()
+"""
+
+
+@pytest.mark.parametrize("with_thread", [False, True])
+def test_a_classify_exits_with_its_status_after_its_exit_handlers_and_threads(
+    ics_home: Path, photos: Path, tmp_path: Path, with_thread: bool
+) -> None:
+    handler, thread = tmp_path / "handler", tmp_path / "thread"
+    results = tmp_path / "results.jsonl"
+    for strict, status in (("flag", 0), ("fail", 1)):
+        for f in (handler, thread, results):
+            f.unlink(missing_ok=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _RUN_WITH_HANDLERS,
+                str(handler),
+                str(thread) if with_thread else "-",
+                "classify",
+                str(photos / "chelsea.jpg"),  # LOW_CONFIDENCE: fails the strict run
+                "-o",
+                str(results),
+                "--low-confidence",
+                strict,
+                "--json",
+            ],
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == status, proc.stderr
+        # Everything was written and flushed: the summary, the results file.
+        assert json.loads(proc.stdout)["counts"]["total"] == 1
+        assert len(results.read_text().splitlines()) == 1
+        # The exit handlers ran (a coverage tool's, logging's), and a thread still running
+        # was waited for, as by an ordinary exit.
+        assert handler.read_text() == "ran"
+        assert thread.exists() is with_thread

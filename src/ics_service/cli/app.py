@@ -17,7 +17,7 @@ from .. import __version__
 from ..config import LoadedSettings, Settings, load_settings
 from ..errors import ExitCode, IcsError, Interrupted, permission_denied
 from ..logs import configure_logging, printable
-from ..startup import pause_gc
+from ..startup import end_process, pause_gc
 from ..types import ExecutionStatus
 from .signals import SignalGuard, guarded
 
@@ -289,7 +289,9 @@ def run() -> None:
         # The command installs its own handlers; these cover what runs around it.
         with guarded():
             main(standalone_mode=True)
-    except SystemExit:
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            end_process(e.code or 0)
         raise
     except Interrupted as e:
         click.echo(printable(f"interrupted: {e}"), err=True)

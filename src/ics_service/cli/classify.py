@@ -13,7 +13,7 @@ import click
 
 from ..config import Settings, default
 from ..logs import printable
-from ..startup import process_age_s
+from ..startup import closed_for_exit, process_age_s
 from ..types import Execution, ExecutionStatus, ItemResult
 from .alerts import notify_option
 from .app import (
@@ -281,4 +281,5 @@ def run_and_report(
     )
     # A reader of `-o -` that left early (`| head`) is no failure: the exit status is the
     # execution's, whose every result is in the store.
+    closed_for_exit()  # once the runner's store, model and files are closed (open_runner)
     sys.exit(EXIT_BY_STATUS[finished.status])
