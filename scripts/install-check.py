@@ -45,6 +45,8 @@ import os
 import pkgutil
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -464,6 +466,59 @@ def classify(fresh: Fresh, local: Local, home: Path, *args: str) -> dict[str, An
     return dict(record)
 
 
+#: Run in the fresh environment: ServerLive, then ModelInfer of the photo, through a plain
+#: gRPC channel and the package's own message classes; prints the class index.
+GRPC_CLIENT = """
+import sys, grpc, numpy as np
+from ics_service.server.v2_grpc import message
+address, photo, model = sys.argv[1:]
+def rpc(channel, name):
+    return channel.unary_unary(
+        f"/inference.GRPCInferenceService/{name}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=message(f"{name}Response").FromString,
+    )
+with grpc.insecure_channel(address) as channel:
+    grpc.channel_ready_future(channel).result(timeout=120)
+    assert rpc(channel, "ServerLive")(message("ServerLiveRequest")(), timeout=10).live
+    request = message("ModelInferRequest")(model_name=model)
+    tensor = request.inputs.add(name="INPUT", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(open(photo, "rb").read())
+    response = rpc(channel, "ModelInfer")(request, timeout=60)
+    print(int(np.frombuffer(response.raw_output_contents[0], dtype="<f4").argmax()))
+"""
+
+
+def serve_grpc(fresh: Fresh, home: Path, photo: Path) -> None:
+    """`ics serve` in the fresh environment, asked over gRPC what the photo is."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = home / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [fresh.bin / "ics", "serve", "--home", home, "--port", "0", "--grpc-port", str(port)],
+            env=fresh.env,
+            cwd=fresh.work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        res = fresh.python("-c", GRPC_CLIENT, f"127.0.0.1:{port}", photo, MODEL, expect=None)
+        if res.returncode != 0 or res.stdout.strip() != str(EXPECTED_INDEX):
+            raise Failed(
+                f"gRPC ModelInfer of {photo.name} should answer {EXPECTED_INDEX}:\n"
+                f"{res.stdout}{res.stderr}\nics serve said:\n{log.read_text(errors='replace')}"
+            )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
 def wait_for_alert(local: Local, uri: str, count: int) -> None:
     deadline = time.monotonic() + 15
     while len(local.posts) < count:
@@ -559,6 +614,9 @@ def check(keep: bool) -> None:
         with step("ics classify http://127.0.0.1/... --notify http://127.0.0.1/hook"):
             classify(fresh, local, home)
             wait_for_alert(local, local.photo_url, 1)
+
+        with step("ics serve: gRPC ServerLive and ModelInfer of the photo (a plain channel)"):
+            serve_grpc(fresh, home, photo)
 
         with step("without an extra, each extra's feature says which extra it needs"):
             empty = folder / "empty-home"

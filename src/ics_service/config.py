@@ -217,6 +217,14 @@ class Settings(BaseModel):
         default="127.0.0.1", description="Address `ics serve` binds (0.0.0.0: every interface)."
     )
     port: int = Field(default=8080, ge=0, le=65535, description="Port `ics serve` listens on.")
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of `ics serve`'s gRPC endpoint (the Open Inference Protocol's "
+        "GRPCInferenceService, as Triton serves it); 0 turns it off; unset: the HTTP port + 1, "
+        "as Triton's 8000 and 8001 (off when the HTTP port is 0).",
+    )
     api_token: str | None = Field(
         default=None,
         description="Bearer token every API request must carry (ICS_API_TOKEN); unset: none.",
@@ -492,6 +500,15 @@ class Settings(BaseModel):
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()
+
+    @property
+    def served_grpc_port(self) -> int:
+        """The port of the gRPC endpoint, 0 for none: grpc_port, or the HTTP port + 1."""
+        if self.grpc_port is not None:
+            return self.grpc_port
+        if self.port in (0, 65535):
+            return 0
+        return self.port + 1
 
     @property
     def token(self) -> str | None:

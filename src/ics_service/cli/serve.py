@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 from typing import Any
 
 import click
@@ -25,6 +26,12 @@ THROTTLED_LOGGERS = ("uvicorn.error", "ics_service.server.clients")
 @main.command()
 @click.option("--host", help=f"Address to bind (default {default('host')}).")
 @click.option("--port", type=int, help=f"Port to listen on (default {default('port')}).")
+@click.option(
+    "--grpc-port",
+    type=int,
+    help="Port of the gRPC endpoint (the Open Inference Protocol's, for tritonclient.grpc); "
+    "0 turns it off (default: the HTTP port + 1, as Triton's 8000 and 8001).",
+)
 @click.option("-m", "--model", help=f"Model name (default {default('model')}).")
 @click.option(
     "--token-file",
@@ -64,6 +71,8 @@ def serve(**kwargs: Any) -> None:
       GET  /healthz, /readyz            liveness and readiness
       GET  /metrics                     Prometheus metrics
       GET  /docs                        the OpenAPI description
+    and on --grpc-port (the HTTP port + 1 unless set; 0: off) the Open Inference Protocol's
+    gRPC service, inference.GRPCInferenceService (tritonclient.grpc).
 
     Binds 127.0.0.1 unless --host says otherwise; also a SageMaker container's `serve`
     command (port 8080). On SIGTERM it stops accepting, finishes the requests in flight,
@@ -89,6 +98,7 @@ def serve(**kwargs: Any) -> None:
     alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
     # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
+    _check_grpc_port(settings.host, settings.port, settings.served_grpc_port)
     store = Store(settings.store_url)
     # A line per malformed request (uvicorn's), or per request of a kind strangers can send,
     # would let them grow the log without bound: past a few a minute, a summary line.
@@ -99,15 +109,17 @@ def serve(**kwargs: Any) -> None:
     try:
         alerting.attach(store)
         runtime = load_model(settings)
-        app = create_app(settings, runtime=runtime, store=store)
+        grpc_port = settings.served_grpc_port
+        app = create_app(settings, runtime=runtime, store=store, grpc_port=grpc_port)
         device = getattr(getattr(runtime, "device", None), "name", "cpu")
         log.info(
-            "serving %s %s on %s at http://%s:%d",
+            "serving %s %s on %s at http://%s:%d, %s",
             runtime.card.name,
             runtime.card.version,
             device,
             settings.host,
             settings.port,
+            f"gRPC at {settings.host}:{grpc_port}" if grpc_port else "gRPC off",
         )
         # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
         # raises them again for the handlers it found: ignored, so the exit is a clean 0.
@@ -144,3 +156,23 @@ def serve(**kwargs: Any) -> None:
             logger.removeFilter(throttle)
         alerting.close()
         store.close()
+
+
+def _check_grpc_port(host: str, port: int, grpc_port: int) -> None:
+    """Refuse, before the model loads, a gRPC port that is the HTTP one or is taken."""
+    if not grpc_port:
+        return
+    if grpc_port == port:
+        raise EnvironmentUnavailable(
+            f"--grpc-port {grpc_port} is the HTTP port: choose another (0 turns gRPC off)"
+        )
+    try:
+        infos = socket.getaddrinfo(host, grpc_port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as e:
+        raise EnvironmentUnavailable(
+            f"cannot serve gRPC on {host}:{grpc_port} ({e.strerror or e}); choose another "
+            "--grpc-port (0 turns gRPC off) or --host"
+        ) from None

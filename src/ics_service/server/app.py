@@ -40,8 +40,10 @@ def create_app(
     *,
     runtime: ModelRuntime | None = None,
     store: Store | None = None,
+    grpc_port: int = 0,
 ) -> FastAPI:
-    """The ASGI app of `ics serve`: model and store are opened at start-up unless given."""
+    """The ASGI app of `ics serve`: model and store are opened at start-up unless given; with
+    a `grpc_port`, the Open Inference Protocol's gRPC endpoint is served on it beside."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -52,7 +54,12 @@ def create_app(
         model = runtime or load_model(settings)
         service = Service(settings, model, opened_store, metrics)
         app.state.service = service
+        grpc_server = None
         try:
+            if grpc_port:
+                from .v2_grpc import start_grpc  # grpcio loads only when gRPC is served
+
+                grpc_server = await start_grpc(service, grpc_port)
             batches = Batches(service)
             app.state.batches = batches
             presence: WatcherPresence | None = None
@@ -70,6 +77,9 @@ def create_app(
                 if presence is not None:
                     await asyncio.to_thread(presence.close)
         finally:
+            if grpc_server is not None:
+                # Its calls in flight finish (or are cancelled) before the service closes.
+                await grpc_server.stop(settings.request_timeout_s)
             await asyncio.to_thread(service.close)
             if own_store:
                 opened_store.close()

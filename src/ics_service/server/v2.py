@@ -35,6 +35,7 @@ from .v2_wire import (
     IMAGES,
     OUTPUT,
     TENSOR,
+    Inputs,
     ProtocolError,
     decompressed,
     encode_response,
@@ -60,9 +61,12 @@ def _running(request: Request) -> Service | None:
 
 
 def _model(request: Request, name: str, version: str | None = None) -> Service:
+    return served(_running(request), name, version)
+
+
+def served(service: Service | None, name: str, version: str | None = None) -> Service:
     """The service of the model `name` (and `version`), or a 404 (503 while it loads)."""
-    service = _running(request)
-    if service is None:
+    if service is None or not service.ready:
         raise ProtocolError(503, "the model is not loaded yet, or the server is stopping")
     card = service.runtime.card
     if name != card.name:
@@ -211,12 +215,16 @@ async def _infer(request: Request, service: Service) -> Response:
     doc, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     inputs = inputs_of(doc, binary, card)
     outputs = outputs_of(doc)
-    if inputs.images is not None:
-        probs = await service.bounded(_classify_images(service, inputs.images))
-    else:
-        assert inputs.tensor is not None
-        probs = await service.bounded(_classify_tensor(service, inputs.tensor))
+    probs = await classify_inputs(service, inputs)
     return encode_response(doc, card, probs, outputs)
+
+
+async def classify_inputs(service: Service, inputs: Inputs) -> np.ndarray:
+    """Probabilities (N, C) of a request's inputs, within request_timeout_s (HTTP and gRPC)."""
+    if inputs.images is not None:
+        return await service.bounded(_classify_images(service, inputs.images))
+    assert inputs.tensor is not None
+    return await service.bounded(_classify_tensor(service, inputs.tensor))
 
 
 def _in_flight(service: Service) -> int:

@@ -10,7 +10,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -293,6 +293,27 @@ def outputs_of(doc: dict[str, Any]) -> list[Output]:
     return outputs
 
 
+def raw_output(out: Output, card: ModelCard, probs: np.ndarray) -> tuple[str, list[int], bytes]:
+    """The output's datatype, shape and binary tensor data (as the binary tensor data
+    extension and gRPC's raw_output_contents carry it)."""
+    if out.classes:
+        k = min(out.classes, probs.shape[1])
+        strings = _class_strings(probs, card, k)
+        return "BYTES", [len(probs), k], serialize_bytes(s.encode() for s in strings)
+    return "FP32", list(probs.shape), probs.astype("<f4", copy=False).tobytes()
+
+
+def serialize_bytes(elements: Iterable[bytes]) -> bytes:
+    """BYTES elements as binary tensor data: each a 4-byte little-endian length, then it."""
+    return b"".join(_U32.pack(len(b)) + b for b in elements)
+
+
+def _class_strings(probs: np.ndarray, card: ModelCard, k: int) -> list[str]:
+    rows = decide(probs, threshold=0.0, top_k=k, labels=card.labels)
+    # Triton's classification strings: value (as C++ std::to_string), index, label.
+    return [f"{p.confidence:f}:{p.index}:{p.label}" for d in rows for p in d.top_k]
+
+
 def encode_response(
     doc: dict[str, Any], card: ModelCard, probs: np.ndarray, outputs: list[Output]
 ) -> Response:
@@ -300,26 +321,18 @@ def encode_response(
     blobs = []
     for out in outputs:
         entry: dict[str, Any] = {"name": out.name}
-        blob = b""
-        if out.classes:
-            k = min(out.classes, probs.shape[1])
-            rows = decide(probs, threshold=0.0, top_k=k, labels=card.labels)
-            # Triton's classification strings: value (as C++ std::to_string), index, label.
-            strings = [f"{p.confidence:f}:{p.index}:{p.label}" for d in rows for p in d.top_k]
-            entry.update(datatype="BYTES", shape=[len(probs), k])
-            if out.binary:
-                blob = b"".join(_U32.pack(len(b)) + b for b in (s.encode() for s in strings))
-            else:
-                entry["data"] = strings
-        else:
-            entry.update(datatype="FP32", shape=list(probs.shape))
-            if out.binary:
-                blob = probs.astype("<f4", copy=False).tobytes()
-            else:
-                entry["data"] = probs.reshape(-1).tolist()
         if out.binary:
+            datatype, shape, blob = raw_output(out, card, probs)
+            entry.update(datatype=datatype, shape=shape)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif out.classes:
+            k = min(out.classes, probs.shape[1])
+            entry.update(datatype="BYTES", shape=[len(probs), k])
+            entry["data"] = _class_strings(probs, card, k)
+        else:
+            entry.update(datatype="FP32", shape=list(probs.shape))
+            entry["data"] = probs.reshape(-1).tolist()
         entries.append(entry)
     header: dict[str, Any] = {"model_name": card.name, "model_version": card.version}
     if isinstance(doc.get("id"), str):

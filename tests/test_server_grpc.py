@@ -1,0 +1,240 @@
+"""The Open Inference Protocol over gRPC: the real tritonclient.grpc (sync and asyncio)
+against a real `ics serve`, behind an API token and a small message limit."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli import ICS_BIN
+from ics_service.imaging import Limits, Preprocessor
+from ics_service.models.runtime import OnnxRuntime
+from ics_service.samples import load_photo
+from serving import Served, free_port, serve_process
+
+MODEL = "efficientnet-lite0"
+ESPRESSO = 967
+TOKEN = "grpc-test-token"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+MAX_BODY = 2_000_000
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def coffee() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(load_photo("coffee")).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def coffee_tensor(runtime: OnnxRuntime, coffee: bytes) -> np.ndarray:
+    tensor, _ = Preprocessor(runtime.card, Limits())(coffee)
+    return tensor[None]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Served]:
+    """A real `ics serve` with a token and MAX_BODY, its gRPC endpoint on the HTTP port + 1."""
+    home = tmp_path_factory.mktemp("grpc-home")
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICS_") or "_TEST_" in k}
+    env.update(ICS_HOME=str(home), ICS_API_TOKEN=TOKEN, ICS_MAX_BODY_BYTES=str(MAX_BODY))
+    env["ICS_LOG_LEVEL"] = "INFO"
+    with serve_process(env=env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def grpc_url(served: Served) -> str:
+    port = int(served.url.rsplit(":", 1)[1])
+    return f"127.0.0.1:{port + 1}"
+
+
+@pytest.fixture(scope="module")
+def triton(grpc_url: str) -> Iterator[Any]:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=grpc_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def _images(*images: bytes) -> Any:
+    import tritonclient.grpc as grpcclient
+
+    inp = grpcclient.InferInput("INPUT", [len(images)], "BYTES")
+    inp.set_data_from_numpy(np.array(list(images), dtype=np.object_))
+    return inp
+
+
+def _error(call: Any) -> Any:
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value
+
+
+def test_start_up_line_names_both_ports(served: Served, grpc_url: str) -> None:
+    assert f"at {served.url}, gRPC at {grpc_url}" in served.output()
+
+
+def test_health_and_metadata(triton: Any) -> None:
+    # The health RPCs are open, as /v2/health is; the others need the token.
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready(MODEL, headers=AUTH)
+    assert not triton.is_model_ready("resnet50", headers=AUTH)
+    meta = triton.get_model_metadata(MODEL, headers=AUTH, as_json=True)
+    assert meta["name"] == MODEL and meta["platform"] == "onnxruntime_onnx"
+    assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
+        ("INPUT", "BYTES", ["-1"]),
+        ("INPUT_TENSOR", "FP32", ["-1", "3", "224", "224"]),
+    ]
+    assert triton.get_server_metadata(headers=AUTH).extensions == [
+        "classification",
+        "binary_tensor_data",
+    ]
+    e = _error(lambda: triton.get_model_metadata("resnet50", headers=AUTH))
+    assert e.status() == "StatusCode.NOT_FOUND"
+    assert e.message() == f"unknown model 'resnet50': this server serves '{MODEL}'"
+    e = _error(lambda: triton.get_model_config(MODEL, headers=AUTH))
+    assert e.status() == "StatusCode.UNIMPLEMENTED"
+    assert "does not serve ModelConfig: it serves ServerLive" in e.message()
+
+
+def test_infer_images_and_tensors(
+    triton: Any, coffee: bytes, coffee_tensor: np.ndarray, runtime: OnnxRuntime
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    # BYTES: encoded images, sent (as tritonclient.grpc does) in raw_input_contents.
+    result = triton.infer(MODEL, [_images(coffee, coffee)], headers=AUTH, request_id="r1")
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (2, 1000) and probs.dtype == np.float32
+    assert result.get_response().id == "r1"
+    expected = runtime.predict(coffee_tensor)
+    np.testing.assert_allclose(probs, np.concatenate([expected, expected]), atol=1e-6)
+
+    top = triton.infer(
+        MODEL,
+        [_images(coffee)],
+        outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=3)],
+        headers=AUTH,
+    ).as_numpy("probabilities")
+    assert top.shape == (1, 3)
+    score, index, label = top[0, 0].decode().split(":")
+    assert (int(index), label) == (ESPRESSO, "espresso")
+    assert float(score) == pytest.approx(float(expected[0, ESPRESSO]), abs=1e-6)
+
+    # FP32: the preprocessed tensor.
+    inp = grpcclient.InferInput("INPUT_TENSOR", list(coffee_tensor.shape), "FP32")
+    inp.set_data_from_numpy(coffee_tensor)
+    probs = triton.infer(MODEL, [inp], headers=AUTH).as_numpy("probabilities")
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
+
+    # A bad image is the client's error, named by its index.
+    e = _error(lambda: triton.infer(MODEL, [_images(coffee, b"not an image")], headers=AUTH))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    assert e.message().startswith("input INPUT[1]: InvalidImage: ")
+
+
+def test_typed_contents(grpc_url: str, coffee: bytes, coffee_tensor: np.ndarray) -> None:
+    """Tensors in `contents` (bytes_contents, fp32_contents) instead of raw_input_contents,
+    through a plain channel and ICS's own message classes (they live beside tritonclient's)."""
+    import grpc
+
+    from ics_service.server.v2_grpc import message
+
+    request_type = message("ModelInferRequest")
+    response_type = message("ModelInferResponse")
+    with grpc.insecure_channel(grpc_url) as channel:
+        infer: grpc.UnaryUnaryMultiCallable[Any, Any] = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_type.FromString,
+        )
+        images = request_type(model_name=MODEL)
+        images.inputs.add(name="INPUT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+            coffee
+        )
+        tensor = request_type(model_name=MODEL)
+        tensor.inputs.add(
+            name="INPUT_TENSOR", datatype="FP32", shape=list(coffee_tensor.shape)
+        ).contents.fp32_contents.extend(coffee_tensor.reshape(-1).tolist())
+        answers = []
+        for request in (images, tensor):
+            response = infer(request, metadata=tuple(AUTH.items()), timeout=60)
+            (out,) = response.outputs
+            assert (out.name, out.datatype, list(out.shape)) == ("probabilities", "FP32", [1, 1000])
+            answers.append(np.frombuffer(response.raw_output_contents[0], dtype="<f4"))
+        np.testing.assert_allclose(answers[0], answers[1], atol=1e-6)
+        assert int(answers[0].argmax()) == ESPRESSO
+
+
+def test_async_client(grpc_url: str, coffee: bytes) -> None:
+    import tritonclient.grpc.aio as aioclient
+
+    async def main() -> list[int]:
+        client = aioclient.InferenceServerClient(url=grpc_url)
+        try:
+            assert await client.is_model_ready(MODEL, headers=AUTH)
+            inp = aioclient.InferInput("INPUT", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([coffee], dtype=np.object_))
+            results = await asyncio.gather(
+                *(client.infer(MODEL, [inp], headers=AUTH) for _ in range(4))
+            )
+            return [int(r.as_numpy("probabilities").argmax()) for r in results]
+        finally:
+            await client.close()
+
+    assert asyncio.run(main()) == [ESPRESSO] * 4
+
+
+def test_token_and_limits(triton: Any, coffee: bytes) -> None:
+    e = _error(lambda: triton.infer(MODEL, [_images(coffee)]))
+    assert e.status() == "StatusCode.UNAUTHENTICATED"
+    assert "send the metadata `authorization: Bearer TOKEN`" in e.message()
+    wrong = {"authorization": "Bearer not-the-token"}
+    e = _error(lambda: triton.is_model_ready(MODEL, headers=wrong))
+    assert (e.status(), e.message()) == ("StatusCode.UNAUTHENTICATED", "the API token is wrong")
+
+    big = _images(b"\xff" * (MAX_BODY + 1))
+    e = _error(lambda: triton.infer(MODEL, [big], headers=AUTH))
+    assert e.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert str(MAX_BODY) in e.message()
+    # The server goes on.
+    assert triton.infer(MODEL, [_images(coffee)], headers=AUTH).as_numpy("probabilities").any()
+
+
+def test_grpc_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ICS_") or "_TEST_" in k}
+        env["ICS_HOME"] = str(tmp_path)
+        proc = subprocess.run(
+            [str(ICS_BIN), "serve", "--port", str(free_port()), "--grpc-port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert proc.returncode == 4, proc.stderr
+    assert f"cannot serve gRPC on 127.0.0.1:{port}" in proc.stderr
+    assert "choose another --grpc-port (0 turns gRPC off)" in proc.stderr
