@@ -57,6 +57,8 @@ def server_command(server: str, model_json: str, port: int, store: str | None) -
             str(port),
             "--model",
             name,
+            "--grpc-port",
+            "0",
         ]
         return cmd + (["--store", store] if store else [])
     return [

@@ -70,12 +70,16 @@ class Served:
 def serve_process(
     *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
 ) -> Iterator[Served]:
-    """A real `ics serve` on a free loopback port, ready (GET /readyz is 200).
+    """A real `ics serve` on a free loopback port, ready (GET /readyz is 200); its gRPC
+    endpoint only where `args` name a --grpc-port.
 
     Its output goes to a file (a pipe nobody reads would fill and block it). Stopped with
     SIGTERM afterwards, killed if it does not stop within 30 s.
     """
     port = free_port()
+    if "--grpc-port" not in args:
+        # Off unless asked for: its default, the HTTP port + 1, may be a client's port here.
+        args = (*args, "--grpc-port", "0")
     with tempfile.NamedTemporaryFile(prefix="ics-serve-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(
             [str(ICS_BIN), "serve", "--host", "127.0.0.1", "--port", str(port), *args],

@@ -705,6 +705,8 @@ def test_ics_serve_that_cannot_start_says_why_and_exits_4(ics_home: Path) -> Non
         "serve",
         "--port",
         str(free_port()),
+        "--grpc-port",
+        "0",
         "--store",
         "postgresql://ics:pw@127.0.0.1:1/ics",
         env=env,
@@ -716,7 +718,7 @@ def test_ics_serve_that_cannot_start_says_why_and_exits_4(ics_home: Path) -> Non
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        busy = ics_process("serve", "--port", str(port), env=env)
+        busy = ics_process("serve", "--port", str(port), "--grpc-port", "0", env=env)
     assert busy.returncode == ExitCode.ENVIRONMENT, busy.stderr
     assert f"cannot serve on 127.0.0.1:{port}" in busy.stderr
     assert "Traceback" not in busy.stderr

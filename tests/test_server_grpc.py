@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cli import ICS_BIN
+from ics_service.config import Settings
 from ics_service.imaging import Limits, Preprocessor
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
@@ -46,20 +48,27 @@ def coffee_tensor(runtime: OnnxRuntime, coffee: bytes) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Served]:
-    """A real `ics serve` with a token and MAX_BODY, its gRPC endpoint on the HTTP port + 1."""
+    """A real `ics serve` with a token and MAX_BODY, and its gRPC endpoint."""
     home = tmp_path_factory.mktemp("grpc-home")
     (home / "models").symlink_to(models_dir, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICS_") or "_TEST_" in k}
     env.update(ICS_HOME=str(home), ICS_API_TOKEN=TOKEN, ICS_MAX_BODY_BYTES=str(MAX_BODY))
     env["ICS_LOG_LEVEL"] = "INFO"
-    with serve_process(env=env) as running:
+    with serve_process("--grpc-port", str(free_port()), env=env) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def grpc_url(served: Served) -> str:
-    port = int(served.url.rsplit(":", 1)[1])
-    return f"127.0.0.1:{port + 1}"
+    (port,) = re.findall(r"gRPC at 127\.0\.0\.1:(\d+)", served.output())
+    return f"127.0.0.1:{port}"
+
+
+def test_grpc_port_defaults_to_the_http_port_plus_one() -> None:
+    assert Settings(port=8000).served_grpc_port == 8001
+    assert Settings(port=8000, grpc_port=9000).served_grpc_port == 9000
+    assert Settings(port=8000, grpc_port=0).served_grpc_port == 0
+    assert Settings(port=0).served_grpc_port == 0  # no "+ 1" of a port chosen at start-up
 
 
 @pytest.fixture(scope="module")
