@@ -226,6 +226,9 @@ def test_token_and_limits(triton: Any, coffee: bytes) -> None:
     e = _error(lambda: triton.infer(MODEL, [big], headers=AUTH))
     assert e.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert str(MAX_BODY) in e.message()
+    # Without the token it is refused for that, unread.
+    e = _error(lambda: triton.infer(MODEL, [big]))
+    assert e.status() == "StatusCode.UNAUTHENTICATED"
     # The server goes on.
     assert triton.infer(MODEL, [_images(coffee)], headers=AUTH).as_numpy("probabilities").any()
 

@@ -262,7 +262,9 @@ def _serialize(response: Any) -> bytes:
 def _refusal(
     code: grpc.StatusCode, text: str, *, streaming: bool = False
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler that refuses the call with `code` without reading its messages."""
+    """A handler that refuses the call with `code` without reading its messages: it takes
+    them as a stream (the wire is the same) and reads none, so a refused call's message is
+    not gathered in memory first."""
     if streaming:
 
         async def refuse_stream(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -271,10 +273,10 @@ def _refusal(
 
         return grpc.stream_stream_rpc_method_handler(refuse_stream)
 
-    async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(code, text)
 
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 class Authenticate(grpc.aio.ServerInterceptor):
