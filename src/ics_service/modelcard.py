@@ -38,6 +38,9 @@ RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 
 #: The card file of an added model, in its folder.
 CARD_FILE = "card.toml"
+#: The prefixes of ad hoc remote models' names (`sagemaker:ENDPOINT`, `v2:URL`;
+#: models/remote.py).
+REMOTE_PREFIXES = ("sagemaker:", "v2:")
 
 
 @dataclass(frozen=True)

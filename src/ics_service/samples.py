@@ -7,6 +7,7 @@ downloaded. `python -m ics_service.samples DIR` writes them as JPEG files.
 from __future__ import annotations
 
 import sys
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ PHOTOS = (
     "moon",
     "clock",
 )
+
+
+def sample_photo() -> bytes:
+    """A real photo shipped with ICS (scikit-image's CC0 `coffee`, 336×224, JPEG): the
+    one inference that checks a model on `ics models add`. Needs no extra."""
+    return resources.files("ics_service").joinpath("models", "data", "sample.jpg").read_bytes()
 
 
 def load_photo(name: str) -> np.ndarray:

@@ -394,7 +394,8 @@ def _add_remote(
     card_fields: dict[str, Any],
     replace_existing: bool,
 ) -> Any:
-    from ..models.remote import RemoteOptions, add_remote
+    from ..models.added import add_remote
+    from ..models.remote import RemoteOptions
     from ..models.sagemaker import endpoint_of
 
     if sagemaker is not None and v2_url is not None:

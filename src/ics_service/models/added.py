@@ -14,17 +14,20 @@ import shutil
 import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import __version__
-from ..errors import ConfigError, ModelNotFound, UsageError
+from ..errors import ConfigError, EndpointUnavailable, ModelError, ModelNotFound, UsageError
 from ..modelcard import CARD_FILE, ModelCard, read_labels
+from ..samples import sample_photo
 from .prepare import current_umask, sha256_of
 from .registry import MODELS, added_card, check_name, get_card
+
+if TYPE_CHECKING:
+    from .remote import RemoteOptions
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
@@ -67,11 +70,6 @@ class AddRequest:
     replace_existing: bool = False
     #: Card fields given as options (None: not given).
     fields: dict[str, Any] = field(default_factory=dict)
-
-
-def sample_photo() -> bytes:
-    """A real photo shipped with ICS (scikit-image's CC0 `coffee`, 336×224), for checks."""
-    return resources.files("ics_service").joinpath("models", "data", "sample.jpg").read_bytes()
 
 
 @dataclass
@@ -493,3 +491,56 @@ def remove_model(name: str, models_dir: Path) -> str:
     folder.rename(trash / name)
     shutil.rmtree(trash, ignore_errors=True)
     return what
+
+
+def add_remote(
+    name: str,
+    spec: str,
+    *,
+    labels: Path | None,
+    models_dir: Path,
+    options: RemoteOptions,
+    fields: dict[str, Any],
+    replace_existing: bool = False,
+) -> ModelCard:
+    """`ics models add NAME --sagemaker ... / --v2 ...`: the card checked against the endpoint
+    (its metadata, one real inference of the sample photo, the labels' count), then written
+    to `<models_dir>/<NAME>/` with its labels."""
+    from .remote import _fitted, open_remote, remote_card
+
+    check_new_name(name, models_dir, replace_existing=replace_existing)
+    draft = remote_card(spec, name=name, labels=labels, **fields)
+    draft = replace(
+        draft,
+        source={
+            **draft.source,
+            **({"labels": str(labels.resolve())} if labels is not None else {}),
+            "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "ics_version": __version__,
+        },
+    )
+    if labels is not None:
+        if not labels.is_file():
+            raise ModelRejected(f"labels file {labels} does not exist (or is not a file)")
+        read_labels(labels)
+    runtime: Any = open_remote(draft, models_dir, options)
+    try:
+        card: ModelCard = runtime.card
+        if card.kind == "v2" and "input_size" not in fields:
+            card = _fitted(runtime, card)
+            runtime.check_card(card)
+        image = sample_photo()
+        try:
+            if runtime.takes == "bytes":
+                runtime.predict_bytes([image], content_types=["image/jpeg"])
+            else:
+                from ..imaging import Limits, Preprocessor
+
+                tensor, _ = Preprocessor(card, Limits())(image)
+                runtime.predict(tensor[None])
+        except (ModelError, EndpointUnavailable) as e:
+            raise ModelRejected(f"{e} (classifying the sample photo, to check the model)") from None
+        labels_named = card.labels
+    finally:
+        runtime.close()
+    return install(replace(card, classes=None), None, labels_named, models_dir)

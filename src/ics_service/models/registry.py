@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..errors import ConfigError, ModelNotFound
-from ..modelcard import CARD_FILE, ModelCard
+from ..modelcard import CARD_FILE, REMOTE_PREFIXES, ModelCard
 
 EFFICIENTNET_LITE0 = ModelCard(
     name="efficientnet-lite0",
@@ -44,8 +44,6 @@ EFFICIENTNET_LITE0_INT8 = replace(
     },
 )
 
-#: The prefixes of ad hoc remote models (models/remote.py).
-REMOTE_PREFIXES = ("sagemaker:", "v2:")
 
 #: Yahoo's Open-NSFW, the content-moderation model, with the preprocessing of Yahoo's own
 #: classify_nsfw.py (the model was fitted on it): the whole image to 256×256 (bilinear),

@@ -10,12 +10,10 @@ an added model's labels file.
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
 from ..errors import (
     ConfigError,
     EndpointUnavailable,
@@ -23,8 +21,7 @@ from ..errors import (
     ModelError,
     UsageError,
 )
-from ..modelcard import ModelCard, read_labels
-from .registry import REMOTE_PREFIXES
+from ..modelcard import REMOTE_PREFIXES, ModelCard
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -151,7 +148,7 @@ def _fitted(runtime: Any, card: ModelCard) -> ModelCard:
 def learn_labels(runtime: Any, card: ModelCard) -> list[str]:
     """The labels an endpoint names itself, asked with one inference of the sample photo;
     ConfigError saying to give a labels file when it does not name them."""
-    from .added import sample_photo
+    from ..samples import sample_photo
 
     where = runtime.endpoint.describe() if card.kind == "sagemaker" else runtime.where
     try:
@@ -173,56 +170,3 @@ def learn_labels(runtime: Any, card: ModelCard) -> list[str]:
             f"labels file, one class a line, with --labels FILE (model {card.name})"
         )
     return list(labels)
-
-
-def add_remote(
-    name: str,
-    spec: str,
-    *,
-    labels: Path | None,
-    models_dir: Path,
-    options: RemoteOptions,
-    fields: dict[str, Any],
-    replace_existing: bool = False,
-) -> ModelCard:
-    """`ics models add NAME --sagemaker ... / --v2 ...`: the card checked against the endpoint
-    (its metadata, one real inference of the sample photo, the labels' count), then written
-    to `<models_dir>/<NAME>/` with its labels."""
-    from .added import ModelRejected, check_new_name, install, sample_photo
-
-    check_new_name(name, models_dir, replace_existing=replace_existing)
-    draft = remote_card(spec, name=name, labels=labels, **fields)
-    draft = replace(
-        draft,
-        source={
-            **draft.source,
-            **({"labels": str(labels.resolve())} if labels is not None else {}),
-            "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "ics_version": __version__,
-        },
-    )
-    if labels is not None:
-        if not labels.is_file():
-            raise ModelRejected(f"labels file {labels} does not exist (or is not a file)")
-        read_labels(labels)
-    runtime: Any = open_remote(draft, models_dir, options)
-    try:
-        card: ModelCard = runtime.card
-        if card.kind == "v2" and "input_size" not in fields:
-            card = _fitted(runtime, card)
-            runtime.check_card(card)
-        image = sample_photo()
-        try:
-            if runtime.takes == "bytes":
-                runtime.predict_bytes([image], content_types=["image/jpeg"])
-            else:
-                from ..imaging import Limits, Preprocessor
-
-                tensor, _ = Preprocessor(card, Limits())(image)
-                runtime.predict(tensor[None])
-        except (ModelError, EndpointUnavailable) as e:
-            raise ModelRejected(f"{e} (classifying the sample photo, to check the model)") from None
-        labels_named = card.labels
-    finally:
-        runtime.close()
-    return install(replace(card, classes=None), None, labels_named, models_dir)
