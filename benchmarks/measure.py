@@ -89,7 +89,7 @@ def _scan(pid: int) -> tuple[list[int], dict[int, float]]:
             # The command name may hold spaces and parentheses: the fields follow the last ')'.
             fields = stat[stat.rindex(b")") + 2 :].split()
             ppid = int(fields[1])
-            cpu[int(name)] = (int(fields[11]) + int(fields[12])) / _TICKS
+            cpu[int(name)] = cpu_of(fields)
         except (OSError, ValueError, IndexError):
             continue
         parent.setdefault(ppid, []).append(int(name))
@@ -119,17 +119,27 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds the process has used so far (Linux)."""
+def stat_fields(path: str) -> list[bytes]:
+    """A /proc/.../stat file's fields after the command name (state first); [] when gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
-    except (OSError, ValueError, IndexError):
-        return 0.0
+        with open(path, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def cpu_of(fields: list[bytes]) -> float:
+    """User + system CPU seconds in stat fields (0 for a process that is gone)."""
+    return (int(fields[11]) + int(fields[12])) / TICKS if fields else 0.0
+
+
+def own_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (all its threads) so far, children not
+    included (Linux)."""
+    return cpu_of(stat_fields(f"/proc/{pid}/stat"))
 
 
 def _rss(pid: int) -> int:
@@ -186,7 +196,7 @@ class _TreeSampler(threading.Thread):
             self.peak = max(self.peak, sum(_rss(p) for p in procs))
             self.hwm = max(self.hwm, _hwm(self.pid))
             for p in procs:
-                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_s(p))
+                self.cpu[p] = max(self.cpu.get(p, 0.0), own_cpu_s(p))
             self.done.wait(self.poll_s)
 
 

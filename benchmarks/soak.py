@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import Report, cpus
-from .measure import tree_cpu_s
+from .measure import TICKS, cpu_of, own_cpu_s, stat_fields, tree_cpu_s
 from .server_bench import ROOT, free_port, server_command, stop, wait_ready
 from .server_load import Pass, load_images, run_pass
 
@@ -56,39 +56,16 @@ BODY_BUDGET = 64_000_000
 LEAD_S = 2.0
 #: Machine busy for this share of its cores' time or more: the phase was CPU-bound.
 CPU_BOUND_SHARE = 0.95
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _stat(pid: int) -> list[bytes]:
-    """/proc/PID/stat's fields after the command name (state first); [] when gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return []
-
-
-def own_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads), children not included."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / _TICKS if fields else 0.0
-
-
 def loop_cpu_s(pid: int) -> float:
     """CPU seconds of a process's main thread: the server's event loop, where every
     connection is accepted, parsed and answered (inference and decoding run on others)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return cpu_of(stat_fields(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def server_cpu_s(pid: int) -> float:
     """CPU seconds of the server: its live process tree, plus the children it has reaped."""
-    fields = _stat(pid)
-    reaped = (int(fields[13]) + int(fields[14])) / _TICKS if fields else 0.0
+    fields = stat_fields(f"/proc/{pid}/stat")
+    reaped = (int(fields[13]) + int(fields[14])) / TICKS if fields else 0.0
     return tree_cpu_s(pid) + reaped
 
 
@@ -98,7 +75,7 @@ def machine_cpu_s() -> tuple[float, float]:
     with open("/proc/stat", "rb") as f:
         ticks = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal [guest guest_nice: within user/nice]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICKS, ticks[7] / _TICKS
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / TICKS, ticks[7] / TICKS
 
 
 class CpuClock:

@@ -71,8 +71,9 @@ THROTTLED = frozenset({"QueueFull", "ServerBusy"})
 NOT_READY = frozenset({"ModelNotPrepared"})
 #: Statuses of a request refused as it arrives, kept under ValidationError.
 TRANSPORT_STATUSES = frozenset({408, 413})
-#: The model's answer did not come: it failed on the batch, or not within request_timeout_s.
-MODEL_FAILED = frozenset({"InferenceError", "Timeout"})
+#: The model's answer did not come: it failed on the batch, a remote model refused it (its
+#: ModelError), or it did not come within request_timeout_s.
+MODEL_FAILED = frozenset({"InferenceError", "Timeout", "ModelError"})
 
 
 class BadRequest(UsageError):
@@ -310,20 +311,3 @@ def payload_parts(answer: bytes, size: int = PART_BYTES) -> Iterator[bytes]:
             ],
             answer[start : start + size],
         )
-
-
-def stream_error(kind: str, message: str, error_code: str | None = None) -> bytes:
-    """A modeled error event of the response stream: ModelStreamError (with its ErrorCode)
-    or InternalStreamFailure; boto3's EventStream raises it as an EventStreamError. (ICS's
-    own stream sends none: it starts once the answer is ready.)"""
-    doc: dict[str, Any] = {"Message": message}
-    if error_code is not None:
-        doc["ErrorCode"] = error_code
-    return event_message(
-        [
-            (":exception-type", kind),
-            (":content-type", "application/json"),
-            (":message-type", "exception"),
-        ],
-        json.dumps(doc).encode(),
-    )
