@@ -56,6 +56,8 @@ BODY_BUDGET = 64_000_000
 LEAD_S = 2.0
 #: Machine busy for this share of its cores' time or more: the phase was CPU-bound.
 CPU_BOUND_SHARE = 0.95
+
+
 def loop_cpu_s(pid: int) -> float:
     """CPU seconds of a process's main thread: the server's event loop, where every
     connection is accepted, parsed and answered (inference and decoding run on others)."""
