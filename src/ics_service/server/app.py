@@ -182,7 +182,11 @@ def create_app(
             token=token,
             sigv4=sigv4,
             open_paths=open_paths,
-            budget=BodyBudget(settings.unauthenticated_body_memory),
+            budget=BodyBudget(
+                settings.unauthenticated_body_memory,
+                # One address holds a quarter at most, or one largest body if that is more.
+                per_client=max(settings.unauthenticated_body_memory // 4, settings.max_body_bytes),
+            ),
             # SNS can send only the user and password of its endpoint URL (HTTP Basic).
             basic_paths={"/v1/events"},
         )

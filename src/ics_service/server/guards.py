@@ -3,7 +3,10 @@ HTTP Basic), the body limit, the body deadline and the request log.
 
 The routes know nothing of them, as Starlette builds its middleware stack by wrapping.
 Nothing is buffered for a client that has not proved who it is but a SigV4-signed body
-(the signature covers it), and those bodies share one memory budget.
+whose signature covers it without a declared hash (boto3's), and those bodies share one
+memory budget, of which one client address holds a share at most, and addresses whose
+signed body was read and refuted lately half at most: forged signatures cannot take it
+all from clients that sign truly.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
@@ -28,9 +33,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class SigV4Verifier(Protocol):
     """Whether a request signed with AWS SigV4 is valid (given the scope and the whole body);
-    `precheck`: whether it can be, from its headers alone."""
+    `precheck`: whether it can be, from its headers alone; `signed_payload_hash`: the body's
+    hash when the signature covers a declared one, and `verify_head` the signature then."""
 
     def precheck(self, scope: Scope) -> bool: ...
+
+    def signed_payload_hash(self, scope: Scope) -> str | None: ...
+
+    def verify_head(self, scope: Scope, payload_hash: str) -> bool: ...
 
     def __call__(self, scope: Scope, body: bytes) -> bool: ...
 
@@ -46,6 +56,12 @@ DRAIN_BYTES = 65_536
 
 #: Seconds a client refused for lack of body memory is told to wait (Retry-After).
 BUSY_RETRY_AFTER_S = 1
+
+#: Seconds an address whose signed body was read and refuted (or did not all arrive) is
+#: held to half of the unauthenticated body budget.
+REFUTED_PENALTY_S = 60.0
+#: Addresses remembered so (the oldest forgotten first).
+MAX_REFUTED = 4096
 
 
 async def send_error(
@@ -92,21 +108,33 @@ def _large_body(scope: Scope) -> bool:
 
 class BodyBudget:
     """Bytes that bodies read before their request is authenticated may hold at once, all
-    requests together (one event loop: no lock)."""
+    requests together, and of them one client address `per_client` at most (one event
+    loop: no lock)."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, per_client: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.per_client = max_bytes if per_client is None else min(per_client, max_bytes)
         self.held = 0
+        self._by_client: dict[str, int] = {}
 
-    def take(self, n: int) -> bool:
-        """Hold n more bytes; False (and nothing held) when that would exceed the budget."""
-        if self.held + n > self.max_bytes:
+    def take(self, n: int, client: str = "", *, ceiling: int | None = None) -> bool:
+        """Hold n more bytes; False (and nothing held) when that would exceed the budget, the
+        client's share, or `ceiling` (bytes held by all, this one included)."""
+        mine = self._by_client.get(client, 0)
+        limit = self.max_bytes if ceiling is None else min(ceiling, self.max_bytes)
+        if self.held + n > limit or mine + n > self.per_client:
             return False
         self.held += n
+        self._by_client[client] = mine + n
         return True
 
-    def give(self, n: int) -> None:
+    def give(self, n: int, client: str = "") -> None:
         self.held -= n
+        left = self._by_client.get(client, 0) - n
+        if left > 0:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
 
 
 class Authenticate:
@@ -138,6 +166,8 @@ class Authenticate:
         self.sigv4 = sigv4
         self.budget = budget
         self.basic_paths = basic_paths
+        #: Client addresses whose signed body was refuted, and until when they are refused.
+        self.refuted: OrderedDict[str, float] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -191,11 +221,27 @@ class Authenticate:
         if not verifier.precheck(scope):
             await self._forbidden(scope, send, "the AWS SigV4 signature is not valid")
             return
+        claimed = verifier.signed_payload_hash(scope)
+        if claimed is not None:
+            # The signature covers a declared hash: checked now, the body against it as the
+            # app reads it; nothing is held for a signature not yet proved.
+            if not verifier.verify_head(scope, claimed):
+                await self._forbidden(scope, send, "the AWS SigV4 signature is not valid")
+                return
+            await self._hash_checked(scope, receive, send, claimed)
+            return
+        client = _client(scope)
+        now = time.monotonic()
+        until = self.refuted.get(client)
+        # An address refuted lately may take only the budget's first half: the rest stays
+        # for addresses that have not forged.
+        ceiling = self.budget.max_bytes // 2 if until is not None and until > now else None
         declared = _declared_length(scope) or 0
-        if not self.budget.take(declared):
-            await self._busy(scope, send)
+        if not self.budget.take(declared, client, ceiling=ceiling):
+            await self._busy(scope, send, refuted=ceiling is not None)
             return
         held = declared
+        valid = arrived = busy = False
         try:
             chunks = []
             size = 0
@@ -206,37 +252,92 @@ class Authenticate:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > held:  # longer than declared (or chunked): hold as it comes
-                    if not self.budget.take(size - held):
-                        await self._busy(scope, send)
+                    if not self.budget.take(size - held, client, ceiling=ceiling):
+                        busy = True  # no room, not a refutation
+                        await self._busy(scope, send, refuted=ceiling is not None)
                         return
                     held = size
                 chunks.append(chunk)
                 if not message.get("more_body", False):
+                    arrived = True
                     break
             body = b"".join(chunks)
             del chunks
-            valid = verifier(scope, body)
+            valid = arrived and verifier(scope, body)
         finally:
-            self.budget.give(held)
+            self.budget.give(held, client)
+            if not valid and not busy:
+                self._refute(client, now)
         if valid:
             await self.app(scope, _replay(body, receive), send)
             return
         await self._forbidden(scope, send, "the AWS SigV4 signature is not valid")
 
+    def _refute(self, client: str, now: float) -> None:
+        self.refuted.pop(client, None)
+        self.refuted[client] = now + REFUTED_PENALTY_S
+        while len(self.refuted) > MAX_REFUTED:
+            self.refuted.popitem(last=False)
+
+    async def _hash_checked(self, scope: Scope, receive: Receive, send: Send, claimed: str) -> None:
+        digest = hashlib.sha256()
+        started = False
+
+        async def checked() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                digest.update(message.get("body", b""))
+                if not message.get("more_body", False) and digest.hexdigest() != claimed:
+                    raise _NotTheSignedBody
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, checked, tracked)
+        except _NotTheSignedBody:
+            if not started:
+                await self._forbidden(
+                    scope,
+                    send,
+                    "the request body is not the one signed (its SHA-256 is not the "
+                    "X-Amz-Content-SHA256 header's)",
+                )
+
     async def _forbidden(self, scope: Scope, send: Send, message: str) -> None:
         await send_error(scope, send, 403, "Forbidden", message, unread=True)
 
-    async def _busy(self, scope: Scope, send: Send) -> None:
+    async def _busy(self, scope: Scope, send: Send, *, refuted: bool = False) -> None:
+        why = (
+            f" (a SigV4 signature from this address was refuted in the last "
+            f"{REFUTED_PENALTY_S:g} s, so its bodies may take half of it; a signed "
+            "X-Amz-Content-SHA256 is checked before the body, and takes none)"
+            if refuted
+            else ""
+        )
         await send_error(
             scope,
             send,
             503,
             "ServerBusy",
             "the server holds as many unauthenticated request bodies as it may "
-            f"(unauthenticated_body_memory={self.budget.max_bytes:,} bytes); retry shortly",
+            f"(unauthenticated_body_memory={self.budget.max_bytes:,} bytes{why}); retry "
+            "shortly",
             unread=True,
             **{"Retry-After": str(BUSY_RETRY_AFTER_S)},
         )
+
+
+class _NotTheSignedBody(Exception):
+    pass
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
 
 def _basic_password(credentials: str) -> bytes:

@@ -39,6 +39,7 @@ _AUTH = re.compile(
     r"Signature=(?P<signature>[0-9a-f]{64})\s*"
 )
 _AMZ_DATE = "%Y%m%dT%H%M%SZ"
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 #: What `Verifier._head` finds in the headers: the headers by name, X-Amz-Date, the
 #: credential scope's day, region and service, the signed header names and the signature.
@@ -66,16 +67,34 @@ class Verifier:
         signed headers, and X-Amz-Date. A request that fails here is refused unread."""
         return self._head(scope) is not None
 
+    def signed_payload_hash(self, scope: Scope) -> str | None:
+        """The body's SHA-256 (hex) when the signature covers one the client declared
+        (X-Amz-Content-SHA256, a signed header): the signature can then be checked from the
+        headers alone (`verify_head`), and the body against that hash as it arrives."""
+        head = self._head(scope)
+        if head is None or "x-amz-content-sha256" not in head[5]:
+            return None
+        claimed = _one(head[0], "x-amz-content-sha256")
+        return claimed if claimed is not None and _SHA256_HEX.fullmatch(claimed) else None
+
+    def verify_head(self, scope: Scope, payload_hash: str) -> bool:
+        """Whether the request is validly signed, were its body's SHA-256 `payload_hash`."""
+        head = self._head(scope)
+        return head is not None and self._valid(scope, head, payload_hash)
+
     def __call__(self, scope: Scope, body: bytes) -> bool:
         head = self._head(scope)
         if head is None:
             return False
-        headers, amz_date, day, region, service, signed, signature = head
         payload_hash = hashlib.sha256(body).hexdigest()
-        claimed = _one(headers, "x-amz-content-sha256")
+        claimed = _one(head[0], "x-amz-content-sha256")
         # A claimed hash (UNSIGNED-PAYLOAD included) must be the body's: the body is signed.
         if claimed is not None and claimed != payload_hash:
             return False
+        return self._valid(scope, head, payload_hash)
+
+    def _valid(self, scope: Scope, head: _Head, payload_hash: str) -> bool:
+        headers, amz_date, day, region, service, signed, signature = head
         try:
             canonical = canonical_request(scope, headers, signed, payload_hash)
         except KeyError:
