@@ -290,7 +290,10 @@ def check_onnx(draft: Draft, labels: tuple[str, ...]) -> tuple[ModelCard, list[s
             "runs batches of several images: export it with a dynamic batch axis (torch: "
             "dynamic_axes={'input': {0: 'batch'}})"
         )
-    out = session.get_outputs()[0]
+    outputs = session.get_outputs()
+    if len(outputs) != 1:
+        raise ModelRejected(_outputs_message(path, outputs))
+    out = outputs[0]
     if len(out.shape) != 2:
         raise ModelRejected(
             f"{path}'s output {out.name} has shape {out.shape}; ICS reads (N, classes) scores"
@@ -310,6 +313,14 @@ def check_onnx(draft: Draft, labels: tuple[str, ...]) -> tuple[ModelCard, list[s
     card.decision_thresholds(0.5)  # a label threshold for a label it has not is refused
     _check_inference(card, session, inp.name, out.name, path, draft.labels, len(labels))
     return card, notes
+
+
+def _outputs_message(path: Path | str, outputs: list[Any]) -> str:
+    names = ", ".join(f"{o.name} {o.shape}" for o in outputs)
+    return (
+        f"{path} has {len(outputs)} outputs ({names}); ICS reads one output of (N, classes) "
+        "scores: export the model with that output only"
+    )
 
 
 def _shape_text(layout: str) -> str:

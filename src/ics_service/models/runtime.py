@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import permission_denied
+from ..errors import ModelNotPrepared, permission_denied
 from ..modelcard import ModelCard
 from .device import CPU, Device, check_session, cuda_failure
 
@@ -114,10 +114,19 @@ class OnnxRuntime:
         self.device = device
         self.session = onnx_session(path, threads=threads, device=device)
         self.input_name = self.session.get_inputs()[0].name
+        outputs = self.session.get_outputs()
+        if len(outputs) != 1:
+            names = ", ".join(f"{o.name} {o.shape}" for o in outputs)
+            raise ModelNotPrepared(
+                f"model {card.name}'s file {path} has {len(outputs)} outputs ({names}); ICS "
+                "reads one output of (N, classes) scores: export the model with that output "
+                f"only and add it again (`ics models add {card.name} --replace ...`)"
+            )
+        self.output_name = outputs[0].name
         self._logits = card.outputs == "logits"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(None, {self.input_name: batch})
+        (out,) = self.session.run([self.output_name], {self.input_name: batch})
         out = np.asarray(out, dtype=np.float32)
         if self.card.multi_label:
             check_probabilities(self.card, out)
