@@ -88,6 +88,10 @@ def load_class(spec: str) -> type:
     return obj
 
 
+#: The fields of a ModelCard given as a class's `card` that are not taken from it.
+NOT_DECLARED = frozenset({"labels_path", "model_path", "build", "kind", "source"})
+
+
 def class_card_fields(cls: type, spec: str) -> dict[str, Any]:
     """The card fields a model class declares in its `card` attribute (a mapping, or a
     ModelCard), if any."""
@@ -95,7 +99,13 @@ def class_card_fields(cls: type, spec: str) -> dict[str, Any]:
     if declared is None:
         return {}
     if isinstance(declared, ModelCard):
-        return {f.name: getattr(declared, f.name) for f in fields(ModelCard)}
+        # What the model says about its inputs and outputs; where its files are, how it is
+        # built and where it came from are ICS's to record.
+        return {
+            f.name: getattr(declared, f.name)
+            for f in fields(ModelCard)
+            if f.name not in NOT_DECLARED
+        }
     if isinstance(declared, Mapping):
         return dict(declared)
     raise ConfigError(f"{spec}.card must be a dict of card fields or a ModelCard")
@@ -160,10 +170,12 @@ def python_spec(card: ModelCard) -> str:
 
 
 def open_python_model(card: ModelCard) -> PythonRuntime:
-    """Import the card's class, make one and load it."""
+    """Import the card's class, make one and load it. The folder the card records
+    (source.path) is appended to sys.path: it is searched after the standard library and
+    the installed packages, so a module there cannot shadow one of theirs."""
     folder = card.source.get("path")
     if isinstance(folder, str) and folder not in sys.path:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)
     cls = load_class(python_spec(card))
     model = cls()
     model.load(card)
@@ -202,7 +214,7 @@ def entry_point_card(ep: importlib.metadata.EntryPoint) -> ModelCard:
         },
     )
     values.setdefault("description", f"{ep.value} (entry point of {dist or 'a package'})")
-    if "classes" not in values and "labels_path" not in values:
+    if not values.get("classes"):
         raise ConfigError(f"{ep.value}.card names no classes: give it a list of class names")
     return ModelCard.from_mapping(values, None, where=f"entry point {ep.name} = {ep.value}")
 

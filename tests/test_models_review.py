@@ -1,0 +1,125 @@
+"""Models' edge cases found in review: real (tiny) ONNX models built with onnx.helper, real
+Python model classes imported from files, the real registry and `ics models` commands."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ics_service.errors import ModelNotPrepared
+from ics_service.modelcard import ModelCard
+from ics_service.models.added import AddRequest, ModelRejected, add_model
+
+
+def two_output_onnx(folder: Path) -> Path:
+    """(N, 3, 16, 16) → "scores": softmax of the channel means (N, 3), and "features":
+    the means themselves (N, 3)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["features"], keepdims=0),
+        helper.make_node("Softmax", ["features"], ["scores"], axis=1),
+    ]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    outs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 3])
+        for n in ("scores", "features")
+    ]
+    graph = helper.make_graph(nodes, "two-outputs", [x], outs, initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    path = folder / "two.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnx_model_with_two_outputs_is_refused_at_add_and_at_open(tmp_path: Path) -> None:
+    from ics_service.models.runtime import OnnxRuntime
+
+    onnx = two_output_onnx(tmp_path)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("r\ng\nb\n")
+    req = AddRequest("two", onnx=onnx, labels=labels, fields={"outputs": "probabilities"})
+    with pytest.raises(ModelRejected, match=r"has 2 outputs \(scores .*, features .*\)"):
+        add_model(req, tmp_path / "models")
+    assert not (tmp_path / "models" / "two").exists()
+
+    # A card written by hand, not by `ics models add`: refused when opened, not per item.
+    card = ModelCard(
+        name="two", version="1", description="", input_size=16, outputs="probabilities",
+        labels_path=str(labels), model_path=str(onnx),
+    )  # fmt: skip
+    with pytest.raises(ModelNotPrepared, match=r"has 2 outputs .*--replace"):
+        OnnxRuntime(card, onnx)
+
+
+@pytest.fixture
+def on_path(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "site"
+    folder.mkdir()
+    sys.path.insert(0, str(folder))
+    try:
+        yield folder
+    finally:
+        sys.path.remove(str(folder))
+
+
+def test_an_entry_point_class_whose_card_is_a_model_card(on_path: Path) -> None:
+    from ics_service.models.python import entry_point_card, open_python_model
+
+    (on_path / "review_card_model.py").write_text(
+        "import numpy as np\n"
+        "from ics_service.modelcard import ModelCard\n"
+        "class Halves:\n"
+        "    card = ModelCard(name='halves', version='2', description='two halves',\n"
+        "                     input_size=32, classes=('left', 'right'), outputs='probabilities')\n"
+        "    def load(self, card): pass\n"
+        "    def predict(self, batch): return np.full((len(batch), 2), 0.5)\n"
+    )
+    ep = importlib.metadata.EntryPoint("halves", "review_card_model:Halves", "ics.models")
+    card = entry_point_card(ep)
+    assert (card.kind, card.version, card.input_size) == ("python", "2", 32)
+    assert card.labels == ("left", "right")
+    assert card.source["python"] == "review_card_model:Halves"
+    runtime = open_python_model(card)
+    try:
+        import numpy as np
+
+        assert runtime.predict(np.zeros((3, 3, 32, 32), np.float32)).shape == (3, 2)
+    finally:
+        runtime.close()
+
+
+def test_a_python_models_folder_is_searched_after_installed_packages(tmp_path: Path) -> None:
+    from ics_service.models.python import open_python_model
+
+    folder = tmp_path / "code"
+    folder.mkdir()
+    # A module named like a standard library one, next to the model: it must not shadow it.
+    (folder / "colorsys.py").write_text("raise RuntimeError('shadowed the standard library')\n")
+    (folder / "review_path_model.py").write_text(
+        "import numpy as np\n"
+        "class One:\n"
+        "    def load(self, card): pass\n"
+        "    def predict(self, batch): return np.ones((len(batch), 1))\n"
+    )
+    card = ModelCard(
+        name="one", version="1", description="", input_size=8, kind="python",
+        classes=("only",), outputs="probabilities",
+        source={"python": "review_path_model:One", "path": str(folder)},
+    )  # fmt: skip
+    sys.modules.pop("colorsys", None)
+    try:
+        open_python_model(card).close()
+        assert sys.path.index(str(folder)) == len(sys.path) - 1
+        import colorsys
+
+        assert colorsys.__file__ is not None and str(folder) not in colorsys.__file__
+    finally:
+        sys.path.remove(str(folder))
