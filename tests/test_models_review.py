@@ -123,3 +123,37 @@ def test_a_python_models_folder_is_searched_after_installed_packages(tmp_path: P
         assert colorsys.__file__ is not None and str(folder) not in colorsys.__file__
     finally:
         sys.path.remove(str(folder))
+
+
+def test_an_unreadable_added_card_is_listed_as_such_and_hides_no_other_model(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from cli import ics_process
+
+    home = tmp_path / "home"
+    models = home / "models"
+    (models / "garbled").mkdir(parents=True)
+    (models / "garbled" / "card.toml").write_text("name = \n")
+    (models / "no-labels").mkdir()
+    (models / "no-labels" / "card.toml").write_text(
+        "name = 'no-labels'\ninput_size = 16\nlabels_file = 'labels.txt'\nmodel_file = 'm.onnx'\n"
+    )
+    env = {"ICS_HOME": str(home)}
+    proc = ics_process("models", "list", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    docs = {d["name"]: d for d in json.loads(proc.stdout)}
+    assert "efficientnet-lite0" in docs
+    assert "not valid TOML" in docs["garbled"]["unreadable"]
+    assert "labels.txt does not exist" in docs["no-labels"]["unreadable"]
+    proc = ics_process("models", "list", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "unreadable" in proc.stdout
+
+    proc = ics_process("models", "info", "nosuch", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown model 'nosuch'; known models: efficientnet-lite0" in proc.stderr
+    assert "ignoring the added model garbled" in proc.stderr
+    proc = ics_process("models", "info", "garbled", env=env)
+    assert proc.returncode == 2 and "not valid TOML" in proc.stderr

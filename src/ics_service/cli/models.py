@@ -29,7 +29,12 @@ def models_list(as_json: bool, **kwargs: Any) -> None:
     from ..models import all_cards
 
     settings = load_cli_settings(kwargs).settings
-    docs = [model_doc(card.name, settings) for card in all_cards(settings)]
+    unreadable: dict[str, str] = {}
+    docs = [model_doc(card.name, settings) for card in all_cards(settings, unreadable)]
+    docs += [
+        {"name": name, "kind": None, "origin": "added", "prepared": False, "unreadable": why}
+        for name, why in sorted(unreadable.items())
+    ]
     if as_json:
         json_out(docs)
         return
@@ -39,6 +44,9 @@ def models_list(as_json: bool, **kwargs: Any) -> None:
     for col in ("name", "kind", "version", "input", "classes", "ready", "from", "description"):
         t.add_column(col)
     for d in docs:
+        if "unreadable" in d:
+            t.add_row(d["name"], "?", "", "", "", "no", "added", f"unreadable: {d['unreadable']}")
+            continue
         t.add_row(
             d["name"],
             d["kind"],

@@ -6,6 +6,7 @@ a bundled model's prepared files are in `<models_dir>/<name>/<version>/`, with n
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import ConfigError, ModelNotFound
 from ..modelcard import CARD_FILE, REMOTE_PREFIXES, ModelCard
+
+log = logging.getLogger(__name__)
 
 EFFICIENTNET_LITE0 = ModelCard(
     name="efficientnet-lite0",
@@ -130,8 +133,12 @@ def added_card(name: str, where: Settings | Path) -> ModelCard | None:
     return card
 
 
-def added_cards(where: Settings | Path) -> list[ModelCard]:
-    """The added models' cards, by name."""
+def added_cards(
+    where: Settings | Path, unreadable: dict[str, str] | None = None
+) -> list[ModelCard]:
+    """The added models' cards, by name. A card that cannot be read (or whose labels cannot)
+    is left out: its name and why go into `unreadable` when given, else into a warning
+    (one broken model must not hide the others)."""
     folder = models_dir_of(where)
     try:
         names = sorted(p.parent.name for p in folder.glob(f"*/{CARD_FILE}"))
@@ -141,18 +148,35 @@ def added_cards(where: Settings | Path) -> list[ModelCard]:
     for name in names:
         if name in MODELS:
             continue
-        card = added_card(name, folder)
+        try:
+            card = added_card(name, folder)
+            if card is not None:
+                card.labels  # noqa: B018 - read now: a missing labels file is unreadable
+        except ConfigError as e:
+            if unreadable is None:
+                log.warning(
+                    "ignoring the added model %s: %s (`ics models add %s --replace ...` or "
+                    "`ics models remove %s`)",
+                    name,
+                    e,
+                    name,
+                    name,
+                )
+            else:
+                unreadable[name] = str(e)
+            continue
         if card is not None:
             cards.append(card)
     return cards
 
 
-def all_cards(where: Settings | Path) -> list[ModelCard]:
+def all_cards(where: Settings | Path, unreadable: dict[str, str] | None = None) -> list[ModelCard]:
     """Every model ICS knows: the bundled ones, the added ones, then the Python models of
-    installed packages' entry points (group `ics.models`) of other names."""
+    installed packages' entry points (group `ics.models`) of other names. Added models
+    whose cards cannot be read are left out (see `added_cards`)."""
     from .python import entry_point_cards
 
-    cards = [*MODELS.values(), *added_cards(where)]
+    cards = [*MODELS.values(), *added_cards(where, unreadable)]
     names = {c.name for c in cards}
     return cards + [c for c in entry_point_cards() if c.name not in names]
 
