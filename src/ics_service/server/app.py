@@ -25,7 +25,15 @@ from ..store.watched import WatchState
 from . import docs, events, executions, sagemaker, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
-from .guards import OPEN_PATHS, Authenticate, BodyBudget, BodyDeadline, BodyLimit, RequestLog
+from .guards import (
+    OPEN_PATHS,
+    Authenticate,
+    BodyBudget,
+    BodyDeadline,
+    BodyLimit,
+    BudgetedBodies,
+    RequestLog,
+)
 from .metrics import Metrics
 from .sagemaker_wire import speaks_sagemaker
 from .service import RETRY_AFTER_S, Service, plan_serving
@@ -176,20 +184,25 @@ def create_app(
         app.state.docs_access = "public"
     else:
         app.state.docs_access = "token" if token else "closed"
+    # Bodies read for clients that have not proved who they are share one budget, of which
+    # one address holds a quarter at most, or one largest body if that is more.
+    budget = BodyBudget(
+        settings.unauthenticated_body_memory,
+        per_client=max(settings.unauthenticated_body_memory // 4, settings.max_body_bytes),
+    )
     if token or sigv4 is not None:
         app.add_middleware(
             Authenticate,
             token=token,
             sigv4=sigv4,
             open_paths=open_paths,
-            budget=BodyBudget(
-                settings.unauthenticated_body_memory,
-                # One address holds a quarter at most, or one largest body if that is more.
-                per_client=max(settings.unauthenticated_body_memory // 4, settings.max_body_bytes),
-            ),
+            budget=budget,
             # SNS can send only the user and password of its endpoint URL (HTTP Basic).
             basic_paths={"/v1/events"},
         )
+    else:
+        # No credential: every body is a stranger's, held from its first byte to its answer.
+        app.add_middleware(BudgetedBodies, budget=budget)
     if token is None and sigv4 is not None:
         log.warning(
             "SigV4 keys are set but no API token: only SigV4-signed SageMaker invocations "

@@ -318,17 +318,7 @@ class Authenticate:
             if refuted
             else ""
         )
-        await send_error(
-            scope,
-            send,
-            503,
-            "ServerBusy",
-            "the server holds as many unauthenticated request bodies as it may "
-            f"(unauthenticated_body_memory={self.budget.max_bytes:,} bytes{why}); retry "
-            "shortly",
-            unread=True,
-            **{"Retry-After": str(BUSY_RETRY_AFTER_S)},
-        )
+        await _busy(scope, send, self.budget, why)
 
 
 class _NotTheSignedBody(Exception):
@@ -338,6 +328,76 @@ class _NotTheSignedBody(Exception):
 def _client(scope: Scope) -> str:
     client = scope.get("client")
     return str(client[0]) if client else ""
+
+
+class BudgetedBodies:
+    """Without credentials configured, every request body is a stranger's: while it is
+    being read, each holds its bytes of `budget` (by Content-Length, or as it arrives), and
+    one that finds no room is answered 503 with Retry-After, unread. Once a body has all
+    arrived, its request waits as others do (max_queue), and its bytes are let go of."""
+
+    def __init__(self, app: ASGIApp, budget: BodyBudget) -> None:
+        self.app = app
+        self.budget = budget
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = _client(scope)
+        held = _declared_length(scope) or 0
+        if not self.budget.take(held, client):
+            await _busy(scope, send, self.budget)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal seen, held
+            message = await receive()
+            if held < 0:  # all arrived, already let go of
+                return message
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > held:  # longer than declared (or chunked): held as it comes
+                    if not self.budget.take(seen - held, client):
+                        raise _NoRoom
+                    held = seen
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                self.budget.give(held, client)
+                held = -1
+            return message
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _NoRoom:
+            if not started:
+                await _busy(scope, send, self.budget)
+        finally:
+            if held >= 0:
+                self.budget.give(held, client)
+
+
+class _NoRoom(Exception):
+    pass
+
+
+async def _busy(scope: Scope, send: Send, budget: BodyBudget, why: str = "") -> None:
+    await send_error(
+        scope,
+        send,
+        503,
+        "ServerBusy",
+        "the server holds as many unauthenticated request bodies as it may "
+        f"(unauthenticated_body_memory={budget.max_bytes:,} bytes{why}); retry shortly",
+        unread=True,
+        **{"Retry-After": str(BUSY_RETRY_AFTER_S)},
+    )
 
 
 def _basic_password(credentials: str) -> bytes:
