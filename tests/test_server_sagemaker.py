@@ -155,7 +155,11 @@ def test_ping_and_invocations_whatever_the_image_content_type(
     async def body(client: httpx.AsyncClient) -> None:
         ping = await client.get("/ping")
         assert ping.status_code == 200
-        assert ping.json() == {"status": "ready", "model": "efficientnet-lite0"}
+        assert ping.json() == {
+            "status": "ready",
+            "model": "efficientnet-lite0",
+            "models": {"efficientnet-lite0": "ready"},
+        }
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert {"/ping", "/invocations", "/endpoints/{name}/invocations"} <= set(paths)
         answers = {}

@@ -139,7 +139,7 @@ def test_health_and_metadata(runtime: OnnxRuntime, ics_home: Path) -> None:
         assert r.json() == {
             "name": "ics",
             "version": r.json()["version"],
-            "extensions": ["classification", "binary_tensor_data"],
+            "extensions": ["classification", "binary_tensor_data", "model_repository"],
         }
         meta = (await client.get(f"/v2/models/{MODEL}")).json()
         assert meta == {
@@ -517,7 +517,11 @@ def test_triton_health_and_metadata(triton: Any) -> None:
     assert triton.is_server_ready()
     assert triton.is_model_ready(MODEL)
     assert not triton.is_model_ready("resnet50")
-    assert triton.get_server_metadata()["extensions"] == ["classification", "binary_tensor_data"]
+    assert triton.get_server_metadata()["extensions"] == [
+        "classification",
+        "binary_tensor_data",
+        "model_repository",
+    ]
     meta = triton.get_model_metadata(MODEL)
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
         ("INPUT", "BYTES", [-1]),

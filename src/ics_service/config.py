@@ -97,6 +97,10 @@ def _default_retry() -> dict[str, RetryPolicy]:
     }
 
 
+#: In `serve_models` (`ics serve --model all`): every registered model.
+ALL_MODELS = "all"
+
+
 class Settings(BaseModel):
     """Every setting ICS has, with its default."""
 
@@ -224,6 +228,12 @@ class Settings(BaseModel):
         description="Port of `ics serve`'s gRPC endpoint (the Open Inference Protocol's "
         "GRPCInferenceService, as Triton serves it); 0 turns it off; unset: the HTTP port + 1, "
         "as Triton's 8000 and 8001 (off when the HTTP port is 0).",
+    )
+    serve_models: list[str] = Field(
+        default_factory=list,
+        description="Models `ics serve` serves beside `model`, which stays the default (for "
+        'requests that name none); ["all"]: every registered model. `ics serve --model A '
+        "--model B` sets model to A and this to [B].",
     )
     api_token: str | None = Field(
         default=None,

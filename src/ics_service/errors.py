@@ -80,6 +80,12 @@ class ModelNotPrepared(UsageError):
     http_status = 503
 
 
+class ModelBusy(UsageError):
+    """The server cannot unload this model now (it is the default one)."""
+
+    http_status = 409
+
+
 class ExecutionNotFound(UsageError):
     http_status = 404
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..config import CPU_MAX_BATCH, CUDA_MAX_BATCH, default
+from ..config import ALL_MODELS, CPU_MAX_BATCH, CUDA_MAX_BATCH, default
 from ..errors import EnvironmentUnavailable
 from .alerts import notify_option
 from .app import common_options, device_option, load_cli_settings, main
@@ -32,7 +32,13 @@ THROTTLED_LOGGERS = ("uvicorn.error", "ics_service.server.clients")
     help="Port of the gRPC endpoint (the Open Inference Protocol's, for tritonclient.grpc); "
     "0 turns it off (default: the HTTP port + 1, as Triton's 8000 and 8001).",
 )
-@click.option("-m", "--model", help=f"Model name (default {default('model')}).")
+@click.option(
+    "-m",
+    "--model",
+    multiple=True,
+    help=f"Model to serve (default {default('model')}); repeat it to serve several, the first "
+    "being the default (for requests that name none); `all`: every registered model.",
+)
 @click.option(
     "--token-file",
     type=click.Path(dir_okay=False),
@@ -61,12 +67,15 @@ def serve(**kwargs: Any) -> None:
 
     \b
     Routes:
-      POST /v1/classify                 an image (raw body, multipart, base64 or uri)
+      POST /v1/classify                 an image (raw body, multipart, base64 or uri);
+                                        ?model=NAME for another model than the default
+      GET  /v1/models                   the models served; POST /v1/models/NAME/load
+                                        (or reload) and /unload, without failing requests
       POST /v1/executions               a batch execution; GET /v1/executions[/ID[/results
                                         |/history]], POST /v1/executions/ID/cancel
       GET  /ping, POST /invocations     the SageMaker container contract, and
-      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3), and its
-           [-response-stream]           response stream
+      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3; TargetModel
+           [-response-stream]           names the model), and its response stream
       /v2/...                           the Open Inference Protocol (tritonclient)
       GET  /healthz, /readyz            liveness and readiness
       GET  /metrics                     Prometheus metrics
@@ -84,12 +93,12 @@ def serve(**kwargs: Any) -> None:
     from ..capture import check_capture_folder
     from ..logs import Throttle
     from ..server import create_app
-    from ..server.app import load_model
+    from ..server.app import load_models
     from ..server.connections import connection_limit, guarded_protocol
     from ..server.sigv4 import verifier_of
     from ..store import Store
 
-    settings = load_cli_settings(kwargs).settings
+    settings = load_cli_settings(_models_of(kwargs)).settings
     # A token that cannot guard anything (empty, an unreadable file) stops start-up here,
     # before the model loads, as does a SigV4 key without its secret.
     _ = settings.token
@@ -108,19 +117,20 @@ def serve(**kwargs: Any) -> None:
         logger.addFilter(throttle)
     try:
         alerting.attach(store)
-        runtime = load_model(settings)
+        runtimes = load_models(settings)
         grpc_port = settings.served_grpc_port
-        app = create_app(settings, runtime=runtime, store=store, grpc_port=grpc_port)
-        device = getattr(getattr(runtime, "device", None), "name", "cpu")
-        log.info(
-            "serving %s %s on %s at http://%s:%d, %s",
-            runtime.card.name,
-            runtime.card.version,
-            device,
-            settings.host,
-            settings.port,
-            f"gRPC at {settings.host}:{grpc_port}" if grpc_port else "gRPC off",
-        )
+        app = create_app(settings, runtimes=runtimes, store=store, grpc_port=grpc_port)
+        for runtime in runtimes:
+            device = getattr(getattr(runtime, "device", None), "name", "cpu")
+            log.info(
+                "serving %s %s on %s at http://%s:%d, %s",
+                runtime.card.name,
+                runtime.card.version,
+                device,
+                settings.host,
+                settings.port,
+                f"gRPC at {settings.host}:{grpc_port}" if grpc_port else "gRPC off",
+            )
         # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
         # raises them again for the handlers it found: ignored, so the exit is a clean 0.
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -176,3 +186,15 @@ def _check_grpc_port(host: str, port: int, grpc_port: int) -> None:
             f"cannot serve gRPC on {host}:{grpc_port} ({e.strerror or e}); choose another "
             "--grpc-port (0 turns gRPC off) or --host"
         ) from None
+
+
+def _models_of(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The flags as settings: `--model A --model B` is model A, the default, and
+    serve_models [B]; `--model all` alone keeps the default model and serves every other."""
+    flags = dict(kwargs)
+    models = list(flags.pop("model", None) or ())
+    if models:
+        if models[0] != ALL_MODELS:
+            flags["model"] = models.pop(0)
+        flags["serve_models"] = models
+    return flags

@@ -4,8 +4,9 @@ and the wrappers (authentication, body limit and deadline, request log)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -15,14 +16,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, sources
-from ..config import Settings
+from ..config import ALL_MODELS, Settings
 from ..engine.batcher import QueueFull
 from ..engine.watch import WatcherPresence
 from ..errors import IcsError, UsageError
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..store.watched import WatchState
-from . import docs, events, executions, sagemaker, v1, v2
+from . import docs, events, executions, sagemaker, served, v1, v2
 from .batches import Batches
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
 from .guards import (
@@ -36,7 +37,7 @@ from .guards import (
 )
 from .metrics import Metrics
 from .sagemaker_wire import speaks_sagemaker
-from .service import RETRY_AFTER_S, Service, plan_serving
+from .service import RETRY_AFTER_S, Loader, Service, plan_serving
 from .sigv4 import verifier_of
 from .v2_wire import ProtocolError
 
@@ -47,20 +48,34 @@ def create_app(
     settings: Settings,
     *,
     runtime: ModelRuntime | None = None,
+    runtimes: Sequence[ModelRuntime] = (),
     store: Store | None = None,
+    loader: Loader | None = None,
     grpc_port: int = 0,
 ) -> FastAPI:
-    """The ASGI app of `ics serve`: model and store are opened at start-up unless given; with
-    a `grpc_port`, the Open Inference Protocol's gRPC endpoint is served on it beside."""
+    """The ASGI app of `ics serve`: models and store are opened at start-up unless given.
+
+    `runtime`: the one model served; `runtimes`: the models served, the default first;
+    neither: the settings' (`served_models`). `loader` opens a model by name for `POST
+    /v1/models/NAME/load` (by default from the settings' model home). With a `grpc_port`,
+    the Open Inference Protocol's gRPC endpoint is served on it beside.
+    """
     metrics = Metrics()
+    given = [runtime] if runtime is not None else list(runtimes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sources.configure(settings)  # `uri` inputs on S3 or HTTP read with these settings
         own_store = store is None
         opened_store = store or Store(settings.store_url)
-        model = runtime or load_model(settings)
-        service = Service(settings, model, opened_store, metrics)
+        models = given or load_models(settings)
+        service = Service(
+            settings,
+            models,
+            opened_store,
+            metrics,
+            loader=loader or functools.partial(load_model, settings),
+        )
         app.state.service = service
         grpc_server = None
         try:
@@ -102,7 +117,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for module in (v1, sagemaker, v2, executions, events, docs):
+    for module in (v1, served, sagemaker, v2, executions, events, docs):
         app.include_router(module.router)
 
     # One set of handlers for every route: errors.py shapes the answer for the path (the
@@ -220,10 +235,29 @@ def _path(request: Request) -> str:
     return request_path(request.scope)
 
 
-def load_model(settings: Settings) -> ModelRuntime:
-    """The settings' model, planned for serving (by default a single-thread session shared by
-    one inference worker per core; the service adds a session on every core for a lone
-    request)."""
+def served_models(settings: Settings) -> list[str]:
+    """The names of the models `ics serve` serves: `model` (the default) first, then
+    `serve_models` in their order, "all" standing for every registered model."""
+    from ..models import MODELS
+
+    names = [settings.model]
+    for name in settings.serve_models:
+        # "all": the bundled cards (the registry's names).
+        for each in MODELS if name == ALL_MODELS else [name]:
+            if each not in names:
+                names.append(each)
+    return names
+
+
+def load_models(settings: Settings) -> list[ModelRuntime]:
+    """The served models (`served_models`), opened, the default first."""
+    return [load_model(settings, name) for name in served_models(settings)]
+
+
+def load_model(settings: Settings, name: str | None = None) -> ModelRuntime:
+    """A model (by default the settings' `model`), planned for serving (by default a
+    single-thread session shared by one inference worker per core; the service adds a
+    session on every core for a lone request). Its card and file are read from disk."""
     from ..models import get_card, load_runtime
     from ..models.device import resolve_device
 
@@ -231,7 +265,7 @@ def load_model(settings: Settings) -> ModelRuntime:
     from ..models.remote import RemoteOptions
     from ..models.runtime import takes_bytes
 
-    card = get_card(settings.model, settings)
+    card = get_card(settings.model if name is None else name, settings)
     device = resolve_device(settings.device)
     runtime = load_runtime(
         card,

@@ -411,7 +411,7 @@ class Batches:
         return ExecutionRunner(
             planned,
             self.store,
-            self.service.runtime,
+            self.service.default.runtime,  # batch executions run on the default model
             confine=confine(self.settings.allowed_sources),
             check_item=item_check(self.settings.allowed_sources),
         )

@@ -1,11 +1,13 @@
 """Prometheus metrics of one server: requests, batches, items, confidence, queue depth.
 
 Each app has its own registry, so tests (and several apps in one process) never share
-counters.
+counters. The model metrics have a `model` label: the name of a served model, so its values
+are bounded by the models registered (a request naming another is refused before it counts).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -66,24 +68,31 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "ics_batch_size",
-            "Inputs per model run.",
+            "Inputs per model run, by model.",
+            ["model"],
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=r,
         )
         self.inference = Histogram(
             "ics_inference_duration_seconds",
-            "Time of one model run (a whole batch).",
+            "Time of one model run (a whole batch), by model.",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.items = Counter("ics_items", "Items classified, by status.", ["status"], registry=r)
+        self.items = Counter(
+            "ics_items", "Items classified, by model and status.", ["model", "status"], registry=r
+        )
         self.confidence = Histogram(
             "ics_confidence",
-            "Top confidence of classified items.",
+            "Top confidence of classified items, by model.",
+            ["model"],
             buckets=_CONFIDENCE_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("ics_queue_depth", "Inputs waiting for the model.", registry=r)
+        self.queue_depth = Gauge(
+            "ics_queue_depth", "Inputs waiting for the model, by model.", ["model"], registry=r
+        )
         self.capture_dropped = Counter(
             "ics_capture_dropped",
             "Sampled requests not captured: the capture queue was full, or the writer failed.",
@@ -94,14 +103,15 @@ class Metrics:
             "ics_capture_failed", "1 once data capture has stopped on an error.", registry=r
         )
 
-    def observe_batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.inference.observe(seconds)
+    def observe_batch(self, model: str, size: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.inference.labels(model).observe(seconds)
 
     def observe_result(self, result: ItemResult) -> None:
-        self.items.labels(result.status.value).inc()
+        model = result.model.name
+        self.items.labels(model, result.status.value).inc()
         if result.confidence is not None:
-            self.confidence.observe(result.confidence)
+            self.confidence.labels(model).observe(result.confidence)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count a request; `route` is the matched route's template or "unmatched"."""
@@ -109,9 +119,14 @@ class Metrics:
         self.requests.labels(route, method, f"{status // 100}xx").inc()
         self.latency.labels(route).observe(seconds)
 
-    def track_queue(self, depth: Callable[[], int]) -> None:
-        """Report `depth()` as the queue depth at each scrape."""
-        self.queue_depth.set_function(lambda: float(depth()))
+    def track_queue(self, model: str, depth: Callable[[], int]) -> None:
+        """Report `depth()` as the model's queue depth at each scrape."""
+        self.queue_depth.labels(model).set_function(lambda: float(depth()))
+
+    def untrack_queue(self, model: str) -> None:
+        """Stop reporting the queue of a model no longer served."""
+        with contextlib.suppress(KeyError):
+            self.queue_depth.remove(model)
 
     def track_connections(self, count: Callable[[], int]) -> None:
         """Report `count()` as the open connections at each scrape."""

@@ -2,9 +2,13 @@
 runtime API paths `POST /endpoints/{name}/invocations` and
 `POST /endpoints/{name}/invocations-response-stream`, which boto3's `sagemaker-runtime`
 `invoke_endpoint` and `invoke_endpoint_with_response_stream` (EndpointName=name) post to when
-given an `endpoint_url`. Any endpoint name is this server's one model.
+given an `endpoint_url`. Any endpoint name is this server; the model is the one that the
+`X-Amzn-SageMaker-Target-Model` header names (boto3's `TargetModel`, as a multi-model
+endpoint is invoked), or the default model without it; a name not served is a 404
+(`ModelNotFound`, its type in `x-amzn-ErrorType`).
 
-- `/ping`: 200 `{"status": "ready", "model": NAME}` once the model is loaded (503 before).
+- `/ping`: 200 `{"status": "ready", "model": DEFAULT, "models": {NAME: "ready"...}}` once the
+  models are loaded (503 before).
   Open without a token, as SageMaker's health check sends none.
 - Invocations: the body is one encoded image, whatever image content type the client claims
   (image/*, application/x-image, application/octet-stream, or none): the decoder goes by the
@@ -35,10 +39,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import sagemaker_wire as wire
-from .service import Service
+from .service import ServedModel, Service
 from .v1 import readyz
 
 router = APIRouter()
+
+#: The header of a multi-model endpoint's target (boto3's `TargetModel`).
+TARGET_MODEL = "X-Amzn-SageMaker-Target-Model"
 
 _OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -125,13 +132,18 @@ async def _parts(answer: bytes) -> AsyncIterator[bytes]:
 async def _invoke(request: Request, accept: str | None) -> Response:
     service: Service = request.app.state.service
     media = wire.negotiate(accept)
+    with service.using(request.headers.get(TARGET_MODEL)) as model:
+        return await _classify(request, model, media)
+
+
+async def _classify(request: Request, model: ServedModel, media: str) -> Response:
     raw = request.headers.get(wire.CUSTOM_ATTRIBUTES)
-    labels = service.runtime.card.labels
+    labels = model.runtime.card.labels
     attributes = wire.custom_attributes(raw, len(labels))
     data = await request.body()
     uri = request.url.path
-    options = service.options(attributes.threshold, attributes.top_k)
-    outcome = await service.bounded(service.classify(data, uri, options))
+    options = model.options(attributes.threshold, attributes.top_k)
+    outcome = await model.bounded(model.classify(data, uri, options))
     headers = {} if raw is None else {wire.CUSTOM_ATTRIBUTES: raw}
     if outcome.error is not None:
         e = outcome.error

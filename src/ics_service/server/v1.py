@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..redact import redact_uri
 from .allowed import allowed_uri
 from .jsonbody import BadJson, parse_json
-from .service import Options, Service
+from .service import Options, ServedModel, Service
 
 router = APIRouter()
 
@@ -76,19 +76,33 @@ async def classify(
     request: Request,
     threshold: float | None = Query(None, ge=0.0, le=1.0),
     top_k: int | None = Query(None, ge=1, le=1000),
+    model: str | None = Query(
+        None, description="A served model's name (GET /v1/models); default: the default model."
+    ),
 ) -> Any:
     service = service_of(request)
+    with service.using(model) as served:
+        return await _classify(request, service, served, threshold, top_k)
+
+
+async def _classify(
+    request: Request,
+    service: Service,
+    model: ServedModel,
+    threshold: float | None,
+    top_k: int | None,
+) -> Any:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        return await _classify_parts(request, service, service.options(threshold, top_k))
+        return await _classify_parts(request, model, model.options(threshold, top_k))
     if kind == "application/json":
         doc = await _json(request)
         threshold = _field(doc, "threshold", float, threshold)
         top_k = _field(doc, "top_k", int, top_k)
-        options = _checked(service, threshold, top_k)
+        options = _checked(model, threshold, top_k)
         data, uri = await _json_image(service, doc, request)
     elif kind.startswith(RAW_TYPES) or not kind:
-        options = service.options(threshold, top_k)
+        options = model.options(threshold, top_k)
         data, uri = await request.body(), "request"
     else:
         raise UsageError(
@@ -96,12 +110,12 @@ async def classify(
             "application/x-image or application/octet-stream), multipart `file` parts, or "
             'JSON {"image_base64": ...} or {"uri": ...}'
         )
-    outcome = await service.bounded(service.classify(data, uri, options))
+    outcome = await model.bounded(model.classify(data, uri, options))
     outcome.raise_error()
     return outcome.result.to_dict()
 
 
-async def _classify_parts(request: Request, service: Service, options: Options) -> Any:
+async def _classify_parts(request: Request, model: ServedModel, options: Options) -> Any:
     async with request.form() as form:  # closes the uploads' spooled files
         parts = form.getlist("file")
         if not parts:
@@ -112,7 +126,7 @@ async def _classify_parts(request: Request, service: Service, options: Options) 
                 raise UsageError("each `file` part must be a file, not a text field")
             data = await part.read()
             uri = part.filename or "request"
-            outcome = await service.bounded(service.classify(data, uri, options))
+            outcome = await model.bounded(model.classify(data, uri, options))
             results.append(outcome.result.to_dict())
         return results
 
@@ -138,12 +152,12 @@ def _field(doc: dict[str, Any], key: str, kind: type, default: Any) -> Any:
     return kind(value)
 
 
-def _checked(service: Service, threshold: float | None, top_k: int | None) -> Options:
+def _checked(model: ServedModel, threshold: float | None, top_k: int | None) -> Options:
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UsageError(f"threshold must be between 0 and 1, not {threshold}")
     if top_k is not None and not 1 <= top_k <= 1000:
         raise UsageError(f"top_k must be between 1 and 1000, not {top_k}")
-    return service.options(threshold, top_k)
+    return model.options(threshold, top_k)
 
 
 async def _json_image(service: Service, doc: dict[str, Any], request: Request) -> tuple[bytes, str]:
@@ -173,15 +187,20 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: the model is loaded",
-    responses={503: {"description": "not ready: the model is not loaded"}},
+    summary="Readiness: the models are loaded",
+    responses={503: {"description": "not ready: the models are not loaded"}},
 )
 async def readyz(request: Request) -> Response:
     service: Service | None = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return JSONResponse({"status": "starting"}, status_code=503)
     return JSONResponse(
-        {"status": "ready", "model": service.model_ref.name, "device": service.device}
+        {
+            "status": "ready",
+            "model": service.default_name,
+            "device": service.default.device,
+            "models": {m.name: "ready" for m in service.served()},
+        }
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,9 +28,9 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from .. import __version__
-from ..errors import ItemError
+from ..errors import ItemError, ModelNotFound
 from ..modelcard import ModelCard
-from .service import Service
+from .service import ServedModel, Service
 from .v2_wire import (
     HEADER_LENGTH,
     IMAGES,
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "ics"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["classification", "binary_tensor_data"]
+#: The HTTP endpoint's: also Triton's model repository extension (index, load, unload).
+HTTP_EXTENSIONS = [*EXTENSIONS, "model_repository"]
 router = APIRouter()
 
 
@@ -60,22 +63,50 @@ def _running(request: Request) -> Service | None:
     return service if service is not None and service.ready else None
 
 
-def _model(request: Request, name: str, version: str | None = None) -> Service:
+def _service(request: Request) -> Service:
+    return _checked(_running(request))
+
+
+def _checked(service: Service | None) -> Service:
+    if service is None or not service.ready:
+        raise ProtocolError(503, "the model is not loaded yet, or the server is stopping")
+    return service
+
+
+def _model(request: Request, name: str, version: str | None = None) -> ServedModel:
     return served(_running(request), name, version)
 
 
-def served(service: Service | None, name: str, version: str | None = None) -> Service:
-    """The service of the model `name` (and `version`), or a 404 (503 while it loads)."""
-    if service is None or not service.ready:
-        raise ProtocolError(503, "the model is not loaded yet, or the server is stopping")
-    card = service.runtime.card
-    if name != card.name:
-        raise ProtocolError(404, f"unknown model {name!r}: this server serves {card.name!r}")
+def served(service: Service | None, name: str, version: str | None = None) -> ServedModel:
+    """The served model `name` (and `version`), or a 404 (503 while the server starts)."""
+    try:
+        model = _checked(service).model(name)
+    except ModelNotFound as e:
+        raise ProtocolError(404, str(e)) from None
+    return _versioned(model, name, version)
+
+
+def _using(request: Request, name: str, version: str | None) -> AbstractContextManager[ServedModel]:
+    return using(_running(request), name, version)
+
+
+@contextmanager
+def using(service: Service | None, name: str, version: str | None) -> Iterator[ServedModel]:
+    """`served`, held for the request (see Service.using)."""
+    try:
+        with _checked(service).using(name) as model:
+            yield _versioned(model, name, version)
+    except ModelNotFound as e:
+        raise ProtocolError(404, str(e)) from None
+
+
+def _versioned(model: ServedModel, name: str, version: str | None) -> ServedModel:
+    card = model.runtime.card
     if version is not None and version != card.version:
         raise ProtocolError(
             404, f"model {name!r} has no version {version!r}; its versions: [{card.version!r}]"
         )
-    return service
+    return model
 
 
 @router.get("/v2/health/live", summary="Open Inference Protocol: the server is live")
@@ -95,7 +126,7 @@ async def ready(request: Request) -> Response:
 
 @router.get("/v2", summary="Open Inference Protocol: server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": HTTP_EXTENSIONS}
 
 
 def model_metadata(card: ModelCard, device: str | None = None) -> dict[str, Any]:
@@ -144,6 +175,41 @@ async def version_ready(request: Request, name: str, version: str) -> dict[str, 
     return {"name": name, "ready": True}
 
 
+# --- the model repository (Triton's extension) -------------------------------------------
+
+
+@router.post(
+    "/v2/repository/index",
+    summary="Open Inference Protocol (model repository extension): the models served",
+)
+async def repository_index(request: Request) -> list[dict[str, str]]:
+    return [
+        {"name": model.name, "version": model.runtime.card.version, "state": "READY"}
+        for model in _service(request).served()
+    ]
+
+
+@router.post(
+    "/v2/repository/models/{name}/load",
+    summary="Open Inference Protocol (model repository extension): load or reload a model",
+)
+async def repository_load(request: Request, name: str) -> dict[str, Any]:
+    await _service(request).load(name)
+    return {}
+
+
+@router.post(
+    "/v2/repository/models/{name}/unload",
+    summary="Open Inference Protocol (model repository extension): unload a model",
+)
+async def repository_unload(request: Request, name: str) -> dict[str, Any]:
+    try:
+        await _service(request).unload(name)
+    except ModelNotFound as e:
+        raise ProtocolError(404, str(e)) from None
+    return {}
+
+
 # --- inference ----------------------------------------------------------------------------
 
 _INFER_DOC = {
@@ -166,7 +232,8 @@ _INFER_DOC = {
     openapi_extra=_INFER_DOC,
 )
 async def infer(request: Request, name: str) -> Response:
-    return await _infer(request, _model(request, name))
+    with _using(request, name, None) as model:
+        return await _infer(request, model)
 
 
 @router.post(
@@ -175,7 +242,8 @@ async def infer(request: Request, name: str) -> Response:
     openapi_extra=_INFER_DOC,
 )
 async def version_infer(request: Request, name: str, version: str) -> Response:
-    return await _infer(request, _model(request, name, version))
+    with _using(request, name, version) as model:
+        return await _infer(request, model)
 
 
 @router.api_route(
@@ -205,32 +273,32 @@ async def unsupported(request: Request, rest: str) -> Response:
     )
 
 
-async def _infer(request: Request, service: Service) -> Response:
-    card = service.runtime.card
+async def _infer(request: Request, model: ServedModel) -> Response:
+    card = model.runtime.card
     body = decompressed(
         await request.body(),
         request.headers.get("content-encoding", ""),
-        service.settings.max_body_bytes,
+        model.settings.max_body_bytes,
     )
     doc, binary = split_body(body, request.headers.get(HEADER_LENGTH))
     inputs = inputs_of(doc, binary, card)
     outputs = outputs_of(doc)
-    probs = await classify_inputs(service, inputs)
+    probs = await classify_inputs(model, inputs)
     return encode_response(doc, card, probs, outputs)
 
 
-async def classify_inputs(service: Service, inputs: Inputs) -> np.ndarray:
+async def classify_inputs(model: ServedModel, inputs: Inputs) -> np.ndarray:
     """Probabilities (N, C) of a request's inputs, within request_timeout_s (HTTP and gRPC)."""
     if inputs.images is not None:
-        return await service.bounded(_classify_images(service, inputs.images))
+        return await model.bounded(_classify_images(model, inputs.images))
     assert inputs.tensor is not None
-    return await service.bounded(_classify_tensor(service, inputs.tensor))
+    return await model.bounded(_classify_tensor(model, inputs.tensor))
 
 
-def _in_flight(service: Service) -> int:
+def _in_flight(model: ServedModel) -> int:
     """How many inputs of one request may wait for the model at once: a batch's worth, and
     never the whole queue (a request must not refuse itself with QueueFull)."""
-    return max(1, min(service.batcher.max_batch_size, service.settings.max_queue // 2))
+    return max(1, min(model.batcher.max_batch_size, model.settings.max_queue // 2))
 
 
 class _InputFailed(Exception):
@@ -240,22 +308,22 @@ class _InputFailed(Exception):
         self.error = error
 
 
-async def _classify_images(service: Service, images: list[bytes]) -> np.ndarray:
+async def _classify_images(model: ServedModel, images: list[bytes]) -> np.ndarray:
     """Probabilities (N, C) of encoded images, each recorded as a real-time result.
 
     At most a batch's worth of a request's images are in flight at once, so a request of many
     small images neither holds all their tensors nor fills the batcher's queue by itself.
     The first failure cancels the rest: it is recorded FAILED, and the request is an error.
     """
-    card = service.runtime.card
+    card = model.runtime.card
     probs = np.empty((len(images), len(card.labels)), dtype=np.float32)
-    options = service.options()
-    slots = asyncio.Semaphore(_in_flight(service))
+    options = model.options()
+    slots = asyncio.Semaphore(_in_flight(model))
 
     async def one(i: int, data: bytes) -> None:
         uri = "request" if len(images) == 1 else f"request[{i}]"
         async with slots:
-            outcome = await service.classify(data, uri, options)
+            outcome = await model.classify(data, uri, options)
             if outcome.error is not None:
                 raise _InputFailed(i, outcome.error)
             probs[i] = outcome.raise_error()
@@ -289,15 +357,15 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> Iterator[Exception]:
             yield e
 
 
-async def _classify_tensor(service: Service, tensor: np.ndarray) -> np.ndarray:
+async def _classify_tensor(model: ServedModel, tensor: np.ndarray) -> np.ndarray:
     """Probabilities (N, C) of model inputs, one row at a time through the batcher (so they
     share batches with other requests), at most a batch's worth of them in flight."""
-    probs = np.empty((len(tensor), len(service.runtime.card.labels)), dtype=np.float32)
-    slots = asyncio.Semaphore(_in_flight(service))
+    probs = np.empty((len(tensor), len(model.runtime.card.labels)), dtype=np.float32)
+    slots = asyncio.Semaphore(_in_flight(model))
 
     async def one(i: int) -> None:
         async with slots:
-            probs[i] = await service.predict(tensor[i])
+            probs[i] = await model.predict(tensor[i])
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -31,7 +31,7 @@ from .. import __version__
 from ..engine.batcher import QueueFull
 from ..errors import IcsError
 from .service import RETRY_AFTER_S, Service
-from .v2 import EXTENSIONS, SERVER_NAME, classify_inputs, model_metadata, served
+from .v2 import EXTENSIONS, SERVER_NAME, classify_inputs, model_metadata, served, using
 from .v2_wire import ProtocolError, inputs_of, outputs_of, raw_output, serialize_bytes
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,8 @@ class Endpoint:
         )
 
     async def model_metadata(self, request: Any) -> Any:
-        service = served(self.service, request.name, request.version or None)
-        doc = model_metadata(service.runtime.card)
+        model = served(self.service, request.name, request.version or None)
+        doc = model_metadata(model.runtime.card)
         return M.ModelMetadataResponse(
             name=doc["name"],
             versions=doc["versions"],
@@ -190,12 +190,13 @@ class Endpoint:
         )
 
     async def model_infer(self, request: Any) -> Any:
-        service = served(self.service, request.model_name, request.model_version or None)
-        card = service.runtime.card
-        doc, binary = request_doc(request)
-        inputs = inputs_of(doc, binary, card)
-        outputs = outputs_of(doc)
-        probs = await classify_inputs(service, inputs)
+        # Held for the call: a model swapped meanwhile finishes it before it closes.
+        with using(self.service, request.model_name, request.model_version or None) as model:
+            card = model.runtime.card
+            doc, binary = request_doc(request)
+            inputs = inputs_of(doc, binary, card)
+            outputs = outputs_of(doc)
+            probs = await classify_inputs(model, inputs)
         response = M.ModelInferResponse(
             model_name=card.name, model_version=card.version, id=request.id
         )
