@@ -228,35 +228,34 @@ class Stream:
                 ]
             }
         ).encode()
-        targets = [
-            ("v1", FP32, lambda: client.post("/v1/classify", content=self.body)),
+        # (the model, the request)
+        targets: list[tuple[str, dict[str, Any]]] = [
+            (FP32, {"url": "/v1/classify", "content": self.body}),
             (
-                "v2",
                 FP32,
-                lambda: client.post(
-                    f"/v2/models/{FP32}/infer",
-                    content=header + images,
-                    headers={"Inference-Header-Content-Length": str(len(header))},
-                ),
+                {
+                    "url": f"/v2/models/{FP32}/infer",
+                    "content": header + images,
+                    "headers": {"Inference-Header-Content-Length": str(len(header))},
+                },
             ),
-            ("v1", INT8, lambda: client.post(f"/v1/classify?model={INT8}", content=self.body)),
+            (INT8, {"url": f"/v1/classify?model={INT8}", "content": self.body}),
             (
-                "sagemaker",
                 INT8,
-                lambda: client.post(
-                    "/invocations",
-                    content=self.body,
-                    headers={"X-Amzn-SageMaker-Target-Model": INT8},
-                ),
+                {
+                    "url": "/invocations",
+                    "content": self.body,
+                    "headers": {"X-Amzn-SageMaker-Target-Model": INT8},
+                },
             ),
         ]
         n = i
         while not self.stop.is_set():
-            _, model, send = targets[n % len(targets)]
+            model, request = targets[n % len(targets)]
             n += 1
             sent = time.monotonic()
             try:
-                status: int | str = (await send()).status_code
+                status: int | str = (await client.post(**request)).status_code
             except httpx.HTTPError as e:  # a dropped connection counts as a failure
                 status = f"{type(e).__name__}: {e}"
             self.answers.append((model, sent, time.monotonic(), status))

@@ -175,9 +175,9 @@ def test_unknown_model_version_and_route(runtime: OnnxRuntime, ics_home: Path) -
             r = await client.request("POST" if path.endswith("infer") else "GET", path)
             assert r.status_code == 404
             assert "has no version '2'; its versions: ['1']" in protocol_error(r)
-        r = await client.post("/v2/repository/index")
+        r = await client.post("/v2/repository/list")
         assert r.status_code == 404
-        assert "POST /v2/repository/index is not part of" in protocol_error(r)
+        assert "POST /v2/repository/list is not part of" in protocol_error(r)
         r = await client.get(INFER)
         assert (r.status_code, r.headers["allow"]) == (405, "POST")
         assert protocol_error(r) == f"GET is not allowed on {INFER}: use POST"

@@ -268,8 +268,8 @@ async def unsupported(request: Request, rest: str) -> Response:
     raise ProtocolError(
         404,
         f"{request.method} /v2/{rest} is not part of ICS's Open Inference Protocol API: it "
-        "has health, server and model metadata, model readiness and inference (extensions: "
-        f"{', '.join(EXTENSIONS)})",
+        "has health, server and model metadata, model readiness, inference and the model "
+        f"repository (extensions: {', '.join(EXTENSIONS)})",
     )
 
 
