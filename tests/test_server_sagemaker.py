@@ -158,6 +158,7 @@ def test_ping_and_invocations_whatever_the_image_content_type(
         assert ping.json() == {
             "status": "ready",
             "model": "efficientnet-lite0",
+            "device": "cpu",
             "models": {"efficientnet-lite0": "ready"},
         }
         paths = (await client.get("/openapi.json")).json()["paths"]

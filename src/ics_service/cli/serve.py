@@ -98,7 +98,8 @@ def serve(**kwargs: Any) -> None:
     from ..server.sigv4 import verifier_of
     from ..store import Store
 
-    settings = load_cli_settings(_models_of(kwargs)).settings
+    loaded = load_cli_settings(_models_of(kwargs))
+    settings = loaded.settings
     # A token that cannot guard anything (empty, an unreadable file) stops start-up here,
     # before the model loads, as does a SigV4 key without its secret.
     _ = settings.token
@@ -119,7 +120,18 @@ def serve(**kwargs: Any) -> None:
         alerting.attach(store)
         runtimes = load_models(settings)
         grpc_port = settings.served_grpc_port
-        app = create_app(settings, runtimes=runtimes, store=store, grpc_port=grpc_port)
+        # A threshold set in a file, the environment or a flag is every model's default;
+        # else each model's own card's (or the setting's default).
+        chosen = loaded.sources["threshold"] != "default" and not loaded.sources[
+            "threshold"
+        ].startswith("card ")
+        app = create_app(
+            settings,
+            runtimes=runtimes,
+            store=store,
+            grpc_port=grpc_port,
+            card_thresholds=not chosen,
+        )
         for runtime in runtimes:
             device = getattr(getattr(runtime, "device", None), "name", "cpu")
             log.info(

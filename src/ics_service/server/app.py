@@ -52,13 +52,16 @@ def create_app(
     store: Store | None = None,
     loader: Loader | None = None,
     grpc_port: int = 0,
+    card_thresholds: bool = False,
 ) -> FastAPI:
     """The ASGI app of `ics serve`: models and store are opened at start-up unless given.
 
     `runtime`: the one model served; `runtimes`: the models served, the default first;
     neither: the settings' (`served_models`). `loader` opens a model by name for `POST
-    /v1/models/NAME/load` (by default from the settings' model home). With a `grpc_port`,
-    the Open Inference Protocol's gRPC endpoint is served on it beside.
+    /v1/models/NAME/load` (by default from the settings' model home). `card_thresholds`:
+    each model's default threshold is its card's own (else the setting's default), not
+    the settings' threshold (which the default model's card may have set). With a
+    `grpc_port`, the Open Inference Protocol's gRPC endpoint is served on it beside.
     """
     metrics = Metrics()
     given = [runtime] if runtime is not None else list(runtimes)
@@ -75,6 +78,7 @@ def create_app(
             opened_store,
             metrics,
             loader=loader or functools.partial(load_model, settings),
+            card_thresholds=card_thresholds,
         )
         app.state.service = service
         grpc_server = None
@@ -237,16 +241,29 @@ def _path(request: Request) -> str:
 
 def served_models(settings: Settings) -> list[str]:
     """The names of the models `ics serve` serves: `model` (the default) first, then
-    `serve_models` in their order, "all" standing for every registered model."""
-    from ..models import MODELS
+    `serve_models` in their order. "all" stands for every registered model (bundled and
+    added) that can run without being prepared first: a bundled model not yet prepared is
+    left out, with a warning saying how to prepare it."""
+    from ..models import all_cards
+    from ..models.factory import onnx_file
 
     names = [settings.model]
     for name in settings.serve_models:
-        # "all": the bundled cards (the registry's names).
-        for each in MODELS if name == ALL_MODELS else [name]:
-            if each not in names:
-                names.append(each)
-    return names
+        if name != ALL_MODELS:
+            names.append(name)
+            continue
+        for card in all_cards(settings):
+            if card.kind == "onnx" and not onnx_file(card, settings.models_dir).is_file():
+                if card.name not in names:
+                    log.warning(
+                        "--model all: %s is not prepared, so not served (`ics models prepare "
+                        "%s` prepares it)",
+                        card.name,
+                        card.name,
+                    )
+                continue
+            names.append(card.name)
+    return list(dict.fromkeys(names))
 
 
 def load_models(settings: Settings) -> list[ModelRuntime]:

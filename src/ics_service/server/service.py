@@ -25,7 +25,7 @@ import numpy as np
 from .. import sources
 from ..capture import inference_id_of, open_capture
 from ..capture.record import content_type_of
-from ..config import CPU_MAX_BATCH, CUDA_MAX_BATCH, Settings
+from ..config import CPU_MAX_BATCH, CUDA_MAX_BATCH, Settings, default
 from ..engine.batcher import Batcher, QueueFull
 from ..engine.execution import REALTIME_PREFIX
 from ..engine.pipeline import default_workers, plan_inference
@@ -139,6 +139,7 @@ class Service:
         metrics: Metrics,
         *,
         loader: Loader | None = None,
+        card_thresholds: bool = False,
     ) -> None:
         if not runtimes:
             raise ValueError("a server serves at least one model")
@@ -146,6 +147,8 @@ class Service:
         self.store = store
         self.metrics = metrics
         self.loader = loader
+        #: Each model's default threshold is its card's (see `ServedModel.threshold`).
+        self.card_thresholds = card_thresholds
         self.decode_pool = ThreadPoolExecutor(
             settings.decode_workers or default_workers(), thread_name_prefix="ics-decode"
         )
@@ -154,11 +157,11 @@ class Service:
         self._reads: set[threading.Event] = set()
         self._reads_lock = threading.Lock()
         self._confine = confine(settings.allowed_sources)
-        default = runtimes[0].card
-        self.default_name = default.name
+        first = runtimes[0].card
+        self.default_name = first.name
         # One real-time execution a day whatever the model: each result names its own.
         self.log = (
-            RealtimeLog(store, ModelRef(name=default.name, version=default.version))
+            RealtimeLog(store, ModelRef(name=first.name, version=first.version))
             if settings.record_realtime
             else None
         )
@@ -417,8 +420,18 @@ class ServedModel:
         self.users = 0
         self.idle = threading.Condition(service._lock)
 
+    @property
+    def threshold(self) -> float:
+        """The model's default threshold: the settings' threshold, or with card_thresholds
+        (`ics serve` when no file, variable or flag set one) its card's own, else the
+        setting's default."""
+        if not self.service.card_thresholds:
+            return self.settings.threshold
+        own = self.runtime.card.threshold
+        return own if own is not None else float(default("threshold"))
+
     def options(self, threshold: float | None = None, top_k: int | None = None) -> Options:
-        return self.service.options(threshold, top_k)
+        return self.service.options(self.threshold if threshold is None else threshold, top_k)
 
     async def bounded(self, awaitable: Awaitable[T]) -> T:
         return await self.service.bounded(awaitable)
