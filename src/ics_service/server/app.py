@@ -267,8 +267,19 @@ def served_models(settings: Settings) -> list[str]:
 
 
 def load_models(settings: Settings) -> list[ModelRuntime]:
-    """The served models (`served_models`), opened, the default first."""
-    return [load_model(settings, name) for name in served_models(settings)]
+    """The served models (`served_models`), opened, the default first. A model that "all"
+    brought in and that cannot be served here (a remote model sent encoded images, a file
+    gone) is left out with a warning saying why; a model named is served or stops start-up."""
+    named = {settings.model, *settings.serve_models}
+    runtimes = []
+    for name in served_models(settings):
+        try:
+            runtimes.append(load_model(settings, name))
+        except IcsError as e:
+            if name in named:
+                raise
+            log.warning("--model all: %s is not served: %s", name, e)
+    return runtimes
 
 
 def load_model(settings: Settings, name: str | None = None) -> ModelRuntime:

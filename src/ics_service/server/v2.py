@@ -148,16 +148,16 @@ def model_metadata(card: ModelCard, device: str | None = None) -> dict[str, Any]
 
 @router.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
 async def metadata(request: Request, name: str) -> dict[str, Any]:
-    service = _model(request, name)
-    return model_metadata(service.runtime.card, service.device)
+    model = _model(request, name)
+    return model_metadata(model.runtime.card, model.device)
 
 
 @router.get(
     "/v2/models/{name}/versions/{version}", summary="Open Inference Protocol: model metadata"
 )
 async def version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
-    service = _model(request, name, version)
-    return model_metadata(service.runtime.card, service.device)
+    model = _model(request, name, version)
+    return model_metadata(model.runtime.card, model.device)
 
 
 @router.get("/v2/models/{name}/ready", summary="Open Inference Protocol: the model is ready")
