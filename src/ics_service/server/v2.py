@@ -269,7 +269,7 @@ async def unsupported(request: Request, rest: str) -> Response:
         404,
         f"{request.method} /v2/{rest} is not part of ICS's Open Inference Protocol API: it "
         "has health, server and model metadata, model readiness, inference and the model "
-        f"repository (extensions: {', '.join(EXTENSIONS)})",
+        f"repository (extensions: {', '.join(HTTP_EXTENSIONS)})",
     )
 
 
