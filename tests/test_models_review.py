@@ -157,3 +157,76 @@ def test_an_unreadable_added_card_is_listed_as_such_and_hides_no_other_model(
     assert "ignoring the added model garbled" in proc.stderr
     proc = ics_process("models", "info", "garbled", env=env)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_an_added_models_files_stay_in_its_folder_and_its_onnx_file_is_the_one_added(
+    tmp_path: Path,
+) -> None:
+    from cli import ics_process
+    from ics_service.errors import ConfigError
+    from ics_service.models.factory import load_runtime
+    from ics_service.models.registry import added_card
+
+    models = tmp_path / "home" / "models"
+    labels = tmp_path / "labels.txt"
+    labels.write_text("r\ng\nb\n")
+    onnx = two_output_onnx(tmp_path)  # any ONNX file: it is replaced below
+    (tmp_path / "outside.txt").write_text("secret\n")
+    folder = models / "m"
+    folder.mkdir(parents=True)
+    (folder / "card.toml").write_text(
+        "name = 'm'\ninput_size = 16\nlabels_file = '../../../outside.txt'\n"
+    )
+    with pytest.raises(ConfigError, match=r"labels_file is .*outside.txt, outside the model's"):
+        added_card("m", models)
+    (folder / "card.toml").write_text(
+        f"name = 'm'\ninput_size = 16\nlabels_file = 'labels.txt'\nmodel_file = '{onnx}'\n"
+    )
+    (folder / "labels.txt").write_text("r\ng\nb\n")
+    with pytest.raises(ConfigError, match=r"model_file is .*two\.onnx, outside the model's"):
+        added_card("m", models)
+
+    # Added for real, then its file replaced behind ICS's back.
+    import shutil
+
+    shutil.rmtree(folder)
+    single = tmp_path / "single.onnx"
+    _single_output_onnx(single)
+    add_model(
+        AddRequest("m", onnx=single, labels=labels, fields={"outputs": "probabilities"}), models
+    )
+    card = added_card("m", models)
+    assert card is not None
+    import numpy as np
+
+    assert load_runtime(card, models).predict(np.zeros((1, 3, 16, 16), np.float32)).shape == (1, 3)
+    shutil.copyfile(onnx, folder / "model.onnx")
+    with pytest.raises(ModelNotPrepared, match=r"model\.onnx has sha256 .*ics models add m --"):
+        load_runtime(card, models)
+    image = tmp_path / "one.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(image)
+    proc = ics_process(
+        "classify", str(image), "-m", "m", "-o", str(tmp_path / "out.jsonl"),
+        env={"ICS_HOME": str(tmp_path / "home")},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "was changed or replaced since" in proc.stderr
+
+
+def _single_output_onnx(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
+        helper.make_node("Softmax", ["m"], ["scores"], axis=1),
+    ]
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph(nodes, "one-output", [x], [out], initializer=[axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))

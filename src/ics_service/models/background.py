@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..modelcard import ModelCard
 from .device import CPU, Device
-from .factory import load_runtime, onnx_file
+from .factory import check_sha256, load_runtime, onnx_file
 from .remote import RemoteOptions
 from .runtime import ModelRuntime, OnnxRuntime
 
@@ -54,6 +54,7 @@ class RuntimeLoading:
 
     def _open(self, path: Path, threads: int) -> None:
         try:
+            check_sha256(self.card, path)  # hashlib lets the caller's thread run meanwhile
             self._runtime = OnnxRuntime(self.card, path, threads=threads, device=self.device)
         except BaseException as e:  # raised by result(), in the caller's thread
             self._error = e

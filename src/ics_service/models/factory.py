@@ -40,7 +40,25 @@ def _load_onnx(
             f"(`ics models add {card.name} --replace ...`) or `ics models remove {card.name}`"
         )
     check_readable(path)
+    check_sha256(card, path)
     return OnnxRuntime(card, path, threads=threads, device=device)
+
+
+def check_sha256(card: ModelCard, path: Path) -> None:
+    """ModelNotPrepared naming the file when an added model's file is not the one it was
+    added with (its card records the sha256; about 20 ms for a 20 MB file)."""
+    recorded = card.source.get("sha256")
+    if not isinstance(recorded, str) or not recorded:
+        return
+    from .prepare import sha256_of
+
+    actual = sha256_of(path)
+    if actual != recorded:
+        raise ModelNotPrepared(
+            f"model {card.name}'s file {path} has sha256 {actual[:12]}…, not {recorded[:12]}… "
+            "as when it was added: it was changed or replaced since; add the model again "
+            f"(`ics models add {card.name} --replace ...`)"
+        )
 
 
 #: Opens a card's runtime: (card, models_dir, threads, auto_prepare) → runtime.

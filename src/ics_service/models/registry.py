@@ -130,6 +130,14 @@ def added_card(name: str, where: Settings | Path) -> ModelCard | None:
             f"{path} names model {card.name!r}, not {name!r}: the folder and the card's name "
             f"must agree (`ics models remove {name}` and add it again)"
         )
+    inside = folder.resolve()
+    for key, file in (("labels_file", card.labels_path), ("model_file", card.model_path)):
+        if file is not None and not Path(file).is_relative_to(inside):
+            raise ConfigError(
+                f"{path}: {key} is {file}, outside the model's folder {inside}: an added "
+                f"model's files are in its folder (add it again with `ics models add {name} "
+                "--replace ...`)"
+            )
     return card
 
 
