@@ -408,3 +408,54 @@ def test_remote_models_added_by_name(
     assert res.exit_code == ExitCode.USAGE
     assert "the model crashed" in res.output and "sample photo" in res.output
     assert "broken" not in ics("models", "list").stdout
+
+
+def test_target_model_picks_a_model_of_a_multi_model_ics_serve(
+    ics_home: Path,
+    aws: None,
+    imagenet_labels: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    models_dir: Path,
+    photos3: Path,
+    tmp_path: Path,
+) -> None:
+    # A home of its own: the session's prepared model, and the example Python model added.
+    home = tmp_path / "multi-home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "efficientnet-lite0").symlink_to(models_dir / "efficientnet-lite0")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ICS_", "AWS_"))}
+    env["ICS_HOME"] = str(home)
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    added = ics_process(
+        "models",
+        "add",
+        "colours",
+        "--python",
+        "dominant_colour:DominantColour",
+        env={**env, "PYTHONPATH": os.pathsep.join([str(examples), env.get("PYTHONPATH", "")])},
+    )
+    assert added.returncode == 0, added.stderr
+    (photos3 / "broken.jpg").unlink()
+    with serve_process("--model", "efficientnet-lite0", "--model", "colours", env=env) as served:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", served.url)
+        colours = Path("colours.txt")
+        colours.write_text("red\ngreen\nblue\n")
+        code, _, rows, output = classify(
+            str(photos3), "--model", "sagemaker:mme?target_model=colours", "--labels", str(colours)
+        )
+        assert code == ExitCode.OK, output
+        assert {r["label"] for r in rows} <= {"red", "green", "blue"}
+        lite = "sagemaker:mme?target_model=efficientnet-lite0"
+        code, _, rows, output = classify(
+            str(photos3), "--model", lite, "--labels", str(imagenet_labels)
+        )
+        assert code == ExitCode.OK, output
+        assert by_name(rows)["coffee.jpg"]["label"] == "espresso"
+        # A model the server does not serve: its 404 is the items' ModelError.
+        code, _, rows, output = classify(
+            str(photos3), "--model", "sagemaker:mme?target_model=nope", "--labels", str(colours)
+        )
+        assert code == ExitCode.FAILED, output
+        errors = {r["error"]["type"] for r in rows}
+        assert errors == {"ModelError"}
+        assert "nope" in rows[0]["error"]["message"] and "404" in rows[0]["error"]["message"]
