@@ -459,3 +459,21 @@ def test_target_model_picks_a_model_of_a_multi_model_ics_serve(
         errors = {r["error"]["type"] for r in rows}
         assert errors == {"ModelError"}
         assert "nope" in rows[0]["error"]["message"] and "404" in rows[0]["error"]["message"]
+
+
+def test_ics_serve_refuses_a_model_sent_encoded_images(
+    ics_home: Path, aws: None, labels_file: Path
+) -> None:
+    done = ics_process(
+        "serve",
+        "--model",
+        "sagemaker:elsewhere",
+        "--port",
+        str(free_port()),
+        "--grpc-port",
+        "0",
+        env={"ICS_LABELS": str(labels_file)},
+        timeout=60,
+    )
+    assert done.returncode == ExitCode.USAGE, done.stderr
+    assert "ics serve cannot serve sagemaker:elsewhere" in done.stderr
