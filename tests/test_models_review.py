@@ -230,3 +230,35 @@ def _single_output_onnx(path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.save(model, str(path))
+
+
+def test_device_applies_to_onnx_models_only(tmp_path: Path) -> None:
+    import json
+    import os
+
+    import onnxruntime
+    from PIL import Image
+
+    from cli import ics_process
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: --device cuda would not be refused")
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    env = {"ICS_HOME": str(tmp_path / "home")}
+    path_env = {**env, "PYTHONPATH": f"{examples}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    proc = ics_process("models", "add", "colours", "--python", "dominant_colour:DominantColour",
+                       env=path_env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    image = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 30, 20)).save(image)
+    out = tmp_path / "out.jsonl"
+    proc = ics_process(
+        "classify", str(image), "-m", "colours", "--device", "cuda", "-o", str(out), env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--device cuda does not apply to model colours: it is a python model" in proc.stderr
+    assert json.loads(out.read_text())["label"] == "red"
+    # An ONNX model still says the device cannot be used (exit 4).
+    proc = ics_process("classify", str(image), "--device", "cuda", "-o", str(out), env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert "has no CUDAExecutionProvider" in proc.stderr

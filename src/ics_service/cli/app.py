@@ -217,11 +217,11 @@ def open_runner(settings: Settings) -> Iterator[Any]:
     from ..engine.pipeline import plan_inference
     from ..models import get_card
     from ..models.background import RuntimeLoading
-    from ..models.device import resolve_device
+    from ..models.device import device_for
     from ..models.remote import RemoteOptions
 
     card = get_card(settings.model, settings)
-    device = resolve_device(settings.device)
+    device = device_for(card.kind, card.name, settings.device)
     threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
     # The model opens on a thread while this one imports SQLAlchemy (with the alerts, below).
     loading = RuntimeLoading(

@@ -211,16 +211,17 @@ class Watcher:
         runtime = self.runner.runtime
         if settings.model != self.runner.settings.model:
             from ..models import get_card, load_runtime
-            from ..models.device import resolve_device
+            from ..models.device import device_for
             from ..models.remote import RemoteOptions
             from .pipeline import plan_inference
 
             threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)
+            card = get_card(settings.model, settings)
             runtime = load_runtime(
-                get_card(settings.model, settings),
+                card,
                 settings.models_dir,
                 threads=threads,
-                device=resolve_device(settings.device),
+                device=device_for(card.kind, card.name, settings.device),
                 remote=RemoteOptions.of(settings),
             )
         return ExecutionRunner(settings, self.runner.store, runtime)

@@ -118,6 +118,30 @@ def resolve_device(spec: str) -> Device:
     return Device("cuda", index, spec)
 
 
+def device_for(kind: str, model: str, spec: str) -> Device:
+    """The device a model of `kind` runs on: `spec` resolved for an ONNX model; any other
+    kind (Python, remote) runs where it runs, and a `spec` other than cpu only warns that it
+    does not apply."""
+    if kind == "onnx":
+        return resolve_device(spec)
+    if spec.strip().lower() != "cpu":
+        _warn_device_ignored(spec.strip().lower(), model, kind)
+    return CPU
+
+
+@functools.cache
+def _warn_device_ignored(spec: str, model: str, kind: str) -> None:
+    where = "its endpoint's machine" if kind in ("sagemaker", "v2") else "its own code's choice"
+    log.warning(
+        "--device %s does not apply to model %s: it is a %s model, which runs on %s "
+        "(--device chooses where ONNX models run)",
+        spec,
+        model,
+        kind,
+        where,
+    )
+
+
 #: Words of onnxruntime's errors that come from its CUDA provider starting, not the model.
 _CUDA_ERROR = re.compile(r"cuda|cudnn|cublas|curand|cufft|libnv|provider|device", re.I)
 

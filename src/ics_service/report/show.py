@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from ..config import Settings
 from ..imaging import Limits, Preprocessor
 from ..models import get_card, load_runtime
-from ..models.device import resolve_device
+from ..models.device import device_for
 from ..models.runtime import available_cpus
 from ..policies import Decision, decide
 from ..sources import read
@@ -40,7 +40,7 @@ def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     # One image: one session on every core (unless the settings choose), as the server
     # runs a lone request.
     threads = settings.inference_threads or available_cpus()
-    device = resolve_device(settings.device)
+    device = device_for(card.kind, card.name, settings.device)
     runtime = load_runtime(card, settings.models_dir, threads=threads, device=device)
     tensor = Preprocessor.for_runtime(runtime, limits).input_of(np.asarray(img))
     probs = runtime.predict(tensor[None])
