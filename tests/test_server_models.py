@@ -381,6 +381,27 @@ async def test_load_and_unload_refusals(ics_home: Path, runtime: OnnxRuntime) ->
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
 
 
+@pytest.mark.anyio
+async def test_the_v2_model_repository_loads_lists_and_unloads(
+    both_prepared: Path, runtime: OnnxRuntime
+) -> None:
+    app = create_app(Settings(home=both_prepared, record_realtime=False), runtime=runtime)
+    async with client_of(app) as client:
+
+        async def index() -> list[str]:
+            r = await client.post("/v2/repository/index")
+            assert r.status_code == 200
+            return [m["name"] for m in r.json() if m["state"] == "READY"]
+
+        assert await index() == [FP32]
+        assert (await client.post(f"/v2/repository/models/{INT8}/load")).status_code == 200
+        assert await index() == [FP32, INT8]
+        assert (await client.get(f"/v2/models/{INT8}/ready")).json()["ready"] is True
+        assert (await client.post(f"/v2/repository/models/{INT8}/unload")).status_code == 200
+        assert await index() == [FP32]
+        assert (await client.get(f"/v2/models/{INT8}/ready")).status_code == 404
+
+
 def test_served_models_from_flags_and_settings(
     both_prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
