@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -311,13 +312,18 @@ def test_a_batch_the_server_refuses_is_sent_again_image_by_image(
     assert remote["coffee.jpg"]["label"] == "espresso"
 
 
-@pytest.mark.parametrize("json_only", [False, True], ids=["binary", "json"])
+@pytest.mark.parametrize(
+    ("json_only", "layout"),
+    [(False, "NCHW"), (True, "NCHW"), (False, "NHWC")],
+    ids=["binary", "json", "nhwc"],
+)
 def test_v2_model_taking_tensors_gets_the_cards_preprocessing_in_batches(
-    ics_home: Path, photos: Path, labels_file: Path, json_only: bool
+    ics_home: Path, photos: Path, labels_file: Path, json_only: bool, layout: str
 ) -> None:
     from ics_service.imaging import Limits, Preprocessor
 
-    with peer("v2", "--size", "32", *(["--json-only"] if json_only else [])) as url:
+    args = ["--size", "32", "--layout", layout, *(["--json-only"] if json_only else [])]
+    with peer("v2", *args) as url:
         code, _, rows, output = classify(
             str(photos),
             "--model",
@@ -336,13 +342,16 @@ def test_v2_model_taking_tensors_gets_the_cards_preprocessing_in_batches(
     assert sum(c["batch"] for c in sent) == n and max(c["batch"] for c in sent) > 1
     assert {c["binary"] for c in sent} == {not json_only}
     # The peer answers softmax(per-channel means) of the tensor it got: the card's
-    # preprocessing (its defaults) at the model's size (32, from its metadata), sent intact.
-    preprocess = Preprocessor(
-        ModelCard(name="peer", version="1", description="", input_size=32), Limits()
-    )
+    # preprocessing (its defaults) at the model's size and layout (from its metadata), sent
+    # intact.
+    card = ModelCard(name="peer", version="1", description="", input_size=32)
+    card = replace(card, layout="NCHW" if layout == "NCHW" else "NHWC")
+    preprocess = Preprocessor(card, Limits())
+    spatial = (1, 2) if layout == "NCHW" else (0, 1)
     for row in rows[:3]:
         tensor, _ = preprocess(Path(row["uri"]).read_bytes())
-        means = tensor.mean(axis=(1, 2), dtype=np.float64)
+        assert tensor.shape == card.input_shape
+        means = tensor.mean(axis=spatial, dtype=np.float64)
         want = np.exp(means - means.max()) / np.exp(means - means.max()).sum()
         got = {p["label"]: p["confidence"] for p in row["top_k"]}
         assert [got[label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-5)
