@@ -31,7 +31,7 @@ from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server import create_app
 from ics_service.server.app import served_models
-from serving import client_of, error_of, serve_process
+from serving import client_of, error_of, free_port, serve_process
 
 FP32 = "efficientnet-lite0"
 INT8 = "efficientnet-lite0-int8"
@@ -111,7 +111,10 @@ def test_two_models_each_through_v1_v2_and_sagemaker(
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    with serve_process("--model", FP32, "--model", INT8, env=env) as served:
+    grpc_port = free_port()
+    with serve_process(
+        "--model", FP32, "--model", INT8, "--grpc-port", str(grpc_port), env=env
+    ) as served:
         url = served.url
         ready = httpx.get(f"{url}/readyz").json()
         assert ready == {
@@ -201,6 +204,28 @@ def test_two_models_each_through_v1_v2_and_sagemaker(
         assert metric(text, "ics_items_total", model=INT8) == 3
         assert metric(text, "ics_batch_size_count", model=INT8) == 3
         assert metric(text, "ics_queue_depth", model=INT8) == 0
+
+        # gRPC, with the real tritonclient.grpc: each model by name, the same answers.
+        import tritonclient.grpc as grpcclient
+
+        rpc = grpcclient.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
+        try:
+            for name in (FP32, INT8):
+                assert rpc.is_model_ready(name)
+                assert rpc.get_model_metadata(name).name == name
+                inp = grpcclient.InferInput("INPUT", [1], "BYTES")
+                inp.set_data_from_numpy(np.array([coffee], dtype=np.object_))
+                got = rpc.infer(name, [inp]).as_numpy("probabilities")[0]
+                np.testing.assert_allclose(got, probs[name], atol=1e-6)
+            assert not rpc.is_model_ready("resnet50")
+            with pytest.raises(InferenceServerException) as caught:
+                rpc.infer("resnet50", [inp])
+            assert caught.value.status() == "StatusCode.NOT_FOUND"
+            assert caught.value.message() == (
+                f"unknown model 'resnet50': this server serves '{FP32}', '{INT8}'"
+            )
+        finally:
+            rpc.close()
 
 
 @dataclass
