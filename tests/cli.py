@@ -45,3 +45,10 @@ def ics_process(
         timeout=timeout,
         check=False,
     )
+
+
+def pythonpath_with(*folders: Path) -> str:
+    """PYTHONPATH with `folders` first, then the one this process has, if any (an
+    editable install, as `make test` uses, sets none)."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join([*map(str, folders), *([inherited] if inherited else [])])

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli import ics_process
+from cli import ics_process, pythonpath_with
 from serving import serve_process
 
 pytestmark = pytest.mark.slow
@@ -372,7 +372,7 @@ def colour_images(folder: Path) -> Path:
 
 
 def with_path(*folders: Path) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join([*map(str, folders), os.environ["PYTHONPATH"]])}
+    return {"PYTHONPATH": pythonpath_with(*folders)}
 
 
 def test_python_model_added_by_class_runs_through_the_engine_and_the_server(

@@ -4,6 +4,7 @@ Python model classes imported from files, the real registry and `ics models` com
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,18 +235,18 @@ def _single_output_onnx(path: Path) -> None:
 
 def test_device_applies_to_onnx_models_only(tmp_path: Path) -> None:
     import json
-    import os
 
     import onnxruntime
     from PIL import Image
 
-    from cli import ics_process
+    from cli import ics_process, pythonpath_with
+    from serving import serve_process
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA: --device cuda would not be refused")
     examples = Path(__file__).resolve().parent.parent / "examples"
     env = {"ICS_HOME": str(tmp_path / "home")}
-    path_env = {**env, "PYTHONPATH": f"{examples}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    path_env = {**env, "PYTHONPATH": pythonpath_with(examples)}
     proc = ics_process("models", "add", "colours", "--python", "dominant_colour:DominantColour",
                        env=path_env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -262,3 +263,6 @@ def test_device_applies_to_onnx_models_only(tmp_path: Path) -> None:
     proc = ics_process("classify", str(image), "--device", "cuda", "-o", str(out), env=env)
     assert proc.returncode == 4, proc.stderr
     assert "has no CUDAExecutionProvider" in proc.stderr
+    # `ics serve` alike: the Python model is served, with the same warning.
+    with serve_process("--model", "colours", "--device", "cuda", env={**os.environ, **env}) as s:
+        assert "--device cuda does not apply to model colours" in s.output()

@@ -287,14 +287,14 @@ def load_model(settings: Settings, name: str | None = None) -> ModelRuntime:
     single-thread session shared by one inference worker per core; the service adds a
     session on every core for a lone request). Its card and file are read from disk."""
     from ..models import get_card, load_runtime
-    from ..models.device import resolve_device
+    from ..models.device import device_for
 
     threads, _ = plan_serving(settings)
     from ..models.remote import RemoteOptions
     from ..models.runtime import takes_bytes
 
     card = get_card(settings.model if name is None else name, settings)
-    device = resolve_device(settings.device)
+    device = device_for(card.kind, card.name, settings.device)
     runtime = load_runtime(
         card,
         settings.models_dir,
