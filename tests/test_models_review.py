@@ -216,7 +216,9 @@ def test_an_added_models_files_stay_in_its_folder_and_its_onnx_file_is_the_one_a
     assert "was changed or replaced since" in proc.stderr
 
 
-def _single_output_onnx(path: Path) -> None:
+def _single_output_onnx(path: Path, *, sqrt_of_negative: bool = False) -> None:
+    """(N, 3, 16, 16) → the softmax of the channel means, or with `sqrt_of_negative` the
+    square root of -(1 + |mean|): NaN."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -225,9 +227,17 @@ def _single_output_onnx(path: Path) -> None:
         helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=0),
         helper.make_node("Softmax", ["m"], ["scores"], axis=1),
     ]
+    if sqrt_of_negative:
+        nodes[1:] = [
+            helper.make_node("Abs", ["m"], ["a"]),
+            helper.make_node("Add", ["a", "one"], ["p"]),
+            helper.make_node("Neg", ["p"], ["n"]),
+            helper.make_node("Sqrt", ["n"], ["scores"]),
+        ]
     axes = helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3])
-    graph = helper.make_graph(nodes, "one-output", [x], [out], initializer=[axes])
+    graph = helper.make_graph(nodes, "one-output", [x], [out], initializer=[axes, one])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 8
     onnx.save(model, str(path))
@@ -266,3 +276,38 @@ def test_device_applies_to_onnx_models_only(tmp_path: Path) -> None:
     # `ics serve` alike: the Python model is served, with the same warning.
     with serve_process("--model", "colours", "--device", "cuda", env={**os.environ, **env}) as s:
         assert "--device cuda does not apply to model colours" in s.output()
+
+
+def test_every_runtime_checks_its_scores_as_the_card_says(tmp_path: Path, on_path: Path) -> None:
+    """One check (models/answers.check_scores) for ONNX, Python and remote answers and for
+    `ics models add`: finite scores, in 0..1 unless logits, rows summing to 1 for
+    probabilities."""
+    import numpy as np
+
+    from ics_service.errors import InferenceError
+    from ics_service.models.python import open_python_model
+    from ics_service.models.runtime import OnnxRuntime
+
+    (on_path / "review_scores_model.py").write_text(
+        "import numpy as np\n"
+        "class Threes:\n"
+        "    def load(self, card): pass\n"
+        "    def predict(self, batch): return np.full((len(batch), 2), 3.0)\n"
+    )
+    python_card = ModelCard(
+        name="threes", version="1", description="", input_size=8, kind="python",
+        classes=("a", "b"), outputs="sigmoid", source={"python": "review_scores_model:Threes"},
+    )  # fmt: skip
+    runtime = open_python_model(python_card)
+    with pytest.raises(InferenceError, match=r"model threes answered scores from 3 to 3.*sigmoid"):
+        runtime.predict(np.zeros((2, 3, 8, 8), np.float32))
+
+    # An ONNX model whose probabilities are NaN fails its batch instead of deciding on NaN.
+    nan = tmp_path / "nan.onnx"
+    _single_output_onnx(nan, sqrt_of_negative=True)
+    onnx_card = ModelCard(
+        name="nan", version="1", description="", input_size=16, classes=("r", "g", "b"),
+        outputs="probabilities", model_path=str(nan),
+    )  # fmt: skip
+    with pytest.raises(InferenceError, match="model nan answered NaN or infinite scores"):
+        OnnxRuntime(onnx_card, nan).predict(np.ones((2, 3, 16, 16), np.float32))

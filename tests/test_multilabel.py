@@ -231,6 +231,7 @@ def test_a_threshold_for_a_label_the_model_has_not_is_refused(
 def test_logits_given_as_sigmoid_fail_clearly(model_files: dict[str, Path]) -> None:
     """A model whose graph does not end in the sigmoid gives scores that no threshold can be
     read against: its run says so instead of deciding on them."""
+    from ics_service.errors import InferenceError
     from ics_service.modelcard import ModelCard
     from ics_service.models.runtime import OnnxRuntime
 
@@ -246,7 +247,7 @@ def test_logits_given_as_sigmoid_fail_clearly(model_files: dict[str, Path]) -> N
     )
     runtime = OnnxRuntime(card, model_files["logits"])
     batch = np.ones((2, 3, SIZE, SIZE), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"outputs = 'sigmoid' but gave 12.*end in a sigmoid"):
+    with pytest.raises(InferenceError, match=r"to 12.*outputs = 'sigmoid'.*end in a sigmoid"):
         runtime.predict(batch)
 
 

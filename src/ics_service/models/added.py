@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import ConfigError, EndpointUnavailable, ModelError, ModelNotFound, UsageError
 from ..modelcard import CARD_FILE, ModelCard, read_labels
 from ..samples import sample_photo
+from .answers import check_scores
 from .prepare import current_umask, sha256_of
 from .registry import MODELS, added_card, check_name, get_card
 
@@ -48,8 +49,6 @@ PREPROCESSING = (
     "reduced_decode",
     "outputs",
 )
-#: How far from 1 a row of probabilities may sum (float32 softmax, and rounding in models).
-PROBABILITY_SUM_TOLERANCE = 1e-3
 
 
 class ModelRejected(UsageError):
@@ -378,27 +377,7 @@ def _check_scores(card: ModelCard, out: np.ndarray, what: str, n_labels: int) ->
             f"{what} answered {out.shape[1]} scores per image but has {n_labels} labels: "
             "give as many labels as the model has classes"
         )
-    if not np.isfinite(out).all():
-        raise ModelRejected(
-            f"{what} answered a sample photo with NaN or infinite scores: the model is broken, "
-            "or the card's preprocessing (--mean, --std, --scale) does not fit it"
-        )
-    if card.outputs == "logits":
-        return
-    low, high = float(out.min()), float(out.max())
-    if low < -1e-6 or high > 1 + 1e-6:
-        raise ModelRejected(
-            f"{what} answered scores from {low:g} to {high:g}, which are not probabilities: "
-            "give --outputs logits if the model outputs logits"
-        )
-    if card.outputs == "probabilities":
-        sums = out.sum(axis=1)
-        worst = float(sums[np.abs(sums - 1).argmax()])
-        if abs(worst - 1) > PROBABILITY_SUM_TOLERANCE:
-            raise ModelRejected(
-                f"{what}'s probabilities for a sample photo sum to {worst:g}, not 1: give "
-                "--outputs logits if they are logits"
-            )
+    check_scores(card, out, where=f"{what} (given a sample photo)", error=ModelRejected)
 
 
 def check_python(draft: Draft, labels: tuple[str, ...] | None) -> tuple[ModelCard, list[str]]:

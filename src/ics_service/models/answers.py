@@ -10,7 +10,6 @@ import numpy as np
 
 from ..errors import ModelError
 from ..modelcard import ModelCard
-from .runtime import softmax
 
 #: Keys of a JSON answer that hold the probabilities, as SageMaker containers write them
 #: (TensorFlow Serving's "predictions", scikit-learn's "prediction", JumpStart's
@@ -18,6 +17,13 @@ from .runtime import softmax
 PROBABILITY_KEYS = ("predictions", "prediction", "probabilities", "scores")
 #: Keys of a JSON answer that name the classes.
 LABEL_KEYS = ("labels", "classes")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z: np.ndarray = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 def probabilities_of(doc: Any, *, where: str) -> tuple[list[list[float]], list[str] | None]:
@@ -94,13 +100,55 @@ def checked(
             f"{where} names its classes, and they differ from the model's labels file at "
             f"index {first}: remove the labels file to use the endpoint's own labels, or fix it"
         )
-    if not np.isfinite(probs).all():
-        raise ModelError(f"{where} answered scores that are not finite numbers (NaN or inf)")
-    if card.outputs == "logits":
-        return softmax(probs)
-    if probs.min() < 0.0 or probs.max() > 1.0 + 1e-3:
-        raise ModelError(
-            f"{where} answered scores outside 0..1 (from {probs.min():g} to {probs.max():g}): "
-            "if they are logits, register the model with --outputs logits"
+    return check_scores(card, probs, where=where)
+
+
+#: How far outside 0..1 a probability may be (float32 softmax and sigmoid, rounding).
+PROBABILITY_RANGE_TOLERANCE = 1e-3
+#: How far from 1 a row of probabilities may sum (float32 softmax over many classes, and
+#: answers rounded to a few decimals by a remote model): a sigmoid's rows are far off.
+PROBABILITY_SUM_TOLERANCE = 1e-2
+
+
+def check_scores(
+    card: ModelCard,
+    out: np.ndarray,
+    *,
+    where: str,
+    error: type[Exception] = ModelError,
+) -> np.ndarray:
+    """A model's (N, C) answer as the scores the engine decides on (softmax applied for a
+    "logits" card), after the one check every runtime and `ics models add` make: `error`,
+    naming `where`, unless the scores are finite, and for a "probabilities" or "sigmoid"
+    card in 0..1, and for "probabilities" rows that sum to 1."""
+    scores = np.asarray(out, dtype=np.float32)
+    if not np.isfinite(scores).all():
+        raise error(
+            f"{where} answered NaN or infinite scores: the model is broken, or the card's "
+            "preprocessing (mean, std, scale) does not fit it"
         )
-    return probs
+    if card.outputs == "logits":
+        return softmax(scores)
+    if scores.size == 0:
+        return scores
+    low, high = float(scores.min()), float(scores.max())
+    if low < -PROBABILITY_RANGE_TOLERANCE or high > 1 + PROBABILITY_RANGE_TOLERANCE:
+        hint = (
+            "its graph must end in a sigmoid (export it with one)"
+            if card.multi_label
+            else "if they are logits, give --outputs logits (`ics models add --replace`)"
+        )
+        raise error(
+            f"{where} answered scores from {low:g} to {high:g}, which are not probabilities "
+            f"in 0..1 (the card's outputs = {card.outputs!r}): {hint}"
+        )
+    if card.outputs == "probabilities":
+        sums = scores.sum(axis=1)
+        worst = float(sums[np.abs(sums - 1).argmax()])
+        if abs(worst - 1) > PROBABILITY_SUM_TOLERANCE:
+            raise error(
+                f"{where}'s probabilities for an image sum to {worst:g}, not 1: give "
+                "--outputs logits if they are logits, or --outputs sigmoid if they are "
+                "independent probabilities (`ics models add --replace`)"
+            )
+    return scores

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import ConfigError, InferenceError, ModelNotPrepared
 from ..modelcard import ModelCard
-from .runtime import softmax
+from .answers import check_scores
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,6 @@ class PythonRuntime:
     def __init__(self, card: ModelCard, model: Any) -> None:
         self.card = card
         self.model = model
-        self._logits = card.outputs == "logits"
         self._width = len(card.labels)
         custom = getattr(model, "preprocess", None)
         if callable(custom):
@@ -131,7 +130,7 @@ class PythonRuntime:
                 f"model {self.card.name} answered {len(batch)} images with shape "
                 f"{list(out.shape)}, not [{len(batch)}, {self._width}] (one score per label)"
             )
-        return softmax(out) if self._logits else out
+        return check_scores(self.card, out, where=f"model {self.card.name}", error=InferenceError)
 
     def close(self) -> None:
         close = getattr(self.model, "close", None)

@@ -9,8 +9,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import ModelNotPrepared, permission_denied
+from ..errors import InferenceError, ModelNotPrepared, permission_denied
 from ..modelcard import ModelCard
+from .answers import check_scores
+from .answers import softmax as softmax  # where benchmarks import it from
 from .device import CPU, Device, check_session, cuda_failure
 
 
@@ -43,13 +45,6 @@ class BytesRuntime(Protocol):
 def takes_bytes(runtime: object) -> bool:
     """Whether the runtime is sent encoded images (`BytesRuntime`) rather than tensors."""
     return getattr(runtime, "takes", "tensor") == "bytes"
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z: np.ndarray = logits - logits.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
 
 
 def available_cpus() -> int:
@@ -123,22 +118,7 @@ class OnnxRuntime:
                 f"only and add it again (`ics models add {card.name} --replace ...`)"
             )
         self.output_name = outputs[0].name
-        self._logits = card.outputs == "logits"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
-        out = np.asarray(out, dtype=np.float32)
-        if self.card.multi_label:
-            check_probabilities(self.card, out)
-        return softmax(out) if self._logits else out
-
-
-def check_probabilities(card: ModelCard, out: np.ndarray) -> None:
-    """A multi-label model's outputs must be probabilities: a threshold means nothing on
-    logits, and every item would be decided wrong."""
-    if out.size and not (np.all(out >= 0.0) and np.all(out <= 1.0)):
-        worst = float(out.max() if out.max() > 1.0 else out.min())
-        raise ValueError(
-            f"model {card.name} has outputs = 'sigmoid' but gave {worst:g}, not a probability "
-            "in [0, 1]: its graph must end in a sigmoid (export it with one)"
-        )
+        return check_scores(self.card, out, where=f"model {self.card.name}", error=InferenceError)
