@@ -311,3 +311,25 @@ def test_every_runtime_checks_its_scores_as_the_card_says(tmp_path: Path, on_pat
     )  # fmt: skip
     with pytest.raises(InferenceError, match="model nan answered NaN or infinite scores"):
         OnnxRuntime(onnx_card, nan).predict(np.ones((2, 3, 16, 16), np.float32))
+
+
+def test_a_bundled_models_name_in_another_case_is_refused(tmp_path: Path) -> None:
+    """On a file system that does not tell case apart, EfficientNet-Lite0's folder is the
+    bundled model's: adding or removing it must not touch that."""
+    from ics_service.errors import UsageError
+    from ics_service.models.added import remove_model
+
+    models = tmp_path / "models"
+    onnx = tmp_path / "single.onnx"
+    _single_output_onnx(onnx)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("r\ng\nb\n")
+    req = AddRequest(
+        "EfficientNet-Lite0", onnx=onnx, labels=labels, replace_existing=True,
+        fields={"outputs": "probabilities"},
+    )  # fmt: skip
+    with pytest.raises(UsageError, match=r"bundled model's name \(efficientnet-lite0"):
+        add_model(req, models)
+    with pytest.raises(UsageError, match=r"bundled with ICS \(efficientnet-lite0\)"):
+        remove_model("EFFICIENTNET-LITE0", models)
+    assert not models.exists() or not any(models.iterdir())

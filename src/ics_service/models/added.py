@@ -25,7 +25,7 @@ from ..modelcard import CARD_FILE, ModelCard, read_labels
 from ..samples import sample_photo
 from .answers import check_scores
 from .prepare import current_umask, sha256_of
-from .registry import MODELS, added_card, check_name, get_card
+from .registry import added_card, bundled_name, check_name, get_card
 
 if TYPE_CHECKING:
     from .remote import RemoteOptions
@@ -174,10 +174,11 @@ def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
 def check_new_name(name: str, models_dir: Path, *, replace_existing: bool) -> None:
     """UsageError unless a model may be added under `name`."""
     check_name(name)
-    if name in MODELS:
+    bundled = bundled_name(name)
+    if bundled is not None:
         raise UsageError(
-            f"{name} is a bundled model's name: choose another name for yours (bundled "
-            "models cannot be replaced)"
+            f"{name} is a bundled model's name ({bundled}, whatever the case): choose "
+            "another name for yours (bundled models cannot be replaced)"
         )
     folder = models_dir / name
     if folder.exists() and not replace_existing:
@@ -462,10 +463,12 @@ def install(
 def remove_model(name: str, models_dir: Path) -> str:
     """Delete an added model's folder (even when its card cannot be read); bundled models
     are refused. Says what was removed."""
-    if name in MODELS:
+    bundled = bundled_name(name)
+    if bundled is not None:
         raise UsageError(
-            f"{name} is bundled with ICS and cannot be removed (its prepared files are in "
-            f"{models_dir / name}; `ics models prepare --force {name}` rebuilds them)"
+            f"{name} is bundled with ICS ({bundled}) and cannot be removed (its prepared "
+            f"files are in {models_dir / bundled}; `ics models prepare --force {bundled}` "
+            "rebuilds them)"
         )
     check_name(name)
     folder = models_dir / name

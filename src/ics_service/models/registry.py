@@ -93,6 +93,13 @@ MODELS: dict[str, ModelCard] = {
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def bundled_name(name: str) -> str | None:
+    """The bundled model whose name `name` is, but for case: on a file system that does not
+    tell case apart, both name the same folder."""
+    folded = name.casefold()
+    return next((n for n in MODELS if n.casefold() == folded), None)
+
+
 def check_name(name: str) -> None:
     """ConfigError unless `name` can name an added model."""
     if not NAME_RE.fullmatch(name) or name.endswith("."):
@@ -154,7 +161,7 @@ def added_cards(
         return []
     cards = []
     for name in names:
-        if name in MODELS:
+        if bundled_name(name) is not None:
             continue
         try:
             card = added_card(name, folder)
