@@ -486,3 +486,17 @@ def test_ics_serve_refuses_a_model_sent_encoded_images(
     )
     assert done.returncode == ExitCode.USAGE, done.stderr
     assert "ics serve cannot serve sagemaker:elsewhere" in done.stderr
+
+
+def test_ics_show_with_a_remote_model_sends_the_image_and_uses_its_labels(
+    ics_home: Path, ics_server: Served, photos: Path, tmp_path: Path
+) -> None:
+    """`ics show --model v2:URL`: the encoded image goes to the server (a bytes model is
+    not given a tensor), and the labels are those the server names (no --labels)."""
+    url = f"v2:{ics_server.url}/v2/models/efficientnet-lite0"
+    out = tmp_path / "coffee.png"
+    res = ics("show", str(photos / "coffee.jpg"), "--model", url, "--json", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["label"] == "espresso" and doc["status"] == "SUCCEEDED"
+    assert out.stat().st_size > 0

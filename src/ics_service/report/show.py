@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..capture.record import content_type_of
 from ..config import Settings
 from ..imaging import Limits, Preprocessor
 from ..models import get_card, load_runtime
 from ..models.device import device_for
-from ..models.runtime import available_cpus
+from ..models.remote import RemoteOptions
+from ..models.runtime import available_cpus, takes_bytes
 from ..policies import Decision, decide
 from ..sources import read
 from .pictures import annotated
@@ -41,16 +43,34 @@ def classify_one(uri: str, settings: Settings) -> tuple[Shown, bytes]:
     # runs a lone request.
     threads = settings.inference_threads or available_cpus()
     device = device_for(card.kind, card.name, settings.device)
-    runtime = load_runtime(card, settings.models_dir, threads=threads, device=device)
-    tensor = Preprocessor.for_runtime(runtime, limits).input_of(np.asarray(img))
-    probs = runtime.predict(tensor[None])
-    (decision,) = decide(
-        probs,
-        threshold=settings.threshold,
-        top_k=settings.top_k,
-        labels=card.labels,
-        label_thresholds=card.decision_thresholds(settings.threshold),
+    runtime = load_runtime(
+        card,
+        settings.models_dir,
+        threads=threads,
+        device=device,
+        remote=RemoteOptions.of(settings),
     )
+    try:
+        if takes_bytes(runtime):  # a remote model sent the encoded image, as classify does
+            probs = runtime.predict_bytes(  # type: ignore[attr-defined]
+                [data], content_types=[content_type_of(info.format)]
+            )
+        else:
+            tensor = Preprocessor.for_runtime(runtime, limits).input_of(np.asarray(img))
+            probs = runtime.predict(tensor[None])
+        # The runtime's card: a remote model may have learned its labels from its endpoint.
+        used = runtime.card
+        (decision,) = decide(
+            probs,
+            threshold=settings.threshold,
+            top_k=settings.top_k,
+            labels=used.labels,
+            label_thresholds=used.decision_thresholds(settings.threshold),
+        )
+    finally:
+        close = getattr(runtime, "close", None)  # a remote model's connections
+        if close is not None:
+            close()
     return Shown(decision, info.width, info.height, info.format), data
 
 
