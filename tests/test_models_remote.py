@@ -500,3 +500,24 @@ def test_ics_show_with_a_remote_model_sends_the_image_and_uses_its_labels(
     doc = json.loads(res.stdout)
     assert doc["label"] == "espresso" and doc["status"] == "SUCCEEDED"
     assert out.stat().st_size > 0
+
+
+def test_a_v2_model_taking_tensors_added_by_name_takes_its_size_and_layout(
+    ics_home: Path, photos3: Path, labels_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ICS_HOME", str(ics_home.parent / "home-of-its-own"))  # models added here
+    (photos3 / "broken.jpg").unlink()
+    with peer("v2", "--size", "48", "--layout", "NHWC") as url:
+        spec = f"{url}/v2/models/peer"
+        res = ics("models", "add", "small", "--v2", spec, "--labels", str(labels_file))
+        assert res.exit_code == 0, res.output
+        info = json.loads(ics("models", "info", "small", "--json").stdout)
+        assert (info["input_size"], info["layout"]) == (48, "NHWC")
+        code, _, rows, output = classify(str(photos3), "--model", "small", "--threshold", "0")
+        assert code == ExitCode.OK, output
+        assert len(rows) == 3
+        # A size given that the model does not take is refused, saying both.
+        res = ics("models", "add", "wrong", "--v2", spec, "--labels", str(labels_file),
+                  "--size", "64")  # fmt: skip
+        assert res.exit_code == ExitCode.USAGE, res.output
+        assert "48" in res.output and "64" in res.output

@@ -499,7 +499,7 @@ def add_remote(
     """`ics models add NAME --sagemaker ... / --v2 ...`: the card checked against the endpoint
     (its metadata, one real inference of the sample photo, the labels' count), then written
     to `<models_dir>/<NAME>/` with its labels."""
-    from .remote import _fitted, open_remote, remote_card
+    from .remote import FITTED, open_remote, remote_card
 
     check_new_name(name, models_dir, replace_existing=replace_existing)
     draft = remote_card(spec, name=name, labels=labels, **fields)
@@ -516,12 +516,11 @@ def add_remote(
         if not labels.is_file():
             raise ModelRejected(f"labels file {labels} does not exist (or is not a file)")
         read_labels(labels)
-    runtime: Any = open_remote(draft, models_dir, options)
+    # What was not given is taken from the model's metadata (a v2 model taking tensors).
+    fit = tuple(k for k in FITTED if fields.get(k) is None)
+    runtime: Any = open_remote(draft, models_dir, options, fit=fit)
     try:
         card: ModelCard = runtime.card
-        if card.kind == "v2" and "input_size" not in fields:
-            card = _fitted(runtime, card)
-            runtime.check_card(card)
         image = sample_photo()
         try:
             if runtime.takes == "bytes":

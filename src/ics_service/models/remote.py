@@ -10,6 +10,7 @@ an added model's labels file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,9 +104,16 @@ def remote_card(
     return ModelCard(**values)
 
 
-def open_remote(card: ModelCard, models_dir: Path, options: RemoteOptions) -> ModelRuntime:
+#: The fields of a v2 card that the model's metadata can say (a tensor input's size, layout).
+FITTED = ("input_size", "layout")
+
+
+def open_remote(
+    card: ModelCard, models_dir: Path, options: RemoteOptions, *, fit: Sequence[str] = ()
+) -> ModelRuntime:
     """The runtime of a remote card, its labels learned from the endpoint when the card has
-    no labels file (ConfigError when the endpoint cannot name them)."""
+    no labels file (ConfigError when the endpoint cannot name them). The `fit` fields of a
+    v2 card (all of FITTED for an ad hoc one) are taken from the model's metadata first."""
     runtime: Any
     if card.kind == "sagemaker":
         from .sagemaker import SageMakerRuntime, endpoint_of
@@ -121,8 +129,9 @@ def open_remote(card: ModelCard, models_dir: Path, options: RemoteOptions) -> Mo
 
         runtime = V2Runtime(card, parse_url(card.source["url"]), timeout_s=options.timeout_s)
     try:
-        if card.source.get("ad_hoc"):
-            runtime.card = card = _fitted(runtime, card)
+        fit = FITTED if card.source.get("ad_hoc") else fit
+        if fit:
+            runtime.card = card = _fitted(runtime, card, fit)
         if card.labels_path is None and card.classes is None:
             runtime.card = replace(card, classes=tuple(learn_labels(runtime, card)))
         if card.kind == "v2":
@@ -133,15 +142,16 @@ def open_remote(card: ModelCard, models_dir: Path, options: RemoteOptions) -> Mo
     return runtime  # type: ignore[no-any-return]
 
 
-def _fitted(runtime: Any, card: ModelCard) -> ModelCard:
-    """An ad hoc v2 card fitted to what the model's metadata says: its input's size and
-    layout (a tensor input), its version."""
+def _fitted(runtime: Any, card: ModelCard, fit: Sequence[str] = FITTED) -> ModelCard:
+    """A v2 card fitted to what the model's metadata says of the `fit` fields: its input's
+    size and layout (a tensor input)."""
     if card.kind != "v2":
         return card
     meta = runtime.meta
     changes: dict[str, Any] = {}
     if meta.input_size is not None:
-        changes.update(input_size=meta.input_size, layout=meta.layout)
+        said = {"input_size": meta.input_size, "layout": meta.layout}
+        changes.update({k: v for k, v in said.items() if k in fit})
     return replace(card, **changes) if changes else card
 
 
