@@ -894,3 +894,16 @@ def test_watch_forget_refuses_the_s3_events_watcher_of_a_running_server(
         assert served.proc.wait(60) == 0, served.output()
     res = forget("s3-events", "--yes")
     assert res.returncode == 0 and "has registered nothing" in res.stdout, res.stderr
+
+
+def test_a_batch_of_a_model_since_removed_is_left_and_the_watcher_goes_on(
+    runner: ExecutionRunner, photos: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = runner.settings.model_copy(update={"model": "since-removed"})
+    left = left_batch(ExecutionRunner(gone, runner.store, runner.runtime), "removed",
+                      [str(photos / "coffee.jpg")])  # fmt: skip
+    record_end(runner.store, left.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "x"))
+    with caplog.at_level("WARNING"):
+        assert Watcher(runner, "removed", []).run(threading.Event(), once=True) == []
+    assert "cannot resume" in caplog.text and "unknown model 'since-removed'" in caplog.text
+    assert runner.store.get_execution(left.id).status is ExecutionStatus.ABORTED

@@ -173,19 +173,34 @@ class Watcher:
                 execution.status.value,
                 extra={"execution_id": execution.id},
             )
-            runner = self._runner_for(execution)
             try:
-                if own and execution.status is ExecutionStatus.RUNNING:
-                    taken = self._take_own(execution)
-                    if taken is None:
-                        continue
-                    execution = taken
-                else:
-                    execution = runner.prepare_resume(execution.id)
-            except UsageError as e:  # nothing left to run in it, or taken meanwhile
-                log.warning("watcher %s: %s", self.name, e)
+                runner = self._runner_for(execution)
+            except UsageError as e:  # its model was removed, or cannot be opened now
+                log.warning("watcher %s: cannot resume %s: %s", self.name, execution.name, e)
                 continue
-            self._run(execution, stop, resumed=True, runner=runner)
+            try:
+                self._resume(execution, runner, stop, own=own)
+            finally:
+                if runner.runtime is not self.runner.runtime:  # opened for this batch
+                    close = getattr(runner.runtime, "close", None)
+                    if close is not None:
+                        close()
+
+    def _resume(
+        self, execution: Execution, runner: ExecutionRunner, stop: threading.Event, *, own: bool
+    ) -> None:
+        try:
+            if own and execution.status is ExecutionStatus.RUNNING:
+                taken = self._take_own(execution)
+                if taken is None:
+                    return
+                execution = taken
+            else:
+                execution = runner.prepare_resume(execution.id)
+        except UsageError as e:  # nothing left to run in it, or taken meanwhile
+            log.warning("watcher %s: %s", self.name, e)
+            return
+        self._run(execution, stop, resumed=True, runner=runner)
 
     def _take_own(self, execution: Execution) -> Execution | None:
         """Claim a batch left RUNNING under this process's own owner id, as prepare_resume
