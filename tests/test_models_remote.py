@@ -521,3 +521,22 @@ def test_a_v2_model_taking_tensors_added_by_name_takes_its_size_and_layout(
                   "--size", "64")  # fmt: skip
         assert res.exit_code == ExitCode.USAGE, res.output
         assert "48" in res.output and "64" in res.output
+
+
+def test_models_add_sagemaker_reads_the_spec_as_model_does(
+    ics_home: Path, aws: None, monkeypatch: pytest.MonkeyPatch, sagemaker_peer: str,
+    labels_file: Path,
+) -> None:  # fmt: skip
+    """--sagemaker ENDPOINT[/VARIANT][?target_model=M] is the spec --model takes."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", sagemaker_peer)
+    monkeypatch.setenv("ICS_HOME", str(ics_home.parent / "home-of-its-own"))  # models added here
+    spec = "plain/blue?target_model=pets"
+    res = ics("models", "add", "m", "--sagemaker", spec, "--labels", str(labels_file))
+    assert res.exit_code == 0, res.output
+    source = json.loads(ics("models", "info", "m", "--json").stdout)["source"]
+    assert (source["endpoint"], source["variant"], source["target_model"]) == (
+        "plain", "blue", "pets",
+    )  # fmt: skip
+    res = ics("models", "add", "n", "--sagemaker", spec, "--target-model", "other",
+              "--labels", str(labels_file))  # fmt: skip
+    assert res.exit_code == ExitCode.USAGE and "give the target model once" in res.output

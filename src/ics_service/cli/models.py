@@ -404,13 +404,17 @@ def _add_remote(
 ) -> Any:
     from ..models.added import add_remote
     from ..models.remote import RemoteOptions
-    from ..models.sagemaker import endpoint_of
+    from ..models.sagemaker import PREFIX, endpoint_of, parse_spec
 
     if sagemaker is not None and v2_url is not None:
         raise UsageError("give --sagemaker or --v2, not both")
     if sagemaker is not None:
-        endpoint, _, variant = sagemaker.removeprefix("sagemaker:").partition("/")
-        spec = str(endpoint_of(endpoint, variant or None, target_model))
+        endpoint = parse_spec(PREFIX + sagemaker.removeprefix(PREFIX))
+        if target_model is not None:
+            if endpoint.target_model is not None:
+                raise UsageError("give the target model once: --target-model or ?target_model=")
+            endpoint = endpoint_of(endpoint.name, endpoint.variant, target_model)
+        spec = str(endpoint)
     elif v2_url is None:
         raise UsageError("--target-model goes with --sagemaker ENDPOINT")
     else:

@@ -149,8 +149,7 @@ def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
         **({"labels": str(draft.labels.resolve())} if draft.labels else {}),
         **({"card": str(req.card_file.resolve())} if req.card_file else {}),
         **({"like": req.like} if req.like else {}),
-        "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "ics_version": __version__,
+        **added_stamp(),
     }
     if req.python is not None:
         from .python import python_source
@@ -169,6 +168,12 @@ def add_model(req: AddRequest, models_dir: Path) -> tuple[ModelCard, list[str]]:
     draft.values["source"] = {"onnx": str(draft.onnx.resolve()), "sha256": digest, **common}
     card, notes = check_onnx(draft, labels)
     return install(card, draft.onnx, labels, models_dir), notes
+
+
+def added_stamp() -> dict[str, str]:
+    """What an added model's card.toml records of its adding: when, and by which ICS."""
+    now = datetime.datetime.now(datetime.UTC)
+    return {"added_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "ics_version": __version__}
 
 
 def check_new_name(name: str, models_dir: Path, *, replace_existing: bool) -> None:
@@ -508,8 +513,7 @@ def add_remote(
         source={
             **draft.source,
             **({"labels": str(labels.resolve())} if labels is not None else {}),
-            "added_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "ics_version": __version__,
+            **added_stamp(),
         },
     )
     if labels is not None:
