@@ -332,11 +332,6 @@ def test_bad_models_are_refused_with_what_to_fix(
     )
     assert "has rank 2" in err
 
-    dupes = tmp_path / "dupes.txt"
-    dupes.write_text("espresso\ntabby\nespresso\n")
-    err = refused("models", "add", "m", "--onnx", onnx, "--labels", str(dupes))
-    assert "'espresso' is the 1st and the 3rd label" in err
-
     assert "bundled" in refused(
         "models", "add", "efficientnet-lite0", "--onnx", onnx, "--labels", labels
     )
@@ -464,3 +459,17 @@ def test_python_model_of_an_entry_point_and_broken_classes(home: Path, tmp_path:
     assert "has no predict method" in refused_with("broken_models:NoPredict")
     assert "cannot import 'no_such_module'" in refused_with("no_such_module:Model")
     assert "write it as module:Class" in refused_with("broken_models")
+
+
+def test_labels_two_classes_share_are_added_with_a_warning(
+    home: Path, user_models: dict[str, Path], tmp_path: Path
+) -> None:
+    # As ImageNet's own list does ("crane" twice): a fine-tune keeping its labels is added.
+    dupes = tmp_path / "dupes.txt"
+    dupes.write_text("espresso\ntabby\nespresso\n")
+    proc = ics_process(
+        "models", "add", "m", "--onnx", str(user_models["onnx"]), "--labels", str(dupes)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "label 'espresso' is the 1st and the 3rd label" in proc.stderr
+    assert "label_index tells them apart" in proc.stderr

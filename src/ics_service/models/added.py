@@ -10,6 +10,7 @@ with a card.toml that records where they came from and the model's sha256, in on
 from __future__ import annotations
 
 import datetime
+import logging
 import shutil
 import tempfile
 import tomllib
@@ -29,6 +30,8 @@ from .registry import added_card, bundled_name, check_name, get_card
 
 if TYPE_CHECKING:
     from .remote import RemoteOptions
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
@@ -205,14 +208,23 @@ def _check_labels(path: Path) -> tuple[str, ...]:
 
 
 def _check_label_list(labels: tuple[str, ...], where: str) -> None:
+    """A warning for each name that two classes share (ImageNet's own list names two
+    classes "crane"): results tell them apart by `label_index`, names alone do not."""
     seen: dict[str, int] = {}
     for i, label in enumerate(labels, 1):
         if label in seen:
-            raise ModelRejected(
-                f"{where}: label {label!r} is the {_nth(seen[label])} and the "
-                f"{_nth(i)} label: each class needs a name of its own"
+            log.warning(
+                "%s: label %r is the %s and the %s label: results name both %r (their "
+                "label_index tells them apart); give each class a name of its own if that "
+                "is not what you want",
+                where,
+                label,
+                _nth(seen[label]),
+                _nth(i),
+                label,
             )
-        seen[label] = i
+        else:
+            seen[label] = i
 
 
 def _nth(i: int) -> str:
