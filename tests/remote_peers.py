@@ -139,10 +139,12 @@ class V2Peer(_Handler):
     size = 32
     layout = "NCHW"
     binary = True
+    #: The batch axis: -1 (any), or a fixed size, as a model without dynamic batching has.
+    batch = -1
 
     def _shape(self) -> list[int]:
-        s = self.size
-        return [-1, 3, s, s] if self.layout == "NCHW" else [-1, s, s, 3]
+        s, n = self.size, self.batch
+        return [n, 3, s, s] if self.layout == "NCHW" else [n, s, s, 3]
 
     def get(self) -> None:
         if self.path == "/v2":
@@ -201,6 +203,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--layout", default="NCHW")
     parser.add_argument("--json-only", action="store_true")
+    parser.add_argument("--batch", type=int, default=-1)
     args = parser.parse_args()
     handler: type[_Handler]
     if args.kind == "sagemaker":
@@ -209,7 +212,12 @@ def main() -> None:
         handler = type(
             "Handler",
             (V2Peer,),
-            {"size": args.size, "layout": args.layout, "binary": not args.json_only},
+            {
+                "size": args.size,
+                "layout": args.layout,
+                "binary": not args.json_only,
+                "batch": args.batch,
+            },
         )
     handler.calls = []
     handler.lock = threading.Lock()

@@ -540,3 +540,30 @@ def test_models_add_sagemaker_reads_the_spec_as_model_does(
     res = ics("models", "add", "n", "--sagemaker", spec, "--target-model", "other",
               "--labels", str(labels_file))  # fmt: skip
     assert res.exit_code == ExitCode.USAGE and "give the target model once" in res.output
+
+
+def test_ics_serve_sends_a_v2_model_with_a_fixed_batch_axis_no_bigger_batches(
+    ics_home: Path, photos3: Path, labels_file: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    (photos3 / "broken.jpg").unlink()
+    images = [p.read_bytes() for p in sorted(photos3.iterdir())] * 3
+    with peer("v2", "--batch", "1") as url:
+        env = {**os.environ, "ICS_LABELS": str(labels_file), "ICS_THRESHOLD": "0"}
+        model = f"v2:{url}/v2/models/peer"
+        with serve_process("--model", model, env=env) as served:
+
+            def post(image: bytes) -> int:
+                return httpx.post(
+                    f"{served.url}/v1/classify", content=image, timeout=60
+                ).status_code
+
+            # Sent at once: the batcher would put several in one batch (up to 8).
+            with ThreadPoolExecutor(len(images)) as pool:
+                codes = list(pool.map(post, images))
+        sent = calls(url)
+    assert codes == [200] * len(images)
+    assert sent and {c["batch"] for c in sent} == {1}, sent

@@ -90,9 +90,12 @@ def on_cuda(runtime: ModelRuntime) -> bool:
 
 
 def max_batch(settings: Settings, runtime: ModelRuntime) -> int:
-    """The server's batch limit for this runtime: max_batch_size, or its device's default."""
+    """The server's batch limit for this runtime: max_batch_size, or its device's default,
+    and never over the runtime's own `max_batch` (a v2 model whose batch axis is fixed)."""
     default = CUDA_MAX_BATCH if on_cuda(runtime) else CPU_MAX_BATCH
-    return settings.max_batch_size or default
+    size = settings.max_batch_size or default
+    most = getattr(runtime, "max_batch", None)
+    return min(size, most) if most else size
 
 
 def solo_threads(settings: Settings) -> int:
