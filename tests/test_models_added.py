@@ -336,6 +336,9 @@ def test_bad_models_are_refused_with_what_to_fix(
         "models", "add", "efficientnet-lite0", "--onnx", onnx, "--labels", labels
     )
     assert "bad model name" in refused("models", "add", "../up", "--onnx", onnx, "--labels", labels)
+    assert "stands for every registered model" in refused(
+        "models", "add", "All", "--onnx", onnx, "--labels", labels
+    )
     assert "cannot be removed" in refused("models", "remove", "efficientnet-lite0")
     # Nothing was left behind by the refusals.
     assert not (home / "models").exists() or not any((home / "models").iterdir())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import __version__
+from ..config import ALL_MODELS
 from ..errors import ConfigError, EndpointUnavailable, ModelError, ModelNotFound, UsageError
 from ..modelcard import CARD_FILE, ModelCard, read_labels
 from ..samples import sample_photo
@@ -182,6 +183,11 @@ def added_stamp() -> dict[str, str]:
 def check_new_name(name: str, models_dir: Path, *, replace_existing: bool) -> None:
     """UsageError unless a model may be added under `name`."""
     check_name(name)
+    if name.casefold() == ALL_MODELS:
+        raise UsageError(
+            f"{name} stands for every registered model (`ics serve --model {ALL_MODELS}`): "
+            "choose another name for yours"
+        )
     bundled = bundled_name(name)
     if bundled is not None:
         raise UsageError(
