@@ -244,25 +244,7 @@ def run_measured(
             start_new_session=True,  # its own process group, so a timeout ends all of it
             preexec_fn=pinned if cpus else None,
         )
-        sampler = _TreeSampler(proc.pid, poll_s)
-        sampler.start()
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            _kill_group(proc.pid)
-
-        timer = threading.Timer(timeout_s, expire)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        sampler.done.set()
-        sampler.join()
-        _kill_group(proc.pid)  # leftovers (a server the runner failed to stop)
+        ended = _watched(proc, started, poll_s, timeout_s)
         out.seek(0)
         stdout = out.read().decode("utf-8", "replace")
     stderr_tail = ""
@@ -271,23 +253,72 @@ def run_measured(
     report = None
     if report_path is not None and report_path.exists():
         report = json.loads(report_path.read_text())
-    # Reaped children's CPU time misses processes nobody waited for (Ray's workers):
-    # the tree's sampled CPU time covers those, up to the last sample.
-    cpu_s = max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values()))
-    return Measurement(
-        cmd=list(cmd),
-        rc=proc.returncode,
-        wall_s=wall,
-        tree_peak_rss_mb=sampler.peak / MB,
-        hwm_mb=sampler.hwm / MB,
-        cpu_s=cpu_s,
-        timed_out=expired.is_set(),
-        report=report,
-        stdout=stdout,
-        stderr_tail=stderr_tail,
-        others_cores=round(sampler.others_s / wall, 3) if wall > 0 else None,
-        pinned=sorted(cpus),
-    )
+    return ended.measurement(cmd, cpus, stdout=stdout, stderr_tail=stderr_tail, report=report)
+
+
+@dataclass
+class _Ended:
+    """A measured process that has ended: its wall time, rusage and tree samples."""
+
+    rc: int
+    wall_s: float
+    usage: Any
+    sampler: _TreeSampler
+    timed_out: bool
+
+    def measurement(
+        self,
+        cmd: Sequence[str],
+        cpus: set[int],
+        *,
+        stdout: str,
+        stderr_tail: str,
+        report: dict[str, Any] | None = None,
+    ) -> Measurement:
+        s, wall = self.sampler, self.wall_s
+        return Measurement(
+            cmd=list(cmd),
+            rc=self.rc,
+            wall_s=wall,
+            tree_peak_rss_mb=s.peak / MB,
+            hwm_mb=s.hwm / MB,
+            # Reaped children's CPU time misses processes nobody waited for (Ray's
+            # workers): the tree's sampled CPU time covers those, up to the last sample.
+            cpu_s=max(self.usage.ru_utime + self.usage.ru_stime, sum(s.cpu.values())),
+            timed_out=self.timed_out,
+            report=report,
+            stdout=stdout,
+            stderr_tail=stderr_tail,
+            others_cores=round(s.others_s / wall, 3) if wall > 0 else None,
+            pinned=sorted(cpus),
+        )
+
+
+def _watched(
+    proc: subprocess.Popen[bytes], started: float, poll_s: float, timeout_s: float
+) -> _Ended:
+    """Sample proc's process tree until it ends (its process group killed after timeout_s),
+    reap it, and kill what it left behind (a server the runner failed to stop)."""
+    sampler = _TreeSampler(proc.pid, poll_s)
+    sampler.start()
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _kill_group(proc.pid)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    sampler.done.set()
+    sampler.join()
+    _kill_group(proc.pid)
+    return _Ended(proc.returncode, wall, usage, sampler, expired.is_set())
 
 
 #: The size of the pseudo-terminal of a `tty` run: a common terminal window's.
@@ -346,25 +377,7 @@ def _run_on_tty(
         os.close(slave)
         slave = -1
         reader.start()
-        sampler = _TreeSampler(proc.pid, poll_s)
-        sampler.start()
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            _kill_group(proc.pid)
-
-        timer = threading.Timer(timeout_s, expire)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        sampler.done.set()
-        sampler.join()
-        _kill_group(proc.pid)
+        ended = _watched(proc, started, poll_s, timeout_s)
         reader.join(timeout=10)
     finally:
         if slave >= 0:
@@ -374,19 +387,7 @@ def _run_on_tty(
     if log_path is not None:
         log_path.write_bytes(transcript)
     text = transcript.decode("utf-8", "replace")
-    return Measurement(
-        cmd=list(cmd),
-        rc=proc.returncode,
-        wall_s=wall,
-        tree_peak_rss_mb=sampler.peak / MB,
-        hwm_mb=sampler.hwm / MB,
-        cpu_s=max(usage.ru_utime + usage.ru_stime, sum(sampler.cpu.values())),
-        timed_out=expired.is_set(),
-        stdout=text,
-        stderr_tail=text[-3000:],
-        others_cores=round(sampler.others_s / wall, 3) if wall > 0 else None,
-        pinned=sorted(cpus),
-    )
+    return ended.measurement(cmd, cpus, stdout=text, stderr_tail=text[-3000:])
 
 
 def _kill_group(pgid: int) -> None:
