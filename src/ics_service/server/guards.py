@@ -281,31 +281,20 @@ class Authenticate:
 
     async def _hash_checked(self, scope: Scope, receive: Receive, send: Send, claimed: str) -> None:
         digest = hashlib.sha256()
-        started = False
 
-        async def checked() -> Message:
-            message = await receive()
+        def check(message: Message) -> None:
             if message["type"] == "http.request":
                 digest.update(message.get("body", b""))
                 if not message.get("more_body", False) and digest.hexdigest() != claimed:
-                    raise _NotTheSignedBody
-            return message
+                    raise _BodyRefused
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, checked, tracked)
-        except _NotTheSignedBody:
-            if not started:
-                await self._forbidden(
-                    scope,
-                    send,
-                    "the request body is not the one signed (its SHA-256 is not the "
-                    "X-Amz-Content-SHA256 header's)",
-                )
+        if await _watching_body(self.app, scope, receive, send, check):
+            await self._forbidden(
+                scope,
+                send,
+                "the request body is not the one signed (its SHA-256 is not the "
+                "X-Amz-Content-SHA256 header's)",
+            )
 
     async def _forbidden(self, scope: Scope, send: Send, message: str) -> None:
         await send_error(scope, send, 403, "Forbidden", message, unread=True)
@@ -321,8 +310,33 @@ class Authenticate:
         await _busy(scope, send, self.budget, why)
 
 
-class _NotTheSignedBody(Exception):
-    pass
+class _BodyRefused(Exception):
+    """Raised by a body watcher (`_watching_body`): the rest of the body is not read."""
+
+
+async def _watching_body(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, watch: Callable[[Message], None]
+) -> bool:
+    """Run the app, showing `watch` each message it receives; `watch` raises _BodyRefused
+    to stop the body there. True when it did before the app began its answer (the caller
+    answers instead); False otherwise."""
+    started = False
+
+    async def watched() -> Message:
+        message = await receive()
+        watch(message)
+        return message
+
+    async def tracked(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, watched, tracked)
+    except _BodyRefused:
+        return not started
+    return False
 
 
 def _client(scope: Scope) -> str:
@@ -350,41 +364,27 @@ class BudgetedBodies:
             await _busy(scope, send, self.budget)
             return
         seen = 0
-        started = False
 
-        async def counted() -> Message:
+        def count(message: Message) -> None:
             nonlocal seen, held
-            message = await receive()
             if held < 0:  # all arrived, already let go of
-                return message
+                return
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > held:  # longer than declared (or chunked): held as it comes
                     if not self.budget.take(seen - held, client):
-                        raise _NoRoom
+                        raise _BodyRefused
                     held = seen
             if message["type"] != "http.request" or not message.get("more_body", False):
                 self.budget.give(held, client)
                 held = -1
-            return message
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
         try:
-            await self.app(scope, counted, tracked)
-        except _NoRoom:
-            if not started:
+            if await _watching_body(self.app, scope, receive, send, count):
                 await _busy(scope, send, self.budget)
         finally:
             if held >= 0:
                 self.budget.give(held, client)
-
-
-class _NoRoom(Exception):
-    pass
 
 
 async def _busy(scope: Scope, send: Send, budget: BodyBudget, why: str = "") -> None:
@@ -425,28 +425,17 @@ class BodyLimit:
             await self._refuse(scope, send, unread=True)
             return
         seen = 0
-        started = False
 
-        async def counted() -> Message:
+        def count(message: Message) -> None:
             nonlocal seen
-            message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
+                    raise _BodyRefused
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                # The rest is unread (and chunked: the connection closes, not drained).
-                await self._refuse(scope, send, unread=True)
+        if await _watching_body(self.app, scope, receive, send, count):
+            # The rest is unread (and chunked: the connection closes, not drained).
+            await self._refuse(scope, send, unread=True)
 
     async def _refuse(self, scope: Scope, send: Send, *, unread: bool = False) -> None:
         await send_error(
@@ -457,10 +446,6 @@ class BodyLimit:
             f"the request body is over max_body_bytes={self.max_bytes:,}",
             unread=unread,
         )
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class BodyDeadline:
