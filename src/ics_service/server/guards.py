@@ -319,12 +319,18 @@ async def _watching_body(
 ) -> bool:
     """Run the app, showing `watch` each message it receives; `watch` raises _BodyRefused
     to stop the body there. True when it did before the app began its answer (the caller
-    answers instead); False otherwise."""
-    started = False
+    answers instead); False otherwise. A refusal of another watcher's, outside this one,
+    goes on up to that one."""
+    started = refused = False
 
     async def watched() -> Message:
+        nonlocal refused
         message = await receive()
-        watch(message)
+        try:
+            watch(message)
+        except _BodyRefused:
+            refused = True
+            raise
         return message
 
     async def tracked(message: Message) -> None:
@@ -335,6 +341,8 @@ async def _watching_body(
     try:
         await app(scope, watched, tracked)
     except _BodyRefused:
+        if not refused:
+            raise
         return not started
     return False
 
