@@ -45,10 +45,11 @@ demo: $(VENV)/.demo
 	@$(BIN)/ics classify demo/photos --table --tolerated-failure-count 1
 
 # Line coverage of ics_service that `make test` must reach, in percent. Measured in the test
-# process only: the `ics` and `ics serve` processes the tests start are not counted. Set a
-# point under the whole suite's figure (91.2 % on 2026-12-07); a run of a few files only
-# wants COV_FLOOR=0.
-COV_FLOOR ?= 90
+# process only: the `ics` and `ics serve` processes the tests start are not counted (the
+# model, server and gRPC work of 2026-12-08 is tested mostly through such processes, so the
+# in-process figure fell from 91.2 % to 87.6 %, CI run of ff818bc). Set a point under the
+# whole suite's figure; a run of a few files only wants COV_FLOOR=0.
+COV_FLOOR ?= 86
 
 # The store tests run on SQLite and on a real PostgreSQL: ICS_TEST_POSTGRES_URL names one, or
 # scripts/test-services.sh starts the local one (scripts/postgres.sh) and stops it at the end.
