@@ -228,22 +228,9 @@ def run_measured(
         full_env["BENCH_REPORT"] = str(report_path)
     log_path = log_path or Path(os.devnull)
     cpus = set(pin)
-
-    def pinned() -> None:
-        os.sched_setaffinity(0, cpus)
-
     with open(log_path, "wb") as err, tempfile.TemporaryFile() as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            list(cmd),
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-            cwd=cwd,
-            start_new_session=True,  # its own process group, so a timeout ends all of it
-            preexec_fn=pinned if cpus else None,
-        )
+        proc = _start(cmd, out, err, full_env, cwd, cpus)
         ended = _watched(proc, started, poll_s, timeout_s)
         out.seek(0)
         stdout = out.read().decode("utf-8", "replace")
@@ -292,6 +279,32 @@ class _Ended:
             others_cores=round(s.others_s / wall, 3) if wall > 0 else None,
             pinned=sorted(cpus),
         )
+
+
+def _start(
+    cmd: Sequence[str],
+    stdout: Any,
+    stderr: Any,
+    env: dict[str, str],
+    cwd: str | Path | None,
+    cpus: set[int],
+) -> subprocess.Popen[bytes]:
+    """cmd started in a process group of its own (a timeout ends all of it), on `cpus` when
+    given, with no stdin."""
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, cpus)
+
+    return subprocess.Popen(
+        list(cmd),
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        preexec_fn=pinned if cpus else None,
+    )
 
 
 def _watched(
@@ -358,22 +371,10 @@ def _run_on_tty(
                 return
             chunks.append(data)
 
-    def pinned() -> None:
-        os.sched_setaffinity(0, cpus)
-
     reader = threading.Thread(target=drain, daemon=True, name="bench-tty")
     try:
         started = time.perf_counter()
-        proc = subprocess.Popen(
-            list(cmd),
-            stdout=slave,
-            stderr=slave,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=pinned if cpus else None,
-        )
+        proc = _start(cmd, slave, slave, full_env, cwd, cpus)
         os.close(slave)
         slave = -1
         reader.start()
