@@ -27,11 +27,15 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from ics_service.config import Settings, load_settings
+from ics_service.engine.execution import execution_params
+from ics_service.engine.lifecycle import record_end
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import load_photo
 from ics_service.server import create_app
 from ics_service.server.app import served_models
-from serving import client_of, error_of, free_port, serve_process
+from ics_service.store import Store
+from ics_service.types import ErrorInfo, ExecutionStatus, ModelRef
+from serving import client_of, error_of, finished, free_port, serve_process
 
 FP32 = "efficientnet-lite0"
 INT8 = "efficientnet-lite0-int8"
@@ -486,3 +490,84 @@ async def test_each_model_defaults_to_its_cards_threshold(
                 r = await client.post("/v1/classify", params={"model": name}, content=jpeg(96))
                 assert r.status_code == 200, r.text
                 assert (r.json()["model"]["name"], r.json()["threshold"]) == (name, threshold)
+
+
+@pytest.mark.anyio
+async def test_a_batch_execution_runs_on_the_model_it_names_and_resumes_on_it(
+    both_prepared: Path, photos: Path, runtime: OnnxRuntime, int8_runtime: OnnxRuntime
+) -> None:
+    """`POST /v1/executions` with `model`: its items are classified by that model and the
+    execution records it; a resume runs on the same model, and a server that does not
+    serve it refuses the resume instead of finishing the execution on another model."""
+    settings = Settings(
+        home=both_prepared,
+        allowed_sources=[str(photos)],
+        record_realtime=False,
+        tolerated_failure_percentage=100.0,
+    )
+    images = sorted(str(p) for p in photos.iterdir())
+
+    async def confidences(client: httpx.AsyncClient, execution_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 120
+        while (doc := await finished(client, execution_id))["status"] == "ABORTED":
+            assert time.monotonic() < deadline, doc  # a resume queued, not yet running
+            await asyncio.sleep(0.1)
+        assert doc["status"] == "SUCCEEDED", doc
+        r = await client.get(f"/v1/executions/{execution_id}/results?format=jsonl")
+        rows = [json.loads(line) for line in r.text.splitlines()]
+        assert sorted(row["uri"] for row in rows) == images
+        return {"model": {row["model"]["name"] for row in rows}, "params": doc["params"]} | {
+            row["uri"]: row["confidence"] for row in rows
+        }
+
+    app = create_app(settings, runtimes=[runtime, int8_runtime])
+    async with client_of(app) as client:
+        r = await client.post(
+            "/v1/executions", json={"sources": [str(photos)], "model": "resnet50"}
+        )
+        assert r.status_code == 404
+        assert error_of(r)["message"] == (
+            f"unknown model 'resnet50': this server serves '{FP32}', '{INT8}'"
+        )
+        seen = {}
+        for model in (INT8, None):
+            body: dict[str, Any] = {"sources": [str(photos)]}
+            if model is not None:
+                body["model"] = model
+            r = await client.post("/v1/executions", json=body)
+            assert r.status_code == 202, r.text
+            seen[model] = await confidences(client, r.json()["execution_id"])
+        assert seen[INT8].pop("model") == {INT8} and seen[INT8].pop("params")["model"] == INT8
+        assert seen[None].pop("model") == {FP32} and seen[None].pop("params")["model"] == FP32
+        # Each ran on its own model: the INT8 model's confidences are not the FP32 one's.
+        assert seen[INT8] != seen[None]
+
+    # An INT8 execution a server's shutdown left with every item to do.
+    store = Store(settings.store_url)
+    try:
+        execution, _ = store.create_execution(
+            params=execution_params(settings.model_copy(update={"model": INT8}), [str(photos)]),
+            model=ModelRef(name=INT8, version=int8_runtime.card.version),
+            threshold=settings.threshold,
+        )
+        store.add_items(execution.id, images)
+        record_end(store, execution.id, ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", "-"))
+    finally:
+        store.close()
+    app = create_app(settings, runtime=runtime)
+    async with client_of(app) as client:
+        r = await client.post(f"/v1/executions/{execution.id}/resume")
+        assert r.status_code == 400, r.text
+        assert error_of(r)["message"] == (
+            f"execution {execution.id} runs on model '{INT8}', which this server does not "
+            f"serve: serve it too (`ics serve --model {FP32} --model {INT8}`), or resume it "
+            f"with `ics executions resume {execution.id}`"
+        )
+    app = create_app(settings, runtimes=[runtime, int8_runtime])
+    async with client_of(app) as client:
+        r = await client.post(f"/v1/executions/{execution.id}/resume")
+        assert r.status_code == 202, r.text
+        resumed = await confidences(client, execution.id)
+    assert resumed.pop("model") == {INT8}
+    resumed.pop("params")
+    assert resumed == pytest.approx(seen[INT8], abs=1e-6)

@@ -19,6 +19,7 @@ other interrupted execution, as `ics executions resume` runs it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -49,7 +50,8 @@ from ..engine.lifecycle import (
 )
 from ..engine.realtime import is_realtime
 from ..engine.recording import ResultSink
-from ..errors import EnvironmentUnavailable, IcsError, Interrupted, UsageError
+from ..errors import EnvironmentUnavailable, IcsError, Interrupted, ModelNotFound, UsageError
+from ..models.runtime import ModelRuntime
 from ..redact import redact_uri
 from ..sources.local import split_glob
 from ..types import ErrorInfo, Execution, ExecutionStatus
@@ -129,19 +131,31 @@ class Batches:
     # --- what the routes call ---------------------------------------------------------
 
     def start(
-        self, source_specs: Sequence[str], settings: Settings, name: str | None
+        self,
+        source_specs: Sequence[str],
+        overrides: dict[str, Any],
+        name: str | None,
+        model: str | None = None,
     ) -> tuple[Execution, bool]:
-        """Create and queue an execution; with a name already used, return that one."""
+        """Create and queue an execution on a served model (None: the default), with the
+        server's settings but for `overrides`; with a name already used, return that one.
+        Without a threshold in `overrides`, the model's default threshold applies, as for a
+        real-time request."""
         if name is not None and (existing := self.store.find_by_name(name)) is not None:
             return existing, False
         if self._closing:
             raise ShuttingDown("the server is shutting down: it starts no new execution")
         check_name(name)
+        served = self.service.model(model)  # ModelNotFound (404) names the served ones
+        update = {"threshold": served.threshold, **overrides}
+        if served.name != self.service.default_name:
+            update["model"] = served.name
+        settings = self.settings.model_copy(update=update)
         if len(self._queue) >= MAX_QUEUED:
             raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
         for spec in source_specs:
             check_source(spec, self.settings.allowed_sources)
-        runner = self._runner(settings)
+        runner = self._runner(settings, served.runtime)
         execution, created = self.store.create_execution(
             params=execution_params(settings, source_specs, **{STARTED_BY_SERVER: True}),
             model=runner.model_ref,
@@ -171,7 +185,7 @@ class Batches:
             raise ShuttingDown("the server is shutting down: it starts no new execution")
         if len(self._queue) >= MAX_QUEUED:
             raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
-        execution = register(self._runner(settings))
+        execution = register(self._runner(settings, self.service.default.runtime))
         if execution is None:
             return None
         job = Job(execution.id, settings, None, listed=True)
@@ -200,9 +214,11 @@ class Batches:
         for spec in execution.params.get("sources") or []:
             check_source(str(spec), self.settings.allowed_sources)
         check_resumable(self.store, execution)
+        settings = self._resume_settings(execution)
+        self._check_served(execution, settings)
         if len(self._queue) >= MAX_QUEUED:
             raise QueueFull(f"{MAX_QUEUED} executions are already waiting to run; try again later")
-        job = Job(execution.id, self._resume_settings(execution), None, owned=False, resume=True)
+        job = Job(execution.id, settings, None, owned=False, resume=True)
         held = self._put(job)
         if held is None:
             raise ShuttingDown("the server is shutting down: it resumes no execution")
@@ -349,8 +365,13 @@ class Batches:
                 execution.owner,
                 extra={"execution_id": execution.id},
             )
-            job = Job(execution.id, settings_for(execution, self.settings), None, owned=False)
-            self._put(job)
+            settings = settings_for(execution, self.settings)
+            try:
+                self._check_served(execution, settings)
+            except UsageError as e:
+                log.warning("execution %s left for another server: %s", execution.id, e)
+                continue
+            self._put(Job(execution.id, settings, None, owned=False))
         self._queue_aborted()
 
     def _queue_aborted(self) -> None:
@@ -383,6 +404,7 @@ class Batches:
             )
             try:
                 settings = self._resume_settings(execution)
+                self._check_served(execution, settings)
             except IcsError as e:
                 log.error("execution %s not resumed: %s", execution.id, e)
                 continue
@@ -401,7 +423,7 @@ class Batches:
             finally:
                 self._forget(job)
 
-    def _runner(self, settings: Settings) -> ExecutionRunner:
+    def _runner(self, settings: Settings, runtime: ModelRuntime) -> ExecutionRunner:
         # The server's model session was planned for serving: run as many batches at once
         # as it was planned for.
         threads, workers = plan_serving(self.settings)
@@ -411,13 +433,42 @@ class Batches:
         return ExecutionRunner(
             planned,
             self.store,
-            self.service.default.runtime,  # batch executions run on the default model
+            runtime,
             confine=confine(self.settings.allowed_sources),
             check_item=item_check(self.settings.allowed_sources),
         )
 
+    def _model_of(self, settings: Settings) -> str | None:
+        """The served model that an execution with these (recorded) settings runs on: None
+        for the default model."""
+        if settings.model in (self.settings.model, self.service.default_name):
+            return None
+        return settings.model
+
+    def _check_served(self, execution: Execution, settings: Settings) -> None:
+        """Refuse to resume an execution on another model than its own."""
+        model = self._model_of(settings)
+        if model is not None and not self.service.serves(model):
+            raise UsageError(
+                f"execution {execution.id} runs on model {model!r}, which this server does "
+                f"not serve: serve it too (`ics serve --model {self.service.default_name} "
+                f"--model {model}`), or resume it with `ics executions resume {execution.id}`"
+            )
+
     def _run(self, job: Job) -> None:
-        runner = self._runner(job.settings)
+        with contextlib.ExitStack() as held:
+            try:
+                served = held.enter_context(self.service.using(self._model_of(job.settings)))
+            except ModelNotFound as e:  # unloaded since the job was queued
+                why = f"its model is no longer served ({e})"
+                if job.owned:
+                    self._abort(job, why)
+                else:
+                    log.warning("execution %s not resumed: %s", job.execution_id, why)
+                return
+            self._run_on(job, self._runner(job.settings, served.runtime))
+
+    def _run_on(self, job: Job, runner: ExecutionRunner) -> None:
         sinks: list[ResultSink] = []
         if job.listed:
             execution = self.store.get_execution(job.execution_id)

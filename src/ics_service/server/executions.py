@@ -48,7 +48,16 @@ class BatchRequest(BaseModel):
         max_length=200,
         description="Execution name; a name already used returns that execution (200).",
     )
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="A model this server serves (GET /v1/models); by default the default "
+        "model. A resume runs on the same model.",
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="By default the model's, as for real-time requests."
+    )
     top_k: int | None = Field(None, ge=1, le=1000)
     low_confidence: Literal["flag", "fail"] | None = Field(
         None,
@@ -89,13 +98,13 @@ def _answer(batches: Batches, execution: Execution, status: int) -> JSONResponse
     responses={
         200: {"description": "An execution with this name exists: that one."},
         403: {"description": "A source is outside allowed_sources."},
+        404: {"description": "The server does not serve that model."},
     },
 )
 def start_execution(body: BatchRequest, request: Request) -> JSONResponse:
     batches = _batches(request)
-    update = body.model_dump(exclude_none=True, exclude={"sources", "name"})
-    settings = batches.settings.model_copy(update=update)
-    execution, created = batches.start(body.sources, settings, body.name)
+    overrides = body.model_dump(exclude_none=True, exclude={"sources", "name", "model"})
+    execution, created = batches.start(body.sources, overrides, body.name, body.model)
     return _answer(batches, execution, 202 if created else 200)
 
 

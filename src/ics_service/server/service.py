@@ -202,6 +202,11 @@ class Service:
     def _names(self) -> list[str]:
         return [self.default_name, *sorted(n for n in self.models if n != self.default_name)]
 
+    def serves(self, name: str) -> bool:
+        """Whether a model of that name is served now."""
+        with self._lock:
+            return name in self.models
+
     def model(self, name: str | None) -> ServedModel:
         """The served model of that name (None: the default), or ModelNotFound (a 404)."""
         with self._lock:
