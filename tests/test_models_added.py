@@ -349,6 +349,10 @@ def test_bad_models_are_refused_with_what_to_fix(
         "models", "add", "m", "--onnx", onnx, "--labels", labels, "--replace", "--threshold", "0.5"
     )
     assert json.loads(run_ok("models", "info", "m", "--json"))["threshold"] == 0.5
+    # One folder on a file system that does not tell case apart: refused on every system.
+    err = refused("models", "add", "M", "--onnx", onnx, "--labels", labels, "--replace")
+    assert "M differs only in case from the model m in" in err
+    assert "`ics models add m --replace ...`" in err
 
 
 # --- Python models ------------------------------------------------------------------------
@@ -408,6 +412,25 @@ def test_python_model_added_by_class_runs_through_the_engine_and_the_server(
         )
         assert r.status_code == 200, r.text
         assert r.json()["label"] == "blue"
+
+
+def test_a_python_model_whose_module_changed_since_it_was_added_is_refused(
+    home: Path, tmp_path: Path
+) -> None:
+    """Its results would name the version (the module's sha256) it was added with."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    module = folder / "my_colours.py"
+    module.write_text((EXAMPLES / "dominant_colour.py").read_text())
+    images = colour_images(tmp_path / "colours")
+    run_ok("models", "add", "mine", "--python", "my_colours:DominantColour", env=with_path(folder))
+    run_ok("classify", str(images / "red.png"), "--model", "mine", "--json")
+    module.write_text(module.read_text() + "\n# changed\n")
+    proc = ics_process("classify", str(images / "red.png"), "--model", "mine", "--json")
+    assert proc.returncode == 2, proc.stderr
+    assert f"model mine's file {module} has sha256" in proc.stderr
+    assert "as when it was added: it was changed or replaced since" in proc.stderr
+    assert "`ics models add mine --replace ...`" in proc.stderr
 
 
 def test_python_model_of_an_entry_point_and_broken_classes(home: Path, tmp_path: Path) -> None:

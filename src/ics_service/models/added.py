@@ -194,6 +194,17 @@ def check_new_name(name: str, models_dir: Path, *, replace_existing: bool) -> No
             f"{name} is a bundled model's name ({bundled}, whatever the case): choose "
             "another name for yours (bundled models cannot be replaced)"
         )
+    folded = name.casefold()
+    twin = next(
+        (p.name for p in _listed(models_dir) if p.name != name and p.name.casefold() == folded),
+        None,
+    )
+    if twin is not None:
+        raise UsageError(
+            f"{name} differs only in case from the model {twin} in {models_dir}: on a file "
+            "system that does not tell case apart both would be one folder; choose another "
+            f"name (or `ics models add {twin} --replace ...`)"
+        )
     folder = models_dir / name
     if folder.exists() and not replace_existing:
         what = "an added model" if (folder / CARD_FILE).is_file() else "a folder"
@@ -201,6 +212,14 @@ def check_new_name(name: str, models_dir: Path, *, replace_existing: bool) -> No
             f"{name} is already {what} in {models_dir}: give --replace to replace it, "
             "or choose another name"
         )
+
+
+def _listed(folder: Path) -> list[Path]:
+    """The entries of a folder; none when it does not exist yet."""
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
 
 
 def _check_labels(path: Path) -> tuple[str, ...]:

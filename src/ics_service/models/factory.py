@@ -45,8 +45,9 @@ def _load_onnx(
 
 
 def check_sha256(card: ModelCard, path: Path) -> None:
-    """ModelNotPrepared naming the file when an added model's file is not the one it was
-    added with (its card records the sha256; about 20 ms for a 20 MB file)."""
+    """ModelNotPrepared naming the file when an added model's file (its ONNX file, or its
+    Python module) is not the one it was added with (its card records the sha256; about
+    20 ms for a 20 MB file)."""
     recorded = card.source.get("sha256")
     if not isinstance(recorded, str) or not recorded:
         return

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import sys
 from collections.abc import Mapping
@@ -171,14 +172,33 @@ def python_spec(card: ModelCard) -> str:
 def open_python_model(card: ModelCard) -> PythonRuntime:
     """Import the card's class, make one and load it. The folder the card records
     (source.path) is appended to sys.path: it is searched after the standard library and
-    the installed packages, so a module there cannot shadow one of theirs."""
+    the installed packages, so a module there cannot shadow one of theirs. The module's
+    file is checked against the sha256 recorded when the model was added before it is
+    imported: results name the model's version, which is that hash's start."""
     folder = card.source.get("path")
     if isinstance(folder, str) and folder not in sys.path:
         sys.path.append(folder)
-    cls = load_class(python_spec(card))
+    spec = python_spec(card)
+    _check_module(card, spec.partition(":")[0])
+    cls = load_class(spec)
     model = cls()
     model.load(card)
     return PythonRuntime(card, model)
+
+
+def _check_module(card: ModelCard, module_name: str) -> None:
+    """ModelNotPrepared when the module's file is not the one the model was added with (a
+    model of an entry point records no hash: its package's version stands for it)."""
+    from .factory import check_sha256
+
+    if not card.source.get("sha256"):
+        return
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return  # load_class says what is wrong
+    if found is not None and found.origin and Path(found.origin).is_file():
+        check_sha256(card, Path(found.origin))
 
 
 def entry_point_cards() -> list[ModelCard]:
