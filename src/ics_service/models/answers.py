@@ -1,8 +1,9 @@
 """Reading a remote model's answers (`sagemaker`, `v2remote`): its probabilities (and its
-labels, where it names them), checked against the card."""
+labels, where it names them), checked against the card, and its error answers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,21 @@ from ..modelcard import ModelCard
 PROBABILITY_KEYS = ("predictions", "prediction", "probabilities", "scores")
 #: Keys of a JSON answer that name the classes.
 LABEL_KEYS = ("labels", "classes")
+
+
+def error_of(body: bytes) -> tuple[str | None, str]:
+    """The (type, message) of an error answer's body: `{"error": {"type", "message"}}`
+    (ICS's own), `{"error": "message"}` (KServe's, Triton's) or plain text (a proxy's);
+    (None, "") when it holds neither."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None, body[:500].decode("utf-8", "replace").strip()
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if isinstance(error, dict):
+        kind = error.get("type")
+        return (str(kind) if kind else None), str(error.get("message") or error)
+    return None, "" if error is None else str(error)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

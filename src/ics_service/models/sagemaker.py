@@ -26,7 +26,7 @@ import numpy as np
 from .. import __version__
 from ..errors import ConfigError, EndpointUnavailable, ModelError, UsageError
 from ..modelcard import ModelCard
-from .answers import checked, probabilities_of
+from .answers import checked, error_of, probabilities_of
 
 #: The prefix of a SageMaker model spec: `sagemaker:ENDPOINT[/VARIANT][?target_model=M]`.
 PREFIX = "sagemaker:"
@@ -170,21 +170,12 @@ def _read_plain_errors(
     try:
         doc = json.loads(body)
     except ValueError:
-        text = body[:500].decode("utf-8", "replace").strip()
-        if text:
-            customized_response_dict["Error"] = {"Code": str(status), "Message": text}
-        return
-    if not isinstance(doc, dict) or "__type" in doc or "message" in doc or "Message" in doc:
-        return
-    error = doc.get("error")
-    if isinstance(error, dict):
-        code = str(error.get("type") or status)
-        message = str(error.get("message") or "")
-    elif isinstance(error, str):
-        code, message = str(status), error
-    else:
-        return
-    customized_response_dict["Error"] = {"Code": code, "Message": message}
+        doc = None
+    if isinstance(doc, dict) and ("__type" in doc or "message" in doc or "Message" in doc):
+        return  # botocore reads these itself
+    kind, message = error_of(body)
+    if kind or message:
+        customized_response_dict["Error"] = {"Code": kind or str(status), "Message": message}
 
 
 class SageMakerRuntime:

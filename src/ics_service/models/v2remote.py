@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__, fetch
 from ..errors import EndpointUnavailable, EnvironmentUnavailable, ModelError, UsageError
 from ..modelcard import ModelCard
-from .answers import checked
+from .answers import checked, error_of
 
 #: The prefix of a v2 model spec.
 PREFIX = "v2:"
@@ -154,7 +154,7 @@ class _Client:
             raise ModelError(f"{self.where}: {e}") from None
         if reply.status == 200:
             return reply.headers, body
-        said = _error_message(body) or reply.reason
+        said = error_of(body)[1] or reply.reason
         if reply.transient:
             raise EndpointUnavailable(f"{self.where} answered {reply.status}: {said}")
         raise ModelError(f"{self.where} refused the request ({reply.status}: {said})")
@@ -168,17 +168,6 @@ class _Client:
 
     def close(self) -> None:
         self.fetcher.close()
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        return body[:300].decode("utf-8", "replace").strip()
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error) if error is not None else ""
 
 
 def read_metadata(model: ModelUrl, client: _Client) -> Metadata:
