@@ -204,3 +204,11 @@ def test_config_show_masks_secrets(ics_home: Path) -> None:
     assert settings["api_token"]["value"] == "***"
     assert settings["store"]["value"] == "postgresql://u:***@db/ics"
     assert "s3cret-token" not in res.stdout and "pw@" not in res.stdout
+
+
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    env = {"ICS_TRUSTED_PROXIES": '["10.0.0.5", "10.0.0.0/8", "::1"]'}
+    assert load_settings(environ=env).settings.trusted_proxies == ["10.0.0.5", "10.0.0.0/8", "::1"]
+    assert load_settings(environ={"ICS_TRUSTED_PROXIES": '["*"]'}).settings.trusted_proxies == ["*"]
+    with pytest.raises(ConfigError, match=r"'proxy\.local' is not an IP address or network"):
+        load_settings(environ={"ICS_TRUSTED_PROXIES": '["proxy.local"]'})

@@ -10,11 +10,35 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import error_of, serve_process
+from serving import Served, error_of, serve_process
 from test_server_forged_signatures import connect_from
 from test_server_hostile import COFFEE, head, new_home, read_answer, server_env
 
 pytestmark = pytest.mark.slow
+
+XFF = "X-Forwarded-For"
+
+
+def post_from(
+    served: Served, address: str, length: int, held: list[socket.socket], **headers: str
+) -> tuple[int, bytes] | None:
+    """Sends, from this loopback address, a head declaring `length` and half the body; the
+    answer, or None while the body is being read."""
+    sock = connect_from(served, address)
+    held.append(sock)
+    request = head(
+        "POST",
+        "/v1/classify",
+        served,
+        **{"Content-Type": "image/jpeg", "Content-Length": str(length)},
+        **headers,
+    )
+    sock.sendall(request + b"\0" * (length // 2))
+    try:
+        status, _, body = read_answer(sock, within=1.0)
+    except TimeoutError:
+        return None
+    return status, body
 
 
 def test_bodies_without_credentials_share_one_budget(
@@ -29,22 +53,7 @@ def test_bodies_without_credentials_share_one_budget(
         held: list[socket.socket] = []
 
         def post(address: str, length: int) -> tuple[int, bytes] | None:
-            """Sends a head declaring `length` and half the body; the answer, or None while
-            the body is being read."""
-            sock = connect_from(served, address)
-            held.append(sock)
-            request = head(
-                "POST",
-                "/v1/classify",
-                served,
-                **{"Content-Type": "image/jpeg", "Content-Length": str(length)},
-            )
-            sock.sendall(request + b"\0" * (length // 2))
-            try:
-                status, _, body = read_answer(sock, within=1.0)
-            except TimeoutError:
-                return None
-            return status, body
+            return post_from(served, address, length, held)
 
         try:
             assert post("127.0.0.2", 1_400_000) is None  # being read
@@ -77,3 +86,32 @@ def test_bodies_without_credentials_share_one_budget(
             assert r.status_code == 200, r.text
         big = httpx.post(f"{served.url}/v1/classify", content=b"\0" * 1_400_000, timeout=30)
         assert big.status_code not in (413, 503), big.text
+
+
+def test_x_forwarded_for_is_believed_from_trusted_proxies_only(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> None:
+    """A client naming another address in X-Forwarded-For is still counted as itself (it
+    would otherwise take a share of the budget per made-up address); a trusted proxy's
+    X-Forwarded-For names the client a request counts against."""
+    home = new_home(tmp_path_factory, models_dir)
+    budget = {"ICS_UNAUTHENTICATED_BODY_MEMORY": "4000000", "ICS_MAX_BODY_BYTES": "1000000"}
+
+    def second_body(served: Served, first: str, second: str) -> tuple[int, bytes] | None:
+        """Two 1 MB bodies from the proxy's address 127.0.0.1, for the two clients named."""
+        held: list[socket.socket] = []
+        try:
+            assert post_from(served, "127.0.0.1", 900_000, held, **{XFF: first}) is None
+            return post_from(served, "127.0.0.1", 900_000, held, **{XFF: second})
+        finally:
+            for sock in held:
+                sock.close()
+
+    with serve_process(env=server_env(home, **budget)) as served:
+        answer = second_body(served, "10.0.0.1", "10.0.0.2")  # both are 127.0.0.1's
+        assert answer is not None and answer[0] == 503, answer
+    trusting = server_env(home, ICS_TRUSTED_PROXIES='["127.0.0.1"]', **budget)
+    with serve_process(env=trusting) as served:
+        assert second_body(served, "10.0.0.1", "10.0.0.2") is None  # two clients
+        answer = second_body(served, "10.0.0.3", "10.0.0.3")
+        assert answer is not None and answer[0] == 503, answer

@@ -6,6 +6,7 @@ receives the `Settings` object and never reads the environment itself.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -316,6 +317,14 @@ class Settings(BaseModel):
         description="Prefixes (local folders, s3:// or http(s):// URLs) that `uri` inputs and "
         "batch sources of the HTTP API may read; empty: none.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (10.0.0.0/8) of the reverse proxies in front of "
+        "`ics serve` whose X-Forwarded-For and X-Forwarded-Proto it believes: a request through "
+        "one counts as its client's (the per-address body budget, logs). Empty: none, and a "
+        "client cannot pose as another address; '*': any (only where nothing but the proxy "
+        "reaches the server).",
+    )
     resume_orphans: bool = Field(
         default=True,
         description="`ics serve` resumes executions whose process died, when it starts.",
@@ -500,6 +509,21 @@ class Settings(BaseModel):
                     "([storage.s3] key and secret) or the AWS environment"
                 )
         return data
+
+    @field_validator("trusted_proxies", mode="after")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (such as 10.0.0.5, "
+                    "10.0.0.0/8 or ::1), nor '*'"
+                ) from None
+        return v
 
     @field_validator("notify", mode="before")
     @classmethod

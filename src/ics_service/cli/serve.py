@@ -159,6 +159,10 @@ def serve(**kwargs: Any) -> None:
                 ),
                 # No route is a WebSocket: an upgrade is answered as plain HTTP.
                 ws="none",
+                # X-Forwarded-For from the trusted proxies only (uvicorn's own default
+                # believes any local process, which could then pose as any address).
+                proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=settings.trusted_proxies or None,
                 log_level="warning",
                 access_log=False,
                 timeout_graceful_shutdown=math.ceil(settings.request_timeout_s),
