@@ -115,3 +115,39 @@ def test_x_forwarded_for_is_believed_from_trusted_proxies_only(
         assert second_body(served, "10.0.0.1", "10.0.0.2") is None  # two clients
         answer = second_body(served, "10.0.0.3", "10.0.0.3")
         assert answer is not None and answer[0] == 503, answer
+
+
+def test_a_chunked_body_out_of_budget_is_503_on_every_route(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> None:
+    """A body without Content-Length that runs out of the budget as it arrives is 503
+    ServerBusy, also on a route whose framework parses JSON (FastAPI answered its own 400
+    "error parsing the body", which tells a client not to retry)."""
+    env = server_env(
+        new_home(tmp_path_factory, models_dir),
+        ICS_UNAUTHENTICATED_BODY_MEMORY="4000000",
+        ICS_MAX_BODY_BYTES="1500000",
+    )
+    with serve_process(env=env) as served:
+        held: list[socket.socket] = []
+        try:
+            for address, length in (("127.0.0.2", 1_400_000), ("127.0.0.3", 1_400_000)):
+                assert post_from(served, address, length, held) is None
+            assert post_from(served, "127.0.0.4", 1_000_000, held) is None  # 3.8 MB of 4
+            for path in ("/v1/executions", "/v2/models/efficientnet-lite0/infer", "/v1/classify"):
+                sock = connect_from(served, "127.0.0.5")
+                held.append(sock)
+                request = head(
+                    "POST",
+                    path,
+                    served,
+                    **{"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+                )
+                chunk = b"[" + b" " * 299_998 + b"]"
+                sock.sendall(request + f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                status, _, body = read_answer(sock, within=10.0)
+                assert status == 503, (path, status, body)
+                assert b"unauthenticated_body_memory=4,000,000" in body, (path, body)
+        finally:
+            for sock in held:
+                sock.close()

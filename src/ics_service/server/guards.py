@@ -319,8 +319,11 @@ async def _watching_body(
 ) -> bool:
     """Run the app, showing `watch` each message it receives; `watch` raises _BodyRefused
     to stop the body there. True when it did before the app began its answer (the caller
-    answers instead); False otherwise. A refusal of another watcher's, outside this one,
-    goes on up to that one."""
+    answers instead); False otherwise. Once the body is refused, what the app answers is
+    dropped: a framework that reads the body may take the refusal for a malformed body
+    (FastAPI answers its own 400 "error parsing the body" for a JSON route), and the
+    caller's answer goes instead. A refusal of another watcher's, outside this one, goes
+    on up to that one."""
     started = refused = False
 
     async def watched() -> Message:
@@ -335,6 +338,8 @@ async def _watching_body(
 
     async def tracked(message: Message) -> None:
         nonlocal started
+        if refused and not started:
+            return
         started = started or message["type"] == "http.response.start"
         await send(message)
 
@@ -343,8 +348,7 @@ async def _watching_body(
     except _BodyRefused:
         if not refused:
             raise
-        return not started
-    return False
+    return refused and not started
 
 
 def _client(scope: Scope) -> str:
