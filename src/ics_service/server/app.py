@@ -25,6 +25,8 @@ from ..store import Store
 from ..store.watched import WatchState
 from . import docs, events, executions, sagemaker, served, v1, v2
 from .batches import Batches
+from .console import install as install_console
+from .console import is_console_path
 from .errors import error_response, invalid_request_status, request_path, speaks_protocol
 from .guards import (
     OPEN_PATHS,
@@ -209,6 +211,7 @@ def create_app(
         settings.unauthenticated_body_memory,
         per_client=max(settings.unauthenticated_body_memory // 4, settings.max_body_bytes),
     )
+    install_console(app, settings, closed=sigv4 is not None)
     if token or sigv4 is not None:
         app.add_middleware(
             Authenticate,
@@ -218,6 +221,7 @@ def create_app(
             budget=budget,
             # SNS can send only the user and password of its endpoint URL (HTTP Basic).
             basic_paths={"/v1/events"},
+            self_guarded=is_console_path,
         )
     else:
         # No credential: every body is a stranger's, held from its first byte to its answer.

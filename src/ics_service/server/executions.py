@@ -119,23 +119,23 @@ def list_executions(
 ) -> dict[str, Any]:
     batches = _batches(request)
     store = _store(request)
-    before = None if cursor is None else _decode_cursor(cursor)
+    before = None if cursor is None else decode_cursor(cursor)
     # One more than the page says whether another follows; the store reads from the cursor
     # on (keyset), so a page costs the same however deep it is.
     rows = store.list_executions(limit=limit + 1, status=status, before=before)
     page = rows[:limit]
     return {
         "executions": [execution_doc(batches, e) for e in page],
-        "next": _encode_cursor(page[-1]) if len(rows) > limit else None,
+        "next": encode_cursor(page[-1]) if len(rows) > limit else None,
     }
 
 
-def _encode_cursor(e: Execution) -> str:
+def encode_cursor(e: Execution) -> str:
     raw = f"{e.started_at.isoformat()}|{e.id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         started, _, execution_id = raw.partition("|")

@@ -137,6 +137,11 @@ class BodyBudget:
             self._by_client.pop(client, None)
 
 
+#: The largest body a self-guarded path (the console) reads before its route checks who
+#: sent it: its forms hold a token or a CSRF value and a few fields.
+SELF_GUARDED_BODY_BYTES = 16 * 1024
+
+
 class Authenticate:
     """Every request but the open paths must prove who sent it, by what is configured.
 
@@ -157,10 +162,15 @@ class Authenticate:
         budget: BodyBudget,
         open_paths: Collection[str] = OPEN_PATHS,
         basic_paths: Collection[str] = (),
+        self_guarded: Callable[[str], bool] | None = None,
     ) -> None:
         if not token and sigv4 is None:
             raise ValueError("Authenticate needs a token or a SigV4 verifier")
         self.app = app
+        #: Paths whose routes check their viewers themselves (the console's pages: a
+        #: session cookie, or this token), reached with small bodies only (its forms).
+        self.self_guarded = self_guarded
+        self._small_bodies = BodyLimit(app, SELF_GUARDED_BODY_BYTES)
         self.token = token.encode() if token else None
         self.open_paths = open_paths
         self.sigv4 = sigv4
@@ -172,6 +182,9 @@ class Authenticate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
+            return
+        if self.self_guarded is not None and self.self_guarded(scope["path"]):
+            await self._small_bodies(scope, receive, send)
             return
         auth = _header(scope, b"authorization") or ""
         scheme, _, credentials = auth.partition(" ")

@@ -557,10 +557,22 @@ class Store:
                 conn.execute(insert(events), rows)
 
     def history(
-        self, execution_id: str, *, after: int = 0, limit: int | None = None
+        self,
+        execution_id: str,
+        *,
+        after: int = 0,
+        limit: int | None = None,
+        item_seq: int | None = None,
+        execution_level: bool = False,
     ) -> Iterator[Event]:
-        """Events oldest first, paged by event id (keyset): those after the id `after`."""
+        """Events oldest first, paged by event id (keyset): those after the id `after`;
+        with `item_seq`, only that item's; with `execution_level`, only the execution's own
+        (started, listed, ended), not its items'."""
         q = select(events).where(events.c.execution_id == execution_id)
+        if item_seq is not None:
+            q = q.where(events.c.item_seq == item_seq)
+        if execution_level:
+            q = q.where(events.c.item_seq.is_(None))
         for row in self._pages(q, events.c.id, after=after, limit=limit):
             yield event_from_row(row._mapping)
 
