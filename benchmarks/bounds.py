@@ -145,6 +145,10 @@ def agreement(
     return doc
 
 
+#: Draws of ±0.5 grey level of noise on the held-out photos for FP32's own decision floor.
+PHOTO_NOISE_DRAWS = 10
+
+
 def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[str, Any]:
     """Agreement on photos from another source than the calibration photos (the corpus is
     derived from them too): each held-out photo once, and `variations` variations, with
@@ -158,7 +162,13 @@ def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[s
 
     try:
         paths = heldout_paths()
-        once, varied, floor = measure(reference, candidate, variations=variations, paths=paths)
+        once, varied, floor, photo_floors = measure(
+            reference,
+            candidate,
+            variations=variations,
+            paths=paths,
+            photo_noise_draws=PHOTO_NOISE_DRAWS,
+        )
     except ModelNotPrepared as e:
         return {"skipped": str(e)}
     labels = reference.card.labels
@@ -201,6 +211,13 @@ def heldout_agreement(reference: Any, candidate: Any, variations: int) -> dict[s
         "varied_decision_flips": varied.images - varied.decisions,
         "varied_confident_top1_misses": varied.confident - varied.confident_top1,
         "varied_noise_floor_decisions": floor.decision_rate,
+        # FP32 against itself on the photos, under the same noise, in PHOTO_NOISE_DRAWS
+        # draws of it: its own decisions' agreement (and flips) in each draw.
+        "photo_noise_floor_decisions": [f.decision_rate for f in photo_floors],
+        "photo_noise_floor_decision_flips": [f.images - f.decisions for f in photo_floors],
+        "photo_noise_floor_mean_max_prob_diff": float(
+            np.mean([f.mean_max_prob_diff for f in photo_floors])
+        ),
         # Mean over the photos of the largest |p_INT8 - p_FP32| of any class.
         "mean_max_prob_diff": once.mean_max_prob_diff,
         # The photos whose decision flips, or whose top-1 differs where FP32 is confident.

@@ -578,13 +578,36 @@ def decision_line(h: dict[str, Any]) -> str:
         f"of {h['photos']} photos ({flipped})"
         f" and on {h['varied_decision_agreement']:.1%} of {h['varied_images']:,} variations "
         f"({_n(h['varied_decision_flips'], 'flip')}); FP32 keeps its own decision on "
-        f"{h['varied_noise_floor_decisions']:.1%} of those variations under ±0.5 grey level. "
-        f"Where FP32's top-1 probability is at least 0.5 ({h['confident_photos']} photos), "
+        f"{h['varied_noise_floor_decisions']:.1%} of those variations under ±0.5 grey level"
+        f"{_photo_floor(h)}. Where FP32's top-1 probability is at least 0.5 "
+        f"({h['confident_photos']} photos), "
         f"INT8 gives its top-1 on {h['confident_top1_agreement']:.1%}"
     )
     if misses:
         line += f" (not on {'; '.join(_photo_flip(f, t) for f in misses[:8])})"
     return line + "."
+
+
+def _photo_floor(h: dict[str, Any]) -> str:
+    """FP32's own decisions on the photos under the noise, in each draw of it (runs from
+    before the measure had none)."""
+    rates = h.get("photo_noise_floor_decisions")
+    if not rates:
+        return ""
+    flips = h["photo_noise_floor_decision_flips"]
+    low, high = min(rates), max(rates)
+    kept = f"{low:.1%}" if low == high else f"{low:.1%} to {high:.1%}"
+    few, many = min(flips), max(flips)
+    flipped = _n(few, "flip") if few == many else f"{few} to {many} flips"
+    return (
+        f", and on {kept} of the {h['photos']} photos themselves in each of {len(rates)} "
+        f"draws of that noise ({flipped})"
+    )
+
+
+def _floor_on_photos(h: dict[str, Any]) -> str:
+    rates = h.get("photo_noise_floor_decisions")
+    return f"; on the photos, at most {max(rates):.1%}" if rates else ""
 
 
 def decision_targets(h: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
@@ -605,7 +628,7 @@ def decision_targets(h: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
             "variations)",
             f"{decided[0]:.1%} ({_n(h['decision_flips'], 'flip')}); {decided[1]:.1%} "
             f"({_n(h['varied_decision_flips'], 'flip')}; FP32's own noise floor "
-            f"{h['varied_noise_floor_decisions']:.1%})",
+            f"{h['varied_noise_floor_decisions']:.1%}{_floor_on_photos(h)})",
             decided[0] >= 0.99 and decided[1] >= 0.99,
         ),
         (

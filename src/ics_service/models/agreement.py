@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -246,6 +247,19 @@ def heldout_batches(
     return once, varied
 
 
+class Heldout(NamedTuple):
+    """`heldout_agreement`'s measures."""
+
+    #: The candidate against the reference on each held-out photo once.
+    once: Agreement
+    #: The same on the photos' variations.
+    varied: Agreement
+    #: The reference against itself on the variations, under ±0.5 grey level of noise.
+    floor: Agreement
+    #: The reference against itself on the photos, under that noise, one draw per seed.
+    photo_floors: tuple[Agreement, ...]
+
+
 def heldout_agreement(
     reference: ModelRuntime,
     candidate: ModelRuntime,
@@ -254,15 +268,22 @@ def heldout_agreement(
     seed: int = 0,
     threshold: float = DEFAULT_THRESHOLD,
     paths: list[Path] | None = None,
-) -> tuple[Agreement, Agreement, Agreement]:
+    photo_noise_draws: int = 0,
+) -> Heldout:
     """`top1_agreement` on the held-out photos (`heldout_batches`), each once (in the order
     of `heldout.heldout_paths`) and then their variations, with the reference's
-    `noise_floor` on those variations."""
+    `noise_floor` on those variations, and on the photos themselves in
+    `photo_noise_draws` draws of the noise (seeds 0, 1, ...): what the reference keeps of
+    its own decisions on these very photos, against which the candidate's are judged."""
     once, varied = heldout_batches(reference.card, variations, seed, paths)
-    return (
+    return Heldout(
         top1_agreement(reference, candidate, once, threshold=threshold),
         top1_agreement(reference, candidate, varied, threshold=threshold),
         noise_floor(reference, varied, seed=seed, threshold=threshold),
+        tuple(
+            noise_floor(reference, once, seed=draw, threshold=threshold)
+            for draw in range(photo_noise_draws)
+        ),
     )
 
 
