@@ -51,6 +51,12 @@ demo: $(VENV)/.demo
 # whole suite's figure; a run of a few files only wants COV_FLOOR=0.
 COV_FLOOR ?= 86
 
+# pytest's worker processes (pytest-xdist): most tests wait on the processes and servers they
+# start, so two workers on two cores take about half the time of one. Each test file runs
+# whole in one worker (--dist loadfile), so a module's fixtures are built once.
+# PYTEST_WORKERS=0 runs the tests in the pytest process itself.
+PYTEST_WORKERS ?= 2
+
 # The store tests run on SQLite and on a real PostgreSQL: ICS_TEST_POSTGRES_URL names one, or
 # scripts/test-services.sh starts the local one (scripts/postgres.sh) and stops it at the end.
 # ICS_SKIP_POSTGRES=1 skips those tests on purpose. Before pytest, the install check installs
@@ -60,7 +66,8 @@ test: $(VENV)/.test
 	@scripts/debian-package.sh /usr/bin/chromium chromium "the browser tests" || true
 	@scripts/test-services.sh sh -c \
 	    '$(BIN)/python scripts/install-check.py && $(BIN)/python -m pytest "$$@"' pytest \
-	    --cov=ics_service --cov-report=term:skip-covered --cov-fail-under=$(COV_FLOOR) $(PYTEST_ARGS)
+	    --cov=ics_service --cov-report=term:skip-covered --cov-fail-under=$(COV_FLOOR) \
+	    -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory docs
 
 # The docs site (docs/, mkdocs.yml) into site/, offline; --strict fails on a broken link or

