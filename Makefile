@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c $(LOCK)
 # What the tests and lint need: every extra (the install check installs each in its own venv).
 TEST_EXTRAS := convert,samples,parquet,postgres,moderation,bench,docs,test
 
-.PHONY: demo test lint format bench docs lock clean
+.PHONY: demo test lint format bench bench-store docs lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,13 @@ docs: $(VENV)/.docs
 bench: $(VENV)/.bench
 	@scripts/heldout-photos.sh || true
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The store's write rate: results recorded per second by 1, 4 and 16 concurrent writer
+# processes, on SQLite and on PostgreSQL (ICS_TEST_POSTGRES_URL, or the local one that
+# scripts/postgres.sh starts); writes benchmarks/store/results.json, which the capacity
+# figures (python -m benchmarks.capacity) read. BENCH_STORE_ARGS=--help for its knobs.
+bench-store: $(VENV)/.test
+	$(BIN)/python -m benchmarks.store_writes $(BENCH_STORE_ARGS)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check src tests benchmarks scripts examples
