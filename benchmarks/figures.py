@@ -9,10 +9,11 @@ Performance figures in README.md and docs/ are written inside figures blocks:
     ... 144.1 images/s ... 1.51 × the plain loop ... 0.52 s ... | p99 ms | 406.5 | ...
     <!-- /figures -->
 
-Inside a block every number with a unit (images/s, photos/s, requests/s, ms, s, min, MB,
-%, ×) and every decimal number (a bare decimal is a ratio: "0.83 of the bound") must be
-a figure of the committed run, of the same unit, at the rounding shown: `144.1 images/s`
-is found when the run has an images/s figure within 0.05 of it. A number without a unit
+Inside a block every number with a unit (images/s, photos/s, requests/s, images/h,
+results/s, core-hours, cores, h, ms, s, min, MB, %, ×) and every decimal number (a bare
+decimal is a ratio: "0.83 of the bound") must be a figure of the committed run, of the
+same unit, at the rounding shown: `144.1 images/s` is found when the run has an images/s
+figure within 0.05 of it. A number without a unit
 takes the unit of its table column's header, or of the number it is paired with
 ("131.3 against 144.1 images/s", "0.65, 0.51, 0.46 s"). Whole numbers without a unit are
 counts (1,500 photos, 32 clients) and are not checked; neither is anything in code.
@@ -25,8 +26,8 @@ ratios the docs quote that RESULTS.md does not print (`DERIVED`). A block may na
 committed JSON file instead, `<!-- figures: ../benchmarks/decode_compare.json -->`: its
 numbers are then every number that file holds, whatever the unit.
 
-Outside blocks, a throughput (a number followed by images/s, photos/s or requests/s) is
-an error: it is a performance figure that nothing checks.
+Outside blocks, a throughput (a number followed by images/s, photos/s, requests/s,
+images/h or results/s) is an error: it is a performance figure that nothing checks.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ RESULTS_JSON = ROOT / "benchmarks" / "results.json"
 #: Unit → how it is written after a number (first match wins; order matters).
 UNITS: list[tuple[str, str]] = [
     ("images/s", r"(?:images|photos|requests|img)/s\b|(?:images|photos) per second\b"),
+    ("images/h", r"(?:images|photos)/h\b|(?:images|photos) (?:an|a|per) hour\b"),
+    ("results/s", r"(?:results|inserts|writes)/s\b|(?:results|inserts|writes) (?:a|per) second\b"),
+    ("core-hours", r"core-hours?\b|CPU-hours?\b"),
+    ("cores", r"cores?\b"),
+    ("h", r"h\b|hours?\b"),
     ("ms", r"(?:CPU )?ms\b"),
     ("min", r"min\b|minutes?\b"),
     ("s", r"s\b|seconds?\b"),
@@ -59,6 +65,9 @@ _UNIT_AFTER = [(unit, re.compile(r"[ \t\n\u00a0]*(?:" + pattern + ")")) for unit
 #: Table headers → the unit of a column's bare numbers (searched in the header's text).
 HEADER_UNITS: list[tuple[str, re.Pattern[str]]] = [
     ("images/s", re.compile(r"(?:images|photos|requests)/s|\brange\b")),
+    ("images/h", re.compile(r"(?:images|photos)/h\b")),
+    ("results/s", re.compile(r"(?:results|inserts|writes)/s\b")),
+    ("core-hours", re.compile(r"\bcore-hours\b")),
     ("ms", re.compile(r"\bms\b")),
     ("min", re.compile(r"\bmin\b")),
     ("s", re.compile(r"\bs\b")),
@@ -66,6 +75,7 @@ HEADER_UNITS: list[tuple[str, re.Pattern[str]]] = [
     ("%", re.compile(r"%|\bshare\b")),
     ("×", re.compile(r"÷|×|speed-up")),
     ("cores", re.compile(r"\bcores\b")),
+    ("h", re.compile(r"\bh\b|\bhours\b")),
 ]
 NUMBER = re.compile(r"(?<![\w.\-/])(\d{1,3}(?:,\d{3})+|\d+)(?:\.(\d+))?(?![\w])")
 #: Between two numbers that share the second one's unit: "131.3 against 144.1 images/s".
@@ -75,7 +85,10 @@ BLOCK = re.compile(
     r"<!-- figures(?::\s*(?P<source>[^>]*?))?\s*-->(?P<body>.*?)<!-- /figures -->", re.S
 )
 THROUGHPUT = re.compile(
-    r"(?<![\w.])\d[\d,]*(?:\.\d+)?[ \t\n\u00a0]*(?:images|photos|requests)(?:/s\b| per second)"
+    r"(?<![\w.])\d[\d,]*(?:\.\d+)?[ \t\n\u00a0]*"
+    r"(?:(?:images|photos|requests)(?:/s\b| per second)"
+    r"|(?:images|photos)(?:/h\b| (?:an|a|per) hour)"
+    r"|(?:results|inserts|writes)(?:/s\b| (?:a|per) second))"
 )
 
 
