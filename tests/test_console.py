@@ -4,6 +4,7 @@ escaping; in process, and in real headless Chromium against a real `ics serve`."
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from cli import ics
 from ics_service.config import Settings
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.server import create_app
@@ -248,6 +250,7 @@ def test_a_browser_signs_in_and_watches_an_execution_run(
             page.goto(f"{served.url}/executions/{execution_id}")
             page.click("text=Cancel")
             page.wait_for_selector(".summary [data-field=status]")
+            reviewed = review_from_the_keyboard(page, served.url, shots)
         finally:
             browser.close()
         deadline = time.monotonic() + 60
@@ -260,3 +263,116 @@ def test_a_browser_signs_in_and_watches_an_execution_run(
             assert time.monotonic() < deadline, doc
             time.sleep(0.2)
         assert doc["status"] == "ABORTED", doc
+        # The answers, through the API and exported as a Ground Truth manifest.
+        r = httpx.get(f"{served.url}/v1/reviews", headers=BEARER, timeout=30)
+        answers = {(a["item_id"], a["verdict"], a["label"]) for a in r.json()["reviews"]}
+        assert answers == set(reviewed), (answers, reviewed)
+    manifest = tmp_path / "reviews.manifest"
+    out = ics("review", "export", "--format", "sagemaker-ground-truth", "--out", str(manifest))
+    assert "4 labelled items written" in out.stderr
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert sorted(
+        (m["ics-review-metadata"]["ics-item-id"], m["ics-review-metadata"]["class-name"])
+        for m in lines
+    ) == sorted((i, label) for i, _, label in reviewed)
+    assert all(
+        m["source-ref"].startswith(str(many)) and isinstance(m["ics-review"], int) for m in lines
+    )
+    assert {m["ics-review-metadata"]["human-annotated"] for m in lines} == {"yes"}
+
+
+def review_from_the_keyboard(page: Any, url: str, shots: Path) -> list[tuple[str, str, str]]:
+    """Five answers from the keyboard: accept, pick the second label, type a label, none of
+    these, undo (then accept it); the (item, verdict, label) that stand."""
+
+    def item() -> str:
+        return str(page.locator("input[name=item_id]").get_attribute("value"))
+
+    def top(rank: int) -> str:
+        text: str = page.locator(f"button[data-key='{rank}']").inner_text()
+        return text.split(". ", 1)[1].rsplit(" ", 1)[0]
+
+    page.goto(f"{url}/review")
+    page.wait_for_selector("[data-review]")
+    page.screenshot(path=str(shots / "review.png"), full_page=True)
+    page.fill("#reviewer", "Ana Reviewer")
+    page.keyboard.press("Escape")
+    answers = []
+    first, label = item(), top(1)
+    page.keyboard.press("Enter")  # accept
+    page.wait_for_selector("form.undo")
+    answers.append((first, "accepted", label))
+    second, label = item(), top(2)
+    page.keyboard.press("2")  # the second of the top k
+    page.wait_for_url(re.compile(r"last="))
+    answers.append((second, "relabelled", label))
+    assert item() != second
+    third, label = item(), top(1)
+    page.keyboard.press("t")
+    page.keyboard.type("bubble")
+    page.keyboard.press("Enter")  # the label typed
+    page.wait_for_url(re.compile(rf"last=[^&]*%3A{third}"))
+    answers.append((third, "relabelled" if label != "bubble" else "accepted", "bubble"))
+    fourth = item()
+    page.keyboard.press("n")  # none of these
+    page.wait_for_url(re.compile(rf"last=[^&]*%3A{fourth}"))
+    page.keyboard.press("u")  # undo: the fourth is shown again
+    page.wait_for_url(re.compile(r"item="))
+    assert item() == fourth
+    label = top(1)
+    page.keyboard.press("a")
+    page.wait_for_url(re.compile(rf"last=[^&]*%3A{fourth}"))
+    answers.append((fourth, "accepted", label))
+    return answers
+
+
+@pytest.mark.anyio
+async def test_review_answers_are_checked_and_one_per_item(
+    ics_home: Path, folder: Path, runtime: OnnxRuntime
+) -> None:
+    settings = Settings(
+        home=ics_home,
+        api_token=TOKEN,
+        allowed_sources=[str(folder)],
+        record_realtime=False,
+        tolerated_failure_percentage=100.0,
+    )
+    app = create_app(settings, runtime=runtime)
+    async with client_of(app) as client:
+        r = await client.post("/v1/executions", json={"sources": [str(folder)]}, headers=BEARER)
+        client.headers.update(BEARER)
+        await finished(client, r.json()["execution_id"])
+        del client.headers["Authorization"]
+        await client.post("/signin", data={"token": TOKEN, "next": "/"})
+        page = (await client.get("/review", headers=HTML)).text
+        assert "<img src=x" not in page  # the hostile name, if shown, is text
+        fields = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', page))
+        base = {k: fields[k] for k in ("csrf", "execution_id", "item_id", "order", "after")}
+
+        async def answer(**form: str) -> httpx.Response:
+            return await client.post("/review", data={**base, **form})
+
+        r = await answer(action="accept")
+        assert r.status_code == 400 and "give your name" in r.text
+        r = await answer(action="type", label="no such label", reviewer="ana")
+        assert r.status_code == 400 and "is not a label of model efficientnet-lite0" in r.text
+        r = await answer(action="pick:9", reviewer="ana")
+        assert r.status_code == 400
+        r = await client.post("/review", data={**base, "csrf": "forged", "action": "none"})
+        assert r.status_code == 403
+        r = await answer(action="type", label="espresso", reviewer="ana")
+        assert r.status_code == 303 and "ics_reviewer=ana" in r.headers["set-cookie"]
+        r = await answer(action="none", reviewer="bo")
+        assert r.status_code == 409 and "reviewed already by ana" in r.text
+        r = await client.get("/v1/reviews", params={"limit": 1}, headers=BEARER)
+        (only,) = r.json()["reviews"]
+        assert (only["item_id"], only["label"], only["reviewer"]) == (
+            base["item_id"],
+            "espresso",
+            "ana",
+        )
+        assert r.json()["next"] is None
+        item = f"{base['execution_id']}:{base['item_id']}"
+        r = await client.post("/review/undo", data={"csrf": base["csrf"], "item": item})
+        assert r.status_code == 303
+        assert (await client.get("/v1/reviews", headers=BEARER)).json()["reviews"] == []

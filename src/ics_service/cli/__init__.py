@@ -22,6 +22,7 @@ try:
         executions,
         models,
         report,
+        review,
         serve,
         watch,
     )

@@ -23,7 +23,7 @@ from ..errors import IcsError, UsageError
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..store.watched import WatchState
-from . import docs, events, executions, sagemaker, served, v1, v2
+from . import docs, events, executions, reviews, sagemaker, served, v1, v2
 from .batches import Batches
 from .console import install as install_console
 from .console import is_console_path
@@ -123,7 +123,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for module in (v1, served, sagemaker, v2, executions, events, docs):
+    for module in (v1, served, sagemaker, v2, executions, events, reviews, docs):
         app.include_router(module.router)
 
     # One set of handlers for every route: errors.py shapes the answer for the path (the

@@ -240,6 +240,44 @@ def _v7(conn: Connection) -> None:
     conn.exec_driver_sql(f"ALTER TABLE ics_watchers ADD COLUMN heartbeat_at {ts}")
 
 
+# Version 8: items' label and confidence as columns, and people's reviews (frozen).
+_V8_BACKFILL = {
+    "sqlite": "UPDATE ics_items SET label = substr(json_extract(result, '$.label'), 1, 255), "
+    "confidence = json_extract(result, '$.confidence') WHERE result IS NOT NULL",
+    "postgresql": "UPDATE ics_items SET label = left(result::json->>'label', 255), "
+    "confidence = (result::json->>'confidence')::float WHERE result IS NOT NULL",
+}
+_V8_REVIEWS = """
+CREATE TABLE ics_reviews (
+	execution_id VARCHAR(64) NOT NULL,
+	item_seq INTEGER NOT NULL,
+	verdict VARCHAR(16) NOT NULL,
+	label VARCHAR(255),
+	label_index INTEGER,
+	reviewer VARCHAR(255) NOT NULL,
+	reviewed_at {ts} NOT NULL,
+	PRIMARY KEY (execution_id, item_seq),
+	FOREIGN KEY(execution_id, item_seq) REFERENCES ics_items (execution_id, seq)
+)"""
+_V8_INDEXES = [
+    "CREATE INDEX ix_ics_items_confidence ON ics_items (status, confidence)",
+    "CREATE INDEX ix_ics_reviews_reviewed ON ics_reviews (reviewed_at)",
+]
+
+
+def _v8(conn: Connection) -> None:
+    """ics_items.label and .confidence (filled from the recorded results) with an index on
+    (status, confidence): the console's filters and its review queue, least confident
+    first, read columns instead of every result's JSON; and ics_reviews, one answer per
+    item."""
+    conn.exec_driver_sql("ALTER TABLE ics_items ADD COLUMN label VARCHAR(255)")
+    conn.exec_driver_sql("ALTER TABLE ics_items ADD COLUMN confidence FLOAT")
+    conn.exec_driver_sql(_V8_BACKFILL[conn.dialect.name])
+    conn.exec_driver_sql(_V8_REVIEWS.format(**_V5_TYPES[conn.dialect.name]))
+    for index in _V8_INDEXES:
+        conn.exec_driver_sql(index)
+
+
 #: (version, migration) in order. The last version is the schema this code expects.
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _v1),
@@ -249,6 +287,7 @@ MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (5, _v5),
     (6, _v6),
     (7, _v7),
+    (8, _v8),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -87,6 +87,8 @@ def result_to_row(r: ItemResult) -> dict[str, Any]:
         "r_finished_at": utc(r.finished_at),
         # The column's width: PostgreSQL refuses longer strings (no real type is that long).
         "r_error_type": None if r.error is None else r.error.type[:128],
+        "r_label": None if r.label is None else r.label[:255],
+        "r_confidence": r.confidence,
     }
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -77,8 +78,13 @@ items = Table(
     Column("error_type", String(128), nullable=True),
     # Added by migration 4: the item's manifest fields besides its URI, as JSON text.
     Column("metadata", Text, nullable=True),
+    # Added by migration 8: the result's label and confidence, for filters, sorting and
+    # the review queue (least confident first) without reading every result's JSON.
+    Column("label", String(255), nullable=True),
+    Column("confidence", Float, nullable=True),
 )
 Index("ix_ics_items_status", items.c.execution_id, items.c.status, items.c.seq)
+Index("ix_ics_items_confidence", items.c.status, items.c.confidence)
 #: The index of resume's lookup of registered URIs (`Store.registered_uris`), per dialect.
 #: PostgreSQL indexes an MD5 of the URI: a btree entry holds at most about 2,700 bytes,
 #: which a long URL (a presigned query string) can pass, and an insert would then fail.
@@ -110,6 +116,22 @@ def _partial_indexes(table: Table, *_args: Any, **_kw: Any) -> None:
                 name, table.c.execution_id, table.c.seq, postgresql_where=where, sqlite_where=where
             )
 
+
+# Added by migration 8: people's answers about items (the console's review queue): the
+# model's label accepted, another label, or none of the model's; one per item.
+reviews = Table(
+    "ics_reviews",
+    metadata,
+    Column("execution_id", String(64), primary_key=True),
+    Column("item_seq", Integer, primary_key=True, autoincrement=False),
+    Column("verdict", String(16), nullable=False),
+    Column("label", String(255), nullable=True),
+    Column("label_index", Integer, nullable=True),
+    Column("reviewer", String(255), nullable=False),
+    Column("reviewed_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(["execution_id", "item_seq"], ["ics_items.execution_id", "ics_items.seq"]),
+)
+Index("ix_ics_reviews_reviewed", reviews.c.reviewed_at)
 
 events = Table(
     "ics_events",

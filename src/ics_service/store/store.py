@@ -76,6 +76,8 @@ _RECORD_RESULT = (
         result=bindparam("r_result"),
         finished_at=bindparam("r_finished_at"),
         error_type=bindparam("r_error_type"),
+        label=bindparam("r_label"),
+        confidence=bindparam("r_confidence"),
     )
 )
 

@@ -17,13 +17,13 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from ...config import Settings
-from . import executions, items, signin
+from . import executions, items, review, signin
 from .render import page
 from .session import CsrfRefused, Sessions, SignInRequired
 from .thumbnails import Thumbnails
 
 #: Pages and routes of the console: the executions list, and what starts with these.
-PREFIXES = ("/executions/", "/signin", "/signout", "/console/")
+PREFIXES = ("/executions/", "/review", "/signin", "/signout", "/console/")
 #: Pictures made at once (each decodes an image within the decode memory budget).
 PICTURE_SLOTS = 2
 #: The bound of the picture cache on disk.
@@ -43,7 +43,7 @@ def install(app: FastAPI, settings: Settings, *, closed: bool) -> None:
         settings, settings.home / "cache" / "pictures", PICTURE_CACHE_BYTES
     )
     app.state.picture_slots = asyncio.Semaphore(PICTURE_SLOTS)
-    for module in (signin, executions, items):
+    for module in (signin, executions, items, review):
         app.include_router(module.router)
     static = Path(__file__).parent / "static"
     app.mount("/console/static", StaticFiles(directory=static), name="console-static")

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from ...errors import ExecutionNotFound
 from ...store import Store
+from ...store.reviews import Reviews
 from ...types import ItemResult
 from .render import page
 from .session import Session, viewer
@@ -46,7 +47,8 @@ def item_page(
     store = _store(request)
     result = recorded(store, execution_id, item_id)
     events = list(store.history(result.execution_id, item_seq=item_id, limit=ITEM_EVENTS))
-    return page(request, session, "item.html", result=result, events=events)
+    review = Reviews(store).get(result.execution_id, item_id)
+    return page(request, session, "item.html", result=result, events=events, review=review)
 
 
 @router.get("/executions/{execution_id}/items/{item_id}/picture/{size}")

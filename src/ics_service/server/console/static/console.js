@@ -34,7 +34,32 @@
     }
     setTimeout(poll, POLL_MS);
   }
+  // The review page, from the keyboard: each control carries the key that works it
+  // (data-key); Enter outside a field accepts. In a field, keys type as usual; Escape
+  // leaves it, and Enter in the name field does not send the form.
+  function reviewKeys() {
+    if (!document.querySelector("[data-review]")) return;
+    document.addEventListener("keydown", function (ev) {
+      if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+      const target = ev.target;
+      if (target instanceof HTMLInputElement) {
+        if (ev.key === "Escape") target.blur();
+        if (ev.key === "Enter" && target.id === "reviewer") {
+          ev.preventDefault();
+          target.blur();
+        }
+        return;
+      }
+      const key = ev.key === "Enter" ? "a" : ev.key;
+      const el = document.querySelector('[data-key="' + CSS.escape(key) + '"]');
+      if (!el) return;
+      ev.preventDefault();
+      if (el instanceof HTMLInputElement) el.focus();
+      else el.click();
+    });
+  }
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-progress-url]").forEach(watch);
+    reviewKeys();
   });
 })();
