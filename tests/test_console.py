@@ -103,6 +103,36 @@ async def test_pages_need_a_session_and_show_what_the_store_holds(
         assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page
         assert "<img src=x" not in page
         assert "InvalidImage" in page
+        # The confidence histogram, with the threshold's line; the most frequent labels.
+        assert '<svg viewBox="0 0 100 100" class="histogram"' in page
+        assert 'class="threshold"' in page and "Most frequent labels" in page
+        # Filters: an empty field is "any"; a label; a confidence range; sorted.
+        r = await client.get(
+            f"/executions/{execution_id}",
+            params={"status": "", "label": "", "min_confidence": "", "max_confidence": ""},
+            headers=HTML,
+        )
+        assert r.status_code == 200
+        r = await client.get(
+            f"/executions/{execution_id}", params={"min_confidence": "2"}, headers=HTML
+        )
+        assert r.status_code == 400 and "from 0 to 1" in r.text
+        api = await client.get(f"/v1/executions/{execution_id}/results", headers=BEARER)
+        rows = api.json()["results"]
+        label = next(row["label"] for row in rows if row["label"])
+        filtered = await client.get(
+            f"/v1/executions/{execution_id}/results",
+            params={"label": label, "min_confidence": 0.0},
+            headers=BEARER,
+        )
+        want = [row["item_id"] for row in rows if row["label"] == label]
+        assert [row["item_id"] for row in filtered.json()["results"]] == want
+        r = await client.get(
+            f"/executions/{execution_id}", params={"sort": "confidence"}, headers=HTML
+        )
+        shown = [float(c) for c in re.findall(r"<td>(0\.\d{3})</td>", r.text)]
+        assert len(shown) == len([row for row in rows if row["confidence"] is not None])
+        assert shown == sorted(shown)
         # The items of one status, and an item's page.
         r = await client.get(f"/executions/{execution_id}?status=FAILED", headers=HTML)
         assert "broken.jpg" in r.text and "onerror" not in r.text

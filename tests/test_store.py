@@ -1442,3 +1442,32 @@ def test_40k_items_keep_memory_flat_and_queries_indexed(store: Store, store_back
         conn.execute(text("ANALYZE"))
     for statement, parameters in queries:
         assert_indexed(store, store_backend, statement, parameters)
+
+
+def test_results_by_label_and_confidence_with_a_histogram(store: Store) -> None:
+    """The console's and the API's filters and orders, on the label and confidence columns."""
+    e = new_execution(store)
+    store.add_items(e.id, uris(30))
+    confidences = [round(0.05 + 0.03 * i, 2) for i in range(30)]  # 0.05 .. 0.92, and a FAILED
+    results = [
+        dataclasses.replace(make_result(e.id, i, ItemStatus.LOW_CONFIDENCE), confidence=c,
+                            label="cup" if i % 3 == 0 else "espresso")
+        for i, c in enumerate(confidences[:-1])
+    ] + [make_result(e.id, 29, ItemStatus.FAILED)]  # fmt: skip
+    store.record_results(e.id, results)
+    cups = list(store.results(e.id, label="cup", min_confidence=0.2, max_confidence=0.6))
+    assert [r.item_id for r in cups] == ["6", "9", "12", "15", "18"]
+    seen, after = [], None
+    while True:
+        page = store.results_by_confidence(e.id, descending=True, after=after, limit=7)
+        seen += [r.confidence for r, _ in page]
+        if len(page) < 7:
+            break
+        after = page[-1][1]
+    assert seen == sorted(confidences[:-1], reverse=True)  # the FAILED one has none
+    first = store.results_by_confidence(e.id, label="espresso", limit=2)
+    assert [r.confidence for r, _ in first] == [0.08, 0.11]
+    histogram = store.confidence_histogram(e.id, 10)
+    assert sum(histogram) == 29
+    assert histogram == [sum(1 for c in confidences[:-1] if int(c * 10) == b) for b in range(10)]
+    assert store.label_counts(e.id, 1) == [("espresso", 19)]

@@ -12,6 +12,7 @@ import binascii
 import datetime as dt
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -186,15 +187,27 @@ def get_results(
         int, Query(ge=-1, description="The item id after which the page starts.")
     ] = -1,
     status: Annotated[ItemStatus | None, Query(description="Only items with this status.")] = None,
+    label: Annotated[
+        str | None, Query(max_length=255, description="Only items with this label.")
+    ] = None,
+    min_confidence: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Only items at least this confident.")
+    ] = None,
+    max_confidence: Annotated[
+        float | None, Query(ge=0.0, le=1.0, description="Only items at most this confident.")
+    ] = None,
     format: Annotated[Literal["json", "jsonl"], Query()] = "json",
 ) -> Any:
     store = _store(request)
     execution = store.get_execution(execution_id)
+    filters = ResultFilters(status, label, min_confidence, max_confidence)
     if format == "jsonl":
         return StreamingResponse(
-            _json_lines(store, execution.id, status, after), media_type="application/x-ndjson"
+            _json_lines(store, execution.id, filters, after), media_type="application/x-ndjson"
         )
-    results = list(store.results(execution.id, status=status, after_seq=after, limit=limit + 1))
+    results = list(
+        store.results(execution.id, after_seq=after, limit=limit + 1, **filters.as_kwargs())
+    )
     page = results[:limit]
     return {
         "results": [r.to_dict() for r in page],
@@ -202,13 +215,31 @@ def get_results(
     }
 
 
+@dataclass(frozen=True)
+class ResultFilters:
+    """Which of an execution's results a page shows (the API's and the console's)."""
+
+    status: ItemStatus | None = None
+    label: str | None = None
+    min_confidence: float | None = None
+    max_confidence: float | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "label": self.label,
+            "min_confidence": self.min_confidence,
+            "max_confidence": self.max_confidence,
+        }
+
+
 def _json_lines(
-    store: Store, execution_id: str, status: ItemStatus | None, after: int
+    store: Store, execution_id: str, filters: ResultFilters, after: int
 ) -> Iterator[str]:
     """Every result as a JSON line, in chunks: Starlette pulls each chunk on a thread, and
     the store reads a page at a time, so memory stays flat however many there are."""
     lines: list[str] = []
-    for result in store.results(execution_id, status=status, after_seq=after):
+    for result in store.results(execution_id, after_seq=after, **filters.as_kwargs()):
         lines.append(json.dumps(result.to_dict(), separators=(",", ":")) + "\n")
         if len(lines) >= STREAM_CHUNK:
             yield "".join(lines)

@@ -19,14 +19,18 @@ from typing import Any
 from sqlalchemy import (
     Column,
     Connection,
+    Integer,
     Row,
     Select,
     and_,
     bindparam,
+    case,
+    cast,
     func,
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -537,15 +541,80 @@ class Store:
         status: ItemStatus | None = None,
         after_seq: int = -1,
         limit: int | None = None,
+        label: str | None = None,
+        min_confidence: float | None = None,
+        max_confidence: float | None = None,
     ) -> Iterator[ItemResult]:
-        """Recorded results in item order, paged by seq (keyset), optionally of one status."""
-        q = select(items.c.seq, items.c.result).where(
-            items.c.execution_id == execution_id, items.c.status.is_not(None)
-        )
-        if status is not None:
-            q = q.where(items.c.status == status.value)
+        """Recorded results in item order, paged by seq (keyset), optionally of one status,
+        one label, and a confidence range (inclusive)."""
+        q = _filtered(
+            select(items.c.seq, items.c.result), execution_id, status, label,
+            min_confidence, max_confidence,
+        )  # fmt: skip
         for row in self._pages(q, items.c.seq, after=after_seq, limit=limit):
             yield result_from_row(row._mapping)
+
+    def results_by_confidence(
+        self,
+        execution_id: str,
+        *,
+        descending: bool = False,
+        after: tuple[float, int] | None = None,
+        limit: int = 100,
+        status: ItemStatus | None = None,
+        label: str | None = None,
+        min_confidence: float | None = None,
+        max_confidence: float | None = None,
+    ) -> list[tuple[ItemResult, tuple[float, int]]]:
+        """A page of the results that have a confidence, least (or most) confident first,
+        each with the cursor that the next page starts after (keyset on confidence, seq)."""
+        q = _filtered(
+            select(items.c.seq, items.c.confidence, items.c.result), execution_id, status,
+            label, min_confidence, max_confidence,
+        ).where(items.c.confidence.is_not(None))  # fmt: skip
+        key = tuple_(items.c.confidence, items.c.seq)
+        if after is not None:
+            q = q.where(key < tuple_(*after) if descending else key > tuple_(*after))
+        if descending:
+            q = q.order_by(items.c.confidence.desc(), items.c.seq.desc())
+        else:
+            q = q.order_by(items.c.confidence, items.c.seq)
+        with self._connect() as conn:
+            rows = conn.execute(q.limit(limit)).all()
+        return [(result_from_row(r._mapping), (float(r.confidence), int(r.seq))) for r in rows]
+
+    def confidence_histogram(self, execution_id: str, bins: int = 20) -> list[int]:
+        """How many of the execution's results have a confidence in each of `bins` equal
+        ranges of 0..1 (1.0 itself in the last)."""
+        scaled = items.c.confidence * bins
+        # SQLite's CAST truncates; PostgreSQL's rounds, and it has floor (SQLite may not).
+        whole = (
+            cast(scaled, Integer) if self.engine.dialect.name == "sqlite" else func.floor(scaled)
+        )
+        b = case((items.c.confidence >= 1.0, bins - 1), else_=whole).label("b")
+        q = (
+            select(b, func.count())
+            .where(items.c.execution_id == execution_id, items.c.confidence.is_not(None))
+            .group_by(b)
+        )
+        counts = [0] * bins
+        with self._connect() as conn:
+            for i, n in conn.execute(q).all():
+                counts[int(i)] += int(n)
+        return counts
+
+    def label_counts(self, execution_id: str, limit: int = 10) -> list[tuple[str, int]]:
+        """The execution's most frequent labels, with how many results have each."""
+        n = func.count().label("n")
+        q = (
+            select(items.c.label, n)
+            .where(items.c.execution_id == execution_id, items.c.label.is_not(None))
+            .group_by(items.c.label)
+            .order_by(n.desc(), items.c.label)
+            .limit(limit)
+        )
+        with self._connect() as conn:
+            return [(str(label), int(count)) for label, count in conn.execute(q).all()]
 
     # --- history --------------------------------------------------------------------
 
@@ -577,6 +646,27 @@ class Store:
             q = q.where(events.c.item_seq.is_(None))
         for row in self._pages(q, events.c.id, after=after, limit=limit):
             yield event_from_row(row._mapping)
+
+
+def _filtered(
+    q: Select[Any],
+    execution_id: str,
+    status: ItemStatus | None,
+    label: str | None,
+    min_confidence: float | None,
+    max_confidence: float | None,
+) -> Select[Any]:
+    """The query over an execution's recorded results, narrowed by the filters given."""
+    q = q.where(items.c.execution_id == execution_id, items.c.status.is_not(None))
+    if status is not None:
+        q = q.where(items.c.status == status.value)
+    if label is not None:
+        q = q.where(items.c.label == label)
+    if min_confidence is not None:
+        q = q.where(items.c.confidence >= min_confidence)
+    if max_confidence is not None:
+        q = q.where(items.c.confidence <= max_confidence)
+    return q
 
 
 def _update_execution(execution_id: str) -> Any:
