@@ -15,6 +15,13 @@ from ics_service.models.prepare import prepare
 from ics_service.models.runtime import OnnxRuntime
 from ics_service.samples import write_samples
 
+# A pytest-xdist worker has COLUMNS=80 and LINES=24 in its environment, where a run in one
+# process has none: `ics` would then draw its tables 80 wide instead of its width for a pipe
+# (cli/app.py, PIPE_WIDTH), and cut what the tests look for.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for _var in ("COLUMNS", "LINES"):
+        os.environ.pop(_var, None)
+
 DEFAULT_MODEL = "efficientnet-lite0"
 INT8_MODEL = "efficientnet-lite0-int8"
 
