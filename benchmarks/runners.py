@@ -167,11 +167,11 @@ def _http(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
 SERVE_CLIENTS = "1,32"
 
 
-def _serve(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+def _serve(b: Bench, job: Job, tag: str, round_: int, server: str = "ics") -> list[str]:
     store = f"sqlite:///{b.work / f'{tag}.db'}"
     return _py(
         "benchmarks.server_bench",
-        "ics",
+        server,
         b.fp32_json(),
         str(job.folder),
         b.out_file(tag),
@@ -180,6 +180,10 @@ def _serve(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
         "--store",
         store,
     )
+
+
+def _serve_grpc(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
+    return _serve(b, job, tag, round_, server="ics-grpc")
 
 
 def _litserve(b: Bench, job: Job, tag: str, round_: int) -> list[str]:
@@ -262,6 +266,12 @@ REGISTRY: dict[str, Runner] = {
         ),
         Runner("http", _http, "original design: base64 + one HTTP POST per image", large=True),
         Runner("serve", _serve, "`ics serve`: POST /v1/classify, raw JPEG body", serving=True),
+        Runner(
+            "serve-grpc",
+            _serve_grpc,
+            "`ics serve`: gRPC ModelInfer, the JPEG as a BYTES input",
+            serving=True,
+        ),
         Runner(
             "litserve",
             _litserve,

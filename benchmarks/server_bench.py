@@ -3,13 +3,16 @@ ready, load it from another process (benchmarks.server_load) with one client at 
 then with 32 concurrent clients, stop it, and report images/s and p50/p99 latency.
 
     python -m benchmarks.server_bench ics MODEL_JSON FOLDER OUT.jsonl [--clients 1,32]
+    python -m benchmarks.server_bench ics-grpc MODEL_JSON FOLDER OUT.jsonl [--clients 1,32]
     python -m benchmarks.server_bench litserve MODEL_JSON FOLDER OUT.jsonl
 
 `ics` is `ics serve` (its defaults: dynamic batching up to 8, 5 ms delay, every result
-recorded in the store given by --store); `litserve` is benchmarks.litserve_peer on the
-same ONNX file, batching the same way. Each client pass sends every image of the folder
-once as a raw JPEG body. OUT.jsonl gets one line per answer of the last pass; the report
-(BENCH_REPORT) holds every pass's figures. Exits 1 when any request failed.
+recorded in the store given by --store), loaded on POST /v1/classify; `ics-grpc` is the
+same server loaded on its gRPC endpoint (KServe's ModelInfer, the JPEG as a BYTES input);
+`litserve` is benchmarks.litserve_peer on the same ONNX file, batching the same way. Each
+client pass sends every image of the folder once as a raw JPEG body. OUT.jsonl gets one
+line per answer of the last pass; the report (BENCH_REPORT) holds every pass's figures.
+Exits 1 when any request failed.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from .common import Report, list_images
 from .measure import tree_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVERS = ("ics", "litserve")
+SERVERS = ("ics", "ics-grpc", "litserve")
 #: The readiness route of each server.
-READY = {"ics": "/readyz", "litserve": "/health"}
+READY = {"ics": "/readyz", "ics-grpc": "/readyz", "litserve": "/health"}
 
 
 def free_port() -> int:
@@ -44,10 +47,18 @@ def free_port() -> int:
         return port
 
 
-def server_command(server: str, model_json: str, port: int, store: str | None) -> list[str]:
-    if server == "ics":
+def model_name(model_json: str) -> str:
+    name: str = json.loads(Path(model_json).read_text())["name"]
+    return name
+
+
+def server_command(
+    server: str, model_json: str, port: int, store: str | None, grpc_port: int = 0
+) -> list[str]:
+    """The server's command line; `grpc_port` is ICS's gRPC port (0: none)."""
+    if server in ("ics", "ics-grpc"):
         ics = Path(sys.executable).parent / "ics"
-        name = json.loads(Path(model_json).read_text())["name"]
+        name = model_name(model_json)
         cmd = [
             str(ics) if ics.exists() else (shutil.which("ics") or "ics"),
             "serve",
@@ -58,7 +69,7 @@ def server_command(server: str, model_json: str, port: int, store: str | None) -
             "--model",
             name,
             "--grpc-port",
-            "0",
+            str(grpc_port),
         ]
         return cmd + (["--store", store] if store else [])
     return [
@@ -104,7 +115,14 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
     return proc.returncode
 
 
-def load(url: str, folder: str, clients: int, max_s: float, out: str | None) -> dict[str, object]:
+def load(
+    url: str,
+    folder: str,
+    clients: int,
+    max_s: float,
+    out: str | None,
+    model: str | None = None,
+) -> dict[str, object]:
     cmd = [
         sys.executable,
         "-m",
@@ -118,6 +136,8 @@ def load(url: str, folder: str, clients: int, max_s: float, out: str | None) -> 
     ]
     if out:
         cmd += ["--out", out]
+    if model:
+        cmd += ["--model", model]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max_s + 120)
     if r.returncode != 0:
         raise SystemExit(f"the load generator failed (exit {r.returncode}): {r.stderr[-2000:]}")
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("folder")
     p.add_argument("out")
     p.add_argument("--clients", default="1,32", help="comma-separated client counts, in order")
-    p.add_argument("--store", help="ICS's store URL (ics only)")
+    p.add_argument("--store", help="ICS's store URL (ics and ics-grpc only)")
     p.add_argument("--max-s", type=float, default=300.0, help="limit of one client pass")
     p.add_argument("--ready-timeout-s", type=float, default=120.0)
     args = p.parse_args(argv)
@@ -142,10 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     report = Report()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    grpc_port = free_port() if args.server == "ics-grpc" else 0
+    target = f"grpc://127.0.0.1:{grpc_port}" if grpc_port else base
+    model = model_name(args.model_json) if grpc_port else None
     log_path = Path(args.out).with_suffix(".server.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            server_command(args.server, args.model_json, port, args.store),
+            server_command(args.server, args.model_json, port, args.store, grpc_port),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -158,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, clients in enumerate(passes):
             last = i == len(passes) - 1
             cpu_before = tree_cpu_s(proc.pid)
-            doc = load(base, args.folder, clients, args.max_s, args.out if last else None)
+            doc = load(target, args.folder, clients, args.max_s, args.out if last else None, model)
             # The server's whole process tree (LitServe's workers too) during the pass.
             used = tree_cpu_s(proc.pid) - cpu_before
             requests = int(str(doc["requests"]))

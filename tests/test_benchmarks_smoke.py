@@ -337,25 +337,35 @@ def test_serving_runners_on_a_tiny_corpus(bench_env: dict[str, str]) -> None:
         pytest.skip("the LitServe peer needs litserve: pip install -e '.[bench]'")
     table, doc = _run_bench(
         bench_env,
-        BENCH_RUNNERS="serve,litserve",
+        BENCH_RUNNERS="serve,serve-grpc,litserve,plain,bounds",
         **SMALL_ONLY,
     )
-    assert _ok_runs(doc) == {("serve", "small"), ("litserve", "small")}
-    runs = doc["runs"]
-    assert isinstance(runs, list)
+    serving = {"serve", "serve-grpc", "litserve"}
+    assert _ok_runs(doc) == {*((r, "small") for r in (*serving, "plain")), ("bounds", "-")}
+    runs = [r for r in doc["runs"] if r["runner"] in serving]  # type: ignore[attr-defined]
     passes = {
         r["runner"]: [(p["clients"], p["ok"], p["errors"]) for p in r["report"]["passes"]]
         for r in runs
     }
-    assert passes == {"serve": [(1, 8, 0), (32, 8, 0)], "litserve": [(1, 8, 0), (32, 8, 0)]}
+    assert passes == {name: [(1, 8, 0), (32, 8, 0)] for name in serving}
     for r in runs:
         for p in r["report"]["passes"]:
             # The server's process tree and the load generator each used some CPU per request.
             assert p["server_cpu_ms_per_request"] > 0
             assert p["client_cpu_ms_per_request"] > 0
-    assert "## HTTP serving" in table
-    assert "÷ LitServe" in table
-    assert "serve, 32 clients: ≥ 1.3 × LitServe at 32 clients" in table
+    assert "## Serving (HTTP and gRPC)" in table
+    assert "`ics serve` (gRPC) ÷ LitServe" in table
+    # Issue 19's targets, as ratios of this run, for both protocols.
+    for name in ("serve (HTTP)", "serve (gRPC)"):
+        for target in (
+            "32 clients: ≥ 0.9 × the serving bound | ",
+            "32 clients: server CPU per request beyond model and decode ≤ LitServe's",
+            "32 clients: p99 ≤ 1.5 × the median | ",
+            "one client: ≥ 0.9 × the plain loop's per-image rate (steady) | ",
+        ):
+            row = next(line for line in table.splitlines() if f"| {name}, {target}" in line)
+            assert "not measured" not in row, row
+    assert "p99 ≤ 300 ms" not in table and "1.3 × LitServe" not in table
 
 
 @pytest.mark.slow
