@@ -165,6 +165,44 @@ class Settings(BaseModel):
         description="Requests to a remote model (sagemaker:, v2:) in flight at once; the decode "
         "threads keep reading and decoding meanwhile.",
     )
+    executor: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where batch executions run: 'local' (this process: pipelined decode and "
+        "batched inference) or 'ray' (Ray actors, one per model replica, on a Ray cluster; "
+        "needs the ics-service[ray] extra). `ics serve` and `ics watch` run locally.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description='The Ray cluster of `executor = "ray"` (ray.init\'s address: HOST:PORT, '
+        "'auto' or ray://...; also read from RAY_ADDRESS); unset: a local Ray is started for "
+        "the run and shut down after it.",
+    )
+    ray_replicas: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Model replicas (Ray actors) of the Ray executor (0: as many as the "
+        "cluster's CPUs hold at ray_num_cpus each, at least one).",
+    )
+    ray_num_cpus: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=256.0,
+        description="CPUs Ray reserves for each replica; a replica runs one single-thread "
+        "model session per whole CPU (at least one) and decodes on as many threads, at least 2.",
+    )
+    ray_chunk_size: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="Items (their URIs) handed to a replica at a time by the Ray executor.",
+    )
+    ray_chunks_in_flight: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Chunks queued on each replica at once (the Ray executor's backpressure).",
+    )
     remote_timeout_s: float = Field(
         default=30.0,
         gt=0.0,
@@ -666,6 +704,11 @@ def load_settings(
             sources[key] = f"env {var}"
         elif not key.startswith("test_"):
             log.warning("ignoring environment variable %s: no setting %r", var, key)
+
+    # Ray's own variable, as Ray reads it: over the file, under ICS_RAY_ADDRESS and the flag.
+    if env.get("RAY_ADDRESS") and not sources["ray_address"].startswith("env "):
+        values["ray_address"] = env["RAY_ADDRESS"]
+        sources["ray_address"] = "env RAY_ADDRESS"
 
     for key, value in (overrides or {}).items():
         if value is None:

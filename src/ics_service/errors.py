@@ -216,6 +216,11 @@ class ModelUnavailable(ItemError):
     retryable = True
 
 
+class WorkerLost(ModelUnavailable):
+    """The Ray worker (or the whole node) classifying this item's chunk died: the chunk is
+    retried under the ClassifyImage policy, and this is the item's error once it stays lost."""
+
+
 class InferenceError(ItemError):
     """The model runtime failed on this item's batch."""
 

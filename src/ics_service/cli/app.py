@@ -101,6 +101,31 @@ def low_confidence_option(f: F) -> F:
     )(f)
 
 
+def executor_options(f: F) -> F:
+    """--executor local|ray, --ray-address, --ray-replicas, --ray-num-cpus."""
+    options = [
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            help="Where the items run: local (this process, the default) or ray (Ray actors "
+            "on a Ray cluster; needs the ics-service[ray] extra).",
+        ),
+        click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="Ray cluster to run on (HOST:PORT, auto, ray://...; default $RAY_ADDRESS, "
+            "else a Ray started for the run).",
+        ),
+        click.option(
+            "--ray-replicas", type=int, help="Model replicas on Ray (default: one per CPU)."
+        ),
+        click.option("--ray-num-cpus", type=float, help="CPUs Ray reserves per replica."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def device_option(f: F) -> F:
     """--device cpu|cuda[:N]|auto: where the model runs."""
     return click.option(
@@ -214,12 +239,14 @@ def main(ctx: click.Context) -> None:
 @contextmanager
 def open_runner(settings: Settings) -> Iterator[Any]:
     from ..engine import ExecutionRunner
+    from ..engine.executor import check_executor
     from ..engine.pipeline import plan_inference
     from ..models import get_card
     from ..models.background import RuntimeLoading
     from ..models.device import device_for
     from ..models.remote import RemoteOptions
 
+    check_executor(settings)  # before the model opens: a missing package fails at once
     card = get_card(settings.model, settings)
     device = device_for(card.kind, card.name, settings.device)
     threads, _ = plan_inference(settings.inference_threads, settings.inference_workers)

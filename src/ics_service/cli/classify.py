@@ -20,6 +20,7 @@ from .app import (
     EXIT_BY_STATUS,
     common_options,
     device_option,
+    executor_options,
     load_cli_settings,
     low_confidence_option,
     main,
@@ -105,6 +106,7 @@ log = logging.getLogger("ics_service.cli")
     f"(default {default('decode_memory'):,}); bigger images wait their turn.",
 )
 @device_option
+@executor_options
 @low_confidence_option
 @click.option(
     "--tolerated-failure-percentage",

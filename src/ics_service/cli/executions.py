@@ -12,6 +12,7 @@ from .alerts import notify_option
 from .app import (
     common_options,
     device_option,
+    executor_options,
     json_out,
     load_cli_settings,
     main,
@@ -187,6 +188,7 @@ def executions_cancel(execution_id: str, wait: float, as_json: bool, **kwargs: A
 @click.option("--threads", "inference_threads", type=int, help="onnxruntime threads per batch.")
 @click.option("--inference-workers", type=int, help="Batches run at once on the model.")
 @device_option
+@executor_options
 @capture_options
 @notify_option
 @common_options

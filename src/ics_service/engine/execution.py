@@ -40,6 +40,7 @@ from ..types import (
     ModelRef,
     Step,
 )
+from .executor import executor_for
 from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
 from .listing import BackgroundListing, Listed, tail_pending, unregistered
 from .pipeline import Pipeline, Reader, plan_batches
@@ -436,6 +437,7 @@ class ExecutionRunner:
         )
 
         secrets = self._secrets.setdefault(execution.id, {})
+        executor = executor_for(s, pipeline, lambda uri: secrets.get(uri, uri))
 
         def emit(results: list[ItemResult]) -> None:
             recorder.put(results)
@@ -460,11 +462,11 @@ class ExecutionRunner:
             heart.start()
             try:
                 if listing is None:
-                    pipeline.run(self.store.pending_items(execution.id), emit, stop)
+                    executor.run(self.store.pending_items(execution.id), emit, stop)
                 else:
                     self._running[execution.id] = listing
                     listing.start()
-                    pipeline.run(tail_pending(self.store, execution.id, listing, stop), emit, stop)
+                    executor.run(tail_pending(self.store, execution.id, listing, stop), emit, stop)
                     if stop.is_set():
                         listing.halt.set()
                     listing.wait()
