@@ -11,7 +11,6 @@ from there (store, results file, alerts outbox, capture, progress). Two executor
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -31,8 +30,14 @@ class Executor(Protocol):
 
 def check_executor(settings: Settings) -> None:
     """Refuse, before anything is done, an executor whose package is not installed."""
-    if settings.executor == "ray" and importlib.util.find_spec("ray") is None:
-        raise UsageError(f"executor 'ray' needs Ray, which is not installed: {install_hint('ray')}")
+    if settings.executor != "ray":
+        return
+    try:  # imported now, not only found: the run imports it next anyway
+        import ray  # noqa: F401
+    except ImportError:
+        raise UsageError(
+            f"executor 'ray' needs Ray, which is not installed: {install_hint('ray')}"
+        ) from None
 
 
 def executor_for(settings: Settings, pipeline: Pipeline, resolve: Callable[[str], str]) -> Executor:

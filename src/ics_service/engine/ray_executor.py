@@ -244,7 +244,12 @@ class RayExecutor:
             cpus = float(ray.cluster_resources().get("CPU", 1.0))
             count = max(1, int(cpus // s.ray_num_cpus))
         actor = ray.remote(Replica).options(
-            num_cpus=s.ray_num_cpus, max_restarts=-1, max_task_retries=0, max_concurrency=1
+            num_cpus=s.ray_num_cpus,
+            max_restarts=-1,
+            # The driver sends a lost chunk again, under the ClassifyImage policy.
+            max_task_retries=0,
+            max_concurrency=1,
+            scheduling_strategy="SPREAD",  # replicas on as many nodes as there are
         )
         card = self.pipeline.runtime.card
         capture = self.pipeline.capture is not None
