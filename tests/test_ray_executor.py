@@ -344,3 +344,19 @@ def test_ray_executor_without_ray_exits_2_naming_the_extra(
     assert res.exit_code == ExitCode.USAGE, res.output
     assert "pip install 'ics-service[ray]'" in res.output
     assert not (ics_home / "ics.db").exists()
+
+
+def test_ray_address_comes_from_ray_address_under_ics_ray_address(tmp_path: Path) -> None:
+    from ics_service.config import load_settings
+
+    config = tmp_path / "ics.toml"
+    config.write_text('executor = "ray"\nray_address = "10.0.0.1:6379"\n')
+    ray_env = {"RAY_ADDRESS": "127.0.0.1:6379"}
+    loaded = load_settings(config, environ=ray_env)
+    assert loaded.settings.executor == "ray"
+    assert loaded.settings.ray_address == "127.0.0.1:6379"
+    assert loaded.sources["ray_address"] == "env RAY_ADDRESS"
+    both = load_settings(config, environ={**ray_env, "ICS_RAY_ADDRESS": "auto"})
+    assert both.settings.ray_address == "auto"
+    flag = load_settings(config, {"ray_address": "ray://h:10001"}, environ=ray_env)
+    assert flag.settings.ray_address == "ray://h:10001"
