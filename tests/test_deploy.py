@@ -1,8 +1,9 @@
 """deploy/: the Dockerfile and the Kubernetes manifests, checked offline.
 
-The manifests validate with kubernetes-validate (its bundled schemas of Kubernetes' own
-kinds). What the manifests name of ICS (routes, settings, `ics serve`'s options, the image's
-user) is checked against the code, and the Dockerfile's steps against the ones
+Kubernetes' own kinds validate with kubernetes-validate (its bundled schemas); the
+RayCluster, a KubeRay custom resource, validates against KubeRay's own CRD schema, vendored
+in tests/data/kuberay/. What the manifests name of ICS (routes, settings, `ics` options,
+the image's user) is checked against the code, and the Dockerfile's steps against the ones
 docs/deploy.md gives.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
 import click
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -28,6 +31,8 @@ DEPLOY = ROOT / "deploy"
 MANIFESTS = DEPLOY / "kubernetes"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCS = ROOT / "docs" / "deploy.md"
+#: KubeRay v1.7.0's RayCluster CRD (helm-chart/kuberay-operator/crds/ray.io_rayclusters.yaml).
+RAYCLUSTER_CRD = ROOT / "tests" / "data" / "kuberay" / "ray.io_rayclusters.yaml"
 #: The oldest Kubernetes the manifests are written for (autoscaling/v2 is GA from 1.23),
 #: and the newest kubernetes-validate knows.
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.utils.latest_version()]
@@ -44,6 +49,10 @@ def _all_manifests() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def _is_core(doc: dict[str, Any]) -> bool:
+    return not str(doc["apiVersion"]).startswith("ray.io/")
+
+
 def _by_kind(kind: str) -> dict[str, Any]:
     (found,) = [d for _, d in _all_manifests() if d["kind"] == kind]
     return found
@@ -54,9 +63,9 @@ def _by_kind(kind: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_core_manifests_validate_with_kubernetes_validate(version: str) -> None:
-    core = _all_manifests()
+    core = [(name, d) for name, d in _all_manifests() if _is_core(d)]
     kinds = {d["kind"] for _, d in core}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler"} <= kinds, kinds
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "Job"} <= kinds, kinds
     for name, doc in core:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -74,6 +83,89 @@ def test_kubernetes_validate_refuses_a_planted_mistake() -> None:
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+
+
+# --- the RayCluster, against KubeRay's CRD ------------------------------------------------
+
+
+def _closed(schema: Any) -> Any:
+    """The CRD's schema with unknown fields refused, where it lists its fields and does not
+    say to keep unknown ones (the API server would prune them silently: a typo is lost)."""
+    if isinstance(schema, dict):
+        out = {k: _closed(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_closed(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def raycluster_schema() -> dict[str, Any]:
+    # libyaml's loader: the CRD is 0.9 MB (the pure-Python one takes seconds).
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load(RAYCLUSTER_CRD.read_text(encoding="utf-8"), Loader=loader)
+    assert crd["spec"]["names"]["kind"] == "RayCluster"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    assert v1["served"] and v1["storage"]
+    schema: dict[str, Any] = _closed(v1["schema"]["openAPIV3Schema"])
+    # metadata is checked by the API server, not the CRD: hold it to what ours uses.
+    schema["properties"]["metadata"] = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "labels": {"type": "object"}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    return schema
+
+
+def _crd_errors(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft7Validator(schema)
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_the_raycluster_validates_against_kuberays_crd(
+    raycluster_schema: dict[str, Any],
+) -> None:
+    cluster = _by_kind("RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    assert not _crd_errors(cluster, raycluster_schema)
+    # Its pod templates are Kubernetes pod specs: the core schema checks them too.
+    templates = [cluster["spec"]["headGroupSpec"]["template"]]
+    templates += [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    for template in templates:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "t"}, **template}
+        kubernetes_validate.validate(pod, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "said"),
+    [
+        (["spec", "rayVersoin"], "2.60.0", "rayVersoin"),  # a typo
+        (["spec", "workerGroupSpecs", 0, "replicas"], "4", "'4' is not of type 'integer'"),
+        (["spec", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "0 is not of type"),
+        (
+            ["spec", "headGroupSpec", "template", "spec", "containers", 0, "img"],
+            "x",
+            "'img'",
+        ),
+    ],
+)
+def test_the_crd_check_refuses_a_planted_mistake(
+    raycluster_schema: dict[str, Any], path: list[Any], value: Any, said: str
+) -> None:
+    cluster = copy.deepcopy(_by_kind("RayCluster"))
+    node: Any = cluster
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    errors = _crd_errors(cluster, raycluster_schema)
+    assert errors and any(said in e for e in errors), errors
 
 
 # --- what the manifests name of ICS ------------------------------------------------------
@@ -136,6 +228,36 @@ def test_the_hpa_scales_the_deployment_on_cpu() -> None:
     service = _by_kind("Service")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_the_job_runs_ics_classify_over_an_s3_prefix_on_the_ray_cluster() -> None:
+    cluster, job = _by_kind("RayCluster"), _by_kind("Job")
+    (driver,) = job["spec"]["template"]["spec"]["containers"]
+    assert driver["command"] == ["bash", "-c"]
+    (script,) = driver["args"]
+    lines = [line for line in script.splitlines() if line.strip()]
+    # The driver's pod joins the cluster through its head's Service (KubeRay names it
+    # NAME-head-svc), as a node without CPUs, and leaves it at the end.
+    start = shlex.split(next(line for line in lines if line.startswith("ray start")))
+    assert f"--address={cluster['metadata']['name']}-head-svc:6379" in start
+    assert "--num-cpus=0" in start
+    assert any(line.startswith("trap 'ray stop' EXIT") for line in lines)
+    argv = shlex.split(next(line for line in lines if line.startswith("ics ")))
+    assert argv[:2] == ["ics", "classify"]
+    ctx = _command("classify").make_context("classify", argv[2:])
+    assert ctx.params["sources"][0].startswith("s3://")
+    assert ctx.params["executor"] == "ray" and ctx.params["ray_address"] == "auto"
+    env = {e["name"]: e for e in driver["env"]}
+    assert set(env["ICS_STORE"]["valueFrom"]) == {"secretKeyRef"}
+    assert job["spec"]["backoffLimit"] == 0  # a second try would stop at the name
+    # One image for the cluster and the driver, with the lock's Ray and the `ray` extra.
+    images = {driver["image"]}
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        images |= {c["image"] for c in group["template"]["spec"]["containers"]}
+    assert len(images) == 1, images
+    ray_pin = re.search(r"^ray==(\S+)$", (ROOT / "requirements" / "lock.txt").read_text(), re.M)
+    assert ray_pin and cluster["spec"]["rayVersion"] == ray_pin.group(1)
+    assert re.search(r"^ray = \[", (ROOT / "pyproject.toml").read_text(), re.M)
 
 
 # --- the Dockerfile ----------------------------------------------------------------------
