@@ -249,6 +249,12 @@ def test_the_job_runs_ics_classify_over_an_s3_prefix_on_the_ray_cluster() -> Non
     assert ctx.params["executor"] == "ray" and ctx.params["ray_address"] == "auto"
     env = {e["name"]: e for e in driver["env"]}
     assert set(env["ICS_STORE"]["valueFrom"]) == {"secretKeyRef"}
+    # Ray's token: the Secret KubeRay makes for a cluster with token auth and no secretName
+    # (named after the cluster, key auth_token).
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    token = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token == {"name": cluster["metadata"]["name"], "key": "auth_token"}
     assert job["spec"]["backoffLimit"] == 0  # a second try would stop at the name
     # One image for the cluster and the driver, with the lock's Ray and the `ray` extra.
     images = {driver["image"]}
