@@ -117,13 +117,16 @@ def test_health_and_metadata(triton: Any) -> None:
     assert triton.get_server_metadata(headers=AUTH).extensions == [
         "classification",
         "binary_tensor_data",
+        "model_repository",
+        "model_configuration",
+        "statistics",
     ]
     e = _error(lambda: triton.get_model_metadata("resnet50", headers=AUTH))
     assert e.status() == "StatusCode.NOT_FOUND"
     assert e.message() == f"unknown model 'resnet50': this server serves '{MODEL}'"
-    e = _error(lambda: triton.get_model_config(MODEL, headers=AUTH))
+    e = _error(lambda: triton.get_system_shared_memory_status(headers=AUTH))
     assert e.status() == "StatusCode.UNIMPLEMENTED"
-    assert "does not serve ModelConfig: it serves ServerLive" in e.message()
+    assert "does not serve SystemSharedMemoryStatus: it serves ServerLive" in e.message()
 
 
 def test_infer_images_and_tensors(

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,13 @@ ESPRESSO = 967
 INFER = f"/v2/models/{MODEL}/infer"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 SHAPE = "[-1, 3, 224, 224]"
+EXTENSIONS = [
+    "classification",
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+]
 
 
 def jpeg(name: str, quality: int = 95) -> bytes:
@@ -139,7 +147,7 @@ def test_health_and_metadata(runtime: OnnxRuntime, ics_home: Path) -> None:
         assert r.json() == {
             "name": "ics",
             "version": r.json()["version"],
-            "extensions": ["classification", "binary_tensor_data", "model_repository"],
+            "extensions": EXTENSIONS,
         }
         meta = (await client.get(f"/v2/models/{MODEL}")).json()
         assert meta == {
@@ -159,6 +167,143 @@ def test_health_and_metadata(runtime: OnnxRuntime, ics_home: Path) -> None:
             assert (r.status_code, r.json()) == (200, {"name": MODEL, "ready": True})
 
     in_process(runtime, ics_home, check)
+
+
+def test_model_config_is_tritons_shape_with_the_servers_settings(
+    runtime: OnnxRuntime, ics_home: Path
+) -> None:
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+
+    async def check(client: httpx.AsyncClient) -> None:
+        r = await client.get(f"/v2/models/{MODEL}/config")
+        assert r.status_code == 200
+        config = r.json()
+        # Triton's own message reads it whole: no field outside its model_config.proto.
+        json_format.ParseDict(config, model_config_pb2.ModelConfig())
+        assert (config["name"], config["platform"], config["backend"]) == (
+            MODEL,
+            "onnxruntime_onnx",
+            "onnxruntime",
+        )
+        assert config["max_batch_size"] == 4
+        assert config["dynamic_batching"] == {
+            "max_queue_delay_microseconds": 7000,
+            "default_queue_policy": {"max_queue_size": 50},
+        }
+        assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
+            ("INPUT", "TYPE_STRING", [1]),
+            ("INPUT_TENSOR", "TYPE_FP32", [3, 224, 224]),
+        ]
+        assert config["input"][1]["format"] == "FORMAT_NCHW"
+        assert config["output"] == [
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [1000]}
+        ]
+        assert config["instance_group"][0]["kind"] == "KIND_CPU"
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        card = runtime.card
+        assert params["ics.preprocessing"] == "the model card's"
+        assert params["ics.input_size"] == "224"
+        assert params["ics.resize_size"] == str(card.resize_size)
+        assert params["ics.mean"] == "127.5,127.5,127.5"
+        assert params["ics.std"] == "128,128,128"
+        assert params["ics.threshold"] == "0.94"
+        assert (await client.get(f"/v2/models/{MODEL}/versions/1/config")).json() == config
+        r = await client.get(f"/v2/models/{MODEL}/versions/7/config")
+        assert r.status_code == 404 and "no version '7'" in protocol_error(r)
+        r = await client.get("/v2/models/resnet50/config")
+        assert r.status_code == 404 and "unknown model 'resnet50'" in protocol_error(r)
+
+    in_process(
+        runtime,
+        ics_home,
+        check,
+        max_batch_size=4,
+        max_delay_ms=7,
+        max_queue=50,
+        record_realtime=False,
+    )
+
+
+def test_statistics_count_each_input_and_run(
+    runtime: OnnxRuntime, ics_home: Path, coffee: bytes, coffee_tensor: np.ndarray
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def stats(client: httpx.AsyncClient) -> dict[str, Any]:
+        r = await client.get(f"/v2/models/{MODEL}/stats")
+        assert r.status_code == 200
+        (doc,) = r.json()["model_stats"]
+        assert (doc["name"], doc["version"]) == (MODEL, "1")
+        assert (await client.get("/v2/models/stats")).json()["model_stats"] == [doc]
+        assert (await client.get(f"/v2/models/{MODEL}/versions/1/stats")).json() == {
+            "model_stats": [doc]
+        }
+        return dict(doc)
+
+    async def check(client: httpx.AsyncClient) -> None:
+        zero = {"count": 0, "ns": 0}
+        first = await stats(client)
+        assert first["inference_count"] == first["execution_count"] == 0
+        assert first["last_inference"] == 0 and first["batch_stats"] == []
+        assert all(v == zero for v in first["inference_stats"].values())
+
+        # Two images in one request, one tensor row, and one image that is not one.
+        body, headers = binary_body(
+            {
+                "inputs": [
+                    {
+                        "name": "INPUT",
+                        "datatype": "BYTES",
+                        "shape": [2],
+                        "parameters": {"binary_data_size": len(serialized(coffee, coffee))},
+                    }
+                ]
+            },
+            serialized(coffee, coffee),
+        )
+        assert (await client.post(INFER, content=body, headers=headers)).status_code == 200
+        r = await client.post(INFER, json=tensor_request(coffee_tensor))
+        assert r.status_code == 200
+        r = await client.post(f"/v1/classify?model={MODEL}", content=b"not an image")
+        assert r.status_code == 422  # recorded FAILED: one failed input
+
+        after = await stats(client)
+        inference = after["inference_stats"]
+        assert after["inference_count"] == 3
+        assert inference["success"]["count"] == 3 and inference["fail"]["count"] == 1
+        for name in ("queue", "compute_input", "compute_infer", "compute_output"):
+            assert inference[name]["count"] == 3
+        assert inference["compute_infer"]["ns"] > 0 and inference["success"]["ns"] > 0
+        assert inference["cache_hit"] == zero
+        runs = after["batch_stats"]
+        assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in runs) == 3
+        assert after["execution_count"] == sum(b["compute_infer"]["count"] for b in runs)
+        assert 1 <= after["execution_count"] <= 3
+        assert after["last_inference"] / 1000 == pytest.approx(time.time(), abs=60)
+
+        # The same counters as /metrics.
+        text = (await client.get("/metrics")).text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        for b in runs:
+            key = (("batch_size", str(b["batch_size"])), ("model", MODEL))
+            assert samples[("ics_model_runs_total", key)] == b["compute_infer"]["count"]
+        outcomes = {
+            outcome: samples[
+                ("ics_model_input_duration_seconds_count", (("model", MODEL), ("outcome", outcome)))
+            ]
+            for outcome in ("success", "fail")
+        }
+        assert outcomes == {"success": 3, "fail": 1}
+
+        r = await client.get("/v2/models/resnet50/stats")
+        assert r.status_code == 404 and "unknown model 'resnet50'" in protocol_error(r)
+
+    in_process(runtime, ics_home, check, record_realtime=False)
 
 
 def test_unknown_model_version_and_route(runtime: OnnxRuntime, ics_home: Path) -> None:
@@ -517,11 +662,7 @@ def test_triton_health_and_metadata(triton: Any) -> None:
     assert triton.is_server_ready()
     assert triton.is_model_ready(MODEL)
     assert not triton.is_model_ready("resnet50")
-    assert triton.get_server_metadata()["extensions"] == [
-        "classification",
-        "binary_tensor_data",
-        "model_repository",
-    ]
+    assert triton.get_server_metadata()["extensions"] == EXTENSIONS
     meta = triton.get_model_metadata(MODEL)
     assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]] == [
         ("INPUT", "BYTES", [-1]),

@@ -19,8 +19,8 @@ from .capture import capture_options
 log = logging.getLogger("ics_service.cli")
 
 #: Loggers whose lines a client can cause, one per request: uvicorn's (malformed requests,
-#: upgrades) and the server's lines about what a request asked.
-THROTTLED_LOGGERS = ("uvicorn.error", "ics_service.server.clients")
+#: upgrades), the server's lines about what a request asked, and the gRPC endpoint's.
+THROTTLED_LOGGERS = ("uvicorn.error", "ics_service.server.clients", "ics_service.server.v2_grpc")
 
 
 @main.command()

@@ -29,8 +29,24 @@ from ..models.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 
-#: Called after each model run with (batch size, seconds the run took).
-OnBatch = Callable[[int, float], None]
+
+@dataclass(frozen=True, slots=True)
+class BatchTimes:
+    """One successful model run: its size and where its time went (Triton's statistics)."""
+
+    size: int
+    #: The inputs' waits in the queue, summed: from `submit` to the run's start.
+    queued_s: float
+    #: Copying the inputs into the batch's tensor.
+    input_s: float
+    #: The model itself.
+    infer_s: float
+    #: Splitting the probabilities into the inputs' rows (before they are handed out).
+    output_s: float
+
+
+#: Called after each successful model run, before its inputs get their probabilities.
+OnBatch = Callable[[BatchTimes], None]
 
 
 class QueueFull(Exception):
@@ -67,6 +83,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.on_batch = on_batch
+        self.workers = workers
         self._q: queue.Queue[_Job | object] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
         self._running = 0  # workers running the model now
@@ -139,9 +156,11 @@ class Batcher:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not live:
             return
+        now = time.monotonic()
+        t0 = time.perf_counter()
         for i, job in enumerate(live):
             buf[i] = job.tensor
-        started = time.perf_counter()
+        t1 = time.perf_counter()
         try:
             probs = runtime.predict(buf[: len(live)])
         except Exception as e:
@@ -150,7 +169,16 @@ class Batcher:
             for job in live:
                 job.future.set_exception(error)
             return
+        t2 = time.perf_counter()
+        rows = list(probs)
+        if len(rows) != len(live):
+            error = InferenceError(f"the model gave {len(rows)} outputs for {len(live)} inputs")
+            for job in live:
+                job.future.set_exception(error)
+            return
         if self.on_batch is not None:
-            self.on_batch(len(live), time.perf_counter() - started)
-        for job, row in zip(live, probs, strict=True):
+            queued = sum(now - job.arrived for job in live)
+            t3 = time.perf_counter()
+            self.on_batch(BatchTimes(len(live), queued, t1 - t0, t2 - t1, t3 - t2))
+        for job, row in zip(live, rows, strict=True):
             job.future.set_result(row)

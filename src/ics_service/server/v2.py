@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe v2, Triton's HTTP/REST API): health, metadata and
-inference, with Triton's classification and binary tensor data extensions.
+inference, with Triton's classification, binary tensor data, model repository, model
+configuration and statistics extensions (the last two's documents: v2_models).
 
 The model takes one of two inputs per request: `INPUT`, encoded images (BYTES, shape [N] or
 [N, 1]), decoded, classified and recorded like /v1/classify results; or `INPUT_TENSOR`, the
@@ -31,6 +32,7 @@ from .. import __version__
 from ..errors import ItemError, ModelNotFound
 from ..modelcard import ModelCard
 from .service import ServedModel, Service
+from .v2_models import model_config, model_stats, platform_of
 from .v2_wire import (
     HEADER_LENGTH,
     IMAGES,
@@ -48,10 +50,14 @@ from .v2_wire import (
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "ics"
-PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["classification", "binary_tensor_data"]
-#: The HTTP endpoint's: also Triton's model repository extension (index, load, unload).
-HTTP_EXTENSIONS = [*EXTENSIONS, "model_repository"]
+#: Triton's extensions served, over HTTP and gRPC alike.
+EXTENSIONS = [
+    "classification",
+    "binary_tensor_data",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+]
 router = APIRouter()
 
 
@@ -126,7 +132,7 @@ async def ready(request: Request) -> Response:
 
 @router.get("/v2", summary="Open Inference Protocol: server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": __version__, "extensions": HTTP_EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
 
 def model_metadata(card: ModelCard, device: str | None = None) -> dict[str, Any]:
@@ -134,7 +140,7 @@ def model_metadata(card: ModelCard, device: str | None = None) -> dict[str, Any]
     doc: dict[str, Any] = {
         "name": card.name,
         "versions": [card.version],
-        "platform": PLATFORM,
+        "platform": _platform(card),
         "inputs": [
             {"name": IMAGES, "datatype": "BYTES", "shape": [-1]},
             {"name": TENSOR, "datatype": "FP32", "shape": [-1, *card.input_shape]},
@@ -144,6 +150,20 @@ def model_metadata(card: ModelCard, device: str | None = None) -> dict[str, Any]
     if device is not None:
         doc["parameters"] = {"device": device}
     return doc
+
+
+def _platform(card: ModelCard) -> str:
+    platform, backend = platform_of(card)
+    return platform or backend  # as Triton's metadata names a backend-only model's
+
+
+# Before /v2/models/{name}, which would take "stats" for a model's name.
+@router.get(
+    "/v2/models/stats",
+    summary="Open Inference Protocol (statistics extension): every served model's statistics",
+)
+async def all_stats(request: Request) -> dict[str, Any]:
+    return stats_of(_running(request), None, None)
 
 
 @router.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
@@ -175,7 +195,70 @@ async def version_ready(request: Request, name: str, version: str) -> dict[str, 
     return {"name": name, "ready": True}
 
 
+# --- model configuration and statistics (Triton's extensions) ----------------------------
+
+
+@router.get(
+    "/v2/models/{name}/config",
+    summary="Open Inference Protocol (model configuration extension): Triton's model config",
+)
+async def config(request: Request, name: str) -> dict[str, Any]:
+    return model_config(_model(request, name))
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/config",
+    summary="Open Inference Protocol (model configuration extension): Triton's model config",
+)
+async def version_config(request: Request, name: str, version: str) -> dict[str, Any]:
+    return model_config(_model(request, name, version))
+
+
+@router.get(
+    "/v2/models/{name}/stats",
+    summary="Open Inference Protocol (statistics extension): the model's statistics",
+)
+async def stats(request: Request, name: str) -> dict[str, Any]:
+    return stats_of(_running(request), name, None)
+
+
+@router.get(
+    "/v2/models/{name}/versions/{version}/stats",
+    summary="Open Inference Protocol (statistics extension): the model's statistics",
+)
+async def version_stats(request: Request, name: str, version: str) -> dict[str, Any]:
+    return stats_of(_running(request), name, version)
+
+
+def stats_of(service: Service | None, name: str | None, version: str | None) -> dict[str, Any]:
+    """The statistics of the served model `name` (and `version`), or of every served model
+    when `name` is None (HTTP and gRPC)."""
+    models = [served(service, name, version)] if name else _checked(service).served()
+    return model_stats(_checked(service).metrics, models)
+
+
 # --- the model repository (Triton's extension) -------------------------------------------
+
+
+def repository_index_of(service: Service | None) -> list[dict[str, str]]:
+    """The served models as Triton's repository index lists them (HTTP and gRPC)."""
+    return [
+        {"name": model.name, "version": model.runtime.card.version, "state": "READY"}
+        for model in _checked(service).served()
+    ]
+
+
+async def load_model(service: Service | None, name: str) -> None:
+    """Load or reload the registered model `name` (HTTP and gRPC)."""
+    await _checked(service).load(name)
+
+
+async def unload_model(service: Service | None, name: str) -> None:
+    """Stop serving `name`; a 404 when it is not served (HTTP and gRPC)."""
+    try:
+        await _checked(service).unload(name)
+    except ModelNotFound as e:
+        raise ProtocolError(404, str(e)) from None
 
 
 @router.post(
@@ -183,10 +266,7 @@ async def version_ready(request: Request, name: str, version: str) -> dict[str, 
     summary="Open Inference Protocol (model repository extension): the models served",
 )
 async def repository_index(request: Request) -> list[dict[str, str]]:
-    return [
-        {"name": model.name, "version": model.runtime.card.version, "state": "READY"}
-        for model in _service(request).served()
-    ]
+    return repository_index_of(_running(request))
 
 
 @router.post(
@@ -194,7 +274,7 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
     summary="Open Inference Protocol (model repository extension): load or reload a model",
 )
 async def repository_load(request: Request, name: str) -> dict[str, Any]:
-    await _service(request).load(name)
+    await load_model(_running(request), name)
     return {}
 
 
@@ -203,10 +283,7 @@ async def repository_load(request: Request, name: str) -> dict[str, Any]:
     summary="Open Inference Protocol (model repository extension): unload a model",
 )
 async def repository_unload(request: Request, name: str) -> dict[str, Any]:
-    try:
-        await _service(request).unload(name)
-    except ModelNotFound as e:
-        raise ProtocolError(404, str(e)) from None
+    await unload_model(_running(request), name)
     return {}
 
 
@@ -268,8 +345,9 @@ async def unsupported(request: Request, rest: str) -> Response:
     raise ProtocolError(
         404,
         f"{request.method} /v2/{rest} is not part of ICS's Open Inference Protocol API: it "
-        "has health, server and model metadata, model readiness, inference and the model "
-        f"repository (extensions: {', '.join(HTTP_EXTENSIONS)})",
+        "has health, server and model metadata, model readiness, inference, model "
+        "configuration, statistics and the model repository (extensions: "
+        f"{', '.join(EXTENSIONS)})",
     )
 
 
@@ -365,7 +443,7 @@ async def _classify_tensor(model: ServedModel, tensor: np.ndarray) -> np.ndarray
 
     async def one(i: int) -> None:
         async with slots:
-            probs[i] = await model.predict(tensor[i])
+            probs[i] = await model.infer(tensor[i])
 
     try:
         async with asyncio.TaskGroup() as group:

@@ -1,13 +1,15 @@
 """The Open Inference Protocol over gRPC: KServe's `inference.GRPCInferenceService` as Triton
 serves it on its own port, for `tritonclient.grpc`.
 
-It serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer
-with the HTTP routes' model, inputs and outputs (v2.py): inference goes through the same
-service and batcher, and the request's tensors (`contents` or `raw_input_contents`) are read
-by v2_wire as the HTTP binary tensor data is. Every other RPC of the service answers
-UNIMPLEMENTED, saying which exist. The API token is the `authorization: Bearer TOKEN`
-metadata (the health RPCs are open, as /v2/health is); a message over max_body_bytes is
-refused by gRPC (RESOURCE_EXHAUSTED).
+It serves ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
+ModelConfig, ModelStatistics, RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload
+with the HTTP routes' models and documents (v2.py, v2_models.py; a JSON document is parsed
+into its message): inference goes through the same service and batcher, and the request's
+tensors (`contents` or `raw_input_contents`) are read by v2_wire as the HTTP binary tensor
+data is. Every other RPC of the service answers UNIMPLEMENTED, saying which exist. The API
+token is the `authorization: Bearer TOKEN` metadata (the health RPCs are open, as
+/v2/health is); a message over max_body_bytes is refused by gRPC (RESOURCE_EXHAUSTED), as
+are RPCs beyond max_connections at once (the HTTP endpoint's cap on connections).
 
 The messages come from Triton's grpc_service.proto (proto/, with its model_config.proto),
 compiled into a descriptor set (proto/grpc_service.binpb) and loaded into a pool of their
@@ -25,13 +27,26 @@ from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 
 from .. import __version__
 from ..engine.batcher import QueueFull
 from ..errors import IcsError
+from .connections import connection_limit
 from .service import RETRY_AFTER_S, Service
-from .v2 import EXTENSIONS, SERVER_NAME, classify_inputs, model_metadata, served, using
+from .v2 import (
+    EXTENSIONS,
+    SERVER_NAME,
+    classify_inputs,
+    load_model,
+    model_metadata,
+    repository_index_of,
+    served,
+    stats_of,
+    unload_model,
+    using,
+)
+from .v2_models import model_config
 from .v2_wire import ProtocolError, inputs_of, outputs_of, raw_output, serialize_bytes
 
 log = logging.getLogger(__name__)
@@ -46,6 +61,11 @@ SERVED = (
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 )
 
 _CODES = {
@@ -53,6 +73,7 @@ _CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -206,6 +227,26 @@ class Endpoint:
             response.raw_output_contents.append(blob)
         return response
 
+    async def model_config(self, request: Any) -> Any:
+        model = served(self.service, request.name, request.version or None)
+        return _parsed({"config": model_config(model)}, M.ModelConfigResponse())
+
+    async def model_statistics(self, request: Any) -> Any:
+        doc = stats_of(self.service, request.name or None, request.version or None)
+        return _parsed(doc, M.ModelStatisticsResponse())
+
+    async def repository_index(self, _request: Any) -> Any:
+        doc = {"models": repository_index_of(self.service)}
+        return _parsed(doc, M.RepositoryIndexResponse())
+
+    async def repository_model_load(self, request: Any) -> Any:
+        await load_model(self.service, request.model_name)
+        return M.RepositoryModelLoadResponse()
+
+    async def repository_model_unload(self, request: Any) -> Any:
+        await unload_model(self.service, request.model_name)
+        return M.RepositoryModelUnloadResponse()
+
     def handlers(self) -> grpc.GenericRpcHandler:
         """The service's handlers: the served RPCs, and UNIMPLEMENTED for the others."""
         methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -253,6 +294,11 @@ class Endpoint:
             await context.abort(code, text)
 
         return answer
+
+
+def _parsed(doc: dict[str, Any], into: Any) -> Any:
+    """`into`, filled from the HTTP route's JSON document of the same message."""
+    return json_format.ParseDict(doc, into)
 
 
 def _serialize(response: Any) -> bytes:
@@ -327,11 +373,13 @@ class GrpcUnavailable(Exception):
 
 async def start_grpc(service: Service, port: int) -> grpc.aio.Server:
     """A started gRPC server of the service on its host and `port`, with the API's token
-    (when a token or SigV4 keys guard the API) and max_body_bytes as its message limit."""
+    (when a token or SigV4 keys guard the API), max_body_bytes as its message limit and
+    max_connections as its limit of RPCs at once."""
     settings = service.settings
     token = settings.token
     guarded = token is not None or settings.sigv4_access_key_id is not None
     server = grpc.aio.server(
+        maximum_concurrent_rpcs=connection_limit(settings.max_connections),
         interceptors=[Authenticate(token, sigv4=not token)] if guarded else [],
         options=[
             ("grpc.max_receive_message_length", settings.max_body_bytes),
