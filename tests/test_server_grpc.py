@@ -253,3 +253,102 @@ def test_grpc_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 4, proc.stderr
     assert f"cannot serve gRPC on 127.0.0.1:{port}" in proc.stderr
     assert "choose another --grpc-port (0 turns gRPC off)" in proc.stderr
+
+
+def _stat_counts(triton: Any) -> dict[str, int]:
+    (stats,) = triton.get_inference_statistics(MODEL, headers=AUTH).model_stats
+    inference = stats.inference_stats
+    return {
+        "inference_count": stats.inference_count,
+        "success": inference.success.count,
+        "fail": inference.fail.count,
+        "queue": inference.queue.count,
+        "in_runs": sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats),
+    }
+
+
+def test_config_and_statistics_are_the_http_routes(
+    triton: Any, served: Served, coffee: bytes, coffee_tensor: np.ndarray
+) -> None:
+    import queue
+
+    import httpx
+    import tritonclient.grpc as grpcclient
+    from google.protobuf import json_format
+    from tritonclient.grpc import service_pb2
+
+    config = triton.get_model_config(MODEL, headers=AUTH).config
+    assert (config.name, config.platform, config.backend) == (
+        MODEL,
+        "onnxruntime_onnx",
+        "onnxruntime",
+    )
+    assert config.max_batch_size > 0 and config.dynamic_batching.max_queue_delay_microseconds
+    assert config.parameters["ics.preprocessing"].string_value == "the model card's"
+    http = {"authorization": f"Bearer {TOKEN}"}
+    doc = httpx.get(f"{served.url}/v2/models/{MODEL}/config", headers=http).json()
+    assert json_format.ParseDict({"config": doc}, service_pb2.ModelConfigResponse()).config == (
+        config
+    )
+
+    # Each async call's input is counted once, when it is answered.
+    before = _stat_counts(triton)
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    tensor = grpcclient.InferInput("INPUT_TENSOR", list(coffee_tensor.shape), "FP32")
+    tensor.set_data_from_numpy(coffee_tensor)
+    for inputs in ([_images(coffee)], [tensor]):
+        triton.async_infer(
+            MODEL, inputs, callback=lambda result, error: answers.put((result, error)), headers=AUTH
+        )
+    for _ in range(2):
+        result, error = answers.get(timeout=30)
+        assert error is None and int(result.as_numpy("probabilities").argmax()) == ESPRESSO
+    after = _stat_counts(triton)
+    assert {k: after[k] - before[k] for k in after} == {
+        "inference_count": 2,
+        "success": 2,
+        "fail": 0,
+        "queue": 2,
+        "in_runs": 2,
+    }
+    e = _error(lambda: triton.infer(MODEL, [_images(b"not an image")], headers=AUTH))
+    assert e.status() == "StatusCode.INVALID_ARGUMENT"
+    failed = _stat_counts(triton)
+    assert {k: failed[k] - after[k] for k in after} == {
+        "inference_count": 0,
+        "success": 0,
+        "fail": 1,
+        "queue": 0,
+        "in_runs": 0,
+    }
+    stats = triton.get_inference_statistics(MODEL, headers=AUTH)
+    doc = httpx.get(f"{served.url}/v2/models/{MODEL}/stats", headers=http).json()
+    assert json_format.ParseDict(doc, service_pb2.ModelStatisticsResponse()) == stats
+    assert triton.get_inference_statistics(headers=AUTH) == stats  # every served model
+    e = _error(lambda: triton.get_model_config("resnet50", headers=AUTH))
+    assert e.status() == "StatusCode.NOT_FOUND"
+
+
+def test_repository_loads_lists_and_unloads(triton: Any, int8_runtime: OnnxRuntime) -> None:
+    int8 = int8_runtime.card.name
+
+    def index() -> list[tuple[str, str, str]]:
+        models = triton.get_model_repository_index(headers=AUTH).models
+        return [(m.name, m.version, m.state) for m in models]
+
+    assert index() == [(MODEL, "1", "READY")]
+    triton.load_model(int8, headers=AUTH)
+    assert [name for name, _, _ in index()] == [MODEL, int8]
+    assert triton.get_model_config(int8, headers=AUTH).config.name == int8
+    stats = triton.get_inference_statistics(headers=AUTH).model_stats
+    assert [s.name for s in stats] == [MODEL, int8] and stats[1].inference_count == 0
+    triton.unload_model(int8, headers=AUTH)
+    assert index() == [(MODEL, "1", "READY")]
+    assert not triton.is_model_ready(int8, headers=AUTH)
+
+    e = _error(lambda: triton.unload_model(MODEL, headers=AUTH))
+    assert e.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "is the default model" in e.message()
+    e = _error(lambda: triton.load_model("resnet50", headers=AUTH))
+    assert e.status() == "StatusCode.NOT_FOUND"
+    assert "resnet50" in e.message()

@@ -757,3 +757,60 @@ def test_triton_errors_are_readable(triton: Any, coffee: bytes, coffee_tensor: n
     with pytest.raises(InferenceServerException) as caught:
         triton.infer(MODEL, [inp])
     assert f"does not match the model's input {SHAPE}" in str(caught.value)
+
+
+def _stat_counts(triton: Any) -> dict[str, int]:
+    (stats,) = triton.get_inference_statistics(MODEL)["model_stats"]
+    inference = stats["inference_stats"]
+    return {
+        "inference_count": stats["inference_count"],
+        "success": inference["success"]["count"],
+        "fail": inference["fail"]["count"],
+        "in_runs": sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"]),
+    }
+
+
+@pytest.mark.slow
+def test_triton_config_statistics_and_async_infer(
+    triton: Any, coffee: bytes, coffee_tensor: np.ndarray
+) -> None:
+    import tritonclient.http as httpclient
+
+    config = triton.get_model_config(MODEL)
+    assert (config["name"], config["backend"]) == (MODEL, "onnxruntime")
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
+    assert config["parameters"]["ics.input_size"] == {"string_value": "224"}
+
+    before = _stat_counts(triton)
+    tensor = httpclient.InferInput("INPUT_TENSOR", list(coffee_tensor.shape), "FP32")
+    tensor.set_data_from_numpy(coffee_tensor)
+    calls = [triton.async_infer(MODEL, inputs) for inputs in ([_images_input(coffee)], [tensor])]
+    for call in calls:
+        assert int(call.get_result().as_numpy("probabilities").argmax()) == ESPRESSO
+    after = _stat_counts(triton)
+    assert {k: after[k] - before[k] for k in after} == {
+        "inference_count": 2,
+        "success": 2,
+        "fail": 0,
+        "in_runs": 2,
+    }
+    stats = triton.get_inference_statistics()["model_stats"]
+    assert [s["name"] for s in stats] == [MODEL]
+
+
+@pytest.mark.slow
+def test_triton_repository_loads_lists_and_unloads(triton: Any, int8_runtime: OnnxRuntime) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    int8 = int8_runtime.card.name
+    assert triton.get_model_repository_index() == [
+        {"name": MODEL, "version": "1", "state": "READY"}
+    ]
+    triton.load_model(int8)
+    assert [m["name"] for m in triton.get_model_repository_index()] == [MODEL, int8]
+    assert triton.get_model_config(int8)["name"] == int8
+    triton.unload_model(int8)
+    assert [m["name"] for m in triton.get_model_repository_index()] == [MODEL]
+    with pytest.raises(InferenceServerException) as caught:
+        triton.unload_model(MODEL)
+    assert "is the default model" in caught.value.message()
