@@ -23,11 +23,10 @@ chunk again, to a replica that answers, under the ClassifyImage retry policy (th
 idempotent: a chunk's results come back whole or not at all, and an item that already has a
 result keeps it (the driver drops a second one, and so does the store).
 
-Ray Core actors rather than Ray Data, by measurement (benchmarks/ray_executor.py, on this
-2-core machine, 400 small photos, one quiet window; see docs/ray.md): Ray Data's generic
-reader runs at 0.4 of ICS's local rate (benchmarks/RESULTS.md); an actor that runs ICS's own
-pipeline on chunks of URIs keeps ICS's decode/inference overlap and reads nothing through
-Ray's object store, and so keeps close to the local rate.
+Ray Core actors rather than Ray Data: Ray Data's generic reader ran at 0.4 of ICS's local
+rate on this 2-core machine (benchmarks/RESULTS.md). An actor that runs ICS's own pipeline on
+chunks of URIs keeps that overlap and moves no image through Ray's object store. No figure
+of this executor is published yet (docs/ray.md).
 """
 
 from __future__ import annotations
