@@ -101,6 +101,41 @@ def _default_retry() -> dict[str, RetryPolicy]:
 #: In `serve_models` (`ics serve --model all`): every registered model.
 ALL_MODELS = "all"
 
+#: A production variant as `ics serve --variant` and ICS_VARIANTS spell it.
+VARIANT_SPEC = re.compile(r"(?P<name>[^=]+)=(?P<model>[^:]+)(?::(?P<weight>[^:]+))?")
+
+
+class ProductionVariant(BaseModel):
+    """A production variant of the SageMaker endpoint `ics serve` is: a served model under
+    a variant name, and its share of the traffic (SageMaker's variant weight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=CAPTURE_NAME)
+    model: str = Field(min_length=1)
+    weight: float = Field(default=1.0, ge=0.0, le=1_000_000.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled(cls, data: Any) -> Any:
+        if not isinstance(data, str):
+            return _refuse_bools(cls, data)
+        match = VARIANT_SPEC.fullmatch(data.strip())
+        if match is None:
+            raise ValueError(
+                f"variant {data!r}: spell it NAME=MODEL or NAME=MODEL:WEIGHT "
+                "(e.g. blue=efficientnet-lite0:3)"
+            )
+        spelled: dict[str, Any] = {"name": match["name"].strip(), "model": match["model"].strip()}
+        if match["weight"] is not None:
+            try:
+                spelled["weight"] = float(match["weight"])
+            except ValueError:
+                raise ValueError(
+                    f"variant {data!r}: its weight {match['weight']!r} is not a number"
+                ) from None
+        return spelled
+
 
 class Settings(BaseModel):
     """Every setting ICS has, with its default."""
@@ -273,6 +308,15 @@ class Settings(BaseModel):
         description="Models `ics serve` serves beside `model`, which stays the default (for "
         'requests that name none); ["all"]: every registered model. `ics serve --model A '
         "--model B` sets model to A and this to [B].",
+    )
+    variants: list[ProductionVariant] = Field(
+        default_factory=list,
+        description="Production variants of the SageMaker endpoint: each a served model "
+        "under a variant name, with a weight (its share of the invocations that name no "
+        "TargetVariant, chosen at random by weight, as SageMaker splits traffic). "
+        "`ics serve --variant NAME=MODEL[:WEIGHT]`; in ics.toml a list of such strings or of "
+        "{name, model, weight} tables. Each model is served (as by serve_models). Empty: one "
+        "variant, capture_variant, serving the default model.",
     )
     api_token: str | None = Field(
         default=None,
@@ -561,6 +605,17 @@ class Settings(BaseModel):
                     f"{entry!r} is not an IP address or network (such as 10.0.0.5, "
                     "10.0.0.0/8 or ::1), nor '*'"
                 ) from None
+        return v
+
+    @field_validator("variants", mode="after")
+    @classmethod
+    def _variants(cls, v: list[ProductionVariant]) -> list[ProductionVariant]:
+        names = [variant.name for variant in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"variant {twice[0]!r} is named twice: give each variant one name")
+        if v and not sum(variant.weight for variant in v) > 0:
+            raise ValueError("every variant weighs 0: give at least one a weight above 0")
         return v
 
     @field_validator("notify", mode="before")

@@ -40,6 +40,16 @@ THROTTLED_LOGGERS = ("uvicorn.error", "ics_service.server.clients", "ics_service
     "being the default (for requests that name none); `all`: every registered model.",
 )
 @click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="NAME=MODEL[:WEIGHT]",
+    help="A production variant of the SageMaker endpoint: MODEL (served, as by --model) under "
+    "the variant NAME, with a WEIGHT (default 1); repeat it for several: invocations without "
+    "a TargetVariant split at random by weight. Default: one variant, AllTraffic "
+    "(--capture-variant), serving the default model.",
+)
+@click.option(
     "--token-file",
     type=click.Path(dir_okay=False),
     help="File holding the API token every request must carry (or ICS_API_TOKEN).",
@@ -74,8 +84,10 @@ def serve(**kwargs: Any) -> None:
       POST /v1/executions               a batch execution; GET /v1/executions[/ID[/results
                                         |/history]], POST /v1/executions/ID/cancel
       GET  /ping, POST /invocations     the SageMaker container contract, and
-      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3; TargetModel
-           [-response-stream]           names the model), and its response stream
+      POST /endpoints/NAME/invocations  the SageMaker runtime API (boto3; TargetVariant
+           [-response-stream]           and TargetModel), and its response stream
+      POST /                            the SageMaker API's DescribeEndpoint and
+                                        DescribeEndpointConfig (boto3 `sagemaker`)
       /v2/...                           the Open Inference Protocol (tritonclient)
       GET  /healthz, /readyz            liveness and readiness
       GET  /metrics                     Prometheus metrics
@@ -213,4 +225,8 @@ def _models_of(kwargs: dict[str, Any]) -> dict[str, Any]:
         if models[0] != ALL_MODELS:
             flags["model"] = models.pop(0)
         flags["serve_models"] = models
+    if not flags.get("variants"):
+        flags.pop("variants", None)  # unset: ics.toml's or the environment's hold
+    else:
+        flags["variants"] = list(flags["variants"])
     return flags

@@ -23,7 +23,7 @@ from ..errors import IcsError, UsageError
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..store.watched import WatchState
-from . import docs, events, executions, reviews, sagemaker, served, v1, v2
+from . import docs, events, executions, reviews, sagemaker, sagemaker_control, served, v1, v2
 from .batches import Batches
 from .console import install as install_console
 from .console import is_console_path
@@ -42,6 +42,7 @@ from .sagemaker_wire import speaks_sagemaker
 from .service import RETRY_AFTER_S, Loader, Service, plan_serving
 from .sigv4 import verifier_of
 from .v2_wire import ProtocolError
+from .variants import Variants
 
 log = logging.getLogger("ics_service.server")
 
@@ -85,6 +86,10 @@ def create_app(
         app.state.service = service
         grpc_server = None
         try:
+            variants = Variants.of(settings, service.default_name)
+            variants.check_served([m.name for m in service.served()])
+            app.state.variants = variants
+            metrics.track_variants(v.name for v in variants.all)
             if grpc_port:
                 from .v2_grpc import start_grpc  # grpcio loads only when gRPC is served
 
@@ -123,14 +128,21 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for module in (v1, served, sagemaker, v2, executions, events, reviews, docs):
+    for module in (v1, served, sagemaker, sagemaker_control, v2, executions, events, reviews, docs):
         app.include_router(module.router)
 
     # One set of handlers for every route: errors.py shapes the answer for the path (the
     # Open Inference Protocol's on /v2, ICS's elsewhere).
     @app.exception_handler(IcsError)
     async def ics_error(request: Request, e: IcsError) -> JSONResponse:
-        return error_response(_path(request), e.http_status, e.type, str(e), named=True)
+        return error_response(
+            _path(request),
+            e.http_status,
+            e.type,
+            str(e),
+            named=True,
+            headers=sagemaker.invoked_headers(request),
+        )
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
@@ -143,7 +155,7 @@ def create_app(
             503,
             "QueueFull",
             f"the server is busy: {e}",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+            headers=sagemaker.invoked_headers(request, {"Retry-After": str(RETRY_AFTER_S)}),
         )
 
     @app.exception_handler(Exception)
@@ -161,6 +173,7 @@ def create_app(
                 f"an internal failure ({type(e).__name__}: a bug in ICS; its traceback is in the "
                 "server's log, please report it)"
             ),
+            headers=sagemaker.invoked_headers(request),
         )
 
     @app.exception_handler(TimeoutError)
@@ -170,6 +183,7 @@ def create_app(
             504,
             "Timeout",
             f"no answer within request_timeout_s={settings.request_timeout_s:g}",
+            headers=sagemaker.invoked_headers(request),
         )
 
     @app.exception_handler(RequestValidationError)
@@ -245,9 +259,9 @@ def _path(request: Request) -> str:
 
 def served_models(settings: Settings) -> list[str]:
     """The names of the models `ics serve` serves: `model` (the default) first, then
-    `serve_models` in their order. "all" stands for every registered model (bundled and
-    added) that can run without being prepared first: a bundled model not yet prepared is
-    left out, with a warning saying how to prepare it."""
+    `serve_models` in their order, then the models of the `variants`. "all" stands for every
+    registered model (bundled and added) that can run without being prepared first: a
+    bundled model not yet prepared is left out, with a warning saying how to prepare it."""
     from ..models import all_cards
     from ..models.factory import onnx_file
 
@@ -267,6 +281,7 @@ def served_models(settings: Settings) -> list[str]:
                     )
                 continue
             names.append(card.name)
+    names += [variant.model for variant in settings.variants]
     return list(dict.fromkeys(names))
 
 
@@ -274,7 +289,7 @@ def load_models(settings: Settings) -> list[ModelRuntime]:
     """The served models (`served_models`), opened, the default first. A model that "all"
     brought in and that cannot be served here (a remote model sent encoded images, a file
     gone) is left out with a warning saying why; a model named is served or stops start-up."""
-    named = {settings.model, *settings.serve_models}
+    named = {settings.model, *settings.serve_models, *(v.model for v in settings.variants)}
     runtimes = []
     for name in served_models(settings):
         try:

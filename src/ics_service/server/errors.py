@@ -2,10 +2,10 @@
 
 The Open Inference Protocol's errors (/v2) are `{"error": "message"}`: tritonclient reads
 `error` as a string and cannot print an object. Everywhere else (the ICS API, SageMaker)
-they are `{"error": {"type", "message"}}`; on the SageMaker invocation routes, that and
-SageMaker runtime's own error (the `x-amzn-ErrorType` header, `Message`..., with SageMaker's
-status: see `sagemaker_wire.aws_error`). The app's exception handlers and the wrappers
-(token, body limit) all answer through here.
+they are `{"error": {"type", "message"}}`; on the SageMaker routes, that and SageMaker's
+own error (the `x-amzn-ErrorType` header, `Message`..., with SageMaker's status: see
+`sagemaker_wire.aws_error`; `__type` too on the SageMaker API's `/`). The app's exception
+handlers and the wrappers (token, body limit) all answer through here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from .sagemaker_wire import aws_error, speaks_sagemaker
+from .sagemaker_wire import CONTROL_PATH, AwsError, aws_error, speaks_sagemaker
 
 #: Paths of the Open Inference Protocol.
 PROTOCOL_PREFIX = "/v2"
@@ -52,7 +52,7 @@ def error_answer(
     plain ASGI messages."""
     if speaks_sagemaker(path):
         aws = aws_error(status, kind, message)
-        return aws.status, json.dumps(aws.body).encode(), aws.headers()
+        return aws.status, json.dumps(_aws_body(path, aws)).encode(), aws.headers()
     return status, json.dumps(error_body(path, kind, message)).encode(), {}
 
 
@@ -67,12 +67,20 @@ def error_response(
 ) -> JSONResponse:
     if speaks_sagemaker(path):
         aws = aws_error(status, kind, message)
-        return JSONResponse(aws.body, status_code=aws.status, headers=aws.headers(headers))
+        return JSONResponse(
+            _aws_body(path, aws), status_code=aws.status, headers=aws.headers(headers)
+        )
     return JSONResponse(
         error_body(path, kind, message, named=named),
         status_code=status,
         headers=None if headers is None else dict(headers),
     )
+
+
+def _aws_body(path: str, aws: AwsError) -> dict[str, Any]:
+    # The SageMaker API's JSON 1.1 errors: botocore's JSON parser takes the code from
+    # `__type` (the runtime's rest-json parser, from x-amzn-ErrorType).
+    return {"__type": aws.code, **aws.body} if path == CONTROL_PATH else aws.body
 
 
 def invalid_request_status(path: str) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,9 +175,21 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.variant_invocations = Counter(
+            "ics_sagemaker_variant_invocations",
+            "SageMaker invocations routed to each production variant (by TargetVariant, or "
+            "at random by weight), by variant: its configured names only.",
+            ["variant"],
+            registry=r,
+        )
         self.capture_failed = Gauge(
             "ics_capture_failed", "1 once data capture has stopped on an error.", registry=r
         )
+
+    def track_variants(self, names: Iterable[str]) -> None:
+        """Show each production variant's invocations from 0 on."""
+        for name in names:
+            self.variant_invocations.labels(name)
 
     def observe_batch(self, model: str, times: BatchTimes) -> None:
         self.batch_size.labels(model).observe(times.size)

@@ -2,9 +2,11 @@
 runtime API paths `POST /endpoints/{name}/invocations` and
 `POST /endpoints/{name}/invocations-response-stream`, which boto3's `sagemaker-runtime`
 `invoke_endpoint` and `invoke_endpoint_with_response_stream` (EndpointName=name) post to when
-given an `endpoint_url`. Any endpoint name is this server; the model is the one that the
-`X-Amzn-SageMaker-Target-Model` header names (boto3's `TargetModel`, as a multi-model
-endpoint is invoked), or the default model without it; a name not served is a 404
+given an `endpoint_url`. Any endpoint name is this server. An invocation goes to a
+production variant (see `variants`: the one `X-Amzn-SageMaker-Target-Variant` names, or one
+chosen by weight), named in the answer's `X-Amzn-Invoked-Production-Variant`; the model is
+the variant's, or the one that the `X-Amzn-SageMaker-Target-Model` header names (boto3's
+`TargetModel`, as a multi-model endpoint is invoked); a model not served is a 404
 (`ModelNotFound`, its type in `x-amzn-ErrorType`).
 
 - `/ping`: 200 `{"status": "ready", "model": DEFAULT, "models": {NAME: "ready"...}}` once the
@@ -32,7 +34,7 @@ endpoint is invoked), or the default model without it; a name not served is a 40
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -41,6 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from . import sagemaker_wire as wire
 from .service import ServedModel, Service
 from .v1 import readyz
+from .variants import INVOKED_VARIANT, TARGET_VARIANT, Variants
 
 router = APIRouter()
 
@@ -114,8 +117,9 @@ async def endpoint_invocations_stream(request: Request, name: str) -> Response:
     if answer.status_code != 200:  # an error before the stream starts: the call's own
         return answer
     headers = {wire.STREAM_CONTENT_TYPE: answer.media_type or wire.JSON}
-    if wire.CUSTOM_ATTRIBUTES in answer.headers:
-        headers[wire.CUSTOM_ATTRIBUTES] = answer.headers[wire.CUSTOM_ATTRIBUTES]
+    for name in (wire.CUSTOM_ATTRIBUTES, INVOKED_VARIANT):
+        if name in answer.headers:
+            headers[name] = answer.headers[name]
     return StreamingResponse(
         _parts(bytes(answer.body)), media_type=wire.EVENT_STREAM, headers=headers
     )
@@ -131,9 +135,26 @@ async def _parts(answer: bytes) -> AsyncIterator[bytes]:
 
 async def _invoke(request: Request, accept: str | None) -> Response:
     service: Service = request.app.state.service
+    variants: Variants = request.app.state.variants
+    endpoint = request.path_params.get("name", service.settings.capture_endpoint)
+    variant = variants.pick(request.headers.get(TARGET_VARIANT), endpoint)
+    # Errors raised from here on name the variant too (see `invoked_headers`).
+    request.state.invoked_variant = variant.name
+    service.metrics.variant_invocations.labels(variant.name).inc()
     media = wire.negotiate(accept)
-    with service.using(request.headers.get(TARGET_MODEL)) as model:
-        return await _classify(request, model, media)
+    with service.using(request.headers.get(TARGET_MODEL) or variant.model) as model:
+        answer = await _classify(request, model, media)
+    answer.headers[INVOKED_VARIANT] = variant.name
+    return answer
+
+
+def invoked_headers(request: Request, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`headers`, and the invoked variant's header once an invocation has chosen one."""
+    out = dict(headers or {})
+    variant = getattr(request.state, "invoked_variant", None)
+    if variant is not None:
+        out[INVOKED_VARIANT] = variant
+    return out
 
 
 async def _classify(request: Request, model: ServedModel, media: str) -> Response:

@@ -84,9 +84,14 @@ class NotAcceptable(BadRequest):
     http_status = 406
 
 
+#: The SageMaker API's path (JSON 1.1: every action is a POST to /; `sagemaker_control`).
+CONTROL_PATH = "/"
+
+
 def speaks_sagemaker(path: str) -> bool:
-    """Whether errors on this path take SageMaker runtime's wire format."""
-    return INVOCATION_PATHS.fullmatch(path) is not None
+    """Whether errors on this path take SageMaker's wire format (the runtime's routes and
+    the SageMaker API's `/`: botocore reads both from x-amzn-ErrorType and `Message`)."""
+    return path == CONTROL_PATH or INVOCATION_PATHS.fullmatch(path) is not None
 
 
 def _item_kinds() -> frozenset[str]:

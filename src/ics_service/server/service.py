@@ -147,6 +147,8 @@ class Service:
         if not runtimes:
             raise ValueError("a server serves at least one model")
         self.settings = settings
+        #: When the server started (the SageMaker endpoint's creation time).
+        self.started = utcnow()
         self.store = store
         self.metrics = metrics
         self.loader = loader

@@ -6,8 +6,9 @@ The canonical request is rebuilt from what arrived (method, path as sent, query,
 the Authorization header names, the body's SHA-256) and signed again with the secret; the
 signature must match (compared in constant time), the credential scope must be for
 `sagemaker` (and for `region`, when one is given), and X-Amz-Date within 15 minutes of now.
-Only POST to `/invocations`, `/endpoints/{name}/invocations` or
-`/endpoints/{name}/invocations-response-stream` is accepted this way.
+Only POST to `/invocations`, `/endpoints/{name}/invocations`,
+`/endpoints/{name}/invocations-response-stream` or `/` (the SageMaker API's
+DescribeEndpoint and DescribeEndpointConfig) is accepted this way.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "sagemaker"
 #: How far X-Amz-Date may be from the server's clock, either way (as AWS allows).
 MAX_SKEW = dt.timedelta(minutes=15)
-#: The only requests a signature may authorise: the SageMaker container and runtime paths.
-SIGNED_PATHS = re.compile(r"/invocations|/endpoints/[^/]+/invocations(?:-response-stream)?")
+#: The only requests a signature may authorise: the SageMaker container and runtime paths,
+#: and the SageMaker API's `/` (DescribeEndpoint...).
+SIGNED_PATHS = re.compile(r"/|/invocations|/endpoints/[^/]+/invocations(?:-response-stream)?")
 
 _AUTH = re.compile(
     r"AWS4-HMAC-SHA256\s+"
