@@ -38,7 +38,7 @@ from .guards import (
     RequestLog,
 )
 from .metrics import Metrics
-from .sagemaker_wire import speaks_sagemaker
+from .sagemaker_wire import CONTROL_PATH, speaks_sagemaker
 from .service import RETRY_AFTER_S, Loader, Service, plan_serving
 from .sigv4 import verifier_of
 from .v2_wire import ProtocolError
@@ -142,11 +142,19 @@ def create_app(
             str(e),
             named=True,
             headers=sagemaker.invoked_headers(request),
+            method=request.method,
         )
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
-        return error_response(_path(request), e.status, "ProtocolError", str(e), headers=e.headers)
+        return error_response(
+            _path(request),
+            e.status,
+            "ProtocolError",
+            str(e),
+            headers=e.headers,
+            method=request.method,
+        )
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
@@ -156,6 +164,7 @@ def create_app(
             "QueueFull",
             f"the server is busy: {e}",
             headers=sagemaker.invoked_headers(request, {"Retry-After": str(RETRY_AFTER_S)}),
+            method=request.method,
         )
 
     @app.exception_handler(Exception)
@@ -163,7 +172,7 @@ def create_app(
         # What no handler above takes is a bug: SageMaker's clients read it as InternalFailure;
         # elsewhere Starlette's own answer. The traceback is logged either way.
         path = _path(request)
-        if not speaks_sagemaker(path):
+        if not speaks_sagemaker(path, request.method):
             return PlainTextResponse("Internal Server Error", status_code=500)
         return error_response(
             path,
@@ -174,6 +183,7 @@ def create_app(
                 "server's log, please report it)"
             ),
             headers=sagemaker.invoked_headers(request),
+            method=request.method,
         )
 
     @app.exception_handler(TimeoutError)
@@ -184,6 +194,7 @@ def create_app(
             "Timeout",
             f"no answer within request_timeout_s={settings.request_timeout_s:g}",
             headers=sagemaker.invoked_headers(request),
+            method=request.method,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -192,16 +203,25 @@ def create_app(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
         )
         path = _path(request)
-        return error_response(path, invalid_request_status(path), "InvalidRequest", problems)
+        return error_response(
+            path, invalid_request_status(path), "InvalidRequest", problems, method=request.method
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         # FastAPI's own answer (`{"detail": ...}`) but on /v2, where clients read `error`,
         # and on SageMaker's routes, where they read `Message`.
         path = _path(request)
-        if not speaks_protocol(path) and not speaks_sagemaker(path):
+        if not speaks_protocol(path) and not speaks_sagemaker(path, request.method):
             return await http_exception_handler(request, e)
-        return error_response(path, e.status_code, "HTTPError", str(e.detail), headers=e.headers)
+        return error_response(
+            path,
+            e.status_code,
+            "HTTPError",
+            str(e.detail),
+            headers=e.headers,
+            method=request.method,
+        )
 
     # The last added runs first: the body deadline and limit hold before the signature check
     # reads a body. Any credential configured is enforced: SigV4 keys alone admit only
@@ -235,7 +255,10 @@ def create_app(
             budget=budget,
             # SNS can send only the user and password of its endpoint URL (HTTP Basic).
             basic_paths={"/v1/events"},
-            self_guarded=is_console_path,
+            # POST / is the SageMaker API's (DescribeEndpoint...), guarded as invocations are.
+            self_guarded=lambda method, path: (
+                is_console_path(path) and not (method == "POST" and path == CONTROL_PATH)
+            ),
         )
     else:
         # No credential: every body is a stranger's, held from its first byte to its answer.

@@ -46,11 +46,11 @@ def error_body(path: str, kind: str, message: str, *, named: bool = False) -> di
 
 
 def error_answer(
-    path: str, status: int, kind: str, message: str
+    path: str, status: int, kind: str, message: str, *, method: str | None = None
 ) -> tuple[int, bytes, dict[str, str]]:
     """The status, encoded body and headers of an error, for the wrappers that answer with
     plain ASGI messages."""
-    if speaks_sagemaker(path):
+    if speaks_sagemaker(path, method):
         aws = aws_error(status, kind, message)
         return aws.status, json.dumps(_aws_body(path, aws)).encode(), aws.headers()
     return status, json.dumps(error_body(path, kind, message)).encode(), {}
@@ -64,8 +64,9 @@ def error_response(
     *,
     named: bool = False,
     headers: Mapping[str, str] | None = None,
+    method: str | None = None,
 ) -> JSONResponse:
-    if speaks_sagemaker(path):
+    if speaks_sagemaker(path, method):
         aws = aws_error(status, kind, message)
         return JSONResponse(
             _aws_body(path, aws), status_code=aws.status, headers=aws.headers(headers)

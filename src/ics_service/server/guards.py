@@ -76,7 +76,9 @@ async def send_error(
 ) -> None:
     """An error answer in the path's protocol shape. `unread`: the body was not read, and the
     connection is closed after the answer unless what is left of it is small."""
-    status, body, own = error_answer(request_path(scope), status, kind, message)
+    status, body, own = error_answer(
+        request_path(scope), status, kind, message, method=scope.get("method")
+    )
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if unread and _large_body(scope):
         raw.append((b"connection", b"close"))
@@ -162,13 +164,13 @@ class Authenticate:
         budget: BodyBudget,
         open_paths: Collection[str] = OPEN_PATHS,
         basic_paths: Collection[str] = (),
-        self_guarded: Callable[[str], bool] | None = None,
+        self_guarded: Callable[[str, str], bool] | None = None,
     ) -> None:
         if not token and sigv4 is None:
             raise ValueError("Authenticate needs a token or a SigV4 verifier")
         self.app = app
-        #: Paths whose routes check their viewers themselves (the console's pages: a
-        #: session cookie, or this token), reached with small bodies only (its forms).
+        #: (method, path) of the routes that check their viewers themselves (the console's
+        #: pages: a session cookie, or this token), reached with small bodies only (its forms).
         self.self_guarded = self_guarded
         self._small_bodies = BodyLimit(app, SELF_GUARDED_BODY_BYTES)
         self.token = token.encode() if token else None
@@ -183,7 +185,7 @@ class Authenticate:
         if scope["type"] != "http" or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        if self.self_guarded is not None and self.self_guarded(scope["path"]):
+        if self.self_guarded is not None and self.self_guarded(scope["method"], scope["path"]):
             await self._small_bodies(scope, receive, send)
             return
         auth = _header(scope, b"authorization") or ""

@@ -88,10 +88,13 @@ class NotAcceptable(BadRequest):
 CONTROL_PATH = "/"
 
 
-def speaks_sagemaker(path: str) -> bool:
-    """Whether errors on this path take SageMaker's wire format (the runtime's routes and
-    the SageMaker API's `/`: botocore reads both from x-amzn-ErrorType and `Message`)."""
-    return path == CONTROL_PATH or INVOCATION_PATHS.fullmatch(path) is not None
+def speaks_sagemaker(path: str, method: str | None = None) -> bool:
+    """Whether errors on this path take SageMaker's wire format: the runtime's routes, and
+    a POST to the SageMaker API's `/` (a GET of `/` is the console's page). botocore reads
+    both from x-amzn-ErrorType and `Message`."""
+    if path == CONTROL_PATH:
+        return method == "POST"
+    return INVOCATION_PATHS.fullmatch(path) is not None
 
 
 def _item_kinds() -> frozenset[str]:
