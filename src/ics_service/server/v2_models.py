@@ -77,7 +77,7 @@ def model_config(model: ServedModel) -> dict[str, Any]:
 
 
 def _instance_kind(model: ServedModel) -> str:
-    if model.device is None:  # a remote endpoint: it places its model itself
+    if model.runtime.card.kind in ("sagemaker", "v2"):  # an endpoint places its model itself
         return "KIND_MODEL"
     return "KIND_GPU" if on_cuda(model.runtime) else "KIND_CPU"
 
