@@ -11,13 +11,22 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import UsageError
 from . import source_for
 from .remote import FsspecSource, is_transient, message, split_url, storage_error
 
-__all__ = ["UPLOAD_BACKOFF", "check_writable", "is_transient", "probe", "storage_for", "upload"]
+__all__ = [
+    "UPLOAD_BACKOFF",
+    "check_writable",
+    "is_transient",
+    "probe",
+    "put_bytes",
+    "storage_for",
+    "upload",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +84,34 @@ def upload(
     """Put the local file at url, retrying transient errors after each wait of `backoff`;
     the last error is raised as the storage gave it. A set `stop` ends the waiting (and the
     retrying) at once."""
+    _retried(url, what, lambda fs, name: fs.put_file(local, name), stop, backoff)
+
+
+def put_bytes(
+    data: bytes,
+    url: str,
+    what: str,
+    *,
+    stop: threading.Event | None = None,
+    backoff: Sequence[float] = UPLOAD_BACKOFF,
+) -> None:
+    """Write data as the object url, retrying as `upload` does."""
+    _retried(url, what, lambda fs, name: fs.pipe_file(name, data), stop, backoff)
+
+
+def _retried(
+    url: str,
+    what: str,
+    put: Callable[[Any, str], None],
+    stop: threading.Event | None,
+    backoff: Sequence[float],
+) -> None:
     source = storage_for(url, what)
     _, bucket, key = split_url(url)
     stop = stop or threading.Event()
     for wait in (*backoff, None):
         try:
-            source.fs.put_file(local, f"{bucket}/{key}")
+            put(source.fs, f"{bucket}/{key}")
             return
         except Exception as e:
             if wait is None or not is_transient(e) or stop.is_set():
