@@ -137,6 +137,10 @@ class ProductionVariant(BaseModel):
         return spelled
 
 
+#: Settings that hold alert subscriptions (channel URLs, which may hold secrets).
+SUBSCRIPTION_SETTINGS = ("notify", "sagemaker_async_success_notify", "sagemaker_async_error_notify")
+
+
 class Settings(BaseModel):
     """Every setting ICS has, with its default."""
 
@@ -453,6 +457,31 @@ class Settings(BaseModel):
         "their execution and item.",
     )
 
+    # --- SageMaker asynchronous inference -----------------------------------------------
+    sagemaker_async_output_path: str | None = Field(
+        default=None,
+        description="s3://BUCKET/PREFIX where InvokeEndpointAsync writes each answer, as "
+        "PREFIX/INFERENCE_ID.out (AsyncInferenceConfig's S3OutputPath); unset: "
+        "InvokeEndpointAsync is refused.",
+    )
+    sagemaker_async_failure_path: str | None = Field(
+        default=None,
+        description="s3://BUCKET/PREFIX where a failed asynchronous inference's error goes, as "
+        "PREFIX/INFERENCE_ID.error (S3FailurePath); unset: beside the answers, under "
+        "sagemaker_async_output_path.",
+    )
+    sagemaker_async_success_notify: list[Subscription] = Field(
+        default_factory=list,
+        description="Where each finished asynchronous inference is announced (SuccessTopic): "
+        "sns://TOPIC_ARN or any channel URL `notify` takes, sent through the alerts outbox "
+        "(at least once).",
+    )
+    sagemaker_async_error_notify: list[Subscription] = Field(
+        default_factory=list,
+        description="Where each failed asynchronous inference is announced (ErrorTopic), "
+        "as sagemaker_async_success_notify.",
+    )
+
     # --- data capture (capture/) --------------------------------------------------------
     capture: str | None = Field(
         default=None,
@@ -618,10 +647,22 @@ class Settings(BaseModel):
             raise ValueError("every variant weighs 0: give at least one a weight above 0")
         return v
 
-    @field_validator("notify", mode="before")
+    @field_validator(*SUBSCRIPTION_SETTINGS, mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str | dict) else v
+
+    @field_validator("sagemaker_async_output_path", "sagemaker_async_failure_path")
+    @classmethod
+    def _object_prefix(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        scheme, sep, rest = v.partition("://")
+        if not sep or scheme.lower() in ("file", "http", "https") or not rest.split("/")[0]:
+            raise ValueError(
+                f"{v!r} is not an object storage prefix: give s3://BUCKET or s3://BUCKET/PREFIX"
+            )
+        return v.rstrip("/")
 
     @field_validator("home", mode="after")
     @classmethod
@@ -781,7 +822,8 @@ def load_settings(
 
 
 def _parse_env(var: str, value: str) -> Any:
-    if var == "ICS_NOTIFY" and not value.lstrip().startswith(("[", "{")):
+    one_url = var.removeprefix("ICS_").lower() in SUBSCRIPTION_SETTINGS
+    if one_url and not value.lstrip().startswith(("[", "{")):
         return value  # one subscription URL
     try:
         return json.loads(value)
@@ -805,7 +847,9 @@ def _explain(
             origin = "flag " + flag_names.get(top, "--" + top.replace("_", "-"))
         else:
             origin = where.replace("env ", "environment variable ")
-        if top == "notify":  # its input may hold secrets; the message names the URL safely
+        if (
+            top in SUBSCRIPTION_SETTINGS
+        ):  # its input may hold secrets; the message names the URL safely
             problems.append(f"bad value for {key} ({origin}): {err['msg']}")
             continue
         problems.append(f"bad value {err.get('input')!r} for {key} ({origin}): {err['msg']}")

@@ -17,7 +17,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..config import Settings
 from ..policies import delay_seconds
@@ -337,24 +337,33 @@ def recorded_subscriptions(store: Store, ids: list[str]) -> list[Subscription]:
 
 class Alerting:
     """Alerts for a process that runs executions: the subscriptions checked at start, the
-    store writing alerts with results, and a dispatcher thread."""
+    store writing alerts with results, and a dispatcher thread.
 
-    def __init__(self, settings: Settings) -> None:
+    `direct` subscriptions get only the alerts written for them by id (SageMaker's
+    asynchronous inference notifications), not those results and execution ends raise."""
+
+    def __init__(self, settings: Settings, direct: Sequence[Subscription] = ()) -> None:
         self.settings = settings
         self.subscriptions = list(settings.notify)
+        known = {s.id for s in self.subscriptions}
+        self.direct = [s for s in dict((s.id, s) for s in direct).values() if s.id not in known]
         # Built here so that a URL that cannot work is a usage error before any work; the
         # dispatcher sends through them.
-        self.channels = {sub.id: channel_of(sub, settings) for sub in self.subscriptions}
+        self.channels = {
+            sub.id: channel_of(sub, settings) for sub in (*self.subscriptions, *self.direct)
+        }
         self.dispatcher: Dispatcher | None = None
 
     def attach(self, store: Store) -> Alerting:
-        if self.subscriptions:
+        everyone = [*self.subscriptions, *self.direct]
+        if everyone:
             Outbox(store).register(
                 [
                     (s.id, s.shown(self.channels[s.id].shown()), s.model_dump_json())
-                    for s in self.subscriptions
+                    for s in everyone
                 ]
             )
+        if self.subscriptions:
             store.alert_planner = Planner(self.subscriptions, self.settings.public_url)
         # Started even without subscriptions here: it delivers what other processes left.
         self.dispatcher = Dispatcher(store, self.settings, self.channels).start()

@@ -1,9 +1,11 @@
 """Alert documents (versioned JSON) and their human-readable title and body.
 
 Kinds: `low_confidence` and `item_failed` (an item), `execution_failed` (an execution that
-ended FAILED), `digest` (a digest subscription's summary of one execution) and `suppressed`
-(how many alerts a rate limit held back). `alert_id` is a UUID stored with the document, so
-a retried delivery carries the same one and receivers can deduplicate.
+ended FAILED), `async_inference_succeeded` and `async_inference_failed` (SageMaker's
+asynchronous inference notifications), `digest` (a digest subscription's summary of one
+execution) and `suppressed` (how many alerts a rate limit held back). `alert_id` is a UUID
+stored with the document, so a retried delivery carries the same one and receivers can
+deduplicate.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ VERSION = 1
 #: Longest title: SNS subjects allow 100 characters, chat previews show less.
 TITLE_MAX = 100
 ITEM_KIND = {ItemStatus.LOW_CONFIDENCE: "low_confidence", ItemStatus.FAILED: "item_failed"}
+#: SageMaker asynchronous inference notifications (server/sagemaker_async.py): kind → what
+#: happened.
+ASYNC_KINDS = {"async_inference_succeeded": "completed", "async_inference_failed": "failed"}
 
 
 def new_id() -> str:
@@ -144,6 +149,8 @@ def title_of(alert: Mapping[str, Any]) -> str:
         text = f"ICS digest: {alert.get('alerts')} alerts in execution {alert.get('execution_id')}"
     elif kind == "suppressed":
         text = f"ICS: {alert.get('suppressed')} more alerts suppressed"
+    elif kind in ASYNC_KINDS:
+        text = f"ICS asynchronous inference {alert.get('inferenceId')} {ASYNC_KINDS[kind]}"
     else:
         text = f"ICS alert {kind}"
     return clip(text)
@@ -195,6 +202,15 @@ def body_of(alert: Mapping[str, Any]) -> str:
             f"over its rate limit (per {alert.get('period_seconds'):g} s). "
             "`ics alerts list` shows them."
         )
+    elif kind in ASYNC_KINDS:
+        request = alert.get("requestParameters") or {}
+        response = alert.get("responseParameters") or {}
+        lines.append(f"Inference {alert.get('inferenceId')} {ASYNC_KINDS[kind]}")
+        lines.append(f"Input: {request.get('inputLocation')}")
+        if alert.get("failureReason"):
+            lines.append(f"Reason: {alert['failureReason']}")
+        where = response.get("outputLocation") or response.get("failureLocation")
+        lines.append(f"{'Output' if response.get('outputLocation') else 'Error'}: {where}")
     if alert.get("link"):
         lines.append(f"Link: {alert['link']}")
     lines.append(f"Alert {alert.get('alert_id')} at {alert.get('timestamp')}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..config import Settings
+from ..config import SUBSCRIPTION_SETTINGS, Settings
 from ..redact import secret_name
 from .app import common_options, json_out, load_cli_settings, main, stdout_console
 
@@ -26,7 +26,8 @@ def shown(settings: Settings) -> dict[str, Any]:
             values[key] = "***"
     if values.get("store"):
         values["store"] = safe_url(values["store"])
-    values["notify"] = [s.shown() for s in settings.notify]
+    for key in SUBSCRIPTION_SETTINGS:
+        values[key] = [s.shown() for s in getattr(settings, key)]
     if values.get("storage"):
         values["storage"] = _masked(values["storage"])
     return values

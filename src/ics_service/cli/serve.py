@@ -117,7 +117,11 @@ def serve(**kwargs: Any) -> None:
     _ = settings.token
     verifier_of(settings)
     check_capture_folder(settings)
-    alerting = Alerting(settings)  # a subscription that cannot work: a usage error now
+    # A subscription that cannot work: a usage error now.
+    alerting = Alerting(
+        settings,
+        direct=[*settings.sagemaker_async_success_notify, *settings.sagemaker_async_error_notify],
+    )
     # Opened here, not in the app's start-up, so that a store that cannot be reached or a
     # model that is missing is a one-line error with its exit code, not uvicorn's traceback.
     _check_grpc_port(settings.host, settings.port, settings.served_grpc_port)

@@ -23,7 +23,18 @@ from ..errors import IcsError, UsageError
 from ..models.runtime import ModelRuntime
 from ..store import Store
 from ..store.watched import WatchState
-from . import docs, events, executions, reviews, sagemaker, sagemaker_control, served, v1, v2
+from . import (
+    docs,
+    events,
+    executions,
+    reviews,
+    sagemaker,
+    sagemaker_async,
+    sagemaker_control,
+    served,
+    v1,
+    v2,
+)
 from .batches import Batches
 from .console import install as install_console
 from .console import is_console_path
@@ -94,7 +105,7 @@ def create_app(
                 from .v2_grpc import start_grpc  # grpcio loads only when gRPC is served
 
                 grpc_server = await start_grpc(service, grpc_port)
-            batches = Batches(service)
+            batches = Batches(service, sinks_for=[sagemaker_async.sinks_for])
             app.state.batches = batches
             presence: WatcherPresence | None = None
             try:
@@ -128,7 +139,18 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    for module in (v1, served, sagemaker, sagemaker_control, v2, executions, events, reviews, docs):
+    for module in (
+        v1,
+        served,
+        sagemaker,
+        sagemaker_async,
+        sagemaker_control,
+        v2,
+        executions,
+        events,
+        reviews,
+        docs,
+    ):
         app.include_router(module.router)
 
     # One set of handlers for every route: errors.py shapes the answer for the path (the

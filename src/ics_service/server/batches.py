@@ -104,11 +104,18 @@ class Job:
     resume: bool = False
 
 
+#: Result sinks an execution's run feeds besides the store (None: none), chosen by its
+#: params: how a protocol that starts executions (SageMaker's InvokeEndpointAsync) hands
+#: their results on, on every run of them, resumes included.
+SinksFor = Callable[[Execution, ExecutionRunner], ResultSink | None]
+
+
 class Batches:
     """The batch queue of one server."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, sinks_for: Sequence[SinksFor] = ()) -> None:
         self.service = service
+        self.sinks_for = list(sinks_for)
         self.store = service.store
         self.settings = service.settings
         self.owner = owner_id()
@@ -499,6 +506,9 @@ class Batches:
                 runner.list_while_running(job.execution_id, itertools.chain([first], listed))
             execution = self.store.get_execution(job.execution_id)
         job.phase = Phase.RUNNING
+        for sinks_for in self.sinks_for:
+            if (sink := sinks_for(execution, runner)) is not None:
+                sinks.append(sink)
         runner.run(execution, sinks=sinks, stop=job.stop)
 
     def _listed(self, job: Job) -> Iterator[tuple[str, dict[str, Any] | None]]:

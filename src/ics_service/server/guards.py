@@ -210,7 +210,8 @@ class Authenticate:
         if self.token is None:
             message = (
                 "this server accepts only AWS SigV4-signed SageMaker invocations (POST "
-                "/invocations or /endpoints/NAME/invocations[-response-stream]) by its "
+                "/invocations, /endpoints/NAME/invocations[-response-stream] or "
+                "/endpoints/NAME/async-invocations) by its "
                 "configured access key"
             )
             challenge = "AWS4-HMAC-SHA256"

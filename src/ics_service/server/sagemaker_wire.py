@@ -31,9 +31,11 @@ import numpy as np
 from ..errors import ItemError, UsageError
 from ..types import ItemResult, Prediction
 
-#: The SageMaker container's invocation path, and the runtime API's (InvokeEndpoint and
-#: InvokeEndpointWithResponseStream).
-INVOCATION_PATHS = re.compile(r"/invocations|/endpoints/[^/]+/invocations(?:-response-stream)?")
+#: The SageMaker container's invocation path, and the runtime API's (InvokeEndpoint,
+#: InvokeEndpointWithResponseStream and InvokeEndpointAsync).
+INVOCATION_PATHS = re.compile(
+    r"/invocations|/endpoints/[^/]+/(?:invocations(?:-response-stream)?|async-invocations)"
+)
 
 #: Where botocore reads an error's code.
 ERROR_TYPE_HEADER = "x-amzn-ErrorType"
@@ -97,14 +99,25 @@ def speaks_sagemaker(path: str, method: str | None = None) -> bool:
     return INVOCATION_PATHS.fullmatch(path) is not None
 
 
-def _item_kinds() -> frozenset[str]:
-    kinds = set()
+def _item_errors() -> dict[str, type[ItemError]]:
+    """ItemError and its subclasses, by name (an item's recorded error type)."""
+    kinds: dict[str, type[ItemError]] = {}
     todo: list[type[ItemError]] = [ItemError]
     while todo:
         cls = todo.pop()
-        kinds.add(cls.__name__)
+        kinds[cls.__name__] = cls
         todo += cls.__subclasses__()
-    return frozenset(kinds)
+    return kinds
+
+
+def _item_kinds() -> frozenset[str]:
+    return frozenset(_item_errors())
+
+
+def status_of(kind: str) -> int:
+    """The HTTP status of a recorded item error's type (500 for a type ICS does not know)."""
+    cls = _item_errors().get(kind)
+    return 500 if cls is None else cls.http_status
 
 
 # --- errors --------------------------------------------------------------------------

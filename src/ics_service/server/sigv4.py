@@ -7,8 +7,8 @@ the Authorization header names, the body's SHA-256) and signed again with the se
 signature must match (compared in constant time), the credential scope must be for
 `sagemaker` (and for `region`, when one is given), and X-Amz-Date within 15 minutes of now.
 Only POST to `/invocations`, `/endpoints/{name}/invocations`,
-`/endpoints/{name}/invocations-response-stream` or `/` (the SageMaker API's
-DescribeEndpoint and DescribeEndpointConfig) is accepted this way.
+`/endpoints/{name}/invocations-response-stream`, `/endpoints/{name}/async-invocations` or `/`
+(the SageMaker API's DescribeEndpoint and DescribeEndpointConfig) is accepted this way.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote
 from ..config import Settings
 from ..errors import ConfigError
 from .guards import Scope
+from .sagemaker_wire import INVOCATION_PATHS
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 #: The signing name boto3's `sagemaker-runtime` client uses.
@@ -32,7 +33,7 @@ SERVICE = "sagemaker"
 MAX_SKEW = dt.timedelta(minutes=15)
 #: The only requests a signature may authorise: the SageMaker container and runtime paths,
 #: and the SageMaker API's `/` (DescribeEndpoint...).
-SIGNED_PATHS = re.compile(r"/|/invocations|/endpoints/[^/]+/invocations(?:-response-stream)?")
+SIGNED_PATHS = re.compile(rf"/|{INVOCATION_PATHS.pattern}")
 
 _AUTH = re.compile(
     r"AWS4-HMAC-SHA256\s+"

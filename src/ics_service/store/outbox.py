@@ -223,6 +223,11 @@ class Outbox:
             ignore = postgresql.insert if dialect == "postgresql" else sqlite.insert
             conn.execute(ignore(subscriptions).values(rows).on_conflict_do_nothing())
 
+    def add(self, new: Iterable[NewAlert]) -> None:
+        """Write alerts for their subscriptions (registered ones) in one transaction."""
+        with self.store._begin() as conn:
+            write_alerts(conn, new)
+
     def specs(self, ids: Sequence[str]) -> list[str]:
         """The stored specs of these subscriptions (those the store knows)."""
         s = subscriptions.c
