@@ -26,7 +26,8 @@ from ..errors import ConfigError, EndpointUnavailable, ModelError, ModelNotFound
 from ..modelcard import CARD_FILE, ModelCard, read_labels
 from ..samples import sample_photo
 from .answers import check_scores
-from .prepare import current_umask, sha256_of
+from .digests import sha256_of
+from .prepare import current_umask
 from .registry import added_card, bundled_name, check_name, get_card
 
 if TYPE_CHECKING:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from ..modelcard import ModelCard
 from .device import CPU, Device
-from .factory import check_sha256, load_runtime, onnx_file
+from .digests import check_sha256
+from .factory import load_runtime, onnx_file
 from .remote import RemoteOptions
 from .runtime import ModelRuntime, OnnxRuntime
 

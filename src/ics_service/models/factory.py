@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import ModelNotPrepared
 from ..modelcard import ModelCard
 from .device import CPU, Device
+from .digests import check_sha256
 from .remote import PREFIXES, RemoteOptions
 from .runtime import ModelRuntime, OnnxRuntime, check_readable
 
@@ -42,24 +43,6 @@ def _load_onnx(
     check_readable(path)
     check_sha256(card, path)
     return OnnxRuntime(card, path, threads=threads, device=device)
-
-
-def check_sha256(card: ModelCard, path: Path) -> None:
-    """ModelNotPrepared naming the file when an added model's file (its ONNX file, or its
-    Python module) is not the one it was added with (its card records the sha256; about
-    20 ms for a 20 MB file)."""
-    recorded = card.source.get("sha256")
-    if not isinstance(recorded, str) or not recorded:
-        return
-    from .prepare import sha256_of
-
-    actual = sha256_of(path)
-    if actual != recorded:
-        raise ModelNotPrepared(
-            f"model {card.name}'s file {path} has sha256 {actual[:12]}…, not {recorded[:12]}… "
-            "as when it was added: it was changed or replaced since; add the model again "
-            f"(`ics models add {card.name} --replace ...`)"
-        )
 
 
 #: Opens a card's runtime: (card, models_dir, threads, auto_prepare) → runtime.

@@ -9,7 +9,6 @@ base's ONNX file.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import Any
 from ..errors import ModelNotPrepared, install_hint
 from ..modelcard import CONVERT_HINT, ModelCard
 from .device import CPU, Device
+from .digests import sha256_of
 from .registry import get_card
 from .runtime import OnnxRuntime
 
@@ -91,15 +91,6 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def sha256_of(path: Path) -> str:
-    """The file's sha256, hex (a model's content hash)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_torch_efficientnet_lite(variant: str) -> Any:

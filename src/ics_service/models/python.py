@@ -41,6 +41,7 @@ import numpy as np
 from ..errors import ConfigError, InferenceError, ModelNotPrepared
 from ..modelcard import ModelCard
 from .answers import check_scores
+from .digests import check_sha256
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,6 @@ def open_python_model(card: ModelCard) -> PythonRuntime:
 def _check_module(card: ModelCard, module_name: str) -> None:
     """ModelNotPrepared when the module's file is not the one the model was added with (a
     model of an entry point records no hash: its package's version stands for it)."""
-    from .factory import check_sha256
-
     if not card.source.get("sha256"):
         return
     try:
