@@ -946,9 +946,9 @@ def _serving_targets(
             ok = None
         else:
             extra = (
-                f"{_fmt(mine - base, 2)} vs LitServe's {_fmt(theirs - base, 2)} ms "
-                f"({_fmt(mine, 2)} and {_fmt(theirs, 2)} in all; model and decode "
-                f"{_fmt(base, 2)})"
+                f"{_fmt(mine - base, 2)} ms vs LitServe's {_fmt(theirs - base, 2)} ms "
+                f"({_fmt(mine, 2)} ms and {_fmt(theirs, 2)} ms in all; model and decode "
+                f"{_fmt(base, 2)} ms)"
             )
             ok = mine <= theirs
         rows.append(
