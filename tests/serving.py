@@ -68,10 +68,11 @@ class Served:
 
 @contextmanager
 def serve_process(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0, ready: bool = True
 ) -> Iterator[Served]:
-    """A real `ics serve` on a free loopback port, ready (GET /readyz is 200); its gRPC
-    endpoint only where `args` name a --grpc-port.
+    """A real `ics serve` on a free loopback port, ready (GET /readyz is 200; with
+    ready=False, started only: the caller calls `wait_ready`, such as after starting
+    another one); its gRPC endpoint only where `args` name a --grpc-port.
 
     Its output goes to a file (a pipe nobody reads would fill and block it). Stopped with
     SIGTERM afterwards, killed if it does not stop within 30 s.
@@ -89,7 +90,8 @@ def serve_process(
         )
     served = Served(proc, f"http://127.0.0.1:{port}", Path(log.name))
     try:
-        wait_ready(served, timeout)
+        if ready:
+            wait_ready(served, timeout)
         yield served
     finally:
         if proc.poll() is None:

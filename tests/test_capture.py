@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -105,14 +106,15 @@ def test_a_captured_run_matches_the_schema_and_round_trips_images_and_probabilit
     (photos_copy / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     classify(str(photos_copy), "--capture", str(dest))
 
-    # The layout: DEST/ics/AllTraffic/yyyy/mm/dd/hh/MM-SS-mmm-UUID.jsonl, nothing hidden left.
+    # The layout: DEST/ics/AllTraffic/yyyy/mm/dd/hh/MM-SS-mmm-WRITER-UUID.jsonl, nothing
+    # hidden left; WRITER is this host and process (no replica_id is set).
     files = capture_files(dest)
     assert files
     for f in files:
         rel = f.relative_to(dest).parts
         assert rel[:2] == ("ics", "AllTraffic")
         dt.datetime.strptime("/".join(rel[2:6]), "%Y/%m/%d/%H")
-        assert len(f.name.split("-")) == 4 and f.suffix == ".jsonl"
+        assert re.fullmatch(r"\d\d-\d\d-\d{3}-[\w.-]+_\d+-[0-9a-f]{32}\.jsonl", f.name), f.name
     assert not [p for p in dest.rglob(".*") if p.is_file()]
 
     validator = schema_validator()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -414,6 +415,21 @@ class Settings(BaseModel):
     resume_orphans: bool = Field(
         default=True,
         description="`ics serve` resumes executions whose process died, when it starts.",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="This process's name among the `ics serve` replicas that share one store: "
+        "the owner of the executions it runs, part of its capture files' names, shown by "
+        "/healthz. Unique to each replica. Unset: the host name and process id.",
+    )
+    execution_lease_s: float = Field(
+        default=30.0,
+        ge=5.0,
+        le=3600.0,
+        description="Seconds a running execution's process may go unheard (it says it is alive "
+        "every 2 s) before another process takes it for dead: an `ics serve` replica then "
+        "takes the execution over and finishes it.",
     )
     max_running_executions: int = Field(
         default=1,
@@ -854,3 +870,14 @@ def _explain(
             continue
         problems.append(f"bad value {err.get('input')!r} for {key} ({origin}): {err['msg']}")
     return "; ".join(problems)
+
+
+def owner_id() -> str:
+    """This process: its host name and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_of(settings: Settings) -> str:
+    """The owner this process records on the executions it runs (and names its capture
+    files after): its `replica_id`, else its host name and process id (`owner_id`)."""
+    return settings.replica_id or owner_id()

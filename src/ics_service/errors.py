@@ -96,6 +96,11 @@ class ExecutionBusy(UsageError):
     http_status = 409
 
 
+class ExecutionTaken(ExecutionBusy):
+    """Another process took the execution over (this one went unheard past the lease): this
+    one must stop running it and record nothing of its end."""
+
+
 class EnvironmentUnavailable(IcsError):
     """Something ICS needs from its host is missing or broken: the store, the disk."""
 

@@ -1,11 +1,14 @@
 """The capture writer: records to hourly JSON Lines files, on a thread of its own.
 
-Layout: `{DEST}/{endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-UUID.jsonl`, the hour folder
-and the name (minute, second, millisecond of the file's first record) in UTC, so that names
-sort by time. A file is written as a hidden `.NAME.part` next to its final place and renamed
-into place once complete (at the hour's end, at `max_file_bytes`, after `max_file_seconds`
-or when the writer closes): a reader of `*.jsonl` never sees a half line. A crash loses the
-hidden file being written (at most `max_file_seconds` or `max_file_bytes` of records) and
+Layout: `{DEST}/{endpoint}/{variant}/yyyy/mm/dd/hh/MM-SS-mmm-WRITER-UUID.jsonl`, the hour
+folder and the name (minute, second, millisecond of the file's first record) in UTC, so that
+names sort by time; WRITER is the process's replica id (`replica_id`, else its host name and
+process id), so that the replicas of `ics serve` sharing one capture destination each write
+files of their own (the random UUID alone already keeps two writers apart). A file is
+written as a hidden `.NAME.part` next to its final place and renamed into place once
+complete (at the hour's end, at `max_file_bytes`, after `max_file_seconds` or when the
+writer closes): a reader of `*.jsonl` never sees a half line. A crash loses the hidden file
+being written (at most `max_file_seconds` or `max_file_bytes` of records) and
 the records still queued (at most `max_pending_bytes`); the hidden file stays behind, never
 renamed, and is not cleaned up (another writer may be writing its own beside it). A failed
 write (a full disk) is cut off the file again, which is then published with its complete
@@ -22,6 +25,7 @@ import io
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -29,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Settings
+from ..config import Settings, owner_of
 from ..errors import UsageError
 from ..types import Captured
 from .record import Mode, capture_record, encode, is_sampled
@@ -74,11 +78,19 @@ def hour_folder(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y/%m/%d/%H")
 
 
-def file_name(when: dt.datetime) -> str:
+def file_name(when: dt.datetime, writer: str | None = None) -> str:
     """A new file's name: its first record's minute, second and millisecond (UTC), so that
-    names sort by time, and a random part, so that writers never share one."""
+    names sort by time, the writer's name if given, and a random part, so that writers
+    never share one."""
     when = when.astimezone(dt.UTC)
-    return f"{when:%M-%S}-{when.microsecond // 1000:03d}-{uuid.uuid4().hex}.jsonl"
+    named = "" if writer is None else f"{writer}-"
+    return f"{when:%M-%S}-{when.microsecond // 1000:03d}-{named}{uuid.uuid4().hex}.jsonl"
+
+
+def writer_name(settings: Settings) -> str:
+    """The name of this process in its capture files' names: its replica id, else its host
+    name and process id, with anything but letters, digits, `.`, `_` and `-` as `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", owner_of(settings))[:64]
 
 
 def part_of(final: Path) -> Path:
@@ -153,6 +165,7 @@ def open_capture(settings: Settings, stop: threading.Event | None = None) -> Cap
         max_pending_bytes=int(settings.capture_queue_mb * 1024 * 1024),
         upload_to=capture_url(settings),
         stop=stop,
+        writer=writer_name(settings),
     )
 
 
@@ -175,8 +188,11 @@ class CaptureWriter:
         max_pending_bytes: int = MAX_PENDING_BYTES,
         upload_to: str | None = None,
         stop: threading.Event | None = None,
+        writer: str | None = None,
     ) -> None:
         self.root = root
+        #: Part of each file's name: the process writing it (see `writer_name`).
+        self.writer = writer
         #: Set (the run is stopping): each upload makes one attempt, without waiting to
         #: retry; a file that fails stays in root.
         self.stop = stop
@@ -323,7 +339,7 @@ class CaptureWriter:
     def _open(self, hour: str, when: dt.datetime) -> _OpenFile:
         folder = self.root / hour
         folder.mkdir(parents=True, exist_ok=True)
-        final = folder / file_name(when)
+        final = folder / file_name(when, self.writer)
         part = part_of(final)
         return _OpenFile(hour, part, final, part.open("xb", buffering=0), time.monotonic())
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..config import ALL_MODELS, CPU_MAX_BATCH, CUDA_MAX_BATCH, default
+from ..config import ALL_MODELS, CPU_MAX_BATCH, CUDA_MAX_BATCH, default, owner_of
 from ..errors import EnvironmentUnavailable
 from .alerts import notify_option
 from .app import common_options, device_option, load_cli_settings, main
@@ -151,13 +151,14 @@ def serve(**kwargs: Any) -> None:
         for runtime in runtimes:
             device = getattr(getattr(runtime, "device", None), "name", "cpu")
             log.info(
-                "serving %s %s on %s at http://%s:%d, %s",
+                "serving %s %s on %s at http://%s:%d, %s, replica %s",
                 runtime.card.name,
                 runtime.card.version,
                 device,
                 settings.host,
                 settings.port,
                 f"gRPC at {settings.host}:{grpc_port}" if grpc_port else "gRPC off",
+                owner_of(settings),
             )
         # uvicorn handles SIGINT and SIGTERM while it serves (a graceful shutdown), then
         # raises them again for the handlers it found: ignored, so the exit is a clean 0.

@@ -23,6 +23,7 @@ from ..config import Settings
 from ..errors import (
     INTERNAL_ERROR,
     ExecutionBusy,
+    ExecutionTaken,
     IcsError,
     Interrupted,
     SourceUnreadable,
@@ -41,7 +42,14 @@ from ..types import (
     Step,
 )
 from .executor import executor_for
-from .lifecycle import HEARTBEAT_SECONDS, final_status, is_orphaned, owner_id, record_end
+from .lifecycle import (
+    HEARTBEAT_SECONDS,
+    STALE_AFTER_SECONDS,
+    final_status,
+    is_orphaned,
+    owner_of,
+    record_end,
+)
 from .listing import BackgroundListing, Listed, tail_pending, unregistered
 from .pipeline import Pipeline, Reader, plan_batches
 from .recording import History, Recorder, ResultSink, StoreSink
@@ -167,7 +175,10 @@ class ExecutionRunner:
         self.runtime = runtime
         card = runtime.card
         self.model_ref = ModelRef(name=card.name, version=card.version)
-        self.owner = owner_id()
+        self.owner = owner_of(settings)
+        #: Executions another process took over while this one went unheard: their runs
+        #: stop, and their ends are the new owner's to record.
+        self._taken: set[str] = set()
         #: Listings of executions this runner started, for `run` to register as it goes.
         self._listings: dict[str, BackgroundListing] = {}
         #: The listings `run` is registering now, by execution (see `listed_so_far`).
@@ -227,6 +238,11 @@ class ExecutionRunner:
                 execution = self.store.get_execution(execution.id)
         return execution, created
 
+    def taken(self, execution_id: str) -> None:
+        """Another process took the execution over: its run here stops (when told to) and
+        records nothing of its end."""
+        self._taken.add(execution_id)
+
     def listed_so_far(self, execution_id: str) -> tuple[int, bool] | None:
         """While its items are being listed: (items known so far, whether the listing has
         ended); None when this runner lists nothing for it (the total is the store's)."""
@@ -243,7 +259,7 @@ class ExecutionRunner:
     def prepare_resume(self, execution_id: str, *, cooperate: Cooperate | None = None) -> Execution:
         """Take over an interrupted (or aborted) execution so that `run` finishes it."""
         execution = self.store.get_execution(execution_id)
-        check_resumable(self.store, execution)
+        check_resumable(self.store, execution, stale_after=self.settings.execution_lease_s)
         needs_secrets = self._check_secrets(execution)
         stop = cooperate() if cooperate is not None else None
         # Only if nobody took it since it was read: two servers (or a server and `ics
@@ -350,6 +366,14 @@ class ExecutionRunner:
         listing = self._listings.pop(execution_id, None)
         if listing is not None:  # it ended before `run`: its listing never runs
             listing.discard()
+        if execution_id in self._taken:
+            log.warning(
+                "execution %s: %s; another process runs it now",
+                execution_id,
+                error,
+                extra={"execution_id": execution_id},
+            )
+            return
         if isinstance(error, Interrupted | KeyboardInterrupt):
             status, info = ExecutionStatus.ABORTED, ErrorInfo("States.Aborted", _why(error))
         elif isinstance(error, IcsError):
@@ -493,7 +517,11 @@ class ExecutionRunner:
                 close_errors = _close_all(all_sinks, execution.id)
             if recorder.error is not None:
                 raise recorder.error
-            if listing is not None and not listing.complete:
+            if execution.id in self._taken:
+                # Its results went to the store as the items' first (a result recorded
+                # twice keeps the first); the new owner runs the rest and ends it.
+                finished = self.store.get_execution(execution.id)
+            elif listing is not None and not listing.complete:
                 finished = self._listing_ended(execution.id, listing, cancelled.is_set())
             else:
                 finished = self._finish(
@@ -520,7 +548,7 @@ class ExecutionRunner:
     ) -> None:
         while not done.wait(HEARTBEAT_SECONDS):
             try:
-                if self.store.heartbeat(execution_id):
+                if self.store.heartbeat(execution_id, self.owner):
                     log.warning(
                         "execution %s: cancel requested, stopping",
                         execution_id,
@@ -531,6 +559,11 @@ class ExecutionRunner:
             except StoreLost as e:
                 # Nothing this run records can be kept: stop it; its end fails with this.
                 log.error("%s", e, extra={"execution_id": execution_id})
+                stop.set()
+                return
+            except ExecutionTaken as e:
+                log.error("%s", e, extra={"execution_id": execution_id})
+                self.taken(execution_id)
                 stop.set()
                 return
             except Exception as e:  # a busy store must not kill the run
@@ -575,10 +608,13 @@ def _close_all(sinks: Sequence[ResultSink], execution_id: str) -> list[BaseExcep
     return errors
 
 
-def check_resumable(store: Store, execution: Execution) -> None:
+def check_resumable(
+    store: Store, execution: Execution, *, stale_after: float = STALE_AFTER_SECONDS
+) -> None:
     """Refuse to resume an execution that runs in a live process (ExecutionBusy) or that
-    has every item's result (UsageError)."""
-    if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution):
+    has every item's result (UsageError); its process is gone once unheard for stale_after
+    seconds."""
+    if execution.status is ExecutionStatus.RUNNING and not is_orphaned(execution, stale_after):
         raise _still_running(execution)
     pending = next(iter(store.pending_items(execution.id, page_size=1)), None)
     if execution.items_listed and pending is None and execution.status.finished:

@@ -9,6 +9,8 @@ import time
 from typing import TYPE_CHECKING
 
 from ..config import Settings
+from ..config import owner_id as owner_id  # re-exported: where executions import it
+from ..config import owner_of as owner_of
 from ..types import Counts, ErrorInfo, Execution, ExecutionStatus, utcnow
 
 if TYPE_CHECKING:  # annotations only: importing the engine leaves SQLAlchemy unimported
@@ -56,10 +58,6 @@ HEARTBEAT_SECONDS = 2.0
 STALE_AFTER_SECONDS = 30.0
 
 
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -70,23 +68,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def is_orphaned(execution: Execution) -> bool:
+def is_orphaned(execution: Execution, stale_after: float = STALE_AFTER_SECONDS) -> bool:
     """RUNNING, but the process that ran it is gone (killed, crashed, machine restarted)."""
     if execution.status is not ExecutionStatus.RUNNING:
         return False
-    return owner_gone(execution.owner, execution.heartbeat_at or execution.started_at)
+    return owner_gone(execution.owner, execution.heartbeat_at or execution.started_at, stale_after)
 
 
-def owner_gone(owner: str | None, heartbeat_at: dt.datetime | None) -> bool:
-    """Whether the process `owner` (an `owner_id`), last heard of at heartbeat_at, is gone:
-    a dead process of this host, or no heartbeat for STALE_AFTER_SECONDS."""
+def owner_gone(
+    owner: str | None, heartbeat_at: dt.datetime | None, stale_after: float = STALE_AFTER_SECONDS
+) -> bool:
+    """Whether the process `owner` (an `owner_id`, or a replica id), last heard of at
+    heartbeat_at, is gone: a dead process of this host, or no heartbeat for stale_after
+    seconds (the only sign of a replica named by its `replica_id`, or of another host)."""
     if owner:
         host, _, pid = owner.rpartition(":")
         if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
             return True
     if heartbeat_at is None:
         return True
-    return (utcnow() - heartbeat_at).total_seconds() > STALE_AFTER_SECONDS
+    return (utcnow() - heartbeat_at).total_seconds() > stale_after
 
 
 def record_end(

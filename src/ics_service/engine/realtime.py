@@ -1,6 +1,11 @@
 """The real-time execution: the results of `ics serve`'s requests, recorded as the items of
 one execution per UTC day (`realtime-YYYY-MM-DD`), which the server's lifecycle keeps alive
 by heartbeats and ends when the day (or the server) ends.
+
+Several servers (replicas on one store) share the day's execution: its name is unique, so
+they find the same one; each appends its results under the execution's row lock, so item ids
+never collide; each write and idle heartbeat claims it, so that a replica that stops ends it
+only when no other has written or beaten since (the others claim it RUNNING again otherwise).
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ class RealtimeLog:
     A request is answered once its result is in the store.
     """
 
-    def __init__(self, store: Store, model: ModelRef) -> None:
+    def __init__(self, store: Store, model: ModelRef, owner: str | None = None) -> None:
         self.store = store
         self.model = model
-        self.owner = owner_id()
+        #: This process among those sharing the store (its replica id).
+        self.owner = owner or owner_id()
         self._day: str | None = None
         self._execution_id = ""
         self._q: queue.Queue[tuple[ItemResult, Future[None]] | None] = queue.Queue()
@@ -88,7 +94,7 @@ class RealtimeLog:
             if utcnow().strftime("%Y-%m-%d") != self._day:
                 self._end_day()
             else:
-                self.store.heartbeat(self._execution_id)
+                self.store.claim(self._execution_id, self.owner)
         except Exception as e:
             log.warning("real-time execution %s: %s", self._execution_id, e)
 
@@ -101,7 +107,7 @@ class RealtimeLog:
             for r in results:
                 r.execution_id = execution_id
             self.store.append_results(execution_id, results)
-            self.store.heartbeat(execution_id)
+            self.store.claim(execution_id, self.owner)
         except Exception as e:
             log.error("recording %d real-time results failed: %s", len(batch), e)
             for _, done in live:
@@ -137,7 +143,9 @@ class RealtimeLog:
         if self._day is None:
             return
         try:
-            self.store.finish_execution(self._execution_id, ExecutionStatus.SUCCEEDED)
+            # Another replica that wrote or beat since holds it: that one ends it.
+            if self.store.get_execution(self._execution_id).owner == self.owner:
+                self.store.finish_execution(self._execution_id, ExecutionStatus.SUCCEEDED)
         except Exception as e:
             log.error("could not end the real-time execution %s: %s", self._execution_id, e)
         self._day = None

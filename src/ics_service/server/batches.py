@@ -45,12 +45,19 @@ from ..engine.lifecycle import (
     HEARTBEAT_SECONDS,
     cancel_execution,
     is_orphaned,
-    owner_id,
+    owner_of,
     record_end,
 )
 from ..engine.realtime import is_realtime
 from ..engine.recording import ResultSink
-from ..errors import EnvironmentUnavailable, IcsError, Interrupted, ModelNotFound, UsageError
+from ..errors import (
+    EnvironmentUnavailable,
+    ExecutionTaken,
+    IcsError,
+    Interrupted,
+    ModelNotFound,
+    UsageError,
+)
 from ..models.runtime import ModelRuntime
 from ..redact import redact_uri
 from ..sources.local import split_glob
@@ -102,6 +109,8 @@ class Job:
     #: Resume it whatever its status (asked for, or aborted by a server's shutdown), not
     #: only while it is an orphan.
     resume: bool = False
+    #: The runner of the job once a worker has it.
+    runner: ExecutionRunner | None = None
 
 
 #: Result sinks an execution's run feeds besides the store (None: none), chosen by its
@@ -118,13 +127,16 @@ class Batches:
         self.sinks_for = list(sinks_for)
         self.store = service.store
         self.settings = service.settings
-        self.owner = owner_id()
+        self.owner = owner_of(self.settings)
+        self.lease_s = self.settings.execution_lease_s
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._closing = False
         self._beat_done = threading.Event()
+        #: Orphans on a model this server does not serve: left to another server.
+        self._passed_over: set[str] = set()
         self._workers = [
             threading.Thread(target=self._work, name=f"ics-batch-{i}", daemon=True)
             for i in range(self.settings.max_running_executions)
@@ -331,6 +343,16 @@ class Batches:
             self._forget(job)
         return True
 
+    def _drop_taken(self, job: Job) -> bool:
+        """Forget a job still waiting whose execution another process took over; False when
+        a worker has it already."""
+        with self._lock:
+            if job.phase is not Phase.QUEUED or job not in self._queue:
+                return False
+            self._queue.remove(job)
+        self._forget(job)
+        return True
+
     def _abort(self, job: Job, why: str) -> None:
         try:
             counts = self.store.counts(job.execution_id)
@@ -351,8 +373,9 @@ class Batches:
             if self._jobs.get(job.execution_id) is job:
                 del self._jobs[job.execution_id]
 
-    def _queue_orphans(self) -> None:
-        """Queue the executions whose process died, to resume them with their own settings."""
+    def _queue_orphans(self, *, starting: bool = True) -> None:
+        """Queue the executions whose process died, to resume them with their own settings;
+        when the server starts, also those a server's shutdown aborted."""
         try:
             running = self.store.list_executions(
                 limit=ORPHANS_SCANNED, status=ExecutionStatus.RUNNING
@@ -362,7 +385,9 @@ class Batches:
             return
         # Oldest first: they have waited longest.
         for execution in reversed(running):
-            if is_realtime(execution) or not is_orphaned(execution):
+            if execution.id in self._jobs or execution.id in self._passed_over:
+                continue  # held here already, or not this server's to resume
+            if is_realtime(execution) or not is_orphaned(execution, self.lease_s):
                 continue
             if execution.params.get("realtime"):
                 continue
@@ -376,10 +401,13 @@ class Batches:
             try:
                 self._check_served(execution, settings)
             except UsageError as e:
-                log.warning("execution %s left for another server: %s", execution.id, e)
+                if execution.id not in self._passed_over:  # said once, not at every scan
+                    log.warning("execution %s left for another server: %s", execution.id, e)
+                    self._passed_over.add(execution.id)
                 continue
             self._put(Job(execution.id, settings, None, owned=False))
-        self._queue_aborted()
+        if starting:
+            self._queue_aborted()
 
     def _queue_aborted(self) -> None:
         """Queue the batch executions a server started and a server's shutdown left ABORTED
@@ -476,12 +504,13 @@ class Batches:
             self._run_on(job, self._runner(job.settings, served.runtime))
 
     def _run_on(self, job: Job, runner: ExecutionRunner) -> None:
+        job.runner = runner
         sinks: list[ResultSink] = []
         if job.listed:
             execution = self.store.get_execution(job.execution_id)
         elif job.sources is None:
             execution = self.store.get_execution(job.execution_id)
-            if not job.resume and not is_orphaned(execution):
+            if not job.resume and not is_orphaned(execution, self.lease_s):
                 log.warning("execution %s is no longer orphaned: not resumed", execution.id)
                 return
             output = results_path(job.settings, execution)
@@ -525,8 +554,15 @@ class Batches:
             raise Interrupted(f"{why} while listing the sources")
 
     def _heartbeat(self) -> None:
-        """Keep the executions that wait or are being listed alive; pass on cancel requests."""
+        """Keep the executions that wait or are being listed alive; pass on cancel requests;
+        every third of a lease, look for executions whose process died (another replica
+        killed, its host lost) to take over."""
+        scan_every = max(HEARTBEAT_SECONDS, self.lease_s / 3)
+        last_scan = time.monotonic()
         while not self._beat_done.wait(HEARTBEAT_SECONDS):
+            if self.settings.resume_orphans and time.monotonic() - last_scan >= scan_every:
+                last_scan = time.monotonic()
+                self._queue_orphans(starting=False)
             with self._lock:
                 jobs = [
                     j
@@ -535,7 +571,16 @@ class Batches:
                 ]
             for job in jobs:
                 try:
-                    requested = self.store.heartbeat(job.execution_id)
+                    requested = self.store.heartbeat(job.execution_id, self.owner)
+                except ExecutionTaken as e:
+                    # Went unheard past the lease (a stalled host): the taker runs it.
+                    log.error("%s", e, extra={"execution_id": job.execution_id})
+                    job.owned = False
+                    if not self._drop_taken(job):
+                        if job.runner is not None:  # it records nothing of the end
+                            job.runner.taken(job.execution_id)
+                        job.stop.set()
+                    continue
                 except IcsError as e:
                     log.warning("heartbeat of %s failed: %s", job.execution_id, e)
                     continue

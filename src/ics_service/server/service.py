@@ -28,6 +28,7 @@ from ..capture.record import content_type_of
 from ..config import CPU_MAX_BATCH, CUDA_MAX_BATCH, Settings, default
 from ..engine.batcher import Batcher, QueueFull
 from ..engine.execution import REALTIME_PREFIX
+from ..engine.lifecycle import owner_of
 from ..engine.pipeline import default_workers, plan_inference
 from ..engine.realtime import RealtimeLog
 from ..engine.results import item_result
@@ -166,7 +167,7 @@ class Service:
         self.default_name = first.name
         # One real-time execution a day whatever the model: each result names its own.
         self.log = (
-            RealtimeLog(store, ModelRef(name=first.name, version=first.version))
+            RealtimeLog(store, ModelRef(name=first.name, version=first.version), owner_of(settings))
             if settings.record_realtime
             else None
         )

@@ -180,9 +180,12 @@ async def _json_image(service: Service, doc: dict[str, Any], request: Request) -
     raise UsageError('the JSON body needs "image_base64" or "uri"')
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", summary="Liveness: the process answers (and its replica_id, if set)")
+async def healthz(request: Request) -> dict[str, str]:
+    # Only a name the operator chose: /healthz is open, and the default (host name and
+    # process id) is not for strangers to read.
+    replica = request.app.state.settings.replica_id
+    return {"status": "ok"} if replica is None else {"status": "ok", "replica": replica}
 
 
 @router.get(

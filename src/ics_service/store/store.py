@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from ..errors import ExecutionNotFound, UsageError
+from ..errors import ExecutionNotFound, ExecutionTaken, UsageError
 from ..types import (
     Counts,
     ErrorInfo,
@@ -353,10 +353,20 @@ class Store:
             ).rowcount
         return bool(changed == 1)
 
-    def heartbeat(self, execution_id: str) -> bool:
-        """Say the owner is alive; returns whether a cancel was requested."""
+    def heartbeat(self, execution_id: str, owner: str | None = None) -> bool:
+        """Say the owner is alive; returns whether a cancel was requested. With `owner`:
+        only while that owner holds the execution, else ExecutionTaken (another process
+        took it over while this one went unheard)."""
         with self._begin() as conn:
-            conn.execute(_update_execution(execution_id).values(heartbeat_at=utcnow()))
+            beat = _update_execution(execution_id)
+            if owner is not None:
+                beat = beat.where(executions.c.owner == owner)
+            changed = conn.execute(beat.values(heartbeat_at=utcnow())).rowcount
+            if owner is not None and changed != 1:
+                raise ExecutionTaken(
+                    f"execution {execution_id} was taken over by another process while "
+                    f"{owner} went unheard: {owner} stops running it"
+                )
             requested = conn.execute(
                 select(executions.c.cancel_requested).where(executions.c.id == execution_id)
             ).scalar()
