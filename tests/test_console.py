@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +55,20 @@ def csrf_of(page: str) -> str:
     return found.group(1)
 
 
-@pytest.mark.anyio
-async def test_pages_need_a_session_and_show_what_the_store_holds(
-    ics_home: Path, folder: Path, runtime: OnnxRuntime
-) -> None:
+@asynccontextmanager
+async def classified(
+    home: Path, folder: Path, runtime: OnnxRuntime
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A server with a token that has classified `folder` (its one broken file FAILED), and
+    a client of it without credentials."""
     settings = Settings(
-        home=ics_home,
+        home=home,
         api_token=TOKEN,
         allowed_sources=[str(folder)],
         record_realtime=False,
         tolerated_failure_percentage=100.0,
     )
-    app = create_app(settings, runtime=runtime)
-    async with client_of(app) as client:
+    async with client_of(create_app(settings, runtime=runtime)) as client:
         r = await client.post("/v1/executions", json={"sources": [str(folder)]}, headers=BEARER)
         assert r.status_code == 202, r.text
         execution_id = r.json()["execution_id"]
@@ -73,7 +76,14 @@ async def test_pages_need_a_session_and_show_what_the_store_holds(
         doc = await finished(client, execution_id)
         assert doc["counts"]["FAILED"] == 1, doc
         del client.headers["Authorization"]
+        yield client, execution_id
 
+
+@pytest.mark.anyio
+async def test_pages_need_a_session_and_show_what_the_store_holds(
+    ics_home: Path, folder: Path, runtime: OnnxRuntime
+) -> None:
+    async with classified(ics_home, folder, runtime) as (client, execution_id):
         # No session: a browser goes to the sign-in page, anything else is refused.
         r = await client.get("/", headers=HTML)
         assert r.status_code == 303 and r.headers["location"] == "/signin?next=/"
@@ -360,19 +370,7 @@ def review_from_the_keyboard(page: Any, url: str, shots: Path) -> list[tuple[str
 async def test_review_answers_are_checked_and_one_per_item(
     ics_home: Path, folder: Path, runtime: OnnxRuntime
 ) -> None:
-    settings = Settings(
-        home=ics_home,
-        api_token=TOKEN,
-        allowed_sources=[str(folder)],
-        record_realtime=False,
-        tolerated_failure_percentage=100.0,
-    )
-    app = create_app(settings, runtime=runtime)
-    async with client_of(app) as client:
-        r = await client.post("/v1/executions", json={"sources": [str(folder)]}, headers=BEARER)
-        client.headers.update(BEARER)
-        await finished(client, r.json()["execution_id"])
-        del client.headers["Authorization"]
+    async with classified(ics_home, folder, runtime) as (client, _):
         await client.post("/signin", data={"token": TOKEN, "next": "/"})
         page = (await client.get("/review", headers=HTML)).text
         assert "<img src=x" not in page  # the hostile name, if shown, is text
