@@ -332,6 +332,10 @@ def review_from_the_keyboard(page: Any, url: str, shots: Path) -> list[tuple[str
         text: str = page.locator(f"button[data-key='{rank}']").inner_text()
         return text.split(". ", 1)[1].rsplit(" ", 1)[0]
 
+    def answered(item_id: str) -> None:
+        """Wait for the page after the answer to this item (the URL names it last)."""
+        page.wait_for_url(re.compile(rf"last=[^&]*%3A{item_id}(&|$)"))
+
     page.goto(f"{url}/review")
     page.wait_for_selector("[data-review]")
     page.screenshot(path=str(shots / "review.png"), full_page=True)
@@ -340,28 +344,28 @@ def review_from_the_keyboard(page: Any, url: str, shots: Path) -> list[tuple[str
     answers = []
     first, label = item(), top(1)
     page.keyboard.press("Enter")  # accept
-    page.wait_for_selector("form.undo")
+    answered(first)
     answers.append((first, "accepted", label))
     second, label = item(), top(2)
     page.keyboard.press("2")  # the second of the top k
-    page.wait_for_url(re.compile(r"last="))
+    answered(second)
     answers.append((second, "relabelled", label))
     assert item() != second
     third, label = item(), top(1)
     page.keyboard.press("t")
     page.keyboard.type("bubble")
     page.keyboard.press("Enter")  # the label typed
-    page.wait_for_url(re.compile(rf"last=[^&]*%3A{third}"))
+    answered(third)
     answers.append((third, "relabelled" if label != "bubble" else "accepted", "bubble"))
     fourth = item()
     page.keyboard.press("n")  # none of these
-    page.wait_for_url(re.compile(rf"last=[^&]*%3A{fourth}"))
+    answered(fourth)
     page.keyboard.press("u")  # undo: the fourth is shown again
     page.wait_for_url(re.compile(r"item="))
     assert item() == fourth
     label = top(1)
     page.keyboard.press("a")
-    page.wait_for_url(re.compile(rf"last=[^&]*%3A{fourth}"))
+    answered(fourth)
     answers.append((fourth, "accepted", label))
     return answers
 
