@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
+import queue
 import subprocess
 import sys
 import tempfile
@@ -122,9 +123,32 @@ def _writer(
         store.close()
 
 
+def _collect(out: Any, procs: list[Any], timeout_s: float) -> list[dict[str, Any]]:
+    """Each writer's row; SystemExit at once when a writer died without one, or at the end
+    of `timeout_s`."""
+    rows: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while len(rows) < len(procs):
+        try:
+            rows.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise SystemExit(
+                    f"store_writes: a writer process failed (exit codes {dead})"
+                ) from None
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"store_writes: no result from a writer in {timeout_s:g} s"
+                ) from None
+    return rows
+
+
 def cell(url: str, mode: str, writers: int, seconds: float, capacity: int) -> dict[str, Any]:
     """One measurement: `writers` processes writing for `seconds` in `mode`."""
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a fork of a process with threads (a pytest-xdist worker's) can copy a
+    # held lock and hang the writer (a CI run of 1e6a8eb waited 600 s for one).
+    ctx = mp.get_context("spawn")
     store = Store(url)
     try:
         shared, _ = store.create_execution(params={"bench": mode}, model=MODEL, threshold=0.94)
@@ -153,7 +177,7 @@ def cell(url: str, mode: str, writers: int, seconds: float, capacity: int) -> di
     start.wait(timeout=600)  # the writers have registered their items
     busy0 = _machine_busy_s()
     t0 = time.perf_counter()
-    rows = [out.get(timeout=seconds + 600) for _ in procs]
+    rows = _collect(out, procs, seconds + 600)
     wall = time.perf_counter() - t0
     busy1 = _machine_busy_s()
     for p in procs:
